@@ -1,0 +1,39 @@
+"""npeff_lens: Non-Negative Per-Example Fisher Factorization (Matena & Raffel) for interpretability.
+
+The top-level names are imported lazily so that ``import npeff_lens`` needs torch alone; the
+model adapters import transformers / transformer-lens / nnsight only when they are used.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "npeff_lens.models",
+    "adapt": "npeff_lens.models",
+    "ModelAdapter": "npeff_lens.models",
+    "load_dataset": "npeff_lens.data",
+    "SparseProjection": "npeff_lens.projection",
+    "collect_pefs": "npeff_lens.collect",
+    "PEFStore": "npeff_lens.store",
+    "NPEFF": "npeff_lens.decomposition",
+    "recover": "npeff_lens.recovery",
+    "tasks": "npeff_lens.tasks",
+    "analysis": "npeff_lens.analysis",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        value = module if module.__name__.endswith("." + name) else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'npeff_lens' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
