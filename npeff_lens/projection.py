@@ -1,0 +1,418 @@
+"""The sparse random projection of App. A (§2.1.1), defined by (n_in, n_out, seed, density), never materialised.
+
+Definition (identical on every backend: Triton on CUDA, the Triton interpreter, numba and torch on CPU)
+----------------------------------------------------------------------------------------------------
+A is n_in x n_out; x (a row of the LRM-PEF, length n_in) projects to x A (length n_out).
+
+* Region size ``s = n_out // density`` (``density=None`` means ``density = n_out``, i.e. s = 1: a dense
+  +-1 matrix, the paper's dense mode for small n_out). Column j (0 <= j < n_out) is split into
+  ``R = ceil(n_in / s)`` regions; region k covers input rows ``[k*s, k*s + L_k)``, ``L_k = min(s, n_in - k*s)``
+  (the last region may be partial).
+* All hash arithmetic is on unsigned 32-bit integers (wrapping multiply, logical right shift):
+  ``mix(x) = x ^= x >> 15; x *= 0x2C1B3C6D; x ^= x >> 12; x *= 0x297A2D39; x ^= x >> 15``
+  (both multipliers are < 2**31, so ``(x * c) & 0xFFFFFFFF`` is exact in int64 for x < 2**32).
+* Keys: ``col_base = mix(seed ^ 0x243F6A88)``, ``reg_base = mix(seed ^ 0x13198A2E)``,
+  ``col_key[j] = mix(col_base ^ j)``, ``reg_key[k] = mix(reg_base ^ k)``, ``h(j, k) = mix(col_key[j] ^ reg_key[k])``
+  (seed, j, k taken as uint32; so 0 <= seed < 2**32 and n_in < 2**32).
+* In column j, region k holds exactly one nonzero, at row ``k*s + ((h * L_k) >> 32)`` (the high 32 bits of the
+  64-bit product, so the position is in [0, L_k) for partial regions too), with value
+  ``+scale`` if ``h & 1 == 0`` else ``-scale``, ``scale = sqrt(s / n_out)``.
+
+Each row of A has on average ``n_out / s ~= density`` nonzeros of squared size ``s / n_out``, so
+``E ||x A||^2 = ||x||^2`` (for full regions; exactly E A A^T = I on their rows).
+
+Blocks: ``project(x, offset)`` takes x [..., L] holding the flat entries [offset, offset + L) and returns their
+contribution; the projection is linear and separable over the flat index, so projecting the blocks of any
+partition and summing gives the projection of the whole (the collector projects each parameter block as soon
+as its per-example gradient exists). ``adjoint(y, offset, length)`` returns rows [offset, offset + length) of
+A y. Both accumulate in fp32 and stream over bounded chunks, so n_in may be in the hundreds of millions.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["SparseProjection", "project_entries"]
+
+_MASK = 0xFFFFFFFF
+_M1, _M2 = 0x2C1B3C6D, 0x297A2D39
+_COL_SALT, _REG_SALT = 0x243F6A88, 0x13198A2E
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Inputs per CPU chunk: bounds the fp32 transposed copy (rows x chunk) and the torch path's index tensors.
+_CPU_CHUNK_ELEMS = 1 << 22
+
+
+def _mix_int(x: int) -> int:
+    x &= _MASK
+    x ^= x >> 15
+    x = (x * _M1) & _MASK
+    x ^= x >> 12
+    x = (x * _M2) & _MASK
+    x ^= x >> 15
+    return x
+
+
+def _mix_torch(x: torch.Tensor) -> torch.Tensor:
+    """mix on an int64 tensor of values in [0, 2**32); products stay below 2**63."""
+    x = x ^ (x >> 15)
+    x = (x * _M1) & _MASK
+    x = x ^ (x >> 12)
+    x = (x * _M2) & _MASK
+    return x ^ (x >> 15)
+
+
+# ----------------------------------------------------------------------------------------------- numba path
+try:  # numba is optional: without it the CPU path is vectorised torch (slower, same matrix)
+    if os.environ.get("NPEFF_DISABLE_NUMBA") == "1":
+        raise ImportError
+    import numba
+    from numba import njit, prange
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised when numba is absent
+    _HAVE_NUMBA = False
+
+if _HAVE_NUMBA:
+
+    @njit(inline="always", cache=True)
+    def _mix_nb(x):
+        x ^= x >> 15
+        x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+        x ^= x >> 12
+        x = (x * 0x297A2D39) & 0xFFFFFFFF
+        x ^= x >> 15
+        return x
+
+    @njit(parallel=True, cache=True, boundscheck=False)
+    def _project_nb(xt, offset, n_in, n_out, s, col_base, reg_base, out_t, n_blocks):
+        """out_t[j, r] += sum over (j, k) entries falling in xt's rows; xt [L, rows] fp32 (transposed block)."""
+        L, rows = xt.shape
+        k0 = offset // s
+        nk = (offset + L - 1) // s + 1 - k0
+        reg_key = np.empty(nk, np.int64)
+        reg_len = np.empty(nk, np.int64)
+        for t in range(nk):
+            reg_key[t] = _mix_nb(reg_base ^ ((k0 + t) & 0xFFFFFFFF))
+            reg_len[t] = min(s, n_in - (k0 + t) * s)
+        col_key = np.empty(n_out, np.int64)
+        for j in range(n_out):
+            col_key[j] = _mix_nb(col_base ^ j)
+        bj = (n_out + n_blocks - 1) // n_blocks
+        for b in prange(n_blocks):
+            j_lo = b * bj
+            j_hi = min(n_out, j_lo + bj)
+            for t in range(nk):
+                base = (k0 + t) * s - offset
+                rk = reg_key[t]
+                lk = reg_len[t]
+                for j in range(j_lo, j_hi):
+                    h = _mix_nb(col_key[j] ^ rk)
+                    i = base + ((h * lk) >> 32)
+                    if i >= 0 and i < L:
+                        sg = np.float32(1 - 2 * (h & 1))
+                        for r in range(rows):
+                            out_t[j, r] += sg * xt[i, r]
+
+    @njit(parallel=True, cache=True, boundscheck=False)
+    def _project_nb_row(x, offset, n_in, n_out, s, col_base, reg_base, out, bj):
+        """One row: hashes of a tile of regions go to a scratch buffer, then a branch-free gather loop over
+        columns (vectorises with AVX2/AVX-512 gathers); out [n_out] fp32."""
+        L = x.shape[0]
+        k0 = offset // s
+        nk = (offset + L - 1) // s + 1 - k0
+        col_key = np.empty(n_out, np.int64)
+        for j in range(n_out):
+            col_key[j] = _mix_nb(col_base ^ j)
+        n_blocks = (n_out + bj - 1) // bj
+        tt_max = max(1, 2048 // s)
+        for b in prange(n_blocks):
+            j_lo = b * bj
+            nj = min(n_out, j_lo + bj) - j_lo
+            idx = np.empty((tt_max, nj), np.int64)
+            sg = np.empty((tt_max, nj), np.float32)
+            for t0 in range(0, nk, tt_max):
+                tt = min(tt_max, nk - t0)
+                for u in range(tt):
+                    k = k0 + t0 + u
+                    rk = _mix_nb(reg_base ^ (k & 0xFFFFFFFF))
+                    lk = min(s, n_in - k * s)
+                    base = k * s - offset
+                    for q in range(nj):
+                        h = _mix_nb(col_key[j_lo + q] ^ rk)
+                        i = base + ((h * lk) >> 32)
+                        ok = (i >= 0) & (i < L)
+                        idx[u, q] = i if ok else 0
+                        sg[u, q] = np.float32(1 - 2 * (h & 1)) if ok else np.float32(0)
+                for u in range(tt):
+                    for q in range(nj):
+                        out[j_lo + q] += sg[u, q] * x[idx[u, q]]
+
+    @njit(parallel=True, cache=True, boundscheck=False)
+    def _adjoint_nb(yt, offset, n_in, s, col_base, reg_base, out_t):
+        """out_t[i, r] += A[offset + i, j] y[r, j] (unscaled A); yt [n_out, rows] fp32, out_t [length, rows]."""
+        length, rows = out_t.shape
+        n_out = yt.shape[0]
+        k0 = offset // s
+        nk = (offset + length - 1) // s + 1 - k0
+        col_key = np.empty(n_out, np.int64)
+        for j in range(n_out):
+            col_key[j] = _mix_nb(col_base ^ j)
+        per = max(1, 4096 // s)  # regions per task; tasks own disjoint output rows
+        n_tasks = (nk + per - 1) // per
+        for task in prange(n_tasks):
+            for t in range(task * per, min(nk, task * per + per)):
+                k = k0 + t
+                rk = _mix_nb(reg_base ^ (k & 0xFFFFFFFF))
+                lk = min(s, n_in - k * s)
+                base = k * s - offset
+                for j in range(n_out):
+                    h = _mix_nb(col_key[j] ^ rk)
+                    i = base + ((h * lk) >> 32)
+                    if i >= 0 and i < length:
+                        sg = np.float32(1 - 2 * (h & 1))
+                        for r in range(rows):
+                            out_t[i, r] += sg * yt[j, r]
+
+
+def project_entries(n_in: int, n_out: int, s: int, seed: int, k0: int, k1: int,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and signs of the nonzeros of regions [k0, k1): (row [k1-k0, n_out] int64, sign same shape, +-1 int64).
+
+    The vectorised-torch form of the definition (the torch CPU path, ``to_dense``, and the index structure the
+    GPU tests compare against)."""
+    col_base, reg_base = _mix_int(seed ^ _COL_SALT), _mix_int(seed ^ _REG_SALT)
+    j = torch.arange(n_out, dtype=torch.int64, device=device)
+    k = torch.arange(k0, k1, dtype=torch.int64, device=device)
+    col_key = _mix_torch(j ^ col_base)
+    reg_key = _mix_torch(k ^ reg_base)
+    h = _mix_torch(col_key[None, :] ^ reg_key[:, None])
+    start = k * s
+    reg_len = torch.clamp(n_in - start, max=s)
+    row = start[:, None] + ((h * reg_len[:, None]) >> 32)
+    sign = 1 - 2 * (h & 1)
+    return row, sign
+
+
+class SparseProjection:
+    """n_in x n_out sparse random projection (App. A); see the module docstring for the exact definition.
+
+    >>> P = SparseProjection(1_000_003, 8192, seed=3)
+    >>> y = P.project(grad_block, offset=o)     # "... L" -> "... n_out", fp32
+    >>> g = P.adjoint(y, offset=o, length=L)    # "... n_out" -> "... L", fp32
+    """
+
+    def __init__(self, n_in: int, n_out: int, seed: int = 0, density: int | None = 32):
+        for name, v in (("n_in", n_in), ("n_out", n_out), ("seed", seed)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{name} must be an int, got {v!r}")
+        if density is None:
+            density = n_out
+        if isinstance(density, bool) or not isinstance(density, (int, np.integer)):
+            raise ValueError(f"density must be an int or None, got {density!r}")
+        n_in, n_out, seed, density = int(n_in), int(n_out), int(seed), int(density)
+        if not 1 <= n_in < 2**32:
+            raise ValueError(f"n_in must be in [1, 2**32), got {n_in}")
+        if n_out < 1:
+            raise ValueError(f"n_out must be >= 1, got {n_out}")
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        if density < 1:
+            raise ValueError(f"density must be >= 1, got {density}")
+        if n_out < density:
+            raise ValueError(f"n_out ({n_out}) must be >= density ({density}): the region size n_out // density "
+                             f"would be 0")
+        self.n_in, self.n_out, self.seed, self.density = n_in, n_out, seed, density
+        self.region_size = n_out // density
+        self.scale = math.sqrt(self.region_size / n_out)
+        self._col_base = _mix_int(seed ^ _COL_SALT)
+        self._reg_base = _mix_int(seed ^ _REG_SALT)
+
+    # ------------------------------------------------------------------------------------------- config
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "sparse", "n_in": self.n_in, "n_out": self.n_out, "seed": self.seed,
+                "density": self.density}
+
+    config = state_dict
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "SparseProjection":
+        if config.get("kind", "sparse") != "sparse":
+            raise ValueError(f"not a sparse projection config: kind={config.get('kind')!r}")
+        return cls(config["n_in"], config["n_out"], seed=config["seed"], density=config["density"])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SparseProjection) and self.state_dict() == other.state_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.state_dict().items()))
+
+    def __repr__(self) -> str:
+        return (f"SparseProjection(n_in={self.n_in}, n_out={self.n_out}, seed={self.seed}, "
+                f"density={self.density})")
+
+    # ------------------------------------------------------------------------------------------- checks
+    def _check_range(self, offset: int, length: int, what: str) -> None:
+        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
+            raise ValueError(f"offset must be an int, got {offset!r}")
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+            raise ValueError(f"length must be a non-negative int, got {length!r}")
+        if offset < 0 or offset + length > self.n_in or (length > 0 and offset >= self.n_in):
+            raise ValueError(f"{what} covers inputs [{offset}, {offset + length}), outside [0, n_in={self.n_in})")
+
+    @staticmethod
+    def _backend(t: torch.Tensor, backend: str) -> str:
+        if backend not in ("auto", "triton", "numba", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton', 'numba' or 'torch', got {backend!r}")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"SparseProjection supports CPU and CUDA tensors, got device {t.device}")
+        if backend == "auto":
+            if t.device.type == "cuda":
+                return "triton"
+            return "numba" if _HAVE_NUMBA else "torch"
+        if backend == "numba" and not _HAVE_NUMBA:
+            raise ValueError("backend='numba' requested but numba is not installed")
+        if backend in ("numba", "torch") and t.device.type != "cpu":
+            raise ValueError(f"backend={backend!r} runs on CPU tensors, got device {t.device}")
+        if backend == "triton" and t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for the interpreter)")
+        return backend
+
+    @staticmethod
+    def _check_dtype(t: torch.Tensor, name: str) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+    # ------------------------------------------------------------------------------------------- project
+    def project(self, x: torch.Tensor, offset: int = 0, *, backend: str = "auto") -> torch.Tensor:
+        """x "... L" holding flat inputs [offset, offset + L) -> their contribution x A[offset:offset+L], "... n_out" fp32."""
+        self._check_dtype(x, "x")
+        if x.dim() < 1:
+            raise ValueError("x must have at least one dimension (the flat input block)")
+        L = x.shape[-1]
+        self._check_range(offset, L, "x")
+        backend = self._backend(x, backend)
+        lead = x.shape[:-1]
+        if x.numel() == 0:
+            return torch.zeros(*lead, self.n_out, dtype=torch.float32, device=x.device)
+        x2 = x.reshape(-1, L)
+        rows = x2.shape[0]
+        if backend == "triton":
+            from npeff_lens.triton_kernels import projection as tk
+
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            out = tk.project_forward(x2, offset, self.n_in, self.n_out, self.region_size,
+                                     self._col_base, self._reg_base)
+        elif backend == "numba":
+            out_t = np.zeros((self.n_out, rows), dtype=np.float32)
+            step = max(self.region_size, _CPU_CHUNK_ELEMS // rows)
+            n_blocks = min(self.n_out, 4 * numba.get_num_threads())
+            for a in range(0, L, step):
+                b = min(L, a + step)
+                if rows == 1:
+                    xa = x2[0, a:b].to(torch.float32).contiguous().numpy()
+                    _project_nb_row(xa, offset + a, self.n_in, self.n_out, self.region_size, self._col_base,
+                                    self._reg_base, out_t[:, 0], -(-self.n_out // n_blocks))
+                    continue
+                xt = x2[:, a:b].t().to(torch.float32, memory_format=torch.contiguous_format).numpy()
+                _project_nb(xt, offset + a, self.n_in, self.n_out, self.region_size,
+                            self._col_base, self._reg_base, out_t, n_blocks)
+            out = torch.from_numpy(out_t).t().contiguous()
+        else:
+            out = self._project_torch(x2, offset)
+        out.mul_(self.scale)
+        return out.reshape(*lead, self.n_out)
+
+    def _project_torch(self, x2: torch.Tensor, offset: int) -> torch.Tensor:
+        rows, L = x2.shape
+        s = self.region_size
+        out = torch.zeros(rows, self.n_out, dtype=torch.float32)
+        k_first, k_last = offset // s, (offset + L - 1) // s
+        per = max(1, _CPU_CHUNK_ELEMS // (self.n_out * max(rows, 4)))  # regions per chunk
+        for k0 in range(k_first, k_last + 1, per):
+            k1 = min(k_last + 1, k0 + per)
+            row, sign = project_entries(self.n_in, self.n_out, s, self.seed, k0, k1)
+            i = row - offset
+            ok = (i >= 0) & (i < L)
+            i = torch.where(ok, i, 0)
+            w = torch.where(ok, sign, 0).to(torch.float32)  # [kc, n_out]
+            xv = x2[:, i.reshape(-1)].to(torch.float32).reshape(rows, *i.shape)  # [rows, kc, n_out]
+            out += torch.einsum("rkj,kj->rj", xv, w)
+        return out
+
+    # ------------------------------------------------------------------------------------------- adjoint
+    def adjoint(self, y: torch.Tensor, offset: int = 0, length: int | None = None, *,
+                backend: str = "auto") -> torch.Tensor:
+        """y "... n_out" -> rows [offset, offset + length) of A y, "... length" fp32 (length defaults to the rest)."""
+        self._check_dtype(y, "y")
+        if y.dim() < 1 or y.shape[-1] != self.n_out:
+            raise ValueError(f"y must have shape [..., n_out={self.n_out}], got {tuple(y.shape)}")
+        if length is None:
+            length = self.n_in - offset
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+            raise ValueError(f"length must be a non-negative int, got {length!r}")
+        self._check_range(offset, int(length), "adjoint")
+        length = int(length)
+        backend = self._backend(y, backend)
+        lead = y.shape[:-1]
+        y2 = (y.reshape(-1, self.n_out).to(torch.float32) * self.scale).contiguous()
+        rows = y2.shape[0]
+        if rows == 0 or length == 0:
+            return torch.zeros(*lead, length, dtype=torch.float32, device=y.device)
+        if backend == "triton":
+            from npeff_lens.triton_kernels import projection as tk
+
+            out = tk.adjoint_forward(y2, offset, length, self.n_in, self.n_out, self.region_size,
+                                     self._col_base, self._reg_base)
+        elif backend == "numba":
+            out = torch.empty(rows, length, dtype=torch.float32)
+            yt = y2.t().contiguous().numpy()
+            s = self.region_size
+            step = max(s, _CPU_CHUNK_ELEMS // rows)
+            for a in range(0, length, step):
+                b = min(length, a + step)
+                out_t = np.zeros((b - a, rows), dtype=np.float32)
+                _adjoint_nb(yt, offset + a, self.n_in, s, self._col_base, self._reg_base, out_t)
+                out[:, a:b] = torch.from_numpy(out_t).t()
+        else:
+            out = self._adjoint_torch(y2, offset, length)
+        return out.reshape(*lead, length)
+
+    def _adjoint_torch(self, y2: torch.Tensor, offset: int, length: int) -> torch.Tensor:
+        rows = y2.shape[0]
+        s = self.region_size
+        out = torch.zeros(rows, length, dtype=torch.float32)
+        k_first, k_last = offset // s, (offset + length - 1) // s
+        per = max(1, _CPU_CHUNK_ELEMS // (self.n_out * max(rows, 4)))
+        for k0 in range(k_first, k_last + 1, per):
+            k1 = min(k_last + 1, k0 + per)
+            row, sign = project_entries(self.n_in, self.n_out, s, self.seed, k0, k1)
+            i = row - offset
+            ok = (i >= 0) & (i < length)
+            vals = y2[:, None, :] * sign.to(torch.float32)[None]  # [rows, kc, n_out]
+            out.index_add_(1, i[ok], vals[:, ok])
+        return out
+
+    # ------------------------------------------------------------------------------------------- dense
+    def to_dense(self, offset: int = 0, length: int | None = None) -> torch.Tensor:
+        """Rows [offset, offset + length) of A as a dense fp32 tensor [length, n_out] (tests, small cases)."""
+        if length is None:
+            length = self.n_in - offset
+        self._check_range(offset, length, "to_dense")
+        dense = torch.zeros(length, self.n_out, dtype=torch.float32)
+        if length == 0:
+            return dense
+        s = self.region_size
+        row, sign = project_entries(self.n_in, self.n_out, s, self.seed, offset // s,
+                                    (offset + length - 1) // s + 1)
+        i = row - offset
+        ok = (i >= 0) & (i < length)
+        cols = torch.arange(self.n_out).expand_as(i)
+        dense[i[ok], cols[ok]] = sign[ok].to(torch.float32) * self.scale
+        return dense
