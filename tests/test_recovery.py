@@ -337,8 +337,9 @@ def test_recover_reads_projection_and_layout_from_store_manifest(monkeypatch):
             built.append((n_in, n_out, seed, density))
             super().__init__(op.a)
 
-    monkeypatch.setitem(sys.modules, "npeff_lens.projection",
-                        types.SimpleNamespace(SparseProjection=StubSparseProjection))
+    import npeff_lens.projection
+
+    monkeypatch.setattr(npeff_lens.projection, "SparseProjection", StubSparseProjection)
     manifest = {"projection": {"kind": "sparse", "n_in": 400, "n_out": 100, "seed": 7, "density": 16},
                 "layout": [{"name": "a", "shape": [20, 10], "offset": 0, "numel": 200},
                            {"name": "b", "shape": [200], "offset": 200, "numel": 200}]}

@@ -1,0 +1,294 @@
+"""NPEFF estimator (§2.2, App. D): planted recovery, monotone W step, D.6, streaming, distributed,
+checkpoints, persistence and bad input."""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+from npeff_lens.decomposition import NPEFF
+
+
+def planted(m=240, C=6, d=48, max_active=3, seed=0, dtype=torch.float64):
+    """PEFs ``F_i = sum_j W_ij h_j h_j^T`` with rows ``sqrt(W_ij) h_j`` (zero-padded to r = max_active)."""
+    g = torch.Generator().manual_seed(seed)
+    H = torch.randn(C, d, generator=g, dtype=dtype)
+    H /= H.norm(dim=1, keepdim=True)
+    W = torch.zeros(m, C, dtype=dtype)
+    G = torch.zeros(m, max_active, d, dtype=dtype)
+    for i in range(m):
+        k = int(torch.randint(1, max_active + 1, (1,), generator=g))
+        idx = torch.randperm(C, generator=g)[:k]
+        W[i, idx] = 0.5 + 1.5 * torch.rand(k, generator=g, dtype=dtype)
+        for row, j in enumerate(idx):
+            G[i, row] = W[i, j].sqrt() * H[j]
+    return G, W, H
+
+
+def pef_norms(G):
+    return (G @ G.transpose(1, 2)).square().sum((1, 2)).sqrt()
+
+
+def brute_force_loss(G, coefficients, components):
+    """Mean ||F_i / ||F_i|| - sum_j W_ij h_j h_j^T||_F^2 with explicit d x d matrices (small d)."""
+    G = G.double()
+    F = G.transpose(1, 2) @ G
+    F = F / F.flatten(1).norm(dim=1)[:, None, None]
+    h = components.double()
+    R = torch.einsum("mc,cd,ce->mde", coefficients.double(), h, h)
+    return (F - R).square().sum((1, 2)).mean().item()
+
+
+class FakeStore:
+    """The PEF-store protocol: len, rows, dim, manifest, iter_batches, load_pefs; stores float16."""
+
+    def __init__(self, G, batch=16, manifest=None):
+        self.data = G.to(torch.float16)
+        self.rows, self.dim = G.shape[1], G.shape[2]
+        self.batch = batch
+        self.manifest = manifest if manifest is not None else {"projection": {"seed": 3, "dim": self.dim}}
+        self.loaded = 0
+
+    def __len__(self):
+        return self.data.shape[0]
+
+    def iter_batches(self, batch_size=None):
+        b = batch_size or self.batch
+        for s in range(0, len(self), b):
+            yield s, self.data[s : s + b]
+
+    def load_pefs(self, dtype=torch.float32):
+        self.loaded += 1
+        return self.data.to(dtype)
+
+
+FAST = dict(n_steps=150, n_warmup_steps=30, progress=False)
+
+
+@pytest.fixture(scope="module")
+def planted_fit():
+    G, W, H = planted()
+    est = NPEFF(6, n_steps=300, n_warmup_steps=50, seed=0, progress=False).fit(G.float())
+    return G, W, H, est
+
+
+def test_planted_recovery(planted_fit):
+    G, W, H, est = planted_fit
+    assert est.components_.shape == (6, 48) and est.coefficients_.shape == (240, 6)
+    assert torch.allclose(est.components_.norm(dim=1), torch.ones(6), atol=1e-5)
+    cos = (est.components_.double() @ H.T).abs()  # [fitted, planted]
+    perm = cos.argmax(0)
+    assert sorted(perm.tolist()) == list(range(6))
+    assert cos.max(0).values.min() >= 0.99
+    planted_coeffs = W / pef_norms(G)[:, None]  # coefficients of the unit-norm PEFs
+    fitted = est.coefficients_.double()[:, perm]
+    for j in range(6):
+        corr = torch.corrcoef(torch.stack([fitted[:, j], planted_coeffs[:, j]]))[0, 1]
+        assert corr >= 0.99
+    assert est.reconstruction_err_ < 1e-3
+    assert (est.coefficients_ >= 0).all()
+
+
+def test_loss_matches_brute_force_after_rescaling(planted_fit):
+    G, _, _, est = planted_fit
+    # The unit-norm rescaling keeps every W_ij h_j h_j^T: the reported loss is the true loss,
+    # also for a short fit far from converged.
+    assert brute_force_loss(G, est.coefficients_, est.components_) == pytest.approx(est.reconstruction_err_, abs=1e-5)
+    assert len(est.loss_history_) == est.n_iter_ + 1 == 351
+    short = NPEFF(6, n_steps=5, n_warmup_steps=5, progress=False, dtype=torch.float64).fit(G)
+    assert short.reconstruction_err_ > 0.05
+    assert brute_force_loss(G, short.coefficients_, short.components_) == pytest.approx(short.reconstruction_err_, rel=1e-9)
+
+
+def test_w_step_never_increases_loss(planted_fit):
+    _, _, _, est = planted_fit
+    before, after_w = est.loss_history_[:-1], est.w_step_loss_history_
+    assert (after_w <= before + 1e-6 * before.abs().clamp_min(1)).all()
+    assert est.loss_history_[-1] < 0.01 * est.loss_history_[0]
+
+
+def test_transform_reproduces_coefficients(planted_fit):
+    G, _, _, est = planted_fit
+    again = est.transform(G.float(), n_steps=1000)
+    assert again.shape == est.coefficients_.shape
+    scale = est.coefficients_.max()
+    assert (again - est.coefficients_).abs().max() <= 1e-2 * scale
+
+
+def test_deterministic_given_seed():
+    G, _, _ = planted(m=60, d=16)
+    a = NPEFF(4, seed=3, **FAST).fit(G.float())
+    b = NPEFF(4, seed=3, **FAST).fit(G.float())
+    assert torch.equal(a.coefficients_, b.coefficients_) and torch.equal(a.components_, b.components_)
+
+
+def test_random_projection_commutes_d6():
+    """App. D.6: with A A^T ~ I, projected PEFs and projected initial H give the same coefficients,
+    closer as the projected dimension grows."""
+    n, C = 10, 3
+    G, _, _ = planted(m=50, C=C, d=n, max_active=2, seed=1)
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.rand(50, C, generator=g, dtype=torch.float64)
+    H0 = torch.randn(C, n, generator=g, dtype=torch.float64) * math.sqrt(2 / (C * n))
+    # Few steps: the comparison is of two trajectories of a non-convex problem, and later steps
+    # amplify the O(sqrt(n / p)) inner-product errors (a component may die in one and not the other).
+    kw = dict(n_steps=10, n_warmup_steps=5, init="custom", dtype=torch.float64, progress=False)
+    ref = NPEFF(C, **kw).fit(G, W=W0, H=H0)
+    errors = []
+    for p in (256, 4096, 65536):
+        A = torch.randn(n, p, generator=g, dtype=torch.float64) / math.sqrt(p)  # A A^T ~ I_n
+        proj = NPEFF(C, **kw).fit(G @ A, W=W0, H=H0 @ A)
+        errors.append(((proj.coefficients_ - ref.coefficients_).abs().max() / ref.coefficients_.max()).item())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.01
+
+
+def test_streaming_equals_in_memory():
+    G, _, _ = planted(m=90, d=24)
+    store = FakeStore(G, batch=16)
+    mem = NPEFF(5, seed=1, **FAST).fit(store)
+    assert store.loaded == 1
+    stream = NPEFF(5, seed=1, memory_budget=0, batch_size=7, **FAST).fit(store)
+    assert store.loaded == 1  # the second fit streamed
+    assert torch.allclose(stream.coefficients_, mem.coefficients_, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(stream.components_, mem.components_, rtol=1e-4, atol=1e-5)
+    # The store's float16 values cast to float32 are the data: same as the equivalent tensor.
+    tens = NPEFF(5, seed=1, **FAST).fit(store.data.float())
+    assert torch.allclose(tens.coefficients_, mem.coefficients_, rtol=1e-4, atol=1e-5)
+    assert mem.manifest_ == store.manifest
+
+
+def _distributed_worker(rank, world, path, port):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        G = torch.load(os.path.join(path, "G.pt"))
+        est = NPEFF(5, seed=2, checkpoint_dir=os.path.join(path, "ckpt"), checkpoint_every=40, **FAST).fit(G)
+        if rank == 0:
+            torch.save({"W": est.coefficients_, "H": est.components_, "loss": est.loss_history_}, os.path.join(path, "out.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_equal_one(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    G, _, _ = planted(m=70, d=20)
+    G = G.float()
+    G[3] = 0  # an excluded example on rank 0
+    torch.save(G, tmp_path / "G.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.spawn(_distributed_worker, args=(2, str(tmp_path), port), nprocs=2, join=True)
+        single = NPEFF(5, seed=2, **FAST).fit(G)
+    out = torch.load(tmp_path / "out.pt")
+    assert torch.allclose(out["W"], single.coefficients_, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(out["H"], single.components_, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(out["loss"], single.loss_history_, rtol=1e-5, atol=1e-7)
+    assert (out["W"][3] == 0).all()
+    # The checkpoint the two ranks wrote holds one W file per rank.
+    assert len(list((tmp_path / "ckpt").glob("step-*/W-*.safetensors"))) == 2
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    G, _, _ = planted(m=50, d=16)
+    G = G.float()
+    full = NPEFF(4, seed=5, **FAST).fit(G)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_67(step, loss):
+        if step == 67:
+            raise Stop
+
+    with pytest.raises(Stop):
+        NPEFF(4, seed=5, checkpoint_dir=tmp_path, checkpoint_every=20, callback=stop_at_67, **FAST).fit(G)
+    assert [p.name for p in tmp_path.glob("step-*")] == ["step-00000060"]
+    resumed = NPEFF(4, seed=5, checkpoint_dir=tmp_path, checkpoint_every=20, **FAST).fit(G)
+    assert torch.equal(resumed.coefficients_, full.coefficients_)
+    assert torch.equal(resumed.components_, full.components_)
+    assert torch.allclose(resumed.loss_history_, full.loss_history_)
+    with pytest.raises(ValueError, match="another fit"):
+        NPEFF(4, seed=6, checkpoint_dir=tmp_path, **FAST).fit(G)
+
+
+def test_save_load_round_trip(tmp_path, planted_fit):
+    G, _, _, _ = planted_fit
+    store = FakeStore(G.float())
+    est = NPEFF(6, seed=0, **FAST).fit(store)
+    est.save(tmp_path / "dec")
+    loaded = NPEFF.load(tmp_path / "dec")
+    for name in ("coefficients_", "components_", "loss_history_", "pef_norms_", "excluded_", "dead_components_"):
+        assert torch.equal(getattr(loaded, name), getattr(est, name)), name
+    assert loaded.get_params() == {**est.get_params(), "dtype": "float32"}
+    assert loaded.manifest_ == store.manifest and loaded.n_iter_ == est.n_iter_
+    assert torch.allclose(loaded.transform(store, n_steps=50), est.transform(store, n_steps=50))
+    other = FakeStore(G.float(), manifest={"projection": {"seed": 4, "dim": 48}})
+    with pytest.raises(ValueError, match="projection"):
+        loaded.transform(other)
+
+
+def test_nonfinite_input_raises_clear_error():
+    G, _, _ = planted(m=40, d=16)
+    G = G.float()
+    G[7, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/inf.*\[7\]"):
+        NPEFF(3, **FAST).fit(G)
+    with pytest.warns(RuntimeWarning, match="excluded"):
+        est = NPEFF(3, nonfinite="exclude", **FAST).fit(G)
+    assert est.excluded_[7] and (est.coefficients_[7] == 0).all()
+    assert torch.isfinite(est.coefficients_).all() and torch.isfinite(est.components_).all()
+
+
+def test_divergence_stops_with_step_named():
+    G, _, _ = planted(m=40, d=16)
+    with pytest.raises(FloatingPointError, match="step"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            NPEFF(3, lr=1e6, warmup_lr=1e6, **FAST).fit(G.float())
+
+
+def test_zero_norm_pefs_excluded_with_warning():
+    G, _, _ = planted(m=40, d=16)
+    G = G.float()
+    G[[2, 9]] = 0
+    with pytest.warns(RuntimeWarning, match="zero or non-finite Frobenius norm"):
+        est = NPEFF(3, **FAST).fit(G)
+    assert est.excluded_.nonzero().flatten().tolist() == [2, 9]
+    assert (est.coefficients_[[2, 9]] == 0).all() and torch.isfinite(est.coefficients_).all()
+    assert est.pef_norms_[2] == 0
+
+
+def test_dead_component_reported():
+    G, _, _ = planted(m=40, d=16)
+    W0 = torch.rand(40, 3)
+    W0[:, 1] = 0  # a multiplicative update keeps a zero column at zero
+    with pytest.warns(RuntimeWarning, match="dead"):
+        est = NPEFF(3, init="custom", **FAST).fit(G.float(), W=W0)
+    assert est.dead_components_.tolist() == [1]
+
+
+def test_rank_one_2d_input_and_validation():
+    G, _, _ = planted(m=30, d=12, max_active=1)
+    est = NPEFF(3, **FAST).fit(G[:, 0].float())  # [m, d] means r = 1
+    assert est.n_rows_ == 1
+    with pytest.raises(ValueError, match="n_components"):
+        NPEFF(0).fit(G.float())
+    with pytest.raises(ValueError, match="init='custom'"):
+        NPEFF(3, **FAST).fit(G.float(), H=torch.zeros(3, 12))
+    with pytest.raises(ValueError, match="0 examples"):
+        NPEFF(3, **FAST).fit(torch.zeros(0, 1, 12))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        NPEFF(3).transform(G.float())
