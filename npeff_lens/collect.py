@@ -1,0 +1,481 @@
+"""PEF collection (§2.1): per-example LRM-PEF rows, projected block by block as they are produced.
+
+For each batch the task gives ``rows`` ``[batch, r]`` (``stop_grad(sqrt p_i) log p_i``, or the r'
+expectation-projection rows, or any per-example scalars). Row j's per-example gradient is the LRM-PEF
+row ``G[:, j]``. It is computed exactly, without materialising per-example gradients of the whole model:
+
+- one forward; forward hooks record each hooked module's input ``a`` and output ``y``;
+- per row j, one backward pass for the batch asks autograd for ``dL/dy`` of the hooked outputs only
+  (no weight gradient is formed);
+- per hooked parameter, the per-example gradient is rebuilt from ``(a, dL/dy)``
+  (``Linear``: ``g[b]^T a[b]``; GPT-2 ``Conv1D``: ``a[b]^T g[b]``; ``Embedding``: scatter of ``g[b]``), for a
+  bounded chunk of examples and rows, and projected immediately with ``SparseProjection.project(block,
+  offset)`` into the ``[batch, r, d]`` accumulator (the projection is linear and separable over the flat
+  index, so each contribution is added as soon as it exists);
+- parameters owned by other modules (norm weights, HookedTransformer's einsum weights) fall back to one
+  ``autograd.grad`` per example and row: exact, slower.
+
+Peak memory: the model, the batch's activations (as for any backward), r x the hooked outputs'
+gradients for one row group, and one chunk of per-example gradients of at most ``chunk_elems`` floats.
+It does *not* grow with batch x rows x number of parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .models import ModelAdapter, adapt, parameter_layout
+from .projection import SparseProjection
+from .tasks import Task
+
+CHUNK_ELEMS = 1 << 25  # per-example-gradient floats materialised at once (128 MiB in fp32)
+
+
+def _conv1d_cls():
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except Exception:  # pragma: no cover
+        return ()
+
+
+@dataclass
+class _Slot:
+    """A selected parameter: where it lives in the flat layout and how its gradient is rebuilt."""
+
+    name: str
+    param: nn.Parameter
+    offset: int
+    kind: str  # "linear_w", "linear_b", "conv1d_w", "conv1d_b", "embedding", "fallback"
+
+
+class PEFComputer:
+    """Computes projected LRM-PEFs ``[batch, r, d]`` for batches of prompts (see the module docstring).
+
+    ``projection=None`` returns unprojected rows ``[batch, r, n_params]`` (tiny models, tests).
+    ``engine``: ``"hooks"`` (per-example gradients from module hooks, fallback for the rest) or
+    ``"loop"`` (one ``autograd.grad`` per example and row for everything: the reference).
+    """
+
+    def __init__(self, adapter: ModelAdapter, task: Task, named_params, projection: SparseProjection | None,
+                 engine: str = "hooks", chunk_elems: int = CHUNK_ELEMS):
+        if engine not in ("hooks", "loop"):
+            raise ValueError(f"engine must be 'hooks' or 'loop', got {engine!r}")
+        self.adapter, self.task, self.projection = adapter, task, projection
+        self.layout = parameter_layout(named_params)
+        self.n_params = sum(e["numel"] for e in self.layout)
+        if projection is not None and projection.n_in != self.n_params:
+            raise ValueError(f"projection n_in={projection.n_in} != number of selected parameters {self.n_params}")
+        self.dim = projection.n_out if projection is not None else self.n_params
+        self.chunk_elems = chunk_elems
+        self.params = [p for _, p in named_params]
+        slots = {}
+        for (name, p), entry in zip(named_params, self.layout):
+            slots[id(p)] = _Slot(name, p, entry["offset"], "fallback")
+        # owning modules of each selected parameter (a tied parameter may have several)
+        owners: dict[int, list[tuple[nn.Module, str]]] = {}
+        for mod in adapter.module.modules():
+            for pname, p in mod.named_parameters(recurse=False):
+                if id(p) in slots:
+                    owners.setdefault(id(p), []).append((mod, pname))
+        conv1d = _conv1d_cls()
+        self.hooked_modules: dict[nn.Module, list[_Slot]] = {}
+        for pid, slot in slots.items():
+            mods = owners.get(pid, [])
+            kinds = []
+            for mod, pname in mods:
+                if isinstance(mod, nn.Linear):
+                    kinds.append("linear_w" if pname == "weight" else "linear_b")
+                elif conv1d and isinstance(mod, conv1d):
+                    kinds.append("conv1d_w" if pname == "weight" else "conv1d_b")
+                elif isinstance(mod, nn.Embedding) and pname == "weight":
+                    kinds.append("embedding")
+                else:
+                    kinds.append(None)
+            if engine == "hooks" and mods and None not in kinds and len(set(kinds)) == 1:
+                slot.kind = kinds[0]
+                for mod, _ in mods:
+                    self.hooked_modules.setdefault(mod, []).append(slot)
+        self.fallback = [s for s in slots.values() if s.kind == "fallback"]
+        self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        self.checked = False
+        self.demoted: list[str] = []
+
+    def self_check(self, prompt: str, max_length: int | None = None, rtol: float = 1e-3) -> list[str]:
+        """Compare the hooks' per-example gradients with plain autograd on one example, and move any
+        parameter whose gradient the hooks miss (a wrapper that calls ``F.linear`` on a module's
+        weight instead of the module, a weight also used outside its module) to the exact fallback.
+        Returns the names moved. Costs two backward passes."""
+        self.checked = True
+        if not self.hooked_modules:
+            return []
+        batch = self.adapter.tokenize([prompt], max_length=max_length)
+        with self._only_selected_require_grad(), self._recording(), torch.enable_grad():
+            log_probs = self.task.log_probs(self.adapter, batch)
+            if not torch.isfinite(log_probs).all():
+                return []
+            scalar = self.task.pef_rows(log_probs).sum()
+            records, self._records = self._records, []
+            slots = [s for ss in self.hooked_modules.values() for s in ss]
+            slots = list({id(s): s for s in slots}.values())
+            ref = torch.autograd.grad(scalar, [s.param for s in slots], retain_graph=True, allow_unused=True)
+            outs = torch.autograd.grad(scalar, [y for _, _, y in records], allow_unused=True) if records else []
+        got = {id(s): torch.zeros(s.param.numel(), device=s.param.device) for s in slots}
+        for (mod, a, _), g in zip(records, outs):
+            if g is not None:
+                for slot in self.hooked_modules[mod]:
+                    got[id(slot)] += self._per_example(slot, a, g[None])[0, 0].float()
+        bad = []
+        for slot, r in zip(slots, ref):
+            r = torch.zeros_like(got[id(slot)]) if r is None else r.reshape(-1).float()
+            if (got[id(slot)] - r).norm() > rtol * r.norm() + 1e-12:
+                bad.append(slot)
+        self._demote(bad, "are not reachable through module hooks in this model")
+        return [s.name for s in bad]
+
+    def _demote(self, slots, why: str) -> None:
+        """Move slots to the exact per-example autograd fallback."""
+        if not slots:
+            return
+        for slot in slots:
+            slot.kind = "fallback"
+            self.fallback.append(slot)
+            for mod in list(self.hooked_modules):
+                self.hooked_modules[mod] = [s for s in self.hooked_modules[mod] if s is not slot]
+                if not self.hooked_modules[mod]:
+                    del self.hooked_modules[mod]
+        names = [s.name for s in slots]
+        self.demoted += names
+        import warnings
+
+        warnings.warn(
+            f"{len(names)} parameter(s) {why} (e.g. {names[:3]}); their per-example gradients use the "
+            "exact but slower per-example autograd fallback",
+            stacklevel=3,
+        )
+
+    # --- forward hooks -----------------------------------------------------------------------
+    def _hook(self, module, inputs, output):
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            self._records.append((module, inputs[0].detach(), output))
+
+    @contextlib.contextmanager
+    def _recording(self):
+        handles = [m.register_forward_hook(self._hook) for m in self.hooked_modules]
+        self._records = []
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def _only_selected_require_grad(self):
+        # Backward then stops at the earliest selected parameter instead of crossing the whole model.
+        selected = {id(p) for p in self.params}
+        saved = [(p, p.requires_grad) for p in self.adapter.module.parameters()]
+        try:
+            for p, _ in saved:
+                p.requires_grad_(id(p) in selected)
+            yield
+        finally:
+            for p, flag in saved:
+                p.requires_grad_(flag)
+
+    # --- per-example gradients -> projected accumulator ------------------------------------------
+    def _add(self, acc, rows_idx, slot: _Slot, block: torch.Tensor):
+        """acc[:, rows_idx] += projection of block ``[b, R, numel]`` at the slot's offset."""
+        b, R, numel = block.shape
+        if self.projection is None:
+            acc[:, rows_idx, slot.offset : slot.offset + numel] += block.float()
+        else:
+            acc[:, rows_idx] += self.projection.project(block.reshape(b * R, numel), offset=slot.offset).reshape(b, R, -1)
+
+    def _per_example(self, slot, a, g):
+        """Per-example gradient ``[b, R, numel]`` of one slot from inputs a ``[b, ..., in]`` and
+        output gradients g ``[R, b, ..., out]``."""
+        R, b = g.shape[0], g.shape[1]
+        g = g.transpose(0, 1)  # [b, R, ..., out]
+        if slot.kind in ("linear_w", "conv1d_w"):
+            g3 = g.reshape(b, R, -1, g.shape[-1])
+            a3 = a.reshape(b, -1, a.shape[-1]).to(g3.dtype)
+            eq = "brto,bti->broi" if slot.kind == "linear_w" else "brto,bti->brio"
+            return torch.einsum(eq, g3, a3).reshape(b, R, -1)
+        if slot.kind in ("linear_b", "conv1d_b"):
+            return g.reshape(b, R, -1, g.shape[-1]).sum(2)
+        if slot.kind == "embedding":
+            V, D = slot.param.shape
+            ids = a.reshape(b, -1)
+            out = torch.zeros(b, R, V, D, dtype=g.dtype, device=g.device)
+            src = g.reshape(b, R, -1, D)
+            out.scatter_add_(2, ids[:, None, :, None].expand(b, R, ids.shape[1], D), src)
+            return out.reshape(b, R, -1)
+        raise AssertionError(slot.kind)
+
+    def compute(self, prompts: Sequence[str], max_length: int | None = None):
+        """``(pefs [b, r, d] fp32, log_probs [b, outcomes] fp32)`` for a batch of prompts."""
+        adapter, task = self.adapter, self.task
+        if not self.checked:
+            self.self_check(prompts[0], max_length=max_length)
+        batch = adapter.tokenize(prompts, max_length=max_length)
+        b = batch["input_ids"].shape[0]
+        with self._only_selected_require_grad(), self._recording(), torch.enable_grad():
+            log_probs = task.log_probs(adapter, batch)
+            rows = task.pef_rows(log_probs)  # [b, r]
+            R = rows.shape[1]
+            acc = torch.zeros(b, R, self.dim, dtype=torch.float32, device=adapter.device)
+            if not torch.isfinite(log_probs).all():
+                return acc, log_probs.detach()
+            records = self._records
+            self._records = []
+            # A module whose output is not batch-major (e.g. position embeddings computed once for
+            # the whole batch, [1, T, D]) mixes examples in its output gradient: use the fallback.
+            mixed = [rec for rec in records if rec[2].ndim < 2 or rec[2].shape[0] != b]
+            if mixed:
+                self._demote(list({id(s): s for _m, _a, _y in mixed for s in self.hooked_modules.get(_m, [])}.values()),
+                             "have outputs shared across the batch")
+                records = [rec for rec in records if rec[0] in self.hooked_modules]
+            outputs = [y for _, _, y in records]
+            # rows in groups whose output gradients fit the chunk budget
+            act = sum(y.numel() for y in outputs) or 1
+            group = max(1, min(R, self.chunk_elems // act))
+            for r0 in range(0, R, group):
+                ridx = list(range(r0, min(R, r0 + group)))
+                grads = []  # per row: list over records of dL/dy
+                for j in ridx:
+                    if outputs:
+                        gj = torch.autograd.grad(rows[:, j].sum(), outputs, retain_graph=True, allow_unused=True)
+                    else:
+                        gj = []
+                    grads.append(gj)
+                for k, (mod, a, y) in enumerate(records):
+                    gs = [grads[i][k] for i in range(len(ridx))]
+                    if any(g is None for g in gs):
+                        continue
+                    g = torch.stack(gs)  # [R', b, ..., out]
+                    for slot in self.hooked_modules[mod]:
+                        numel = slot.param.numel()
+                        step = max(1, self.chunk_elems // max(1, numel * len(ridx)))
+                        for b0 in range(0, b, step):
+                            sl = slice(b0, b0 + step)
+                            block = self._per_example(slot, a[sl], g[:, sl])
+                            accv = acc[sl]
+                            self._add(accv, ridx, slot, block)
+                del grads
+            if self.fallback:
+                fparams = [s.param for s in self.fallback]
+                for i in range(b):
+                    for j in range(R):
+                        gs = torch.autograd.grad(rows[i, j], fparams, retain_graph=True, allow_unused=True)
+                        for slot, gp in zip(self.fallback, gs):
+                            if gp is not None:
+                                self._add(acc[i : i + 1], [j], slot, gp.reshape(1, 1, -1))
+        return acc, log_probs.detach()
+
+
+def pef_frobenius_norms(pefs: torch.Tensor) -> torch.Tensor:
+    """``||G^T G||_F = ||G G^T||_F`` per example, from the r x r Gram."""
+    gram = pefs @ pefs.transpose(1, 2)
+    return gram.flatten(1).norm(dim=1)
+
+
+def reduce_rank(pefs: torch.Tensor, rank: int) -> torch.Tensor:
+    """App. C: keep the top-``rank`` right singular directions, ``G' = Σ_k V_k^T = U_k^T G``
+    (from the r x r Gram, so no d x d matrix). Pads with zero rows when r < rank."""
+    b, r, d = pefs.shape
+    gram = (pefs.double() @ pefs.double().transpose(1, 2))
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    k = min(rank, r)
+    U = evecs[:, :, -k:].flip(-1)  # [b, r, k] top-k
+    out = (U.transpose(1, 2) @ pefs.double()).to(pefs.dtype)
+    if k < rank:
+        out = torch.cat([out, out.new_zeros(b, rank - k, d)], dim=1)
+    return out
+
+
+def _dataset_rows(dataset, split, seed):
+    from .data import load_dataset
+
+    info = {"name": None, "split": split, "seed": seed}
+    if isinstance(dataset, str):
+        info["name"] = dataset
+        dataset = load_dataset(dataset, split=split, seed=seed)
+    elif isinstance(dataset, (list, tuple)):
+        import datasets
+
+        if not all(isinstance(t, str) for t in dataset):
+            raise TypeError("a list dataset must hold strings (the texts)")
+        dataset = datasets.Dataset.from_dict({"text": list(dataset)})
+        info["name"] = "texts"
+    else:
+        info["name"] = getattr(dataset, "info", None) and dataset.info.dataset_name or "user"
+    if "text" not in dataset.column_names:
+        raise ValueError(f"the dataset needs a 'text' column (it has {dataset.column_names}); see npeff_lens.load_dataset(..., columns=)")
+    info["fingerprint"] = getattr(dataset, "_fingerprint", None)
+    return dataset, info
+
+
+def collect_pefs(
+    model,
+    dataset,
+    task: Task,
+    out,
+    *,
+    proj_dim: int | None = 8192,
+    density: int = 32,
+    rank: int | None = None,
+    params: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    dtype: str = "float16",
+    n: int | None = None,
+    split: str | None = None,
+    data_seed: int = 0,
+    max_length: int | None = 256,
+    top_k_probs: int = 5,
+    engine: str = "hooks",
+    shard_size: int = 256,
+    flush_every: int = 64,
+    progress: bool = True,
+    tokenizer=None,
+):
+    """Collect the (projected, optionally rank-reduced) LRM-PEFs of ``n`` examples into a ``PEFStore``.
+
+    model: an adapter or any model ``npeff_lens.adapt`` accepts; dataset: a ``datasets.Dataset`` with a
+    ``text`` column, a built-in dataset name (``split``/``data_seed`` apply), or a list of texts.
+    params/exclude: glob patterns selecting parameters (default: the adapter's default selection).
+    proj_dim=None stores unprojected rows. Rerunning the same call resumes where it stopped; another
+    configuration into the same ``out`` is an error. Per example, the store also records the
+    prediction, the probabilities (top-k for ``NextToken``), the PEF's Frobenius norm and a flag
+    (``zero_pef``, ``nonfinite_logits``, ``nonfinite_grad``) for examples whose PEF is stored as zeros.
+    """
+    from .store import PEFStore
+
+    adapter = model if isinstance(model, ModelAdapter) else adapt(model, tokenizer)
+    adapter.eval()
+    dataset, data_info = _dataset_rows(dataset, split, data_seed)
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+    n = len(dataset) if n is None else int(n)
+    if not 0 < n <= len(dataset):
+        raise ValueError(f"n must be in [1, {len(dataset)}] (the dataset's size), got {n}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    task.bind(adapter)
+    named = adapter.named_parameters(include=params, exclude=exclude)
+    layout = parameter_layout(named)
+    n_params = sum(e["numel"] for e in layout)
+    projection = SparseProjection(n_params, proj_dim, seed=seed, density=density) if proj_dim else None
+    computer = PEFComputer(adapter, task, named, projection, engine=engine)
+    r = task.n_rows
+    stored_rows = rank if rank is not None else r
+    if rank is not None and not 1 <= rank:
+        raise ValueError("rank must be >= 1")
+    manifest = {
+        "model": {"name": adapter.name, "backend": adapter.backend},
+        "task": task.config(),
+        "outcomes": task.outcome_names(),
+        "dataset": {**data_info, "n": n},
+        "layout": layout,
+        "n_params": n_params,
+        "projection": projection.state_dict() if projection is not None else None,
+        "rank": rank,
+        "pef_rows": r,
+        "engine": engine,
+        "max_length": max_length,
+    }
+    store = PEFStore.create(out, manifest, rows=stored_rows, dim=computer.dim, dtype=dtype, shard_size=shard_size)
+    start = len(store)
+    if start >= n:
+        store.close()
+        return store
+    bar = _progress(total=n, initial=start, enabled=progress)
+    flagged = 0
+    since_flush = 0
+    try:
+        for lo in range(start, n, batch_size):
+            hi = min(n, lo + batch_size)
+            rows = dataset[lo:hi]
+            prompts = task.prompts(rows["text"])
+            pefs, log_probs = computer.compute(prompts, max_length=max_length)
+            pefs, meta = _finish_batch(pefs, log_probs, rows, lo, task, rank, top_k_probs)
+            flagged += sum(m["flag"] is not None for m in meta)
+            store.append(pefs.cpu(), meta)
+            since_flush += hi - lo
+            if since_flush >= flush_every:
+                store.flush()
+                since_flush = 0
+            bar.update(hi - lo)
+    finally:
+        store.flush()
+        store.close()  # releases the writer lock; the store stays readable
+        bar.close()
+    if flagged:
+        print(f"[npeff_lens] {flagged} example(s) flagged (zero or non-finite PEF, stored as zeros); "
+              "see the store's metadata 'flag' column", file=sys.stderr)
+    return store
+
+
+def _finish_batch(pefs, log_probs, rows, lo, task, rank, top_k_probs):
+    b = pefs.shape[0]
+    finite_logits = torch.isfinite(log_probs).all(-1)
+    finite_pef = torch.isfinite(pefs).flatten(1).all(-1)
+    pefs = torch.where((finite_logits & finite_pef)[:, None, None], pefs, torch.zeros_like(pefs))
+    norms = pef_frobenius_norms(pefs)
+    if rank is not None:
+        pefs = reduce_rank(pefs, rank)
+    probs = log_probs.exp().cpu()
+    names = task.outcome_names()
+    meta = []
+    for i in range(b):
+        flag = None
+        if not finite_logits[i]:
+            flag = "nonfinite_logits"
+        elif not finite_pef[i]:
+            flag = "nonfinite_grad"
+        elif norms[i] == 0:
+            flag = "zero_pef"
+        p = probs[i]
+        pred = int(p.argmax()) if finite_logits[i] else -1
+        m = {"index": lo + i, "text": rows["text"][i], "prediction": pred, "pef_norm": float(norms[i]), "flag": flag}
+        if names is not None:
+            m["prediction_name"] = names[pred] if pred >= 0 else None
+        if len(p) <= 64:
+            m["probs"] = [float(v) for v in p]
+        else:
+            top = p.topk(min(top_k_probs, len(p)))
+            m["topk_ids"] = [int(v) for v in top.indices]
+            m["topk_probs"] = [float(v) for v in top.values]
+        for col in ("label", "label_name", "target"):
+            if col in rows:
+                m[col] = rows[col][i]
+        meta.append(m)
+    return pefs, meta
+
+
+class _NoBar:
+    def update(self, k):
+        pass
+
+    def close(self):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+
+def _progress(total, initial=0, enabled=True, desc="collect", unit="ex"):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1)
