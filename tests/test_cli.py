@@ -12,6 +12,6 @@ def test_help_and_listings(capsys):
 
 
 def test_unknown_model_is_one_clear_line(capsys):
-    assert main(["demo", "--model", "nope", "--n", "3"]) == 2
+    assert main(["zero-shot", "--model", "nope", "--n", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "smollm2-135m" in err[0]
