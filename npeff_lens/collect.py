@@ -229,10 +229,14 @@ class PEFComputer:
         b = batch["input_ids"].shape[0]
         with self._only_selected_require_grad(), self._recording(), torch.enable_grad():
             log_probs = task.log_probs(adapter, batch)
-            rows = task.pef_rows(log_probs)  # [b, r]
+            bad = ~torch.isfinite(log_probs).all(-1)
+            # An example with non-finite logits gets constant rows: it contributes nothing, the others
+            # are unaffected (examples never mix), and the caller flags it and stores zeros.
+            safe = torch.where(bad[:, None], torch.zeros_like(log_probs).detach(), log_probs) if bad.any() else log_probs
+            rows = task.pef_rows(safe)  # [b, r]
             R = rows.shape[1]
             acc = torch.zeros(b, R, self.dim, dtype=torch.float32, device=adapter.device)
-            if not torch.isfinite(log_probs).all():
+            if bad.all():
                 return acc, log_probs.detach()
             records = self._records
             self._records = []
