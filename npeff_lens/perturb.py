@@ -509,6 +509,7 @@ def run_perturbation(
     device: str | torch.device = "cpu",
     seed: int = 0,
     recover_kwargs: Mapping[str, Any] | None = None,
+    recovery: str = "fpc",
     batch_size: int = 32,
     adapter=None,
     progress: bool = True,
@@ -531,7 +532,12 @@ def run_perturbation(
         recover_kwargs: passed to :func:`npeff_lens.recovery.recover` (``mu``, ``reject_threshold``,
             ``inner_iterations``, ...); the defaults are App. F's.
         adapter: an already loaded adapter of the manifest's model (skips ``load_model``).
+        recovery: ``"fpc"`` (App. F: compressed sensing, a sparse vector) or ``"adjoint"`` (the
+            back-projection ``A h`` of the rejected component: for it ``δᵀF_iδ = ‖G_i A h‖²`` up to the
+            scale, i.e. exactly the projected PEF's loading that NPEFF fitted; dense, and cheap).
     """
+    if recovery not in ("fpc", "adjoint"):
+        raise ValueError(f"recovery must be 'fpc' or 'adjoint', got {recovery!r}")
     from npeff_lens.analysis import top_examples
     from npeff_lens.decomposition import NPEFF
     from npeff_lens.recovery import (
@@ -593,7 +599,7 @@ def run_perturbation(
         power_iterations = rkw.pop("power_iterations", 30)
         safety = rkw.pop("lambda_safety", 1.1)
         lambda_max = rkw.pop("lambda_max", None)
-        if lambda_max is None:
+        if lambda_max is None and recovery == "fpc":
             lambda_max = estimate_lambda_max(op, n_iter=power_iterations) * safety  # an estimate is from below
     elif comps.shape[1] != n_params:
         raise ValueError(f"no projection recorded, yet the components have {comps.shape[1]} dims "
@@ -603,7 +609,7 @@ def run_perturbation(
     config = _jsonable({
         "decomposition": str(decomposition_dir.resolve()), "components": indices, "magnitude": magnitude,
         "top_k": top_k, "n_baseline": n_baseline, "seed": seed, "recover_kwargs": dict(recover_kwargs or {}),
-        "model": model_cfg, "task": manifest["task"], "n_examples": m,
+        "model": model_cfg, "task": manifest["task"], "n_examples": m, "recovery": recovery,
     })
     records: dict[int, dict] = {}
     out_path = Path(out) if out is not None else None
@@ -644,7 +650,11 @@ def run_perturbation(
             _, rejected = reject(comps, j, threshold, return_indices=True)
         else:
             rejected = []
-        if proj_cfg is not None:
+        if proj_cfg is not None and recovery == "adjoint":
+            b = reject(comps, j, threshold) if threshold is not None else comps[j]
+            flat = op.adjoint(b.float())
+            rel_res, last = float("nan"), {}
+        elif proj_cfg is not None:
             last: dict = {}
             kw = rkw if "callback" in rkw else {**rkw, "callback": last.update}  # FPC's per-iteration info
             flat = recover(comps, j, projection=op, flat=True, lambda_max=lambda_max, **kw)[j]
@@ -731,7 +741,8 @@ def _cmd_perturb(args) -> None:
     summary = run_perturbation(
         args.decomposition, _parse_components(args.components), magnitude=args.magnitude, top_k=args.top_k,
         n_baseline=args.n_baseline, store=args.store, out=args.out, backend=args.backend, device=args.device,
-        seed=args.seed, recover_kwargs=rkw or None, batch_size=args.batch_size, progress=not args.no_progress,
+        seed=args.seed, recover_kwargs=rkw or None, recovery=args.recovery, batch_size=args.batch_size,
+        progress=not args.no_progress,
     )
     print(format_table(summary))
     if args.out:
@@ -761,5 +772,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--mu", type=float, default=None, help="FPC μ (default 4e-5, App. F)")
     p.add_argument("--reject-threshold", type=float, default=None,
                    help="reject from components with |cos| below this (default 0.5; negative: no rejection)")
+    p.add_argument("--recovery", default="fpc", choices=["fpc", "adjoint"],
+                   help="parameter-space direction: FPC compressed sensing (App. F) or the back-projection A·h")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_perturb)

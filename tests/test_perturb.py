@@ -362,3 +362,18 @@ def test_cli_perturb(decomposition, capsys):
     assert "geometric mean over 2 components" in out and "kl_ratio" in out
     table = json.loads((root / "cli_out" / "perturbation.json").read_text())
     assert [r["component"] for r in table["components"]] == [0, 2]
+
+
+def test_adjoint_recovery_realises_the_projected_loading():
+    """With recovery='adjoint' the direction is A·h, so δᵀ(G_iᵀG_i)δ = ‖(G_i A)·h‖²: the projected
+    PEF's loading on h, which is what NPEFF fitted."""
+    from npeff_lens.projection import SparseProjection
+
+    torch.manual_seed(0)
+    proj = SparseProjection(5000, 256, seed=1, density=8)
+    G = torch.randn(3, 2, 5000)
+    h = torch.randn(256)
+    x = proj.adjoint(h)
+    lhs = (G @ x).square().sum(-1)
+    rhs = (proj.project(G.reshape(6, -1)).reshape(3, 2, -1) @ h).square().sum(-1)
+    torch.testing.assert_close(lhs, rhs, rtol=1e-4, atol=1e-6)
