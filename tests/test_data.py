@@ -28,7 +28,9 @@ def test_qa_wikidata():
 
 def test_splits_deterministic_disjoint_and_shuffled():
     tr, te = nl.load_dataset("movie-reviews", "train", seed=1), nl.load_dataset("movie-reviews", "test", seed=1)
-    assert len(tr) + len(te) == 10_568 and set(tr["text"]).isdisjoint(te["text"]) or len(set(tr["text"]) & set(te["text"])) < 20
+    assert len(tr) + len(te) == 10_568 and len(te) == round(0.2 * 10_568)
+    # disjoint rows; a handful of snippets occur twice in the file, so texts may repeat across splits
+    assert len(set(tr["text"]) & set(te["text"])) < 20
     assert nl.load_dataset("movie-reviews", "test", seed=1)["text"][:20] == te["text"][:20]
     assert nl.load_dataset("movie-reviews", "test", seed=2)["text"][:20] != te["text"][:20]
     # the files are sorted by label; a split's first rows must be a random sample of both labels
