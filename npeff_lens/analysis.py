@@ -72,7 +72,8 @@ def tuned_fraction(tuning: Sequence[Any]) -> float:
 def tuning_summary(coefficients, labels=None, predictions=None, k: int = 16, threshold: float = 0.95) -> dict:
     """Fractions of components tuned to the label, to the prediction, and to either (Table 1).
 
-    Fractions are over all C components (dead ones count as not tuned).
+    Fractions are over all C components (dead ones count as not tuned). ``out["tunings"]`` holds the
+    per-component results of :func:`tunings` for each of ``label`` / ``prediction`` given.
     """
     c = _coefficients(coefficients)
     out: dict[str, Any] = {"n_components": c.shape[1], "k": k, "threshold": threshold}
@@ -84,6 +85,7 @@ def tuning_summary(coefficients, labels=None, predictions=None, k: int = 16, thr
     if per:
         either = [any(p[j] is not None for p in per.values()) for j in range(c.shape[1])]
         out["either"] = sum(either) / c.shape[1]
+    out["tunings"] = per
     out["not_enough_examples"] = int(((c > 0).sum(0) < k).sum())
     return out
 

@@ -270,9 +270,7 @@ class PEFComputer:
                         step = max(1, self.chunk_elems // max(1, numel * len(ridx)))
                         for b0 in range(0, b, step):
                             sl = slice(b0, b0 + step)
-                            block = self._per_example(slot, a[sl], g[:, sl])
-                            accv = acc[sl]
-                            self._add(accv, ridx, slot, block)
+                            self._add(acc[sl], ridx, slot, self._per_example(slot, a[sl], g[:, sl]))
                 del grads
             if self.fallback:
                 fparams = [s.param for s in self.fallback]

@@ -64,7 +64,7 @@ def load_run(decomposition_dir):
 
 def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, width: int = 100) -> dict:
     """Top examples per component (label, prediction, coefficient) and the tuning summary (§3.1)."""
-    from .analysis import top_examples, tuning_summary, tunings
+    from .analysis import top_examples, tuning_summary
 
     est, store = load_run(decomposition_dir)
     meta = store.metadata
@@ -73,8 +73,9 @@ def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, w
     labels = meta["label_name"] if "label_name" in meta.column_names else (meta["label"] if "label" in meta.column_names else None)
     preds = meta["prediction_name"] if "prediction_name" in meta.column_names else meta["prediction"]
     summary = tuning_summary(coeffs, labels=labels, predictions=preds, k=k)
-    t_label = tunings(coeffs, labels, k=k) if labels is not None else [None] * C
-    t_pred = tunings(coeffs, preds, k=k)
+    per = summary.pop("tunings")
+    t_label = per.get("label", [None] * C)
+    t_pred = per["prediction"]
     top = top_examples(coeffs, k=max(k, show))
     texts = meta["text"]
     comps = range(C) if components is None else components

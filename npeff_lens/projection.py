@@ -87,6 +87,13 @@ if _HAVE_NUMBA:
         x ^= x >> 15
         return x
 
+    @njit(cache=True)
+    def _col_keys_nb(col_base, n_out):
+        col_key = np.empty(n_out, np.int64)
+        for j in range(n_out):
+            col_key[j] = _mix_nb(col_base ^ j)
+        return col_key
+
     @njit(parallel=True, cache=True, boundscheck=False)
     def _project_nb(xt, offset, n_in, n_out, s, col_base, reg_base, out_t, n_blocks):
         """out_t[j, r] += sum over (j, k) entries falling in xt's rows; xt [L, rows] fp32 (transposed block)."""
@@ -98,9 +105,7 @@ if _HAVE_NUMBA:
         for t in range(nk):
             reg_key[t] = _mix_nb(reg_base ^ ((k0 + t) & 0xFFFFFFFF))
             reg_len[t] = min(s, n_in - (k0 + t) * s)
-        col_key = np.empty(n_out, np.int64)
-        for j in range(n_out):
-            col_key[j] = _mix_nb(col_base ^ j)
+        col_key = _col_keys_nb(col_base, n_out)
         bj = (n_out + n_blocks - 1) // n_blocks
         for b in prange(n_blocks):
             j_lo = b * bj
@@ -124,9 +129,7 @@ if _HAVE_NUMBA:
         L = x.shape[0]
         k0 = offset // s
         nk = (offset + L - 1) // s + 1 - k0
-        col_key = np.empty(n_out, np.int64)
-        for j in range(n_out):
-            col_key[j] = _mix_nb(col_base ^ j)
+        col_key = _col_keys_nb(col_base, n_out)
         n_blocks = (n_out + bj - 1) // bj
         tt_max = max(1, 2048 // s)
         for b in prange(n_blocks):
@@ -158,9 +161,7 @@ if _HAVE_NUMBA:
         n_out = yt.shape[0]
         k0 = offset // s
         nk = (offset + length - 1) // s + 1 - k0
-        col_key = np.empty(n_out, np.int64)
-        for j in range(n_out):
-            col_key[j] = _mix_nb(col_base ^ j)
+        col_key = _col_keys_nb(col_base, n_out)
         per = max(1, 4096 // s)  # regions per task; tasks own disjoint output rows
         n_tasks = (nk + per - 1) // per
         for task in prange(n_tasks):

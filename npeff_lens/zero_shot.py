@@ -8,11 +8,12 @@ import torch
 @torch.no_grad()
 def label_token_scores(adapter, texts, template: str, labels, batch_size: int = 16):
     """Label-token logits ``[n, len(labels)]`` for each text under ``template``."""
-    ids = [adapter.continuation_token_ids(template.split("{text}")[0], lab)[0] for lab in labels]
+    from .tasks import LabelTokens
+
+    task = LabelTokens(template, labels).bind(adapter)  # first token of each label after the prompt
     out = []
     for i in range(0, len(texts), batch_size):
-        prompts = [template.format(text=t) for t in texts[i : i + batch_size]]
-        out.append(adapter.logits(prompts)[:, ids].float().cpu())
+        out.append(adapter.logits(task.prompts(texts[i : i + batch_size]))[:, task.token_ids].float().cpu())
     return torch.cat(out)
 
 
