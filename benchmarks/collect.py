@@ -17,6 +17,7 @@ tracemalloc, hence RSS.
     python benchmarks/collect.py --quick     # a few minutes on 2 CPU cores
     python benchmarks/collect.py             # the table in benchmarks/README.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -129,8 +130,15 @@ def worker(cfg):
     minimal(prompts[:1])
     ready = _reset_peak()
     b = cfg["batch"]
-    res = {"pef_s": 0.0, "min_s": 0.0, "pef_peak": 0.0, "min_peak": 0.0, "pef_start": 0.0, "min_start": 0.0,
-           "tokens": 0}
+    res = {
+        "pef_s": 0.0,
+        "min_s": 0.0,
+        "pef_peak": 0.0,
+        "min_peak": 0.0,
+        "pef_start": 0.0,
+        "min_start": 0.0,
+        "tokens": 0,
+    }
     parts = {}
     for lo in range(0, cfg["n"], b):
         ps = prompts[lo : lo + b]
@@ -149,15 +157,21 @@ def worker(cfg):
         minimal(ps)
         res["min_s"] += time.perf_counter() - t0
         res["min_peak"] = max(res["min_peak"], _peak())
-    res.update(parts=parts, ready=ready, n_params=n_params, fallback=[s.name for s in comp.fallback],
-               threads=torch.get_num_threads())
+    res.update(
+        parts=parts,
+        ready=ready,
+        n_params=n_params,
+        fallback=[s.name for s in comp.fallback],
+        threads=torch.get_num_threads(),
+    )
     print("RESULT " + json.dumps(res), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ driver
 def run_config(cfg):
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)], capture_output=True, text=True
+    )
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -172,8 +186,13 @@ def main():
     p.add_argument("--subsets", nargs="*", default=None, choices=list(SUBSETS))
     p.add_argument("--densities", type=int, nargs="*", default=[32, 8])
     p.add_argument("--batch", type=int, default=8, help="batch size of the subset x density grid")
-    p.add_argument("--memory-batches", type=int, nargs="*", default=[1, 4, 16],
-                   help="batch sizes of the memory sweep (last10-mlp, first density)")
+    p.add_argument(
+        "--memory-batches",
+        type=int,
+        nargs="*",
+        default=[1, 4, 16],
+        help="batch sizes of the memory sweep (last10-mlp, first density)",
+    )
     p.add_argument("--proj-dim", type=int, default=8192)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch/numba threads (0: torch default)")
@@ -194,10 +213,15 @@ def main():
         c = {**base, "subset": "last10-mlp", "density": args.densities[0], "batch": b, "n": max(b, args.n)}
         if c not in configs:
             configs.append(c)
-    print(f"load average {os.getloadavg()[0]:.2f}; r = 2 rows; proj_dim = {args.proj_dim}; "
-          f"max_length = {args.max_length}; one fresh process per row\n")
-    print("| params | n_params | density | batch | n | tok/ex | ex/s | grad s/ex | proj s/ex | minimal s/ex | grad / minimal "
-          "| total / minimal | peak RSS MiB (pef / minimal / ready) |")
+    print(
+        f"load average {os.getloadavg()[0]:.2f}; r = 2 rows; proj_dim = {args.proj_dim}; "
+        f"max_length = {args.max_length}; one fresh process per row\n"
+    )
+    print(
+        "| params | n_params | density | batch | n | tok/ex | ex/s | grad s/ex | proj s/ex | minimal s/ex "
+        "| grad / minimal "
+        "| total / minimal | peak RSS MiB (pef / minimal / ready) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for c in configs:
@@ -206,20 +230,28 @@ def main():
         proj = r["parts"].get("projection", 0.0)
         grad = r["pef_s"] - proj
         rows.append((c, r))
-        print(f"| {c['subset']} | {r['n_params'] / 1e6:.1f}M | {c['density']} | {c['batch']} | {n} | "
-              f"{r['tokens'] / n:.0f} | {n / r['pef_s']:.3f} | {grad / n:.2f} | {proj / n:.2f} | {r['min_s'] / n:.2f} | "
-              f"{grad / r['min_s']:.2f} | {r['pef_s'] / r['min_s']:.2f} | "
-              f"{r['pef_peak']:.0f} / {r['min_peak']:.0f} / {r['ready']:.0f} |", flush=True)
+        print(
+            f"| {c['subset']} | {r['n_params'] / 1e6:.1f}M | {c['density']} | {c['batch']} | {n} | "
+            f"{r['tokens'] / n:.0f} | {n / r['pef_s']:.3f} | {grad / n:.2f} | {proj / n:.2f} | {r['min_s'] / n:.2f} | "
+            f"{grad / r['min_s']:.2f} | {r['pef_s'] / r['min_s']:.2f} | "
+            f"{r['pef_peak']:.0f} / {r['min_peak']:.0f} / {r['ready']:.0f} |",
+            flush=True,
+        )
     print("\nWhere the gradient part goes (s per example; rest = stack, accumulator adds, Python):\n")
-    print("| params | density | batch | forward | dL/dy backward | fallback autograd | per-example rebuild | rest "
-          "| minimal |")
+    print(
+        "| params | density | batch | forward | dL/dy backward | fallback autograd | per-example rebuild | rest "
+        "| minimal |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c, r in rows:
         n, pt = c["n"], r["parts"]
         rest = r["pef_s"] - sum(pt.values())
-        print(f"| {c['subset']} | {c['density']} | {c['batch']} | {pt.get('forward', 0) / n:.2f} | "
-              f"{pt.get('backward_dy', 0) / n:.2f} | {pt.get('fallback', 0) / n:.2f} | {pt.get('per_example', 0) / n:.2f} | {rest / n:.2f} | "
-              f"{r['min_s'] / n:.2f} |")
+        print(
+            f"| {c['subset']} | {c['density']} | {c['batch']} | {pt.get('forward', 0) / n:.2f} | "
+            f"{pt.get('backward_dy', 0) / n:.2f} | {pt.get('fallback', 0) / n:.2f} | "
+            f"{pt.get('per_example', 0) / n:.2f} | {rest / n:.2f} | "
+            f"{r['min_s'] / n:.2f} |"
+        )
     for s in dict.fromkeys(c["subset"] for c, _ in rows):
         fb = next(r["fallback"] for c, r in rows if c["subset"] == s)
         if fb:

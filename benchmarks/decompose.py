@@ -7,6 +7,7 @@ fraction of the GEMM roofline the whole step achieves (1.0 = no overhead beyond 
     python benchmarks/decompose.py            # CPU grid (m, d, C scaling)
     python benchmarks/decompose.py --device cuda --quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,15 @@ def bench(m: int, r: int, d: int, C: int, device: str, dtype, repeats: int) -> d
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
     return {
-        "m": m, "r": r, "d": d, "C": C, "step_ms": step * 1e3, "step_gflops": flops / step / 1e9,
-        "matmul_gflops": gemm_flops / gemm / 1e9, "ratio": gemm / step, "peak_mib": peak,
+        "m": m,
+        "r": r,
+        "d": d,
+        "C": C,
+        "step_ms": step * 1e3,
+        "step_gflops": flops / step / 1e9,
+        "matmul_gflops": gemm_flops / gemm / 1e9,
+        "ratio": gemm / step,
+        "peak_mib": peak,
         "data_mib": G.numel() * G.element_size() / 2**20,
     }
 
@@ -80,14 +88,31 @@ def main() -> None:
         grid += [{**base, "m": m} for m in (1024, 16384)]
         grid += [{**base, "d": d} for d in (1024, 16384)]
         grid += [{**base, "C": C} for C in (32, 512)]
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) if platform.system() == "Linux" else platform.processor()
-    print(f"# {datetime.date.today()} device={args.device} ({cpu if args.device == 'cpu' else torch.cuda.get_device_name()}) "
-          f"threads={torch.get_num_threads()} dtype={args.dtype} torch={torch.__version__}")
-    print(f"{'m':>6} {'r':>2} {'d':>6} {'C':>5} {'step ms':>9} {'GFLOP/s':>8} {'matmul GFLOP/s':>15} {'step/matmul':>11} {'peak MiB':>9}")
+    cpu = (
+        next(
+            (l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+            platform.processor(),
+        )
+        if platform.system() == "Linux"
+        else platform.processor()
+    )
+    print(
+        f"# {datetime.date.today()} device={args.device} "
+        f"({cpu if args.device == 'cpu' else torch.cuda.get_device_name()}) "
+        f"threads={torch.get_num_threads()} dtype={args.dtype} torch={torch.__version__}"
+    )
+    print(
+        f"{'m':>6} {'r':>2} {'d':>6} {'C':>5} {'step ms':>9} {'GFLOP/s':>8} {'matmul GFLOP/s':>15} "
+        f"{'step/matmul':>11} {'peak MiB':>9}"
+    )
     for cfg in grid:
         res = bench(**cfg, device=args.device, dtype=dtype, repeats=args.repeats)
-        print(f"{res['m']:>6} {res['r']:>2} {res['d']:>6} {res['C']:>5} {res['step_ms']:>9.1f} {res['step_gflops']:>8.1f} "
-              f"{res['matmul_gflops']:>15.1f} {res['ratio']:>11.2f} {res['peak_mib']:>9.0f}", flush=True)
+        print(
+            f"{res['m']:>6} {res['r']:>2} {res['d']:>6} {res['C']:>5} {res['step_ms']:>9.1f} "
+            f"{res['step_gflops']:>8.1f} "
+            f"{res['matmul_gflops']:>15.1f} {res['ratio']:>11.2f} {res['peak_mib']:>9.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

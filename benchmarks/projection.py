@@ -9,6 +9,7 @@ Also prints the norm-preservation error |‖xA‖²/‖x‖² - 1| per density (
     python benchmarks/projection.py --quick        # ~1 minute on 2 CPU cores
     python benchmarks/projection.py                # full grid, n_in up to 128M
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,12 @@ def main():
     p.add_argument("--densities", type=int, nargs="*", default=None)
     p.add_argument("--rows", type=int, nargs="*", default=None)
     p.add_argument("--n-out", type=int, default=8192)
-    p.add_argument("--block", type=int, default=1 << 21,
-                   help="inputs per timed block; throughput is extrapolated to n_in (blocks are independent)")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=1 << 21,
+        help="inputs per timed block; throughput is extrapolated to n_in (blocks are independent)",
+    )
     p.add_argument("--dense-limit-gb", type=float, default=1.0)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,10 +61,14 @@ def main():
     densities = args.densities or ([1, 8, 32] if args.quick else [1, 4, 8, 16, 32])
     rows_list = args.rows or ([1, 8, 32] if args.quick else [1, 4, 8, 32])
     n_out = args.n_out
-    print(f"device: {device}; n_out = {n_out}; times per call, extrapolated from a block of "
-          f"{args.block:,} inputs (the projection is separable over blocks)\n")
-    print("| n_in | density | rows | project s | adjoint s | Mpar/s (row-params) | read x | "
-          "matmul (equal MACs) s | project / matmul | dense x@A s |")
+    print(
+        f"device: {device}; n_out = {n_out}; times per call, extrapolated from a block of "
+        f"{args.block:,} inputs (the projection is separable over blocks)\n"
+    )
+    print(
+        "| n_in | density | rows | project s | adjoint s | Mpar/s (row-params) | read x | "
+        "matmul (equal MACs) s | project / matmul | dense x@A s |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n_in in n_ins:
         L = min(n_in, args.block)
@@ -79,8 +88,11 @@ def main():
                     xf = torch.randn(rows, n_in, device=device)
                     dense = f"{_time(lambda: xf @ A):.3f}"
                     del A, xf
-                print(f"| {n_in:,} | {density} | {rows} | {tp:.3f} | {ta:.3f} | {rows * n_in / tp / 1e6:.0f} | "
-                      f"{tr:.4f} | {tm:.3f} | {tm / tp:.2f} | {dense} |", flush=True)
+                print(
+                    f"| {n_in:,} | {density} | {rows} | {tp:.3f} | {ta:.3f} | {rows * n_in / tp / 1e6:.0f} | "
+                    f"{tr:.4f} | {tm:.3f} | {tm / tp:.2f} | {dense} |",
+                    flush=True,
+                )
     # quality side of the trade-off: norm preservation on Gaussian and heavy-tailed (Student-t 3) inputs
     print("\n| density | s | mean abs(‖xA‖²/‖x‖² − 1), Gaussian | same, heavy-tailed | project s (1M, 8 rows) |")
     print("|---:|---:|---:|---:|---:|")

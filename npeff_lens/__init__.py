@@ -3,6 +3,7 @@
 The top-level names are imported lazily so that ``import npeff_lens`` needs torch alone; the
 model adapters import transformers / transformer-lens / nnsight only when they are used.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -2,10 +2,12 @@
 
 All functions take coefficients "example component" (``NPEFF.coefficients_``) and need torch alone.
 """
+
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

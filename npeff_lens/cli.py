@@ -1,4 +1,5 @@
 """The ``npeff`` command line. Each subcommand is a thin layer over the Python API."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import time
 
 
 def _cmd_models(args):
-    from .models import BUILTIN_MODELS, BACKENDS
+    from .models import BACKENDS, BUILTIN_MODELS
 
     print("Built-in models (npeff_lens.load_model(name, backend=...)):")
     for name, (desc, _) in BUILTIN_MODELS.items():
@@ -38,8 +39,10 @@ def _cmd_zero_shot(args):
         label_token_scores(adapter, test["text"], template, labels),
         test["label"],
     )
-    print(f"{args.model}: zero-shot accuracy on {len(test)} held-out movie reviews = {acc:.3f} "
-          f"(threshold {thr:+.3f} = median logit gap on {n_calib} calibration reviews; {time.time() - t0:.0f}s)")
+    print(
+        f"{args.model}: zero-shot accuracy on {len(test)} held-out movie reviews = {acc:.3f} "
+        f"(threshold {thr:+.3f} = median logit gap on {n_calib} calibration reviews; {time.time() - t0:.0f}s)"
+    )
 
 
 def _make_task(args):
@@ -62,9 +65,22 @@ def _cmd_collect(args):
     task = _make_task(args)
     adapter = load_model(args.model, backend=args.backend, device=args.device)
     store = collect_pefs(
-        adapter, args.dataset, task, args.out, proj_dim=args.proj_dim or None, density=args.density,
-        rank=args.rank, params=args.params, exclude=args.exclude, seed=args.seed, batch_size=args.batch_size,
-        dtype=args.dtype, n=args.n, split=args.split, data_seed=args.data_seed, max_length=args.max_length,
+        adapter,
+        args.dataset,
+        task,
+        args.out,
+        proj_dim=args.proj_dim or None,
+        density=args.density,
+        rank=args.rank,
+        params=args.params,
+        exclude=args.exclude,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        n=args.n,
+        split=args.split,
+        data_seed=args.data_seed,
+        max_length=args.max_length,
         progress=not args.no_progress,
     )
     print(f"{store!r}")
@@ -74,12 +90,22 @@ def _cmd_decompose(args):
     from .pipeline import decompose_store
 
     est = decompose_store(
-        args.store, args.out, args.components, n_steps=args.steps, n_warmup_steps=args.warmup_steps, lr=args.lr,
-        warmup_lr=args.warmup_lr, seed=args.seed, checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+        args.store,
+        args.out,
+        args.components,
+        n_steps=args.steps,
+        n_warmup_steps=args.warmup_steps,
+        lr=args.lr,
+        warmup_lr=args.warmup_lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
     )
     loss = est.loss_history_[-1] if len(est.loss_history_) else float("nan")
-    print(f"NPEFF with {args.components} components saved to {args.out} (final loss {loss:.4f}, "
-          f"{len(est.dead_components_)} dead components)")
+    print(
+        f"NPEFF with {args.components} components saved to {args.out} (final loss {loss:.4f}, "
+        f"{len(est.dead_components_)} dead components)"
+    )
 
 
 def _cmd_top(args):
@@ -93,8 +119,18 @@ def _cmd_top(args):
 def _cmd_demo(args):
     from .pipeline import demo
 
-    demo(out=args.out, model=args.model, n=args.n, params=args.params, proj_dim=args.proj_dim, density=args.density,
-         components=args.components, steps=args.steps, batch_size=args.batch_size, progress=not args.no_progress)
+    demo(
+        out=args.out,
+        model=args.model,
+        n=args.n,
+        params=args.params,
+        proj_dim=args.proj_dim,
+        density=args.density,
+        components=args.components,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,14 +19,13 @@ Peak memory: the model, the batch's activations (as for any backward), r x the h
 gradients for one row group, and one chunk of per-example gradients of at most ``chunk_elems`` floats.
 It does *not* grow with batch x rows x number of parameters.
 """
+
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -65,8 +64,15 @@ class PEFComputer:
     ``"loop"`` (one ``autograd.grad`` per example and row for everything: the reference).
     """
 
-    def __init__(self, adapter: ModelAdapter, task: Task, named_params, projection: SparseProjection | None,
-                 engine: str = "hooks", chunk_elems: int = CHUNK_ELEMS):
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        task: Task,
+        named_params,
+        projection: SparseProjection | None,
+        engine: str = "hooks",
+        chunk_elems: int = CHUNK_ELEMS,
+    ):
         if engine not in ("hooks", "loop"):
             raise ValueError(f"engine must be 'hooks' or 'loop', got {engine!r}")
         self.adapter, self.task, self.projection = adapter, task, projection
@@ -197,7 +203,9 @@ class PEFComputer:
         if self.projection is None:
             acc[:, rows_idx, slot.offset : slot.offset + numel] += block.float()
         else:
-            acc[:, rows_idx] += self.projection.project(block.reshape(b * R, numel), offset=slot.offset).reshape(b, R, -1)
+            acc[:, rows_idx] += self.projection.project(block.reshape(b * R, numel), offset=slot.offset).reshape(
+                b, R, -1
+            )
 
     def _per_example(self, slot, a, g):
         """Per-example gradient ``[b, R, numel]`` of one slot from inputs a ``[b, ..., in]`` and
@@ -232,7 +240,9 @@ class PEFComputer:
             bad = ~torch.isfinite(log_probs).all(-1)
             # An example with non-finite logits gets constant rows: it contributes nothing, the others
             # are unaffected (examples never mix), and the caller flags it and stores zeros.
-            safe = torch.where(bad[:, None], torch.zeros_like(log_probs).detach(), log_probs) if bad.any() else log_probs
+            safe = (
+                torch.where(bad[:, None], torch.zeros_like(log_probs).detach(), log_probs) if bad.any() else log_probs
+            )
             rows = task.pef_rows(safe)  # [b, r]
             R = rows.shape[1]
             acc = torch.zeros(b, R, self.dim, dtype=torch.float32, device=adapter.device)
@@ -244,8 +254,10 @@ class PEFComputer:
             # the whole batch, [1, T, D]) mixes examples in its output gradient: use the fallback.
             mixed = [rec for rec in records if rec[2].ndim < 2 or rec[2].shape[0] != b]
             if mixed:
-                self._demote(list({id(s): s for _m, _a, _y in mixed for s in self.hooked_modules.get(_m, [])}.values()),
-                             "have outputs shared across the batch")
+                self._demote(
+                    list({id(s): s for _m, _a, _y in mixed for s in self.hooked_modules.get(_m, [])}.values()),
+                    "have outputs shared across the batch",
+                )
                 records = [rec for rec in records if rec[0] in self.hooked_modules]
             outputs = [y for _, _, y in records]
             # rows in groups whose output gradients fit the chunk budget
@@ -260,7 +272,7 @@ class PEFComputer:
                     else:
                         gj = []
                     grads.append(gj)
-                for k, (mod, a, y) in enumerate(records):
+                for k, (mod, a, _y) in enumerate(records):
                     gs = [grads[i][k] for i in range(len(ridx))]
                     if any(g is None for g in gs):
                         continue
@@ -293,7 +305,7 @@ def reduce_rank(pefs: torch.Tensor, rank: int) -> torch.Tensor:
     """App. C: keep the top-``rank`` right singular directions, ``G' = Σ_k V_k^T = U_k^T G``
     (from the r x r Gram, so no d x d matrix). Pads with zero rows when r < rank."""
     b, r, d = pefs.shape
-    gram = (pefs.double() @ pefs.double().transpose(1, 2))
+    gram = pefs.double() @ pefs.double().transpose(1, 2)
     evals, evecs = torch.linalg.eigh(gram)  # ascending
     k = min(rank, r)
     U = evecs[:, :, -k:].flip(-1)  # [b, r, k] top-k
@@ -320,7 +332,10 @@ def _dataset_rows(dataset, split, seed):
     else:
         info["name"] = getattr(dataset, "info", None) and dataset.info.dataset_name or "user"
     if "text" not in dataset.column_names:
-        raise ValueError(f"the dataset needs a 'text' column (it has {dataset.column_names}); see npeff_lens.load_dataset(..., columns=)")
+        raise ValueError(
+            f"the dataset needs a 'text' column (it has {dataset.column_names}); "
+            "see npeff_lens.load_dataset(..., columns=)"
+        )
     info["fingerprint"] = getattr(dataset, "_fingerprint", None)
     return dataset, info
 
@@ -422,8 +437,11 @@ def collect_pefs(
         store.close()  # releases the writer lock; the store stays readable
         bar.close()
     if flagged:
-        print(f"[npeff_lens] {flagged} example(s) flagged (zero or non-finite PEF, stored as zeros); "
-              "see the store's metadata 'flag' column", file=sys.stderr)
+        print(
+            f"[npeff_lens] {flagged} example(s) flagged (zero or non-finite PEF, stored as zeros); "
+            "see the store's metadata 'flag' column",
+            file=sys.stderr,
+        )
     return store
 
 

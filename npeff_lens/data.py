@@ -13,11 +13,12 @@ Splits are deterministic from ``seed``: ``split="train"`` / ``"test"`` take the 
 the first n rows of a split are a random sample: the files are sorted by label); ``split=None``
 returns every row in file order.
 """
+
 from __future__ import annotations
 
 import csv
 import json
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from . import assets
 

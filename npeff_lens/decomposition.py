@@ -14,6 +14,7 @@ gradient (packed with the loss scalars) per step (App. D.3).
 The API follows scikit-learn's ``NMF``: hyper-parameters in ``__init__``, ``fit`` / ``transform`` /
 ``fit_transform``, learned state ending in ``_``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -22,8 +23,9 @@ import math
 import os
 import shutil
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -203,7 +205,9 @@ class _Shard:
             if bad is not None:
                 rows = bad[s : s + part.shape[0]]
                 if bool(rows.any()):
-                    part = torch.where(rows.to(part.device)[:, None, None], torch.zeros((), dtype=part.dtype, device=part.device), part)
+                    part = torch.where(
+                        rows.to(part.device)[:, None, None], torch.zeros((), dtype=part.dtype, device=part.device), part
+                    )
             yield s, part
 
     # -- normalisation (App. D.4: unit-Frobenius PEFs) ------------------------------------------
@@ -214,7 +218,9 @@ class _Shard:
         for s, block in self.raw_blocks():
             b = block.shape[0]
             ok = torch.isfinite(block).flatten(1).all(1).cpu()
-            g = torch.where(ok.to(block.device)[:, None, None], block, torch.zeros((), dtype=block.dtype, device=block.device))
+            g = torch.where(
+                ok.to(block.device)[:, None, None], block, torch.zeros((), dtype=block.dtype, device=block.device)
+            )
             g = g.to(torch.float64)
             gram = g @ g.transpose(1, 2)  # "example rank rank": ||G^T G||_F = ||G G^T||_F
             norms[s : s + b] = gram.square().sum((1, 2)).sqrt().cpu()
@@ -243,7 +249,11 @@ class _Shard:
         if not bool(finite.all()):
             self._zero_rows = ~finite
             if self.G is not None:  # never write into the caller's tensor
-                self.G = torch.where((~finite).to(self.G.device)[:, None, None], torch.zeros((), dtype=self.G.dtype, device=self.G.device), self.G)
+                self.G = torch.where(
+                    (~finite).to(self.G.device)[:, None, None],
+                    torch.zeros((), dtype=self.G.dtype, device=self.G.device),
+                    self.G,
+                )
 
     def blocks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(local_start, G block, scale block)``."""
@@ -376,7 +386,7 @@ class NPEFF:
     def get_params(self, deep: bool = True) -> dict:
         return {name: getattr(self, name) for name in self._param_names()}
 
-    def set_params(self, **params) -> "NPEFF":
+    def set_params(self, **params) -> NPEFF:
         for name, value in params.items():
             if name not in self._param_names():
                 raise ValueError(f"invalid parameter {name!r} for NPEFF")
@@ -430,8 +440,15 @@ class NPEFF:
         lo, hi = rank * m // world, (rank + 1) * m // world
         dtype, device = _resolve_dtype(self.dtype), self._device()
         shard = _Shard(
-            source, lo, hi, dtype=dtype, device=device, memory_budget=self.memory_budget,
-            batch_size=self.batch_size, nonfinite=self.nonfinite, n_components=n_components,
+            source,
+            lo,
+            hi,
+            dtype=dtype,
+            device=device,
+            memory_budget=self.memory_budget,
+            batch_size=self.batch_size,
+            nonfinite=self.nonfinite,
+            n_components=n_components,
         )
         n_valid = self._all_reduce(torch.tensor([float(shard.valid.sum())], dtype=torch.float64, device=device))
         n_valid = int(n_valid.item())
@@ -515,9 +532,17 @@ class NPEFF:
     # -- checkpoints ----------------------------------------------------------------------------
     def _fingerprint(self, m: int, r: int, d: int) -> dict:
         return {
-            "n_components": self.n_components, "m": m, "rows": r, "dim": d, "seed": self.seed,
-            "lr": self.lr, "warmup_lr": self.warmup_lr, "n_warmup_steps": self.n_warmup_steps,
-            "eps": self.eps, "dtype": str(_resolve_dtype(self.dtype)), "init": self.init,
+            "n_components": self.n_components,
+            "m": m,
+            "rows": r,
+            "dim": d,
+            "seed": self.seed,
+            "lr": self.lr,
+            "warmup_lr": self.warmup_lr,
+            "n_warmup_steps": self.n_warmup_steps,
+            "eps": self.eps,
+            "dtype": str(_resolve_dtype(self.dtype)),
+            "init": self.init,
         }
 
     def _save_checkpoint(self, step, W, H, hist, hist_w, lo, hi, fingerprint) -> None:
@@ -532,7 +557,11 @@ class NPEFF:
         if rank == 0:
             _atomic_save_tensors(
                 step_dir / "state.safetensors",
-                {"H": H, "loss": torch.tensor(hist, dtype=torch.float64), "loss_w": torch.tensor(hist_w, dtype=torch.float64)},
+                {
+                    "H": H,
+                    "loss": torch.tensor(hist, dtype=torch.float64),
+                    "loss_w": torch.tensor(hist_w, dtype=torch.float64),
+                },
             )
         if world > 1:
             torch.distributed.barrier()
@@ -570,12 +599,15 @@ class NPEFF:
         if covered != hi - lo:
             raise ValueError(f"the checkpoint in {step_dir} does not cover examples [{lo}, {hi})")
         return (
-            int(meta["step"]), W.to(device), state["H"].to(device=device, dtype=dtype),
-            state["loss"].tolist(), state["loss_w"].tolist(),
+            int(meta["step"]),
+            W.to(device),
+            state["H"].to(device=device, dtype=dtype),
+            state["loss"].tolist(),
+            state["loss_w"].tolist(),
         )
 
     # -- fit ------------------------------------------------------------------------------------
-    def fit(self, pefs, y=None, *, W: torch.Tensor | None = None, H: torch.Tensor | None = None) -> "NPEFF":
+    def fit(self, pefs, y=None, *, W: torch.Tensor | None = None, H: torch.Tensor | None = None) -> NPEFF:
         """Learn ``components_`` and ``coefficients_`` from PEFs.
 
         ``pefs``: Tensor "example rank dim" (or "example dim", r = 1), or a PEF store (see module doc).
@@ -608,7 +640,7 @@ class NPEFF:
             resumed = self._load_checkpoint(lo, hi, fingerprint, dtype, device)
             if resumed is not None:
                 step, W_, H_, hist, hist_w = resumed
-                hist = hist[: step]  # the loss after `step` steps is recomputed by the next sweep
+                hist = hist[:step]  # the loss after `step` steps is recomputed by the next sweep
                 hist_w = hist_w[:step]
 
         bar = None
@@ -676,7 +708,9 @@ class NPEFF:
         self.manifest_ = _manifest_of(source)
         self._set_dead()
         if self.verbose and rank == 0:
-            print(f"NPEFF: {step} steps, loss {hist[0]:.5f} -> {final:.5f}, {len(self.dead_components_)} dead components")
+            print(
+                f"NPEFF: {step} steps, loss {hist[0]:.5f} -> {final:.5f}, {len(self.dead_components_)} dead components"
+            )
         return self
 
     def _set_dead(self) -> None:
@@ -743,7 +777,9 @@ class NPEFF:
         coeffs, _ = self._gather(W, shard.norms.to(device), len(source))
         return coeffs
 
-    def fit_transform(self, pefs, y=None, *, W: torch.Tensor | None = None, H: torch.Tensor | None = None) -> torch.Tensor:
+    def fit_transform(
+        self, pefs, y=None, *, W: torch.Tensor | None = None, H: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``fit`` then return ``coefficients_``."""
         return self.fit(pefs, W=W, H=H).coefficients_
 
@@ -752,7 +788,15 @@ class NPEFF:
             raise RuntimeError("this NPEFF instance is not fitted yet; call fit first")
 
     # -- persistence ------------------------------------------------------------------------------
-    _TENSORS = ("coefficients_", "components_", "loss_history_", "w_step_loss_history_", "pef_norms_", "excluded_", "dead_components_")
+    _TENSORS = (
+        "coefficients_",
+        "components_",
+        "loss_history_",
+        "w_step_loss_history_",
+        "pef_norms_",
+        "excluded_",
+        "dead_components_",
+    )
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Writes ``npeff.safetensors`` (learned tensors) and ``config.json`` (hyper-parameters, manifest)."""
@@ -773,8 +817,10 @@ class NPEFF:
             "npeff_lens_version": __version__,
             "params": params,
             "fitted": {
-                "n_iter_": self.n_iter_, "reconstruction_err_": self.reconstruction_err_,
-                "n_features_in_": self.n_features_in_, "n_rows_": self.n_rows_,
+                "n_iter_": self.n_iter_,
+                "reconstruction_err_": self.reconstruction_err_,
+                "n_features_in_": self.n_features_in_,
+                "n_rows_": self.n_rows_,
                 "n_examples": int(self.coefficients_.shape[0]),
             },
             "manifest": self.manifest_,
@@ -784,7 +830,7 @@ class NPEFF:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "NPEFF":
+    def load(cls, directory: str | os.PathLike) -> NPEFF:
         directory = Path(directory)
         config = json.loads((directory / "config.json").read_text())
         if config.get("class") != "NPEFF":

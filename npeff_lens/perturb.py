@@ -22,6 +22,7 @@ Building blocks (usable on any adapter + task): :func:`perturbed` (a context man
 :func:`run_perturbation` (decomposition directory → per-component table), and ``npeff perturb``
 (:func:`register_cli`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -57,10 +58,25 @@ logger = logging.getLogger(__name__)
 
 #: Table columns, in order (CSV header and CLI table).
 COLUMNS = (
-    "component", "status", "sign", "kl_ratio", "kl_ratio_plus", "kl_ratio_minus",
-    "kl_top_plus", "kl_top_minus", "kl_base_plus", "kl_base_minus",
-    "pef_norm_top", "pef_norm_base", "pef_norm_ratio", "n_top", "n_base",
-    "recovery_norm", "recovery_relative_residual", "recovery_n_iter", "recovery_n_rejected",
+    "component",
+    "status",
+    "sign",
+    "kl_ratio",
+    "kl_ratio_plus",
+    "kl_ratio_minus",
+    "kl_top_plus",
+    "kl_top_minus",
+    "kl_base_plus",
+    "kl_base_minus",
+    "pef_norm_top",
+    "pef_norm_base",
+    "pef_norm_ratio",
+    "n_top",
+    "n_base",
+    "recovery_norm",
+    "recovery_relative_residual",
+    "recovery_n_iter",
+    "recovery_n_rejected",
     "recovery_nonzero_fraction",
 )
 
@@ -114,8 +130,9 @@ def perturbed(adapter, delta: Mapping[str, torch.Tensor]):
     params = _resolve_parameters(adapter, list(delta))
     for name, p in params.items():
         if tuple(delta[name].shape) != tuple(p.shape):
-            raise ValueError(f"perturbation for {name!r} has shape {list(delta[name].shape)}, "
-                             f"parameter has {list(p.shape)}")
+            raise ValueError(
+                f"perturbation for {name!r} has shape {list(delta[name].shape)}, parameter has {list(p.shape)}"
+            )
     saved = {name: p.detach().clone() for name, p in params.items()}
     try:
         with torch.no_grad():
@@ -149,8 +166,10 @@ def task_log_probs(adapter, task, prompts_or_batches, *, batch_size: int = 32) -
 
     ``prompts_or_batches``: formatted prompts (``task.prompts(texts)``) or tokenised batches.
     """
-    parts = [task.log_probs(adapter, batch).detach().float().cpu()
-             for batch in _batches(adapter, prompts_or_batches, batch_size)]
+    parts = [
+        task.log_probs(adapter, batch).detach().float().cpu()
+        for batch in _batches(adapter, prompts_or_batches, batch_size)
+    ]
     if not parts:
         raise ValueError("no prompts to evaluate")
     return torch.cat(parts)
@@ -207,8 +226,11 @@ def perturbation_kl(
             lp = task_log_probs(adapter, task, items, batch_size=batch_size)
         if lp.shape != reference.shape:
             raise ValueError(f"reference log-probs have shape {list(reference.shape)}, perturbed {list(lp.shape)}")
-        _check_finite(lp, f"perturbing with magnitude {magnitude:g} (sign {'+' if s > 0 else '-'}) gave non-finite "
-                          "log-probabilities; use a smaller magnitude")
+        _check_finite(
+            lp,
+            f"perturbing with magnitude {magnitude:g} (sign {'+' if s > 0 else '-'}) gave non-finite "
+            "log-probabilities; use a smaller magnitude",
+        )
         out[s] = kl_divergence(lp, reference)
     return out
 
@@ -238,8 +260,10 @@ def kl_ratios(kl_top_plus, kl_top_minus, kl_base_plus, kl_base_minus) -> dict[st
     (``nan`` if the top mean is also 0); ``sign`` is ``"+"``, ``"-"`` or ``None`` when both ratios are nan.
     """
     rec = {
-        "kl_top_plus": _mean(kl_top_plus), "kl_top_minus": _mean(kl_top_minus),
-        "kl_base_plus": _mean(kl_base_plus), "kl_base_minus": _mean(kl_base_minus),
+        "kl_top_plus": _mean(kl_top_plus),
+        "kl_top_minus": _mean(kl_top_minus),
+        "kl_base_plus": _mean(kl_base_plus),
+        "kl_base_minus": _mean(kl_base_minus),
     }
     plus = _ratio(rec["kl_top_plus"], rec["kl_base_plus"])
     minus = _ratio(rec["kl_top_minus"], rec["kl_base_minus"])
@@ -350,8 +374,9 @@ def perturb_component(
     else:
         ref = _Reference(adapter, task, prompts, batch_size).get(idx)
     try:
-        kl = perturbation_kl(adapter, task, [prompts[i] for i in idx], direction, magnitude,
-                             reference=ref, batch_size=batch_size)
+        kl = perturbation_kl(
+            adapter, task, [prompts[i] for i in idx], direction, magnitude, reference=ref, batch_size=batch_size
+        )
     except NonFiniteLogitsError as e:
         where = f"component {component}: " if component is not None else ""
         raise NonFiniteLogitsError(f"{where}{e}") from None
@@ -541,7 +566,12 @@ def run_perturbation(
     from npeff_lens.analysis import top_examples
     from npeff_lens.decomposition import NPEFF
     from npeff_lens.recovery import (
-        estimate_lambda_max, projection_from_config, recover, reject, unflatten, validate_layout,
+        estimate_lambda_max,
+        projection_from_config,
+        recover,
+        reject,
+        unflatten,
+        validate_layout,
     )
     from npeff_lens.tasks import task_from_config
 
@@ -570,8 +600,11 @@ def run_perturbation(
     pef_norms = _column(metadata, "pef_norm")
     if pef_norms is None and getattr(est, "pef_norms_", None) is not None:
         pef_norms = est.pef_norms_  # ‖G^T G‖_F as the fit measured it
-    pef_norms = None if pef_norms is None else torch.as_tensor([math.nan if v is None else v for v in list(pef_norms)],
-                                                              dtype=torch.float64)
+    pef_norms = (
+        None
+        if pef_norms is None
+        else torch.as_tensor([math.nan if v is None else v for v in list(pef_norms)], dtype=torch.float64)
+    )
 
     model_cfg = manifest.get("model") or {}
     if "task" not in manifest:
@@ -602,15 +635,26 @@ def run_perturbation(
         if lambda_max is None and recovery == "fpc":
             lambda_max = estimate_lambda_max(op, n_iter=power_iterations) * safety  # an estimate is from below
     elif comps.shape[1] != n_params:
-        raise ValueError(f"no projection recorded, yet the components have {comps.shape[1]} dims "
-                         f"for {n_params} parameters")
+        raise ValueError(
+            f"no projection recorded, yet the components have {comps.shape[1]} dims for {n_params} parameters"
+        )
     threshold = rkw.get("reject_threshold", 0.5)
 
-    config = _jsonable({
-        "decomposition": str(decomposition_dir.resolve()), "components": indices, "magnitude": magnitude,
-        "top_k": top_k, "n_baseline": n_baseline, "seed": seed, "recover_kwargs": dict(recover_kwargs or {}),
-        "model": model_cfg, "task": manifest["task"], "n_examples": m, "recovery": recovery,
-    })
+    config = _jsonable(
+        {
+            "decomposition": str(decomposition_dir.resolve()),
+            "components": indices,
+            "magnitude": magnitude,
+            "top_k": top_k,
+            "n_baseline": n_baseline,
+            "seed": seed,
+            "recover_kwargs": dict(recover_kwargs or {}),
+            "model": model_cfg,
+            "task": manifest["task"],
+            "n_examples": m,
+            "recovery": recovery,
+        }
+    )
     records: dict[int, dict] = {}
     out_path = Path(out) if out is not None else None
     if out_path is not None and (out_path / "perturbation.json").exists():
@@ -637,8 +681,15 @@ def run_perturbation(
             continue
         top_j = [int(i) for i in top[j].tolist() if coeffs[i, j] > 0]
         if not top_j:
-            records[j] = {"component": j, "status": "dead", "sign": None, "kl_ratio": math.nan,
-                          "pef_norm_ratio": math.nan, "n_top": 0, "n_base": 0}
+            records[j] = {
+                "component": j,
+                "status": "dead",
+                "sign": None,
+                "kl_ratio": math.nan,
+                "pef_norm_ratio": math.nan,
+                "n_top": 0,
+                "n_base": 0,
+            }
             continue
         base_j = baseline_examples(m, n_baseline, top_j, seed=seed)
         if not base_j:
@@ -665,15 +716,31 @@ def run_perturbation(
             rel_res, last = 0.0, {}
         flat = flat.float()
         norm = float(flat.norm())
-        stats = {"recovery_norm": norm, "recovery_relative_residual": rel_res,
-                 "recovery_n_iter": last.get("iteration"), "recovery_n_rejected": len(rejected),
-                 "recovery_nonzero_fraction": float((flat != 0).double().mean())}
+        stats = {
+            "recovery_norm": norm,
+            "recovery_relative_residual": rel_res,
+            "recovery_n_iter": last.get("iteration"),
+            "recovery_n_rejected": len(rejected),
+            "recovery_nonzero_fraction": float((flat != 0).double().mean()),
+        }
         if norm == 0.0 or not math.isfinite(norm):
-            raise ValueError(f"component {j}: the recovered pseudo-Fisher vector has norm {norm}; "
-                             "cannot perturb along it")
+            raise ValueError(
+                f"component {j}: the recovered pseudo-Fisher vector has norm {norm}; cannot perturb along it"
+            )
         direction = unflatten(flat, layout)
-        rec = perturb_component(adapter, task, prompts, direction, magnitude, top=top_j, baseline=base_j,
-                                pef_norms=pef_norms, reference=reference, batch_size=batch_size, component=j)
+        rec = perturb_component(
+            adapter,
+            task,
+            prompts,
+            direction,
+            magnitude,
+            top=top_j,
+            baseline=base_j,
+            pef_norms=pef_norms,
+            reference=reference,
+            batch_size=batch_size,
+            component=j,
+        )
         rec.update(stats)
         records[j] = rec
         if bar is not None:
@@ -686,8 +753,10 @@ def run_perturbation(
     summary = summarize(ordered)
     short = [r["n_base"] for r in ordered if r.get("status") == "ok" and r["n_base"] < n_baseline]
     if short:
-        notes.append(f"the store holds {m} examples: {len(short)} baseline set(s) have only {min(short)} to "
-                     f"{max(short)} examples (asked for {n_baseline})")
+        notes.append(
+            f"the store holds {m} examples: {len(short)} baseline set(s) have only {min(short)} to "
+            f"{max(short)} examples (asked for {n_baseline})"
+        )
         warnings.warn(notes[-1], RuntimeWarning, stacklevel=2)
     summary.update({"magnitude": magnitude, "top_k": top_k, "n_baseline": n_baseline, "notes": notes})
     if out_path is not None:
@@ -718,8 +787,18 @@ def _parse_components(value: str):
 
 def format_table(summary: Mapping[str, Any]) -> str:
     """The per-component table and the geometric means, as printed by ``npeff perturb``."""
-    cols = ("component", "sign", "kl_ratio", "kl_ratio_plus", "kl_ratio_minus", "kl_top_plus", "kl_base_plus",
-            "pef_norm_ratio", "n_top", "n_base")
+    cols = (
+        "component",
+        "sign",
+        "kl_ratio",
+        "kl_ratio_plus",
+        "kl_ratio_minus",
+        "kl_top_plus",
+        "kl_base_plus",
+        "pef_norm_ratio",
+        "n_top",
+        "n_base",
+    )
     rows = [[_fmt(r.get(c)) for c in cols] for r in summary["records"]]
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
@@ -739,9 +818,19 @@ def _cmd_perturb(args) -> None:
     if args.reject_threshold is not None:
         rkw["reject_threshold"] = None if args.reject_threshold < 0 else args.reject_threshold
     summary = run_perturbation(
-        args.decomposition, _parse_components(args.components), magnitude=args.magnitude, top_k=args.top_k,
-        n_baseline=args.n_baseline, store=args.store, out=args.out, backend=args.backend, device=args.device,
-        seed=args.seed, recover_kwargs=rkw or None, recovery=args.recovery, batch_size=args.batch_size,
+        args.decomposition,
+        _parse_components(args.components),
+        magnitude=args.magnitude,
+        top_k=args.top_k,
+        n_baseline=args.n_baseline,
+        store=args.store,
+        out=args.out,
+        backend=args.backend,
+        device=args.device,
+        seed=args.seed,
+        recover_kwargs=rkw or None,
+        recovery=args.recovery,
+        batch_size=args.batch_size,
         progress=not args.no_progress,
     )
     print(format_table(summary))
@@ -755,12 +844,13 @@ def register_cli(subparsers) -> None:
         "perturb",
         help="perturb the model along recovered pseudo-Fisher vectors; KL ratios (§3.3)",
         description="Recover components in parameter space (FPC, App. F), perturb θ ± magnitude·ĥ and compare "
-                    "KL(p_perturbed‖p) on each component's top examples with random baseline examples.",
+        "KL(p_perturbed‖p) on each component's top examples with random baseline examples.",
     )
     p.add_argument("decomposition", metavar="DECOMP_DIR", help="directory written by `npeff decompose`")
     p.add_argument("--components", default="32", help="first N components (an int), or indices '0,3,7-9'")
-    p.add_argument("--magnitude", type=float, default=20.0,
-                   help="L2 norm of the perturbation (paper: 20 SST2, 30 SNLI)")
+    p.add_argument(
+        "--magnitude", type=float, default=20.0, help="L2 norm of the perturbation (paper: 20 SST2, 30 SNLI)"
+    )
     p.add_argument("--top-k", type=int, default=16, help="top examples per component")
     p.add_argument("--n-baseline", type=int, default=1000, help="random baseline examples")
     p.add_argument("--out", default=None, help="directory for perturbation.csv / perturbation.json")
@@ -770,9 +860,17 @@ def register_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline examples")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--mu", type=float, default=None, help="FPC μ (default 4e-5, App. F)")
-    p.add_argument("--reject-threshold", type=float, default=None,
-                   help="reject from components with |cos| below this (default 0.5; negative: no rejection)")
-    p.add_argument("--recovery", default="fpc", choices=["fpc", "adjoint"],
-                   help="parameter-space direction: FPC compressed sensing (App. F) or the back-projection A·h")
+    p.add_argument(
+        "--reject-threshold",
+        type=float,
+        default=None,
+        help="reject from components with |cos| below this (default 0.5; negative: no rejection)",
+    )
+    p.add_argument(
+        "--recovery",
+        default="fpc",
+        choices=["fpc", "adjoint"],
+        help="parameter-space direction: FPC compressed sensing (App. F) or the back-projection A·h",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_perturb)

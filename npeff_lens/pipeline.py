@@ -1,20 +1,29 @@
 """The end-to-end pipeline behind ``npeff collect / decompose / top`` and ``make demo``:
 collect -> decompose -> top examples and tunings, every step written into a run directory and
 resumable (rerunning a step that finished is instant)."""
+
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-import torch
 
-
-def decompose_store(store_path, out, n_components: int, *, n_steps: int = 1000, n_warmup_steps: int = 100,
-                    lr: float | None = None, warmup_lr: float | None = None, seed: int = 0,
-                    memory_budget: int | None = None, checkpoint_every: int = 100, progress: bool = True):
+def decompose_store(
+    store_path,
+    out,
+    n_components: int,
+    *,
+    n_steps: int = 1000,
+    n_warmup_steps: int = 100,
+    lr: float | None = None,
+    warmup_lr: float | None = None,
+    seed: int = 0,
+    memory_budget: int | None = None,
+    checkpoint_every: int = 100,
+    progress: bool = True,
+):
     """Fit NPEFF on a PEF store and save it into ``out`` (with ``source.json`` pointing at the store).
     Checkpoints go to ``out/checkpoints`` so an interrupted fit resumes."""
     from .decomposition import NPEFF
@@ -27,11 +36,22 @@ def decompose_store(store_path, out, n_components: int, *, n_steps: int = 1000, 
     if (out / "config.json").exists() and (out / "source.json").exists():
         done = NPEFF.load(out)
         src = json.loads((out / "source.json").read_text())
-        if (done.n_components == n_components and done.n_steps == n_steps and done.seed == seed
-                and src.get("n_examples") == len(store) and Path(src["store"]) == Path(store_path).resolve()):
+        if (
+            done.n_components == n_components
+            and done.n_steps == n_steps
+            and done.seed == seed
+            and src.get("n_examples") == len(store)
+            and Path(src["store"]) == Path(store_path).resolve()
+        ):
             return done
-    kwargs = dict(n_steps=n_steps, n_warmup_steps=n_warmup_steps, seed=seed, progress=progress,
-                  checkpoint_dir=out / "checkpoints", checkpoint_every=checkpoint_every)
+    kwargs = dict(
+        n_steps=n_steps,
+        n_warmup_steps=n_warmup_steps,
+        seed=seed,
+        progress=progress,
+        checkpoint_dir=out / "checkpoints",
+        checkpoint_every=checkpoint_every,
+    )
     if lr is not None:
         kwargs["lr"] = lr
     if warmup_lr is not None:
@@ -70,7 +90,11 @@ def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, w
     meta = store.metadata
     coeffs = est.coefficients_
     C = coeffs.shape[1]
-    labels = meta["label_name"] if "label_name" in meta.column_names else (meta["label"] if "label" in meta.column_names else None)
+    labels = (
+        meta["label_name"]
+        if "label_name" in meta.column_names
+        else (meta["label"] if "label" in meta.column_names else None)
+    )
     preds = meta["prediction_name"] if "prediction_name" in meta.column_names else meta["prediction"]
     summary = tuning_summary(coeffs, labels=labels, predictions=preds, k=k)
     per = summary.pop("tunings")
@@ -92,7 +116,7 @@ def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, w
                 break
             lab = labels[i] if labels is not None else "-"
             text = texts[i].replace("\n", " ")
-            lines.append(f"  {coeffs[i, j]:9.4f}  label={lab!s:<9} pred={preds[i]!s:<9} {text[: width]}")
+            lines.append(f"  {coeffs[i, j]:9.4f}  label={lab!s:<9} pred={preds[i]!s:<9} {text[:width]}")
     summary_line = (
         f"{C} components: {summary.get('prediction', 0):.0%} tuned to a prediction, "
         f"{summary.get('label', 0):.0%} to a label (top {k}, >= 95% agreement); "
@@ -115,9 +139,19 @@ DEMO_DEFAULTS = dict(
 )
 
 
-def demo(out="runs/demo", model=DEMO_DEFAULTS["model"], n=DEMO_DEFAULTS["n"], params=None,
-         proj_dim=DEMO_DEFAULTS["proj_dim"], density=DEMO_DEFAULTS["density"], components=DEMO_DEFAULTS["components"],
-         steps=DEMO_DEFAULTS["steps"], batch_size=DEMO_DEFAULTS["batch_size"], show=3, progress=True):
+def demo(
+    out="runs/demo",
+    model=DEMO_DEFAULTS["model"],
+    n=DEMO_DEFAULTS["n"],
+    params=None,
+    proj_dim=DEMO_DEFAULTS["proj_dim"],
+    density=DEMO_DEFAULTS["density"],
+    components=DEMO_DEFAULTS["components"],
+    steps=DEMO_DEFAULTS["steps"],
+    batch_size=DEMO_DEFAULTS["batch_size"],
+    show=3,
+    progress=True,
+):
     """SmolLM2-135M on movie reviews: collect -> decompose -> top examples and tunings."""
     from . import load_dataset, load_model
     from .collect import collect_pefs
@@ -127,18 +161,35 @@ def demo(out="runs/demo", model=DEMO_DEFAULTS["model"], n=DEMO_DEFAULTS["n"], pa
     params = params or DEMO_DEFAULTS["params"]
     out = Path(out)
     t0 = time.time()
-    print(f"[demo] model={model} examples={n} params={params} proj_dim={proj_dim} density={density} "
-          f"components={components} steps={steps} -> {out}", flush=True)
+    print(
+        f"[demo] model={model} examples={n} params={params} proj_dim={proj_dim} density={density} "
+        f"components={components} steps={steps} -> {out}",
+        flush=True,
+    )
     adapter = load_model(model)
     task = LabelTokens("Review: {text}\nSentiment:", [" negative", " positive"])
     data = load_dataset("movie-reviews", split="train", seed=0)
-    collect_pefs(adapter, data, task, out / "pefs", proj_dim=proj_dim, density=density, params=params,
-                 n=n, batch_size=batch_size, progress=progress, split="train")
+    collect_pefs(
+        adapter,
+        data,
+        task,
+        out / "pefs",
+        proj_dim=proj_dim,
+        density=density,
+        params=params,
+        n=n,
+        batch_size=batch_size,
+        progress=progress,
+        split="train",
+    )
     t1 = time.time()
     meta = PEFStore(out / "pefs").read_metadata()
     acc = sum(m["prediction"] == m["label"] for m in meta) / len(meta)
-    print(f"[demo] collected {n} PEFs in {t1 - t0:.0f}s; {model}'s zero-shot accuracy on them "
-          f"(argmax over the label tokens) = {acc:.3f}", flush=True)
+    print(
+        f"[demo] collected {n} PEFs in {t1 - t0:.0f}s; {model}'s zero-shot accuracy on them "
+        f"(argmax over the label tokens) = {acc:.3f}",
+        flush=True,
+    )
     decompose_store(out / "pefs", out / "npeff", components, n_steps=steps, progress=progress)
     t2 = time.time()
     print(f"[demo] decomposed into {components} components in {t2 - t1:.0f}s", flush=True)

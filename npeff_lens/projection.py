@@ -27,6 +27,7 @@ partition and summing gives the projection of the whole (the collector projects 
 as its per-example gradient exists). ``adjoint(y, offset, length)`` returns rows [offset, offset + length) of
 A y. Both accumulate in fp32 and stream over bounded chunks, so n_in may be in the hundreds of millions.
 """
+
 from __future__ import annotations
 
 import math
@@ -179,8 +180,9 @@ if _HAVE_NUMBA:
                             out_t[i, r] += sg * yt[j, r]
 
 
-def project_entries(n_in: int, n_out: int, s: int, seed: int, k0: int, k1: int,
-                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def project_entries(
+    n_in: int, n_out: int, s: int, seed: int, k0: int, k1: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and signs of the nonzeros of regions [k0, k1): (row [k1-k0, n_out] int64, sign same shape, +-1 int64).
 
     The vectorised-torch form of the definition (the torch CPU path, ``to_dense``, and the index structure the
@@ -224,8 +226,9 @@ class SparseProjection:
         if density < 1:
             raise ValueError(f"density must be >= 1, got {density}")
         if n_out < density:
-            raise ValueError(f"n_out ({n_out}) must be >= density ({density}): the region size n_out // density "
-                             f"would be 0")
+            raise ValueError(
+                f"n_out ({n_out}) must be >= density ({density}): the region size n_out // density would be 0"
+            )
         self.n_in, self.n_out, self.seed, self.density = n_in, n_out, seed, density
         self.region_size = n_out // density
         self.scale = math.sqrt(self.region_size / n_out)
@@ -234,13 +237,12 @@ class SparseProjection:
 
     # ------------------------------------------------------------------------------------------- config
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "sparse", "n_in": self.n_in, "n_out": self.n_out, "seed": self.seed,
-                "density": self.density}
+        return {"kind": "sparse", "n_in": self.n_in, "n_out": self.n_out, "seed": self.seed, "density": self.density}
 
     config = state_dict
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "SparseProjection":
+    def from_config(cls, config: dict[str, Any]) -> SparseProjection:
         if config.get("kind", "sparse") != "sparse":
             raise ValueError(f"not a sparse projection config: kind={config.get('kind')!r}")
         return cls(config["n_in"], config["n_out"], seed=config["seed"], density=config["density"])
@@ -252,8 +254,7 @@ class SparseProjection:
         return hash(tuple(self.state_dict().items()))
 
     def __repr__(self) -> str:
-        return (f"SparseProjection(n_in={self.n_in}, n_out={self.n_out}, seed={self.seed}, "
-                f"density={self.density})")
+        return f"SparseProjection(n_in={self.n_in}, n_out={self.n_out}, seed={self.seed}, density={self.density})"
 
     # ------------------------------------------------------------------------------------------- checks
     def _check_range(self, offset: int, length: int, what: str) -> None:
@@ -291,7 +292,8 @@ class SparseProjection:
 
     # ------------------------------------------------------------------------------------------- project
     def project(self, x: torch.Tensor, offset: int = 0, *, backend: str = "auto") -> torch.Tensor:
-        """x "... L" holding flat inputs [offset, offset + L) -> their contribution x A[offset:offset+L], "... n_out" fp32."""
+        """x "... L" holding flat inputs [offset, offset + L) -> their contribution x A[offset:offset+L],
+        "... n_out" fp32."""
         self._check_dtype(x, "x")
         if x.dim() < 1:
             raise ValueError("x must have at least one dimension (the flat input block)")
@@ -308,8 +310,9 @@ class SparseProjection:
 
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
-            out = tk.project_forward(x2, offset, self.n_in, self.n_out, self.region_size,
-                                     self._col_base, self._reg_base)
+            out = tk.project_forward(
+                x2, offset, self.n_in, self.n_out, self.region_size, self._col_base, self._reg_base
+            )
         elif backend == "numba":
             out_t = np.zeros((self.n_out, rows), dtype=np.float32)
             step = max(self.region_size, _CPU_CHUNK_ELEMS // rows)
@@ -318,12 +321,30 @@ class SparseProjection:
                 b = min(L, a + step)
                 if rows == 1:
                     xa = x2[0, a:b].to(torch.float32).contiguous().numpy()
-                    _project_nb_row(xa, offset + a, self.n_in, self.n_out, self.region_size, self._col_base,
-                                    self._reg_base, out_t[:, 0], -(-self.n_out // n_blocks))
+                    _project_nb_row(
+                        xa,
+                        offset + a,
+                        self.n_in,
+                        self.n_out,
+                        self.region_size,
+                        self._col_base,
+                        self._reg_base,
+                        out_t[:, 0],
+                        -(-self.n_out // n_blocks),
+                    )
                     continue
                 xt = x2[:, a:b].t().to(torch.float32, memory_format=torch.contiguous_format).numpy()
-                _project_nb(xt, offset + a, self.n_in, self.n_out, self.region_size,
-                            self._col_base, self._reg_base, out_t, n_blocks)
+                _project_nb(
+                    xt,
+                    offset + a,
+                    self.n_in,
+                    self.n_out,
+                    self.region_size,
+                    self._col_base,
+                    self._reg_base,
+                    out_t,
+                    n_blocks,
+                )
             out = torch.from_numpy(out_t).t().contiguous()
         else:
             out = self._project_torch(x2, offset)
@@ -348,8 +369,9 @@ class SparseProjection:
         return out
 
     # ------------------------------------------------------------------------------------------- adjoint
-    def adjoint(self, y: torch.Tensor, offset: int = 0, length: int | None = None, *,
-                backend: str = "auto") -> torch.Tensor:
+    def adjoint(
+        self, y: torch.Tensor, offset: int = 0, length: int | None = None, *, backend: str = "auto"
+    ) -> torch.Tensor:
         """y "... n_out" -> rows [offset, offset + length) of A y, "... length" fp32 (length defaults to the rest)."""
         self._check_dtype(y, "y")
         if y.dim() < 1 or y.shape[-1] != self.n_out:
@@ -369,8 +391,9 @@ class SparseProjection:
         if backend == "triton":
             from npeff_lens.triton_kernels import projection as tk
 
-            out = tk.adjoint_forward(y2, offset, length, self.n_in, self.n_out, self.region_size,
-                                     self._col_base, self._reg_base)
+            out = tk.adjoint_forward(
+                y2, offset, length, self.n_in, self.n_out, self.region_size, self._col_base, self._reg_base
+            )
         elif backend == "numba":
             out = torch.empty(rows, length, dtype=torch.float32)
             yt = y2.t().contiguous().numpy()
@@ -410,8 +433,7 @@ class SparseProjection:
         if length == 0:
             return dense
         s = self.region_size
-        row, sign = project_entries(self.n_in, self.n_out, s, self.seed, offset // s,
-                                    (offset + length - 1) // s + 1)
+        row, sign = project_entries(self.n_in, self.n_out, s, self.seed, offset // s, (offset + length - 1) // s + 1)
         i = row - offset
         ok = (i >= 0) & (i < length)
         cols = torch.arange(self.n_out).expand_as(i)

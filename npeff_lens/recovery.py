@@ -22,6 +22,7 @@ Pieces:
   parameter tensors (the store manifest's ``layout``), saved as safetensors keyed by parameter name.
 - :func:`recover` — the entry point: decomposition (+ its store manifest) → named pseudo-Fisher vectors.
 """
+
 from __future__ import annotations
 
 import json
@@ -335,14 +336,21 @@ def fpc(
         crit1 = math.sqrt(step_sq) / max(math.sqrt(xp_sq), 1.0)
         crit2 = g_inf / mu_bar - 1.0
         in_stage += 1
-        info = {"iteration": it, "stage": stage, "mu": mu_bar, "step": crit1, "crit2": crit2,
-                "residual_norm": float(r.norm())}
+        info = {
+            "iteration": it,
+            "stage": stage,
+            "mu": mu_bar,
+            "step": crit1,
+            "crit2": crit2,
+            "residual_norm": float(r.norm()),
+        }
         history.append(info)
         if callback is not None:
             callback(info)
         if verbose and (it % 50 == 0 or it == 1):
-            logger.info("FPC it %d stage %d mu %.3g residual %.3g step %.3g", it, stage, mu_bar,
-                        info["residual_norm"], crit1)
+            logger.info(
+                "FPC it %d stage %d mu %.3g residual %.3g step %.3g", it, stage, mu_bar, info["residual_norm"], crit1
+            )
         stage_done = crit1 < xtol * math.sqrt(mu_bar / mu) and crit2 < gtol
         budget_spent = inner_iterations is not None and in_stage >= inner_iterations
         if mu_bar <= mu:
@@ -358,8 +366,14 @@ def fpc(
             in_stage = 0
     res = float(_apply_phi(op, x, chunk).sub_(b).norm())
     if verbose:
-        logger.info("FPC done: %d iterations, %d stages, residual %.3g (relative %.3g), stopped by %s",
-                    it, stage, res, res / b_norm, stopped_by)
+        logger.info(
+            "FPC done: %d iterations, %d stages, residual %.3g (relative %.3g), stopped by %s",
+            it,
+            stage,
+            res,
+            res / b_norm,
+            stopped_by,
+        )
     return FPCResult(x, it, stage, res, res / b_norm, converged, stopped_by, float(tau), lam, mu, history)
 
 
@@ -466,8 +480,9 @@ def validate_layout(layout: Sequence[Mapping[str, Any]]) -> int:
         if math.prod(shape) != numel:
             raise ValueError(f"layout entry {name!r}: shape {shape} has {math.prod(shape)} entries, numel says {numel}")
         if offset != expected:
-            raise ValueError(f"layout entry {name!r}: offset {offset}, expected {expected} "
-                             "(offsets must be contiguous from 0)")
+            raise ValueError(
+                f"layout entry {name!r}: offset {offset}, expected {expected} (offsets must be contiguous from 0)"
+            )
         expected += numel
     return expected
 
@@ -658,8 +673,12 @@ def recover(
             raise ValueError(f"layout covers {total} parameters but the projection has n_in={projection.n_in}")
 
     if lambda_max is None:
-        lambda_max = estimate_lambda_max(projection, n_iter=fpc_kwargs.pop("power_iterations", 30), device=device,
-                                         chunk=fpc_kwargs.get("chunk", DEFAULT_CHUNK))
+        lambda_max = estimate_lambda_max(
+            projection,
+            n_iter=fpc_kwargs.pop("power_iterations", 30),
+            device=device,
+            chunk=fpc_kwargs.get("chunk", DEFAULT_CHUNK),
+        )
         lambda_max *= fpc_kwargs.pop("lambda_safety", 1.1)  # see fpc_step_size: an estimate is from below
 
     if out_dir is not None:
@@ -678,11 +697,21 @@ def recover(
             b, rejected = comps[j], []
         res = fpc(projection, b, mu=mu, lambda_max=lambda_max, verbose=verbose, **fpc_kwargs)
         if res.stopped_by == "max_iter":
-            logger.warning("component %d: FPC stopped at max_iter=%d before its stopping rule held "
-                           "(relative residual %.3g)", j, res.n_iter, res.relative_residual)
+            logger.warning(
+                "component %d: FPC stopped at max_iter=%d before its stopping rule held (relative residual %.3g)",
+                j,
+                res.n_iter,
+                res.relative_residual,
+            )
         if verbose:
-            logger.info("component %d: %d iterations, relative residual %.3g, %d nonzeros, rejected from %d",
-                        j, res.n_iter, res.relative_residual, int((res.x != 0).sum()), len(rejected))
+            logger.info(
+                "component %d: %d iterations, relative residual %.3g, %d nonzeros, rejected from %d",
+                j,
+                res.n_iter,
+                res.relative_residual,
+                int((res.x != 0).sum()),
+                len(rejected),
+            )
         value = res.x if (layout is None or flat) else unflatten(res.x, layout)
         results[j] = value
         if out_dir is not None:

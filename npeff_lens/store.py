@@ -23,6 +23,7 @@ examples it holds: sizes and ``.npy`` headers are checked on open, checksums the
 reads a shard (``verify()`` checks all). ``PEFStore.repair(path)`` then cuts the store back to the examples
 before the first bad shard; rerunning the collection with the same arguments rewrites the rest.
 """
+
 from __future__ import annotations
 
 import errno
@@ -31,8 +32,9 @@ import os
 import re
 import time
 import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -264,7 +266,7 @@ class PEFStore:
         except (OSError, ValueError) as e:
             raise CorruptStoreError(f"the manifest {mpath} cannot be read: {e}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(f"{self.path} is not a PEF store: {MANIFEST} lacks \"format\": {FORMAT!r}")
+            raise ValueError(f'{self.path} is not a PEF store: {MANIFEST} lacks "format": {FORMAT!r}')
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(
@@ -298,7 +300,7 @@ class PEFStore:
         dim: int,
         dtype: str = "float16",
         shard_size: int = 256,
-    ) -> "PEFStore":
+    ) -> PEFStore:
         """A new store at ``path``, or the existing one when it holds the same configuration (resume).
 
         The existing store's manifest, minus volatile keys (``count``, timestamps, ``package_version``,
@@ -344,8 +346,16 @@ class PEFStore:
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         full = dict(user)
         full.update(
-            format=FORMAT, format_version=FORMAT_VERSION, rows=rows, dim=dim, dtype=dtype, count=0,
-            shard_size=shard_size, package_version=__version__, created=now, updated=now,
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            rows=rows,
+            dim=dim,
+            dtype=dtype,
+            count=0,
+            shard_size=shard_size,
+            package_version=__version__,
+            created=now,
+            updated=now,
         )
         # The manifest is written first: a kill before it leaves only temp files, which a rerun clears.
         _write_atomic(path / MANIFEST, lambda f: f.write(json.dumps(full, indent=2, sort_keys=True).encode()))
@@ -428,7 +438,9 @@ class PEFStore:
             raise self._corrupt(e, f"its .npy header cannot be read ({ex})") from None
         expected = (int(e["count"]), self.rows, self.dim)
         if tuple(shape) != expected or fortran or np.dtype(dt) != self._np_dtype:
-            raise self._corrupt(e, f"its .npy header says {tuple(shape)} {np.dtype(dt)}; expected {expected} {self._np_dtype}")
+            raise self._corrupt(
+                e, f"its .npy header says {tuple(shape)} {np.dtype(dt)}; expected {expected} {self._np_dtype}"
+            )
 
     def _verify_file(self, entry: dict, key: str) -> Path:
         """Checks a shard file's CRC-32 the first time this process reads it."""
@@ -444,7 +456,9 @@ class PEFStore:
             raise self._corrupt(entry, f"{entry[key]} has {st.st_size} bytes, {entry[f'{key}_bytes']} were committed")
         crc, _ = _crc_of_file(p)
         if crc != int(entry[f"{key}_crc32"]):
-            raise self._corrupt(entry, f"the CRC-32 of {entry[key]} is {crc:#010x}, {int(entry[f'{key}_crc32']):#010x} was committed")
+            raise self._corrupt(
+                entry, f"the CRC-32 of {entry[key]} is {crc:#010x}, {int(entry[f'{key}_crc32']):#010x} was committed"
+            )
         _VERIFIED.add(tag)
         return p
 
@@ -552,7 +566,7 @@ class PEFStore:
             finally:
                 self._lock_fd = None
 
-    def __enter__(self) -> "PEFStore":
+    def __enter__(self) -> PEFStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -675,9 +689,14 @@ class PEFStore:
         _write_atomic(shards / f"{name}.npy", write_npy)
         _fsync_dir(shards)
         entry = {
-            "start": start, "count": n,
-            "data": f"{name}.npy", "data_bytes": writer[0].nbytes, "data_crc32": writer[0].crc,
-            "meta": f"{name}.json", "meta_bytes": len(meta_bytes), "meta_crc32": zlib.crc32(meta_bytes),
+            "start": start,
+            "count": n,
+            "data": f"{name}.npy",
+            "data_bytes": writer[0].nbytes,
+            "data_crc32": writer[0].crc,
+            "meta": f"{name}.json",
+            "meta_bytes": len(meta_bytes),
+            "meta_crc32": zlib.crc32(meta_bytes),
         }
         self._append_index_line((json.dumps(entry, sort_keys=True) + "\n").encode())  # the commit
         self._entries.append(entry)
@@ -703,8 +722,12 @@ class PEFStore:
         from npeff_lens import __version__
 
         m = dict(self._manifest)
-        m.update(count=self.committed, shard_size=self.shard_size, package_version=__version__,
-                 updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        m.update(
+            count=self.committed,
+            shard_size=self.shard_size,
+            package_version=__version__,
+            updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
         _write_atomic(self.path / MANIFEST, lambda f: f.write(json.dumps(m, indent=2, sort_keys=True).encode()))
         self._manifest = m
 

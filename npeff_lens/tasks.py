@@ -14,10 +14,11 @@ whose gradients are the rows of the LRM-PEF ``G(x)`` (§2.1):
 The collector differentiates any per-example set of scalars, so other row sets (e.g. gradient
 clustering's ``log p(argmax | x)``, ``rows="prediction"``) plug in the same way.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,7 +31,9 @@ class Task:
         if "{text}" not in template:
             raise ValueError(f"the template must contain '{{text}}' where the example goes; got {template!r}")
         if rows not in ("fisher", "prediction"):
-            raise ValueError(f"rows must be 'fisher' (LRM-PEF) or 'prediction' (gradient of log p(argmax)); got {rows!r}")
+            raise ValueError(
+                f"rows must be 'fisher' (LRM-PEF) or 'prediction' (gradient of log p(argmax)); got {rows!r}"
+            )
         self.template = template
         self.rows = rows
 
@@ -42,7 +45,7 @@ class Task:
         return [self.format(t) for t in texts]
 
     # --- distribution ----------------------------------------------------------------------
-    def bind(self, adapter) -> "Task":
+    def bind(self, adapter) -> Task:
         """Resolve anything model-specific (token ids); validates the task against the model."""
         return self
 

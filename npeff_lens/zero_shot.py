@@ -1,5 +1,6 @@
 """Zero-shot label-token classification: the sanity check that a model and a task agree before
 any Fisher is computed (``npeff demo --smoke`` and the real-model tests use it)."""
+
 from __future__ import annotations
 
 import torch

@@ -5,16 +5,15 @@ explicit ``autograd.grad`` loops, ``F = sum_y p(y|x) grad log p(y|x) grad log p(
 ``B[y] = sqrt(p(y|x)) grad log p(y|x)``; ``G^T G`` is compared with ``B^T B`` column block by column
 block, so that no n x n matrix of the default parameter selection is ever materialised.
 """
+
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
 
@@ -36,14 +35,14 @@ BACKENDS = ("hf", "bridge", "hooked", "nnsight")
 MLP_DOWN = ["model.layers.1.mlp.down_proj.weight"]  # 2048 parameters of tiny-llama
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model(arch: str, backend: str = "hf"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return nl.load_model(arch, backend=backend)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def classifier():
     m, tok = tiny_model("tiny-bert-classifier")
     return adapt(m, tok)
@@ -365,8 +364,13 @@ def test_other_configuration_into_existing_store_is_an_error(tmp_path):
     task = LabelTokens(TEMPLATE, LABELS)
     kw = dict(params=MLP_DOWN, proj_dim=64, dtype="float16")
     collect(adapter, TEXTS, task, tmp_path / "s", **kw)
-    for change in (dict(proj_dim=128), dict(seed=1), dict(dtype="float32"), dict(rank=2),
-                   dict(params=["model.layers.0.mlp.down_proj.weight"])):
+    for change in (
+        dict(proj_dim=128),
+        dict(seed=1),
+        dict(dtype="float32"),
+        dict(rank=2),
+        dict(params=["model.layers.0.mlp.down_proj.weight"]),
+    ):
         with pytest.raises((StoreMismatchError, ValueError)):
             collect(adapter, TEXTS, task, tmp_path / "s", **{**kw, **change})
     with pytest.raises(StoreMismatchError):

@@ -18,7 +18,14 @@ def test_trec_is_train_5500():
     ds = nl.load_dataset("trec")
     assert len(ds) == 5_452
     # the standard coarse-class counts of train_5500
-    assert collections.Counter(ds["label_name"]) == {"ENTY": 1250, "HUM": 1223, "DESC": 1162, "NUM": 896, "LOC": 835, "ABBR": 86}
+    assert collections.Counter(ds["label_name"]) == {
+        "ENTY": 1250,
+        "HUM": 1223,
+        "DESC": 1162,
+        "NUM": 896,
+        "LOC": 835,
+        "ABBR": 86,
+    }
 
 
 def test_qa_wikidata():
@@ -40,7 +47,9 @@ def test_splits_deterministic_disjoint_and_shuffled():
 def test_user_dataset_column_mapping():
     user = datasets.Dataset.from_dict(
         {"sentence": ["a", "b", "c"], "y": [0, 1, 0]},
-        features=datasets.Features({"sentence": datasets.Value("string"), "y": datasets.ClassLabel(names=["neg", "pos"])}),
+        features=datasets.Features(
+            {"sentence": datasets.Value("string"), "y": datasets.ClassLabel(names=["neg", "pos"])}
+        ),
     )
     ds = nl.load_dataset(user, columns={"text": "sentence", "label": "y"})
     assert ds["text"] == ["a", "b", "c"] and ds["label"] == [0, 1, 0] and ds["label_name"] == ["neg", "pos", "neg"]

@@ -1,5 +1,6 @@
 """NPEFF estimator (§2.2, App. D): planted recovery, monotone W step, D.6, streaming, distributed,
 checkpoints, persistence and bad input."""
+
 from __future__ import annotations
 
 import math
@@ -100,7 +101,9 @@ def test_loss_matches_brute_force_after_rescaling(planted_fit):
     assert len(est.loss_history_) == est.n_iter_ + 1 == 351
     short = NPEFF(6, n_steps=5, n_warmup_steps=5, progress=False, dtype=torch.float64).fit(G)
     assert short.reconstruction_err_ > 0.05
-    assert brute_force_loss(G, short.coefficients_, short.components_) == pytest.approx(short.reconstruction_err_, rel=1e-9)
+    assert brute_force_loss(G, short.coefficients_, short.components_) == pytest.approx(
+        short.reconstruction_err_, rel=1e-9
+    )
 
 
 def test_w_step_never_increases_loss(planted_fit):
@@ -170,7 +173,9 @@ def _distributed_worker(rank, world, path, port):
         G = torch.load(os.path.join(path, "G.pt"))
         est = NPEFF(5, seed=2, checkpoint_dir=os.path.join(path, "ckpt"), checkpoint_every=40, **FAST).fit(G)
         if rank == 0:
-            torch.save({"W": est.coefficients_, "H": est.components_, "loss": est.loss_history_}, os.path.join(path, "out.pt"))
+            torch.save(
+                {"W": est.coefficients_, "H": est.components_, "loss": est.loss_history_}, os.path.join(path, "out.pt")
+            )
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """The adapter contract on tiny random models: every backend gives the same logits and the same
 parameter gradients for the same weights."""
+
 import pytest
 import torch
 
@@ -74,12 +75,16 @@ def test_same_gradients_hf_bridge_nnsight(arch, backend):
 
 # HookedTransformer stores weights transposed and split per head; the MLP maps are simple.
 HOOKED_MAP = {
-    "tiny-llama": [("blocks.{i}.mlp.W_in", "model.layers.{i}.mlp.up_proj.weight", True),
-                   ("blocks.{i}.mlp.W_gate", "model.layers.{i}.mlp.gate_proj.weight", True),
-                   ("blocks.{i}.mlp.W_out", "model.layers.{i}.mlp.down_proj.weight", True)],
-    "tiny-gpt2": [("blocks.{i}.mlp.W_in", "transformer.h.{i}.mlp.c_fc.weight", False),
-                  ("blocks.{i}.mlp.W_out", "transformer.h.{i}.mlp.c_proj.weight", False),
-                  ("blocks.{i}.mlp.b_in", "transformer.h.{i}.mlp.c_fc.bias", False)],
+    "tiny-llama": [
+        ("blocks.{i}.mlp.W_in", "model.layers.{i}.mlp.up_proj.weight", True),
+        ("blocks.{i}.mlp.W_gate", "model.layers.{i}.mlp.gate_proj.weight", True),
+        ("blocks.{i}.mlp.W_out", "model.layers.{i}.mlp.down_proj.weight", True),
+    ],
+    "tiny-gpt2": [
+        ("blocks.{i}.mlp.W_in", "transformer.h.{i}.mlp.c_fc.weight", False),
+        ("blocks.{i}.mlp.W_out", "transformer.h.{i}.mlp.c_proj.weight", False),
+        ("blocks.{i}.mlp.b_in", "transformer.h.{i}.mlp.c_fc.bias", False),
+    ],
 }
 
 
@@ -90,7 +95,7 @@ def test_same_gradients_hooked(arch):
     pairs = [(t.format(i=i), h.format(i=i), tr) for i in range(2) for t, h, tr in HOOKED_MAP[arch]]
     g_ref = torch.autograd.grad(label_logprob_sum(ref), [rp[h] for _, h, _ in pairs])
     g_hk = torch.autograd.grad(label_logprob_sum(hooked), [hp[t] for t, _, _ in pairs])
-    for (t, h, transpose), a, b in zip(pairs, g_ref, g_hk):
+    for (t, _h, transpose), a, b in zip(pairs, g_ref, g_hk):
         torch.testing.assert_close(b.T if transpose else b, a, atol=1e-5, rtol=1e-4, msg=t)
     # the selection holds the same number of parameters as the HF model (TL's extra zero biases
     # and its untied W_U are not the model's parameters)
@@ -125,7 +130,10 @@ def test_classifier_and_adapt():
     # a classifier's logits do not depend on batching
     torch.testing.assert_close(a.logits(PROMPTS), torch.cat([a.logits([p]) for p in PROMPTS]), atol=1e-4, rtol=0)
     assert type(nl.adapt(adapter("tiny-llama", "bridge").model)).__name__ == "BridgeAdapter"
-    assert type(nl.adapt(adapter("tiny-llama", "nnsight").model, adapter("tiny-llama", "hf").tokenizer)).__name__ == "NNsightAdapter"
+    assert (
+        type(nl.adapt(adapter("tiny-llama", "nnsight").model, adapter("tiny-llama", "hf").tokenizer)).__name__
+        == "NNsightAdapter"
+    )
     assert type(nl.adapt(adapter("tiny-gpt2", "hooked").model)).__name__ == "HookedAdapter"
     with pytest.raises(ValueError, match="tokenizer"):
         nl.adapt(model)

@@ -1,5 +1,6 @@
 """Perturbations (§3.3, App. F): exact restore, KL against the quadratic Fisher prediction, selectivity
 along a planted direction, the ratio arithmetic, errors, and the end-to-end run + CLI on tiny-llama."""
+
 import argparse
 import json
 import math
@@ -162,8 +163,17 @@ def test_planted_direction_selectively_changes_its_examples(adapter):
     eps = math.sqrt(2e-3 / fisher_a)  # mean KL on A ≈ 1e-3
     prompts = group_a + group_b + rand
     norms = [1.0] * 6 + [4.0] * 18
-    rec = perturb_component(adapter, task, prompts, _named(top_eig, adapter, SUBSET), eps, top=range(6),
-                            baseline=range(6, 24), pef_norms=norms, component=7)
+    rec = perturb_component(
+        adapter,
+        task,
+        prompts,
+        _named(top_eig, adapter, SUBSET),
+        eps,
+        top=range(6),
+        baseline=range(6, 24),
+        pef_norms=norms,
+        component=7,
+    )
     assert rec["component"] == 7 and rec["n_top"] == 6 and rec["n_base"] == 18
     assert rec["kl_ratio"] > 5, rec
     assert rec["kl_ratio"] == pytest.approx(fisher_a / fisher_other, rel=0.2)
@@ -180,8 +190,9 @@ def test_planted_direction_selectively_changes_its_examples(adapter):
     v = top_eig - q @ (q.T @ top_eig)
     v = v / v.norm()
     eps = math.sqrt(2e-3 / (float((ga @ v).square().sum()) / 6))
-    rec = perturb_component(adapter, task, group_a + group_b, _named(v, adapter, SUBSET), eps, top=range(6),
-                            baseline=range(6, 12))
+    rec = perturb_component(
+        adapter, task, group_a + group_b, _named(v, adapter, SUBSET), eps, top=range(6), baseline=range(6, 12)
+    )
     assert rec["kl_ratio"] > 1000, rec
     assert rec["kl_top_plus"] == pytest.approx(1e-3, rel=0.1)
 
@@ -262,8 +273,15 @@ def decomposition(tmp_path_factory, adapter, task):
     from npeff_lens.decomposition import NPEFF
 
     root = tmp_path_factory.mktemp("perturb_e2e")
-    store = collect_pefs(adapter, _texts(24, seed=20), LabelTokens(TEMPLATE, [" positive", " negative"]),
-                         root / "store", proj_dim=256, dtype="float32", progress=False)
+    store = collect_pefs(
+        adapter,
+        _texts(24, seed=20),
+        LabelTokens(TEMPLATE, [" positive", " negative"]),
+        root / "store",
+        proj_dim=256,
+        dtype="float32",
+        progress=False,
+    )
     est = NPEFF(n_components=3, n_steps=50, n_warmup_steps=10, progress=False).fit(store)
     est.save(root / "decomp")
     (root / "decomp" / "source.json").write_text(json.dumps({"store": str((root / "store").resolve())}))
@@ -339,8 +357,9 @@ def test_run_perturbation_errors(decomposition, tmp_path):
     with pytest.raises(ValueError, match="layout does not match"):
         run_perturbation(root / "decomp", 1, store=Altered(layout=layout), progress=False)
     with pytest.raises(ValueError, match="projection does not match"):
-        run_perturbation(root / "decomp", 1, store=Altered(projection={**real.manifest["projection"], "seed": 1}),
-                         progress=False)
+        run_perturbation(
+            root / "decomp", 1, store=Altered(projection={**real.manifest["projection"], "seed": 1}), progress=False
+        )
     with pytest.raises(ValueError, match="lacks .* parameter"):
         run_perturbation(root / "decomp", 1, adapter=load_model("tiny-gpt2"), progress=False)
     bare = tmp_path / "bare"
@@ -355,8 +374,23 @@ def test_cli_perturb(decomposition, capsys):
     root, _ = decomposition
     parser = argparse.ArgumentParser(prog="npeff")
     register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["perturb", str(root / "decomp"), "--components", "0,2", "--magnitude", "0.5",
-                              "--top-k", "4", "--n-baseline", "8", "--out", str(root / "cli_out"), "--no-progress"])
+    args = parser.parse_args(
+        [
+            "perturb",
+            str(root / "decomp"),
+            "--components",
+            "0,2",
+            "--magnitude",
+            "0.5",
+            "--top-k",
+            "4",
+            "--n-baseline",
+            "8",
+            "--out",
+            str(root / "cli_out"),
+            "--no-progress",
+        ]
+    )
     args.func(args)
     out = capsys.readouterr().out
     assert "geometric mean over 2 components" in out and "kl_ratio" in out

@@ -1,4 +1,5 @@
 """SparseProjection (App. A): every backend against an independent slow reference of the written definition."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,6 @@ import pytest
 import torch
 
 from npeff_lens.projection import SparseProjection, project_entries
-
 
 
 def _backends():
@@ -72,7 +72,7 @@ def test_to_dense_matches_reference(shape):
     s = n_out // density
     assert torch.equal((A != 0).sum(0), torch.full((n_out,), -(-n_in // s)))
     if n_in > 11:
-        assert torch.equal(P.to_dense(11, min(20, n_in - 11)), A[11:11 + min(20, n_in - 11)].float())
+        assert torch.equal(P.to_dense(11, min(20, n_in - 11)), A[11 : 11 + min(20, n_in - 11)].float())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -165,9 +165,11 @@ def test_deterministic_across_processes_and_seeds():
     x = torch.arange(3 * 10_007, dtype=torch.float32).reshape(3, -1).sin()
     out = P.project(x)
     assert torch.equal(out, P.project(x))
-    code = ("import torch; from npeff_lens.projection import SparseProjection as S; "
-            "x = torch.arange(3 * 10_007, dtype=torch.float32).reshape(3, -1).sin(); "
-            "print(S(10_007, 512, seed=42).project(x).numpy().tobytes().hex())")
+    code = (
+        "import torch; from npeff_lens.projection import SparseProjection as S; "
+        "x = torch.arange(3 * 10_007, dtype=torch.float32).reshape(3, -1).sin(); "
+        "print(S(10_007, 512, seed=42).project(x).numpy().tobytes().hex())"
+    )
     hexed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert hexed == out.numpy().tobytes().hex()
     other = SparseProjection(10_007, 512, seed=43)
@@ -202,7 +204,7 @@ def test_norms_and_inner_products_preserved_statistically():
     nz = (z * z).sum(1)
     # Var <xA, zA> <= (||x||^2 ||z||^2 + <x,z>^2) / n_out * (1 + small): 5 sd
     sd_ip = torch.sqrt((nx * nz + ip_true**2) / n_out * 1.2)
-    assert (((ip - ip_true).abs() / sd_ip).max() < 5)
+    assert ((ip - ip_true).abs() / sd_ip).max() < 5
     # and the mean over the 8 rows: sum of squared norms within 5 sd of the sum
     assert ((px * px).sum() - nx.sum()).abs() < 5 * torch.sqrt((sd**2).sum())
 
@@ -273,8 +275,9 @@ def test_acceptance_million_inputs_8192_outputs():
     # <xA, y> = <x, A^T y> at scale
     torch.testing.assert_close((y[:2] * y[:2]).sum(1).double(), (x[:2] * back).sum(1).double(), rtol=1e-4, atol=1e-2)
     # the torch fallback (no numba) agrees on a slice
-    torch.testing.assert_close(P.project(x[:, 123:50_123], 123, backend="torch"),
-                               P.project(x[:, 123:50_123], 123), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        P.project(x[:, 123:50_123], 123, backend="torch"), P.project(x[:, 123:50_123], 123), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,4 +1,5 @@
 """Real offline weights (SmolLM2-135M). Cheap enough to run in CI; they can fail."""
+
 import pytest
 import torch
 

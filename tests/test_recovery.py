@@ -1,9 +1,9 @@
 """Compressed-sensing recovery (FPC), orthogonal rejection and flat ↔ named parameters (App. F, §3.3)."""
+
 from __future__ import annotations
 
 import json
 import math
-import sys
 import types
 
 import pytest
@@ -285,8 +285,9 @@ def test_recover_end_to_end(tmp_path):
     layout = [{"name": f"p{i}", "shape": [5, 10], "offset": 50 * i, "numel": 50} for i in range(30)]
     xs, comps = _planted_decomposition(op)
     dec = FakeDecomposition(comps)
-    out = recover(dec, [0, 2], projection=op, layout=layout, reject_threshold=None,
-                  inner_iterations=None, out_dir=tmp_path)
+    out = recover(
+        dec, [0, 2], projection=op, layout=layout, reject_threshold=None, inner_iterations=None, out_dir=tmp_path
+    )
     assert sorted(out) == [0, 2]
     for j in (0, 2):
         assert set(out[j]) == {e["name"] for e in layout}
@@ -340,14 +341,20 @@ def test_recover_reads_projection_and_layout_from_store_manifest(monkeypatch):
     import npeff_lens.projection
 
     monkeypatch.setattr(npeff_lens.projection, "SparseProjection", StubSparseProjection)
-    manifest = {"projection": {"kind": "sparse", "n_in": 400, "n_out": 100, "seed": 7, "density": 16},
-                "layout": [{"name": "a", "shape": [20, 10], "offset": 0, "numel": 200},
-                           {"name": "b", "shape": [200], "offset": 200, "numel": 200}]}
+    manifest = {
+        "projection": {"kind": "sparse", "n_in": 400, "n_out": 100, "seed": 7, "density": 16},
+        "layout": [
+            {"name": "a", "shape": [20, 10], "offset": 0, "numel": 200},
+            {"name": "b", "shape": [200], "offset": 200, "numel": 200},
+        ],
+    }
     xs, comps = _planted_decomposition(op, n_comp=2, k=4)
-    for dec in (FakeDecomposition(comps, manifest),
-                FakeDecomposition(comps, {"store_manifest": manifest}),  # nested
-                types.SimpleNamespace(components_=comps, manifest_=manifest),  # NPEFF's attribute
-                {"components_": comps, **manifest}):
+    for dec in (
+        FakeDecomposition(comps, manifest),
+        FakeDecomposition(comps, {"store_manifest": manifest}),  # nested
+        types.SimpleNamespace(components_=comps, manifest_=manifest),  # NPEFF's attribute
+        {"components_": comps, **manifest},
+    ):
         out = recover(dec, 1, reject_threshold=None, inner_iterations=None)
         assert set(out[1]) == {"a", "b"} and out[1]["a"].shape == (20, 10)
         assert rel_err(flatten(out[1], manifest["layout"]), xs[1]) < 1e-2
@@ -380,8 +387,10 @@ def test_fpc_with_real_sparse_projection():
 
 def test_recover_with_real_sparse_projection_manifest():
     _sparse_projection_cls()
-    manifest = {"projection": {"kind": "sparse", "n_in": 3000, "n_out": 256, "seed": 3, "density": 32},
-                "layout": [{"name": "w", "shape": [30, 100], "offset": 0, "numel": 3000}]}
+    manifest = {
+        "projection": {"kind": "sparse", "n_in": 3000, "n_out": 256, "seed": 3, "density": 32},
+        "layout": [{"name": "w", "shape": [30, 100], "offset": 0, "numel": 3000}],
+    }
     proj = recovery.projection_from_config(manifest["projection"])
     assert (proj.n_in, proj.n_out, proj.seed, proj.density) == (3000, 256, 3, 32)
     x_true = planted(3000, 4, seed=12)

@@ -1,4 +1,5 @@
 """PEFStore: round trips, resumption, kill -9 at every stage of a commit, corruption, estimator input."""
+
 from __future__ import annotations
 
 import json
@@ -125,11 +126,16 @@ def reference(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,tdtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+@pytest.mark.parametrize(
+    "dtype,tdtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16), ("float32", torch.float32)]
+)
 def test_round_trip(tmp_path, dtype, tdtype):
     torch.manual_seed(0)
     x = torch.randn(23, ROWS, DIM)
-    meta = [{"index": 100 + i, "label": i % 3, "probs": [i / 23, 1 - i / 23], "flag": None, "text": f"t{i}"} for i in range(23)]
+    meta = [
+        {"index": 100 + i, "label": i % 3, "probs": [i / 23, 1 - i / 23], "flag": None, "text": f"t{i}"}
+        for i in range(23)
+    ]
     store = PEFStore.create(tmp_path / "s", {"m": 1}, rows=ROWS, dim=DIM, dtype=dtype, shard_size=5)
     chunks = [(0, 2), (2, 3), (3, 9), (9, 10), (10, 21), (21, 23)]
     for k, (a, b) in enumerate(chunks):
@@ -286,7 +292,10 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path, reference, mode):
     path = tmp_path / "s"
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(path), mode],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_child_env(),
     )
     seen = 0
     if mode == "external":  # kill it from outside once a few shards are committed, mid-run

@@ -5,4 +5,5 @@ under ``npeff_lens`` so it can never shadow, or be shadowed by, OpenAI's separat
 package. Import it as ``npeff_lens.triton_kernels``; nothing in npeff_lens imports a top-level
 ``triton_kernels``.
 """
+
 IS_NPEFF_LENS_KERNELS = True

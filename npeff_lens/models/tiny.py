@@ -1,5 +1,6 @@
 """Tiny randomly initialised models for tests: llama-like, GPT-2-like and a BERT classifier, with a
 small byte-level BPE tokenizer trained offline on a fixed corpus (deterministic, no download)."""
+
 from __future__ import annotations
 
 import functools
@@ -66,20 +67,42 @@ def tiny_config(arch: str):
     vocab = 384
     if arch == "tiny-llama":
         return LlamaConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
             architectures=["LlamaForCausalLM"],
         )
     if arch == "tiny-gpt2":
         return GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, n_ctx=128,
-            bos_token_id=0, eos_token_id=0, pad_token_id=1, architectures=["GPT2LMHeadModel"],
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            n_ctx=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+            architectures=["GPT2LMHeadModel"],
         )
     if arch == "tiny-bert-classifier":
         return BertConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=128, num_labels=3, pad_token_id=1,
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            num_labels=3,
+            pad_token_id=1,
             architectures=["BertForSequenceClassification"],
         )
     raise ValueError(f"unknown tiny model {arch!r}; valid: {', '.join(TINY_MODELS)}")
