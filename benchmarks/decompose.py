@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from npeff_lens.decomposition import NPEFF
+from npeff_lens.decomposition import NPEFF, _init_H, _init_W, _sweep
 
 
 def _time(fn, repeats: int, sync) -> float:
@@ -40,10 +40,10 @@ def bench(m: int, r: int, d: int, C: int, device: str, dtype, repeats: int) -> d
     est = NPEFF(C, device=device, dtype=dtype, progress=False)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    source, shard, n_valid = est._shard(G, n_components=C)
-    W = est._init_W(0, m, C, dtype).to(device)
-    H = est._init_H(C, d, dtype).to(device)
-    step = _time(lambda: est._sweep(shard, W, H, n_valid, update_W=True, grad=True), repeats, sync)
+    source, shard, n_valid = est._shard(G)
+    W = _init_W(est.seed, 0, m, C, dtype).to(device)
+    H = _init_H(est.seed, C, d, dtype).to(device)
+    step = _time(lambda: _sweep(shard, W, H, n_valid, eps=est.eps, update_W=True, grad=True), repeats, sync)
     # Roofline: the two dominant GEMMs alone, same shapes, same dtype/device.
     G2 = G.reshape(m * r, d)
     B = torch.randn(m * r, C, dtype=dtype, device=device)

@@ -23,6 +23,7 @@ It does *not* grow with batch x rows x number of parameters.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import CollectConfig
+from .io import progress
 from .models import ModelAdapter, adapt, parameter_layout
 from .projection import SparseProjection
 from .tasks import Task
@@ -315,20 +318,22 @@ def reduce_rank(pefs: torch.Tensor, rank: int) -> torch.Tensor:
     return out
 
 
-def _dataset_rows(dataset, split, seed):
+def _dataset_rows(dataset, cfg: CollectConfig):
     from .data import load_dataset
 
-    info = {"name": None, "split": split, "seed": seed}
-    if isinstance(dataset, str):
-        info["name"] = dataset
-        dataset = load_dataset(dataset, split=split, seed=seed)
-    elif isinstance(dataset, (list, tuple)):
+    info = {"name": None}
+    if isinstance(dataset, (list, tuple)):
         import datasets
 
         if not all(isinstance(t, str) for t in dataset):
             raise TypeError("a list dataset must hold strings (the texts)")
         dataset = datasets.Dataset.from_dict({"text": list(dataset)})
         info["name"] = "texts"
+    elif isinstance(dataset, (str, os.PathLike)):
+        info["name"] = os.fspath(dataset)
+        columns = {"text": cfg.text_column, "label": cfg.label_column}
+        names = list(cfg.label_names) if cfg.label_names else None
+        dataset = load_dataset(dataset, split=cfg.split, seed=cfg.data_seed, columns=columns, label_names=names)
     else:
         info["name"] = getattr(dataset, "info", None) and dataset.info.dataset_name or "user"
     if "text" not in dataset.column_names:
@@ -340,102 +345,52 @@ def _dataset_rows(dataset, split, seed):
     return dataset, info
 
 
-def collect_pefs(
-    model,
-    dataset,
-    task: Task,
-    out,
-    *,
-    proj_dim: int | None = 8192,
-    density: int = 32,
-    rank: int | None = None,
-    params: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    dtype: str = "float16",
-    n: int | None = None,
-    split: str | None = None,
-    data_seed: int = 0,
-    max_length: int | None = 256,
-    top_k_probs: int = 5,
-    engine: str = "hooks",
-    shard_size: int = 256,
-    flush_every: int = 64,
-    progress: bool = True,
-    tokenizer=None,
-):
+def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | None = None, tokenizer=None, **options):
     """Collect the (projected, optionally rank-reduced) LRM-PEFs of ``n`` examples into a ``PEFStore``.
 
-    model: an adapter or any model ``npeff_lens.adapt`` accepts; dataset: a ``datasets.Dataset`` with a
-    ``text`` column, a built-in dataset name (``split``/``data_seed`` apply), or a list of texts.
-    params/exclude: glob patterns selecting parameters (default: the adapter's default selection).
-    proj_dim=None stores unprojected rows. Rerunning the same call resumes where it stopped; another
-    configuration into the same ``out`` is an error. Per example, the store also records the
+    model: an adapter or any model ``npeff_lens.adapt`` accepts (``tokenizer`` for a bare HF model);
+    dataset: a ``datasets.Dataset`` with a ``text`` column, a built-in dataset name or a local file
+    (``split`` / ``data_seed`` apply), or a list of texts. ``options`` are the fields of
+    :class:`~npeff_lens.config.CollectConfig` (``proj_dim``, ``density``, ``params``, ``n``, ...), or pass
+    a ``config``. Rerunning the same call resumes where it stopped; another configuration into the same
+    ``out`` is a ``StoreMismatchError`` naming the differing fields. Per example, the store also records the
     prediction, the probabilities (top-k for ``NextToken``), the PEF's Frobenius norm and a flag
     (``zero_pef``, ``nonfinite_logits``, ``nonfinite_grad``) for examples whose PEF is stored as zeros.
     """
     from .store import PEFStore
 
+    cfg = (config or CollectConfig()).replace(**options) if options else (config or CollectConfig())
     adapter = model if isinstance(model, ModelAdapter) else adapt(model, tokenizer)
     adapter.eval()
-    dataset, data_info = _dataset_rows(dataset, split, data_seed)
+    dataset, data_info = _dataset_rows(dataset, cfg)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
-    n = len(dataset) if n is None else int(n)
-    if not 0 < n <= len(dataset):
+    n = len(dataset) if cfg.n is None else cfg.n
+    if n > len(dataset):
         raise ValueError(f"n must be in [1, {len(dataset)}] (the dataset's size), got {n}")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
     task.bind(adapter)
-    named = adapter.named_parameters(include=params, exclude=exclude)
+    named = adapter.named_parameters(include=cfg.params, exclude=cfg.exclude)
     layout = parameter_layout(named)
     n_params = sum(e["numel"] for e in layout)
-    projection = SparseProjection(n_params, proj_dim, seed=seed, density=density) if proj_dim else None
-    computer = PEFComputer(adapter, task, named, projection, engine=engine)
-    r = task.n_rows
-    stored_rows = rank if rank is not None else r
-    if rank is not None and not 1 <= rank:
-        raise ValueError("rank must be >= 1")
+    projection = SparseProjection(n_params, cfg.proj_dim, seed=cfg.seed, density=cfg.density) if cfg.proj_dim else None
+    computer = PEFComputer(adapter, task, named, projection, engine=cfg.engine)
     manifest = {
+        "config": cfg.key(),
         "model": {"name": adapter.name, "backend": adapter.backend},
         "task": task.config(),
         "outcomes": task.outcome_names(),
-        "dataset": {**data_info, "n": n},
+        "dataset": data_info,
         "layout": layout,
         "n_params": n_params,
         "projection": projection.state_dict() if projection is not None else None,
-        "rank": rank,
-        "pef_rows": r,
-        "engine": engine,
-        "max_length": max_length,
+        "pef_rows": task.n_rows,
     }
-    store = PEFStore.create(out, manifest, rows=stored_rows, dim=computer.dim, dtype=dtype, shard_size=shard_size)
-    start = len(store)
-    if start >= n:
-        store.close()
-        return store
-    bar = _progress(total=n, initial=start, enabled=progress)
-    flagged = 0
-    since_flush = 0
+    rows = cfg.rank if cfg.rank is not None else task.n_rows
+    store = PEFStore.create(out, manifest, rows=rows, dim=computer.dim, dtype=cfg.dtype, shard_size=cfg.shard_size)
     try:
-        for lo in range(start, n, batch_size):
-            hi = min(n, lo + batch_size)
-            rows = dataset[lo:hi]
-            prompts = task.prompts(rows["text"])
-            pefs, log_probs = computer.compute(prompts, max_length=max_length)
-            pefs, meta = _finish_batch(pefs, log_probs, rows, lo, task, rank, top_k_probs)
-            flagged += sum(m["flag"] is not None for m in meta)
-            store.append(pefs.cpu(), meta)
-            since_flush += hi - lo
-            if since_flush >= flush_every:
-                store.flush()
-                since_flush = 0
-            bar.update(hi - lo)
+        flagged = _collect_into(store, computer, dataset, task, cfg, n)
     finally:
-        store.flush()
         store.close()  # releases the writer lock; the store stays readable
-        bar.close()
     if flagged:
         print(
             f"[npeff_lens] {flagged} example(s) flagged (zero or non-finite PEF, stored as zeros); "
@@ -443,6 +398,31 @@ def collect_pefs(
             file=sys.stderr,
         )
     return store
+
+
+def _collect_into(store, computer: PEFComputer, dataset, task: Task, cfg: CollectConfig, n: int) -> int:
+    """Appends examples ``[len(store), n)``, flushing every ``cfg.flush_every``; returns the number flagged."""
+    start, flagged, since_flush = len(store), 0, 0
+    if start >= n:
+        return 0
+    bar = progress(total=n, initial=start, desc="collect", unit="ex", enabled=cfg.progress)
+    try:
+        for lo in range(start, n, cfg.batch_size):
+            hi = min(n, lo + cfg.batch_size)
+            rows = dataset[lo:hi]
+            pefs, log_probs = computer.compute(task.prompts(rows["text"]), max_length=cfg.max_length)
+            pefs, meta = _finish_batch(pefs, log_probs, rows, lo, task, cfg.rank, cfg.top_k_probs)
+            flagged += sum(m["flag"] is not None for m in meta)
+            store.append(pefs.cpu(), meta)
+            since_flush += hi - lo
+            if since_flush >= cfg.flush_every:
+                store.flush()
+                since_flush = 0
+            bar.update(hi - lo)
+    finally:
+        store.flush()
+        bar.close()
+    return flagged
 
 
 def _finish_batch(pefs, log_probs, rows, lo, task, rank, top_k_probs):
@@ -480,22 +460,3 @@ def _finish_batch(pefs, log_probs, rows, lo, task, rank, top_k_probs):
                 m[col] = rows[col][i]
         meta.append(m)
     return pefs, meta
-
-
-class _NoBar:
-    def update(self, k):
-        pass
-
-    def close(self):
-        pass
-
-    def set_postfix_str(self, s):
-        pass
-
-
-def _progress(total, initial=0, enabled=True, desc="collect", unit="ex"):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1)

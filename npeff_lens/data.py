@@ -12,13 +12,34 @@ Splits are deterministic from ``seed``: ``split="train"`` / ``"test"`` take the 
 ``1 - test_fraction`` / first ``test_fraction`` of a seeded permutation, in that permuted order (so
 the first n rows of a split are a random sample: the files are sorted by label); ``split=None``
 returns every row in file order.
+
+Your own data (``load_dataset(path_or_dataset, columns=..., label_names=...)``):
+
+- a ``datasets.Dataset`` (or ``DatasetDict``, see below);
+- a path (``str`` or ``os.PathLike``) to a ``.csv`` or ``.tsv`` file (with a header row), a ``.jsonl`` or
+  ``.json`` file (JSON Lines, or a JSON list of records) or a ``.parquet`` file, read with the ``datasets``
+  library's own readers into memory (nothing is cached next to your file or in the HF cache; no network);
+- a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (loaded into memory).
+  Of a ``DatasetDict`` the split named ``split`` is used when it is a key (and then it is not split
+  again), else ``"train"`` (which ``split="train"`` / ``"test"`` then splits as below).
+
+A string that is a built-in name is the built-in (write ``./trec`` for a local directory called
+``trec``). ``columns`` maps our column names to yours (``{"text": "sentence", "label": "y"}``; a
+``None`` value means "not given"); by default the columns called ``text`` and ``label`` are used. The
+label column is optional. Integer labels keep their values and get ``label_name`` from
+``label_names``, else a ``ClassLabel`` feature's names, else ``str(label)``; string labels (e.g. a CSV
+with ``pos`` / ``neg``) become ``label_name``, and ``label`` is their index in ``label_names`` when
+given, else in the sorted distinct values. When the names are known ``label`` is a ``ClassLabel``
+feature carrying them. ``columns`` and ``label_names`` do not apply to the built-ins.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Mapping
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 
 from . import assets
 
@@ -85,59 +106,241 @@ DESCRIPTIONS = {
 }
 
 
+FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+_ALSO_ACCEPTED = "a path to a CSV / TSV / JSON Lines / JSON / Parquet file or a datasets save_to_disk directory"
+
+
 def load_dataset(
     name,
     split: str | None = None,
     seed: int = 0,
     *,
     test_fraction: float = TEST_FRACTION,
-    columns: Mapping[str, str] | None = None,
-    label_names: list[str] | None = None,
+    columns: Mapping[str, str | None] | None = None,
+    label_names: Sequence[str] | None = None,
 ):
     """A ``datasets.Dataset`` with ``text``, ``label`` and ``label_name`` (``text`` and ``target``
-    for qa-wikidata).
+    for qa-wikidata; ``text`` only for user data without a label column).
 
-    ``name`` is a built-in name (see ``DATASETS``) or a user ``datasets.Dataset``; for the latter,
-    ``columns`` maps our column names to the user's (e.g. ``{"text": "sentence"}``) and
-    ``label_names`` names integer labels (a ``ClassLabel`` feature is used when present).
+    ``name`` is one of:
+
+    - a built-in name (see ``DATASETS``); ``columns`` and ``label_names`` must then be left unset;
+    - a ``datasets.Dataset`` or ``datasets.DatasetDict``;
+    - a path (``str`` or ``os.PathLike``) to a ``.csv`` / ``.tsv`` (tab-separated) file with a header, a
+      ``.jsonl`` / ``.json`` file (JSON Lines or a JSON list of records), a ``.parquet`` file, or a
+      directory written by ``save_to_disk``. Files are read with the ``datasets`` readers, offline, into
+      memory, with nothing cached next to them.
+
+    Of a ``DatasetDict`` (in memory or saved) the split called ``split`` is returned as it is when it is
+    a key; otherwise its ``"train"`` split is used, and an error lists the keys when there is none.
+
+    ``columns`` maps our column names to yours, e.g. ``{"text": "sentence", "label": "y"}`` (entries
+    whose value is ``None`` are ignored; the command line's ``--text-column`` / ``--label-column``). The
+    text column is required, the label column optional. Integer labels keep their values; their
+    ``label_name`` comes from ``label_names`` (which must name every label), else a ``ClassLabel``
+    feature's names, else ``str(label)``. String labels become ``label_name``; ``label`` is then the
+    string's index in ``label_names`` (an error names any value not in it), else in the sorted distinct
+    values. When the names are known, ``label`` gets a ``ClassLabel`` feature with them.
+
+    ``split="train"`` / ``"test"`` and ``seed`` / ``test_fraction`` split built-ins, files and
+    datasets alike (see the module docstring); ``split=None`` returns every row.
     """
     import datasets
 
-    if isinstance(name, datasets.Dataset):
-        ds = _adapt_user_dataset(name, columns or {}, label_names)
-    elif isinstance(name, str):
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    columns = {ours: theirs for ours, theirs in (columns or {}).items() if theirs is not None}
+    already_split = False
+    if isinstance(name, str) and name in DATASETS:
+        overridden = {ours: theirs for ours, theirs in columns.items() if theirs != ours}
+        if overridden or label_names is not None:
+            given = ", ".join(
+                ([f"columns={overridden}"] if overridden else [])
+                + ([f"label_names={list(label_names)}"] if label_names is not None else [])
+            )
+            raise ValueError(
+                f"{given} cannot be used with the built-in dataset {name!r}: columns and label_names "
+                "only apply to your own data (a datasets.Dataset or a file or directory)"
+            )
         ds = datasets.Dataset.from_dict(DATASETS[name]())
     else:
-        raise TypeError(f"expected a dataset name or a datasets.Dataset, got {type(name).__name__}")
+        if isinstance(name, (str, os.PathLike)):
+            path = os.path.expanduser(os.fspath(name))
+            loaded, source = _read_path(path, name), f"the dataset at {path!r}"
+        elif isinstance(name, (datasets.Dataset, datasets.DatasetDict)):
+            loaded, source = name, "the dataset"
+        else:
+            raise TypeError(
+                "expected a built-in dataset name, a path, a datasets.Dataset or a datasets.DatasetDict, "
+                f"got {type(name).__name__}"
+            )
+        if isinstance(loaded, datasets.DatasetDict):
+            if split is not None and split in loaded:
+                loaded, already_split = loaded[split], True
+            elif "train" in loaded and split in (None, "train", "test"):
+                loaded = loaded["train"]  # split="test" then takes the seeded test part of it
+            else:
+                if split is None:
+                    lacks = "a 'train' split"
+                elif split in ("train", "test"):
+                    lacks = f"a {split!r} split or a 'train' split to split"
+                else:
+                    lacks = f"a {split!r} split"
+                raise ValueError(
+                    f"{source} is a DatasetDict without {lacks}; its splits are {list(loaded)}: "
+                    "pass split=<one of them>"
+                )
+        if len(loaded) == 0:
+            raise ValueError(f"{source} is empty")
+        ds = _adapt_user_dataset(loaded, columns, label_names, source)
     if len(ds) == 0:
         raise ValueError("the dataset is empty")
-    return _split(ds, split, seed, test_fraction)
+    return ds if already_split else _split(ds, split, seed, test_fraction)
 
 
-def _adapt_user_dataset(ds, columns: Mapping[str, str], label_names):
+def _read_path(path: str, name):
+    """A file or save_to_disk directory as an in-memory ``Dataset`` / ``DatasetDict``."""
+    import datasets
+
+    if not os.path.exists(path):
+        raise ValueError(
+            f"unknown dataset {name!r}: not a built-in dataset ({', '.join(DATASETS)}) and no such file or "
+            f"directory; {_ALSO_ACCEPTED} is also accepted"
+        )
+    if os.path.isdir(path):
+        markers = (datasets.config.DATASETDICT_JSON_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME)
+        if not any(os.path.isfile(os.path.join(path, m)) for m in markers):
+            raise ValueError(
+                f"the directory {path!r} was not written by datasets' save_to_disk (it has no "
+                f"{' or '.join(markers)}); give a save_to_disk directory or a file ({', '.join(FILE_SUFFIXES)})"
+            )
+        # in memory: later selects / column edits must not write cache files into the user's directory
+        return datasets.load_from_disk(path, keep_in_memory=True)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in FILE_SUFFIXES:
+        raise ValueError(
+            f"cannot read {path!r}: unsupported file type {suffix or '(no suffix)'!r}; supported are "
+            f"{', '.join(FILE_SUFFIXES)} files and datasets save_to_disk directories"
+        )
+    # The packaged csv / json / parquet builders run locally (no hub access); their Arrow cache goes to a
+    # temporary directory and the result is kept in memory, so nothing is left behind.
+    kind = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".json": "JSON", ".parquet": "Parquet"}[suffix]
+    with tempfile.TemporaryDirectory(prefix="npeff-data-") as cache_dir:
+        kwargs = {"cache_dir": cache_dir, "keep_in_memory": True}
+        try:
+            if suffix in (".csv", ".tsv"):
+                # keep_default_na=False: texts such as "NA" or "null" stay texts
+                sep = "\t" if suffix == ".tsv" else ","
+                return datasets.Dataset.from_csv(path, sep=sep, keep_default_na=False, **kwargs)
+            if suffix in (".jsonl", ".json"):
+                return datasets.Dataset.from_json(path, **kwargs)
+            return datasets.Dataset.from_parquet(path, **kwargs)
+        except Exception as e:
+            if "corresponds to no data" in str(e):  # datasets' words for a file without rows
+                raise ValueError(f"the dataset at {path!r} is empty") from e
+            raise ValueError(f"cannot read {path!r} as a {kind} file: {type(e).__name__}: {e}") from e
+
+
+def _column(ds, name) -> list:
+    return ds.select_columns([name]).with_format("arrow")[:][name].to_pylist()
+
+
+def _adapt_user_dataset(ds, columns: Mapping[str, str], label_names, source="the dataset"):
     import datasets
 
     rename = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
+    if len(rename) < len({ours for ours, theirs in columns.items() if theirs != ours}):
+        raise ValueError(f"columns={dict(columns)} maps two of our columns to the same column")
     missing = [theirs for theirs in rename if theirs not in ds.column_names]
     if missing:
-        raise ValueError(f"columns {missing} not in the dataset (it has {ds.column_names})")
-    clash = [ours for ours in rename.values() if ours in ds.column_names]
+        raise ValueError(
+            f"columns {missing} not in {source} (it has columns "
+            f"{ds.column_names}); fix columns= (on the command line --text-column / --label-column)"
+        )
+    clash = [ours for ours in rename.values() if ours in ds.column_names and ours not in rename]
     if clash:
         ds = ds.remove_columns(clash)
     ds = ds.rename_columns(rename)
     if "text" not in ds.column_names:
         raise ValueError(
-            f"the dataset has no 'text' column (it has {ds.column_names}); pass columns={{'text': '<your column>'}}"
+            f"{source} has no 'text' column (it has columns {ds.column_names}); pass "
+            "columns={'text': '<your column>'} (on the command line --text-column <your column>)"
         )
-    if "label" in ds.column_names and "label_name" not in ds.column_names:
-        feature = ds.features["label"]
-        names = label_names or (feature.names if isinstance(feature, datasets.ClassLabel) else None)
-        if names is not None:
-            ds = ds.map(lambda ex: {"label_name": names[ex["label"]]})
+    text_feature = ds.features["text"]
+    if not (isinstance(text_feature, datasets.Value) and text_feature.dtype in ("string", "large_string")):
+        raise ValueError(f"the 'text' column of {source} must hold strings, it holds {text_feature}")
+    texts = ds.select_columns(["text"]).with_format("arrow")[:]["text"]
+    if texts.null_count:
+        raise ValueError(f"{texts.null_count} rows of {source} have no text")
+    return _adapt_labels(ds, label_names, source)
+
+
+def _adapt_labels(ds, label_names, source):
+    import datasets
+
+    if "label" not in ds.column_names:
+        if label_names is not None:
+            raise ValueError(
+                f"label_names was given but {source} has no 'label' column (it has columns {ds.column_names}); "
+                "pass columns={'label': '<your column>'} (on the command line --label-column)"
+            )
+        return ds
+    names = list(label_names) if label_names is not None else None
+    if names is not None and len(set(names)) < len(names):
+        raise ValueError(f"label_names {names} has duplicates")
+    feature = ds.features["label"]
+    values = _column(ds, "label")
+    if None in values:
+        raise ValueError(f"{values.count(None)} rows of {source} have no label")
+    dtype = getattr(feature, "dtype", None)
+    is_string = isinstance(feature, datasets.Value) and dtype in ("string", "large_string")
+    if is_string:
+        if names is None:
+            names = sorted(set(values))
+        index = {n: i for i, n in enumerate(names)}
+        unknown = sorted(set(values) - index.keys())
+        if unknown:
+            raise ValueError(
+                f"{source} has labels {unknown[:20]}{' ...' if len(unknown) > 20 else ''} that are not in "
+                f"label_names {names}"
+            )
+        label_name, labels = values, [index[v] for v in values]
+    else:
+        is_class = isinstance(feature, datasets.ClassLabel)
+        is_int = isinstance(feature, datasets.Value) and dtype.startswith(("int", "uint"))
+        if is_class or is_int or dtype == "bool":
+            labels = [int(v) for v in values]
+        elif (
+            isinstance(feature, datasets.Value)
+            and dtype.startswith("float")
+            and all(float(v).is_integer() for v in values)
+        ):
+            labels = [int(v) for v in values]
         else:
-            ds = ds.map(lambda ex: {"label_name": str(ex["label"])})
+            raise ValueError(f"the 'label' column of {source} must hold integers or strings, it holds {feature}")
+        if names is None and is_class:
+            names = list(feature.names)
+        if names is not None:
+            bad = sorted({v for v in labels if not 0 <= v < len(names)})
+            if bad:
+                raise ValueError(
+                    f"{source} has labels {bad[:20]} but {len(names)} label names {names} (for labels "
+                    f"0..{len(names) - 1}); give one name for each label 0..{max(labels)}"
+                )
+        if label_names is None and "label_name" in ds.column_names:
+            label_name = None  # the user's own names
+        elif names is not None:
+            label_name = [names[v] for v in labels]
+        else:
+            label_name = [str(v) for v in labels]
+        if (is_class and label_names is None) or (is_int and names is None):
+            labels = None  # keep the column as it is
+    if labels is not None:
+        ds = ds.remove_columns(["label"])
+        feature = datasets.ClassLabel(names=[str(n) for n in names]) if names is not None else None
+        ds = ds.add_column("label", labels, feature=feature)
+    if label_name is not None:
+        if "label_name" in ds.column_names:
+            ds = ds.remove_columns(["label_name"])
+        ds = ds.add_column("label_name", label_name)
     return ds
 
 

@@ -11,8 +11,11 @@ multiplicative W update (App. D.1) and the gradient step on H (App. D.2). Data-p
 ``torch.distributed``: each rank owns a contiguous slice of the examples, with one all-reduce of the H
 gradient (packed with the loss scalars) per step (App. D.3).
 
-The API follows scikit-learn's ``NMF``: hyper-parameters in ``__init__``, ``fit`` / ``transform`` /
-``fit_transform``, learned state ending in ``_``.
+The API follows scikit-learn's ``NMF``: hyper-parameters in ``__init__`` (checked against the table
+``_PARAMETER_CONSTRAINTS`` by :func:`validate_params`), ``fit`` / ``transform`` / ``fit_transform``,
+learned state ending in ``_``. As there, the estimator only orchestrates: the update steps are
+module-level functions (``_sweep``: one pass of W update and H gradient; ``_w_updates``: the W-only
+iterations of ``transform``), and checkpoints are written and read by ``_Checkpoints``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["NPEFF"]
+from .io import atomic_write, read_json
+from .io import progress as progress_bar
+
+__all__ = ["NPEFF", "validate_params"]
 
 _W_INIT_BLOCK = 4096  # rows per seeded block of the W initialisation: identical for any rank split
 _TEMP_BUDGET = 256 * 2**20  # bytes for the per-chunk temporaries B and its weighted copy (in memory)
@@ -108,25 +114,131 @@ def _resolve_dtype(dtype) -> torch.dtype:
     return value
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save
 
-    _atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+    atomic_write(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hyper-parameters: one constraint per __init__ argument
+# ----------------------------------------------------------------------------------------------
+
+
+class _Constraint:
+    """A kind of admissible value; ``text`` completes "<name> must be ..."."""
+
+    text = "anything"
+
+    def ok(self, value) -> bool:
+        return True
+
+    def check(self, name: str, value) -> None:
+        if not self.ok(value):
+            raise ValueError(f"{name} must be {self.text}; got {value!r}")
+
+
+class _Int(_Constraint):
+    """An ``int`` (not a bool, unless ``bool_ok``) ``>= low`` (any integer when ``low`` is None)."""
+
+    def __init__(self, low: int | None, *, bool_ok: bool = False):
+        self.low, self.bool_ok = low, bool_ok
+        self.text = "an integer" if low is None else f"an integer >= {low}"
+
+    def ok(self, value) -> bool:
+        if not isinstance(value, int) or (isinstance(value, bool) and not self.bool_ok):
+            return False
+        return self.low is None or value >= self.low
+
+
+class _Real(_Constraint):
+    """A finite ``int`` or ``float`` (not a bool), ``> 0`` when ``positive`` else ``>= 0``."""
+
+    def __init__(self, *, positive: bool):
+        self.positive = positive
+        self.text = "a positive finite number" if positive else "a finite number >= 0"
+
+    def ok(self, value) -> bool:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return False
+        return value > 0 if self.positive else value >= 0
+
+
+class _OneOf(_Constraint):
+    def __init__(self, *choices: str):
+        self.choices = choices
+        self.text = "one of " + ", ".join(repr(c) for c in choices)
+
+    def ok(self, value) -> bool:
+        return isinstance(value, str) and value in self.choices
+
+
+class _Bool(_Constraint):
+    text = "True or False"
+
+    def ok(self, value) -> bool:
+        return isinstance(value, bool)
+
+
+class _DType(_Constraint):
+    text = "a floating torch dtype (or its name, e.g. 'float32')"
+
+    def ok(self, value) -> bool:
+        try:
+            _resolve_dtype(value)
+        except ValueError:
+            return False
+        return True
+
+
+class _Optional(_Constraint):
+    def __init__(self, inner: _Constraint):
+        self.inner = inner
+        self.text = f"None or {inner.text}"
+
+    def ok(self, value) -> bool:
+        return value is None or self.inner.ok(value)
+
+
+_PARAMETER_CONSTRAINTS: dict[str, _Constraint] = {
+    "n_components": _Int(1),
+    "n_steps": _Int(0),
+    "n_warmup_steps": _Int(0),
+    "lr": _Real(positive=True),
+    "warmup_lr": _Real(positive=True),
+    "init": _OneOf("random", "custom"),
+    "seed": _Int(None),
+    "eps": _Real(positive=False),
+    "device": _Constraint(),
+    "dtype": _DType(),
+    "memory_budget": _Int(0),
+    "batch_size": _Optional(_Int(1)),
+    "nonfinite": _OneOf("raise", "exclude"),
+    "checkpoint_dir": _Constraint(),
+    "checkpoint_every": _Int(1),
+    "callback": _Constraint(),
+    "progress": _Bool(),
+    "verbose": _Int(0, bool_ok=True),
+}
+
+
+def validate_params(params: dict) -> None:
+    """Checks NPEFF hyper-parameters (any subset of ``NPEFF.__init__``'s arguments).
+
+    Raises ``ValueError`` whose message starts with the parameter's name and a space, e.g.
+    ``"lr must be a positive finite number; got -1.0"``.
+    """
+    for name, value in params.items():
+        constraint = _PARAMETER_CONSTRAINTS.get(name)
+        if constraint is None:
+            raise ValueError(f"{name} is not a parameter of NPEFF; valid: {sorted(_PARAMETER_CONSTRAINTS)}")
+        constraint.check(name, value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +374,235 @@ class _Shard:
 
 
 # ----------------------------------------------------------------------------------------------
+# Initialisation (App. D.4) and collectives
+# ----------------------------------------------------------------------------------------------
+
+
+def _init_W(seed: int, lo: int, hi: int, C: int, dtype) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of W ~ U[0, 1], drawn in seeded blocks of rows so any split over ranks gives the same W."""
+    parts = []
+    for block in range(lo // _W_INIT_BLOCK, (hi - 1) // _W_INIT_BLOCK + 1 if hi > lo else 0):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * block + 1)
+        rows = torch.rand(_W_INIT_BLOCK, C, generator=g, dtype=torch.float64)
+        a, b = max(lo, block * _W_INIT_BLOCK), min(hi, (block + 1) * _W_INIT_BLOCK)
+        parts.append(rows[a - block * _W_INIT_BLOCK : b - block * _W_INIT_BLOCK])
+    W = torch.cat(parts) if parts else torch.empty(0, C, dtype=torch.float64)
+    return W.to(dtype)
+
+
+def _init_H(seed: int, C: int, d: int, dtype) -> torch.Tensor:
+    """H ~ N(0, 2 / (C d))."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 2)
+    return (torch.randn(C, d, generator=g, dtype=torch.float64) * math.sqrt(2.0 / (C * d))).to(dtype)
+
+
+def _initial_state(shard: _Shard, C: int, seed: int, W=None, H=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of W, and H, on the device: drawn from ``seed`` or the given ones (``init="custom"``)."""
+    lo, hi, d, dtype, device = shard.lo, shard.hi, shard.dim, shard.dtype, shard.device
+    W_ = _init_W(seed, lo, hi, C, dtype) if W is None else torch.as_tensor(W)[lo:hi].to(dtype)
+    H_ = _init_H(seed, C, d, dtype) if H is None else torch.as_tensor(H).to(dtype).clone()
+    if tuple(W_.shape) != (hi - lo, C) or tuple(H_.shape) != (C, d):
+        raise ValueError(f"initial W must be [{len(shard.source)}, {C}] and H [{C}, {d}]")
+    if bool((W_ < 0).any()):
+        raise ValueError("initial W must be non-negative")
+    W_ = W_.to(device).clone()
+    W_[~shard.valid.to(device)] = 0
+    return W_, H_.to(device)
+
+
+def _all_reduce(buf: torch.Tensor) -> torch.Tensor:
+    """Sums ``buf`` over the ranks in place (no-op outside ``torch.distributed``)."""
+    if _dist_info()[1] > 1:
+        torch.distributed.all_reduce(buf)
+    return buf
+
+
+def _gather(W: torch.Tensor, norms: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full ``[m, C]`` coefficients and ``[m]`` norms on every rank (CPU)."""
+    _, world = _dist_info()
+    local = torch.cat([W, norms.to(W.dtype)[:, None]], 1)
+    if world == 1:
+        out = local
+    else:
+        width = max((k + 1) * m // world - k * m // world for k in range(world))
+        padded = torch.zeros(width, local.shape[1], dtype=local.dtype, device=local.device)
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(parts, padded)
+        out = torch.cat([p[: (k + 1) * m // world - k * m // world] for k, p in enumerate(parts)])
+    out = out.cpu()
+    return out[:, :-1].contiguous(), out[:, -1].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# The update steps
+# ----------------------------------------------------------------------------------------------
+
+
+def _sweep(shard: _Shard, W: torch.Tensor, H: torch.Tensor, n_valid: int, *, eps: float, update_W: bool, grad: bool):
+    """One pass: ``B = G H^T`` per block, then (optionally) the W update (in place) and the H gradient.
+
+    Returns (loss before, loss after the W update, gradient of the mean loss in H or None).
+    Scalars and the gradient are all-reduced together (one collective, App. D.3).
+    """
+    C, d = H.shape
+    S = H @ H.T
+    S2 = S * S  # (H H^T) ⊙ (H H^T)
+    acc = torch.zeros(C * d + C * C + 2 if grad else 2, dtype=H.dtype, device=H.device)
+    if grad:
+        gradT2 = acc[: C * d].view(C, d)
+        WtW = acc[C * d : C * d + C * C].view(C, C)
+    scal = acc[-2:].view(2)  # <W, N>, <W, W S2> before the W update
+    wn_mid = torch.zeros((), dtype=torch.float64, device=H.device)
+    for s, G, scale in shard.blocks():
+        b, r, _ = G.shape
+        Wb = W[s : s + b]
+        G2 = G.reshape(b * r, d)
+        B = (G2 @ H.T).view(b, r, C) * scale[:, None, None]  # App. D.1: B = G H^T (normalised)
+        N = B.square().sum(1)  # "example component"
+        D = Wb @ S2
+        scal[0] += (Wb * N).sum()
+        scal[1] += (Wb * D).sum()
+        if update_W:
+            Wb = Wb * N / (D + eps)  # multiplicative update, App. D.1
+            W[s : s + b] = Wb
+            wn_mid += (Wb * N).sum().double()
+        if grad:
+            coef = (B * Wb[:, None, :]) * scale[:, None, None]  # T2 = -4 sum W B G, App. D.2
+            gradT2.addmm_(coef.view(b * r, C).T, G2, alpha=-4.0)
+            WtW.addmm_(Wb.T, Wb)
+    if grad:
+        # T1 = 4 ((W^T W) ⊙ (H H^T)) H, linear in W^T W, so per-rank terms sum correctly.
+        gradT2.addmm_(WtW * S, H, alpha=4.0)
+        extra = torch.stack([wn_mid.to(H.dtype), (S2 * WtW).sum()])
+    else:
+        # <W', W' S2> for the updated W needs W'^T W' (cheap relative to the sweep).
+        wtw = torch.zeros(C, C, dtype=H.dtype, device=H.device)
+        if update_W:
+            for s in range(0, W.shape[0], 65536):
+                wtw.addmm_(W[s : s + 65536].T, W[s : s + 65536])
+        extra = torch.stack([wn_mid.to(H.dtype), (S2 * wtw).sum()])
+    packed = _all_reduce(torch.cat([acc, extra]))
+    wn, wd, wn2, wd2 = (float(x) for x in packed[-4:].double())
+    loss = (n_valid - 2.0 * wn + wd) / n_valid
+    loss_mid = (n_valid - 2.0 * wn2 + wd2) / n_valid if update_W else loss
+    g = packed[: C * d].view(C, d) / n_valid if grad else None
+    return loss, loss_mid, g
+
+
+def _w_updates(shard: _Shard, W: torch.Tensor, H: torch.Tensor, *, eps: float, n_steps: int) -> torch.Tensor:
+    """``n_steps`` multiplicative W updates (App. D.1) with H fixed; returns the new W.
+
+    ``B = G H^T`` does not change when H is fixed, so the data are read once and the updates then
+    run on ``[m, C]`` matrices.
+    """
+    C = H.shape[0]
+    S2 = (H @ H.T).square()
+    N = torch.empty(shard.m, C, dtype=H.dtype, device=H.device)
+    for s, G, scale in shard.blocks():
+        b, r, d = G.shape
+        B = (G.reshape(b * r, d) @ H.T).view(b, r, C) * scale[:, None, None]
+        N[s : s + b] = B.square().sum(1)
+    for step in range(n_steps):
+        W = W * N / (W @ S2 + eps)
+        if step % 50 == 0 and not bool(torch.isfinite(W).all()):
+            raise FloatingPointError(f"NPEFF.transform: non-finite coefficients at W step {step + 1}")
+    if not bool(torch.isfinite(W).all()):
+        raise FloatingPointError(f"NPEFF.transform: non-finite coefficients after {n_steps} W steps")
+    return W
+
+
+def _unit_norm(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm pseudo-Fisher vectors; ``W_ij h_j h_j^T`` unchanged (§2.2)."""
+    hnorm = H.norm(dim=1)
+    safe = torch.where(hnorm > 0, hnorm, torch.ones_like(hnorm))
+    return W * (safe * safe)[None, :], H / safe[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _fingerprint(params: dict, m: int, r: int, d: int) -> dict:
+    """What a checkpoint must share with the fit that resumes it (the data's shape and the numerics)."""
+    return {
+        "n_components": params["n_components"],
+        "m": m,
+        "rows": r,
+        "dim": d,
+        "seed": params["seed"],
+        "lr": params["lr"],
+        "warmup_lr": params["warmup_lr"],
+        "n_warmup_steps": params["n_warmup_steps"],
+        "eps": params["eps"],
+        "dtype": str(_resolve_dtype(params["dtype"])),
+        "init": params["init"],
+    }
+
+
+class _Checkpoints:
+    """``root/latest.json`` names the newest ``root/step-XXXXXXXX/``, which holds ``state.safetensors``
+    (H and the loss histories, from rank 0) and one ``W-<lo>-<hi>.safetensors`` per rank."""
+
+    def __init__(self, root: str | os.PathLike, lo: int, hi: int, fingerprint: dict):
+        self.root, self.lo, self.hi, self.fingerprint = Path(root), lo, hi, fingerprint
+
+    def save(self, step: int, W: torch.Tensor, H: torch.Tensor, hist: list, hist_w: list) -> None:
+        rank, world = _dist_info()
+        barrier = torch.distributed.barrier if world > 1 else (lambda: None)
+        step_dir = self.root / f"step-{step:08d}"
+        if rank == 0:
+            step_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        _save_tensors(step_dir / f"W-{self.lo:012d}-{self.hi:012d}.safetensors", {"W": W})
+        if rank == 0:
+            state = {"H": H, "loss": torch.tensor(hist, dtype=torch.float64)}
+            state["loss_w"] = torch.tensor(hist_w, dtype=torch.float64)
+            _save_tensors(step_dir / "state.safetensors", state)
+        barrier()
+        if rank == 0:
+            meta = {"step": step, "dir": step_dir.name, "fingerprint": self.fingerprint}
+            atomic_write(self.root / "latest.json", json.dumps(meta, indent=1))
+            for old in self.root.glob("step-*"):
+                if old.name != step_dir.name:
+                    shutil.rmtree(old, ignore_errors=True)
+        barrier()
+
+    def load(self, dtype: torch.dtype, device: torch.device):
+        """``(step, W, H, hist, hist_w)`` of the latest checkpoint (None when there is none); a checkpoint
+        of another fit is a ``ConfigMismatchError`` naming the differing fields."""
+        from .config import check_same  # config imports this module
+
+        root, lo, hi = self.root, self.lo, self.hi
+        if not (root / "latest.json").exists():
+            return None
+        meta = read_json(root / "latest.json")
+        check_same(
+            meta["fingerprint"],
+            self.fingerprint,
+            f"the checkpoint in {root}",
+            hint="use another checkpoint_dir or delete it",
+        )
+        step, step_dir = int(meta["step"]), root / meta["dir"]
+        state = _load_tensors(step_dir / "state.safetensors")
+        W = torch.empty(hi - lo, self.fingerprint["n_components"], dtype=dtype)
+        covered = 0
+        for f in sorted(step_dir.glob("W-*.safetensors")):
+            a, b = (int(x) for x in f.stem.split("-")[1:3])
+            x, y = max(a, lo), min(b, hi)
+            if x < y:
+                W[x - lo : y - lo] = _load_tensors(f)["W"][x - a : y - a].to(dtype)
+                covered += y - x
+        if covered != hi - lo:
+            raise ValueError(f"the checkpoint in {step_dir} does not cover examples [{lo}, {hi})")
+        # clone: a fresh, aligned buffer; BLAS takes another path (other rounding) on the loaded one
+        H = state["H"].to(device=device, dtype=dtype).clone()
+        # hist[:step]: the loss after `step` steps is recomputed by the next sweep
+        return step, W.to(device), H, state["loss"].tolist()[:step], state["loss_w"].tolist()[:step]
+
+
+# ----------------------------------------------------------------------------------------------
 # The estimator
 # ----------------------------------------------------------------------------------------------
 
@@ -304,7 +645,8 @@ class NPEFF:
     checkpoint_dir, checkpoint_every :
         Save the state every ``checkpoint_every`` steps (atomically); a new fit with the same
         ``checkpoint_dir`` and data resumes from the latest checkpoint and ends where an
-        uninterrupted fit would.
+        uninterrupted fit would. A checkpoint of another fit (other data, seed, learning rates, ...)
+        is a ``ConfigMismatchError`` (a ValueError) naming each differing field.
     callback : callable or None
         ``callback(step, loss)`` after each step (1-based ``step``); an exception stops the fit.
     progress : bool, default True
@@ -402,209 +744,34 @@ class NPEFF:
                 shown.append(f"{name}={value!r}")
         return f"NPEFF({', '.join(shown)})"
 
-    # -- validation -----------------------------------------------------------------------------
     def _validate(self) -> None:
-        def positive_int(name, value, zero_ok=False):
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero_ok else 1):
-                raise ValueError(f"{name} must be an integer >= {0 if zero_ok else 1}; got {value!r}")
+        validate_params(self.get_params())
 
-        positive_int("n_components", self.n_components)
-        positive_int("n_steps", self.n_steps, zero_ok=True)
-        positive_int("n_warmup_steps", self.n_warmup_steps, zero_ok=True)
-        positive_int("checkpoint_every", self.checkpoint_every)
-        if self.batch_size is not None:
-            positive_int("batch_size", self.batch_size)
-        for name in ("lr", "warmup_lr"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a positive finite number; got {v!r}")
-        if not (self.eps >= 0):
-            raise ValueError(f"eps must be >= 0; got {self.eps!r}")
-        if self.init not in ("random", "custom"):
-            raise ValueError(f"init must be 'random' or 'custom'; got {self.init!r}")
-        if self.nonfinite not in ("raise", "exclude"):
-            raise ValueError(f"nonfinite must be 'raise' or 'exclude'; got {self.nonfinite!r}")
-        _resolve_dtype(self.dtype)
-
-    def _device(self) -> torch.device:
-        if self.device is not None:
-            return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    def _shard(self, pefs, *, n_components: int) -> tuple[Any, _Shard, int]:
+    def _shard(self, pefs) -> tuple[Any, _Shard, int]:
+        """``(source, this rank's shard, number of valid examples over all ranks)``."""
         source = _as_source(pefs)
         m = len(source)
         if m == 0:
             raise ValueError("no PEFs: the input has 0 examples")
         rank, world = _dist_info()
-        lo, hi = rank * m // world, (rank + 1) * m // world
-        dtype, device = _resolve_dtype(self.dtype), self._device()
+        device = torch.device(
+            self.device if self.device is not None else "cuda" if torch.cuda.is_available() else "cpu"
+        )
         shard = _Shard(
             source,
-            lo,
-            hi,
-            dtype=dtype,
+            rank * m // world,
+            (rank + 1) * m // world,
+            dtype=_resolve_dtype(self.dtype),
             device=device,
             memory_budget=self.memory_budget,
             batch_size=self.batch_size,
             nonfinite=self.nonfinite,
-            n_components=n_components,
+            n_components=self.n_components,
         )
-        n_valid = self._all_reduce(torch.tensor([float(shard.valid.sum())], dtype=torch.float64, device=device))
-        n_valid = int(n_valid.item())
+        n_valid = int(_all_reduce(torch.tensor([float(shard.valid.sum())], dtype=torch.float64, device=device)).item())
         if n_valid == 0:
             raise ValueError("no example has a finite, non-zero PEF: nothing to decompose")
         return source, shard, n_valid
-
-    @staticmethod
-    def _all_reduce(buf: torch.Tensor) -> torch.Tensor:
-        if _dist_info()[1] > 1:
-            torch.distributed.all_reduce(buf)
-        return buf
-
-    # -- initialisation (App. D.4) ----------------------------------------------------------------
-    def _init_W(self, lo: int, hi: int, C: int, dtype) -> torch.Tensor:
-        """W ~ U[0, 1], drawn in seeded blocks of rows so any split over ranks gives the same W."""
-        parts = []
-        for block in range(lo // _W_INIT_BLOCK, (hi - 1) // _W_INIT_BLOCK + 1 if hi > lo else 0):
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * block + 1)
-            rows = torch.rand(_W_INIT_BLOCK, C, generator=g, dtype=torch.float64)
-            a, b = max(lo, block * _W_INIT_BLOCK), min(hi, (block + 1) * _W_INIT_BLOCK)
-            parts.append(rows[a - block * _W_INIT_BLOCK : b - block * _W_INIT_BLOCK])
-        W = torch.cat(parts) if parts else torch.empty(0, C, dtype=torch.float64)
-        return W.to(dtype)
-
-    def _init_H(self, C: int, d: int, dtype) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 2)
-        return (torch.randn(C, d, generator=g, dtype=torch.float64) * math.sqrt(2.0 / (C * d))).to(dtype)
-
-    # -- one sweep over the data --------------------------------------------------------------
-    def _sweep(self, shard: _Shard, W: torch.Tensor, H: torch.Tensor, n_valid: int, *, update_W: bool, grad: bool):
-        """One pass: ``B = G H^T`` per block, then (optionally) the W update and the H gradient.
-
-        Returns (loss before, loss after the W update, gradient of the mean loss in H or None).
-        Scalars and the gradient are all-reduced together (one collective, App. D.3).
-        """
-        C, d = H.shape
-        S = H @ H.T
-        S2 = S * S  # (H H^T) ⊙ (H H^T)
-        acc = torch.zeros(C * d + C * C + 2 if grad else 2, dtype=H.dtype, device=H.device)
-        if grad:
-            gradT2 = acc[: C * d].view(C, d)
-            WtW = acc[C * d : C * d + C * C].view(C, C)
-        scal = acc[-2:].view(2)  # <W, N>, <W, W S2> before the W update
-        wn_mid = torch.zeros((), dtype=torch.float64, device=H.device)
-        for s, G, scale in shard.blocks():
-            b, r, _ = G.shape
-            Wb = W[s : s + b]
-            G2 = G.reshape(b * r, d)
-            B = (G2 @ H.T).view(b, r, C) * scale[:, None, None]  # App. D.1: B = G H^T (normalised)
-            N = B.square().sum(1)  # "example component"
-            D = Wb @ S2
-            scal[0] += (Wb * N).sum()
-            scal[1] += (Wb * D).sum()
-            if update_W:
-                Wb = Wb * N / (D + self.eps)  # multiplicative update, App. D.1
-                W[s : s + b] = Wb
-                wn_mid += (Wb * N).sum().double()
-            if grad:
-                coef = (B * Wb[:, None, :]) * scale[:, None, None]  # T2 = -4 sum W B G, App. D.2
-                gradT2.addmm_(coef.view(b * r, C).T, G2, alpha=-4.0)
-                WtW.addmm_(Wb.T, Wb)
-        if grad:
-            # T1 = 4 ((W^T W) ⊙ (H H^T)) H, linear in W^T W, so per-rank terms sum correctly.
-            gradT2.addmm_(WtW * S, H, alpha=4.0)
-            extra = torch.stack([wn_mid.to(H.dtype), (S2 * WtW).sum()])
-        else:
-            # <W', W' S2> for the updated W needs W'^T W' (cheap relative to the sweep).
-            wtw = torch.zeros(C, C, dtype=H.dtype, device=H.device)
-            if update_W:
-                for s in range(0, W.shape[0], 65536):
-                    wtw.addmm_(W[s : s + 65536].T, W[s : s + 65536])
-            extra = torch.stack([wn_mid.to(H.dtype), (S2 * wtw).sum()])
-        packed = self._all_reduce(torch.cat([acc, extra]))
-        wn, wd, wn2, wd2 = (float(x) for x in packed[-4:].double())
-        loss = (n_valid - 2.0 * wn + wd) / n_valid
-        loss_mid = (n_valid - 2.0 * wn2 + wd2) / n_valid if update_W else loss
-        g = packed[: C * d].view(C, d) / n_valid if grad else None
-        return loss, loss_mid, g
-
-    # -- checkpoints ----------------------------------------------------------------------------
-    def _fingerprint(self, m: int, r: int, d: int) -> dict:
-        return {
-            "n_components": self.n_components,
-            "m": m,
-            "rows": r,
-            "dim": d,
-            "seed": self.seed,
-            "lr": self.lr,
-            "warmup_lr": self.warmup_lr,
-            "n_warmup_steps": self.n_warmup_steps,
-            "eps": self.eps,
-            "dtype": str(_resolve_dtype(self.dtype)),
-            "init": self.init,
-        }
-
-    def _save_checkpoint(self, step, W, H, hist, hist_w, lo, hi, fingerprint) -> None:
-        root = Path(self.checkpoint_dir)
-        rank, world = _dist_info()
-        step_dir = root / f"step-{step:08d}"
-        if rank == 0:
-            step_dir.mkdir(parents=True, exist_ok=True)
-        if world > 1:
-            torch.distributed.barrier()
-        _atomic_save_tensors(step_dir / f"W-{lo:012d}-{hi:012d}.safetensors", {"W": W})
-        if rank == 0:
-            _atomic_save_tensors(
-                step_dir / "state.safetensors",
-                {
-                    "H": H,
-                    "loss": torch.tensor(hist, dtype=torch.float64),
-                    "loss_w": torch.tensor(hist_w, dtype=torch.float64),
-                },
-            )
-        if world > 1:
-            torch.distributed.barrier()
-        if rank == 0:
-            meta = {"step": step, "dir": step_dir.name, "fingerprint": fingerprint}
-            _atomic_write_bytes(root / "latest.json", json.dumps(meta, indent=1).encode())
-            for old in root.glob("step-*"):
-                if old.name != step_dir.name:
-                    shutil.rmtree(old, ignore_errors=True)
-        if world > 1:
-            torch.distributed.barrier()
-
-    def _load_checkpoint(self, lo, hi, fingerprint, dtype, device):
-        root = Path(self.checkpoint_dir)
-        latest = root / "latest.json"
-        if not latest.exists():
-            return None
-        meta = json.loads(latest.read_text())
-        diff = {k: (meta["fingerprint"].get(k), v) for k, v in fingerprint.items() if meta["fingerprint"].get(k) != v}
-        if diff:
-            raise ValueError(
-                f"the checkpoint in {root} belongs to another fit (checkpoint vs now: {diff}); "
-                "use another checkpoint_dir or delete it"
-            )
-        step_dir = root / meta["dir"]
-        state = _load_tensors(step_dir / "state.safetensors")
-        W = torch.empty(hi - lo, fingerprint["n_components"], dtype=dtype)
-        covered = 0
-        for f in sorted(step_dir.glob("W-*.safetensors")):
-            a, b = (int(x) for x in f.stem.split("-")[1:3])
-            x, y = max(a, lo), min(b, hi)
-            if x < y:
-                W[x - lo : y - lo] = _load_tensors(f)["W"][x - a : y - a].to(dtype)
-                covered += y - x
-        if covered != hi - lo:
-            raise ValueError(f"the checkpoint in {step_dir} does not cover examples [{lo}, {hi})")
-        return (
-            int(meta["step"]),
-            W.to(device),
-            state["H"].to(device=device, dtype=dtype),
-            state["loss"].tolist(),
-            state["loss_w"].tolist(),
-        )
 
     # -- fit ------------------------------------------------------------------------------------
     def fit(self, pefs, y=None, *, W: torch.Tensor | None = None, H: torch.Tensor | None = None) -> NPEFF:
@@ -616,102 +783,75 @@ class NPEFF:
         self._validate()
         if (W is not None or H is not None) and self.init != "custom":
             raise ValueError("W / H initial values need init='custom'")
-        C = self.n_components
-        source, shard, n_valid = self._shard(pefs, n_components=C)
-        m, r, d = len(source), shard.rows, shard.dim
-        dtype, device = shard.dtype, shard.device
-        rank, world = _dist_info()
-        lo, hi = shard.lo, shard.hi
-
-        W_ = self._init_W(lo, hi, C, dtype) if W is None else torch.as_tensor(W)[lo:hi].to(dtype)
-        H_ = self._init_H(C, d, dtype) if H is None else torch.as_tensor(H).to(dtype).clone()
-        if tuple(W_.shape) != (hi - lo, C) or tuple(H_.shape) != (C, d):
-            raise ValueError(f"initial W must be [{m}, {C}] and H [{C}, {d}]")
-        if bool((W_ < 0).any()):
-            raise ValueError("initial W must be non-negative")
-        W_ = W_.to(device).clone()
-        H_ = H_.to(device)
-        W_[~shard.valid.to(device)] = 0
-
-        total = self.n_warmup_steps + self.n_steps
-        fingerprint = self._fingerprint(m, r, d)
+        source, shard, n_valid = self._shard(pefs)
+        W_, H_ = _initial_state(shard, self.n_components, self.seed, W, H)
         step, hist, hist_w = 0, [], []  # hist[t]: loss after t steps; hist_w[t]: after step t+1's W update
+        ckpt = None
         if self.checkpoint_dir is not None:
-            resumed = self._load_checkpoint(lo, hi, fingerprint, dtype, device)
+            fingerprint = _fingerprint(self.get_params(), len(source), shard.rows, shard.dim)
+            ckpt = _Checkpoints(self.checkpoint_dir, shard.lo, shard.hi, fingerprint)
+            resumed = ckpt.load(shard.dtype, shard.device)
             if resumed is not None:
                 step, W_, H_, hist, hist_w = resumed
-                hist = hist[:step]  # the loss after `step` steps is recomputed by the next sweep
-                hist_w = hist_w[:step]
-
-        bar = None
-        if self.progress and rank == 0 and total > step:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, initial=step, desc="NPEFF", unit="step", dynamic_ncols=True)
-        n_rises, first_rise = 0, None
-        try:
+        total, rises = self.n_warmup_steps + self.n_steps, []
+        show = self.progress and _dist_info()[0] == 0 and total > step
+        with progress_bar(total=total, initial=step, desc="NPEFF", unit="step", enabled=show) as bar:
             while step < total:
                 warm = step < self.n_warmup_steps
-                loss, loss_mid, g = self._sweep(shard, W_, H_, n_valid, update_W=not warm, grad=True)
-                phase = "warm-up" if warm else "joint"
+                lr = self.warmup_lr if warm else self.lr
+                loss, loss_mid, g = _sweep(shard, W_, H_, n_valid, eps=self.eps, update_W=not warm, grad=True)
                 if not (math.isfinite(loss) and math.isfinite(loss_mid) and bool(torch.isfinite(g).all())):
                     raise FloatingPointError(
-                        f"NPEFF: non-finite loss or H gradient at step {step + 1} ({phase}); "
-                        f"the H learning rate ({self.warmup_lr if warm else self.lr}) is probably too large"
+                        f"NPEFF: non-finite loss or H gradient at step {step + 1} ({'warm-up' if warm else 'joint'}); "
+                        f"the H learning rate ({lr}) is probably too large"
                     )
                 if hist and loss > hist_w[-1] + 1e-6 * max(1.0, abs(hist_w[-1])):
-                    n_rises += 1
-                    first_rise = first_rise or step
+                    rises.append(step)
                 hist.append(loss)
                 hist_w.append(loss_mid)
-                H_ -= (self.warmup_lr if warm else self.lr) * g  # App. D.2
+                H_ -= lr * g  # App. D.2
                 step += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.5f}", refresh=False)
-                if self.checkpoint_dir is not None and (step % self.checkpoint_every == 0 or step == total):
-                    self._save_checkpoint(step, W_, H_, hist, hist_w, lo, hi, fingerprint)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.5f}", refresh=False)
+                if ckpt is not None and (step % self.checkpoint_every == 0 or step == total):
+                    ckpt.save(step, W_, H_, hist, hist_w)
                 if self.callback is not None:
                     self.callback(step, loss)
-        finally:
-            if bar is not None:
-                bar.close()
-        final, _, _ = self._sweep(shard, W_, H_, n_valid, update_W=False, grad=False)
+        final, _, _ = _sweep(shard, W_, H_, n_valid, eps=self.eps, update_W=False, grad=False)
         if not math.isfinite(final):
             raise FloatingPointError(f"NPEFF: non-finite loss after step {step}; lower the learning rate")
         hist.append(final)
-        if n_rises:
+        if rises:
             warnings.warn(
-                f"NPEFF: the loss rose after {n_rises} H step(s) (first after step {first_rise}); "
+                f"NPEFF: the loss rose after {len(rises)} H step(s) (first after step {rises[0]}); "
                 "consider a smaller lr / warmup_lr",
                 RuntimeWarning,
                 stacklevel=2,
             )
+        W_, H_ = _unit_norm(W_, H_)
+        self._set_fitted(source, shard, W_, H_, hist, hist_w)
+        return self
 
-        # Unit-norm pseudo-Fisher vectors; W_ij h_j h_j^T unchanged (§2.2).
-        hnorm = H_.norm(dim=1)
-        safe = torch.where(hnorm > 0, hnorm, torch.ones_like(hnorm))
-        H_ = H_ / safe[:, None]
-        W_ = W_ * (safe * safe)[None, :]
-
-        coeffs, norms = self._gather(W_, shard.norms.to(device), m)
-        self.components_ = H_.cpu()
+    def _set_fitted(self, source, shard: _Shard, W: torch.Tensor, H: torch.Tensor, hist, hist_w) -> None:
+        """The learned attributes (every rank gets all of them), dead components, the verbose summary."""
+        coeffs, norms = _gather(W, shard.norms.to(W.device), len(source))
+        self.components_ = H.cpu()
         self.coefficients_ = coeffs
         self.pef_norms_ = norms.double()
         self.excluded_ = ~(torch.isfinite(self.pef_norms_) & (self.pef_norms_ > 0))
         self.loss_history_ = torch.tensor(hist, dtype=torch.float64)
         self.w_step_loss_history_ = torch.tensor(hist_w, dtype=torch.float64)
-        self.reconstruction_err_ = float(final)
-        self.n_iter_ = step
-        self.n_features_in_ = d
-        self.n_rows_ = r
+        self.reconstruction_err_ = float(hist[-1])
+        self.n_iter_ = len(hist) - 1
+        self.n_features_in_ = shard.dim
+        self.n_rows_ = shard.rows
         self.manifest_ = _manifest_of(source)
         self._set_dead()
-        if self.verbose and rank == 0:
+        if self.verbose and _dist_info()[0] == 0:
             print(
-                f"NPEFF: {step} steps, loss {hist[0]:.5f} -> {final:.5f}, {len(self.dead_components_)} dead components"
+                f"NPEFF: {self.n_iter_} steps, loss {hist[0]:.5f} -> {hist[-1]:.5f}, "
+                f"{len(self.dead_components_)} dead components"
             )
-        return self
 
     def _set_dead(self) -> None:
         colmax = self.coefficients_.max(0).values if self.coefficients_.shape[0] else torch.zeros(self.n_components)
@@ -722,33 +862,15 @@ class NPEFF:
                 f"NPEFF: {len(dead)} of {self.n_components} components are dead (coefficient column went to zero): "
                 f"{dead[:20].tolist()}{' ...' if len(dead) > 20 else ''}; a longer warm-up or a smaller lr may help",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-
-    @staticmethod
-    def _gather(W: torch.Tensor, norms: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full ``[m, C]`` coefficients and ``[m]`` norms on every rank (CPU)."""
-        _, world = _dist_info()
-        local = torch.cat([W, norms.to(W.dtype)[:, None]], 1)
-        if world == 1:
-            out = local
-        else:
-            width = max((k + 1) * m // world - k * m // world for k in range(world))
-            padded = torch.zeros(width, local.shape[1], dtype=local.dtype, device=local.device)
-            padded[: local.shape[0]] = local
-            parts = [torch.empty_like(padded) for _ in range(world)]
-            torch.distributed.all_gather(parts, padded)
-            out = torch.cat([p[: (k + 1) * m // world - k * m // world] for k, p in enumerate(parts)])
-        out = out.cpu()
-        return out[:, :-1].contiguous(), out[:, -1].contiguous()
 
     # -- transform ------------------------------------------------------------------------------
     def transform(self, pefs, n_steps: int | None = None) -> torch.Tensor:
         """Coefficients ``[m, C]`` for new PEFs with ``components_`` fixed: W steps only (§2.2).
 
-        ``B = G H^T`` does not change when H is fixed, so the data are read once and the
-        multiplicative updates then run on ``[m, C]`` matrices. ``n_steps`` defaults to
-        ``max(n_steps, 500)`` of the estimator.
+        The data are read once (see ``_w_updates``). ``n_steps`` defaults to ``max(n_steps, 500)``
+        of the estimator.
         """
         self._check_fitted()
         n_steps = max(self.n_steps, 500) if n_steps is None else n_steps
@@ -756,26 +878,12 @@ class NPEFF:
         if int(source.dim) != self.n_features_in_:
             raise ValueError(f"PEFs have dim {source.dim}; the components have {self.n_features_in_}")
         _check_same_space(self.manifest_, _manifest_of(source))
-        C = self.n_components
-        source, shard, n_valid = self._shard(source, n_components=C)
-        dtype, device = shard.dtype, shard.device
-        H = self.components_.to(device=device, dtype=dtype)
-        S2 = (H @ H.T).square()
-        N = torch.empty(shard.m, C, dtype=dtype, device=device)
-        for s, G, scale in shard.blocks():
-            b, r, d = G.shape
-            B = (G.reshape(b * r, d) @ H.T).view(b, r, C) * scale[:, None, None]
-            N[s : s + b] = B.square().sum(1)
-        W = self._init_W(shard.lo, shard.hi, C, dtype).to(device)
-        W[~shard.valid.to(device)] = 0
-        for step in range(n_steps):
-            W = W * N / (W @ S2 + self.eps)
-            if step % 50 == 0 and not bool(torch.isfinite(W).all()):
-                raise FloatingPointError(f"NPEFF.transform: non-finite coefficients at W step {step + 1}")
-        if not bool(torch.isfinite(W).all()):
-            raise FloatingPointError(f"NPEFF.transform: non-finite coefficients after {n_steps} W steps")
-        coeffs, _ = self._gather(W, shard.norms.to(device), len(source))
-        return coeffs
+        source, shard, _ = self._shard(source)
+        H = self.components_.to(device=shard.device, dtype=shard.dtype)
+        W = _init_W(self.seed, shard.lo, shard.hi, self.n_components, shard.dtype).to(shard.device)
+        W[~shard.valid.to(shard.device)] = 0
+        W = _w_updates(shard, W, H, eps=self.eps, n_steps=n_steps)
+        return _gather(W, shard.norms.to(shard.device), len(source))[0]
 
     def fit_transform(
         self, pefs, y=None, *, W: torch.Tensor | None = None, H: torch.Tensor | None = None
@@ -825,8 +933,8 @@ class NPEFF:
             },
             "manifest": self.manifest_,
         }
-        _atomic_save_tensors(directory / "npeff.safetensors", {k: getattr(self, k) for k in self._TENSORS})
-        _atomic_write_bytes(directory / "config.json", json.dumps(config, indent=1, default=str).encode())
+        _save_tensors(directory / "npeff.safetensors", {k: getattr(self, k) for k in self._TENSORS})
+        atomic_write(directory / "config.json", json.dumps(config, indent=1, default=str))
         return directory
 
     @classmethod

@@ -220,6 +220,9 @@ def fpc(
 ) -> FPCResult:
     """Fixed-point continuation for ``min ‖x‖₁ + (1/2μ)‖Φx − b‖²`` (App. F eq. 6).
 
+    A numerical solver kept in one function on purpose: its loop reads line by line against the
+    reference ``fpc.m``, which is how its constants and stopping rules were checked.
+
     Hale, Yin & Zhang, "A fixed-point continuation method for ℓ1-regularized minimization with
     applications to compressed sensing", Rice CAAM TR07-07 (2007); constants checked against the
     authors' ``fpc.m`` / ``fpc_opts.m`` (2007 release). ``fpc.m`` writes the objective as
@@ -521,12 +524,14 @@ def save_pseudo_fisher(
 ) -> None:
     """Save named pseudo-Fisher tensors as safetensors keyed by parameter name (loadable with
     ``safetensors.torch.load_file``); non-string metadata values are JSON-encoded."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from .io import atomic_write
 
     # safetensors refuses tensors sharing storage (views of one flat vector): copy each.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in named.items()}
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    save_file(tensors, os.fspath(path), metadata=meta)
+    atomic_write(path, save(tensors, metadata=meta))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,13 +585,91 @@ def projection_from_config(config: Mapping[str, Any]) -> ProjectionOperator:
         raise ValueError(f"projection config lacks {missing}: {dict(config)}")
     from npeff_lens import projection as projection_module  # the one definition of the projection
 
-    if kind == "sparse":
-        kwargs = {k: config[k] for k in ("seed", "density") if k in config}
-        return projection_module.SparseProjection(int(config["n_in"]), int(config["n_out"]), **kwargs)
-    factory = getattr(projection_module, "from_config", None)
-    if factory is not None:
-        return factory(dict(config))
-    raise ValueError(f"unsupported projection kind {kind!r} in {dict(config)}")
+    if kind != "sparse":
+        raise ValueError(f"unsupported projection kind {kind!r} in {dict(config)}")
+    kwargs = {k: config[k] for k in ("seed", "density") if k in config}
+    return projection_module.SparseProjection(int(config["n_in"]), int(config["n_out"]), **kwargs)
+
+
+def recover_direction(
+    components: torch.Tensor,
+    index: int,
+    projection: ProjectionOperator | None,
+    *,
+    method: str = "fpc",
+    reject_threshold: float | None = 0.5,
+    mu: float = 4e-5,
+    lambda_max: float | None = None,
+    **fpc_kwargs,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One component's flat parameter-space direction ``[n_in]`` and the solver's figures (§3.3, App. F).
+
+    ``h_index`` is rejected from the dissimilar components once (:func:`reject`; ``None`` skips it), then
+    ``method="fpc"`` solves FPC against ``projection`` (the figures are :class:`FPCResult`'s), and
+    ``method="adjoint"`` takes the back-projection ``A·b`` (``projection.adjoint(b)``; for it
+    ``δᵀF_iδ`` is the projected PEF's loading that NPEFF fitted; dense and cheap). ``projection=None``:
+    unprojected PEFs, whose components already live in parameter space.
+    """
+    if method not in ("fpc", "adjoint"):
+        raise ValueError(f"method must be 'fpc' or 'adjoint', got {method!r}")
+    if reject_threshold is not None:
+        b, rejected = reject(components, index, reject_threshold, return_indices=True)
+    else:
+        b, rejected = components[index], []
+    info: dict[str, Any] = {"n_rejected": len(rejected), "n_iter": None, "relative_residual": math.nan}
+    if projection is None:
+        return b.float().clone(), {**info, "relative_residual": 0.0}
+    if method == "adjoint":
+        return projection.adjoint(b.float()), info
+    res = fpc(projection, b, mu=mu, lambda_max=lambda_max, **fpc_kwargs)
+    if res.stopped_by == "max_iter":
+        logger.warning(
+            "component %d: FPC stopped at max_iter=%d before its stopping rule held (relative residual %.3g)",
+            index,
+            res.n_iter,
+            res.relative_residual,
+        )
+    return res.x, {**info, **res.as_dict()}
+
+
+def _recovery_inputs(decomposition, components, projection, layout, flat: bool):
+    """``(components_ [C, d], indices, projection operator, its config or None, layout or None)``, checked."""
+    if isinstance(decomposition, torch.Tensor):
+        comps = decomposition
+    elif isinstance(decomposition, Mapping):
+        comps = decomposition.get("components_")
+    else:
+        comps = getattr(decomposition, "components_", None)
+    if comps is None:
+        raise ValueError("decomposition has no components_ (fit it first, or pass the [C, d] tensor)")
+    comps = torch.as_tensor(comps)
+    if comps.ndim != 2:
+        raise ValueError(f"components_ must be [components, dim], got shape {list(comps.shape)}")
+    n_comp, dim = comps.shape
+    if components is None:
+        indices = list(range(n_comp))
+    else:
+        indices = [components] if isinstance(components, int) else [int(i) for i in components]
+    bad = [i for i in indices if not 0 <= i < n_comp]
+    if bad:
+        raise ValueError(f"component index {bad[0]} out of range: the decomposition has {n_comp} components")
+    proj_cfg = None
+    if projection is None or isinstance(projection, Mapping):
+        proj_cfg = dict(projection) if isinstance(projection, Mapping) else projection_config(decomposition)
+        if proj_cfg is None:
+            raise ValueError("no projection: pass projection= or a decomposition whose store manifest records one")
+        if "n_out" in proj_cfg and int(proj_cfg["n_out"]) != dim:
+            raise ValueError(f"projection n_out={proj_cfg['n_out']} does not match components_ width {dim}")
+        projection = projection_from_config(proj_cfg)
+    if projection.n_out != dim:
+        raise ValueError(f"projection n_out={projection.n_out} does not match components_ width {dim}")
+    if layout is None and not flat:
+        layout = layout_from(decomposition)
+    if layout is not None:
+        total = validate_layout(layout)
+        if total != projection.n_in:
+            raise ValueError(f"layout covers {total} parameters but the projection has n_in={projection.n_in}")
+    return comps, indices, projection, proj_cfg, layout
 
 
 def recover(
@@ -629,49 +712,9 @@ def recover(
 
     Returns: ``{j: {name: tensor}}`` (or ``{j: flat tensor}``), on ``device`` (default: that of ``components_``).
     """
-    if isinstance(decomposition, torch.Tensor):
-        comps = decomposition
-    elif isinstance(decomposition, Mapping):
-        comps = decomposition.get("components_")
-    else:
-        comps = getattr(decomposition, "components_", None)
-    if comps is None:
-        raise ValueError("decomposition has no components_ (fit it first, or pass the [C, d] tensor)")
-    comps = torch.as_tensor(comps)
-    if comps.ndim != 2:
-        raise ValueError(f"components_ must be [components, dim], got shape {list(comps.shape)}")
-    n_comp, dim = comps.shape
+    comps, indices, projection, proj_cfg, layout = _recovery_inputs(decomposition, components, projection, layout, flat)
     device = torch.device(device) if device is not None else comps.device
     comps = comps.to(device)
-
-    if components is None:
-        indices = list(range(n_comp))
-    elif isinstance(components, int):
-        indices = [components]
-    else:
-        indices = [int(i) for i in components]
-    bad = [i for i in indices if not 0 <= i < n_comp]
-    if bad:
-        raise ValueError(f"component index {bad[0]} out of range: the decomposition has {n_comp} components")
-
-    proj_cfg = None
-    if projection is None or isinstance(projection, Mapping):
-        proj_cfg = dict(projection) if isinstance(projection, Mapping) else projection_config(decomposition)
-        if proj_cfg is None:
-            raise ValueError("no projection: pass projection= or a decomposition whose store manifest records one")
-        if "n_out" in proj_cfg and int(proj_cfg["n_out"]) != dim:
-            raise ValueError(f"projection n_out={proj_cfg['n_out']} does not match components_ width {dim}")
-        projection = projection_from_config(proj_cfg)
-    if projection.n_out != dim:
-        raise ValueError(f"projection n_out={projection.n_out} does not match components_ width {dim}")
-
-    if layout is None and not flat:
-        layout = layout_from(decomposition)
-    if layout is not None:
-        total = validate_layout(layout)
-        if total != projection.n_in:
-            raise ValueError(f"layout covers {total} parameters but the projection has n_in={projection.n_in}")
-
     if lambda_max is None:
         lambda_max = estimate_lambda_max(
             projection,
@@ -683,40 +726,36 @@ def recover(
 
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-    iterator = indices
-    if progress:
-        from tqdm.auto import tqdm
+    from .io import progress as progress_bar
 
-        iterator = tqdm(indices, desc="recovering pseudo-Fisher vectors", unit="component")
+    iterator = progress_bar(indices, desc="recovering pseudo-Fisher vectors", unit="component", enabled=progress)
 
     results: dict[int, dict[str, torch.Tensor] | torch.Tensor] = {}
     for j in iterator:
-        if reject_threshold is not None:
-            b, rejected = reject(comps, j, reject_threshold, return_indices=True)
-        else:
-            b, rejected = comps[j], []
-        res = fpc(projection, b, mu=mu, lambda_max=lambda_max, verbose=verbose, **fpc_kwargs)
-        if res.stopped_by == "max_iter":
-            logger.warning(
-                "component %d: FPC stopped at max_iter=%d before its stopping rule held (relative residual %.3g)",
-                j,
-                res.n_iter,
-                res.relative_residual,
-            )
+        x, info = recover_direction(
+            comps,
+            j,
+            projection,
+            reject_threshold=reject_threshold,
+            mu=mu,
+            lambda_max=lambda_max,
+            verbose=verbose,
+            **fpc_kwargs,
+        )
         if verbose:
             logger.info(
                 "component %d: %d iterations, relative residual %.3g, %d nonzeros, rejected from %d",
                 j,
-                res.n_iter,
-                res.relative_residual,
-                int((res.x != 0).sum()),
-                len(rejected),
+                info["n_iter"],
+                info["relative_residual"],
+                int((x != 0).sum()),
+                info["n_rejected"],
             )
-        value = res.x if (layout is None or flat) else unflatten(res.x, layout)
+        value = x if (layout is None or flat) else unflatten(x, layout)
         results[j] = value
         if out_dir is not None:
-            named = {"pseudo_fisher": res.x} if isinstance(value, torch.Tensor) else value
-            meta = {"component": j, "reject_threshold": reject_threshold, "n_rejected": len(rejected), **res.as_dict()}
+            named = {"pseudo_fisher": x} if isinstance(value, torch.Tensor) else value
+            meta = {"component": j, "reject_threshold": reject_threshold, **info}
             if proj_cfg is not None:
                 meta["projection"] = proj_cfg
             save_pseudo_fisher(os.path.join(out_dir, f"component_{j:05d}.safetensors"), named, meta)

@@ -34,10 +34,13 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+
+from .config import ConfigMismatchError, check_same
+from .io import atomic_writer, to_jsonable
+from .io import fsync_dir as _fsync_dir
 
 __all__ = ["PEFStore", "StoreMismatchError", "CorruptStoreError", "StoreLockedError"]
 
@@ -66,7 +69,7 @@ _SHARD_RE = re.compile(r"^shard-(\d+)\.(npy|json)$")
 _VERIFIED: set[tuple] = set()
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(ConfigMismatchError):
     """An existing store was created with another configuration (manifest, rows, dim or dtype)."""
 
 
@@ -83,38 +86,9 @@ class StoreLockedError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp{os.getpid()}")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(f)`` into a temp file beside ``path``, fsync, rename over ``path``."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+def _write_bytes(path: Path, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 class _CrcWriter:
@@ -139,24 +113,6 @@ def _crc_of_file(path: Path) -> tuple[int, int]:
                 return crc, n
             crc = zlib.crc32(chunk, crc)
             n += len(chunk)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def _jsonable(obj: Any, what: str):
-    """A JSON round trip of ``obj`` (tuples become lists, numpy scalars numbers), or a clear error."""
-    try:
-        return json.loads(json.dumps(obj, default=_json_default))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} must be JSON-serialisable: {e}") from None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -317,7 +273,7 @@ class PEFStore:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
         if not isinstance(manifest, dict):
             raise TypeError(f"manifest must be a dict; got {type(manifest).__name__}")
-        user = _jsonable(manifest, "the manifest")
+        user = to_jsonable(manifest, "the manifest")
         clash = sorted(set(user) & set(_RESERVED_KEYS))
         if clash:
             raise ValueError(f"manifest keys {clash} are reserved by the store (it sets them itself)")
@@ -358,7 +314,7 @@ class PEFStore:
             updated=now,
         )
         # The manifest is written first: a kill before it leaves only temp files, which a rerun clears.
-        _write_atomic(path / MANIFEST, lambda f: f.write(json.dumps(full, indent=2, sort_keys=True).encode()))
+        _write_bytes(path / MANIFEST, json.dumps(full, indent=2, sort_keys=True).encode())
         _fsync_dir(path)
         store = cls(path)
         store._become_writer()
@@ -366,21 +322,15 @@ class PEFStore:
 
     def _check_same_config(self, user: dict, *, rows: int, dim: int, dtype: str) -> None:
         stored = {k: v for k, v in self._manifest.items() if k not in _RESERVED_KEYS}
-        diffs = []
-        for key in sorted(set(stored) | set(user)):
-            a, b = stored.get(key, "<missing>"), user.get(key, "<missing>")
-            if a != b:
-                diffs.append(f"{key!r}: store has {_short(a)}, given {_short(b)}")
-        for key, given in (("rows", rows), ("dim", dim), ("dtype", dtype)):
-            if self._manifest[key] != given:
-                diffs.append(f"{key!r}: store has {self._manifest[key]!r}, given {given!r}")
-        if diffs:
-            raise StoreMismatchError(
-                f"the PEF store at {self.path} was created with a different configuration; differing keys: "
-                + "; ".join(diffs)
-                + ". Running a different configuration into an existing store is an error, never a mix: "
-                "use another path (or delete this store)."
-            )
+        stored.update(rows=self._manifest["rows"], dim=self._manifest["dim"], dtype=self._manifest["dtype"])
+        check_same(
+            stored,
+            {**user, "rows": rows, "dim": dim, "dtype": dtype},
+            f"the PEF store at {self.path}",
+            hint="Running a different configuration into an existing store is an error, never a mix: "
+            "use another path (or delete this store).",
+            error=StoreMismatchError,
+        )
 
     # -- index -----------------------------------------------------------------------------------
     def _load_index(self) -> None:
@@ -508,14 +458,14 @@ class PEFStore:
                     break
                 good.append(line + b"\n")
                 total += int(e["count"])
-            _write_atomic(path / INDEX, lambda f: f.write(b"".join(good)))
+            _write_bytes(path / INDEX, b"".join(good))
             _fsync_dir(path)
             probe._entries = [json.loads(g) for g in good]
             probe.committed = total
             probe._remove_orphans()
             manifest["count"] = total
             manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            _write_atomic(path / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2, sort_keys=True).encode()))
+            _write_bytes(path / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
             return total
         finally:
             probe.close()
@@ -623,7 +573,7 @@ class PEFStore:
         if isinstance(metadata, dict) or len(metadata) != b:
             got = "a dict" if isinstance(metadata, dict) else f"{len(metadata)} entries"
             raise ValueError(f"metadata must be a list of {b} dicts (one per example); got {got}")
-        meta = _jsonable(list(metadata), "metadata")
+        meta = to_jsonable(list(metadata), "metadata")
         if not all(isinstance(m, dict) for m in meta):
             raise ValueError("metadata must be a list of dicts")
         if b == 0:
@@ -678,7 +628,7 @@ class PEFStore:
             _fsync_dir(self.path)
         name = f"shard-{start:012d}"
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
-        _write_atomic(shards / f"{name}.json", lambda f: f.write(meta_bytes))
+        _write_bytes(shards / f"{name}.json", meta_bytes)
         writer: list[_CrcWriter] = []
 
         def write_npy(f):
@@ -686,7 +636,8 @@ class PEFStore:
             writer.append(w)
             np.lib.format.write_array(w, np.ascontiguousarray(shard), allow_pickle=False)
 
-        _write_atomic(shards / f"{name}.npy", write_npy)
+        with atomic_writer(shards / f"{name}.npy") as f:
+            write_npy(f)
         _fsync_dir(shards)
         entry = {
             "start": start,
@@ -728,7 +679,7 @@ class PEFStore:
             package_version=__version__,
             updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        _write_atomic(self.path / MANIFEST, lambda f: f.write(json.dumps(m, indent=2, sort_keys=True).encode()))
+        _write_bytes(self.path / MANIFEST, json.dumps(m, indent=2, sort_keys=True).encode())
         self._manifest = m
 
     # -- reading -----------------------------------------------------------------------------------
@@ -867,8 +818,3 @@ class PEFStore:
             f"PEFStore({str(self.path)!r}, examples={len(self)}{pending}, rows={self.rows}, dim={self.dim}, "
             f"dtype={self.dtype_name}, shards={self.n_shards})"
         )
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    s = json.dumps(value, sort_keys=True) if not isinstance(value, str) or value != "<missing>" else value
-    return s if len(s) <= limit else s[: limit - 3] + "..."

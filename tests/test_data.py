@@ -1,4 +1,5 @@
 import collections
+import json
 
 import datasets
 import pytest
@@ -64,3 +65,161 @@ def test_user_dataset_column_mapping():
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(ValueError, match="movie-reviews, trec, qa-wikidata"):
         nl.load_dataset("sst2")
+
+
+# ---- user files and directories ----------------------------------------------------------------
+
+
+def _files(path):
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*"))
+
+
+def test_csv_with_custom_text_column_and_string_labels(tmp_path):
+    f = tmp_path / "reviews.csv"
+    f.write_text('id,sentence,sentiment\n1,"great, really",pos\n2,dull,neg\n3,NA,pos\n4,meh,neutral\n')
+    ds = nl.load_dataset(str(f), columns={"text": "sentence", "label": "sentiment"})
+    assert ds["text"] == ["great, really", "dull", "NA", "meh"]  # "NA" stays a text
+    assert ds["label_name"] == ["pos", "neg", "pos", "neutral"]
+    assert ds["label"] == [2, 0, 2, 1]  # index in the sorted distinct values
+    assert ds.features["label"].names == ["neg", "neutral", "pos"]
+    assert ds["id"] == [1, 2, 3, 4]
+    # label_names fixes the order; a pathlib.Path works too
+    ds = nl.load_dataset(f, columns={"text": "sentence", "label": "sentiment"}, label_names=["neg", "pos", "neutral"])
+    assert ds["label"] == [1, 0, 1, 2] and ds["label_name"] == ["pos", "neg", "pos", "neutral"]
+    assert ds.features["label"].names == ["neg", "pos", "neutral"]
+    with pytest.raises(ValueError, match=r"labels \['neutral'\] that are not in label_names \['neg', 'pos'\]"):
+        nl.load_dataset(f, columns={"text": "sentence", "label": "sentiment"}, label_names=["neg", "pos"])
+    assert _files(tmp_path) == ["reviews.csv"]  # no cache next to the user's file
+
+
+def test_tsv(tmp_path):
+    f = tmp_path / "d.tsv"
+    f.write_text("text\tlabel\na, b\t1\nc\t0\n")
+    ds = nl.load_dataset(f, label_names=["no", "yes"])
+    assert ds["text"] == ["a, b", "c"] and ds["label"] == [1, 0] and ds["label_name"] == ["yes", "no"]
+
+
+def test_json_lines_and_json_list(tmp_path):
+    rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}, {"text": "fine", "label": 1}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = nl.load_dataset(tmp_path / "d.jsonl", label_names=["negative", "positive"])
+    assert ds["text"] == ["good", "bad", "fine"] and ds["label"] == [1, 0, 1]
+    assert ds["label_name"] == ["positive", "negative", "positive"]
+    assert ds.features["label"].names == ["negative", "positive"]
+    # without names: integers keep their values, label_name is str(label)
+    ds = nl.load_dataset(tmp_path / "d.jsonl")
+    assert ds["label"] == [1, 0, 1] and ds["label_name"] == ["1", "0", "1"]
+    with pytest.raises(ValueError, match=r"labels \[1\] but 1 label names \['negative'\]"):
+        nl.load_dataset(tmp_path / "d.jsonl", label_names=["negative"])
+    # a JSON list of records, no label column: text only
+    (tmp_path / "d.json").write_text(json.dumps([{"q": "who?"}, {"q": "what?"}]))
+    ds = nl.load_dataset(str(tmp_path / "d.json"), columns={"text": "q", "label": None})
+    assert ds.column_names == ["text"] and ds["text"] == ["who?", "what?"]
+    with pytest.raises(ValueError, match="no 'label' column"):
+        nl.load_dataset(tmp_path / "d.json", columns={"text": "q"}, label_names=["a", "b"])
+
+
+def test_parquet(tmp_path):
+    datasets.Dataset.from_dict({"body": ["x", "y", "z"], "label": [2, 0, 1]}).to_parquet(tmp_path / "d.parquet")
+    ds = nl.load_dataset(tmp_path / "d.parquet", columns={"text": "body"}, label_names=["a", "b", "c"])
+    assert ds["text"] == ["x", "y", "z"] and ds["label"] == [2, 0, 1] and ds["label_name"] == ["c", "a", "b"]
+    assert "body" not in ds.column_names
+
+
+def test_save_to_disk_dataset(tmp_path):
+    features = datasets.Features({"sentence": datasets.Value("string"), "y": datasets.ClassLabel(names=["neg", "pos"])})
+    user = datasets.Dataset.from_dict(
+        {"sentence": [f"s{i}" for i in range(10)], "y": [i % 2 for i in range(10)]}, features
+    )
+    user.save_to_disk(tmp_path / "saved")
+    before = _files(tmp_path)
+    ds = nl.load_dataset(tmp_path / "saved", columns={"text": "sentence", "label": "y"})
+    assert ds["text"] == [f"s{i}" for i in range(10)] and ds["label"] == [i % 2 for i in range(10)]
+    assert ds["label_name"] == ["neg", "pos"] * 5 and ds.features["label"].names == ["neg", "pos"]
+    test = nl.load_dataset(tmp_path / "saved", "test", seed=3, columns={"text": "sentence", "label": "y"})
+    assert test["text"] == nl.load_dataset(user, "test", seed=3, columns={"text": "sentence", "label": "y"})["text"]
+    assert _files(tmp_path) == before  # nothing written into the user's directory
+
+
+def test_save_to_disk_dataset_dict(tmp_path):
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": [f"tr{i}" for i in range(10)], "label": ["a", "b"] * 5}),
+            "test": datasets.Dataset.from_dict({"text": ["te0", "te1", "te2"], "label": ["b", "b", "a"]}),
+            "validation": datasets.Dataset.from_dict({"text": ["va0"], "label": ["a"]}),
+        }
+    )
+    dd.save_to_disk(tmp_path / "dd")
+    # a split the DatasetDict has is returned whole, in order, not split again
+    te = nl.load_dataset(tmp_path / "dd", "test", seed=5)
+    assert te["text"] == ["te0", "te1", "te2"] and te["label"] == [1, 1, 0] and te["label_name"] == ["b", "b", "a"]
+    assert nl.load_dataset(tmp_path / "dd", "validation")["text"] == ["va0"]
+    assert nl.load_dataset(tmp_path / "dd", "train")["text"] == [f"tr{i}" for i in range(10)]
+    assert nl.load_dataset(tmp_path / "dd")["text"] == [f"tr{i}" for i in range(10)]  # split=None: "train"
+    assert nl.load_dataset(dd, "test")["text"] == ["te0", "te1", "te2"]  # in memory the same
+    # only "train": split="test" is the seeded test part of it
+    datasets.DatasetDict({"train": dd["train"]}).save_to_disk(tmp_path / "only_train")
+    te = nl.load_dataset(tmp_path / "only_train", "test", seed=1)
+    assert te["text"] == nl.load_dataset(dd["train"], "test", seed=1)["text"] and len(te) == 2
+    assert set(te["text"]) < set(dd["train"]["text"])
+    datasets.DatasetDict({"dev": dd["test"], "eval": dd["validation"]}).save_to_disk(tmp_path / "no_train")
+    with pytest.raises(ValueError, match=r"without a 'train' split; its splits are \['dev', 'eval'\]"):
+        nl.load_dataset(tmp_path / "no_train")
+    assert nl.load_dataset(tmp_path / "no_train", "eval")["text"] == ["va0"]
+    with pytest.raises(ValueError, match=r"without a 'valid' split; its splits are \['train', 'test', 'validation'\]"):
+        nl.load_dataset(tmp_path / "dd", "valid")
+
+
+def test_file_split_deterministic_and_disjoint(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("text,label\n" + "".join(f"t{i},{i // 25}\n" for i in range(50)))
+    tr, te = nl.load_dataset(f, "train", seed=7), nl.load_dataset(f, "test", seed=7)
+    assert len(tr) == 40 and len(te) == 10
+    assert not set(tr["text"]) & set(te["text"]) and set(tr["text"]) | set(te["text"]) == {f"t{i}" for i in range(50)}
+    assert all(int(t[1:]) // 25 == label for t, label in zip(tr["text"], tr["label"]))
+    assert nl.load_dataset(f, "test", seed=7)["text"] == te["text"]
+    assert nl.load_dataset(f, "test", seed=8)["text"] != te["text"]
+    assert te["text"] != sorted(te["text"], key=lambda t: int(t[1:]))  # shuffled order
+    # the same split as the same rows given as a Dataset
+    same = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(50)], "label": [i // 25 for i in range(50)]})
+    assert nl.load_dataset(same, "test", seed=7)["text"] == te["text"]
+    assert len(nl.load_dataset(f, "test", seed=7, test_fraction=0.5)) == 25
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"movie-reviews, trec, qa-wikidata.*CSV / TSV / JSON Lines / JSON / Parquet"):
+        nl.load_dataset("no-such-dataset")
+    with pytest.raises(ValueError, match="no such file or directory"):
+        nl.load_dataset(tmp_path / "missing.csv")
+    (tmp_path / "d.txt").write_text("text\nhello\n")
+    with pytest.raises(ValueError, match=r"unsupported file type '\.txt'.*\.csv, \.tsv, \.jsonl, \.json, \.parquet"):
+        nl.load_dataset(tmp_path / "d.txt")
+    (tmp_path / "plain_dir").mkdir()
+    with pytest.raises(ValueError, match="not written by datasets' save_to_disk"):
+        nl.load_dataset(tmp_path / "plain_dir")
+    (tmp_path / "d.csv").write_text("sentence,label\nhi,1\n")
+    with pytest.raises(ValueError, match=r"no 'text' column \(it has columns \['sentence', 'label'\]\).*--text-column"):
+        nl.load_dataset(tmp_path / "d.csv")
+    with pytest.raises(ValueError, match=r"columns \['body'\] not in the dataset at"):
+        nl.load_dataset(tmp_path / "d.csv", columns={"text": "body"})
+    (tmp_path / "e.csv").write_text("text,label\nhi,pos\nho,maybe\n")
+    with pytest.raises(ValueError, match=r"labels \['maybe'\] that are not in label_names \['neg', 'pos'\]"):
+        nl.load_dataset(tmp_path / "e.csv", label_names=["neg", "pos"])
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    with pytest.raises(ValueError, match="empty"):
+        nl.load_dataset(tmp_path / "empty.csv")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(ValueError, match="cannot read .* as a JSON Lines file"):
+        nl.load_dataset(tmp_path / "bad.jsonl")
+    with pytest.raises(TypeError, match="got int"):
+        nl.load_dataset(3)
+
+
+def test_builtin_rejects_columns_and_label_names():
+    with pytest.raises(ValueError, match="cannot be used with the built-in dataset 'trec'"):
+        nl.load_dataset("trec", columns={"text": "question"})
+    with pytest.raises(ValueError, match=r"label_names=\['a', 'b'\] cannot be used"):
+        nl.load_dataset("trec", label_names=["a", "b"])
+    # no-op mappings (what the command line passes by default) are fine
+    ds = nl.load_dataset("trec", "test", columns={"text": "text", "label": None})
+    assert len(ds) == round(0.2 * 5_452) and ds["text"] == nl.load_dataset("trec", "test")["text"]

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from npeff_lens.decomposition import NPEFF
+from npeff_lens.decomposition import _PARAMETER_CONSTRAINTS, NPEFF, validate_params
 
 
 def planted(m=240, C=6, d=48, max_active=3, seed=0, dtype=torch.float64):
@@ -225,8 +225,19 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     assert torch.equal(resumed.coefficients_, full.coefficients_)
     assert torch.equal(resumed.components_, full.components_)
     assert torch.allclose(resumed.loss_history_, full.loss_history_)
-    with pytest.raises(ValueError, match="another fit"):
+    with pytest.raises(ValueError, match="seed: stored 5, now 6"):
         NPEFF(4, seed=6, checkpoint_dir=tmp_path, **FAST).fit(G)
+
+
+def test_resume_with_another_lr_names_lr(tmp_path):
+    G, _, _ = planted(m=30, d=12)
+    kw = dict(seed=1, checkpoint_dir=tmp_path, checkpoint_every=5, n_steps=10, n_warmup_steps=5, progress=False)
+    NPEFF(3, lr=0.5, **kw).fit(G.float())
+    with pytest.raises(ValueError, match="lr") as err:
+        NPEFF(3, lr=0.1, **kw).fit(G.float())
+    assert "lr: stored 0.5, now 0.1" in str(err.value) and str(tmp_path) in str(err.value)
+    assert "warmup_lr" not in str(err.value) and "seed" not in str(err.value)  # only the differing field
+    NPEFF(3, lr=0.5, **kw).fit(G.float())  # the checkpoint is left intact: the same fit still resumes
 
 
 def test_save_load_round_trip(tmp_path, planted_fit):
@@ -297,3 +308,73 @@ def test_rank_one_2d_input_and_validation():
         NPEFF(3, **FAST).fit(torch.zeros(0, 1, 12))
     with pytest.raises(RuntimeError, match="not fitted"):
         NPEFF(3).transform(G.float())
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("n_components", 0),  # integer below the minimum
+        ("n_components", 2.0),  # not an integer
+        ("n_steps", -1),
+        ("n_warmup_steps", True),  # a bool is not an integer
+        ("checkpoint_every", 0),
+        ("memory_budget", -1),
+        ("seed", "0"),
+        ("verbose", -1),
+        ("lr", -1.0),  # positive finite number
+        ("lr", 0),
+        ("warmup_lr", float("inf")),
+        ("warmup_lr", float("nan")),
+        ("lr", "0.5"),
+        ("eps", -1e-12),  # non-negative number
+        ("eps", float("nan")),
+        ("init", "zeros"),  # choices
+        ("nonfinite", None),
+        ("batch_size", 0),  # optional integer
+        ("batch_size", 1.5),
+        ("progress", "yes"),  # bool
+        ("dtype", "int32"),  # floating torch dtype
+        ("dtype", "no_such_dtype"),
+        ("no_such_parameter", 1),  # not an NPEFF parameter
+    ],
+)
+def test_validate_params_names_the_parameter(name, value):
+    with pytest.raises(ValueError) as err:
+        validate_params({name: value})
+    assert str(err.value).startswith(name + " "), str(err.value)
+    assert str(err.value).split(" ", 1)[0] == name
+    if name in _PARAMETER_CONSTRAINTS:  # the estimator checks the same table
+        G, _, _ = planted(m=10, d=8)
+        with pytest.raises(ValueError, match=f"^{name} "):
+            NPEFF(3, **FAST).set_params(**{name: value}).fit(G.float())
+
+
+def test_validate_params_accepts_valid_values(tmp_path):
+    assert set(_PARAMETER_CONSTRAINTS) == set(NPEFF._param_names())
+    validate_params({})
+    validate_params(NPEFF(3).get_params())
+    validate_params(
+        {
+            "n_components": 1,
+            "n_steps": 0,
+            "n_warmup_steps": 0,
+            "lr": 2,
+            "warmup_lr": 1e-3,
+            "seed": -7,
+            "eps": 0,
+            "init": "custom",
+            "nonfinite": "exclude",
+            "dtype": "float64",
+            "device": "cpu",
+            "memory_budget": 0,
+            "batch_size": None,
+            "checkpoint_dir": tmp_path,
+            "checkpoint_every": 1,
+            "callback": print,
+            "progress": False,
+            "verbose": True,
+        }
+    )
+    validate_params({"dtype": torch.bfloat16, "batch_size": 3, "device": None, "checkpoint_dir": None})
+    with pytest.raises(ValueError, match=r"^lr must be a positive finite number; got -1\.0$"):
+        validate_params({"lr": -1.0})

@@ -1,7 +1,6 @@
 """Perturbations (§3.3, App. F): exact restore, KL against the quadratic Fisher prediction, selectivity
 along a planted direction, the ratio arithmetic, errors, and the end-to-end run + CLI on tiny-llama."""
 
-import argparse
 import json
 import math
 import random
@@ -19,12 +18,11 @@ from npeff_lens.perturb import (
     perturb_component,
     perturbation_kl,
     perturbed,
-    register_cli,
-    run_perturbation,
     summarize,
     task_log_probs,
     unit_direction,
 )
+from npeff_lens.runs import run_perturbation
 from npeff_lens.tasks import LabelTokens
 
 TEMPLATE = "Review: {text} Sentiment:"
@@ -51,7 +49,7 @@ def task(adapter):
 
 def _lrm_pef(adapter, task, prompt, names):
     """Exact LRM-PEF G(x) [outcomes, n] over ``names``: rows sqrt(p_y) ∇ log p_y (plain autograd)."""
-    params = dict(adapter._all_named_parameters())
+    params = dict(adapter.all_named_parameters())
     ps = [params[n] for n in names]
     lp = task.log_probs(adapter, adapter.tokenize([prompt]))[0]
     rows = []
@@ -62,7 +60,7 @@ def _lrm_pef(adapter, task, prompt, names):
 
 
 def _named(flat, adapter, names):
-    params = dict(adapter._all_named_parameters())
+    params = dict(adapter.all_named_parameters())
     out, off = {}, 0
     for n in names:
         k = params[n].numel()
@@ -72,11 +70,11 @@ def _named(flat, adapter, names):
 
 
 def _snapshot(adapter):
-    return {n: p.detach().clone() for n, p in adapter._all_named_parameters()}
+    return {n: p.detach().clone() for n, p in adapter.all_named_parameters()}
 
 
 def _same(adapter, snap):
-    return all(torch.equal(p, snap[n]) for n, p in adapter._all_named_parameters())
+    return all(torch.equal(p, snap[n]) for n, p in adapter.all_named_parameters())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,7 +83,7 @@ def _same(adapter, snap):
 def test_perturbed_sets_theta_plus_delta_and_restores_bit_exactly(adapter):
     snap = _snapshot(adapter)
     gen = torch.Generator().manual_seed(0)
-    params = dict(adapter._all_named_parameters())
+    params = dict(adapter.all_named_parameters())
     direction = {n: torch.randn(params[n].shape, generator=gen) for n in SUBSET}
     unit = unit_direction(direction)
     assert math.isclose(math.sqrt(sum(float(v.double().square().sum()) for v in unit.values())), 1.0, rel_tol=1e-6)
@@ -246,7 +244,7 @@ def test_baseline_examples_are_disjoint_seeded_and_capped():
 def test_huge_magnitude_is_a_clear_error_and_weights_survive(adapter, task):
     snap = _snapshot(adapter)
     prompts = task.prompts(_texts(4, seed=5))
-    params = dict(adapter._all_named_parameters())
+    params = dict(adapter.all_named_parameters())
     direction = {n: torch.ones(p.shape) for n, p in params.items() if ".layers." in n}
     with pytest.raises(NonFiniteLogitsError, match=r"component 3: .*magnitude 1e\+30.*smaller magnitude"):
         perturb_component(adapter, task, prompts, direction, 1e30, top=[0, 1], baseline=[2, 3], component=3)
@@ -270,10 +268,10 @@ def test_task_log_probs_batches_agree(adapter, task):
 @pytest.fixture(scope="module")
 def decomposition(tmp_path_factory, adapter, task):
     from npeff_lens.collect import collect_pefs
-    from npeff_lens.decomposition import NPEFF
+    from npeff_lens.runs import decompose_store
 
     root = tmp_path_factory.mktemp("perturb_e2e")
-    store = collect_pefs(
+    collect_pefs(
         adapter,
         _texts(24, seed=20),
         LabelTokens(TEMPLATE, [" positive", " negative"]),
@@ -282,9 +280,9 @@ def decomposition(tmp_path_factory, adapter, task):
         dtype="float32",
         progress=False,
     )
-    est = NPEFF(n_components=3, n_steps=50, n_warmup_steps=10, progress=False).fit(store)
-    est.save(root / "decomp")
-    (root / "decomp" / "source.json").write_text(json.dumps({"store": str((root / "store").resolve())}))
+    est = decompose_store(
+        root / "store", root / "decomp", n_components=3, n_steps=50, n_warmup_steps=10, progress=False
+    )
     return root, est
 
 
@@ -352,11 +350,14 @@ def test_run_perturbation_errors(decomposition, tmp_path):
         def __init__(self, **changes):
             self.metadata, self.manifest = real.metadata, {**real.manifest, **changes}
 
+        def __len__(self):
+            return len(real)
+
     layout = [dict(e) for e in real.manifest["layout"]]
     layout[0]["name"] = "model.layers.9.mlp.down_proj.weight"
-    with pytest.raises(ValueError, match="layout does not match"):
+    with pytest.raises(ValueError, match=r"(?s)layout\.0\.name: stored .*another space"):
         run_perturbation(root / "decomp", 1, store=Altered(layout=layout), progress=False)
-    with pytest.raises(ValueError, match="projection does not match"):
+    with pytest.raises(ValueError, match=r"projection\.seed: stored 0, now 1"):
         run_perturbation(
             root / "decomp", 1, store=Altered(projection={**real.manifest["projection"], "seed": 1}), progress=False
         )
@@ -366,32 +367,16 @@ def test_run_perturbation_errors(decomposition, tmp_path):
     bare.mkdir()
     for f in ("config.json", "npeff.safetensors"):
         (bare / f).write_bytes((root / "decomp" / f).read_bytes())
-    with pytest.raises(FileNotFoundError, match="source.json"):
+    with pytest.raises(FileNotFoundError, match="run.json naming its PEF store"):
         run_perturbation(bare, 1, progress=False)
 
 
 def test_cli_perturb(decomposition, capsys):
     root, _ = decomposition
-    parser = argparse.ArgumentParser(prog="npeff")
-    register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        [
-            "perturb",
-            str(root / "decomp"),
-            "--components",
-            "0,2",
-            "--magnitude",
-            "0.5",
-            "--top-k",
-            "4",
-            "--n-baseline",
-            "8",
-            "--out",
-            str(root / "cli_out"),
-            "--no-progress",
-        ]
-    )
-    args.func(args)
+    from npeff_lens.cli import main
+
+    argv = ["perturb", str(root / "decomp"), "--components", "0,2", "--magnitude", "0.5", "--top-k", "4"]
+    assert main([*argv, "--n-baseline", "8", "--out", str(root / "cli_out"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "geometric mean over 2 components" in out and "kl_ratio" in out
     table = json.loads((root / "cli_out" / "perturbation.json").read_text())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import npeff_lens as nl
-from npeff_lens.zero_shot import label_token_scores, median_threshold_accuracy
+from npeff_lens.zero_shot import held_out_accuracy
 
 pytestmark = pytest.mark.real_model
 TEMPLATE, LABELS = "Review: {text}\nSentiment:", [" negative", " positive"]
@@ -17,14 +17,8 @@ def smollm2():
 
 def test_smollm2_zero_shot_accuracy(smollm2):
     # Rule: threshold = median logit gap over 100 *training* reviews; accuracy on 200 held-out ones.
-    calib = nl.load_dataset("movie-reviews", "train", seed=0).select(range(100))
-    test = nl.load_dataset("movie-reviews", "test", seed=0).select(range(200))
-    acc, _ = median_threshold_accuracy(
-        label_token_scores(smollm2, calib["text"], TEMPLATE, LABELS),
-        label_token_scores(smollm2, test["text"], TEMPLATE, LABELS),
-        test["label"],
-    )
-    assert acc >= 0.70
+    result = held_out_accuracy(smollm2, n=300, n_calibration=100)
+    assert result["n_test"] == 200 and result["accuracy"] >= 0.70
 
 
 def test_smollm2_bridge_matches_hf(smollm2):

@@ -96,7 +96,7 @@ class ModelAdapter:
         return self.prediction_logits(self.tokenize(prompts))
 
     # --- parameters ------------------------------------------------------------------------
-    def _all_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+    def all_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """All parameters, deduplicated (a tied weight appears once, under its first name)."""
         seen, out = set(), []
         for name, p in self.module.named_parameters(remove_duplicate=False):
@@ -140,7 +140,7 @@ class ModelAdapter:
         """
         include = [include] if isinstance(include, str) else include
         exclude = [exclude] if isinstance(exclude, str) else exclude
-        params = self._all_named_parameters()
+        params = self.all_named_parameters()
         if include:
             chosen = [(n, p) for n, p in params if any(fnmatch.fnmatchcase(n, pat) for pat in include)]
         else:

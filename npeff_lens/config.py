@@ -1,0 +1,613 @@
+"""One frozen dataclass per step: the step's command line, the JSON written into its run directory,
+and its resume key.
+
+- ``CollectConfig``, ``DecomposeConfig``, ``PerturbConfig``: the knobs of a step, what the Python API
+  takes as keyword arguments (``collect_pefs(model, data, task, out, n=..., ...)`` builds a
+  ``CollectConfig``). Every field is documented and validated in ``__post_init__``.
+- ``CollectCommand``, ``DecomposeCommand``, ``PerturbCommand``, ``TopCommand``, ``DemoCommand``,
+  ``ZeroShotCommand``: the command line of ``npeff <step>``; a step's command extends its config with the
+  step's inputs (model and dataset names, paths).
+
+The argparse parser of each command is generated from its fields (:func:`add_arguments`): one flag per
+field, ``--snake-case`` spelled with dashes, the field's help line, its default. Fields marked
+``resume=False`` (progress bars, batch sizes, devices, paths) do not change the result and are left out
+of the resume key: ``config.key()``. A rerun into a directory compares the stored key with the new one;
+a difference is a :class:`ConfigMismatchError` that names each differing field with both values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from typing import Any, ClassVar, Literal
+
+__all__ = [
+    "ConfigError",
+    "ConfigMismatchError",
+    "diff",
+    "check_same",
+    "CollectConfig",
+    "DecomposeConfig",
+    "PerturbConfig",
+    "CollectCommand",
+    "DecomposeCommand",
+    "PerturbCommand",
+    "TopCommand",
+    "DemoCommand",
+    "ZeroShotCommand",
+    "add_arguments",
+    "from_args",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid (the message names the field and its flag)."""
+
+
+class ConfigMismatchError(ValueError):
+    """A directory holds the result of another configuration; the message names each differing field."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The one comparison behind every resume check (store manifests, checkpoints, run directories).
+# ----------------------------------------------------------------------------------------------
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    s = repr(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def diff(stored: Any, new: Any, prefix: str = "") -> list[str]:
+    """Lines ``"field: stored X, now Y"`` for every (nested) field where two JSON-like values differ."""
+    if isinstance(stored, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(stored) | set(new), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in stored:
+                out.append(f"{name}: not in the stored configuration, now {_short(new[key])}")
+            elif key not in new:
+                out.append(f"{name}: stored {_short(stored[key])}, not in the new configuration")
+            else:
+                out += diff(stored[key], new[key], name)
+        return out
+    if isinstance(stored, list) and isinstance(new, list) and len(stored) == len(new) and stored != new:
+        return [line for i, (a, b) in enumerate(zip(stored, new)) for line in diff(a, b, f"{prefix}.{i}")]
+    if isinstance(stored, float) and isinstance(new, float) and math.isnan(stored) and math.isnan(new):
+        return []
+    if stored != new:
+        return [f"{prefix or 'value'}: stored {_short(stored)}, now {_short(new)}"]
+    return []
+
+
+def check_same(stored: dict, new: dict, where: str, hint: str = "", error: type = ConfigMismatchError) -> None:
+    """Raises ``error`` naming the differing fields when ``stored != new`` (both JSON-like dicts)."""
+    lines = diff(stored, new)
+    if lines:
+        body = "\n  ".join(lines)
+        raise error(f"{where} holds the result of another configuration:\n  {body}" + (f"\n{hint}" if hint else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fields and the base class.
+# ----------------------------------------------------------------------------------------------
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    resume: bool = True,
+    cli: bool = True,
+    positional: bool = False,
+    metavar: str | None = None,
+):
+    """A documented config field. ``resume=False``: does not change the result (left out of ``key()``);
+    ``cli=False``: Python only; ``flag``: the CLI spelling when it differs from the field name."""
+    meta = {"help": help, "flag": flag, "resume": resume, "cli": cli, "positional": positional, "metavar": metavar}
+    if isinstance(default, list):
+        raise TypeError("use a tuple default for sequence fields (configs are frozen)")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Config:
+    """Base of every config: validation hooks, JSON round trip, resume key."""
+
+    step: ClassVar[str] = ""
+
+    def __post_init__(self):
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):  # JSON and kwargs give lists; configs hold tuples
+                object.__setattr__(self, f.name, tuple(value))
+            _check_type(self, f.name, getattr(self, f.name), hints[f.name])
+        self.validate()
+
+    def validate(self) -> None:
+        """Per-config checks (subclasses); raise :class:`ConfigError` via :meth:`_fail`."""
+
+    def _fail(self, name: str, message: str):
+        raise ConfigError(f"{type(self).__name__}: {name} ({_flag(dataclasses.fields(self), name)}) {message}")
+
+    def _require(self, name: str, ok: bool, message: str) -> None:
+        if not ok:
+            self._fail(name, f"{message}; got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        """Every field, JSON-ready (tuples as lists)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def key(self) -> dict:
+        """The fields that change the result: the resume key written into the run directory."""
+        return {
+            f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata.get("resume", True)
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """The config back from :meth:`to_dict`'s JSON; an unknown field is an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; valid: {sorted(names)}")
+        return cls(**data)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def check_resume(self, stored_key: dict, where: str) -> None:
+        """Same key as ``stored_key`` or a :class:`ConfigMismatchError` naming the differing fields."""
+        check_same(
+            stored_key,
+            self.key(),
+            where,
+            hint="rerun with the stored values to resume, or choose another output directory",
+        )
+
+
+def _plain(value):
+    return list(_plain(v) for v in value) if isinstance(value, tuple) else value
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp):
+    """``(inner type, optional?)`` for ``X | None``."""
+    args = typing.get_args(tp)
+    if (typing.get_origin(tp) in (typing.Union, types.UnionType)) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True  # our configs never mix several types with None
+    return tp, False
+
+
+def _check_type(cfg, name: str, value, tp) -> None:
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if not optional:
+            cfg._fail(name, "is required")
+        return
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        if value not in typing.get_args(inner):
+            cfg._fail(name, f"must be one of {list(typing.get_args(inner))}; got {value!r}")
+    elif origin is tuple:
+        elem = typing.get_args(inner)[0]
+        if not isinstance(value, tuple) or not all(isinstance(v, elem) for v in value):
+            cfg._fail(name, f"must be a sequence of {elem.__name__}; got {value!r}")
+    elif inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            cfg._fail(name, f"must be a number; got {value!r}")
+        object.__setattr__(cfg, name, float(value))
+    elif inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            cfg._fail(name, f"must be an integer; got {value!r}")
+    elif inner in (str, bool) and not isinstance(value, inner):
+        cfg._fail(name, f"must be a {inner.__name__}; got {value!r}")
+
+
+def _flag(fields, name: str) -> str:
+    for f in fields:
+        if f.name == name:
+            if f.metadata.get("positional"):
+                return f.name.upper()
+            return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# dataclass -> argparse, and back.
+# ----------------------------------------------------------------------------------------------
+
+
+def _none_or(conv):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else conv(text)
+
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _cli_order(cls) -> list:
+    """The command's own fields (its inputs) first, then the inherited step knobs."""
+    own = set(cls.__dict__.get("__annotations__", {}))
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One argument per CLI field of ``cls``, with its help line and default."""
+    hints = _hints(cls)
+    for f in _cli_order(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        tp, optional = _unwrap_optional(hints[f.name])
+        required = f.default is MISSING
+        kw: dict[str, Any] = {"help": meta.get("help", "")}
+        if not required:
+            kw["default"] = f.default
+            if "(default" not in kw["help"] and f.default is not None:
+                shown = _plain(f.default)
+                shown = " ".join(map(repr, shown)) if isinstance(shown, list) else repr(shown)
+                kw["help"] += f" (default: {shown.replace('%', '%%')})"
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is tuple:
+            kw["nargs"] = "+"
+            kw["type"] = _unescape if typing.get_args(tp)[0] is str else typing.get_args(tp)[0]
+        elif origin is Literal:
+            kw["choices"] = list(typing.get_args(tp)) + ([None] if optional else [])
+            kw["type"] = _none_or(str) if optional else str
+            kw.setdefault("metavar", "{" + ",".join(map(str, typing.get_args(tp))) + "}")
+        else:
+            conv = _unescape if tp is str else tp
+            kw["type"] = _none_or(conv) if optional else conv
+        if meta.get("positional"):
+            if not required:
+                kw["nargs"] = "?"
+            parser.add_argument(f.name, **kw)
+        else:
+            flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+            parser.add_argument(flag, dest=f.name, required=required and tp is not bool, **kw)
+
+
+def from_args(cls, args: argparse.Namespace):
+    """The config of parsed arguments (fields without a flag keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps.
+# ----------------------------------------------------------------------------------------------
+
+Dtype = Literal["float16", "bfloat16", "float32"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectConfig(_Config):
+    """How PEFs are collected (§2.1): what ``collect_pefs`` takes besides the model, data and task.
+
+    ``split``, ``data_seed`` and the column fields apply when the dataset is given by name or path."""
+
+    step: ClassVar[str] = "collect"
+
+    proj_dim: int | None = option(
+        8192,
+        "projected dimension d of the sparse random projection (§2.1.1); "
+        "0 or none stores unprojected rows (tiny models only)",
+    )
+    density: int = option(32, "projection density: outputs each parameter lands in (App. A: 32)")
+    rank: int | None = option(None, "keep the top-k right singular directions of each PEF (App. C); none: all rows")
+    params: tuple[str, ...] | None = option(
+        None,
+        "glob patterns of parameters to include (default: all but token embeddings and normalisation weights)",
+        metavar="GLOB",
+    )
+    exclude: tuple[str, ...] | None = option(None, "glob patterns of parameters to leave out", metavar="GLOB")
+    seed: int = option(0, "seed of the projection matrix (the same seed gives the same matrix on every backend)")
+    n: int | None = option(None, "number of examples, the first n of the dataset (default: all)")
+    split: Literal["train", "test"] | None = option(
+        None,
+        "train/test split of a dataset given by name or path (seeded by --data-seed); none: every row in file order",
+    )
+    data_seed: int = option(0, "seed of the train/test split")
+    text_column: str = option("text", "column holding the example text (a dataset given by file or directory)")
+    label_column: str | None = option(None, "column holding the label (default: 'label' when present)")
+    label_names: tuple[str, ...] | None = option(
+        None, "names of integer labels 0, 1, ... (default: a ClassLabel feature's names)"
+    )
+    max_length: int | None = option(256, "truncate prompts to this many tokens; none: no truncation")
+    dtype: Dtype = option("float16", "storage dtype of the PEFs")
+    top_k_probs: int = option(5, "probabilities kept per example for large outcome sets (next-token)")
+    engine: Literal["hooks", "loop"] = option(
+        "hooks",
+        "per-example gradients from module hooks, or one autograd call per example and row (the slow reference)",
+    )
+    batch_size: int = option(8, "examples per forward/backward pass", resume=False)
+    shard_size: int = option(256, "examples per store shard", resume=False)
+    flush_every: int = option(64, "make the store durable every this many examples", resume=False)
+    progress: bool = option(True, "show a progress bar (rate and ETA)", resume=False)
+
+    def validate(self):
+        if self.proj_dim == 0:
+            object.__setattr__(self, "proj_dim", None)
+        self._require("proj_dim", self.proj_dim is None or self.proj_dim >= 1, "must be >= 1 (or 0/none)")
+        self._require("density", self.density >= 1, "must be >= 1")
+        if self.proj_dim is not None:
+            self._require("density", self.density <= self.proj_dim, f"must be <= proj_dim ({self.proj_dim})")
+        self._require("rank", self.rank is None or self.rank >= 1, "must be >= 1")
+        self._require("n", self.n is None or self.n >= 1, "must be >= 1")
+        self._require("max_length", self.max_length is None or self.max_length >= 1, "must be >= 1")
+        for name in ("top_k_probs", "batch_size", "shard_size", "flush_every"):
+            self._require(name, getattr(self, name) >= 1, "must be >= 1")
+
+
+def _npeff_default(name: str):
+    """NPEFF's own default for one of its hyper-parameters (defaults are written once, in NPEFF)."""
+    import inspect
+
+    from .decomposition import NPEFF
+
+    return inspect.signature(NPEFF.__init__).parameters[name].default
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecomposeConfig(_Config):
+    """The NPEFF fit (§2.2, App. D); the fields are :class:`~npeff_lens.decomposition.NPEFF`'s."""
+
+    step: ClassVar[str] = "decompose"
+
+    n_components: int = option(help="number of components C", flag="--components")
+    n_steps: int = option(_npeff_default("n_steps"), "joint W/H steps after the warm-up (App. D)", flag="--steps")
+    n_warmup_steps: int = option(
+        _npeff_default("n_warmup_steps"), "H-only warm-up steps first (App. D.4)", flag="--warmup-steps"
+    )
+    lr: float = option(_npeff_default("lr"), "learning rate of the H gradient step (on the mean loss)")
+    warmup_lr: float = option(
+        _npeff_default("warmup_lr"),
+        "learning rate during the warm-up (up to ~0.1 C shortens it for hundreds of components)",
+    )
+    seed: int = option(_npeff_default("seed"), "seed of the initialisation")
+    eps: float = option(_npeff_default("eps"), "added to the denominator of the multiplicative W update")
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = option("float32", "compute dtype of the fit")
+    nonfinite: Literal["raise", "exclude"] = option(
+        _npeff_default("nonfinite"), "PEFs with NaN/inf: stop with an error, or leave them out (coefficients 0)"
+    )
+    device: str | None = option(None, "where to compute (default: CUDA when available, else CPU)", resume=False)
+    memory_budget: int = option(
+        _npeff_default("memory_budget"),
+        "bytes of PEFs held in memory; above it the store is streamed every step",
+        resume=False,
+    )
+    batch_size: int | None = option(
+        None, "examples per streamed batch or in-memory chunk (default: automatic)", resume=False
+    )
+    checkpoint_every: int = option(
+        _npeff_default("checkpoint_every"), "save a checkpoint every this many steps", resume=False
+    )
+    progress: bool = option(True, "show a progress bar with the loss", resume=False)
+
+    def validate(self):
+        from .decomposition import validate_params
+
+        try:
+            validate_params(self.estimator_params())
+        except ValueError as e:
+            name = str(e).split(" ", 1)[0]
+            self._fail(name, str(e).split(" ", 1)[1] if " " in str(e) else str(e))
+
+    def estimator_params(self) -> dict:
+        """Keyword arguments of ``NPEFF``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(DecomposeConfig)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerturbConfig(_Config):
+    """The perturbation experiment (§3.3, App. F)."""
+
+    step: ClassVar[str] = "perturb"
+
+    components: str = option("32", "the first N components (a number), or indices such as '0,3,7-9'", resume=False)
+    magnitude: float = option(
+        20.0,
+        "L2 norm of the perturbation over all selected parameters "
+        "(paper: 20 for SmolLM2-135M on SST-2, 30 for BERT on SNLI)",
+    )
+    top_k: int = option(16, "top examples per component, by coefficient")
+    n_baseline: int = option(1000, "random baseline examples, disjoint from the top ones")
+    seed: int = option(0, "seed of the baseline examples")
+    recovery: Literal["fpc", "adjoint"] = option(
+        "fpc", "parameter-space direction: FPC compressed sensing (App. F) or the back-projection A·h"
+    )
+    mu: float = option(4e-5, "FPC's μ (App. F)")
+    reject_threshold: float | None = option(
+        0.5, "reject h from the components with |cos| below this (§3.3); none: no rejection"
+    )
+    backend: Literal["hf", "bridge", "hooked", "nnsight"] | None = option(
+        None, "model backend (default: the one the PEFs were collected with)"
+    )
+    batch_size: int = option(32, "prompts per forward pass", resume=False)
+    device: str = option("cpu", "device of the model", resume=False)
+    progress: bool = option(True, "show a progress bar over components", resume=False)
+
+    def __post_init__(self):
+        if isinstance(self.components, (int, list, tuple)) and not isinstance(self.components, bool):
+            spec = self.components if isinstance(self.components, int) else ",".join(map(str, self.components))
+            object.__setattr__(self, "components", str(spec))
+        super().__post_init__()
+
+    def validate(self):
+        try:
+            self.component_list(None)
+        except ValueError as e:
+            self._fail("components", str(e))
+        self._require("magnitude", math.isfinite(self.magnitude) and self.magnitude > 0, "must be positive and finite")
+        self._require("top_k", self.top_k >= 1, "must be >= 1")
+        self._require("n_baseline", self.n_baseline >= 1, "must be >= 1")
+        self._require("mu", self.mu > 0, "must be > 0")
+        self._require("batch_size", self.batch_size >= 1, "must be >= 1")
+
+    def component_list(self, n_components: int | None) -> list[int]:
+        """The component indices: ``range(min(N, n_components))`` for a count, else the listed ones."""
+        text = self.components.strip()
+        if text.isdigit():
+            count = int(text)
+            if count < 1:
+                raise ValueError("must be >= 1")
+            return list(range(count if n_components is None else min(count, n_components)))
+        out = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, _, hi = part.partition("-")
+            if not lo.isdigit() or (hi and not hi.isdigit()):
+                raise ValueError(f"cannot read {part!r}: use a count ('16') or indices ('0,3,7-9')")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+        if not out:
+            raise ValueError("names no components")
+        bad = [i for i in out if n_components is not None and i >= n_components]
+        if bad:
+            raise ValueError(f"component index {bad[0]} out of range: the decomposition has {n_components} components")
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands: a step's config plus its inputs, as the command line names them.
+# ----------------------------------------------------------------------------------------------
+
+Backend = Literal["hf", "bridge", "hooked", "nnsight"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectCommand(CollectConfig):
+    """``npeff collect``: a model, a dataset and a task by name, and the collection's knobs."""
+
+    model: str = option(help="built-in model name (npeff models), local checkpoint directory or HF repo id")
+    backend: Backend = option("hf", "model backend")
+    device: str = option("cpu", "device of the model", resume=False)
+    dataset: str = option(
+        help="built-in dataset name (npeff datasets), a CSV / JSON Lines / Parquet file, or a "
+        "datasets.save_to_disk directory"
+    )
+    task: Literal["label-tokens", "classifier-head", "next-token"] = option(
+        "label-tokens", "what p(y|x) is (App. E): label tokens, the model's classifier head, or the next token"
+    )
+    template: str = option("{text}", "prompt template with {text} where the example goes; \\n is a newline")
+    labels: tuple[str, ...] | None = option(None, "label strings for label-tokens (leading spaces matter)")
+    expectation_projections: int = option(16, "r' rows of the expectation projection for next-token (App. B)")
+    task_seed: int = option(0, "seed of next-token's expectation-projection matrix")
+    out: str = option(
+        help="directory of the PEF store (created, or resumed when it holds this configuration)", resume=False
+    )
+
+    def validate(self):
+        super().validate()
+        if self.task == "label-tokens":
+            self._require(
+                "labels",
+                bool(self.labels) and len(self.labels) >= 2,
+                "needs two or more label strings for --task label-tokens (e.g. --labels ' negative' ' positive')",
+            )
+        self._require("template", "{text}" in self.template, "must contain {text}")
+        self._require("expectation_projections", self.expectation_projections >= 1, "must be >= 1")
+
+    def collect_config(self) -> CollectConfig:
+        """The library part (what ``collect_pefs`` takes)."""
+        names = {f.name for f in dataclasses.fields(CollectConfig)}
+        return CollectConfig(**{k: v for k, v in self.to_dict().items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecomposeCommand(DecomposeConfig):
+    """``npeff decompose``: fit NPEFF on a PEF store."""
+
+    store: str = option(help="the PEF store (a directory written by `npeff collect`)", resume=False)
+    out: str = option(
+        help="directory of the decomposition (created, or resumed when it holds this configuration)", resume=False
+    )
+
+    def decompose_config(self) -> DecomposeConfig:
+        return DecomposeConfig(**self.estimator_params())
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerturbCommand(PerturbConfig):
+    """``npeff perturb``: recover components in parameter space, perturb θ ± magnitude·ĥ, compare KLs."""
+
+    decomposition: str = option(
+        help="directory written by `npeff decompose`", positional=True, resume=False, metavar="DECOMPOSITION_DIR"
+    )
+    out: str | None = option(
+        None,
+        "directory for perturbation.csv / perturbation.json (resumes after the components already there)",
+        resume=False,
+    )
+    store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)", resume=False)
+
+    def perturb_config(self) -> PerturbConfig:
+        names = {f.name for f in dataclasses.fields(PerturbConfig)}
+        return PerturbConfig(**{k: v for k, v in self.to_dict().items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopCommand(_Config):
+    """``npeff top``: top examples per component and the tuning summary (§3.1)."""
+
+    decomposition: str = option(
+        help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR"
+    )
+    k: int = option(16, "top examples that define a tuning (§3.1)")
+    show: int = option(5, "examples printed per component")
+    store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)")
+
+    def validate(self):
+        self._require("k", self.k >= 1, "must be >= 1")
+        self._require("show", self.show >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoCommand(_Config):
+    """``npeff demo``: SmolLM2-135M on movie reviews, collect -> decompose -> top examples and tunings.
+
+    Sized for a 2-core CPU in a few minutes: the attention weights of the last ten layers (8.8M of the
+    106M non-embedding parameters) at density 8; every knob scales up."""
+
+    model: str = option("smollm2-135m", "model (npeff models)")
+    n: int = option(640, "number of training reviews")
+    params: tuple[str, ...] = option(
+        ("model.layers.2[0-9].self_attn.*",), "glob patterns of parameters", metavar="GLOB"
+    )
+    proj_dim: int = option(8192, "projected dimension d")
+    density: int = option(8, "projection density")
+    components: int = option(16, "number of NPEFF components")
+    steps: int = option(1000, "joint NPEFF steps")
+    batch_size: int = option(8, "examples per forward/backward pass")
+    show: int = option(3, "examples printed per component")
+    out: str = option("runs/demo", "run directory")
+    progress: bool = option(True, "show progress bars")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZeroShotCommand(_Config):
+    """``npeff zero-shot``: zero-shot label-token accuracy on held-out movie reviews."""
+
+    model: str = option("smollm2-135m", "model (npeff models)")
+    n: int = option(300, "number of reviews (a third calibrates the threshold, the rest are scored)")
+
+    def validate(self):
+        self._require("n", self.n >= 3, "must be >= 3")

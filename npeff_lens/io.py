@@ -1,0 +1,135 @@
+"""Small I/O helpers used everywhere: atomic writes, JSON, and the one progress-bar factory.
+
+Every file npeff_lens writes goes through :func:`atomic_write` (temp file beside the target, fsync,
+``os.replace``, fsync of the directory): a reader sees the old file or the new one, never a torn one,
+whatever point a ``kill -9`` or a full disk hits. Temp files are named ``<name>.tmp<pid>`` so that the
+next writer can tell a dead process's leftovers from a live one's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write", "atomic_writer", "write_json", "read_json", "to_jsonable", "progress", "tmp_name"]
+
+
+def tmp_name(path: Path) -> Path:
+    """``<name>.tmp<pid>``: the temp file a write to ``path`` goes through."""
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes a rename inside ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "wb", **open_kwargs):
+    """``with atomic_writer(p) as f: f.write(...)``: ``p`` is replaced only if the block completes."""
+    path = Path(path)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Writes ``data`` (text as UTF-8) to ``path`` atomically."""
+    with atomic_writer(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def _default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "tolist"):  # numpy arrays, torch tensors
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def to_jsonable(obj: Any, what: str = "the value") -> Any:
+    """A JSON round trip of ``obj`` (tuples become lists, tensors and numpy values lists/numbers)."""
+    try:
+        return json.loads(json.dumps(obj, default=_default))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be JSON-serialisable: {e}") from None
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1, sort_keys: bool = False) -> None:
+    """Writes ``obj`` as JSON, atomically."""
+    atomic_write(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=_default, allow_nan=True))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Reads a JSON file; a damaged one is a ``ValueError`` naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it or rerun the step into a new directory") from None
+
+
+class _NoBar:
+    """What :func:`progress` returns when progress is off: accepts the calls a tqdm bar does."""
+
+    def __init__(self, iterable=None):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def set_postfix_str(self, s=""):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def progress(iterable=None, *, enabled: bool = True, **kwargs):
+    """A tqdm bar (rate and ETA) or, with ``enabled=False``, a silent stand-in with the same methods."""
+    if not enabled:
+        return _NoBar(iterable)
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("smoothing", 0.1)
+    return tqdm(iterable, **kwargs)

@@ -1,0 +1,387 @@
+"""The run layer: configs (CLI <-> config <-> JSON), resume that never reuses a stale result, run
+directories (layout, moved trees, decompositions saved from Python), on tiny-llama end to end."""
+
+import ast
+import dataclasses
+import json
+import pathlib
+import random
+import shutil
+
+import pytest
+import torch
+
+from npeff_lens import config as C
+from npeff_lens.cli import COMMANDS, build_parser, main
+from npeff_lens.runs import RUN_FILE, decompose_store, load_run, run_perturbation, top_report
+
+WORDS = "great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie".split()
+
+
+def _reviews(n, seed=0):
+    rng = random.Random(seed)
+    return [
+        (" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))), rng.choice(["pos", "neg"])) for _ in range(n)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs: every command's CLI round trip, validation, the comparison behind resume.
+# --------------------------------------------------------------------------------------------------
+
+SAMPLES = {  # non-default values for every field of every command
+    C.CollectCommand: dict(
+        model="tiny-llama",
+        backend="bridge",
+        device="cpu",
+        dataset="data.csv",
+        text_column="review",
+        label_column="sentiment",
+        label_names=("neg", "pos"),
+        task="label-tokens",
+        template="Review: {text}\nSentiment:",
+        labels=(" negative", " positive"),
+        expectation_projections=4,
+        task_seed=3,
+        out="runs/x",
+        proj_dim=None,
+        density=4,
+        rank=2,
+        params=("model.layers.*",),
+        exclude=("*.bias",),
+        seed=7,
+        n=11,
+        split="test",
+        data_seed=2,
+        max_length=None,
+        dtype="bfloat16",
+        top_k_probs=3,
+        engine="loop",
+        batch_size=3,
+        shard_size=5,
+        flush_every=9,
+        progress=False,
+    ),
+    C.DecomposeCommand: dict(
+        store="s",
+        out="o",
+        n_components=7,
+        n_steps=3,
+        n_warmup_steps=2,
+        lr=0.25,
+        warmup_lr=1.5,
+        seed=4,
+        eps=1e-9,
+        dtype="float64",
+        nonfinite="exclude",
+        device="cpu",
+        memory_budget=1000,
+        batch_size=16,
+        checkpoint_every=5,
+        progress=False,
+    ),
+    C.PerturbCommand: dict(
+        decomposition="d",
+        out="p",
+        store="s",
+        components="0,3,7-9",
+        magnitude=3.5,
+        top_k=4,
+        n_baseline=9,
+        seed=2,
+        recovery="adjoint",
+        mu=1e-3,
+        reject_threshold=None,
+        backend="hooked",
+        batch_size=2,
+        device="cpu",
+        progress=False,
+    ),
+    C.TopCommand: dict(decomposition="d", k=4, show=2, store="s"),
+    C.DemoCommand: dict(
+        model="m",
+        n=10,
+        params=("a.*", "b.*"),
+        proj_dim=64,
+        density=2,
+        components=3,
+        steps=5,
+        batch_size=2,
+        show=1,
+        out="o",
+        progress=False,
+    ),  # fmt: skip
+    C.ZeroShotCommand: dict(model="m", n=9),
+}
+
+
+def _argv(cfg) -> list[str]:
+    """The command line that should parse back into ``cfg``."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        text = (lambda v: v.replace("\n", "\\n")) if isinstance(value, (str, tuple)) else str
+        if f.metadata.get("positional"):
+            out.insert(0, value)
+        elif isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            out += [flag, "none"]
+        elif isinstance(value, tuple):
+            out += [flag, *map(text, value)]
+        else:
+            out += [flag, text(value) if isinstance(value, str) else str(value)]
+    return out
+
+
+def test_every_command_has_a_sample():
+    assert {cls for cls, _, _ in COMMANDS.values() if cls is not None} == set(SAMPLES)
+    for cls, values in SAMPLES.items():
+        assert set(values) == {f.name for f in dataclasses.fields(cls)}, cls.__name__
+
+
+@pytest.mark.parametrize("cls", list(SAMPLES), ids=lambda c: c.__name__)
+def test_cli_config_json_round_trip(cls):
+    cfg = cls(**SAMPLES[cls])
+    name = next(n for n, (c, _, _) in COMMANDS.items() if c is cls)
+    args = build_parser().parse_args([name, *_argv(cfg)])
+    parsed = C.from_args(cls, args)
+    assert parsed == cfg
+    again = cls.from_dict(json.loads(json.dumps(parsed.to_dict())))
+    assert again == cfg and again.key() == cfg.key()
+    # defaults: a command line with only the required fields gives the dataclass defaults
+    required = [f for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    extra = {"task": "next-token"} if cls is C.CollectCommand else {}  # label-tokens needs --labels
+    minimal = cls(**{f.name: SAMPLES[cls][f.name] for f in required}, **extra)
+    args = build_parser().parse_args([name, *_argv_required(minimal, required), *_argv_extra(extra)])
+    assert C.from_args(cls, args) == minimal
+
+
+def _argv_extra(extra):
+    return [x for k, v in extra.items() for x in ("--" + k, v)]
+
+
+def _argv_required(cfg, required):
+    out = []
+    for f in required:
+        value = getattr(cfg, f.name)
+        if f.metadata.get("positional"):
+            out.insert(0, value)
+        else:
+            out += [f.metadata.get("flag") or "--" + f.name.replace("_", "-"), str(value)]
+    return out
+
+
+def test_every_flag_has_a_help_line(capsys):
+    for name, (cls, _, _) in COMMANDS.items():
+        if cls is None:
+            continue
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help line"
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert "--no-progress" in out or cls in (C.TopCommand, C.ZeroShotCommand)
+
+
+@pytest.mark.parametrize(
+    "cls, change, flag",
+    [
+        (C.DecomposeConfig, dict(n_components=0), "--components"),
+        (C.DecomposeConfig, dict(n_components=2, lr=-1.0), "--lr"),
+        (C.DecomposeConfig, dict(n_components=2, nonfinite="skip"), "--nonfinite"),
+        (C.CollectConfig, dict(density=0), "--density"),
+        (C.CollectConfig, dict(proj_dim=8, density=16), "--density"),
+        (C.CollectConfig, dict(n="10"), "--n"),
+        (C.CollectConfig, dict(dtype="float8"), "--dtype"),
+        (C.PerturbConfig, dict(components="0,x"), "--components"),
+        (C.PerturbConfig, dict(magnitude=float("inf")), "--magnitude"),
+        (C.CollectCommand, dict(model="m", dataset="d", out="o", labels=(" yes",)), "--labels"),
+        (C.CollectCommand, dict(model="m", dataset="d", out="o", labels=("a", "b"), template="no slot"), "--template"),
+    ],
+)
+def test_bad_values_name_the_flag(cls, change, flag):
+    with pytest.raises(C.ConfigError, match=flag):
+        cls(**change)
+
+
+def test_cli_bad_value_is_one_clear_line(capsys):
+    assert main(["decompose", "--store", "s", "--out", "o", "--components", "3", "--lr", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lr" in err[0] and "-1.0" in err[0]
+
+
+def test_component_lists():
+    assert C.PerturbConfig(components=3).component_list(10) == [0, 1, 2]
+    assert C.PerturbConfig(components="40").component_list(5) == [0, 1, 2, 3, 4]
+    assert C.PerturbConfig(components=[4, 1]).component_list(5) == [4, 1]
+    assert C.PerturbConfig(components="0,3,7-9").component_list(10) == [0, 3, 7, 8, 9]
+    with pytest.raises(ValueError, match="out of range"):
+        C.PerturbConfig(components="0,12").component_list(10)
+
+
+def test_diff_names_nested_fields():
+    stored = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "gone": 0, "e": [{"n": "p"}]}
+    new = {"a": 1, "b": {"c": [1, 3], "d": "x"}, "added": 2, "e": [{"n": "q"}]}
+    lines = C.diff(stored, new)
+    assert lines == [
+        "added: not in the stored configuration, now 2",
+        "b.c.1: stored 2, now 3",
+        "e.0.n: stored 'p', now 'q'",
+        "gone: stored 0, not in the new configuration",
+    ]
+    assert C.diff(stored, json.loads(json.dumps(stored))) == []
+    assert C.diff({"x": float("nan")}, {"x": float("nan")}) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end through the CLI on tiny-llama and a CSV file of the user's.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    csv = root / "reviews.csv"
+    csv.write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in _reviews(24)) + "\n")
+    collect = ["collect", "--model", "tiny-llama", "--dataset", str(csv), "--text-column", "review",
+               "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " positive",
+               " negative", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
+               "--no-progress"]  # fmt: skip
+    assert main(collect) == 0
+    decompose = ["decompose", "--store", str(root / "tree" / "pefs"), "--components", "3", "--steps", "40",
+                 "--warmup-steps", "10", "--out", str(root / "tree" / "npeff"), "--no-progress"]  # fmt: skip
+    assert main(decompose) == 0
+    return root, collect, decompose
+
+
+def test_collected_from_a_csv_with_its_columns(run):
+    from npeff_lens.store import PEFStore
+
+    root, _, _ = run
+    store = PEFStore(root / "tree" / "pefs")
+    meta = store.metadata
+    reviews = _reviews(24)
+    assert len(store) == 24 and meta["text"] == [t for t, _ in reviews]
+    assert meta["label_name"] == [s for _, s in reviews] and meta["label"] == [int(s == "pos") for _, s in reviews]
+    key = store.manifest["config"]
+    assert key["proj_dim"] == 256 and key["text_column"] == "review" and "batch_size" not in key
+
+
+def test_collect_with_another_density_names_it_and_changes_nothing(run, capsys):
+    root, collect, _ = run
+    before = (root / "tree" / "pefs" / "manifest.json").read_text()
+    assert main([*collect, "--density", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "density: stored 32, now 8" in err
+    assert main([*collect, "--batch-size", "3"]) == 0  # not part of the key: resumes (nothing left to do)
+    assert json.loads((root / "tree" / "pefs" / "manifest.json").read_text())["count"] == json.loads(before)["count"]
+
+
+def test_decompose_with_another_lr_exits_nonzero_naming_lr(run, capsys):
+    root, _, decompose = run
+    out = root / "tree" / "npeff"
+    rec = json.loads((out / RUN_FILE).read_text())
+    assert rec["step"] == "decompose" and rec["status"] == "done" and rec["config"]["n_components"] == 3
+    assert rec["source"]["relative"] == "../pefs"
+    weights = (out / "npeff.safetensors").read_bytes()
+    for flag, value, line in (("--lr", "0.1", "lr: stored 0.5, now 0.1"),
+                              ("--warmup-steps", "5", "n_warmup_steps: stored 10, now 5"),
+                              ("--seed", "1", "seed: stored 0, now 1")):  # fmt: skip
+        assert main([*decompose, flag, value]) == 2
+        err = capsys.readouterr().err
+        assert line in err and "choose another output directory" in err
+    assert main([*decompose, "--checkpoint-every", "7"]) == 0  # not part of the key: the finished fit
+    assert (out / "npeff.safetensors").read_bytes() == weights
+
+
+def test_an_interrupted_decomposition_resumes_to_the_same_fit(run, tmp_path, monkeypatch):
+    import npeff_lens.decomposition as decomposition
+
+    root, _, _ = run
+    store, out = root / "tree" / "pefs", tmp_path / "d"
+    ref = decomposition.NPEFF.load(root / "tree" / "npeff")
+    kw = dict(n_components=3, n_steps=40, n_warmup_steps=10, checkpoint_every=10, progress=False)
+    calls, sweep = [], decomposition._sweep
+
+    def interrupted(*args, **kwargs):  # a kill during step 26: checkpoints up to step 20 exist
+        calls.append(1)
+        if len(calls) == 26:
+            raise KeyboardInterrupt
+        return sweep(*args, **kwargs)
+
+    monkeypatch.setattr(decomposition, "_sweep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        decompose_store(store, out, **kw)
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "running"
+    monkeypatch.setattr(decomposition, "_sweep", sweep)
+    resumed = decompose_store(store, out, **kw)
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "done"
+    torch.testing.assert_close(resumed.components_, ref.components_, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.coefficients_, ref.coefficients_, rtol=0, atol=0)
+
+
+def test_decompose_refuses_a_folder_of_user_files(run, tmp_path):
+    root, _, _ = run
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds other files"):
+        decompose_store(root / "tree" / "pefs", tmp_path / "mine", n_components=2, n_steps=1, progress=False)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_top_report_load_run_and_a_moved_tree(run, tmp_path, capsys):
+    root, _, _ = run
+    report = top_report(root / "tree" / "npeff", k=4, show=2)
+    assert len([line for line in report["lines"] if line.startswith("component")]) == 3
+    assert report["summary_line"].startswith("3 components:")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root / "tree", moved)  # the original stays: the relative path must win
+    shutil.rmtree(moved / "pefs" / "shards")
+    with pytest.raises(Exception, match="corrupt|missing"):
+        load_run(moved / "npeff")
+    shutil.rmtree(moved)
+    shutil.copytree(root / "tree", moved)
+    est, store = load_run(moved / "npeff")
+    assert pathlib.Path(store.path).resolve() == (moved / "pefs").resolve()
+    assert main(["top", str(moved / "npeff"), "--k", "4", "--show", "1"]) == 0
+    assert "component 2" in capsys.readouterr().out
+
+
+def test_a_decomposition_saved_from_python_needs_store(run, tmp_path, capsys):
+    from npeff_lens.decomposition import NPEFF
+
+    root, _, _ = run
+    NPEFF.load(root / "tree" / "npeff").save(tmp_path / "py")
+    assert main(["top", str(tmp_path / "py")]) == 2
+    assert "pass --store" in capsys.readouterr().err
+    assert main(["top", str(tmp_path / "py"), "--store", str(root / "tree" / "pefs")]) == 0
+
+
+def test_perturb_resumes_and_another_magnitude_is_an_error(run, tmp_path, capsys):
+    root, _, _ = run
+    out = tmp_path / "perturb"
+    s1 = run_perturbation(root / "tree" / "npeff", 2, magnitude=0.5, top_k=4, n_baseline=8, out=out, progress=False)
+    rec = json.loads((out / RUN_FILE).read_text())
+    assert rec["step"] == "perturb" and rec["config"]["magnitude"] == 0.5 and "components" not in rec["config"]
+    s2 = run_perturbation(root / "tree" / "npeff", 2, magnitude=0.5, top_k=4, n_baseline=8, out=out, progress=False)
+    assert s2["records"] == json.loads(json.dumps(s1["records"]))
+    argv = ["perturb", str(root / "tree" / "npeff"), "--components", "2", "--top-k", "4", "--n-baseline", "8"]
+    assert main([*argv, "--magnitude", "0.7", "--out", str(out), "--no-progress"]) == 2
+    assert "magnitude: stored 0.5, now 0.7" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout rules.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_no_function_over_100_lines_unless_a_solver_says_why():
+    root = pathlib.Path(__file__).resolve().parents[1] / "npeff_lens"
+    long = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+                if "numerical solver" not in (ast.get_docstring(node) or ""):
+                    long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long
