@@ -106,10 +106,13 @@ def option(
     cli: bool = True,
     positional: bool = False,
     metavar: str | None = None,
+    escapes: bool = False,
 ):
     """A documented config field. ``resume=False``: does not change the result (left out of ``key()``);
-    ``cli=False``: Python only; ``flag``: the CLI spelling when it differs from the field name."""
+    ``cli=False``: Python only; ``flag``: the CLI spelling when it differs from the field name;
+    ``escapes``: the CLI reads ``\\n`` / ``\\t`` in the value as a newline / tab."""
     meta = {"help": help, "flag": flag, "resume": resume, "cli": cli, "positional": positional, "metavar": metavar}
+    meta["escapes"] = escapes
     if isinstance(default, list):
         raise TypeError("use a tuple default for sequence fields (configs are frozen)")
     return field(default=default, metadata=meta)
@@ -270,13 +273,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:
             kw["nargs"] = "+"
-            kw["type"] = _unescape if typing.get_args(tp)[0] is str else typing.get_args(tp)[0]
+            kw["type"] = _unescape if meta.get("escapes") else typing.get_args(tp)[0]
         elif origin is Literal:
             kw["choices"] = list(typing.get_args(tp)) + ([None] if optional else [])
             kw["type"] = _none_or(str) if optional else str
             kw.setdefault("metavar", "{" + ",".join(map(str, typing.get_args(tp))) + "}")
         else:
-            conv = _unescape if tp is str else tp
+            conv = _unescape if meta.get("escapes") else tp
             kw["type"] = _none_or(conv) if optional else conv
         if meta.get("positional"):
             if not required:
@@ -507,8 +510,12 @@ class CollectCommand(CollectConfig):
     task: Literal["label-tokens", "classifier-head", "next-token"] = option(
         "label-tokens", "what p(y|x) is (App. E): label tokens, the model's classifier head, or the next token"
     )
-    template: str = option("{text}", "prompt template with {text} where the example goes; \\n is a newline")
-    labels: tuple[str, ...] | None = option(None, "label strings for label-tokens (leading spaces matter)")
+    template: str = option(
+        "{text}", "prompt template with {text} where the example goes; \\n is a newline", escapes=True
+    )
+    labels: tuple[str, ...] | None = option(
+        None, "label strings for label-tokens (leading spaces matter; \\n is a newline)", escapes=True
+    )
     expectation_projections: int = option(16, "r' rows of the expectation projection for next-token (App. B)")
     task_seed: int = option(0, "seed of next-token's expectation-projection matrix")
     out: str = option(
