@@ -9,7 +9,7 @@ STAMP := $(VENV)/.npeff-setup-done
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 DEMO_ARGS ?=
 
-.PHONY: setup lint format test test-all demo bench clean help
+.PHONY: setup browser lint format test test-all demo bench clean help
 
 help:
 	@echo "make setup | make test | make lint | make format | make demo | make bench | make test-all (includes slow tests)"
@@ -24,6 +24,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m npeff_lens.assets all
 	@touch $(STAMP)
 
+# Debian's chromium for the report's browser tests (playwright's own browser download is blocked).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install \
+		-y -qq --no-install-recommends chromium; } || echo "could not install chromium: browser tests will be skipped"
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -32,10 +39,10 @@ format: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
-test-all: setup
+test-all: setup browser
 	$(PY) -m pytest -q -ra -m ""; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 demo: setup

@@ -22,6 +22,7 @@ _LAZY = {
     "recover": "npeff_lens.recovery",
     "tasks": "npeff_lens.tasks",
     "analysis": "npeff_lens.analysis",
+    "compare": "npeff_lens.runs",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import config as C
@@ -64,6 +65,24 @@ def _perturb(cmd: C.PerturbCommand):
         print(f"wrote {Path(cmd.out) / 'perturbation.csv'} and perturbation.json")
 
 
+def _compare(cmd: C.CompareCommand):
+    from .runs import compare, format_compare
+
+    results = compare(cmd.decomposition, cmd.compare_config(), store=cmd.store)
+    print(format_compare(results))
+    print(f"wrote {cmd.decomposition}/compare/compare.json")
+
+
+def _repair(cmd: C.RepairCommand):
+    from .store import PEFStore
+
+    report = PEFStore.repair(cmd.store)
+    missing = ", ".join(f"[{a}, {b})" for a, b in report["missing"])
+    print(f"{cmd.store}: {report['kept']} examples intact; removed {len(report['removed'])} damaged shard(s)"
+          + (f"; missing examples {missing}: rerun `npeff collect` with the same arguments to recollect them"
+             if missing else ""))  # fmt: skip
+
+
 def _demo(cmd: C.DemoCommand):
     from .runs import demo
 
@@ -89,6 +108,8 @@ COMMANDS = {
     "decompose": (C.DecomposeCommand, _decompose, "fit NPEFF on a PEF store (resumes from checkpoints)"),
     "top": (C.TopCommand, _top, "top examples per component and the tuning summary (§3.1)"),
     "perturb": (C.PerturbCommand, _perturb, "perturb the model along recovered components; KL ratios (§3.3)"),
+    "compare": (C.CompareCommand, _compare, "gradient clusters and TopK-SAE latents beside NPEFF, same metrics (§5)"),
+    "repair": (C.RepairCommand, _repair, "remove only the damaged shards of a PEF store (collect then refills them)"),
     "demo": (C.DemoCommand, _demo, "the end-to-end demo: SmolLM2-135M on movie reviews"),
     "zero-shot": (C.ZeroShotCommand, _zero_shot, "zero-shot label-token accuracy on held-out movie reviews"),
 }
@@ -98,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npeff", description="NPEFF: Non-Negative Per-Example Fisher Factorization for interpretability."
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also: NPEFF_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (cls, func, help_line) in COMMANDS.items():
         doc = (cls.__doc__ or "").strip().replace("``", "") if cls is not None else help_line
@@ -108,20 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple:
+    """Errors a user can cause (bad arguments or data, a locked, damaged or differently configured directory):
+    one line at the command line; anything else keeps its traceback."""
+    from .assets import MissingAssetError
+    from .models import ModelNotFoundError
+    from .store import StoreLockedError
+
+    return (MissingAssetError, ModelNotFoundError, StoreLockedError, ValueError, FileNotFoundError, ImportError)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from .assets import MissingAssetError
-    from .models import ModelNotFoundError
-
+    debug = args.debug or os.environ.get("NPEFF_DEBUG", "") not in ("", "0")
     try:
         target = C.from_args(args.config_class, args) if args.config_class is not None else args
         args.func(target)
-    except (MissingAssetError, ModelNotFoundError, ValueError, FileNotFoundError) as e:
-        print(f"npeff {args.command}: error: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        if debug:
+            raise
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"npeff {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"npeff {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -295,6 +295,125 @@ class PEFComputer:
                                 self._add(acc[i : i + 1], [j], slot, gp.reshape(1, 1, -1))
         return acc, log_probs.detach()
 
+    # --- exact token attributions (the report) ----------------------------------------------------
+    def token_contributions(
+        self,
+        prompts: Sequence[str],
+        directions: torch.Tensor,
+        assign: Sequence[int] | None = None,
+        max_length: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Exact split over token positions of ``G_row · h_k`` (the LRM-PEF row projected, then dotted with a
+        PEF-space vector ``h_k``) for each example, row and vector, without any per-token projection.
+
+        A hooked slot's per-example gradient is a sum over its output's positions, ``g = Σ_t g_t`` (``Linear``:
+        ``g_t = δ_t a_tᵀ``), so ``(g A) · h = Σ_t g_t · (A h)``: per position the bilinear form ``δ_tᵀ M a_t`` with
+        ``M`` the slot's block of the back-projection ``A h`` (``projection.adjoint``; ``A = I`` unprojected), a
+        bias term ``δ_t · m_b``, an embedding term ``δ_t · M[id_t]``. Fallback slots enter whole (their
+        per-example gradient · ``A h``). One forward and one backward per row for the batch; back-projection
+        blocks exist one slot at a time (all fallback slots' at once).
+
+        ``directions``: ``"k dim"``; ``assign`` (optional, one index per prompt): split each example along its
+        own direction only (then k = 1 in the outputs). Returns fp32 tensors: ``tokens`` ``"b k r t"`` (t: the
+        input's positions, padding included), ``untokenised`` ``"b k r"`` (hooked modules whose output has no
+        axis aligned with the input's positions, e.g. a classifier head), ``fallback`` ``"b k r"``, and
+        ``input_ids`` / ``attention_mask`` ``"b t"``, ``log_probs`` ``"b outcomes"``. The three terms sum to
+        ``G_row · h_k`` for the rows :meth:`compute` returns (before any rank reduction).
+        """
+        adapter, task = self.adapter, self.task
+        directions = torch.as_tensor(directions, dtype=torch.float32, device=adapter.device)
+        if directions.ndim != 2 or directions.shape[1] != self.dim:
+            raise ValueError(f"directions must be [k, {self.dim}], got {tuple(directions.shape)}")
+        pick = None if assign is None else torch.as_tensor(list(assign), dtype=torch.long, device=adapter.device)
+        if pick is not None and pick.shape != (len(prompts),):
+            raise ValueError(f"assign needs one direction index per prompt ({len(prompts)}), got {len(pick)}")
+        if not self.checked:
+            self.self_check(prompts[0], max_length=max_length)
+        batch = adapter.tokenize(prompts, max_length=max_length)
+        (b, T), K = batch["input_ids"].shape, directions.shape[0] if pick is None else 1
+        with self._only_selected_require_grad(), self._recording(), torch.enable_grad():
+            log_probs = task.log_probs(adapter, batch)
+            rows = task.pef_rows(log_probs)  # [b, r]
+            R = rows.shape[1]
+            out = {
+                "tokens": torch.zeros(b, K, R, T),
+                "untokenised": torch.zeros(b, K, R),
+                "fallback": torch.zeros(b, K, R),
+            }
+            records, self._records = self._records, []
+            mixed = [rec for rec in records if rec[2].ndim < 2 or rec[2].shape[0] != b]
+            if mixed:  # as in compute: outputs shared across the batch go to the exact fallback
+                self._demote(
+                    list({id(s): s for _m, _a, _y in mixed for s in self.hooked_modules.get(_m, [])}.values()),
+                    "have outputs shared across the batch",
+                )
+                records = [rec for rec in records if rec[0] in self.hooked_modules]
+            outputs = [y for _, _, y in records]
+            group = max(1, min(R, self.chunk_elems // (sum(y.numel() for y in outputs) or 1)))
+            for r0 in range(0, R, group):  # rows in groups whose output gradients fit the chunk budget
+                ridx = list(range(r0, min(R, r0 + group)))
+                grads = [
+                    torch.autograd.grad(rows[:, j].sum(), outputs, retain_graph=True, allow_unused=True)
+                    for j in (ridx if outputs else [])
+                ]
+                for k, (mod, a, _y) in enumerate(records):
+                    for slot in self.hooked_modules[mod]:
+                        m = self._back_projection(slot, directions)
+                        for gi, j in zip(grads, ridx):
+                            if gi[k] is None:
+                                continue
+                            g = rearrange(gi[k].float(), "b ... o -> b (...) o")
+                            terms = self._token_terms(slot, a, g, m, pick)  # [b, k, positions]
+                            if terms.shape[-1] == T:
+                                out["tokens"][:, :, j] += terms.cpu()
+                            else:
+                                out["untokenised"][:, :, j] += terms.sum(-1).cpu()
+                del grads
+            if self.fallback:
+                fparams = [s.param for s in self.fallback]
+                blocks = [self._back_projection(s, directions) for s in self.fallback]
+                for i in range(b):
+                    for j in range(R):
+                        gs = torch.autograd.grad(rows[i, j], fparams, retain_graph=True, allow_unused=True)
+                        for m, gp in zip(blocks, gs):
+                            if gp is not None:
+                                m = m if pick is None else m[pick[i] : pick[i] + 1]
+                                out["fallback"][i, :, j] += (m @ gp.reshape(-1).float()).cpu()
+        out.update(
+            input_ids=batch["input_ids"].cpu(),
+            attention_mask=batch["attention_mask"].cpu(),
+            log_probs=log_probs.detach().float().cpu(),
+        )
+        return out
+
+    def _back_projection(self, slot: _Slot, directions: torch.Tensor) -> torch.Tensor:
+        """The slot's block of ``A h`` for each direction, ``"k numel"`` (``A = I`` without a projection)."""
+        n = slot.param.numel()
+        if self.projection is None:
+            return directions[:, slot.offset : slot.offset + n]
+        return self.projection.adjoint(directions, offset=slot.offset, length=n)
+
+    @staticmethod
+    def _token_terms(slot: _Slot, a: torch.Tensor, g: torch.Tensor, m: torch.Tensor, pick) -> torch.Tensor:
+        """``"b k p"``: per output position p, the slot's per-position gradient · its back-projection block
+        ``m`` ``"k numel"`` (with ``pick`` ``"b"``: example b's own direction ``m[pick[b]]`` only, k = 1);
+        a ``[b, ..., in]`` inputs, g ``[b, p, out]`` output gradients."""
+        shape = slot.param.shape
+        m = m.reshape(-1, *shape) if pick is None else m[pick].reshape(-1, *shape)  # "k ..." or "b ..."
+        if slot.kind == "embedding":
+            ids = rearrange(a, "b ... -> b (...)")
+            if pick is not None:
+                rows = m[torch.arange(len(ids), device=ids.device)[:, None], ids]  # [b, p, dim]
+                return torch.einsum("bpd,bpd->bp", g, rows)[:, None]
+            return torch.einsum("bpd,kbpd->bkp", g, m[:, ids])
+        if slot.kind in ("linear_b", "conv1d_b"):
+            return torch.einsum("bpo,bo->bp", g, m)[:, None] if pick is not None else torch.einsum("bpo,ko->bkp", g, m)
+        a = rearrange(a, "b ... i -> b (...) i").float()
+        w = "oi" if slot.kind == "linear_w" else "io"  # Linear weight [out, in]: δ_tᵀ M a_t; GPT-2 Conv1D [in, out]
+        if pick is not None:
+            return (torch.einsum(f"bpo,b{w}->bpi", g, m) * a).sum(-1)[:, None]
+        return (torch.einsum(f"bpo,k{w}->bkpi", g, m) * a[:, None]).sum(-1)
+
 
 def pef_frobenius_norms(pefs: torch.Tensor) -> torch.Tensor:
     """``||G^T G||_F = ||G G^T||_F`` per example, from the r x r Gram."""
@@ -399,24 +518,35 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
 
 
 def _collect_into(store, computer: PEFComputer, dataset, task: Task, cfg: CollectConfig, n: int) -> int:
-    """Appends examples ``[len(store), n)``, flushing every ``cfg.flush_every``; returns the number flagged."""
+    """Recollects the store's missing ranges (shards ``repair`` removed), then appends examples
+    ``[len(store), n)``, flushing every ``cfg.flush_every``; returns the number flagged."""
     start, flagged, since_flush = len(store), 0, 0
-    if start >= n:
+    todo = sum(b - a for a, b in store.missing) + max(0, n - start)
+    if todo == 0:
         return 0
-    bar = progress(total=n, initial=start, desc="collect", unit="ex", enabled=cfg.progress)
+    bar = progress(total=todo, desc="collect", unit="ex", enabled=cfg.progress)
+
+    def batch(lo, hi):
+        rows = dataset[lo:hi]
+        pefs, log_probs = computer.compute(task.prompts(rows["text"]), max_length=cfg.max_length)
+        pefs, meta = _finish_batch(pefs, log_probs, rows, lo, task, cfg.rank, cfg.top_k_probs)
+        bar.update(hi - lo)
+        return pefs.cpu(), meta, sum(m["flag"] is not None for m in meta)
+
     try:
+        for a, b in list(store.missing):
+            for lo in range(a, b, cfg.batch_size):  # the batches of an uninterrupted run: same bytes
+                pefs, meta, bad = batch(lo, min(b, lo + cfg.batch_size))
+                store.fill(lo, pefs, meta)
+                flagged += bad
         for lo in range(start, n, cfg.batch_size):
-            hi = min(n, lo + cfg.batch_size)
-            rows = dataset[lo:hi]
-            pefs, log_probs = computer.compute(task.prompts(rows["text"]), max_length=cfg.max_length)
-            pefs, meta = _finish_batch(pefs, log_probs, rows, lo, task, cfg.rank, cfg.top_k_probs)
-            flagged += sum(m["flag"] is not None for m in meta)
-            store.append(pefs.cpu(), meta)
-            since_flush += hi - lo
+            pefs, meta, bad = batch(lo, min(n, lo + cfg.batch_size))
+            store.append(pefs, meta)
+            flagged += bad
+            since_flush += len(meta)
             if since_flush >= cfg.flush_every:
                 store.flush()
                 since_flush = 0
-            bar.update(hi - lo)
     finally:
         store.flush()
         bar.close()

@@ -37,6 +37,9 @@ __all__ = [
     "DecomposeCommand",
     "PerturbCommand",
     "TopCommand",
+    "CompareConfig",
+    "RepairCommand",
+    "CompareCommand",
     "DemoCommand",
     "ZeroShotCommand",
     "add_arguments",
@@ -89,7 +92,7 @@ def check_same(stored: dict, new: dict, where: str, hint: str = "", error: type 
     lines = diff(stored, new)
     if lines:
         body = "\n  ".join(lines)
-        raise error(f"{where} holds the result of another configuration:\n  {body}" + (f"\n{hint}" if hint else ""))
+        raise error(f"{where} holds the result of another configuration\n  {body}" + (f"\n{hint}" if hint else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,6 +588,85 @@ class TopCommand(_Config):
     def validate(self):
         self._require("k", self.k >= 1, "must be >= 1")
         self._require("show", self.show >= 0, "must be >= 0")
+
+
+METHODS = ("npeff", "grad-cluster", "sae")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig(_Config):
+    """NPEFF beside gradient clustering (§5.1) and TopK SAEs (§5.2) on the same examples, with one set of
+    metrics (``analysis.method_summary``)."""
+
+    step: ClassVar[str] = "compare"
+
+    methods: tuple[str, ...] = option(METHODS, f"methods to compare, from {', '.join(METHODS)}", metavar="METHOD")
+    components: int | None = option(None, "clusters / SAE latents (default: the decomposition's number of components)")
+    k: int = option(16, "top examples per component that define tunings, argmax-sharing and coverage (§3.1, §5)")
+    threshold: float = option(0.95, "fraction of the top examples that must agree for a tuning")
+    seed: int = option(0, "seed of k-means and of the SAE")
+    sae_hook: str | None = option(
+        None,
+        "where the SAE reads activations: a TransformerLens hook name (blocks.5.hook_resid_pre) for hooked/bridge "
+        "models, a module path (model.layers.5) for hf/nnsight (default: the residual stream entering the middle "
+        "layer)",
+    )
+    sae_k: int | None = option(None, "active latents per token of the TopK SAE (default: min(32, latents // 4))")
+    sae_tokens: int = option(300_000, "tokens the SAE trains on (the examples' tokens, repeated in shuffled epochs)")
+    sae_lr: float = option(1e-3, "learning rate of the SAE")
+    batch_size: int = option(
+        8, "examples per forward/backward pass when reading gradients or activations", resume=False
+    )
+    device: str = option("cpu", "device of the model", resume=False)
+    progress: bool = option(True, "show progress bars", resume=False)
+
+    def __post_init__(self):
+        methods = self.methods.split(",") if isinstance(self.methods, str) else self.methods
+        if isinstance(methods, (list, tuple)) and all(isinstance(m, str) for m in methods):  # "a,b" c -> a b c
+            methods = tuple(p.strip() for m in methods for p in m.split(",") if p.strip())
+        object.__setattr__(self, "methods", methods)
+        super().__post_init__()
+
+    def validate(self):
+        bad = [m for m in self.methods if m not in METHODS]
+        self._require("methods", not bad and len(self.methods) >= 1, f"names unknown methods {bad}; valid: {METHODS}")
+        self._require("components", self.components is None or self.components >= 1, "must be >= 1")
+        self._require("k", self.k >= 1, "must be >= 1")
+        self._require("threshold", 0 < self.threshold <= 1, "must be in (0, 1]")
+        self._require("sae_k", self.sae_k is None or self.sae_k >= 1, "must be >= 1")
+        self._require("sae_tokens", self.sae_tokens >= 1, "must be >= 1")
+        self._require("sae_lr", self.sae_lr > 0, "must be > 0")
+        self._require("batch_size", self.batch_size >= 1, "must be >= 1")
+
+    def method_key(self, method: str) -> dict:
+        """The fields that change one method's result (a method resumes on its own key)."""
+        common = {"components": self.components, "seed": self.seed}
+        if method == "sae":
+            return {**common, **{k: getattr(self, k) for k in ("sae_hook", "sae_k", "sae_tokens", "sae_lr")}}
+        return common if method == "grad-cluster" else {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareCommand(CompareConfig):
+    """``npeff compare``: gradient clusters and TopK-SAE latents beside NPEFF's components, measured the same way;
+    writes DECOMPOSITION_DIR/compare/compare.json and prints a table."""
+
+    decomposition: str = option(
+        help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR", resume=False
+    )
+    store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)", resume=False)
+
+    def compare_config(self) -> CompareConfig:
+        names = {f.name for f in dataclasses.fields(CompareConfig)}
+        return CompareConfig(**{k: v for k, v in self.to_dict().items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RepairCommand(_Config):
+    """``npeff repair``: remove only the damaged shards of a PEF store; their examples become missing ranges,
+    which rerunning `npeff collect` with the same arguments recollects."""
+
+    store: str = option(help="the PEF store (a directory written by `npeff collect`)", positional=True, metavar="STORE")
 
 
 @dataclass(frozen=True, kw_only=True)

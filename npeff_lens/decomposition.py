@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -114,16 +115,38 @@ def _resolve_dtype(dtype) -> torch.dtype:
     return value
 
 
+class CorruptFileError(ValueError):
+    """A checkpoint or a saved decomposition is damaged (unreadable, truncated, or its checksum differs)."""
+
+
+def _crc(tensors: dict[str, torch.Tensor]) -> int:
+    crc = 0
+    for k in sorted(tensors):
+        crc = zlib.crc32(tensors[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes(), crc)
+    return crc
+
+
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors with the CRC-32 of the tensors' bytes in its metadata (checked by ``_load_tensors``)."""
     from safetensors.torch import save
 
-    atomic_write(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, save(tensors, metadata={"crc32": str(_crc(tensors))}))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """The tensors of ``path``, or a ``CorruptFileError`` naming it (files without a checksum are trusted)."""
+    from safetensors import safe_open
 
-    return load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise CorruptFileError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+    if "crc32" in meta and int(meta["crc32"]) != _crc(tensors):
+        raise CorruptFileError(f"{path} is damaged: the checksum of its tensors differs from the one written")
+    return tensors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,11 +584,15 @@ class _Checkpoints:
             state["loss_w"] = torch.tensor(hist_w, dtype=torch.float64)
             _save_tensors(step_dir / "state.safetensors", state)
         barrier()
-        if rank == 0:
+        if rank == 0:  # the newest two are kept: a damaged newest one falls back to the one before
+            previous = read_json(self.root / "latest.json") if (self.root / "latest.json").exists() else {}
             meta = {"step": step, "dir": step_dir.name, "fingerprint": self.fingerprint}
+            if previous.get("dir") not in (None, step_dir.name):
+                meta["previous"] = {"step": previous["step"], "dir": previous["dir"]}
             atomic_write(self.root / "latest.json", json.dumps(meta, indent=1))
+            keep = {step_dir.name, meta.get("previous", {}).get("dir")}
             for old in self.root.glob("step-*"):
-                if old.name != step_dir.name:
+                if old.name not in keep:
                     shutil.rmtree(old, ignore_errors=True)
         barrier()
 
@@ -574,7 +601,7 @@ class _Checkpoints:
         of another fit is a ``ConfigMismatchError`` naming the differing fields."""
         from .config import check_same  # config imports this module
 
-        root, lo, hi = self.root, self.lo, self.hi
+        root = self.root
         if not (root / "latest.json").exists():
             return None
         meta = read_json(root / "latest.json")
@@ -584,7 +611,19 @@ class _Checkpoints:
             f"the checkpoint in {root}",
             hint="use another checkpoint_dir or delete it",
         )
-        step, step_dir = int(meta["step"]), root / meta["dir"]
+        for candidate in (meta, meta.get("previous")):
+            if candidate is None:
+                continue
+            try:
+                return self._load_step(int(candidate["step"]), root / candidate["dir"], dtype, device)
+            except (CorruptFileError, FileNotFoundError) as e:
+                warnings.warn(f"NPEFF: checkpoint step {candidate['step']} is damaged ({e}); trying the one before",
+                              RuntimeWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(f"NPEFF: no intact checkpoint in {root}; the fit starts again", RuntimeWarning, stacklevel=3)
+        return None
+
+    def _load_step(self, step: int, step_dir: Path, dtype, device):
+        lo, hi = self.lo, self.hi
         state = _load_tensors(step_dir / "state.safetensors")
         W = torch.empty(hi - lo, self.fingerprint["n_components"], dtype=dtype)
         covered = 0
@@ -595,7 +634,7 @@ class _Checkpoints:
                 W[x - lo : y - lo] = _load_tensors(f)["W"][x - a : y - a].to(dtype)
                 covered += y - x
         if covered != hi - lo:
-            raise ValueError(f"the checkpoint in {step_dir} does not cover examples [{lo}, {hi})")
+            raise CorruptFileError(f"the checkpoint in {step_dir} does not cover examples [{lo}, {hi})")
         # clone: a fresh, aligned buffer; BLAS takes another path (other rounding) on the loaded one
         H = state["H"].to(device=device, dtype=dtype).clone()
         # hist[:step]: the loss after `step` steps is recomputed by the next sweep

@@ -11,15 +11,53 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_writer", "write_json", "read_json", "to_jsonable", "progress", "tmp_name"]
+_TMP_RE = re.compile(r"\.tmp(\d+)$")
+
+__all__ = [
+    "atomic_write",
+    "remove_dead_temp_files",
+    "atomic_writer",
+    "write_json",
+    "read_json",
+    "to_jsonable",
+    "progress",
+    "tmp_name",
+]
 
 
 def tmp_name(path: Path) -> Path:
     """``<name>.tmp<pid>``: the temp file a write to ``path`` goes through."""
     return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - alive, someone else's
+        return True
+    except OSError:  # pragma: no cover
+        return False
+    return True
+
+
+def remove_dead_temp_files(directory: str | os.PathLike) -> None:
+    """Temp files left by killed processes (``*.tmp<pid>`` with ``pid`` no longer running)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        m = _TMP_RE.search(p.name)
+        if m and p.is_file() and not _pid_alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def fsync_dir(path: Path) -> None:

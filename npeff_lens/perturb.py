@@ -325,9 +325,12 @@ class _Reference:
         self.rows: dict[int, torch.Tensor] = {}
 
     def get(self, indices: Sequence[int]) -> torch.Tensor:
-        todo = sorted({i for i in indices if i not in self.rows})
-        if todo:
-            lp = task_log_probs(self.adapter, self.task, [self.prompts[i] for i in todo], batch_size=self.batch_size)
+        # Whole fixed blocks of prompts: an example's batch (hence its padding and rounding) does not depend on
+        # which examples were asked for before, so a resumed experiment gives the same numbers bit for bit.
+        bs = self.batch_size
+        for block in sorted({i // bs for i in indices if i not in self.rows}):
+            todo = list(range(block * bs, min(len(self.prompts), (block + 1) * bs)))
+            lp = task_log_probs(self.adapter, self.task, [self.prompts[i] for i in todo], batch_size=bs)
             _check_finite(lp, "the unperturbed model produced non-finite log-probabilities")
             self.rows.update(zip(todo, lp))
         return torch.stack([self.rows[i] for i in indices])

@@ -30,6 +30,7 @@ import torch
 from . import __version__
 from .config import (
     CollectCommand,
+    CompareConfig,
     DecomposeConfig,
     DemoCommand,
     PerturbConfig,
@@ -37,7 +38,7 @@ from .config import (
     ZeroShotCommand,
     check_same,
 )
-from .io import atomic_writer, progress, read_json, to_jsonable, write_json
+from .io import atomic_writer, progress, read_json, remove_dead_temp_files, to_jsonable, write_json
 
 RUN_FILE = "run.json"
 
@@ -48,6 +49,7 @@ __all__ = [
     "load_run",
     "top_report",
     "run_perturbation",
+    "compare",
     "demo",
     "zero_shot",
 ]
@@ -81,6 +83,7 @@ def _begin(out: Path, step: str, config, inputs: dict, source: Path | None) -> d
         return rec
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a run directory")
+    remove_dead_temp_files(out)  # a run killed before its first write left only these
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} holds other files and no {RUN_FILE}: choose a new or empty directory for the run")
     out.mkdir(parents=True, exist_ok=True)
@@ -155,17 +158,23 @@ def _store_identity(store) -> dict:
 def decompose_store(store, out, config: DecomposeConfig | None = None, **options):
     """Fit NPEFF on a PEF store into ``out`` (``config`` or :class:`~npeff_lens.config.DecomposeConfig` fields).
     Checkpoints go to ``out/checkpoints``: an interrupted fit resumes; a finished one is loaded."""
-    from .decomposition import NPEFF
+    from .decomposition import NPEFF, CorruptFileError
     from .store import PEFStore
 
     cfg = _config(DecomposeConfig, config, options)
     store = store if isinstance(store, PEFStore) else PEFStore(store)
     if len(store) == 0:
         raise ValueError(f"the PEF store {store.path} is empty: run `npeff collect` first")
+    if cfg.n_components > len(store):
+        raise ValueError(f"--components {cfg.n_components} exceeds the {len(store)} examples of {store.path}: "
+                         "each component needs examples to load on; use fewer components or collect more")  # fmt: skip
     out = Path(out)
     rec = _begin(out, "decompose", cfg, _store_identity(store), store.path)
     if rec["status"] == "done" and (out / "npeff.safetensors").exists():
-        return NPEFF.load(out)
+        try:
+            return NPEFF.load(out)
+        except CorruptFileError as e:  # refit: it resumes from the last intact checkpoint
+            warnings.warn(f"{e}; fitting again from the last intact checkpoint", RuntimeWarning, stacklevel=2)
     est = NPEFF(**cfg.estimator_params(), checkpoint_dir=out / "checkpoints").fit(store)
     est.save(out)
     _finish(out, rec)
@@ -212,7 +221,9 @@ def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, w
 
     est, store = load_run(decomposition_dir, store)
     meta, coeffs = store.metadata, est.coefficients_
-    C = coeffs.shape[1]
+    (m, C), support = coeffs.shape, int((coeffs > 0).sum(0).max()) if coeffs.numel() else 0
+    if k > m:
+        raise ValueError(f"--k {k} exceeds the {m} examples of the run: a tuning needs k top examples")
     labels, preds = _label_columns(meta)
     summary = tuning_summary(coeffs, labels=labels, predictions=preds, k=k)
     per = summary.pop("tunings")
@@ -234,6 +245,8 @@ def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, w
         f"{C} components: {summary.get('prediction', 0):.0%} tuned to a prediction, "
         f"{summary.get('label', 0):.0%} to a label (top {k}, >= 95% agreement); {n_dead} dead"
     )
+    if support < k:
+        summary_line += f"; note: no component has {k} examples with a positive coefficient (at most {support})"
     return {"lines": lines, "summary": summary, "summary_line": summary_line}
 
 
@@ -423,7 +436,11 @@ def _previous_records(out: Path, cfg: PerturbConfig, identity: dict, decompositi
     table = out / "perturbation.json"
     if not table.exists():
         return {}
-    return {int(r["component"]): r for r in read_json(table).get("components", [])}
+    try:
+        return {int(r["component"]): r for r in read_json(table).get("components", [])}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # a results cache: recompute what it held
+        warnings.warn(f"{table} is damaged ({e}); its components are perturbed again", RuntimeWarning, stacklevel=3)
+        return {}
 
 
 def _write_perturbation(out: Path, records: list[dict], cfg: PerturbConfig, notes) -> None:
@@ -438,6 +455,206 @@ def _write_perturbation(out: Path, records: list[dict], cfg: PerturbConfig, note
         w = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
         w.writeheader()
         w.writerows({k: r.get(k) for k in COLUMNS} for r in records)
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison with the baselines (§5).
+# ----------------------------------------------------------------------------------------------
+
+
+def compare(decomposition_dir, config: CompareConfig | None = None, *, store=None, adapter=None, **options) -> dict:
+    """NPEFF's components beside gradient clusters (§5.1) and TopK-SAE latents (§5.2) on the same examples,
+    scored by one set of metrics. Writes ``decomposition_dir/compare/compare.json`` (per method:
+    ``n_components, alive, tuned_label, tuned_prediction, tuned_tokens, argmax_shared, coverage, fit_seconds,
+    peak_rss_mib``) and returns it. Each method resumes on its own: a finished one is read back, a different
+    configuration is a ``ConfigMismatchError``."""
+    cfg = _config(CompareConfig, config, options)
+    d = Path(decomposition_dir)
+    est, store = load_run(d, store)
+    root = d / "compare"
+    results = {"config": cfg.key(), "methods": {}}
+    context = _CompareContext(d, est, store, cfg, adapter)
+    for method in cfg.methods:
+        mdir = root / method
+        rec = _begin(mdir, f"compare-{method}", _MethodKey(cfg.method_key(method)), context.identity(), d)
+        if rec["status"] == "done":  # fitted before: read back; the metrics are recomputed (k may differ)
+            coeffs, extra = context.load(method, mdir)
+        else:
+            _reset_peak_rss()
+            t0 = time.time()
+            coeffs, extra = context.fit(method, mdir)
+            rec.update(fit_seconds=extra.pop("fit_seconds", time.time() - t0), peak_rss_mib=_peak_rss_mib())
+            _finish(mdir, rec)
+        summary = context.summarize(method, coeffs, extra)
+        summary.update(fit_seconds=rec.get("fit_seconds"), peak_rss_mib=rec.get("peak_rss_mib"))
+        results["methods"][method] = to_jsonable(summary)
+        write_json(root / "compare.json", results)
+    return results
+
+
+@dataclass(frozen=True)
+class _MethodKey:
+    """One method's resume key, in the shape ``_begin`` expects of a config."""
+
+    fields: dict
+
+    def key(self) -> dict:
+        return to_jsonable(self.fields)
+
+    def check_resume(self, stored: dict, where: str) -> None:
+        check_same(stored, self.key(), where, hint="rerun with the stored values, or delete that method's folder")
+
+
+class _CompareContext:
+    """The run's model, task, examples and metadata, loaded once and shared by the methods."""
+
+    def __init__(self, d: Path, est, store, cfg: CompareConfig, adapter):
+        self.d, self.est, self.store, self.cfg, self._adapter = d, est, store, cfg, adapter
+        self.meta = store.metadata
+        self.manifest = store.manifest
+        self.components = cfg.components or int(est.n_components)
+        labels, preds = _label_columns(self.meta)
+        self.labels, self.predictions = labels, self.meta["prediction"]
+        if self.components > len(store):
+            raise ValueError(f"--components {self.components} exceeds the {len(store)} examples of the run")
+
+    def identity(self) -> dict:
+        return {"n_examples": len(self.store), "decomposition_loss": self.est.reconstruction_err_}
+
+    @property
+    def adapter(self):
+        if self._adapter is None:
+            from .models import load_model
+
+            model = self.manifest.get("model") or {}
+            if not model.get("name"):
+                raise ValueError("the store's manifest records no model: pass adapter=")
+            self._adapter = load_model(model["name"], backend=model.get("backend") or "hf", device=self.cfg.device)
+        return self._adapter
+
+    @property
+    def task(self):
+        from .tasks import task_from_config
+
+        return task_from_config(self.manifest["task"]).bind(self.adapter)
+
+    def load(self, method: str, mdir: Path):
+        """``(coefficients, extra)`` of a method fitted before."""
+        if method == "npeff":
+            return self.est.coefficients_, {}
+        if method == "grad-cluster":
+            from .baselines.gradient_clustering import GradientClustering
+
+            return GradientClustering.load(mdir / "clusters").coefficients_, {}
+        from .baselines.sae import TopKSAEBaseline
+
+        sae = TopKSAEBaseline.load(mdir / "sae")
+        return sae.coefficients_, {"sae": sae, "hook": sae.hook, "sae_k": sae.k}
+
+    def fit(self, method: str, mdir: Path):
+        if method == "npeff":
+            return self.est.coefficients_, {"fit_seconds": _npeff_seconds(self.d)}
+        if method == "grad-cluster":
+            return self._grad_cluster(mdir)
+        return self._sae(mdir)
+
+    def _grad_cluster(self, mdir: Path):
+        from .baselines.gradient_clustering import GradientClustering, collect_prediction_gradients
+
+        proj = self.manifest.get("projection") or {}
+        options = {"proj_dim": proj.get("n_out"), "density": proj.get("density", 32), "seed": proj.get("seed", 0)}
+        key = self.manifest.get("config") or {}
+        options.update({k: key[k] for k in ("max_length", "dtype") if k in key})
+        t0 = time.time()
+        store = collect_prediction_gradients(
+            self.adapter, list(self.meta["text"]), self.task, mdir / "pefs",
+            params=[e["name"] for e in self.manifest["layout"]], batch_size=self.cfg.batch_size,
+            progress=self.cfg.progress, **options,
+        )  # fmt: skip
+        gc = GradientClustering(self.components, seed=self.cfg.seed).fit(store)
+        gc.save(mdir / "clusters")
+        return gc.coefficients_, {"fit_seconds": time.time() - t0}
+
+    def _sae(self, mdir: Path):
+        from .baselines.sae import TopKSAEBaseline, default_hook
+
+        cfg = self.cfg
+        hook = cfg.sae_hook or default_hook(self.adapter)
+        k = cfg.sae_k or max(1, min(32, self.components // 4))
+        t0 = time.time()
+        sae = TopKSAEBaseline(
+            self.components, k, hook=hook, seed=cfg.seed, lr=cfg.sae_lr, total_tokens=cfg.sae_tokens,
+            activation_batch_size=cfg.batch_size, show_progress=cfg.progress,
+        )  # fmt: skip
+        sae.fit(self.adapter, self.task.prompts(list(self.meta["text"])))
+        sae.save(mdir / "sae")
+        return sae.coefficients_, {"fit_seconds": time.time() - t0, "sae": sae, "hook": hook, "sae_k": k}
+
+    def summarize(self, method: str, coeffs, extra: dict) -> dict:
+        from .analysis import method_summary, top_examples
+
+        cfg = self.cfg
+        token_tuned = None
+        if method == "sae":
+            sae = extra["sae"]
+            top = top_examples(coeffs, k=cfg.k)
+            token_tuned = [
+                sae.active_token_sets(j, [int(i) for i in top[j].tolist() if coeffs[i, j] > 0])
+                for j in range(coeffs.shape[1])
+            ]
+        summary = method_summary(
+            coeffs, labels=self.labels, predictions=self.predictions, k=cfg.k, threshold=cfg.threshold,
+            alive_min_examples=cfg.k if method == "sae" else 1, token_sets=token_tuned,
+        )  # fmt: skip
+        return {**summary, **{k: extra[k] for k in ("hook", "sae_k") if k in extra}}
+
+
+def _npeff_seconds(d: Path) -> float | None:
+    rec = read_json(d / RUN_FILE) if (d / RUN_FILE).exists() else {}
+    try:
+        t0 = time.mktime(time.strptime(rec["started"], "%Y-%m-%dT%H:%M:%S%z"))
+        return time.mktime(time.strptime(rec["finished"], "%Y-%m-%dT%H:%M:%S%z")) - t0
+    except (KeyError, ValueError):
+        return None
+
+
+def _reset_peak_rss() -> None:
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def format_compare(results: dict) -> str:
+    """The comparison as a table, one row per method."""
+    cols = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared", "coverage",
+            "fit_seconds", "peak_rss_mib")  # fmt: skip
+    rows = [[m] + [_cell(r.get(c)) for c in cols] for m, r in results["methods"].items()]
+    head = ["method", *cols]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ writer. Committed shards are never rewritten.
 
 Corruption (a damaged or truncated file) is reported as ``CorruptStoreError`` naming the shard and the
 examples it holds: sizes and ``.npy`` headers are checked on open, checksums the first time this process
-reads a shard (``verify()`` checks all). ``PEFStore.repair(path)`` then cuts the store back to the examples
-before the first bad shard; rerunning the collection with the same arguments rewrites the rest.
+reads a shard (``verify()`` checks all). ``PEFStore.repair(path)`` (``npeff repair``) then removes only the
+shards whose checks fail: their examples become *missing ranges* (gaps in the index), reading them is a
+``MissingExamplesError`` naming them, and rerunning the collection with the same arguments recollects
+exactly those ranges (``missing`` / ``fill``) before it carries on.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import errno
 import json
 import os
 import re
+import socket
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -41,8 +44,9 @@ import torch
 from .config import ConfigMismatchError, check_same
 from .io import atomic_writer, to_jsonable
 from .io import fsync_dir as _fsync_dir
+from .io import remove_dead_temp_files as _remove_dead_temp_files
 
-__all__ = ["PEFStore", "StoreMismatchError", "CorruptStoreError", "StoreLockedError"]
+__all__ = ["PEFStore", "StoreMismatchError", "CorruptStoreError", "MissingExamplesError", "StoreLockedError"]
 
 FORMAT = "npeff_lens.PEFStore"
 FORMAT_VERSION = 1
@@ -62,7 +66,6 @@ _DTYPES = {  # stored dtype name -> (torch dtype, numpy dtype on disk)
     "float32": (torch.float32, np.dtype("<f4")),
 }
 _CHUNK = 16 * 2**20  # bytes per read while checksumming
-_TMP_RE = re.compile(r"\.tmp(\d+)$")
 _SHARD_RE = re.compile(r"^shard-(\d+)\.(npy|json)$")
 
 # (path, inode, size, mtime_ns, crc) of files whose checksum this process already checked.
@@ -75,6 +78,10 @@ class StoreMismatchError(ConfigMismatchError):
 
 class CorruptStoreError(ValueError):
     """A shard or the index of a store is damaged (wrong size, header or checksum)."""
+
+
+class MissingExamplesError(CorruptStoreError):
+    """The store has missing ranges (damaged shards removed by ``repair``) and a read touched one."""
 
 
 class StoreLockedError(RuntimeError):
@@ -115,37 +122,34 @@ def _crc_of_file(path: Path) -> tuple[int, int]:
             n += len(chunk)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - alive, someone else's
-        return True
-    except OSError:  # pragma: no cover
-        return False
-    return True
-
-
-def _remove_dead_temp_files(directory: Path) -> None:
-    """Temp files left by killed processes (``*.tmp<pid>`` with ``pid`` no longer running)."""
-    if not directory.is_dir():
-        return
-    for p in directory.iterdir():
-        m = _TMP_RE.search(p.name)
-        if m and p.is_file() and not _pid_alive(int(m.group(1))):
-            try:
-                p.unlink()
-            except OSError:
-                pass
-
-
 def _forget_verified(store: Path) -> None:
     """Drops the checksum cache of a store's files, so that they are checked again."""
     prefix = str((store / SHARDS).resolve()) + os.sep
     _VERIFIED.difference_update({t for t in _VERIFIED if t[0].startswith(prefix)})
+
+
+def _gaps(starts: np.ndarray, ends: np.ndarray) -> list[tuple[int, int]]:
+    """The missing ranges ``[(a, b), ...]`` between sorted shards (before the last shard's end)."""
+    out, end = [], 0
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        if a > end:
+            out.append((end, a))
+        end = max(end, b)
+    return out
+
+
+def _line_start(line: bytes) -> int:
+    try:
+        return int(json.loads(line)["start"])
+    except (ValueError, KeyError, TypeError):
+        return -1
+
+
+def _entry_name(line: bytes) -> str:
+    try:
+        return str(json.loads(line)["data"])
+    except (ValueError, KeyError, TypeError):
+        return "a damaged index line"
 
 
 def _read_index(path: Path) -> tuple[list[dict], int, bool]:
@@ -174,7 +178,7 @@ def _read_index(path: Path) -> tuple[list[dict], int, bool]:
                 return entries, pos, True  # the last line, torn (e.g. zero-filled after a crash)
             raise CorruptStoreError(
                 f"the index {path} has a damaged line {len(entries) + 1} ({e}); "
-                f"run PEFStore.repair({str(path.parent)!r}) to keep the shards before it"
+                f"run `npeff repair {path.parent}` (PEFStore.repair) to keep the intact shards"
             ) from None
         entries.append(entry)
         pos = nl + 1
@@ -335,20 +339,22 @@ class PEFStore:
     # -- index -----------------------------------------------------------------------------------
     def _load_index(self) -> None:
         entries, self._index_bytes, self._torn = _read_index(self.path / INDEX)
-        starts, total = [], 0
-        for k, e in enumerate(entries):
-            if int(e["start"]) != total or int(e["count"]) < 1:
+        entries = sorted(entries, key=lambda e: int(e["start"]))  # a refilled gap is committed after later shards
+        end = 0
+        for e in entries:
+            if int(e["start"]) < end or int(e["count"]) < 1:
                 raise CorruptStoreError(
-                    f"the index of the PEF store at {self.path} is inconsistent at entry {k + 1} "
-                    f"(start {e['start']}, count {e['count']}; expected start {total}); "
-                    f"run PEFStore.repair({str(self.path)!r}) to keep the shards before it"
+                    f"the index of the PEF store at {self.path} is inconsistent at shard {e.get('data')} "
+                    f"(start {e['start']}, count {e['count']}; the shards before it end at {end}); "
+                    f"run PEFStore.repair({str(self.path)!r}) (npeff repair) to keep the intact shards"
                 )
             self._check_shard_cheap(e)
-            starts.append(total)
-            total += int(e["count"])
+            end = int(e["start"]) + int(e["count"])
         self._entries = entries
-        self._starts = np.asarray(starts + [total], dtype=np.int64)
-        self.committed = total
+        self._starts = np.asarray([int(e["start"]) for e in entries], dtype=np.int64)
+        self._ends = self._starts + np.asarray([int(e["count"]) for e in entries], dtype=np.int64)
+        self.committed = int(self._ends[-1]) if len(entries) else 0
+        self.missing = _gaps(self._starts, self._ends)
 
     def refresh(self) -> None:
         """Re-read the index (shards committed by another process since this one opened the store)."""
@@ -360,8 +366,8 @@ class PEFStore:
         a, b = int(entry["start"]), int(entry["start"]) + int(entry["count"])
         return CorruptStoreError(
             f"shard {entry['data']} of the PEF store at {self.path} (examples [{a}, {b})) is corrupt: {reason}. "
-            f"Run PEFStore.repair({str(self.path)!r}) to cut the store back to examples [0, {a}); rerunning "
-            f"the collection with the same arguments then rewrites examples {a} onwards."
+            f"Run `npeff repair {self.path}` (PEFStore.repair) to remove the damaged shards only; rerunning the "
+            f"collection with the same arguments then recollects their examples."
         )
 
     def _check_shard_cheap(self, e: dict) -> None:
@@ -421,52 +427,49 @@ class PEFStore:
             self._verify_file(e, "meta")
 
     @classmethod
-    def repair(cls, path: str | os.PathLike) -> int:
-        """Cuts a damaged store back to the shards before the first bad one; returns the examples kept.
+    def repair(cls, path: str | os.PathLike) -> dict:
+        """Removes only the damaged shards; returns ``{"kept", "missing", "removed"}``.
 
         Every shard is checked in full (size, header, checksum). The index is rewritten atomically with the
-        good prefix and the files of the dropped shards are deleted; rerunning the collection with the
-        same arguments then resumes from the returned count and rewrites the rest.
+        intact shards, the files of the damaged ones are deleted, and their examples become missing ranges
+        (``missing``); rerunning the collection with the same arguments recollects exactly those ranges.
+        A damaged index line loses only its own shard (its files are then orphans and are removed).
         """
         path = Path(path)
-        probe = cls.__new__(cls)
-        probe.path = path
         if not (path / MANIFEST).is_file():
             raise ValueError(f"{path} is not a PEF store: it has no {MANIFEST}")
         manifest = json.loads((path / MANIFEST).read_text())
-        probe._manifest = manifest
+        probe = cls.__new__(cls)
+        probe.path, probe._manifest, probe._lock_fd, probe._torn, probe._maps = path, manifest, None, False, {}
         probe.rows, probe.dim, probe.dtype_name = int(manifest["rows"]), int(manifest["dim"]), manifest["dtype"]
         probe.dtype, probe._np_dtype = _DTYPES[probe.dtype_name]
-        probe._lock_fd = None
-        probe._torn = False
-        probe._maps = {}
         probe._acquire_lock()
         _forget_verified(path)
         try:
             raw = (path / INDEX).read_bytes() if (path / INDEX).exists() else b""
-            good: list[bytes] = []
-            total = 0
-            for line in raw.split(b"\n"):
+            good, removed, end = [], [], 0
+            for line in sorted(raw.split(b"\n"), key=_line_start):
                 try:
                     e = json.loads(line)
-                    if int(e["start"]) != total or int(e["count"]) < 1:
-                        break
+                    if int(e["start"]) < end or int(e["count"]) < 1:
+                        raise ValueError("overlaps the shards before it")
                     probe._check_shard_cheap(e)
                     probe._verify_file(e, "data")
                     probe._verify_file(e, "meta")
                 except (ValueError, KeyError, TypeError):
-                    break
-                good.append(line + b"\n")
-                total += int(e["count"])
-            _write_bytes(path / INDEX, b"".join(good))
-            _fsync_dir(path)
-            probe._entries = [json.loads(g) for g in good]
-            probe.committed = total
+                    if line.strip():
+                        removed.append(_entry_name(line))
+                    continue
+                good.append(e)
+                end = int(e["start"]) + int(e["count"])
+            _write_bytes(path / INDEX, b"".join((json.dumps(e, sort_keys=True) + "\n").encode() for e in good))
+            probe._entries = good
             probe._remove_orphans()
-            manifest["count"] = total
-            manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            starts = np.asarray([int(e["start"]) for e in good], dtype=np.int64)
+            ends = starts + np.asarray([int(e["count"]) for e in good], dtype=np.int64)
+            manifest.update(count=int(ends.sum() - starts.sum()), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             _write_bytes(path / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
-            return total
+            return {"kept": manifest["count"], "missing": _gaps(starts, ends), "removed": [r for r in removed if r]}
         finally:
             probe.close()
 
@@ -498,11 +501,17 @@ class PEFStore:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                holder = (self.path / LOCK).read_text().strip() or "another writer"
+                mine = holder.startswith(f"pid {os.getpid()} ")
                 raise StoreLockedError(
-                    f"another writer (a process, or another open PEFStore here) holds the PEF store at {self.path}; "
-                    "close() it first"
+                    f"the PEF store at {self.path} is being written by {holder}"
+                    + ("; close() the other PEFStore open here first" if mine else "; wait for it or stop it")
                 ) from None
             raise
+        # who holds it, for the next writer's message (flock itself dies with the process: a dead holder's
+        # lock is free again, whatever this file says)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(), 0)
         self._lock_fd = fd
 
     def close(self) -> None:
@@ -556,11 +565,22 @@ class PEFStore:
         Buffered; every full ``shard_size`` examples are committed as a shard. Non-finite values (also
         after conversion to the stored dtype, e.g. float16 overflow) raise ValueError, and nothing is added.
         """
+        arr, meta = self._checked(pefs, metadata, len(self))
+        if arr.shape[0] == 0:
+            return
+        b, stored = arr.shape[0], self._to_storage(arr)
+        self._become_writer()
+        self._pending.append(stored)
+        self._pending_meta.extend(meta)
+        self._n_pending += b
+        while self._n_pending >= self.shard_size:
+            self._commit(self.shard_size)
+
+    def _checked(self, pefs, metadata, first: int) -> tuple[np.ndarray, list[dict]]:
+        """``(array [b, rows, dim], JSON metadata)``, or a ValueError naming examples ``first + i``."""
         if isinstance(pefs, torch.Tensor):
             arr = pefs.detach()
-            if arr.dtype == torch.bfloat16:
-                arr = arr.float()
-            arr = arr.cpu().numpy()
+            arr = (arr.float() if arr.dtype == torch.bfloat16 else arr).cpu().numpy()
         else:
             arr = np.asarray(pefs)
         if arr.ndim == 2 and self.rows == 1:
@@ -576,27 +596,21 @@ class PEFStore:
         meta = to_jsonable(list(metadata), "metadata")
         if not all(isinstance(m, dict) for m in meta):
             raise ValueError("metadata must be a list of dicts")
-        if b == 0:
-            return
-        if not np.isfinite(arr).all():
+        if b and not np.isfinite(arr).all():
             bad = np.nonzero(~np.isfinite(arr.reshape(b, -1)).all(1))[0]
             raise ValueError(
-                f"PEFs of examples {[len(self) + int(i) for i in bad[:10]]} contain NaN/inf; the store never holds "
+                f"PEFs of examples {[first + int(i) for i in bad[:10]]} contain NaN/inf; the store never holds "
                 "non-finite values (flag or zero such examples before appending)"
             )
-        stored = self._to_storage(arr)
-        if self.dtype_name != "float32" and not np.isfinite(self._from_storage_np(stored)).all():
-            bad = np.nonzero(~np.isfinite(self._from_storage_np(stored).reshape(b, -1)).all(1))[0]
-            raise ValueError(
-                f"PEFs of examples {[len(self) + int(i) for i in bad[:10]]} overflow {self.dtype_name} "
-                f"(max |value| {float(np.abs(arr).max()):.3g}); store them as float32 or rescale"
-            )
-        self._become_writer()
-        self._pending.append(stored)
-        self._pending_meta.extend(meta)
-        self._n_pending += b
-        while self._n_pending >= self.shard_size:
-            self._commit(self.shard_size)
+        if b and self.dtype_name != "float32":
+            back = self._from_storage_np(self._to_storage(arr))
+            if not np.isfinite(back).all():
+                bad = np.nonzero(~np.isfinite(back.reshape(b, -1)).all(1))[0]
+                raise ValueError(
+                    f"PEFs of examples {[first + int(i) for i in bad[:10]]} overflow {self.dtype_name} "
+                    f"(max |value| {float(np.abs(arr).max()):.3g}); store them as float32 or rescale"
+                )
+        return arr, meta
 
     def flush(self) -> None:
         """Commits the buffered examples as a (possibly small) shard: durable after this returns."""
@@ -621,7 +635,15 @@ class PEFStore:
         data = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
         shard, rest = data[:n], data[n:]
         meta, rest_meta = self._pending_meta[:n], self._pending_meta[n:]
-        start = self.committed
+        self._write_shard(self.committed, shard, meta)
+        self._pending = [rest] if len(rest) else []
+        self._pending_meta = rest_meta
+        self._n_pending = len(rest)
+        self._write_manifest()
+
+    def _write_shard(self, start: int, shard: np.ndarray, meta: list[dict]) -> None:
+        """Metadata file, data file, then the index line (the commit) of the shard of examples at ``start``."""
+        n = len(shard)
         shards = self.path / SHARDS
         if not shards.is_dir():
             shards.mkdir()
@@ -629,34 +651,38 @@ class PEFStore:
         name = f"shard-{start:012d}"
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         _write_bytes(shards / f"{name}.json", meta_bytes)
-        writer: list[_CrcWriter] = []
-
-        def write_npy(f):
-            w = _CrcWriter(f)
-            writer.append(w)
-            np.lib.format.write_array(w, np.ascontiguousarray(shard), allow_pickle=False)
-
         with atomic_writer(shards / f"{name}.npy") as f:
-            write_npy(f)
+            w = _CrcWriter(f)
+            np.lib.format.write_array(w, np.ascontiguousarray(shard), allow_pickle=False)
         _fsync_dir(shards)
         entry = {
             "start": start,
             "count": n,
             "data": f"{name}.npy",
-            "data_bytes": writer[0].nbytes,
-            "data_crc32": writer[0].crc,
+            "data_bytes": w.nbytes,
+            "data_crc32": w.crc,
             "meta": f"{name}.json",
             "meta_bytes": len(meta_bytes),
             "meta_crc32": zlib.crc32(meta_bytes),
         }
         self._append_index_line((json.dumps(entry, sort_keys=True) + "\n").encode())  # the commit
-        self._entries.append(entry)
-        self.committed = start + n
-        self._starts = np.append(self._starts, self.committed)
-        self._pending = [rest] if len(rest) else []
-        self._pending_meta = rest_meta
-        self._n_pending = len(rest)
-        self._write_manifest()
+        k = int(np.searchsorted(self._starts, start))
+        self._entries.insert(k, entry)
+        self._starts = np.insert(self._starts, k, start)
+        self._ends = np.insert(self._ends, k, start + n)
+        self.committed = max(self.committed, start + n)
+        self.missing = _gaps(self._starts, self._ends)
+
+    def fill(self, start: int, pefs, metadata: Sequence[dict]) -> None:
+        """Recollected examples ``[start, start + b)`` of a missing range (see ``missing``), committed at once."""
+        arr, meta = self._checked(pefs, metadata, start)
+        b = arr.shape[0]
+        if b and not any(a <= start and start + b <= z for a, z in self.missing):
+            raise ValueError(f"examples [{start}, {start + b}) are not inside a missing range ({self.missing})")
+        if b:
+            self._become_writer()
+            self._write_shard(start, self._to_storage(arr), meta)
+            self._write_manifest()
 
     def _append_index_line(self, line: bytes) -> None:
         path = self.path / INDEX
@@ -725,15 +751,25 @@ class PEFStore:
         """``(first index, stored-dtype array)`` per shard (and the buffer) covering ``[start, stop)``."""
         if start >= stop:
             return
-        k = int(np.searchsorted(self._starts, start, side="right")) - 1
+        self._check_complete(start, stop)
+        k = max(0, int(np.searchsorted(self._ends, start, side="right")))
         while k < len(self._entries) and self._starts[k] < stop:
-            lo, hi = int(self._starts[k]), int(self._starts[k + 1])
+            lo, hi = int(self._starts[k]), int(self._ends[k])
             a, b = max(lo, start), min(hi, stop)
             yield a, self._shard_array(k)[a - lo : b - lo]
             k += 1
         if stop > self.committed:
             a = max(start, self.committed)
             yield a, self._pending_array()[a - self.committed : stop - self.committed]
+
+    def _check_complete(self, start: int, stop: int) -> None:
+        hit = [(a, b) for a, b in self.missing if a < stop and start < b]
+        if hit:
+            ranges = ", ".join(f"[{a}, {b})" for a, b in hit)
+            raise MissingExamplesError(
+                f"examples {ranges} of the PEF store at {self.path} are missing (damaged shards removed by repair); "
+                "rerun the collection with the same arguments to recollect exactly them"
+            )
 
     def iter_batches(
         self, batch_size: int | None = None, start: int = 0, stop: int | None = None
@@ -772,7 +808,12 @@ class PEFStore:
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"indices must lie in [0, {n}); got min {idx.min()}, max {idx.max()}")
         out = torch.empty(len(idx), self.rows, self.dim, dtype=dtype)
-        shard_of = np.searchsorted(self._starts, idx, side="right") - 1  # == n_shards: the buffer
+        for a, z in self.missing:
+            hit = idx[(idx >= a) & (idx < z)]
+            if hit.size:
+                self._check_complete(int(hit[0]), int(hit[0]) + 1)
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        shard_of[idx >= self.committed] = len(self._entries)  # the buffer
         for k in np.unique(shard_of):
             sel = np.nonzero(shard_of == k)[0]
             if k < len(self._entries):
@@ -791,14 +832,15 @@ class PEFStore:
         out: list[dict] = []
         if start >= stop:
             return out
-        k = int(np.searchsorted(self._starts, start, side="right")) - 1
+        self._check_complete(start, stop)
+        k = int(np.searchsorted(self._ends, start, side="right"))
         while k < len(self._entries) and self._starts[k] < stop:
             e = self._entries[k]
             lo = int(self._starts[k])
             rows = json.loads(self._verify_file(e, "meta").read_bytes())
             if len(rows) != int(e["count"]):
                 raise self._corrupt(e, f"its metadata has {len(rows)} rows")
-            out.extend(rows[max(start, lo) - lo : min(stop, int(self._starts[k + 1])) - lo])
+            out.extend(rows[max(start, lo) - lo : min(stop, int(self._ends[k])) - lo])
             k += 1
         if stop > self.committed:
             out.extend(self._pending_meta[max(start, self.committed) - self.committed : stop - self.committed])

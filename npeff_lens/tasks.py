@@ -76,27 +76,58 @@ class Task:
 
 class LabelTokens(Task):
     """A categorical over the first token of each label string, tokenised the way it follows the
-    prompt (leading space included), renormalised: the softmax of those logits (App. E.1)."""
+    prompt (leading space included), renormalised: the softmax of those logits (App. E.1).
+
+    A label of several tokens is stood for by its first token, the paper's rule (App. E.1: the first token
+    of " Negative" / " Positive"), with a warning that names its tokens (``multi_token="first"``, the
+    default); ``multi_token="error"`` refuses it instead. A label without the leading space the prompt
+    implies gets a warning that shows its tokens."""
 
     kind = "label-tokens"
 
-    def __init__(self, template: str, labels: Sequence[str], rows: str = "fisher"):
+    def __init__(self, template: str, labels: Sequence[str], rows: str = "fisher", multi_token: str = "first"):
         super().__init__(template, rows)
         labels = list(labels)
         if len(labels) < 2:
             raise ValueError(f"LabelTokens needs at least two labels, got {labels!r}")
         if len(set(labels)) != len(labels):
             raise ValueError(f"labels must be distinct, got {labels!r}")
+        if multi_token not in ("error", "first"):
+            raise ValueError(f"multi_token must be 'error' or 'first', got {multi_token!r}")
         self.labels = labels
+        self.multi_token = multi_token
         self.token_ids: list[int] | None = None
 
     def bind(self, adapter):
+        import warnings
+
         probe = self.format("x")
         ids = []
         for label in self.labels:
             toks = adapter.continuation_token_ids(probe, label)
+            pieces = [adapter.tokenizer.decode([t]) for t in toks]
             if not toks:
                 raise ValueError(f"label {label!r} tokenises to nothing after the prompt")
+            if len(toks) > 1:
+                message = (
+                    f"label {label!r} is {len(toks)} tokens after the prompt ({pieces}), so its probability is "
+                    f"not one logit"
+                )
+                if self.multi_token == "error":
+                    raise ValueError(message + "; use a single-token label")
+                warnings.warn(
+                    message + f"; its first token {pieces[0]!r} stands for it (App. E.1); use single-token labels "
+                    "to model exactly the label you typed",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            if not label[:1].isspace() and probe[-1:] not in ("", " ", "\n", "\t"):
+                warnings.warn(
+                    f"label {label!r} has no leading space after a prompt ending in {probe[-12:]!r}; it tokenises as "
+                    f"{pieces} — did you mean {' ' + label!r}?",
+                    UserWarning,
+                    stacklevel=2,
+                )
             ids.append(toks[0])
         if len(set(ids)) != len(ids):
             first = {l: adapter.tokenizer.decode([i]) for l, i in zip(self.labels, ids)}
@@ -118,7 +149,8 @@ class LabelTokens(Task):
         return list(self.labels)
 
     def config(self):
-        return {**super().config(), "labels": list(self.labels)}
+        extra = {"multi_token": self.multi_token} if self.multi_token != "first" else {}
+        return {**super().config(), "labels": list(self.labels), **extra}
 
 
 class ClassifierHead(Task):

@@ -98,6 +98,23 @@ SAMPLES = {  # non-default values for every field of every command
         progress=False,
     ),
     C.TopCommand: dict(decomposition="d", k=4, show=2, store="s"),
+    C.RepairCommand: dict(store="s"),
+    C.CompareCommand: dict(
+        decomposition="d",
+        store="s",
+        methods=("npeff", "sae"),
+        components=5,
+        k=4,
+        threshold=0.9,
+        seed=3,
+        sae_hook="blocks.0.hook_resid_pre",
+        sae_k=2,
+        sae_tokens=1000,
+        sae_lr=1e-3,
+        batch_size=2,
+        device="cpu",
+        progress=False,
+    ),
     C.DemoCommand: dict(
         model="m",
         n=10,
@@ -181,7 +198,13 @@ def test_every_flag_has_a_help_line(capsys):
         with pytest.raises(SystemExit):
             main([name, "--help"])
         out = capsys.readouterr().out
-        assert "--no-progress" in out or cls in (C.TopCommand, C.ZeroShotCommand)
+        for f in dataclasses.fields(cls):
+            shown = (
+                f.name.upper()
+                if f.metadata.get("positional")
+                else f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            )
+            assert shown in out, f"{name} --help lacks {shown}"
 
 
 @pytest.mark.parametrize(
@@ -385,3 +408,29 @@ def test_no_function_over_100_lines_unless_a_solver_says_why():
                 if "numerical solver" not in (ast.get_docstring(node) or ""):
                     long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long
+
+
+def test_compare_all_methods_end_to_end_resumes_and_names_a_changed_field(run, capsys, monkeypatch):
+    from npeff_lens.runs import compare
+
+    root, _, _ = run
+    d = root / "tree" / "npeff"
+    argv = ["compare", str(d), "--components", "3", "--k", "4", "--sae-tokens", "3000", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    table = json.loads((d / "compare" / "compare.json").read_text())
+    assert list(table["methods"]) == ["npeff", "grad-cluster", "sae"]
+    for name, row in table["methods"].items():
+        assert row["n_components"] == 3 and name in out
+        for key in ("alive", "tuned_label", "tuned_prediction", "argmax_shared", "coverage", "fit_seconds"):
+            assert key in row, (name, key)
+    assert table["methods"]["npeff"]["tuned_tokens"] is None and table["methods"]["sae"]["tuned_tokens"] is not None
+    assert json.loads((d / "compare" / "sae" / RUN_FILE).read_text())["status"] == "done"
+    # a rerun refits nothing (the metrics are recomputed, here with another k)
+    import npeff_lens.baselines.gradient_clustering as gc
+
+    monkeypatch.setattr(gc.GradientClustering, "fit", lambda *a, **k: pytest.fail("refitted"))
+    again = compare(d, components=3, k=2, sae_tokens=3000, progress=False)
+    assert again["methods"]["grad-cluster"]["n_components"] == 3 and again["config"]["k"] == 2
+    assert main([*argv, "--seed", "1"]) == 2
+    assert "seed: stored 0, now 1" in capsys.readouterr().err

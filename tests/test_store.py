@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from npeff_lens.store import CorruptStoreError, PEFStore, StoreLockedError, StoreMismatchError
+from npeff_lens.store import CorruptStoreError, MissingExamplesError, PEFStore, StoreLockedError, StoreMismatchError
 
 ROWS, DIM, N = 2, 6, 40
 
@@ -42,6 +42,9 @@ COLLECT = textwrap.dedent(
     def run(path, dtype="float16", report=None, pause=0.0):
         pefs, meta = example_data()
         store = PEFStore.create(path, MANIFEST, rows=ROWS, dim=DIM, dtype=dtype, shard_size=4)
+        for a, b in store.missing:  # ranges whose damaged shards repair removed, as the collector does
+            for start in range(a, b, 3):
+                store.fill(start, pefs[start:min(start + 3, b)], meta[start:min(start + 3, b)])
         for k, start in enumerate(range(len(store), N, 3)):
             stop = min(start + 3, N)
             store.append(pefs[start:stop], meta[start:stop])
@@ -369,9 +372,16 @@ def test_truncated_shard_detected_on_open_and_repaired(tmp_path, reference):
     assert isinstance(info.value, ValueError)
     with pytest.raises(CorruptStoreError):
         run(path)  # a rerun does not silently paper over it
-    assert PEFStore.repair(path) == 10
-    assert len(PEFStore(path)) == 10 and not f.exists()
-    run(path)  # ... but after repair it rewrites examples 10 onwards
+    report = PEFStore.repair(path)
+    assert report == {"kept": 38, "missing": [(10, 12)], "removed": [f.name]}
+    repaired = PEFStore(path)
+    assert len(repaired) == N and repaired.missing == [(10, 12)] and not f.exists()
+    with pytest.raises(MissingExamplesError, match=r"examples \[10, 12\) .* missing.*recollect"):
+        repaired.load_pefs()
+    assert repaired.load_pefs([0, 39]).shape == (2, 2, 6)  # intact examples still read
+    with pytest.raises(MissingExamplesError):
+        repaired.read_metadata(9, 11)
+    run(path)  # ... and the rerun recollects exactly examples 10 and 11
     _assert_same_store(PEFStore(path), reference)
 
 
@@ -399,7 +409,8 @@ def test_flipped_byte_detected_on_read_and_verify(tmp_path, reference):
     g.write_bytes(bytes(raw))
     with pytest.raises(CorruptStoreError, match=g.name):
         PEFStore(path)
-    assert PEFStore.repair(path) == 6
+    report = PEFStore.repair(path)
+    assert report["missing"] == [(6, 10), (16, 18)] and report["kept"] == N - 6
     run(path)
     _assert_same_store(PEFStore(path), reference)
 

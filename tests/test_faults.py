@@ -1,0 +1,354 @@
+"""Fault injection: an interrupted or damaged run loses at most the unit that was hit.
+
+Each fault is injected on purpose (SIGKILL at a chosen call, flipped bytes, truncated files, a full disk, a
+second writer) into a tiny-llama run, and each test asserts equality with an uninterrupted run or a named
+error, never just "no exception"."""
+
+import errno
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from npeff_lens.cli import main
+from npeff_lens.collect import PEFComputer, collect_pefs
+from npeff_lens.decomposition import NPEFF, CorruptFileError
+from npeff_lens.models import load_model
+from npeff_lens.runs import RUN_FILE, decompose_store, run_perturbation
+from npeff_lens.store import CorruptStoreError, MissingExamplesError, PEFStore
+from npeff_lens.tasks import LabelTokens
+
+WORDS = "great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie".split()
+TEMPLATE, LABELS = "Review: {text} Sentiment:", [" bad", " sad"]  # one token each in the tiny tokenizer
+KW = dict(proj_dim=128, dtype="float32", batch_size=4, shard_size=8, flush_every=8, progress=False)
+FIT = dict(n_components=3, n_steps=30, n_warmup_steps=10, checkpoint_every=10, progress=False)
+
+
+def _texts(n=40, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, adapter):
+    """An uninterrupted collection, decomposition and perturbation."""
+    root = tmp_path_factory.mktemp("faults_ref")
+    store = collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), root / "pefs", **KW)
+    est = decompose_store(root / "pefs", root / "npeff", **FIT)
+    perturb = run_perturbation(root / "npeff", 2, magnitude=0.5, top_k=4, n_baseline=8, out=root / "p",
+                               adapter=adapter, progress=False)  # fmt: skip
+    return root, store, est, perturb
+
+
+def _same_store(a: PEFStore, b: PEFStore):
+    assert len(a) == len(b) and a.missing == b.missing == []
+    assert torch.equal(a.load_pefs(dtype=a.dtype), b.load_pefs(dtype=b.dtype))  # bitwise
+    assert a.read_metadata() == b.read_metadata()
+
+
+def _flip(path, offset=-5):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def _shard_entry(store_path, k):
+    return json.loads((store_path / "index.jsonl").read_text().splitlines()[k])
+
+
+# --------------------------------------------------------------------------------------------------
+# The store: a damaged shard costs its own examples, nothing more.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["flip_data", "truncate_data", "flip_meta", "delete_data"])
+def test_a_damaged_middle_shard_costs_only_its_examples(tmp_path, adapter, reference, damage, monkeypatch, capsys):
+    _, ref, _, _ = reference
+    path = tmp_path / "pefs"
+    collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
+    e = _shard_entry(path, 2)  # examples [16, 24)
+    f = path / "shards" / (e["meta"] if damage == "flip_meta" else e["data"])
+    if damage.startswith("flip"):
+        _flip(f)
+    elif damage == "truncate_data":
+        f.write_bytes(f.read_bytes()[:-9])
+    else:
+        f.unlink()
+    with pytest.raises(CorruptStoreError) as info:
+        s = PEFStore(path)
+        s.load_pefs()
+        s.read_metadata()
+    assert "examples [16, 24)" in str(info.value) and f.name in str(info.value) and "npeff repair" in str(info.value)
+    assert main(["repair", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "missing examples [16, 24)" in out and "32 examples intact" in out
+    with pytest.raises(MissingExamplesError, match=r"\[16, 24\)"):
+        PEFStore(path).load_pefs()
+    seen = []
+    compute = PEFComputer.compute
+    monkeypatch.setattr(PEFComputer, "compute", lambda self, p, **k: seen.append(len(p)) or compute(self, p, **k))
+    collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
+    assert sum(seen) == 8  # only the damaged shard's examples were recollected
+    _same_store(PEFStore(path), ref)
+
+
+def test_a_damaged_index_line_costs_its_shard(tmp_path, adapter, reference):
+    _, ref, _, _ = reference
+    path = tmp_path / "pefs"
+    collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
+    lines = (path / "index.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20] + "#" + lines[1][21:]
+    (path / "index.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorruptStoreError, match="index.*damaged line 2"):
+        PEFStore(path)
+    report = PEFStore.repair(path)
+    assert report["missing"] == [(8, 16)] and report["kept"] == 32
+    collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
+    _same_store(PEFStore(path), ref)
+
+
+def test_a_full_disk_leaves_the_store_valid_and_the_rerun_completes(tmp_path, adapter, reference, monkeypatch):
+    import npeff_lens.io as io
+
+    _, ref, _, _ = reference
+    path = tmp_path / "pefs"
+    real, calls = io.os.fsync, []
+
+    def fsync(fd):  # the 5th durable write (the 2nd shard's data file) finds the disk full
+        calls.append(fd)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
+    monkeypatch.setattr(io.os, "fsync", real)
+    s = PEFStore(path)
+    assert len(s) == 8 and s.missing == [] and not [p for p in (path / "shards").iterdir() if ".tmp" in p.name]
+    collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
+    _same_store(PEFStore(path), ref)
+
+
+HOLD = textwrap.dedent(
+    """
+    import os, sys, time
+    from npeff_lens.store import PEFStore
+    s = PEFStore.create(sys.argv[1], {"m": 1}, rows=1, dim=2)
+    s.append([[[1.0, 2.0]]], [{}])
+    print("locked", flush=True)
+    if sys.argv[2] == "die":
+        os.kill(os.getpid(), 9)
+    time.sleep(60)
+    """
+)
+
+
+def _env():
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_a_second_writer_gets_one_line_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path, capsys):
+    from npeff_lens.store import StoreLockedError
+
+    path = tmp_path / "s"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path), "hold"], stdout=subprocess.PIPE, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        with pytest.raises(StoreLockedError, match=rf"pid {holder.pid} on {socket.gethostname()}"):
+            PEFStore.create(path, {"m": 1}, rows=1, dim=2)
+        assert main(["repair", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pid {holder.pid}" in err[0] and "wait for it or stop it" in err[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    dead = tmp_path / "d"
+    proc = subprocess.run([sys.executable, "-c", HOLD, str(dead), "die"], env=_env(), capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    s = PEFStore.create(dead, {"m": 1}, rows=1, dim=2)  # the dead process's lock is free again
+    assert len(s) == 0
+    s.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Decomposition: SIGKILL at several points; damaged checkpoints and results are named.
+# --------------------------------------------------------------------------------------------------
+
+KILL_DECOMPOSE = textwrap.dedent(
+    """
+    import os, sys
+    import npeff_lens.decomposition as D
+    import npeff_lens.io as io
+    from npeff_lens.runs import decompose_store
+    store, out, where, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    target = (D, "_sweep") if where == "sweep" else (io.os, "replace")
+    original, calls = getattr(*target), [0]
+    def wrapped(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), 9)
+        return original(*a, **k)
+    setattr(*target, wrapped)
+    decompose_store(store, out, **{FIT!r})
+    """
+).replace("{FIT!r}", repr(FIT))
+
+
+@pytest.mark.parametrize(
+    "where, n",
+    [
+        ("replace", 1),
+        ("sweep", 5),
+        ("sweep", 15),
+        ("sweep", 27),
+        ("replace", 6),
+        ("replace", 11),
+        ("replace", 12),
+        ("replace", 13),
+    ],
+    ids=[
+        "before-first-write",
+        "warm-up",
+        "after-checkpoint",
+        "late",
+        "checkpoint-rename",
+        "result-rename",
+        "config",
+        "final-record",
+    ],  # fmt: skip
+)
+def test_decompose_killed_anywhere_then_rerun_equals_uninterrupted(tmp_path, reference, where, n):
+    root, _, ref, _ = reference
+    out = tmp_path / "npeff"
+    proc = subprocess.run([sys.executable, "-c", KILL_DECOMPOSE, str(root / "pefs"), str(out), where, str(n)],
+                          env=_env(), capture_output=True)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    again = decompose_store(root / "pefs", out, **FIT)
+    assert torch.equal(again.components_, ref.components_) and torch.equal(again.coefficients_, ref.coefficients_)
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "done"
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, reference):
+    root, _, ref, _ = reference
+    out = tmp_path / "npeff"
+    calls = []
+
+    def stop_at_25(step, loss):
+        calls.append(step)
+        if step == 25:
+            raise KeyboardInterrupt
+
+    est = NPEFF(**{**FIT, "checkpoint_dir": out / "checkpoints"}, callback=stop_at_25)
+    with pytest.raises(KeyboardInterrupt):
+        est.fit(PEFStore(root / "pefs"))
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 20 and latest["previous"]["step"] == 10
+    _flip(out / "checkpoints" / latest["dir"] / "state.safetensors")
+    with pytest.warns(RuntimeWarning, match=r"step 20 is damaged.*state\.safetensors.*checksum"):
+        again = NPEFF(**{**FIT, "checkpoint_dir": out / "checkpoints"}).fit(PEFStore(root / "pefs"))
+    assert torch.equal(again.components_, ref.components_)
+
+
+def test_a_damaged_result_is_named_and_refitted_from_the_checkpoints(tmp_path, reference, capsys):
+    root, _, ref, _ = reference
+    out = tmp_path / "npeff"
+    decompose_store(root / "pefs", out, **FIT)
+    _flip(out / "npeff.safetensors", offset=-3)
+    with pytest.raises(CorruptFileError, match=r"npeff\.safetensors is damaged"):
+        NPEFF.load(out)
+    assert main(["top", str(out)]) == 2
+    assert "npeff.safetensors is damaged" in capsys.readouterr().err
+    with pytest.warns(RuntimeWarning, match="fitting again from the last intact checkpoint"):
+        again = decompose_store(root / "pefs", out, **FIT)
+    assert torch.equal(again.components_, ref.components_)
+    assert torch.equal(NPEFF.load(out).coefficients_, ref.coefficients_)
+
+
+# --------------------------------------------------------------------------------------------------
+# Perturbation: killed between components; a damaged results table is recomputed.
+# --------------------------------------------------------------------------------------------------
+
+KILL_PERTURB = textwrap.dedent(
+    """
+    import os, sys
+    import npeff_lens.perturb as P
+    from npeff_lens.runs import run_perturbation
+    original, calls = P.perturb_component, [0]
+    def wrapped(*a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), 9)
+        return original(*a, **k)
+    P.perturb_component = wrapped
+    run_perturbation(sys.argv[1], 2, magnitude=0.5, top_k=4, n_baseline=8, out=sys.argv[2], progress=False)
+    """
+)
+
+
+def _records(summary):
+    return json.loads(json.dumps(summary["records"]))
+
+
+def test_perturb_killed_between_components_resumes_to_the_same_table(tmp_path, reference, adapter):
+    root, _, _, ref = reference
+    out = tmp_path / "p"
+    proc = subprocess.run([sys.executable, "-c", KILL_PERTURB, str(root / "npeff"), str(out)], env=_env(),
+                          capture_output=True)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert [r["component"] for r in json.loads((out / "perturbation.json").read_text())["components"]] == [0]
+    again = run_perturbation(root / "npeff", 2, magnitude=0.5, top_k=4, n_baseline=8, out=out, adapter=adapter,
+                             progress=False)  # fmt: skip
+    assert _records(again) == _records(ref)
+
+
+def test_a_damaged_perturbation_table_is_recomputed(tmp_path, reference, adapter):
+    root, _, _, ref = reference
+    out = tmp_path / "p"
+    run_perturbation(root / "npeff", 2, magnitude=0.5, top_k=4, n_baseline=8, out=out, adapter=adapter, progress=False)
+    table = out / "perturbation.json"
+    table.write_bytes(table.read_bytes()[:50])
+    with pytest.warns(RuntimeWarning, match=r"perturbation\.json is damaged"):
+        again = run_perturbation(root / "npeff", 2, magnitude=0.5, top_k=4, n_baseline=8, out=out, adapter=adapter,
+                                 progress=False)  # fmt: skip
+    assert _records(again) == _records(ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input named.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_more_components_than_examples_and_k_beyond_the_support_are_named(reference, tmp_path, capsys):
+    root, _, _, _ = reference
+    argv = ["decompose", "--store", str(root / "pefs"), "--out", str(tmp_path / "d"), "--no-progress"]
+    assert main([*argv, "--components", "100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "100" in err[0] and "40 examples" in err[0]
+    assert main(["top", str(root / "npeff"), "--k", "100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--k 100" in err[0] and "40 examples" in err[0]
+
+
+def test_a_multi_token_label_is_named_with_its_tokens(adapter):
+    with pytest.warns(UserWarning, match=r"label ' extraordinarily positive' is \d+ tokens .*first token"):
+        LabelTokens(TEMPLATE, [" bad", " extraordinarily positive"]).bind(adapter)
+    with pytest.raises(ValueError, match=r"label ' extraordinarily positive' is \d+ tokens after the prompt \(\["):
+        LabelTokens(TEMPLATE, [" bad", " extraordinarily positive"], multi_token="error").bind(adapter)
+    with pytest.warns(UserWarning, match=r"no leading space.*did you mean ' sad'"):
+        LabelTokens(TEMPLATE, [" bad", "sad"]).bind(adapter)

@@ -1,0 +1,250 @@
+"""The TopK-SAE baseline (§5.2, App. H): activations through every adapter backend, training with
+sae-lens on a planted sparse dictionary, coefficients as per-example maxima, token sets, save/load."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sae_lens")
+
+from npeff_lens.baselines.sae import (  # noqa: E402
+    SAE_LENS_INSTALL,
+    Activations,
+    TopKSAEBaseline,
+    activations,
+    unit_normalise,
+)
+from npeff_lens.models import load_model  # noqa: E402
+
+PROMPTS = [
+    "Review: a great and moving film . Sentiment:",
+    "Review: dull",
+    "Question: what is the capital of France ? Answer:",
+    "The genre of the film is comedy .",
+    "yes no maybe good bad fun",
+    "a wonderful , brilliant film",
+    "terrible",
+    "the country of Lisbon is Portugal",
+]
+
+
+def planted(n_dirs=64, d=32, n=8000, max_active=3, seed=0):
+    """Tokens that are non-negative combinations of at most ``max_active`` of ``n_dirs`` unit directions."""
+    g = torch.Generator().manual_seed(seed)
+    dictionary = unit_normalise(torch.randn(n_dirs, d, generator=g))
+    which = torch.stack([torch.randperm(n_dirs, generator=g)[:max_active] for _ in range(n)])
+    n_active = torch.randint(1, max_active + 1, (n,), generator=g)
+    weights = (torch.rand(n, max_active, generator=g) + 0.5) * (torch.arange(max_active)[None] < n_active[:, None])
+    return dictionary, (weights[:, :, None] * dictionary[which]).sum(1)
+
+
+PLANTED_KW = dict(seed=0, batch_size=512, n_epochs=8, lr=5e-3, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def planted_fit():
+    dictionary, x = planted()
+    g = torch.Generator().manual_seed(1)
+    example_index = torch.arange(x.shape[0]) // 10  # 800 examples of 10 tokens
+    token_ids = torch.randint(0, 20, (x.shape[0],), generator=g)
+    # Scaled copies: the SAE sees unit-norm tokens whatever the activations' scale (App. H.1).
+    scale = torch.rand(x.shape[0], 1, generator=g) * 5 + 0.1
+    sae = TopKSAEBaseline(128, 3, **PLANTED_KW).fit_activations(x * scale, example_index, token_ids)
+    return dictionary, x * scale, example_index, token_ids, sae
+
+
+@pytest.fixture(scope="module")
+def hf_adapter():
+    return load_model("tiny-llama", backend="hf")
+
+
+@pytest.fixture(scope="module")
+def hidden_states(hf_adapter):
+    enc = hf_adapter.tokenize(PROMPTS)
+    with torch.no_grad():
+        hs = hf_adapter.module(**enc, output_hidden_states=True).hidden_states
+    mask = enc["attention_mask"].bool()
+    return enc, mask, [h[mask] for h in hs]
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+
+def test_recovers_planted_dictionary(planted_fit):
+    dictionary, _, _, _, sae = planted_fit
+    decoder = sae.sae_.W_dec.detach()
+    decoder = decoder / decoder.norm(dim=-1, keepdim=True)
+    best = (dictionary @ decoder.T).max(1).values  # each true direction's best-matching latent
+    assert best.mean() >= 0.9, best
+    assert (best > 0.7).float().mean() >= 0.9
+    # A random decoder of the same size is far from it (the bound above is not trivially met).
+    rand = unit_normalise(torch.randn(128, 32, generator=torch.Generator().manual_seed(5)))
+    assert (dictionary @ rand.T).max(1).values.mean() < 0.7
+
+
+def test_fit_is_deterministic_for_a_seed():
+    _, x = planted(n=2000)
+    kw = dict(PLANTED_KW, n_epochs=1)
+    a = TopKSAEBaseline(64, 3, **kw).fit_activations(x)
+    b = TopKSAEBaseline(64, 3, **kw).fit_activations(x)
+    c = TopKSAEBaseline(64, 3, **dict(kw, seed=1)).fit_activations(x)
+    assert torch.equal(a.sae_.W_dec, b.sae_.W_dec) and torch.equal(a.coefficients_, b.coefficients_)
+    assert not torch.equal(a.sae_.W_dec, c.sae_.W_dec)
+
+
+def test_coefficients_are_per_example_max_of_encode(planted_fit):
+    _, x, example_index, token_ids, sae = planted_fit
+    with torch.no_grad():
+        z = sae.sae_.encode(unit_normalise(x))
+    assert (z >= 0).all() and ((z > 0).sum(-1) <= sae.k).all()
+    m = int(example_index.max()) + 1
+    brute = torch.stack([z[example_index == e].max(0).values for e in range(m)])
+    assert sae.coefficients_.shape == (m, 128)
+    torch.testing.assert_close(sae.coefficients_, brute, rtol=0, atol=1e-6)
+    # Per-token access agrees with the same encode.
+    torch.testing.assert_close(sae.token_activations(3), z[example_index == 3], rtol=0, atol=1e-6)
+    latent = int(sae.coefficients_.sum(0).argmax())
+    examples = sae.top_examples()[latent].tolist()
+    sets = sae.active_token_sets(latent, examples)
+    for e, got in zip(examples, sets):
+        rows = example_index == e
+        assert got == frozenset(token_ids[rows][z[rows, latent] > 0].tolist())
+    assert sets[0]  # the latent's top example has it active somewhere
+    # Dead latents: non-zero on fewer than k_top examples.
+    n_active = (brute > 0).sum(0)
+    assert torch.equal(sae.alive_, n_active >= sae.k_top)
+    assert set(sae.dead_latents_.tolist()) == set(torch.nonzero(n_active < sae.k_top).flatten().tolist())
+    # Transforming the same activations again gives the same coefficients.
+    torch.testing.assert_close(sae.transform_activations(x, example_index), sae.coefficients_, rtol=0, atol=1e-6)
+
+
+def test_unsorted_example_index_is_grouped(planted_fit):
+    _, x, example_index, _, sae = planted_fit
+    perm = torch.randperm(400, generator=torch.Generator().manual_seed(2))
+    coef = sae.transform_activations(x[:400][perm], example_index[:400][perm])
+    torch.testing.assert_close(coef, sae.coefficients_[:40], rtol=0, atol=1e-6)
+
+
+# --- activations through the adapters ----------------------------------------------------------------------
+
+
+def _check_against_hf(acts: Activations, enc, mask, expected):
+    assert acts.acts.shape == expected.shape
+    torch.testing.assert_close(acts.acts, expected, rtol=0, atol=1e-4)
+    assert torch.equal(acts.token_ids, enc["input_ids"][mask])
+    assert torch.equal(acts.example_index, torch.arange(len(PROMPTS))[:, None].expand_as(mask)[mask])
+    assert torch.equal(acts.positions, torch.arange(mask.shape[1])[None].expand_as(mask)[mask])
+
+
+@pytest.mark.parametrize("backend", ["hf", "nnsight"])
+def test_activations_module_path(backend, hf_adapter, hidden_states):
+    enc, mask, hs = hidden_states
+    adapter = hf_adapter if backend == "hf" else load_model("tiny-llama", backend=backend)
+    got = activations(adapter, PROMPTS, "model.layers.0", batch_size=3, show_progress=False)
+    _check_against_hf(got, enc, mask, hs[1])
+    assert got.n_examples == len(PROMPTS) and got.hook == "model.layers.0"
+
+
+@pytest.mark.parametrize("backend", ["hooked", "bridge"])
+def test_activations_transformer_lens_hook(backend, hidden_states):
+    enc, mask, hs = hidden_states
+    adapter = load_model("tiny-llama", backend=backend)
+    got = activations(adapter, PROMPTS, "blocks.1.hook_resid_pre", batch_size=5, show_progress=False)
+    _check_against_hf(got, enc, mask, hs[1])
+
+
+def test_padding_excluded(hf_adapter):
+    short, long = "terrible", "Question: what is the capital of France ? Answer:"
+    lengths = [len(hf_adapter.tokenize([p])["input_ids"][0]) for p in (short, long)]
+    assert lengths[0] < lengths[1]
+    got = activations(hf_adapter, [short, long], "model.layers.1.mlp.act_fn", show_progress=False)
+    assert len(got) == sum(lengths) and got.d == 64
+    assert torch.equal(torch.bincount(got.example_index), torch.tensor(lengths))
+    alone = activations(hf_adapter, [short], "model.layers.1.mlp.act_fn", show_progress=False)
+    torch.testing.assert_close(got.acts[: lengths[0]], alone.acts, rtol=0, atol=1e-5)
+
+
+def test_bad_hook_lists_close_names(hf_adapter):
+    with pytest.raises(ValueError, match=r"model\.layers\.0") as e:
+        activations(hf_adapter, PROMPTS, "model.layer.0", show_progress=False)
+    assert "\n" not in str(e.value)
+    hooked = load_model("tiny-llama", backend="hooked")
+    with pytest.raises(ValueError, match=r"blocks\.1\.hook_resid_pre") as e:
+        activations(hooked, PROMPTS, "blocks.1.hook_resid_pr", show_progress=False)
+    assert "\n" not in str(e.value)
+
+
+# --- fit through an adapter, save, load --------------------------------------------------------------------
+
+
+def test_fit_save_load_round_trip(hf_adapter, tmp_path):
+    import sae_lens
+
+    hook = "model.layers.0"
+    sae = TopKSAEBaseline(48, 4, hook=hook, batch_size=64, n_epochs=3, k_top=2, show_progress=False)
+    sae.fit(hf_adapter, PROMPTS)
+    n_tokens = int(hf_adapter.tokenize(PROMPTS)["attention_mask"].sum())
+    assert sae.coefficients_.shape == (len(PROMPTS), 48) and sae.n_tokens_ == n_tokens
+    assert sae.fit_seconds_ > 0 and set(sae.timings_) >= {"activations", "train", "encode"}
+    assert sae.sae_.cfg.metadata.hook_name == hook
+
+    sae.save(tmp_path)
+    opened = sae_lens.SAE.load_from_disk(tmp_path)
+    x = unit_normalise(activations(hf_adapter, PROMPTS, hook, show_progress=False).acts)
+    with torch.no_grad():
+        assert torch.equal(opened.encode(x), sae.sae_.encode(x))
+    assert opened.cfg.metadata.hook_name == hook and opened.cfg.k == 4
+
+    back = TopKSAEBaseline.load(tmp_path)
+    assert back.get_params() == sae.get_params()
+    for name in ("coefficients_", "example_index_", "token_ids_", "positions_", "code_latents_", "code_values_"):
+        assert torch.equal(getattr(back, name), getattr(sae, name)), name
+    for name, p in sae.sae_.state_dict().items():
+        assert torch.equal(back.sae_.state_dict()[name], p), name
+    assert torch.equal(back.dead_latents_, sae.dead_latents_)
+    latent = int(sae.coefficients_.sum(0).argmax())
+    assert back.active_token_sets(latent, range(len(PROMPTS))) == sae.active_token_sets(latent, range(len(PROMPTS)))
+    torch.testing.assert_close(back.transform(hf_adapter, PROMPTS), sae.coefficients_, rtol=0, atol=1e-6)
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_latents=0), "n_latents"),
+        (dict(n_latents=-3), "n_latents"),
+        (dict(n_latents=8, k=0), "k must"),
+        (dict(n_latents=8, k=9), r"k \(9\) must not exceed n_latents \(8\)"),
+        (dict(n_latents=8, k=2, batch_size=0), "batch_size"),
+        (dict(n_latents=8, k=2, lr=0.0), "lr"),
+    ],
+)
+def test_bad_sizes(kwargs, match):
+    with pytest.raises(ValueError, match=match) as e:
+        TopKSAEBaseline(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_no_tokens_and_bad_inputs():
+    sae = TopKSAEBaseline(8, 2, show_progress=False)
+    with pytest.raises(ValueError, match="no tokens") as e:
+        sae.fit_activations(torch.zeros(0, 4))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="NaN"):
+        sae.fit_activations(torch.full((4, 4), float("nan")))
+    with pytest.raises(ValueError, match="hook"):
+        sae.fit(None, PROMPTS)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        sae.token_activations(0)
+
+
+def test_missing_sae_lens_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sae_lens", None)  # import sae_lens now raises ImportError
+    with pytest.raises(ImportError) as e:
+        TopKSAEBaseline(8, 2, show_progress=False).fit_activations(torch.randn(10, 4))
+    assert str(e.value) == SAE_LENS_INSTALL == "pip install 'sae-lens>=6.54,<7'"
