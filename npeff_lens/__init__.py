@@ -23,6 +23,7 @@ _LAZY = {
     "tasks": "npeff_lens.tasks",
     "analysis": "npeff_lens.analysis",
     "compare": "npeff_lens.runs",
+    "load_decomposition": "npeff_lens.hub",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -73,6 +73,14 @@ def _compare(cmd: C.CompareCommand):
     print(f"wrote {cmd.decomposition}/compare/compare.json")
 
 
+def _report(cmd: C.ReportCommand):
+    from .report import build
+
+    index = build(cmd.decomposition, cmd.out, store=cmd.store, k=cmd.k, n_attributed=cmd.n_attributed,
+                  perturbation=cmd.perturbation, attribute=cmd.attributions, progress=cmd.progress)  # fmt: skip
+    print(f"report: {index} (open it in a browser; it needs no network)")
+
+
 def _repair(cmd: C.RepairCommand):
     from .store import PEFStore
 
@@ -81,6 +89,25 @@ def _repair(cmd: C.RepairCommand):
     print(f"{cmd.store}: {report['kept']} examples intact; removed {len(report['removed'])} damaged shard(s)"
           + (f"; missing examples {missing}: rerun `npeff collect` with the same arguments to recollect them"
              if missing else ""))  # fmt: skip
+
+
+def _unlearn(cmd: C.UnlearnCommand):
+    from .applications.unlearning import format_table
+    from .runs import unlearn
+
+    report = unlearn(cmd.decomposition, cmd.unlearn_config(), out=cmd.out)
+    print(format_table(report))
+
+
+def _icl(cmd: C.IclCommand):
+    from .applications.icl import format_table
+    from .runs import icl
+
+    result = icl(cmd.decomposition, cmd.icl_config(), out=cmd.out)
+    h = result["held_in"]
+    print(f"held-in ({h['n']} run examples): tuning classifier {h['classifier_accuracy']:.3f}, zero-shot "
+          f"{h['zero_shot_accuracy']:.3f}, agreement {h['classifier_zero_shot_agreement']:.3f}")  # fmt: skip
+    print(format_table(result))
 
 
 def _demo(cmd: C.DemoCommand):
@@ -107,8 +134,11 @@ COMMANDS = {
     "collect": (C.CollectCommand, _collect, "collect projected per-example Fishers (PEFs) into a store (resumes)"),
     "decompose": (C.DecomposeCommand, _decompose, "fit NPEFF on a PEF store (resumes from checkpoints)"),
     "top": (C.TopCommand, _top, "top examples per component and the tuning summary (§3.1)"),
+    "report": (C.ReportCommand, _report, "a static component dashboard with exact token attributions"),
     "perturb": (C.PerturbCommand, _perturb, "perturb the model along recovered components; KL ratios (§3.3)"),
     "compare": (C.CompareCommand, _compare, "gradient clusters and TopK-SAE latents beside NPEFF, same metrics (§5)"),
+    "unlearn": (C.UnlearnCommand, _unlearn, "unlearn components' top examples, with and without mitigation (§6.1)"),
+    "icl": (C.IclCommand, _icl, "the tuning classifier vs zero-shot vs in-context prompts (§6.2)"),
     "repair": (C.RepairCommand, _repair, "remove only the damaged shards of a PEF store (collect then refills them)"),
     "demo": (C.DemoCommand, _demo, "the end-to-end demo: SmolLM2-135M on movie reviews"),
     "zero-shot": (C.ZeroShotCommand, _zero_shot, "zero-shot label-token accuracy on held-out movie reviews"),

@@ -39,6 +39,11 @@ __all__ = [
     "TopCommand",
     "CompareConfig",
     "RepairCommand",
+    "ReportCommand",
+    "UnlearnConfig",
+    "UnlearnCommand",
+    "IclConfig",
+    "IclCommand",
     "CompareCommand",
     "DemoCommand",
     "ZeroShotCommand",
@@ -659,6 +664,127 @@ class CompareCommand(CompareConfig):
     def compare_config(self) -> CompareConfig:
         names = {f.name for f in dataclasses.fields(CompareConfig)}
         return CompareConfig(**{k: v for k, v in self.to_dict().items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnlearnConfig(_Config):
+    """NPEFF-guided unlearning with collateral-damage mitigation (§6.1, App. I.1-I.2)."""
+
+    step: ClassVar[str] = "unlearn"
+
+    components: str = option("0,1", "components whose top example is unlearned: a count or indices '0,3,7-9'")
+    k_eval: int = option(12, "next top examples kept to measure collateral damage (App. I.2: 12)")
+    k_mitigation: int = option(12, "next top examples appended to every retain batch by mitigation (12)")
+    n_random: int = option(64, "random examples to measure the damage elsewhere (paper: 10,000)")
+    n_batches: int = option(75, "unlearning batches (App. I.2: 75)")
+    retain_batch_size: int = option(32, "random retain examples per batch (App. I.2: 32)")
+    forget_batch_size: int = option(1, "forget examples per batch")
+    lr: float = option(1e-4, "Adam learning rate (App. I.2: 1e-4)")
+    epsilon_forget: float = option(0.1, "weight of the forget term, gradient ascent on its KL (App. I.2: 0.1)")
+    epsilon_retain: float = option(10.0, "weight of the retain KL (App. I.2: 10)")
+    kl_threshold: float = option(10.0, "forget KL (nats) for a run to count as unlearned (the paper's 10 is for a "
+                                 "whole vocabulary; a two-label task's KL is bounded by -log min p)")  # fmt: skip
+    params: tuple[str, ...] = option(("store",), "parameters trained: 'store' (those the PEFs cover), 'default' "
+                                     "(all but embeddings and norms), or glob patterns", metavar="GLOB")  # fmt: skip
+    seed: int = option(0, "seed of the evaluation/mitigation split, the random sets and the retain batches")
+    batch_size: int = option(32, "prompts per forward when evaluating", resume=False)
+    progress: bool = option(True, "show progress bars", resume=False)
+
+    def __post_init__(self):
+        if isinstance(self.components, (int, list, tuple)) and not isinstance(self.components, bool):
+            spec = self.components if isinstance(self.components, int) else ",".join(map(str, self.components))
+            object.__setattr__(self, "components", str(spec))
+        super().__post_init__()
+
+    def validate(self):
+        try:
+            PerturbConfig(components=self.components)
+        except ConfigError:
+            self._fail("components", "must be a count or indices such as '0,3,7-9'")
+        for name in ("k_eval", "k_mitigation", "n_random", "n_batches", "retain_batch_size", "forget_batch_size"):
+            self._require(name, getattr(self, name) >= 1, "must be >= 1")
+        for name in ("lr", "epsilon_forget", "epsilon_retain", "kl_threshold"):
+            self._require(name, getattr(self, name) > 0, "must be > 0")
+
+    def component_list(self, n_components: int) -> list[int]:
+        return PerturbConfig(components=self.components).component_list(n_components)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnlearnCommand(UnlearnConfig):
+    """``npeff unlearn``: unlearn each chosen component's top example twice, with NPEFF-guided mitigation (its
+    next top examples in every retain batch) and with a control (random ones); KL on the forget example, the
+    component's other top examples and random examples (§6.1, Table 6)."""
+
+    decomposition: str = option(
+        help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR", resume=False
+    )
+    out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/unlearn)", resume=False)
+
+    def unlearn_config(self) -> UnlearnConfig:
+        names = {f.name for f in dataclasses.fields(UnlearnConfig)}
+        return UnlearnConfig(**{k: v for k, v in self.to_dict().items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class IclConfig(_Config):
+    """The tuning classifier against zero-shot and in-context prompts (§6.2)."""
+
+    step: ClassVar[str] = "icl"
+
+    dataset: str = option("movie-reviews", "dataset of the held-out examples (a name or a local file)")
+    eval_split: Literal["train", "test"] | None = option("test", "its split (seeded by --data-seed)")
+    data_seed: int = option(0, "seed of the split")
+    n_eval: int = option(200, "held-out examples (the first n of the split)")
+    threshold: float = option(0.75, "fraction of a component's top k sharing a label for it to vote (§6.2: 0.75)")
+    k: int = option(16, "top examples per component (§6.2: 16)")
+    shots: int = option(6, "demonstrations per in-context prompt (§6.2: 6)")
+    n_prompts: int = option(50, "random in-context prompts to choose the best from (§6.2: 50)")
+    n_select: int = option(1024, "training examples the best prompt is chosen on (§6.2: 1,024)")
+    seed: int = option(0, "seed of the prompts and the selection subset")
+    batch_size: int = option(16, "prompts per forward", resume=False)
+    progress: bool = option(True, "show progress bars", resume=False)
+
+    def validate(self):
+        for name in ("n_eval", "k", "shots", "n_prompts", "n_select"):
+            self._require(name, getattr(self, name) >= 1, "must be >= 1")
+        self._require("threshold", 0 < self.threshold <= 1, "must be in (0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IclCommand(IclConfig):
+    """``npeff icl``: fit the tuning classifier on a run's coefficients and labels, fit coefficients for held-out
+    examples with the components fixed, and compare it with the zero-shot model and the best of N random k-shot
+    prompts, with agreement rates (§6.2)."""
+
+    decomposition: str = option(
+        help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR", resume=False
+    )
+    out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/icl)", resume=False)
+
+    def icl_config(self) -> IclConfig:
+        names = {f.name for f in dataclasses.fields(IclConfig)}
+        return IclConfig(**{k: v for k, v in self.to_dict().items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportCommand(_Config):
+    """``npeff report``: a static component dashboard (index, per-component pages with exact token attributions,
+    plots, perturbation and comparison results when the run has them) that opens from disk with no network."""
+
+    decomposition: str = option(help="directory written by `npeff decompose`", positional=True,
+                                metavar="DECOMPOSITION_DIR")  # fmt: skip
+    out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/report)")
+    store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)")
+    k: int = option(16, "top examples shown per component (§3.1)")
+    n_attributed: int = option(8, "top examples per component whose tokens are attributed (one backward each)")
+    perturbation: str | None = option(None, "a perturbation.json or its folder (default: found beside the run)")
+    attributions: bool = option(True, "compute exact token attributions (needs the model)")
+    progress: bool = option(True, "show progress bars")
+
+    def validate(self):
+        self._require("k", self.k >= 1, "must be >= 1")
+        self._require("n_attributed", self.n_attributed >= 0, "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

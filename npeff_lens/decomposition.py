@@ -976,6 +976,26 @@ class NPEFF:
         atomic_write(directory / "config.json", json.dumps(config, indent=1, default=str))
         return directory
 
+    # -- the Hugging Face hub (npeff_lens.hub) -----------------------------------------------------
+    def save_pretrained(self, directory, **kwargs) -> Path:
+        """``config.json`` + ``npeff.safetensors``, the run's configs and a model card (``npeff_lens.hub``)."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, dir_or_repo_id, **kwargs):
+        """A decomposition from a local folder or a hub repository (offline: a one-line error)."""
+        from .hub import from_pretrained
+
+        return from_pretrained(dir_or_repo_id, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Uploads :meth:`save_pretrained`'s folder to ``repo_id``; returns the commit URL."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
     def load(cls, directory: str | os.PathLike) -> NPEFF:
         directory = Path(directory)

@@ -33,8 +33,10 @@ from .config import (
     CompareConfig,
     DecomposeConfig,
     DemoCommand,
+    IclConfig,
     PerturbConfig,
     TopCommand,
+    UnlearnConfig,
     ZeroShotCommand,
     check_same,
 )
@@ -50,6 +52,8 @@ __all__ = [
     "top_report",
     "run_perturbation",
     "compare",
+    "unlearn",
+    "icl",
     "demo",
     "zero_shot",
 ]
@@ -515,8 +519,9 @@ class _CompareContext:
         self.components = cfg.components or int(est.n_components)
         labels, preds = _label_columns(self.meta)
         self.labels, self.predictions = labels, self.meta["prediction"]
-        if self.components > len(store):
-            raise ValueError(f"--components {self.components} exceeds the {len(store)} examples of the run")
+        for flag, value in (("--components", self.components), ("--k", cfg.k)):
+            if value > len(store):
+                raise ValueError(f"{flag} {value} exceeds the {len(store)} examples of the run")
 
     def identity(self) -> dict:
         return {"n_examples": len(self.store), "decomposition_loss": self.est.reconstruction_err_}
@@ -658,6 +663,111 @@ def _cell(v) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Applications (§6).
+# ----------------------------------------------------------------------------------------------
+
+#: The collect options of a store's manifest that define its PEF space (projection, parameters, truncation).
+_SPACE = ("proj_dim", "density", "params", "exclude", "seed", "rank", "max_length", "dtype", "engine")
+
+
+def _load_with_model(decomposition_dir, adapter=None):
+    """``(npeff, store, adapter, task)`` of a decomposition directory."""
+    from .models import load_model
+    from .tasks import task_from_config
+
+    est, store = load_run(decomposition_dir)
+    if adapter is None:
+        model = store.manifest["model"]
+        adapter = load_model(model["name"], backend=model.get("backend") or "hf")
+    adapter.eval()
+    return est, store, adapter, task_from_config(store.manifest["task"]).bind(adapter)
+
+
+def held_out_coefficients(est, store, adapter, task, texts, out, *, batch_size=8, progress=True):
+    """Coefficients ``[n, C]`` of new texts: their PEFs in the store's space (same projection, parameters,
+    truncation and task, collected into ``out``, resumable), then ``est.transform`` with the components fixed."""
+    from .collect import collect_pefs
+
+    key = store.manifest.get("config") or {}
+    options = {k: key[k] for k in _SPACE if k in key}
+    if options.get("proj_dim") is None and store.manifest.get("projection"):
+        options["proj_dim"] = store.manifest["projection"]["n_out"]
+    new = collect_pefs(adapter, list(texts), task, out, batch_size=batch_size, progress=progress, **options)
+    check_same({"projection": store.manifest.get("projection")}, {"projection": new.manifest.get("projection")},
+               f"the held-out PEFs in {out}")  # fmt: skip
+    return est.transform(new)
+
+
+def unlearn(decomposition_dir, config: UnlearnConfig | None = None, *, out=None, adapter=None, **options) -> dict:
+    """``npeff unlearn``: :func:`~npeff_lens.applications.unlearning.unlearning_experiment` on a run's model,
+    task, examples and coefficients; ``out/unlearning.json`` (default ``decomposition_dir/unlearn``). A finished
+    run with the same config is read back; another config is a ``ConfigMismatchError``."""
+    from .applications.unlearning import unlearning_experiment
+
+    cfg = _config(UnlearnConfig, config, options)
+    d = Path(decomposition_dir)
+    out = Path(out) if out is not None else d / "unlearn"
+    est, store = load_run(d)
+    rec = _begin(out, "unlearn", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
+    if rec["status"] == "done" and (out / "unlearning.json").exists():
+        return read_json(out / "unlearning.json")
+    est, store, adapter, task = _load_with_model(d, adapter)
+    store_params = (store.manifest.get("config") or {}).get("params")
+    params = {("store",): store_params, ("default",): None}.get(tuple(cfg.params), list(cfg.params))
+    t0 = time.time()
+    report = unlearning_experiment(
+        adapter, task, task.prompts(store.metadata["text"]), est.coefficients_, cfg.component_list(est.n_components),
+        k_eval=cfg.k_eval, k_mitigation=cfg.k_mitigation, n_random=cfg.n_random, kl_threshold=cfg.kl_threshold,
+        seed=cfg.seed, progress=cfg.progress, batch_size=cfg.batch_size, n_batches=cfg.n_batches,
+        retain_batch_size=cfg.retain_batch_size, forget_batch_size=cfg.forget_batch_size, lr=cfg.lr,
+        epsilon_forget=cfg.epsilon_forget, epsilon_retain=cfg.epsilon_retain, params=params,
+    )  # fmt: skip
+    report.update(n_trained_parameters=sum(p.numel() for _, p in adapter.named_parameters(include=params)),
+                  seconds=time.time() - t0)  # fmt: skip
+    write_json(out / "unlearning.json", to_jsonable(report))
+    _finish(out, rec)
+    return report
+
+
+def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter=None, **options) -> dict:
+    """``npeff icl``: the tuning classifier fitted on the run's coefficients and labels, evaluated held-in and
+    on ``n_eval`` held-out examples (coefficients by ``transform``) beside zero-shot and best-of-N in-context
+    prompts (§6.2); ``out/icl.json`` (default ``decomposition_dir/icl``), resumable like every step."""
+    from .applications.icl import TuningClassifier, agreement, icl_experiment
+    from .data import load_dataset
+
+    cfg = _config(IclConfig, config, options)
+    d = Path(decomposition_dir)
+    out = Path(out) if out is not None else d / "icl"
+    est, store = load_run(d)
+    rec = _begin(out, "icl", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
+    if rec["status"] == "done" and (out / "icl.json").exists():
+        return read_json(out / "icl.json")
+    est, store, adapter, task = _load_with_model(d, adapter)
+    meta = store.metadata
+    if "label" not in meta.column_names:
+        raise ValueError(f"the run's store {store.path} has no 'label' column: the tuning classifier needs labels")
+    texts, labels, coef, t0 = meta["text"], meta["label"], est.coefficients_, time.time()
+    clf = TuningClassifier(threshold=cfg.threshold, k=cfg.k).fit(coef, labels)
+    held_in = {"n": len(texts), "classifier_accuracy": clf.score(coef, labels), "n_unscored": clf.n_unscored_,
+               "zero_shot_accuracy": agreement(meta["prediction"], labels),
+               "classifier_zero_shot_agreement": agreement(clf.predict(coef), meta["prediction"])}  # fmt: skip
+    data = load_dataset(cfg.dataset, split=cfg.eval_split, seed=cfg.data_seed)
+    data = data.select(range(min(cfg.n_eval, len(data))))
+    eval_coef = held_out_coefficients(est, store, adapter, task, data["text"], out / "eval-pefs",
+                                      batch_size=cfg.batch_size, progress=cfg.progress)  # fmt: skip
+    result = icl_experiment(
+        adapter, task, texts, labels, coef, data["text"], data["label"], eval_coef, threshold=cfg.threshold, k=cfg.k,
+        shots=cfg.shots, n_prompts=cfg.n_prompts, n_select=min(cfg.n_select, len(texts) - cfg.shots),
+        seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress,
+    )  # fmt: skip
+    result.update(held_in=held_in, seconds=time.time() - t0)
+    write_json(out / "icl.json", to_jsonable(result))
+    _finish(out, rec)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # The demo and the zero-shot check.
 # ----------------------------------------------------------------------------------------------
 
@@ -705,6 +815,10 @@ def demo(cmd: DemoCommand | None = None, **options) -> dict:
     report = top_report(out / "npeff", show=cmd.show)
     print("\n".join(report["lines"]))
     print(f"[demo] {report['summary_line']}")
+    from .report import build
+
+    index = build(out / "npeff", progress=cmd.progress)
+    print(f"[demo] report: {index} (open it in a browser)")
     print(f"[demo] total {time.time() - t0:.0f}s; run directory: {out}")
     write_json(
         out / "summary.json",

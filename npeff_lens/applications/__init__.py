@@ -1,0 +1,34 @@
+"""Applications of NPEFF (§6): unlearning with NPEFF-guided mitigation (:mod:`.unlearning`, §6.1, App. I) and
+the component-tuning classifier that compares zero-shot processing with in-context learning (:mod:`.icl`, §6.2).
+
+Both take adapters, tasks, coefficient tensors and lists of prompts, and return JSON-able results; the run layer
+(``npeff unlearn`` / ``npeff icl``) owns directories.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "unlearn": "npeff_lens.applications.unlearning",
+    "unlearning_experiment": "npeff_lens.applications.unlearning",
+    "TuningClassifier": "npeff_lens.applications.icl",
+    "best_of_n_icl": "npeff_lens.applications.icl",
+    "icl_experiment": "npeff_lens.applications.icl",
+    "zero_shot_predictions": "npeff_lens.applications.icl",
+    "agreement": "npeff_lens.applications.icl",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'npeff_lens.applications' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

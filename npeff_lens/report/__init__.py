@@ -1,0 +1,217 @@
+"""The component dashboard: a static site (``index.html`` + one page per component) over a fitted NPEFF run.
+
+>>> from npeff_lens.report import build
+>>> build("runs/movie/npeff")            # -> runs/movie/npeff/report/index.html, opens from disk
+
+The site needs no server and no network: pages are pre-rendered HTML, the sort / filter script, the style and
+plotly.js (bundled once, from the installed ``plotly`` package) are files under ``assets/``. Each top
+example's tokens are highlighted by their exact share of the example's loading on the component
+(:mod:`npeff_lens.attribution`).
+
+Layout::
+
+    report/index.html                           the components: tunings, top labels / predictions, mass, KL ratio
+    report/components/component_00003.html      one page per component
+    report/data/index.json                      the data behind index.html
+    report/data/component_00003.json            the data behind a component page
+    report/assets/{report.css, report.js, plotly.min.js}
+
+JSON schema (``format: "npeff_lens.report"``, ``format_version: 1``; NaN / inf are written as ``null``).
+Field names follow SAEDashboard's Neuronpedia export where a counterpart exists (``feature_index``,
+``frac_nonzero``, ``freq_hist_data_bar_*``, ``correlated_features_*``, ``activations`` with ``tokens`` /
+``values`` / ``bin_*`` / ``qualifying_token_index``, ``n_prompts_total``).
+
+``data/index.json`` (``kind: "index"``)::
+
+    run: {decomposition, store, model: {name, backend}, task, outcomes, params, n_params, projection_dim,
+          projection, pef_rows, n_examples, n_components, reconstruction_err, n_iter}
+    summary: {k, tuned_label, tuned_prediction (fractions of components, §3.1), n_alive, n_dead}
+    perturbation: perturbation.json's summary + {path} | null       (kl_ratio_geomean, pef_norm_ratio_geomean, ...)
+    compare: {path, methods: {name: {n_components, alive, tuned_label, ...scalars}}} | null
+    attribution_note: str | null                                  (why tokens are not highlighted, if they are not)
+    components: [row]       row = {feature_index, alive, tuned_label, tuned_prediction,
+                                   top_labels: [[value, count]], top_predictions: [[value, count]], n_top,
+                                   coefficient_mass (share of all coefficients), max_coefficient, frac_nonzero,
+                                   kl_ratio, pef_norm_ratio, page, data}
+
+``data/component_XXXXX.json`` (``kind: "component"``): the row's fields, and::
+
+    k, n_prompts_total
+    freq_hist_data_bar_values / freq_hist_data_bar_heights / freq_hist_bin_edges   histogram of the non-zero
+                                                          coefficients (> 1e-8), 40 linear bins from 0 to the max
+    label_prediction_counts: [{label, prediction, count}]  over the top-k examples with a positive coefficient
+    correlated_features_indices / correlated_features_cosine   nearest components (cosine of coefficient columns)
+    perturbation: the component's perturbation.json record | null   (kl_top_plus, kl_base_plus, kl_top_minus,
+                                                                     kl_base_minus, kl_ratio, sign, pef_norm_ratio, ...)
+    activations: [example]  the top examples, by decreasing coefficient:
+        rank, example_index, coefficient, bin_min, bin_max, bin_contains, text, label, prediction,
+        outcomes + probs (or topk_ids + topk_probs), pef_norm, flag,
+        stored_loading       Σ_rows ((G_row A)·h)² from the stored PEF
+        tokens, token_ids    the prompt's tokens (null when not attributed)
+        values               per token, its share of the loading as a fraction (Σ_rows c_row c_row,t / loading)
+        shares               the same, unnormalised
+        remainder            {label: fraction} for parameters the hooks do not split over tokens
+        loading              Σ_rows c_row² (= Σ shares + remainder; equals stored_loading up to the store's dtype)
+        qualifying_token_index   the token with the largest share
+    attribution_note
+
+Public functions: :func:`build` (the site) and :func:`report_data` (the records, without writing anything).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_write, write_json
+from . import data as _data
+from . import render as _render
+
+__all__ = ["build", "report_data"]
+
+
+def _stored_loadings(view, stats, k: int) -> dict[tuple[int, int], float]:
+    """``{(component, example): Σ_rows ((G_row A)·h_j)²}`` of each component's top examples, from the store."""
+    from ..attribution import stored_loadings
+
+    C = view.coeffs.shape[1]
+    wanted = {j: _data.top_indices(view, stats, j, k) for j in range(C)}
+    examples = sorted({i for idx in wanted.values() for i in idx})
+    if not examples:
+        return {}
+    pefs = view.store.load_pefs(examples)  # "example rank dim"
+    pos = {i: n for n, i in enumerate(examples)}
+    comps = torch.as_tensor(view.est.components_)
+    out = {}
+    for j, idx in wanted.items():
+        if idx:
+            vals = stored_loadings(pefs[[pos[i] for i in idx]], comps[j])
+            out.update({(j, i): float(v) for i, v in zip(idx, vals)})
+    return out
+
+
+def _attributions(view, stats, n_attributed: int, adapter, enabled: bool, show_progress: bool):
+    """``({(component, example): TokenAttribution}, note)`` for the top ``n_attributed`` of each live component."""
+    from ..attribution import TokenAttributor
+
+    if not enabled or n_attributed <= 0:
+        return {}, "Token attributions were not computed (attribute=False)." if not enabled else None
+    try:
+        attributor = TokenAttributor.from_manifest(view.manifest, view.est.components_, adapter)
+    except (OSError, ValueError, ImportError, NotImplementedError) as e:
+        msg = f"Token attributions unavailable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return {}, msg
+    texts = [m.get("text") for m in view.meta]
+    live = [j for j in range(view.coeffs.shape[1]) if j not in stats.dead]
+    pairs = [(j, i) for j in live for i in _data.top_indices(view, stats, j, n_attributed)]
+    found = attributor.attribute_pairs(pairs, [texts[i] for _, i in pairs], batch_size=8, progress=show_progress)
+    out = {(a.component, a.example): a for a in found}
+    remainder = sum(abs(v) for a in out.values() for v in a.remainder.values())
+    total = sum(a.loading for a in out.values()) or 1.0
+    note = None
+    if remainder / total > 0.5:
+        note = (
+            f"{remainder / total:.0%} of the loadings come from parameters the module hooks do not split over "
+            "tokens (e.g. a HookedTransformer's einsum weights, norm weights): see each example's remainder."
+        )
+    return out, note
+
+
+def report_data(
+    decomposition_dir,
+    *,
+    store=None,
+    k: int = 16,
+    n_attributed: int = 8,
+    perturbation=None,
+    adapter=None,
+    attribute: bool = True,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
+    """``(index, components)``: the JSON records of the report (schema: the module docstring), nothing written.
+
+    ``store``: the PEF store (default: the one the decomposition's run.json names); ``k``: top examples per
+    component (tunings, breakdowns, shown examples); ``n_attributed``: how many of them get token attributions
+    (one forward + one backward per PEF row for each component's batch); ``perturbation``: a
+    ``perturbation.json`` or its directory (default: a sibling perturbation run of this decomposition);
+    ``adapter``: the model, already loaded (default: loaded by the name the store's manifest records).
+    """
+    view = _data.load_view(decomposition_dir, store)
+    stats = _data.statistics(view, k)
+    summary, records = _data.read_perturbation(_data.find_perturbation(decomposition_dir, perturbation))
+    rows = [_data.summary_row(view, stats, j, records.get(j)) for j in range(view.coeffs.shape[1])]
+    stored = _stored_loadings(view, stats, k)
+    attributions, note = _attributions(view, stats, n_attributed, adapter, attribute, progress)
+    components = []
+    for j in range(view.coeffs.shape[1]):
+        examples = [
+            _data.example_record(view, j, i, rank, stored.get((j, i)), attributions.get((j, i)))
+            for rank, i in enumerate(_data.top_indices(view, stats, j, k))
+        ]
+        rec = _data.component_record(view, stats, j, perturbation=records.get(j), examples=examples, note=note)
+        components.append(_data.clean(rec))
+    index = _data.index_record(
+        view, stats, rows, perturbation=summary, compare=_data.read_compare(decomposition_dir), note=note
+    )
+    return _data.clean(index), components
+
+
+def _write_assets(assets: Path) -> None:
+    assets.mkdir(parents=True, exist_ok=True)
+    static = resources.files(__package__) / "static"
+    for fname in ("report.css", "report.js"):
+        atomic_write(assets / fname, (static / fname).read_text(encoding="utf-8"))
+    try:
+        from plotly.offline import get_plotlyjs
+    except ImportError:  # the pages still work; the histograms say plotly.js did not load
+        warnings.warn("plotly is not installed: the report has no histograms (pip install plotly)", stacklevel=3)
+        return
+    js = get_plotlyjs()
+    target = assets / "plotly.min.js"
+    if not target.is_file() or target.stat().st_size != len(js.encode()):
+        atomic_write(target, js)
+
+
+def _remove_stale(directory: Path, pattern: str, keep: set[str]) -> None:
+    """Pages / records of components that no longer exist (a previous report of another decomposition)."""
+    for p in directory.iterdir():
+        if re.fullmatch(pattern, p.name) and p.name not in keep:
+            p.unlink()
+
+
+def build(
+    decomposition_dir,
+    out=None,
+    *,
+    store=None,
+    k: int = 16,
+    n_attributed: int = 8,
+    perturbation=None,
+    adapter=None,
+    attribute: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Write the static report of a decomposition into ``out`` (default ``decomposition_dir/report``) and return
+    the path of its ``index.html``. Arguments: :func:`report_data`."""
+    out = Path(decomposition_dir) / "report" if out is None else Path(out)
+    index, components = report_data(
+        decomposition_dir, store=store, k=k, n_attributed=n_attributed, perturbation=perturbation,
+        adapter=adapter, attribute=attribute, progress=progress,
+    )  # fmt: skip
+    for sub in ("components", "data"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    _write_assets(out / "assets")
+    names = [_data.component_name(c["feature_index"]) for c in components]
+    _remove_stale(out / "components", r"component_\d+\.html", {f"{n}.html" for n in names})
+    _remove_stale(out / "data", r"component_\d+\.json", {f"{n}.json" for n in names})
+    for nm, c in zip(names, components):
+        write_json(out / "data" / f"{nm}.json", c)
+        atomic_write(out / "components" / f"{nm}.html", _render.render_component(c, index["components"]))
+    write_json(out / "data" / "index.json", index)
+    atomic_write(out / "index.html", _render.render_index(index))
+    return out / "index.html"

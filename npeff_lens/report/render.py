@@ -1,0 +1,326 @@
+"""HTML for the report: the index and the component pages, rendered from the JSON records of :mod:`.data`.
+
+Static pages: everything is in the HTML (no ``fetch``, which ``file://`` pages may not use); scripts and
+styles are local files under ``assets/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from html import escape
+
+from .data import N_BINS, NONZERO, component_name
+
+_COMPARE_COLUMNS = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared",
+                    "coverage", "fit_seconds")  # fmt: skip
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def name(v) -> str:
+    """A label / prediction for display (``" positive"`` -> ``positive``)."""
+    if v is None:
+        return "–"
+    s = str(v).strip()
+    return s if s else repr(str(v))
+
+
+def _num(v) -> str:
+    """A ``data-value`` for sorting ('' when missing)."""
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else repr(float(v))
+
+
+def _counts(pairs) -> str:
+    return ", ".join(f"{escape(name(v))} ×{n}" for v, n in pairs) or "–"
+
+
+def _page(title: str, body: str, prefix: str, scripts=("report.js",)) -> str:
+    tags = "".join(f'<script src="{prefix}assets/{s}"></script>' for s in scripts)
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<title>{escape(title)}</title><link rel="icon" href="data:,">'
+        f'<link rel="stylesheet" href="{prefix}assets/report.css"></head>\n<body>\n{body}\n'
+        f"<footer>npeff_lens report · NPEFF (Matena &amp; Raffel): components are rank-1 pseudo-Fisher matrices "
+        f"h hᵀ with non-negative per-example coefficients.</footer>\n{tags}\n</body></html>\n"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Index
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_line(run: dict) -> str:
+    model = (run.get("model") or {}).get("name", "?")
+    task = run.get("task") or {}
+    outcomes = ", ".join(name(o) for o in (run.get("outcomes") or [])[:8])
+    parts = [f"model <b>{escape(str(model))}</b>", f"task {escape(str(task.get('kind', '?')))}"]
+    if outcomes:
+        parts.append(f"outcomes {escape(outcomes)}")
+    parts.append(f"{run['n_examples']} examples")
+    parts.append(f"{run['n_components']} components")
+    if run.get("projection_dim"):
+        parts.append(f"projected to d = {run['projection_dim']} from {fmt(run.get('n_params'))} parameters")
+    elif run.get("n_params"):
+        parts.append(f"{run['n_params']} parameters (unprojected)")
+    if run.get("params"):
+        parts.append("params " + escape(", ".join(run["params"])))
+    return " · ".join(parts)
+
+
+def _stat_cards(index: dict) -> str:
+    s, run, p = index["summary"], index["run"], index.get("perturbation") or {}
+    cards = [
+        ("tuned to a label", pct(s.get("tuned_label"))),
+        ("tuned to a prediction", pct(s.get("tuned_prediction"))),
+        ("alive components", f"{s['n_alive']} / {run['n_components']}"),
+        ("reconstruction loss", fmt(run.get("reconstruction_err"))),
+    ]
+    if p:
+        cards.append(("KL ratio (geo. mean)", fmt(p.get("kl_ratio_geomean"))))
+        cards.append(("PEF-norm ratio (geo. mean)", fmt(p.get("pef_norm_ratio_geomean"))))
+    inner = "".join(f'<div class="stat"><b>{escape(v)}</b>{escape(k)}</div>' for k, v in cards)
+    return f'<div class="cards">{inner}</div>'
+
+
+def _compare_table(compare: dict | None) -> str:
+    if not compare or not compare.get("methods"):
+        return ""
+    methods = compare["methods"]
+    extra = sorted({k for f in methods.values() for k in f} - set(_COMPARE_COLUMNS))
+    cols = [c for c in _COMPARE_COLUMNS if any(c in f for f in methods.values())] + extra
+    head = "".join(f'<th data-sort="{"str" if c == "method" else "num"}">{escape(c)}</th>' for c in cols)
+    rows = []
+    for meth, f in methods.items():
+        cells = "".join(
+            f'<td class="num" data-value="{_num(f.get(c)) if isinstance(f.get(c), (int, float)) else ""}">'
+            f"{escape(fmt(f.get(c)))}</td>"
+            for c in cols
+        )
+        rows.append(f"<tr><td>{escape(meth)}</td>{cells}</tr>")
+    return (
+        '<section class="block" id="compare"><h2>Methods side by side</h2>'
+        f'<div class="scroll"><table class="sortable"><thead><tr><th data-sort="str">method</th>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+        f'<p class="note">From {escape(compare.get("path", ""))}.</p></section>'
+    )
+
+
+def _index_row(r: dict) -> str:
+    tuned = r["tuned_label"] is not None or r["tuned_prediction"] is not None
+    j = r["feature_index"]
+    cells = [
+        f'<td class="num" data-value="{j}"><a href="{r["page"]}">{j}</a></td>',
+        f'<td data-value="{int(r["alive"])}">{"alive" if r["alive"] else "dead"}</td>',
+        f"<td>{escape(name(r['tuned_label'])) if r['tuned_label'] is not None else ''}</td>",
+        f"<td>{escape(name(r['tuned_prediction'])) if r['tuned_prediction'] is not None else ''}</td>",
+        f"<td>{_counts(r['top_labels'])}</td>",
+        f"<td>{_counts(r['top_predictions'])}</td>",
+        f'<td class="num" data-value="{_num(r["coefficient_mass"])}">{pct(r["coefficient_mass"])}</td>',
+        f'<td class="num" data-value="{_num(r["frac_nonzero"])}">{pct(r["frac_nonzero"])}</td>',
+        f'<td class="num" data-value="{_num(r["kl_ratio"])}">{fmt(r["kl_ratio"])}</td>',
+        f'<td class="num" data-value="{_num(r["pef_norm_ratio"])}">{fmt(r["pef_norm_ratio"])}</td>',
+    ]
+    cls = "" if r["alive"] else ' class="dead"'
+    return (
+        f'<tr{cls} data-component="{j}" data-tuned="{int(tuned)}" data-alive="{int(r["alive"])}">{"".join(cells)}</tr>'
+    )
+
+
+def render_index(index: dict) -> str:
+    k = index["summary"]["k"]
+    head = "".join(
+        f'<th data-sort="{t}"{" class=num" if t == "num" else ""}>{escape(h)}</th>'
+        for h, t in (
+            ("component", "num"), ("status", "num"), ("tuned label", "str"), ("tuned prediction", "str"),
+            (f"labels of top {k}", "str"), (f"predictions of top {k}", "str"), ("coefficient mass", "num"),
+            ("non-zero", "num"), ("KL ratio", "num"), ("PEF-norm ratio", "num"),
+        )
+    )  # fmt: skip
+    rows = "\n".join(_index_row(r) for r in index["components"])
+    note = index.get("attribution_note")
+    body = (
+        f'<header><h1>NPEFF components</h1><p class="sub">{_run_line(index["run"])}</p></header><main>'
+        f"{_stat_cards(index)}{_compare_table(index.get('compare'))}"
+        '<section class="block"><div class="controls">'
+        '<input id="filter" type="search" placeholder="filter: label, prediction, component…" aria-label="filter">'
+        '<label><input type="checkbox" id="tuned-only"> tuned only</label>'
+        '<label><input type="checkbox" id="alive-only"> alive only</label><span id="count" class="muted"></span></div>'
+        f'<div class="scroll"><table id="components" class="sortable"><thead><tr>{head}</tr></thead>'
+        f"<tbody>\n{rows}\n</tbody></table></div>"
+        f'<p class="note">Tuned: at least 95% of the top {k} examples share the label (prediction), §3.1. '
+        f"Coefficient mass: the component's share of all coefficients. Non-zero: coefficient &gt; {NONZERO:g}. "
+        "KL ratio: mean KL on the top examples over random ones after perturbing θ along the component (§3.3)."
+        f"{' ' + escape(note) if note else ''}</p></section></main>"
+    )
+    return _page("NPEFF components", body, "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Component pages
+# ----------------------------------------------------------------------------------------------
+
+
+def tokens_html(tokens: list[str], values: list[float]) -> str:
+    """Tokens as spans whose background shows their share of the loading (orange +, blue −)."""
+    vmax = max((abs(v) for v in values), default=0.0) or 1.0
+    spans = []
+    for tok, v in zip(tokens, values):
+        alpha = 0.85 * abs(v) / vmax
+        rgb = "230,110,20" if v >= 0 else "40,110,220"
+        text = escape(tok).replace("\n", "↵\n")
+        spans.append(
+            f'<span class="tok" style="background-color: rgba({rgb},{alpha:.3f})" '
+            f'title="{100 * v:+.1f}% of the loading">{text}</span>'
+        )
+    return "".join(spans)
+
+
+def _probs_text(e: dict) -> str:
+    if e.get("probs") is not None:
+        return " ".join(f"p({escape(name(o))})={p:.2f}" for o, p in zip(e["outcomes"], e["probs"]))
+    if e.get("topk_ids") is not None:
+        return " ".join(f"p(#{i})={p:.2f}" for i, p in zip(e["topk_ids"], e["topk_probs"]))
+    return ""
+
+
+def _example_html(e: dict) -> str:
+    meta = [
+        f"#{e['rank'] + 1}",
+        f"example {e['example_index']}",
+        f"coefficient <b>{fmt(e['coefficient'])}</b>",
+        f"label <b>{escape(name(e['label']))}</b>",
+        f"prediction <b>{escape(name(e['prediction']))}</b>",
+        _probs_text(e),
+    ]
+    if e.get("values") is not None:
+        rem = sum(v for v in (e.get("remainder") or {}).values())
+        meta.append(f"loading {fmt(e['loading'])} (remainder {pct(rem)})")
+        content = f'<div class="tokens">{tokens_html(e["tokens"], e["values"])}</div>'
+    else:
+        if e.get("stored_loading") is not None:
+            meta.append(f"loading {fmt(e['stored_loading'])}")
+        content = f'<div class="text">{escape(e.get("text") or "")}</div>'
+    return (
+        f'<div class="example" id="example-{e["example_index"]}"><div class="meta">{" · ".join(m for m in meta if m)}'
+        f"</div>{content}</div>"
+    )
+
+
+def _breakdown(c: dict) -> str:
+    counts = c["label_prediction_counts"]
+    if not counts:
+        return '<p class="muted">no example with a positive coefficient</p>'
+    labels = sorted({name(x["label"]) for x in counts})
+    preds = sorted({name(x["prediction"]) for x in counts})
+    cell = {(name(x["label"]), name(x["prediction"])): x["count"] for x in counts}
+    head = "".join(f'<th class="num">{escape(p)}</th>' for p in preds)
+    rows = "".join(
+        f"<tr><th>{escape(lab)}</th>"
+        + "".join(f'<td class="num">{cell.get((lab, p), "")}</td>' for p in preds)
+        + "</tr>"
+        for lab in labels
+    )
+    return (
+        f'<table id="breakdown"><thead><tr><th>label ↓ / prediction →</th>{head}</tr></thead><tbody>{rows}'
+        f'</tbody></table><p class="note">Top {c["n_top"]} examples with a positive coefficient.</p>'
+    )
+
+
+def _nearest(c: dict, rows: list[dict]) -> str:
+    out = []
+    for o, cos in zip(c["correlated_features_indices"], c["correlated_features_cosine"]):
+        r = rows[o]
+        tune = " / ".join(name(t) for t in (r["tuned_label"], r["tuned_prediction"]) if t is not None) or ""
+        out.append(
+            f'<tr><td><a href="{component_name(o)}.html">{o}</a></td><td class="num">{fmt(cos)}</td>'
+            f"<td>{escape(tune)}</td></tr>"
+        )
+    return (
+        '<table id="nearest"><thead><tr><th>component</th><th class="num">cosine</th><th>tuned to</th></tr></thead>'
+        f'<tbody>{"".join(out)}</tbody></table><p class="note">Cosine of the coefficient vectors (§3).</p>'
+    )
+
+
+def _perturbation(p: dict | None) -> str:
+    if not p:
+        return '<p class="muted">No perturbation results for this run (<code>npeff perturb</code>).</p>'
+    if p.get("status") not in (None, "ok"):
+        return f'<p class="muted">Perturbation status: {escape(str(p.get("status")))}.</p>'
+    rows = "".join(
+        f'<tr><td>{s}</td><td class="num">{fmt(p.get("kl_top_" + k))}</td><td class="num">'
+        f'{fmt(p.get("kl_base_" + k))}</td><td class="num">{fmt(p.get("kl_ratio_" + k))}</td></tr>'
+        for s, k in (("+h", "plus"), ("−h", "minus"))
+    )
+    return (
+        '<table id="perturbation"><thead><tr><th>sign</th><th class="num">KL top</th><th class="num">KL random</th>'
+        f'<th class="num">ratio</th></tr></thead><tbody>{rows}</tbody></table>'
+        f'<p class="note">KL ratio {fmt(p.get("kl_ratio"))} (sign {escape(str(p.get("sign") or "–"))}); '
+        f"PEF-norm ratio {fmt(p.get('pef_norm_ratio'))}; {fmt(p.get('n_top'))} top vs {fmt(p.get('n_base'))} "
+        f"random examples; recovery residual {fmt(p.get('recovery_relative_residual'))}.</p>"
+    )
+
+
+def _component_header(c: dict, n_components: int) -> str:
+    j = c["feature_index"]
+    nav = ['<a href="../index.html">← all components</a>']
+    if j > 0:
+        nav.append(f'<a href="{component_name(j - 1)}.html">‹ {j - 1}</a>')
+    if j + 1 < n_components:
+        nav.append(f'<a href="{component_name(j + 1)}.html">{j + 1} ›</a>')
+    badges = []
+    if not c["alive"]:
+        badges.append('<span class="badge dead">dead</span>')
+    for what in ("label", "prediction"):
+        if c[f"tuned_{what}"] is not None:
+            badges.append(f'<span class="badge tuned">{what}: {escape(name(c[f"tuned_{what}"]))}</span>')
+    return f"<header><nav>{' · '.join(nav)}</nav><h1>Component {j} {' '.join(badges)}</h1></header>"
+
+
+def render_component(c: dict, rows: list[dict]) -> str:
+    """A component's page from its record (:func:`.data.component_record`) and the index rows."""
+    stats = (
+        f'<table id="stats"><tbody><tr><th>coefficient mass</th><td class="num">{pct(c["coefficient_mass"])}</td></tr>'
+        f'<tr><th>non-zero</th><td class="num">{pct(c["frac_nonzero"])} of {c["n_prompts_total"]}</td></tr>'
+        f'<tr><th>max coefficient</th><td class="num">{fmt(c["max_coefficient"])}</td></tr>'
+        f"<tr><th>labels of top {c['k']}</th><td>{_counts(c['top_labels'])}</td></tr>"
+        f"<tr><th>predictions of top {c['k']}</th><td>{_counts(c['top_predictions'])}</td></tr></tbody></table>"
+    )
+    hist = json.dumps({"x": c["freq_hist_data_bar_values"], "y": c["freq_hist_data_bar_heights"]})
+    hist = hist.replace("</", "<\\/")  # never closes the script element
+    examples = "\n".join(_example_html(e) for e in c["activations"]) or '<p class="muted">no top examples</p>'
+    note = c.get("attribution_note")
+    legend = (
+        "<p class=\"legend note\">Token highlighting: each token's exact share of the example's loading "
+        "Σ<sub>rows</sub>((G<sub>row</sub>A)·h)² on this component "
+        '(<span class="tok" style="background-color: rgba(230,110,20,0.6)">adds</span> '
+        '<span class="tok" style="background-color: rgba(40,110,220,0.6)">subtracts</span>; hover for the %). '
+        f"{escape(note) if note else ''}</p>"
+    )
+    body = (
+        f'{_component_header(c, len(rows))}<main><div class="grid">'
+        f'<div class="card"><h2>Summary</h2>{stats}</div>'
+        f'<div class="card"><h2>Coefficients</h2><div id="hist" class="plot"></div><p class="note">'
+        f"{pct(c['frac_nonzero'])} of the examples have a non-zero coefficient (&gt; {NONZERO:g}); "
+        f"{N_BINS} bins over those.</p></div>"
+        f'<div class="card"><h2>Top {c["k"]}: label × prediction</h2>{_breakdown(c)}</div>'
+        f'<div class="card"><h2>Nearest components</h2>{_nearest(c, rows)}</div>'
+        f'<div class="card"><h2>Perturbation (§3.3)</h2>{_perturbation(c.get("perturbation"))}</div></div>'
+        f'<section class="block" id="examples"><h2>Top examples</h2>{legend}{examples}</section></main>'
+        f'<script type="application/json" id="hist-data">{hist}</script>'
+    )
+    return _page(f"NPEFF component {c['feature_index']}", body, "../", scripts=("plotly.min.js", "report.js"))
