@@ -672,7 +672,7 @@ class UnlearnConfig(_Config):
 
     step: ClassVar[str] = "unlearn"
 
-    components: str = option("0,1", "components whose top example is unlearned: a count or indices '0,3,7-9'")
+    components: str = option("0,1", "components whose top example is unlearned: indices such as '0,3,7-9'")
     k_eval: int = option(12, "next top examples kept to measure collateral damage (App. I.2: 12)")
     k_mitigation: int = option(12, "next top examples appended to every retain batch by mitigation (12)")
     n_random: int = option(64, "random examples to measure the damage elsewhere (paper: 10,000)")
@@ -698,16 +698,18 @@ class UnlearnConfig(_Config):
 
     def validate(self):
         try:
-            PerturbConfig(components=self.components)
-        except ConfigError:
-            self._fail("components", "must be a count or indices such as '0,3,7-9'")
+            self.component_list(None)
+        except ValueError as e:
+            self._fail("components", str(e))
         for name in ("k_eval", "k_mitigation", "n_random", "n_batches", "retain_batch_size", "forget_batch_size"):
             self._require(name, getattr(self, name) >= 1, "must be >= 1")
         for name in ("lr", "epsilon_forget", "epsilon_retain", "kl_threshold"):
             self._require(name, getattr(self, name) > 0, "must be > 0")
 
-    def component_list(self, n_components: int) -> list[int]:
-        return PerturbConfig(components=self.components).component_list(n_components)
+    def component_list(self, n_components: int | None) -> list[int]:
+        """The listed component indices (a bare number is one index here, not a count)."""
+        text = self.components.strip()
+        return PerturbConfig(components=text if "," in text or "-" in text else f"{text},").component_list(n_components)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -733,6 +735,8 @@ class IclConfig(_Config):
     step: ClassVar[str] = "icl"
 
     dataset: str = option("movie-reviews", "dataset of the held-out examples (a name or a local file)")
+    text_column: str = option("text", "its text column (a dataset given by file or directory)")
+    label_column: str | None = option(None, "its label column (default: 'label' when present)")
     eval_split: Literal["train", "test"] | None = option("test", "its split (seeded by --data-seed)")
     data_seed: int = option(0, "seed of the split")
     n_eval: int = option(200, "held-out examples (the first n of the split)")

@@ -752,7 +752,8 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
     held_in = {"n": len(texts), "classifier_accuracy": clf.score(coef, labels), "n_unscored": clf.n_unscored_,
                "zero_shot_accuracy": agreement(meta["prediction"], labels),
                "classifier_zero_shot_agreement": agreement(clf.predict(coef), meta["prediction"])}  # fmt: skip
-    data = load_dataset(cfg.dataset, split=cfg.eval_split, seed=cfg.data_seed)
+    columns = {"text": cfg.text_column, "label": cfg.label_column}
+    data = load_dataset(cfg.dataset, split=cfg.eval_split, seed=cfg.data_seed, columns=columns)
     data = data.select(range(min(cfg.n_eval, len(data))))
     eval_coef = held_out_coefficients(est, store, adapter, task, data["text"], out / "eval-pefs",
                                       batch_size=cfg.batch_size, progress=cfg.progress)  # fmt: skip

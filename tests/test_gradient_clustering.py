@@ -30,7 +30,7 @@ from npeff_lens.tasks import ClassifierHead, LabelTokens, NextToken
 TEMPLATE = "Review: {text}\nSentiment:"
 LABELS = [" bad", " sad", " awful"]  # single tokens in the tiny tokenizer
 TEXTS = ["a great film .", "bad", "yes no maybe good fun"]
-MLP_OUT = {"hf": "model.layers.*.mlp.down_proj.weight", "bridge": "model.layers.*.mlp.down_proj.weight"}
+MLP_OUT = {b: "model.layers.*.mlp.down_proj.weight" for b in ("hf", "bridge", "nnsight")}
 MLP_OUT["hooked"] = "blocks.*.mlp.W_out"  # HookedTransformer names its MLP output weight W_out
 
 
@@ -83,7 +83,7 @@ def test_prediction_task_copies_every_kind():
     assert prediction_task(nt).expectation_projections == 7 and nt.n_rows == 7
 
 
-@pytest.mark.parametrize("backend", ["hf", "bridge", "hooked"])
+@pytest.mark.parametrize("backend", ["hf", "bridge", "hooked", "nnsight"])
 def test_collected_row_is_the_prediction_gradient(backend, tmp_path):
     adapter = model("tiny-llama", backend)
     task = LabelTokens(TEMPLATE, LABELS)

@@ -125,6 +125,8 @@ SAMPLES = {  # non-default values for every field of every command
         decomposition="d",
         out="o",
         dataset="x.csv",
+        text_column="t",
+        label_column="l",
         eval_split="train",
         data_seed=1,
         n_eval=5,
@@ -472,3 +474,22 @@ def test_compare_all_methods_end_to_end_resumes_and_names_a_changed_field(run, c
     assert again["methods"]["grad-cluster"]["n_components"] == 3 and again["config"]["k"] == 2
     assert main([*argv, "--seed", "1"]) == 2
     assert "seed: stored 0, now 1" in capsys.readouterr().err
+
+
+def test_unlearn_and_icl_commands_on_a_tiny_run(run, capsys):
+    root, _, _ = run
+    d = root / "tree" / "npeff"
+    assert main(["unlearn", str(d), "--components", "0", "--n-batches", "2", "--retain-batch-size", "4",
+                 "--n-random", "4", "--k-eval", "2", "--k-mitigation", "2", "--no-progress"]) == 0  # fmt: skip
+    report = json.loads((d / "unlearn" / "unlearning.json").read_text())
+    assert {"per_component", "summary"} <= set(report) and "mitigation" in capsys.readouterr().out
+    assert json.loads((d / "unlearn" / RUN_FILE).read_text())["status"] == "done"
+    csv = root / "reviews.csv"
+    assert main(["icl", str(d), "--dataset", str(csv), "--text-column", "review", "--label-column", "sentiment",
+                 "--n-eval", "6", "--shots", "1", "--n-prompts", "2", "--n-select", "4", "--threshold", "0.5",
+                 "--k", "4", "--no-progress"]) == 0  # fmt: skip
+    result = json.loads((d / "icl" / "icl.json").read_text())
+    assert result["held_in"]["n"] == 24 and "tuning classifier" in capsys.readouterr().out
+    assert main(["icl", str(d), "--dataset", str(csv), "--text-column", "review", "--label-column", "sentiment",
+                 "--n-eval", "7", "--no-progress"]) == 2  # fmt: skip
+    assert "n_eval: stored 6, now 7" in capsys.readouterr().err

@@ -95,17 +95,17 @@ def _stored_loadings(view, stats, k: int) -> dict[tuple[int, int], float]:
 
 
 def _attributions(view, stats, n_attributed: int, adapter, enabled: bool, show_progress: bool):
-    """``({(component, example): TokenAttribution}, note)`` for the top ``n_attributed`` of each live component."""
+    """``({(component, example): TokenAttribution}, note, attributor or None)`` for the top ``n_attributed`` of each live component."""
     from ..attribution import TokenAttributor
 
     if not enabled or n_attributed <= 0:
-        return {}, "Token attributions were not computed (attribute=False)." if not enabled else None
+        return {}, "Token attributions were not computed (attribute=False)." if not enabled else None, None
     try:
         attributor = TokenAttributor.from_manifest(view.manifest, view.est.components_, adapter)
     except (OSError, ValueError, ImportError, NotImplementedError) as e:
         msg = f"Token attributions unavailable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        return {}, msg
+        return {}, msg, None
     texts = [m.get("text") for m in view.meta]
     live = [j for j in range(view.coeffs.shape[1]) if j not in stats.dead]
     pairs = [(j, i) for j in live for i in _data.top_indices(view, stats, j, n_attributed)]
@@ -119,7 +119,29 @@ def _attributions(view, stats, n_attributed: int, adapter, enabled: bool, show_p
             f"{remainder / total:.0%} of the loadings come from parameters the module hooks do not split over "
             "tokens (e.g. a HookedTransformer's einsum weights, norm weights): see each example's remainder."
         )
-    return out, note
+    return out, note, attributor
+
+
+def _report(decomposition_dir, *, store, k, n_attributed, perturbation, adapter, attribute, progress):
+    """``(view, index, components, attributor)``: :func:`report_data`'s records, and the run they came from."""
+    view = _data.load_view(decomposition_dir, store)
+    stats = _data.statistics(view, k)
+    summary, records = _data.read_perturbation(_data.find_perturbation(decomposition_dir, perturbation))
+    rows = [_data.summary_row(view, stats, j, records.get(j)) for j in range(view.coeffs.shape[1])]
+    stored = _stored_loadings(view, stats, k)
+    attributions, note, attributor = _attributions(view, stats, n_attributed, adapter, attribute, progress)
+    components = []
+    for j in range(view.coeffs.shape[1]):
+        examples = [
+            _data.example_record(view, j, i, rank, stored.get((j, i)), attributions.get((j, i)))
+            for rank, i in enumerate(_data.top_indices(view, stats, j, k))
+        ]
+        rec = _data.component_record(view, stats, j, perturbation=records.get(j), examples=examples, note=note)
+        components.append(_data.clean(rec))
+    index = _data.index_record(
+        view, stats, rows, perturbation=summary, compare=_data.read_compare(decomposition_dir), note=note
+    )
+    return view, _data.clean(index), components, attributor
 
 
 def report_data(
@@ -141,24 +163,51 @@ def report_data(
     ``perturbation.json`` or its directory (default: a sibling perturbation run of this decomposition);
     ``adapter``: the model, already loaded (default: loaded by the name the store's manifest records).
     """
-    view = _data.load_view(decomposition_dir, store)
-    stats = _data.statistics(view, k)
-    summary, records = _data.read_perturbation(_data.find_perturbation(decomposition_dir, perturbation))
-    rows = [_data.summary_row(view, stats, j, records.get(j)) for j in range(view.coeffs.shape[1])]
-    stored = _stored_loadings(view, stats, k)
-    attributions, note = _attributions(view, stats, n_attributed, adapter, attribute, progress)
-    components = []
-    for j in range(view.coeffs.shape[1]):
-        examples = [
-            _data.example_record(view, j, i, rank, stored.get((j, i)), attributions.get((j, i)))
-            for rank, i in enumerate(_data.top_indices(view, stats, j, k))
+    _, index, components, _ = _report(
+        decomposition_dir, store=store, k=k, n_attributed=n_attributed, perturbation=perturbation,
+        adapter=adapter, attribute=attribute, progress=progress,
+    )  # fmt: skip
+    return index, components
+
+
+def _decoder(view, adapter):
+    """``token id -> str`` with the run's tokenizer (``adapter``'s, else the model the manifest names)."""
+    if adapter is None:
+        from ..models import load_model
+
+        model = view.manifest.get("model") or {}
+        try:
+            adapter = load_model(model["name"], backend=model.get("backend") or "hf")
+        except (KeyError, OSError, ValueError, ImportError) as e:
+            warnings.warn(f"no tokenizer for the SAE's tokens ({e}): shown as ids", RuntimeWarning, stacklevel=3)
+            return lambda t: f"[{t}]"
+    tok = adapter.tokenizer
+    return lambda t: tok.decode([t])
+
+
+def methods_data(view, npeff_index: dict, k: int = 16, adapter=None) -> dict[str, tuple[dict, list[dict]]]:
+    """``{method: (index, components)}`` for each baseline ``npeff compare`` fitted beside the decomposition
+    (``compare/grad-cluster/clusters``, ``compare/sae/sae``), in the NPEFF records' schema; a SAE latent's top
+    examples carry its per-token activations (:class:`.data.SAETokenValues`), clusters none."""
+    out = {}
+    for method, path in _data.find_methods(view.decomposition_dir).items():
+        try:
+            fitted = _data.load_method(method, path)
+            mview, dead = _data.method_view(view, method, fitted)
+        except (OSError, ValueError, ImportError, KeyError) as e:
+            warnings.warn(f"{method} at {path} not shown: {e}", RuntimeWarning, stacklevel=2)
+            continue
+        stats = _data.statistics(mview, k, dead=dead)
+        provider, note = None, "Gradient clusters have no per-token values: their examples' tokens are not highlighted."
+        if method == "sae":
+            provider, note = _data.SAETokenValues(fitted, _decoder(view, adapter)), None
+        rows = [_data.summary_row(mview, stats, j, None) for j in range(mview.coeffs.shape[1])]
+        comps = [
+            _data.clean(_data.component_record(mview, stats, j, note=note, token_values=provider))
+            for j in range(mview.coeffs.shape[1])
         ]
-        rec = _data.component_record(view, stats, j, perturbation=records.get(j), examples=examples, note=note)
-        components.append(_data.clean(rec))
-    index = _data.index_record(
-        view, stats, rows, perturbation=summary, compare=_data.read_compare(decomposition_dir), note=note
-    )
-    return _data.clean(index), components
+        out[method] = (_data.clean(_data.method_index_record(npeff_index, mview, stats, rows, note)), comps)
+    return out
 
 
 def _write_assets(assets: Path) -> None:
@@ -184,6 +233,20 @@ def _remove_stale(directory: Path, pattern: str, keep: set[str]) -> None:
             p.unlink()
 
 
+def _write_pages(pages: Path, data: Path, index: dict, components: list[dict]) -> None:
+    """``pages/index.html``, ``pages/components/component_XXXXX.html`` and their JSON under ``data``."""
+    for d in (pages / "components", data):
+        d.mkdir(parents=True, exist_ok=True)
+    names = [_data.component_name(c["feature_index"]) for c in components]
+    _remove_stale(pages / "components", r"component_\d+\.html", {f"{n}.html" for n in names})
+    _remove_stale(data, r"component_\d+\.json", {f"{n}.json" for n in names})
+    for nm, c in zip(names, components):
+        write_json(data / f"{nm}.json", c)
+        atomic_write(pages / "components" / f"{nm}.html", _render.render_component(c, index["components"]))
+    write_json(data / "index.json", index)
+    atomic_write(pages / "index.html", _render.render_index(index))
+
+
 def build(
     decomposition_dir,
     out=None,
@@ -197,21 +260,20 @@ def build(
     progress: bool = True,
 ) -> Path:
     """Write the static report of a decomposition into ``out`` (default ``decomposition_dir/report``) and return
-    the path of its ``index.html``. Arguments: :func:`report_data`."""
+    the path of its ``index.html``; with ``npeff compare``'s fitted baselines, their pages under ``methods/``
+    (:func:`methods_data`). Arguments: :func:`report_data`."""
     out = Path(decomposition_dir) / "report" if out is None else Path(out)
-    index, components = report_data(
+    view, index, components, attributor = _report(
         decomposition_dir, store=store, k=k, n_attributed=n_attributed, perturbation=perturbation,
         adapter=adapter, attribute=attribute, progress=progress,
     )  # fmt: skip
-    for sub in ("components", "data"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    methods = {}
+    if index.get("compare"):  # baselines' pages beside compare.json; link only the methods whose pages are written
+        methods = methods_data(view, index, k, adapter if attributor is None else attributor.adapter)
+        index["compare"]["pages"] = {m: p for m, p in index["compare"]["pages"].items() if m in methods}
     _write_assets(out / "assets")
-    names = [_data.component_name(c["feature_index"]) for c in components]
-    _remove_stale(out / "components", r"component_\d+\.html", {f"{n}.html" for n in names})
-    _remove_stale(out / "data", r"component_\d+\.json", {f"{n}.json" for n in names})
-    for nm, c in zip(names, components):
-        write_json(out / "data" / f"{nm}.json", c)
-        atomic_write(out / "components" / f"{nm}.html", _render.render_component(c, index["components"]))
-    write_json(out / "data" / "index.json", index)
-    atomic_write(out / "index.html", _render.render_index(index))
+    for method, (m_index, m_components) in methods.items():
+        m_index["compare"] = {**m_index["compare"], "pages": index["compare"]["pages"]}
+        _write_pages(out / "methods" / method, out / "data" / "methods" / method, m_index, m_components)
+    _write_pages(out, out / "data", index, components)
     return out / "index.html"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class RunView:
     labels: list | None
     predictions: list
     outcomes: list | None
+    method: str | None = None  # None: NPEFF; else a baseline of ``npeff compare`` ("grad-cluster", "sae")
 
     @property
     def manifest(self) -> dict:
@@ -127,7 +128,79 @@ def read_compare(decomposition_dir) -> dict | None:
     for name, fields in methods.items():
         if isinstance(fields, dict):
             rows[str(name)] = {k: v for k, v in fields.items() if v is None or isinstance(v, (int, float, str, bool))}
-    return {"path": str(path), "methods": rows}
+    pages = {m: f"methods/{m}/index.html" for m in find_methods(decomposition_dir)}
+    return {"path": str(path), "methods": rows, "pages": pages}
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines fitted by ``npeff compare``, read as decompositions.
+# ----------------------------------------------------------------------------------------------
+
+METHODS = {  # name: (fitted directory under compare/, title, what one component is called)
+    "grad-cluster": ("grad-cluster/clusters", "Gradient clusters", "cluster"),
+    "sae": ("sae/sae", "TopK SAE latents", "latent"),
+}
+
+
+def find_methods(decomposition_dir) -> dict[str, Path]:
+    """``{method: fitted directory}`` of the baselines ``npeff compare`` saved beside this decomposition."""
+    base = Path(decomposition_dir) / "compare"
+    return {m: base / sub for m, (sub, _, _) in METHODS.items() if (base / sub).is_dir()}
+
+
+def load_method(method: str, path: Path):
+    """The fitted baseline: ``GradientClustering`` or ``TopKSAEBaseline``."""
+    if method == "grad-cluster":
+        from ..baselines.gradient_clustering import GradientClustering
+
+        return GradientClustering.load(path)
+    from ..baselines.sae import TopKSAEBaseline
+
+    return TopKSAEBaseline.load(path, device="cpu")
+
+
+def method_view(view: RunView, method: str, fitted) -> tuple[RunView, set]:
+    """``(view, dead)``: the NPEFF run's examples and metadata with the baseline's coefficients ``[m, C]``.
+    Dead: a SAE's ``dead_latents_`` (active on fewer than ``k_top`` examples), a cluster without members."""
+    coeffs = torch.as_tensor(fitted.coefficients_).double()
+    if coeffs.shape[0] != view.coeffs.shape[0]:
+        raise ValueError(f"{method} has {coeffs.shape[0]} examples; the decomposition has {view.coeffs.shape[0]}")
+    if hasattr(fitted, "dead_latents_"):
+        dead = {int(j) for j in fitted.dead_latents_.tolist()}
+    else:
+        dead = {int(j) for j in torch.nonzero((coeffs > NONZERO).sum(0) == 0).flatten().tolist()}
+    return replace(view, est=fitted, coeffs=coeffs, method=method), dead
+
+
+class SAETokenValues:
+    """Per-example token values of SAE latents: ``provider(latent, example)`` -> the ``example_record`` fields.
+
+    ``shares``: the latent's activation on each of the example's tokens (``token_activations``);
+    ``values``: the same divided by their max over the example's tokens (in [0, 1]; all 0 when the latent is
+    silent on the example); ``loading``: that max (the example's coefficient); ``remainder``: ``None``.
+    """
+
+    def __init__(self, sae, decode):
+        self.sae, self.decode = sae, decode
+        self._acts: dict[int, torch.Tensor] = {}
+
+    def __call__(self, j: int, i: int) -> dict:
+        if i not in self._acts:
+            self._acts[i] = self.sae.token_activations(i).double()
+        col = self._acts[i][:, j]
+        s, t = int(self.sae._starts[i]), int(self.sae._ends[i])
+        ids = [int(x) for x in self.sae.token_ids_[s:t].tolist()]
+        top = float(col.max()) if col.numel() else 0.0
+        values = (col / top if top > 0 else torch.zeros_like(col)).tolist()
+        return {
+            "tokens": [self.decode(x) for x in ids],
+            "token_ids": ids,
+            "values": values,
+            "shares": col.tolist(),
+            "remainder": None,
+            "loading": top,
+            "qualifying_token_index": int(col.argmax()) if col.numel() else None,
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +222,7 @@ class Stats:
     dead: set
 
 
-def statistics(view: RunView, k: int) -> Stats:
+def statistics(view: RunView, k: int, dead: set | None = None) -> Stats:
     from ..analysis import top_examples, tunings
 
     c = view.coeffs
@@ -158,7 +231,8 @@ def statistics(view: RunView, k: int) -> Stats:
     tuned_prediction = tunings(c, view.predictions, k=k)
     unit = c / c.norm(dim=0).clamp_min(1e-300)
     total = float(c.sum()) or 1.0
-    dead = set(int(j) for j in getattr(view.est, "dead_components_", torch.zeros(0)).tolist())
+    if dead is None:
+        dead = set(int(j) for j in getattr(view.est, "dead_components_", torch.zeros(0)).tolist())
     return Stats(
         k=k,
         top=top_examples(c, k=k),
@@ -199,7 +273,9 @@ def summary_row(view: RunView, stats: Stats, j: int, perturbation: dict | None) 
         "kl_ratio": p.get("kl_ratio"),
         "pef_norm_ratio": p.get("pef_norm_ratio"),
         "page": f"components/{component_name(j)}.html",
-        "data": f"data/{component_name(j)}.json",
+        "data": f"data/{component_name(j)}.json"
+        if view.method is None
+        else f"data/methods/{view.method}/{component_name(j)}.json",
     }
 
 
@@ -224,8 +300,11 @@ def _probs(meta: dict, outcomes) -> dict:
     return {}
 
 
-def example_record(view: RunView, j: int, i: int, rank: int, stored: float | None, attribution=None) -> dict:
-    """One top example in SAEDashboard / Neuronpedia's ``activations`` shape (tokens and per-token values)."""
+def example_record(
+    view: RunView, j: int, i: int, rank: int, stored: float | None, attribution=None, token_values: dict | None = None
+) -> dict:
+    """One top example in SAEDashboard / Neuronpedia's ``activations`` shape (tokens and per-token values):
+    from NPEFF's ``attribution``, or ``token_values`` (the token fields, e.g. :class:`SAETokenValues`'s)."""
     m = view.meta[i]
     rec = {
         "rank": rank,
@@ -258,12 +337,30 @@ def example_record(view: RunView, j: int, i: int, rank: int, stored: float | Non
             loading=total,
             qualifying_token_index=int(shares.argmax()) if shares.numel() else None,
         )
+    elif token_values is not None:
+        rec.update(token_values)
     return rec
 
 
-def component_record(view, stats: Stats, j: int, *, perturbation, examples: list[dict], note: str | None) -> dict:
-    """A component's JSON (the package docstring's ``component`` schema)."""
+def component_record(
+    view,
+    stats: Stats,
+    j: int,
+    *,
+    perturbation=None,
+    examples: list[dict] | None = None,
+    note: str | None = None,
+    token_values=None,
+) -> dict:
+    """A component's JSON (the package docstring's ``component`` schema) over ``view.coeffs`` (NPEFF's or a
+    baseline's, :func:`method_view`). ``examples``: the top examples' records; by default built here, with
+    ``token_values(j, example)`` (a per-example token-value provider, e.g. :class:`SAETokenValues`) if given."""
     top = top_indices(view, stats, j)
+    if examples is None:
+        examples = [
+            example_record(view, j, i, rank, None, token_values=token_values(j, i) if token_values else None)
+            for rank, i in enumerate(top_indices(view, stats, j, stats.k))
+        ]
     centres, heights, edges = histogram(view.coeffs[:, j])
     others = [o for o in torch.argsort(stats.cosine[j], descending=True).tolist() if o != j][:N_NEAREST]
     pairs = Counter((view.labels[i] if view.labels is not None else None, view.predictions[i]) for i in top)
@@ -274,6 +371,7 @@ def component_record(view, stats: Stats, j: int, *, perturbation, examples: list
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kind": "component",
+        "method": view.method,
         **summary_row(view, stats, j, perturbation),
         "k": stats.k,
         "n_prompts_total": view.coeffs.shape[0],
@@ -334,6 +432,38 @@ def index_record(view: RunView, stats: Stats, rows: list[dict], *, perturbation,
         },
         "perturbation": perturbation,
         "compare": compare,
+        "attribution_note": note,
+        "components": rows,
+    }
+
+
+def method_index_record(npeff_index: dict, view: RunView, stats: Stats, rows: list[dict], note: str | None) -> dict:
+    """A baseline's index JSON: NPEFF's ``index`` schema, with ``method`` and its own components and summary."""
+    C = view.coeffs.shape[1]
+    tuned = {
+        w: (sum(t is not None for t in ts) / C if ts is not None else None)
+        for w, ts in (("label", stats.tuned_label if view.labels is not None else None),
+                      ("prediction", stats.tuned_prediction))
+    }  # fmt: skip
+    fitted = view.est
+    return {
+        **npeff_index,
+        "method": view.method,
+        "run": {
+            **npeff_index["run"],
+            "decomposition": str(find_methods(view.decomposition_dir)[view.method].resolve()),
+            "n_components": C,
+            "reconstruction_err": None,
+            "n_iter": getattr(fitted, "n_iter_", None),
+        },
+        "summary": {
+            "k": stats.k,
+            "tuned_label": tuned["label"],
+            "tuned_prediction": tuned["prediction"],
+            "n_alive": C - len(stats.dead),
+            "n_dead": len(stats.dead),
+        },
+        "perturbation": None,
         "attribution_note": note,
         "components": rows,
     }

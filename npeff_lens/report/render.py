@@ -10,7 +10,7 @@ import json
 import math
 from html import escape
 
-from .data import N_BINS, NONZERO, component_name
+from .data import METHODS, N_BINS, NONZERO, component_name
 
 _COMPARE_COLUMNS = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared",
                     "coverage", "fit_seconds")  # fmt: skip
@@ -97,7 +97,29 @@ def _stat_cards(index: dict) -> str:
     return f'<div class="cards">{inner}</div>'
 
 
-def _compare_table(compare: dict | None) -> str:
+def _method_title(method: str | None) -> tuple[str, str]:
+    """``(title, what one component is called)``: ``("NPEFF components", "component")`` for NPEFF."""
+    return ("NPEFF components", "component") if method is None else METHODS[method][1:]
+
+
+def _prefix(method: str | None) -> str:
+    """From an index page to the site root."""
+    return "" if method is None else "../../"
+
+
+def _method_cell(meth: str, compare: dict, here: str | None) -> str:
+    pages = compare.get("pages") or {}
+    prefix = _prefix(here)
+    if meth == (here or "npeff"):
+        return f"<td><b>{escape(meth)}</b> (this page)</td>"
+    if meth == "npeff" and here is not None:
+        return f'<td><a href="{prefix}index.html">{escape(meth)}</a></td>'
+    if meth in pages:
+        return f'<td><a href="{prefix}{escape(pages[meth])}">{escape(meth)}</a></td>'
+    return f"<td>{escape(meth)}</td>"
+
+
+def _compare_table(compare: dict | None, here: str | None = None) -> str:
     if not compare or not compare.get("methods"):
         return ""
     methods = compare["methods"]
@@ -111,7 +133,7 @@ def _compare_table(compare: dict | None) -> str:
             f"{escape(fmt(f.get(c)))}</td>"
             for c in cols
         )
-        rows.append(f"<tr><td>{escape(meth)}</td>{cells}</tr>")
+        rows.append(f'<tr data-method="{escape(meth)}">{_method_cell(meth, compare, here)}{cells}</tr>')
     return (
         '<section class="block" id="compare"><h2>Methods side by side</h2>'
         f'<div class="scroll"><table class="sortable"><thead><tr><th data-sort="str">method</th>{head}</tr></thead>'
@@ -142,11 +164,21 @@ def _index_row(r: dict) -> str:
 
 
 def render_index(index: dict) -> str:
+    """The index page of NPEFF's components or, with ``index["method"]``, of a baseline's (``methods/<m>/``)."""
     k = index["summary"]["k"]
+    method = index.get("method")
+    title, what = _method_title(method)
+    nav = "" if method is None else '<nav><a href="../../index.html">← NPEFF components and all methods</a></nav>'
+    legend = (
+        "KL ratio: mean KL on the top examples over random ones after perturbing θ along the component (§3.3)."
+        if method is None
+        else f"Examples, labels and predictions are NPEFF's run's; each {what}'s coefficients come from "
+        "<code>npeff compare</code>; perturbation (KL ratio) is computed for NPEFF components only."
+    )
     head = "".join(
         f'<th data-sort="{t}"{" class=num" if t == "num" else ""}>{escape(h)}</th>'
         for h, t in (
-            ("component", "num"), ("status", "num"), ("tuned label", "str"), ("tuned prediction", "str"),
+            (what, "num"), ("status", "num"), ("tuned label", "str"), ("tuned prediction", "str"),
             (f"labels of top {k}", "str"), (f"predictions of top {k}", "str"), ("coefficient mass", "num"),
             ("non-zero", "num"), ("KL ratio", "num"), ("PEF-norm ratio", "num"),
         )
@@ -154,8 +186,8 @@ def render_index(index: dict) -> str:
     rows = "\n".join(_index_row(r) for r in index["components"])
     note = index.get("attribution_note")
     body = (
-        f'<header><h1>NPEFF components</h1><p class="sub">{_run_line(index["run"])}</p></header><main>'
-        f"{_stat_cards(index)}{_compare_table(index.get('compare'))}"
+        f'<header>{nav}<h1>{escape(title)}</h1><p class="sub">{_run_line(index["run"])}</p></header><main>'
+        f"{_stat_cards(index)}{_compare_table(index.get('compare'), method)}"
         '<section class="block"><div class="controls">'
         '<input id="filter" type="search" placeholder="filter: label, prediction, component…" aria-label="filter">'
         '<label><input type="checkbox" id="tuned-only"> tuned only</label>'
@@ -164,10 +196,9 @@ def render_index(index: dict) -> str:
         f"<tbody>\n{rows}\n</tbody></table></div>"
         f'<p class="note">Tuned: at least 95% of the top {k} examples share the label (prediction), §3.1. '
         f"Coefficient mass: the component's share of all coefficients. Non-zero: coefficient &gt; {NONZERO:g}. "
-        "KL ratio: mean KL on the top examples over random ones after perturbing θ along the component (§3.3)."
-        f"{' ' + escape(note) if note else ''}</p></section></main>"
+        f"{legend}{' ' + escape(note) if note else ''}</p></section></main>"
     )
-    return _page("NPEFF components", body, "")
+    return _page(title, body, _prefix(method))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,8 +206,8 @@ def render_index(index: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def tokens_html(tokens: list[str], values: list[float]) -> str:
-    """Tokens as spans whose background shows their share of the loading (orange +, blue −)."""
+def tokens_html(tokens: list[str], values: list[float], unit: str = "of the loading") -> str:
+    """Tokens as spans whose background shows their value, e.g. share of the loading (orange +, blue −)."""
     vmax = max((abs(v) for v in values), default=0.0) or 1.0
     spans = []
     for tok, v in zip(tokens, values):
@@ -185,7 +216,7 @@ def tokens_html(tokens: list[str], values: list[float]) -> str:
         text = escape(tok).replace("\n", "↵\n")
         spans.append(
             f'<span class="tok" style="background-color: rgba({rgb},{alpha:.3f})" '
-            f'title="{100 * v:+.1f}% of the loading">{text}</span>'
+            f'data-value="{v!r}" title="{100 * v:+.1f}% {escape(unit)}">{text}</span>'
         )
     return "".join(spans)
 
@@ -207,7 +238,10 @@ def _example_html(e: dict) -> str:
         f"prediction <b>{escape(name(e['prediction']))}</b>",
         _probs_text(e),
     ]
-    if e.get("values") is not None:
+    if e.get("values") is not None and e.get("remainder") is None:  # a baseline's per-token activations
+        meta.append(f"max activation {fmt(e['loading'])}")
+        content = f'<div class="tokens">{tokens_html(e["tokens"], e["values"], "of the max activation")}</div>'
+    elif e.get("values") is not None:
         rem = sum(v for v in (e.get("remainder") or {}).values())
         meta.append(f"loading {fmt(e['loading'])} (remainder {pct(rem)})")
         content = f'<div class="tokens">{tokens_html(e["tokens"], e["values"])}</div>'
@@ -256,7 +290,9 @@ def _nearest(c: dict, rows: list[dict]) -> str:
     )
 
 
-def _perturbation(p: dict | None) -> str:
+def _perturbation(p: dict | None, method: str | None = None) -> str:
+    if method is not None:
+        return '<p class="muted">Perturbation (<code>npeff perturb</code>) is computed for NPEFF components only.</p>'
     if not p:
         return '<p class="muted">No perturbation results for this run (<code>npeff perturb</code>).</p>'
     if p.get("status") not in (None, "ok"):
@@ -277,7 +313,10 @@ def _perturbation(p: dict | None) -> str:
 
 def _component_header(c: dict, n_components: int) -> str:
     j = c["feature_index"]
-    nav = ['<a href="../index.html">← all components</a>']
+    title, what = _method_title(c.get("method"))
+    nav = [f'<a href="../index.html">← all {escape(title if c.get("method") else "components")}</a>']
+    if c.get("method"):
+        nav.append('<a href="../../../index.html">NPEFF components and all methods</a>')
     if j > 0:
         nav.append(f'<a href="{component_name(j - 1)}.html">‹ {j - 1}</a>')
     if j + 1 < n_components:
@@ -288,7 +327,24 @@ def _component_header(c: dict, n_components: int) -> str:
     for what in ("label", "prediction"):
         if c[f"tuned_{what}"] is not None:
             badges.append(f'<span class="badge tuned">{what}: {escape(name(c[f"tuned_{what}"]))}</span>')
-    return f"<header><nav>{' · '.join(nav)}</nav><h1>Component {j} {' '.join(badges)}</h1></header>"
+    return f"<header><nav>{' · '.join(nav)}</nav><h1>{what.capitalize()} {j} {' '.join(badges)}</h1></header>"
+
+
+def _legend(method: str | None) -> str:
+    if method == "grad-cluster":
+        return "No token highlighting: a gradient cluster has no per-token values (one gradient per example)."
+    if method == "sae":
+        return (
+            "Token highlighting: the latent's activation on each token of the prompt (its SAE code), divided by "
+            'its max over the example\'s tokens (<span class="tok" style="background-color: rgba(230,110,20,0.6)">'
+            "max</span>; hover for the %)."
+        )
+    return (
+        "Token highlighting: each token's exact share of the example's loading "
+        "Σ<sub>rows</sub>((G<sub>row</sub>A)·h)² on this component "
+        '(<span class="tok" style="background-color: rgba(230,110,20,0.6)">adds</span> '
+        '<span class="tok" style="background-color: rgba(40,110,220,0.6)">subtracts</span>; hover for the %).'
+    )
 
 
 def render_component(c: dict, rows: list[dict]) -> str:
@@ -303,14 +359,9 @@ def render_component(c: dict, rows: list[dict]) -> str:
     hist = json.dumps({"x": c["freq_hist_data_bar_values"], "y": c["freq_hist_data_bar_heights"]})
     hist = hist.replace("</", "<\\/")  # never closes the script element
     examples = "\n".join(_example_html(e) for e in c["activations"]) or '<p class="muted">no top examples</p>'
-    note = c.get("attribution_note")
-    legend = (
-        "<p class=\"legend note\">Token highlighting: each token's exact share of the example's loading "
-        "Σ<sub>rows</sub>((G<sub>row</sub>A)·h)² on this component "
-        '(<span class="tok" style="background-color: rgba(230,110,20,0.6)">adds</span> '
-        '<span class="tok" style="background-color: rgba(40,110,220,0.6)">subtracts</span>; hover for the %). '
-        f"{escape(note) if note else ''}</p>"
-    )
+    method = c.get("method")
+    title, what = _method_title(method)
+    legend = f'<p class="legend note">{_legend(method)} {escape(c.get("attribution_note") or "")}</p>'
     body = (
         f'{_component_header(c, len(rows))}<main><div class="grid">'
         f'<div class="card"><h2>Summary</h2>{stats}</div>'
@@ -318,9 +369,10 @@ def render_component(c: dict, rows: list[dict]) -> str:
         f"{pct(c['frac_nonzero'])} of the examples have a non-zero coefficient (&gt; {NONZERO:g}); "
         f"{N_BINS} bins over those.</p></div>"
         f'<div class="card"><h2>Top {c["k"]}: label × prediction</h2>{_breakdown(c)}</div>'
-        f'<div class="card"><h2>Nearest components</h2>{_nearest(c, rows)}</div>'
-        f'<div class="card"><h2>Perturbation (§3.3)</h2>{_perturbation(c.get("perturbation"))}</div></div>'
+        f'<div class="card"><h2>Nearest {what}s</h2>{_nearest(c, rows)}</div>'
+        f'<div class="card"><h2>Perturbation (§3.3)</h2>{_perturbation(c.get("perturbation"), method)}</div></div>'
         f'<section class="block" id="examples"><h2>Top examples</h2>{legend}{examples}</section></main>'
         f'<script type="application/json" id="hist-data">{hist}</script>'
     )
-    return _page(f"NPEFF component {c['feature_index']}", body, "../", scripts=("plotly.min.js", "report.js"))
+    page_title = f"NPEFF component {c['feature_index']}" if method is None else f"{title}: {what} {c['feature_index']}"
+    return _page(page_title, body, "../" + _prefix(method), scripts=("plotly.min.js", "report.js"))
