@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from npeff_lens.cli import main
-from npeff_lens.io import write_json
 from npeff_lens.report import build, report_data
 
 WORDS = "great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie".split()
@@ -23,6 +22,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 N_COMPONENTS = 4
+N_METHOD = 3  # clusters / SAE latents fitted by `npeff compare`
+METHODS = ("grad-cluster", "sae")
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
@@ -39,7 +40,8 @@ def _reviews(n, seed=0):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """collect (CSV, tiny-llama) -> decompose -> perturb, as a user would, plus a compare.json."""
+    """collect (CSV, tiny-llama) -> decompose -> perturb -> compare (gradient clusters, a TopK SAE), as a user
+    would."""
     from npeff_lens.runs import run_perturbation
 
     root = tmp_path_factory.mktemp("report")
@@ -56,12 +58,9 @@ def run(tmp_path_factory):
     assert main(decompose) == 0
     run_perturbation(root / "tree" / "npeff", magnitude=0.5, top_k=4, n_baseline=8, recovery="adjoint",
                      out=root / "tree" / "perturb", progress=False)  # fmt: skip
-    methods = {
-        "npeff": {"n_components": N_COMPONENTS, "alive": N_COMPONENTS, "tuned_label": 0.25, "coverage": 0.9},
-        "topk-sae": {"n_components": 16, "alive": 12, "tuned_label": 0.5, "tuned_tokens": 0.4, "fit_seconds": 3.5},
-    }
-    (root / "tree" / "npeff" / "compare").mkdir()
-    write_json(root / "tree" / "npeff" / "compare" / "compare.json", {"methods": methods})
+    compare = ["compare", str(root / "tree" / "npeff"), "--components", str(N_METHOD), "--k", "4",
+               "--sae-tokens", "2000", "--no-progress"]  # fmt: skip
+    assert main(compare) == 0
     index = build(root / "tree" / "npeff", root / "site", k=6, n_attributed=4, progress=False)
     return root, index
 
@@ -92,7 +91,8 @@ def test_index_json_lists_every_component_with_perturbation_and_compare(run):
     for row, rec in zip(index["components"], pert):
         assert row["kl_ratio"] == pytest.approx(rec["kl_ratio"])
         assert (site / row["page"]).is_file() and (site / row["data"]).is_file()
-    assert set(index["compare"]["methods"]) == {"npeff", "topk-sae"}
+    assert set(index["compare"]["methods"]) == {"npeff", *METHODS}
+    assert index["compare"]["pages"] == {m: f"methods/{m}/index.html" for m in METHODS}
     assert sum(r["coefficient_mass"] for r in index["components"]) == pytest.approx(1.0)
 
 
@@ -134,6 +134,10 @@ def test_pages_reference_only_local_files(run):
     assert (site / "assets" / "plotly.min.js").stat().st_size > 1_000_000  # bundled once, not per page
     pages = [index_html, *sorted((site / "components").glob("*.html"))]
     assert len(pages) == N_COMPONENTS + 1
+    for m in METHODS:
+        method_pages = [site / "methods" / m / "index.html", *sorted((site / "methods" / m / "components").glob("*"))]
+        assert len(method_pages) == N_METHOD + 1
+        pages += method_pages
     for page in pages:
         html = page.read_text()
         assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html, page
@@ -150,6 +154,61 @@ def test_without_attributions_and_with_a_given_perturbation_file(run, tmp_path):
     assert index["perturbation"]["path"] == str(root / "tree" / "perturb" / "perturbation.json")
     with pytest.raises(FileNotFoundError, match="no perturbation results"):
         report_data(root / "tree" / "npeff", perturbation=tmp_path / "nowhere", attribute=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_index_lists_every_cluster_and_latent(run, method):
+    import re
+
+    _, index_html = run
+    site = index_html.parent
+    page = site / "methods" / method / "index.html"
+    html = page.read_text()
+    index = _strict(site / "data" / "methods" / method / "index.json")
+    assert index["kind"] == "index" and index["method"] == method and index["run"]["n_components"] == N_METHOD
+    assert [r["feature_index"] for r in index["components"]] == list(range(N_METHOD))
+    assert [int(j) for j in re.findall(r'data-component="(\d+)"', html)] == list(range(N_METHOD))
+    assert 'href="../../index.html"' in html  # back to the main index
+    assert f'href="methods/{method}/index.html"' in index_html.read_text()  # and from it
+    for r in index["components"]:
+        assert (page.parent / r["page"]).is_file() and (site / r["data"]).is_file()
+        c = _strict(site / r["data"])
+        assert c["kind"] == "component" and c["method"] == method and c["n_prompts_total"] == 32
+        assert len(c["correlated_features_indices"]) == N_METHOD - 1
+        assert sum(x["count"] for x in c["label_prediction_counts"]) == c["n_top"] == len(c["activations"])
+        if method == "grad-cluster":
+            assert all(a["values"] is None for a in c["activations"])
+            assert "No token highlighting" in (page.parent / r["page"]).read_text()
+
+
+def test_sae_page_highlights_the_latents_token_activations(run):
+    import re
+
+    import torch
+
+    from npeff_lens.baselines.sae import TopKSAEBaseline
+
+    root, index_html = run
+    site = index_html.parent
+    sae = TopKSAEBaseline.load(root / "tree" / "npeff" / "compare" / "sae" / "sae")
+    n_checked = 0
+    for j in range(N_METHOD):
+        c = _strict(site / "data" / "methods" / "sae" / f"component_{j:05d}.json")
+        html = (site / "methods" / "sae" / "components" / f"component_{j:05d}.html").read_text()
+        blocks = re.findall(r'<div class="tokens">(.*?)</div>', html, flags=re.S)
+        assert len(blocks) == len(c["activations"])
+        for a, block in zip(c["activations"], blocks):
+            acts = sae.token_activations(a["example_index"])[:, j].double()
+            assert a["coefficient"] == pytest.approx(float(acts.max()), rel=1e-5)  # max over its tokens
+            want = acts / acts.max()  # documented: activation / its max over the example's tokens
+            assert a["shares"] == pytest.approx(acts.tolist(), rel=1e-5)
+            assert a["values"] == pytest.approx(want.tolist(), rel=1e-5)
+            assert a["values"][a["qualifying_token_index"]] == 1.0
+            shown = [float(v) for v in re.findall(r'<span class="tok"[^>]*data-value="([^"]+)"', block)]
+            assert shown == pytest.approx(want.tolist(), rel=1e-5) and len(a["tokens"]) == len(shown)
+            assert torch.equal(torch.tensor(a["token_ids"]), sae.token_ids_[sae.example_index_ == a["example_index"]])
+            n_checked += 1
+    assert n_checked > 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +246,7 @@ def test_site_in_headless_chromium_offline(run, tmp_path):
 
         assert sorted(_visible_components(page)) == list(range(N_COMPONENTS))  # every component listed
         assert page.inner_text("#count") == f"{N_COMPONENTS} of {N_COMPONENTS} components"
-        assert page.locator("#compare tbody tr").count() == 2
+        assert page.locator("#compare tbody tr").count() == 3
 
         # sorting: coefficient mass ascending, then descending; back to the component order
         mass = {r["feature_index"]: r["coefficient_mass"] for r in index["components"]}
@@ -221,6 +280,26 @@ def test_site_in_headless_chromium_offline(run, tmp_path):
         first = json.loads((index_html.parent / "data" / "component_00001.json").read_text())["activations"][0]
         assert page.locator("#examples .example").first.locator("span.tok").count() == len(first["tokens"])
         page.screenshot(path=str(tmp_path / "component.png"), full_page=True)
+
+        # the SAE's latents: from the main index's methods table to the SAE's index, then into a latent
+        page.goto(index_html.as_uri())
+        page.click('#compare a[href="methods/sae/index.html"]')
+        assert "TopK SAE latents" in page.inner_text("h1")
+        assert sorted(_visible_components(page)) == list(range(N_METHOD))
+        sae_data = index_html.parent / "data" / "methods" / "sae"
+        latent = next(
+            j for j in range(N_METHOD) if json.loads((sae_data / f"component_{j:05d}.json").read_text())["activations"]
+        )
+        page.click(f'#components a[href="components/component_{latent:05d}.html"]')
+        page.wait_for_selector("#hist .main-svg")
+        assert f"Latent {latent}" in page.inner_text("h1")
+        acts = json.loads((sae_data / f"component_{latent:05d}.json").read_text())["activations"]
+        assert page.locator("#examples .example").count() == len(acts)
+        first = page.locator("#examples .example").first.locator("span.tok")
+        assert first.count() == len(acts[0]["tokens"])
+        assert first.evaluate_all("els => els.every(e => e.style.backgroundColor.startsWith('rgba('))")
+        page.click("nav a >> nth=0")  # back to the SAE's index
+        assert "TopK SAE latents" in page.inner_text("h1")
         page.goto(index_html.as_uri())
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         if os.environ.get("NPEFF_REPORT_SCREENSHOT"):

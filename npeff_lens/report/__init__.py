@@ -95,7 +95,8 @@ def _stored_loadings(view, stats, k: int) -> dict[tuple[int, int], float]:
 
 
 def _attributions(view, stats, n_attributed: int, adapter, enabled: bool, show_progress: bool):
-    """``({(component, example): TokenAttribution}, note, attributor or None)`` for the top ``n_attributed`` of each live component."""
+    """``({(component, example): TokenAttribution}, note, attributor or None)``: the top ``n_attributed`` of
+    each live component."""
     from ..attribution import TokenAttributor
 
     if not enabled or n_attributed <= 0:

@@ -313,7 +313,7 @@ def _perturbation(p: dict | None, method: str | None = None) -> str:
 
 def _component_header(c: dict, n_components: int) -> str:
     j = c["feature_index"]
-    title, what = _method_title(c.get("method"))
+    title, kind = _method_title(c.get("method"))
     nav = [f'<a href="../index.html">← all {escape(title if c.get("method") else "components")}</a>']
     if c.get("method"):
         nav.append('<a href="../../../index.html">NPEFF components and all methods</a>')
@@ -327,7 +327,7 @@ def _component_header(c: dict, n_components: int) -> str:
     for what in ("label", "prediction"):
         if c[f"tuned_{what}"] is not None:
             badges.append(f'<span class="badge tuned">{what}: {escape(name(c[f"tuned_{what}"]))}</span>')
-    return f"<header><nav>{' · '.join(nav)}</nav><h1>{what.capitalize()} {j} {' '.join(badges)}</h1></header>"
+    return f"<header><nav>{' · '.join(nav)}</nav><h1>{kind.capitalize()} {j} {' '.join(badges)}</h1></header>"
 
 
 def _legend(method: str | None) -> str:
