@@ -6,6 +6,10 @@ module takes configs and directories::
     runs/movie/                 npeff collect    a PEF store; its manifest.json holds the collect config's key
     runs/movie/npeff/           npeff decompose  run.json, config.json + npeff.safetensors (NPEFF.save), checkpoints/
     runs/movie/perturb/         npeff perturb    run.json, perturbation.json, perturbation.csv
+    runs/movie/npeff/compare/   npeff compare    compare.json; per method run.json and its fit (grad-cluster/, sae/)
+    runs/movie/npeff/unlearn/   npeff unlearn    run.json, unlearning.json
+    runs/movie/npeff/icl/       npeff icl        run.json, icl.json, eval-pefs/ (held-out PEFs)
+    runs/movie/npeff/report/    npeff report     index.html, components/, methods/, data/ (npeff_lens.report)
 
 ``run.json`` records the step, its config's resume key (:meth:`~npeff_lens.config._Config.key`), the identity
 of its inputs, where its input lies (relative to the run, so a moved tree keeps working) and its status. A

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -352,3 +353,83 @@ def test_a_multi_token_label_is_named_with_its_tokens(adapter):
         LabelTokens(TEMPLATE, [" bad", " extraordinarily positive"], multi_token="error").bind(adapter)
     with pytest.warns(UserWarning, match=r"no leading space.*did you mean ' sad'"):
         LabelTokens(TEMPLATE, [" bad", "sad"]).bind(adapter)
+
+
+# --------------------------------------------------------------------------------------------------
+# The later steps: compare, unlearn, report.
+# --------------------------------------------------------------------------------------------------
+
+KILL_STEP = textwrap.dedent(
+    """
+    import os, sys, importlib
+    module, name, n, step = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    target = importlib.import_module(module)
+    original, calls = getattr(target, name), [0]
+    def wrapped(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), 9)
+        return original(*a, **k)
+    setattr(target, name, wrapped)
+    from npeff_lens.cli import main
+    main(sys.argv[5:])
+    """
+)
+
+
+def _kill(module, name, n, argv):
+    proc = subprocess.run([sys.executable, "-c", KILL_STEP, module, name, str(n), "x", *argv], env=_env(),
+                          capture_output=True)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+
+
+def test_compare_killed_in_the_sae_fit_reruns_only_the_sae_and_equals_uninterrupted(tmp_path, reference):
+    root, _, _, _ = reference
+    args = ["--components", "3", "--k", "4", "--sae-tokens", "2000", "--no-progress"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    for d in (ref_dir, run_dir):
+        shutil.copytree(root / "npeff", d / "npeff", ignore=shutil.ignore_patterns("compare", "report"))
+        shutil.copytree(root / "pefs", d / "pefs")
+        run = json.loads((d / "npeff" / RUN_FILE).read_text())
+        assert run["source"]["relative"] == "../pefs"  # the copied tree finds its own store
+    assert main(["compare", str(ref_dir / "npeff"), *args]) == 0
+    _kill("npeff_lens.baselines.sae", "activations", 1, ["compare", str(run_dir / "npeff"), *args])
+    assert json.loads((run_dir / "npeff" / "compare" / "grad-cluster" / RUN_FILE).read_text())["status"] == "done"
+    assert json.loads((run_dir / "npeff" / "compare" / "sae" / RUN_FILE).read_text())["status"] == "running"
+    assert main(["compare", str(run_dir / "npeff"), *args]) == 0
+    a = json.loads((ref_dir / "npeff" / "compare" / "compare.json").read_text())["methods"]
+    b = json.loads((run_dir / "npeff" / "compare" / "compare.json").read_text())["methods"]
+    strip = ("fit_seconds", "peak_rss_mib")
+    assert {m: {k: v for k, v in r.items() if k not in strip} for m, r in a.items()} == {
+        m: {k: v for k, v in r.items() if k not in strip} for m, r in b.items()
+    }
+
+
+def test_unlearn_killed_mid_run_reruns_to_the_same_report(tmp_path, reference):
+    root, _, _, _ = reference
+    args = ["--components", "0", "--n-batches", "2", "--retain-batch-size", "4", "--n-random", "4", "--k-eval", "2",
+            "--k-mitigation", "2", "--no-progress"]  # fmt: skip
+    assert main(["unlearn", str(root / "npeff"), "--out", str(tmp_path / "ref"), *args]) == 0
+    _kill("npeff_lens.applications.unlearning", "unlearning_objective", 3, ["unlearn", str(root / "npeff"), "--out",
+                                                               str(tmp_path / "run"), *args])  # fmt: skip
+    assert not (tmp_path / "run" / "unlearning.json").exists()
+    assert main(["unlearn", str(root / "npeff"), "--out", str(tmp_path / "run"), *args]) == 0
+    a = json.loads((tmp_path / "ref" / "unlearning.json").read_text())
+    b = json.loads((tmp_path / "run" / "unlearning.json").read_text())
+    assert a["per_component"] == b["per_component"] and a["summary"] == b["summary"]
+
+
+def test_report_killed_mid_build_rebuilds_the_same_site(tmp_path, reference):
+    root, _, _, _ = reference
+    argv = ["report", str(root / "npeff"), "--no-progress", "--n-attributed", "2", "--out"]
+    assert main([*argv, str(tmp_path / "ref")]) == 0
+    _kill("npeff_lens.io", "atomic_write", 3, [*argv, str(tmp_path / "run")])
+    assert main([*argv, str(tmp_path / "run")]) == 0
+    ref = sorted(p.relative_to(tmp_path / "ref") for p in (tmp_path / "ref").rglob("*") if p.is_file())
+    run = sorted(p.relative_to(tmp_path / "run") for p in (tmp_path / "run").rglob("*") if p.is_file())
+    assert ref == run
+    for rel in ref:
+        if rel.suffix == ".json":
+            a, b = json.loads((tmp_path / "ref" / rel).read_text()), json.loads((tmp_path / "run" / rel).read_text())
+            a.pop("generated", None), b.pop("generated", None)
+            assert a == b, rel
