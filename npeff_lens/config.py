@@ -524,6 +524,11 @@ class CollectCommand(CollectConfig):
     labels: tuple[str, ...] | None = option(
         None, "label strings for label-tokens (leading spaces matter; \\n is a newline)", escapes=True
     )
+    label_first_token: bool = option(
+        False,
+        "let a label of several tokens be stood for by its first token (the paper's App. E.1 rule); by "
+        "default such a label is refused with its tokens named",
+    )
     expectation_projections: int = option(16, "r' rows of the expectation projection for next-token (App. B)")
     task_seed: int = option(0, "seed of next-token's expectation-projection matrix")
     out: str = option(

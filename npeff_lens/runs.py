@@ -150,6 +150,8 @@ def collect(cmd: CollectCommand):
     spec = {"kind": cmd.task, "template": cmd.template}
     if cmd.task == "label-tokens":
         spec["labels"] = list(cmd.labels)
+        if cmd.label_first_token:
+            spec["multi_token"] = "first"
     elif cmd.task == "next-token":
         spec.update(expectation_projections=cmd.expectation_projections, seed=cmd.task_seed)
     task = task_from_config(spec)

@@ -78,14 +78,14 @@ class LabelTokens(Task):
     """A categorical over the first token of each label string, tokenised the way it follows the
     prompt (leading space included), renormalised: the softmax of those logits (App. E.1).
 
-    A label of several tokens is stood for by its first token, the paper's rule (App. E.1: the first token
-    of " Negative" / " Positive"), with a warning that names its tokens (``multi_token="first"``, the
-    default); ``multi_token="error"`` refuses it instead. A label without the leading space the prompt
-    implies gets a warning that shows its tokens."""
+    A label of several tokens is refused with a message naming its tokens (its probability is not one
+    logit), unless ``multi_token="first"``: then its first token stands for it, the paper's rule (App. E.1:
+    the first token of " Negative" / " Positive"), with a warning. A label without the leading space the
+    prompt implies gets a warning that shows its tokens."""
 
     kind = "label-tokens"
 
-    def __init__(self, template: str, labels: Sequence[str], rows: str = "fisher", multi_token: str = "first"):
+    def __init__(self, template: str, labels: Sequence[str], rows: str = "fisher", multi_token: str = "error"):
         super().__init__(template, rows)
         labels = list(labels)
         if len(labels) < 2:
@@ -114,7 +114,10 @@ class LabelTokens(Task):
                     f"not one logit"
                 )
                 if self.multi_token == "error":
-                    raise ValueError(message + "; use a single-token label")
+                    raise ValueError(
+                        message + "; use a single-token label, or multi_token='first' (--label-first-token) to let "
+                        f"its first token {pieces[0]!r} stand for it as in the paper's App. E.1"
+                    )
                 warnings.warn(
                     message + f"; its first token {pieces[0]!r} stands for it (App. E.1); use single-token labels "
                     "to model exactly the label you typed",
@@ -149,7 +152,7 @@ class LabelTokens(Task):
         return list(self.labels)
 
     def config(self):
-        extra = {"multi_token": self.multi_token} if self.multi_token != "first" else {}
+        extra = {"multi_token": self.multi_token} if self.multi_token != "error" else {}
         return {**super().config(), "labels": list(self.labels), **extra}
 
 

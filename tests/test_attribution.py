@@ -20,7 +20,7 @@ from npeff_lens.tasks import LabelTokens
 pytestmark = pytest.mark.filterwarnings("ignore:label .* tokens after the prompt")
 
 TEMPLATE = "Review: {text}\nSentiment:"
-LABELS = [" good", " bad", " fun"]
+LABELS = [" sad", " bad", " awful"]  # one token each in the tiny tokenizer
 TEXTS = ["a great film .", "bad", "yes no maybe good fun", "the movie is awful and sad", "fun fun", "dull"]
 
 

@@ -28,7 +28,7 @@ from npeff_lens.store import PEFStore, StoreMismatchError
 from npeff_lens.tasks import ClassifierHead, LabelTokens, NextToken
 
 TEMPLATE = "Review: {text}\nSentiment:"
-LABELS = [" good", " bad", " fun"]
+LABELS = [" sad", " bad", " awful"]  # one token each in the tiny tokenizer
 TEXTS = ["a great film .", "bad", "yes no maybe good fun", "the movie is awful and sad"]
 ARCHS = ("tiny-llama", "tiny-gpt2")
 BACKENDS = ("hf", "bridge", "hooked", "nnsight")
@@ -254,7 +254,7 @@ def test_next_token_expectation_projection(tmp_path):
 def test_rank_reduction_keeps_top_eigenpairs(tmp_path):
     adapter = model("tiny-llama")
     labels = [" good", " bad", " fun", " sad", " happy"]
-    task = LabelTokens(TEMPLATE, labels)
+    task = LabelTokens(TEMPLATE, labels, multi_token="first")  # five outcomes; the paper's first-token rule
     G = collect(adapter, TEXTS, task, tmp_path / "full", params=MLP_DOWN)
     full_meta, G = G.read_metadata(), G.load_pefs().double()
     k = 2
@@ -374,7 +374,7 @@ def test_other_configuration_into_existing_store_is_an_error(tmp_path):
         with pytest.raises((StoreMismatchError, ValueError)):
             collect(adapter, TEXTS, task, tmp_path / "s", **{**kw, **change})
     with pytest.raises(StoreMismatchError):
-        collect(adapter, TEXTS, LabelTokens(TEMPLATE, [" good", " bad"]), tmp_path / "s", **kw)
+        collect(adapter, TEXTS, LabelTokens(TEMPLATE, [" film", " bad"]), tmp_path / "s", **kw)
     with pytest.raises(StoreMismatchError):
         collect(adapter, TEXTS[:3], task, tmp_path / "s", **kw)  # another dataset
     assert len(PEFStore(tmp_path / "s")) == len(TEXTS)  # untouched
@@ -395,11 +395,14 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"\{text\}"):
         LabelTokens("Review: no slot", LABELS)
     with pytest.raises(ValueError, match="tokenises to nothing"):
-        collect(adapter, TEXTS, LabelTokens(TEMPLATE, [" good", ""]), tmp_path / "c")
+        collect(adapter, TEXTS, LabelTokens(TEMPLATE, [" bad", ""]), tmp_path / "c")
     # " bad" and " badly" both start with the token " bad" in the tiny tokenizer
     assert adapter.continuation_token_ids("x:", " badly")[0] == adapter.continuation_token_ids("x:", " bad")[0]
-    with pytest.raises(ValueError, match="share a first token"):
+    named = r"label ' badly' is 3 tokens after the prompt \(\[' bad', 'l', 'y'\]\).*--label-first-token"
+    with pytest.raises(ValueError, match=named):
         collect(adapter, TEXTS, LabelTokens(TEMPLATE, [" bad", " badly"]), tmp_path / "d")
+    with pytest.raises(ValueError, match="share a first token"):
+        collect(adapter, TEXTS, LabelTokens(TEMPLATE, [" bad", " badly"], multi_token="first"), tmp_path / "d")
 
 
 class _NaNForSecond(LabelTokens):

@@ -348,9 +348,9 @@ def test_more_components_than_examples_and_k_beyond_the_support_are_named(refere
 
 def test_a_multi_token_label_is_named_with_its_tokens(adapter):
     with pytest.warns(UserWarning, match=r"label ' extraordinarily positive' is \d+ tokens .*first token"):
-        LabelTokens(TEMPLATE, [" bad", " extraordinarily positive"]).bind(adapter)
+        LabelTokens(TEMPLATE, [" bad", " extraordinarily positive"], multi_token="first").bind(adapter)
     with pytest.raises(ValueError, match=r"label ' extraordinarily positive' is \d+ tokens after the prompt \(\["):
-        LabelTokens(TEMPLATE, [" bad", " extraordinarily positive"], multi_token="error").bind(adapter)
+        LabelTokens(TEMPLATE, [" bad", " extraordinarily positive"]).bind(adapter)
     with pytest.warns(UserWarning, match=r"no leading space.*did you mean ' sad'"):
         LabelTokens(TEMPLATE, [" bad", "sad"]).bind(adapter)
 

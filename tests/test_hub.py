@@ -43,8 +43,8 @@ def run(tmp_path_factory):
     ]
     (root / "reviews.csv").write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in rows) + "\n")
     assert main(["collect", "--model", "tiny-llama", "--dataset", str(root / "reviews.csv"), "--text-column", "review",
-                 "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " positive",
-                 " negative", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
+                 "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad",
+                 " sad", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
                  "--no-progress"]) == 0  # fmt: skip
     assert main(["decompose", "--store", str(root / "tree" / "pefs"), "--components", "3", "--steps", "30",
                  "--warmup-steps", "5", "--out", str(root / "tree" / "npeff"), "--no-progress"]) == 0  # fmt: skip

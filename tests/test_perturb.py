@@ -42,7 +42,7 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def task(adapter):
-    t = LabelTokens(TEMPLATE, [" positive", " negative"]).bind(adapter)
+    t = LabelTokens(TEMPLATE, [" bad", " sad"]).bind(adapter)
     assert len(set(t.token_ids)) == 2
     return t
 
@@ -145,7 +145,7 @@ def test_planted_direction_selectively_changes_its_examples(adapter):
     """Perturbing along the top eigenvector of Σ_A F_i changes group A's predictions far more than
     others' (as the quadratic prediction says), and infinitely more (to second order) than those of a
     group B whose PEF row spaces it was made orthogonal to."""
-    task = LabelTokens("{text}", [" positive", " negative"]).bind(adapter)
+    task = LabelTokens("{text}", [" bad", " sad"]).bind(adapter)
     # The prediction position's context differs between the groups, so do their PEFs.
     group_a = [t + " great film" for t in _texts(6, seed=10)]
     group_b = [t + " awful movie" for t in _texts(6, seed=11)]
@@ -274,7 +274,7 @@ def decomposition(tmp_path_factory, adapter, task):
     collect_pefs(
         adapter,
         _texts(24, seed=20),
-        LabelTokens(TEMPLATE, [" positive", " negative"]),
+        LabelTokens(TEMPLATE, [" bad", " sad"]),
         root / "store",
         proj_dim=256,
         dtype="float32",

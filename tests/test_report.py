@@ -48,8 +48,8 @@ def run(tmp_path_factory):
     csv = root / "reviews.csv"
     csv.write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in _reviews(32)) + "\n")
     collect = ["collect", "--model", "tiny-llama", "--dataset", str(csv), "--text-column", "review",
-               "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " positive",
-               " negative", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
+               "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad",
+               " sad", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
                "--no-progress"]  # fmt: skip
     assert main(collect) == 0
     decompose = ["decompose", "--store", str(root / "tree" / "pefs"), "--components", str(N_COMPONENTS),

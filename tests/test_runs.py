@@ -41,6 +41,7 @@ SAMPLES = {  # non-default values for every field of every command
         task="label-tokens",
         template="Review: {text}\nSentiment:",
         labels=(" negative", " positive"),
+        label_first_token=True,
         expectation_projections=4,
         task_seed=3,
         out="runs/x",
@@ -308,8 +309,8 @@ def run(tmp_path_factory):
     csv = root / "reviews.csv"
     csv.write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in _reviews(24)) + "\n")
     collect = ["collect", "--model", "tiny-llama", "--dataset", str(csv), "--text-column", "review",
-               "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " positive",
-               " negative", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
+               "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad",
+               " sad", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
                "--no-progress"]  # fmt: skip
     assert main(collect) == 0
     decompose = ["decompose", "--store", str(root / "tree" / "pefs"), "--components", "3", "--steps", "40",
