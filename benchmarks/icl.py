@@ -25,37 +25,6 @@ from pathlib import Path
 
 import torch
 
-# The store manifest's collect options that define the PEF space (the same projection, parameters, truncation).
-SPACE_OPTIONS = ("proj_dim", "density", "params", "exclude", "seed", "rank", "max_length", "dtype", "engine")
-
-
-def load(run_dir, backend=None, device="cpu"):
-    """``(npeff, store, adapter, task)`` of a decomposition directory."""
-    from npeff_lens.models import load_model
-    from npeff_lens.runs import load_run
-    from npeff_lens.tasks import task_from_config
-
-    est, store = load_run(run_dir)
-    model = store.manifest["model"]
-    adapter = load_model(model["name"], backend=backend or model.get("backend") or "hf", device=device).eval()
-    task = task_from_config(store.manifest["task"]).bind(adapter)
-    return est, store, adapter, task
-
-
-def held_out_coefficients(est, store, adapter, task, texts, out, *, batch_size=8, progress=True):
-    """Coefficients ``[n, C]`` of new texts: their PEFs in the store's space (same projection seed, density,
-    parameters, truncation, task), then ``est.transform`` with the components fixed."""
-    from npeff_lens.collect import collect_pefs
-
-    cfg = store.manifest.get("config") or {}
-    options = {k: cfg[k] for k in SPACE_OPTIONS if k in cfg}
-    if options.get("proj_dim") is None and store.manifest.get("projection"):
-        options["proj_dim"] = store.manifest["projection"]["n_out"]
-    eval_store = collect_pefs(adapter, list(texts), task, out, batch_size=batch_size, progress=progress, **options)
-    if eval_store.manifest.get("projection") != store.manifest.get("projection"):
-        raise ValueError("the held-out PEFs were projected differently from the run's store")
-    return est.transform(eval_store), eval_store
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -79,11 +48,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     from npeff_lens.applications.icl import TuningClassifier, agreement, format_table, icl_experiment
     from npeff_lens.data import load_dataset
+    from npeff_lens.runs import held_out_coefficients, load_with_model
 
     t0 = time.time()
     out = Path(args.out) if args.out else Path(args.run).resolve().parent / "icl-benchmark"
     out.mkdir(parents=True, exist_ok=True)
-    est, store, adapter, task = load(args.run)
+    est, store, adapter, task = load_with_model(args.run)
     meta = store.metadata
     if "label" not in meta.column_names:
         raise SystemExit("the run's store has no 'label' column: the tuning classifier needs ground-truth labels")
@@ -105,7 +75,7 @@ def main(argv=None):
     }
     t1 = time.time()
     data = load_dataset(args.dataset, split=args.eval_split, seed=args.data_seed).select(range(args.n_eval))
-    eval_coef, _ = held_out_coefficients(
+    eval_coef = held_out_coefficients(
         est, store, adapter, task, data["text"], out / "eval-pefs", progress=not args.no_progress
     )
     t2 = time.time()

@@ -50,17 +50,13 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from npeff_lens.applications.unlearning import format_table, unlearning_experiment
-    from npeff_lens.models import load_model
-    from npeff_lens.runs import load_run
-    from npeff_lens.tasks import task_from_config
+    from npeff_lens.runs import load_with_model
 
     t0 = time.time()
     out = Path(args.out) if args.out else Path(args.run).resolve().parent / "unlearning-benchmark"
     out.mkdir(parents=True, exist_ok=True)
-    est, store = load_run(args.run)
+    est, store, adapter, task = load_with_model(args.run)
     model = store.manifest["model"]
-    adapter = load_model(model["name"], backend=model.get("backend") or "hf").eval()
-    task = task_from_config(store.manifest["task"]).bind(adapter)
     if args.params == ["store"]:
         params = (store.manifest.get("config") or {}).get("params")
     else:

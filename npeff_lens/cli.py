@@ -37,7 +37,7 @@ def _collect(cmd: C.CollectCommand):
 def _decompose(cmd: C.DecomposeCommand):
     from .runs import decompose_store
 
-    est = decompose_store(cmd.store, cmd.out, cmd.decompose_config())
+    est = decompose_store(cmd.store, cmd.out, cmd.narrow(C.DecomposeConfig))
     loss = est.loss_history_[-1] if len(est.loss_history_) else float("nan")
     print(
         f"NPEFF with {cmd.n_components} components saved to {cmd.out} (final loss {loss:.4f}, "
@@ -59,7 +59,7 @@ def _perturb(cmd: C.PerturbCommand):
     from .perturb import format_table
     from .runs import run_perturbation
 
-    summary = run_perturbation(cmd.decomposition, config=cmd.perturb_config(), out=cmd.out, store=cmd.store)
+    summary = run_perturbation(cmd.decomposition, config=cmd.narrow(C.PerturbConfig), out=cmd.out, store=cmd.store)
     print(format_table(summary))
     if cmd.out:
         print(f"wrote {Path(cmd.out) / 'perturbation.csv'} and perturbation.json")
@@ -68,7 +68,7 @@ def _perturb(cmd: C.PerturbCommand):
 def _compare(cmd: C.CompareCommand):
     from .runs import compare, format_compare
 
-    results = compare(cmd.decomposition, cmd.compare_config(), store=cmd.store)
+    results = compare(cmd.decomposition, cmd.narrow(C.CompareConfig), store=cmd.store)
     print(format_compare(results))
     print(f"wrote {cmd.decomposition}/compare/compare.json")
 
@@ -95,7 +95,7 @@ def _unlearn(cmd: C.UnlearnCommand):
     from .applications.unlearning import format_table
     from .runs import unlearn
 
-    report = unlearn(cmd.decomposition, cmd.unlearn_config(), out=cmd.out)
+    report = unlearn(cmd.decomposition, cmd.narrow(C.UnlearnConfig), out=cmd.out)
     print(format_table(report))
 
 
@@ -103,7 +103,7 @@ def _icl(cmd: C.IclCommand):
     from .applications.icl import format_table
     from .runs import icl
 
-    result = icl(cmd.decomposition, cmd.icl_config(), out=cmd.out)
+    result = icl(cmd.decomposition, cmd.narrow(C.IclConfig), out=cmd.out)
     h = result["held_in"]
     print(f"held-in ({h['n']} run examples): tuning classifier {h['classifier_accuracy']:.3f}, zero-shot "
           f"{h['zero_shot_accuracy']:.3f}, agreement {h['classifier_zero_shot_agreement']:.3f}")  # fmt: skip

@@ -173,6 +173,11 @@ class _Config:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    def narrow(self, cls):
+        """This config's fields of ``cls``, a config it extends (a command's step knobs, without its inputs)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in self.to_dict().items() if k in names})
+
     def check_resume(self, stored_key: dict, where: str) -> None:
         """Same key as ``stored_key`` or a :class:`ConfigMismatchError` naming the differing fields."""
         check_same(
@@ -546,11 +551,6 @@ class CollectCommand(CollectConfig):
         self._require("template", "{text}" in self.template, "must contain {text}")
         self._require("expectation_projections", self.expectation_projections >= 1, "must be >= 1")
 
-    def collect_config(self) -> CollectConfig:
-        """The library part (what ``collect_pefs`` takes)."""
-        names = {f.name for f in dataclasses.fields(CollectConfig)}
-        return CollectConfig(**{k: v for k, v in self.to_dict().items() if k in names})
-
 
 @dataclass(frozen=True, kw_only=True)
 class DecomposeCommand(DecomposeConfig):
@@ -560,9 +560,6 @@ class DecomposeCommand(DecomposeConfig):
     out: str = option(
         help="directory of the decomposition (created, or resumed when it holds this configuration)", resume=False
     )
-
-    def decompose_config(self) -> DecomposeConfig:
-        return DecomposeConfig(**self.estimator_params())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -578,10 +575,6 @@ class PerturbCommand(PerturbConfig):
         resume=False,
     )
     store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)", resume=False)
-
-    def perturb_config(self) -> PerturbConfig:
-        names = {f.name for f in dataclasses.fields(PerturbConfig)}
-        return PerturbConfig(**{k: v for k, v in self.to_dict().items() if k in names})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -666,10 +659,6 @@ class CompareCommand(CompareConfig):
     )
     store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)", resume=False)
 
-    def compare_config(self) -> CompareConfig:
-        names = {f.name for f in dataclasses.fields(CompareConfig)}
-        return CompareConfig(**{k: v for k, v in self.to_dict().items() if k in names})
-
 
 @dataclass(frozen=True, kw_only=True)
 class UnlearnConfig(_Config):
@@ -728,10 +717,6 @@ class UnlearnCommand(UnlearnConfig):
     )
     out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/unlearn)", resume=False)
 
-    def unlearn_config(self) -> UnlearnConfig:
-        names = {f.name for f in dataclasses.fields(UnlearnConfig)}
-        return UnlearnConfig(**{k: v for k, v in self.to_dict().items() if k in names})
-
 
 @dataclass(frozen=True, kw_only=True)
 class IclConfig(_Config):
@@ -770,10 +755,6 @@ class IclCommand(IclConfig):
         help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR", resume=False
     )
     out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/icl)", resume=False)
-
-    def icl_config(self) -> IclConfig:
-        names = {f.name for f in dataclasses.fields(IclConfig)}
-        return IclConfig(**{k: v for k, v in self.to_dict().items() if k in names})
 
 
 @dataclass(frozen=True, kw_only=True)

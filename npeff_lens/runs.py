@@ -34,6 +34,7 @@ import torch
 from . import __version__
 from .config import (
     CollectCommand,
+    CollectConfig,
     CompareConfig,
     DecomposeConfig,
     DemoCommand,
@@ -58,6 +59,8 @@ __all__ = [
     "compare",
     "unlearn",
     "icl",
+    "load_with_model",
+    "held_out_coefficients",
     "demo",
     "zero_shot",
 ]
@@ -156,7 +159,7 @@ def collect(cmd: CollectCommand):
         spec.update(expectation_projections=cmd.expectation_projections, seed=cmd.task_seed)
     task = task_from_config(spec)
     adapter = load_model(cmd.model, backend=cmd.backend, device=cmd.device)
-    return collect_pefs(adapter, cmd.dataset, task, cmd.out, config=cmd.collect_config())
+    return collect_pefs(adapter, cmd.dataset, task, cmd.out, config=cmd.narrow(CollectConfig))
 
 
 def _store_identity(store) -> dict:
@@ -572,14 +575,10 @@ class _CompareContext:
     def _grad_cluster(self, mdir: Path):
         from .baselines.gradient_clustering import GradientClustering, collect_prediction_gradients
 
-        proj = self.manifest.get("projection") or {}
-        options = {"proj_dim": proj.get("n_out"), "density": proj.get("density", 32), "seed": proj.get("seed", 0)}
-        key = self.manifest.get("config") or {}
-        options.update({k: key[k] for k in ("max_length", "dtype") if k in key})
+        options = {**_space_options(self.manifest), "rank": None}  # one row per example: nothing to reduce
         t0 = time.time()
         store = collect_prediction_gradients(
-            self.adapter, list(self.meta["text"]), self.task, mdir / "pefs",
-            params=[e["name"] for e in self.manifest["layout"]], batch_size=self.cfg.batch_size,
+            self.adapter, list(self.meta["text"]), self.task, mdir / "pefs", batch_size=self.cfg.batch_size,
             progress=self.cfg.progress, **options,
         )  # fmt: skip
         gc = GradientClustering(self.components, seed=self.cfg.seed).fit(store)
@@ -672,11 +671,17 @@ def _cell(v) -> str:
 # Applications (§6).
 # ----------------------------------------------------------------------------------------------
 
-#: The collect options of a store's manifest that define its PEF space (projection, parameters, truncation).
-_SPACE = ("proj_dim", "density", "params", "exclude", "seed", "rank", "max_length", "dtype", "engine")
+
+def _space_options(manifest: dict) -> dict:
+    """``collect_pefs`` options that reproduce a store's PEF space: its projection, its parameters (by exact
+    name, in the layout's order), rank, truncation and storage dtype."""
+    key, proj = manifest.get("config") or {}, manifest.get("projection") or {}
+    options = {k: key[k] for k in ("rank", "max_length", "dtype", "engine") if k in key}
+    options.update(proj_dim=proj.get("n_out"), density=proj.get("density", 32), seed=proj.get("seed", 0))
+    return {**options, "params": [e["name"] for e in manifest["layout"]], "exclude": None}
 
 
-def _load_with_model(decomposition_dir, adapter=None):
+def load_with_model(decomposition_dir, adapter=None):
     """``(npeff, store, adapter, task)`` of a decomposition directory."""
     from .models import load_model
     from .tasks import task_from_config
@@ -694,12 +699,10 @@ def held_out_coefficients(est, store, adapter, task, texts, out, *, batch_size=8
     truncation and task, collected into ``out``, resumable), then ``est.transform`` with the components fixed."""
     from .collect import collect_pefs
 
-    key = store.manifest.get("config") or {}
-    options = {k: key[k] for k in _SPACE if k in key}
-    if options.get("proj_dim") is None and store.manifest.get("projection"):
-        options["proj_dim"] = store.manifest["projection"]["n_out"]
+    options = _space_options(store.manifest)
     new = collect_pefs(adapter, list(texts), task, out, batch_size=batch_size, progress=progress, **options)
-    check_same({"projection": store.manifest.get("projection")}, {"projection": new.manifest.get("projection")},
+    space = ("projection", "layout")
+    check_same({k: store.manifest.get(k) for k in space}, {k: new.manifest.get(k) for k in space},
                f"the held-out PEFs in {out}")  # fmt: skip
     return est.transform(new)
 
@@ -717,7 +720,7 @@ def unlearn(decomposition_dir, config: UnlearnConfig | None = None, *, out=None,
     rec = _begin(out, "unlearn", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
     if rec["status"] == "done" and (out / "unlearning.json").exists():
         return read_json(out / "unlearning.json")
-    est, store, adapter, task = _load_with_model(d, adapter)
+    est, store, adapter, task = load_with_model(d, adapter)
     store_params = (store.manifest.get("config") or {}).get("params")
     params = {("store",): store_params, ("default",): None}.get(tuple(cfg.params), list(cfg.params))
     t0 = time.time()
@@ -749,7 +752,7 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
     rec = _begin(out, "icl", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
     if rec["status"] == "done" and (out / "icl.json").exists():
         return read_json(out / "icl.json")
-    est, store, adapter, task = _load_with_model(d, adapter)
+    est, store, adapter, task = load_with_model(d, adapter)
     meta = store.metadata
     if "label" not in meta.column_names:
         raise ValueError(f"the run's store {store.path} has no 'label' column: the tuning classifier needs labels")
