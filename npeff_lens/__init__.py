@@ -16,6 +16,7 @@ _LAZY = {
     "ModelAdapter": "npeff_lens.models",
     "load_dataset": "npeff_lens.data",
     "SparseProjection": "npeff_lens.projection",
+    "KroneckerProjection": "npeff_lens.projection",
     "collect_pefs": "npeff_lens.collect",
     "PEFStore": "npeff_lens.store",
     "NPEFF": "npeff_lens.decomposition",

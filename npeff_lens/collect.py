@@ -35,7 +35,7 @@ from torch import nn
 from .config import CollectConfig
 from .io import progress
 from .models import ModelAdapter, adapt, parameter_layout
-from .projection import SparseProjection
+from .projection import KroneckerProjection, SparseProjection
 from .tasks import Task
 
 CHUNK_ELEMS = 1 << 25  # per-example-gradient floats materialised at once (128 MiB in fp32)
@@ -57,7 +57,9 @@ class _Slot:
     name: str
     param: nn.Parameter
     offset: int
-    kind: str  # "linear_w", "linear_b", "conv1d_w", "conv1d_b", "embedding", "fallback"
+    kind: str  # "linear_w", "linear_b", "conv1d_w", "conv1d_b", "embedding", "norm", "fallback"
+    module: nn.Module | None = None  # the owner ("norm": its output is re-evaluated with the parameter at 0 and 1)
+    pname: str | None = None
 
 
 class PEFComputer:
@@ -73,7 +75,7 @@ class PEFComputer:
         adapter: ModelAdapter,
         task: Task,
         named_params,
-        projection: SparseProjection | None,
+        projection: SparseProjection | KroneckerProjection | None,
         engine: str = "hooks",
         chunk_elems: int = CHUNK_ELEMS,
     ):
@@ -85,6 +87,9 @@ class PEFComputer:
         if projection is not None and projection.n_in != self.n_params:
             raise ValueError(f"projection n_in={projection.n_in} != number of selected parameters {self.n_params}")
         self.dim = projection.n_out if projection is not None else self.n_params
+        # the accumulator: projected rows, or (Kronecker) the first-stage sketch, projected once per batch
+        self.kron = isinstance(projection, KroneckerProjection)
+        self.acc_dim = projection.sketch_dim if self.kron else self.dim
         self.chunk_elems = chunk_elems
         self.params = [p for _, p in named_params]
         slots = {}
@@ -97,6 +102,13 @@ class PEFComputer:
                 if id(p) in slots:
                     owners.setdefault(id(p), []).append((mod, pname))
         conv1d = _conv1d_cls()
+        # TransformerBridge's normalisation bridges compute the norm themselves from their original
+        # component's parameters: the bridge, not the owner, is the module whose output to hook
+        wrappers = {
+            id(m.original_component): m
+            for m in adapter.module.modules()
+            if isinstance(getattr(m, "original_component", None), nn.Module)
+        }
         self.hooked_modules: dict[nn.Module, list[_Slot]] = {}
         for pid, slot in slots.items():
             mods = owners.get(pid, [])
@@ -108,11 +120,17 @@ class PEFComputer:
                     kinds.append("conv1d_w" if pname == "weight" else "conv1d_b")
                 elif isinstance(mod, nn.Embedding) and pname == "weight":
                     kinds.append("embedding")
+                elif _is_norm(mod, slot.param) and len(mods) == 1:
+                    kinds.append("norm")
+                    slot.module, slot.pname = mod, pname
+                    wrapper = wrappers.get(id(mod))
+                    if wrapper is not None and "norm" in type(wrapper).__name__.lower():
+                        slot.module, slot.pname = wrapper, f"original_component.{pname}"
                 else:
                     kinds.append(None)
             if engine == "hooks" and mods and None not in kinds and len(set(kinds)) == 1:
                 slot.kind = kinds[0]
-                for mod, _ in mods:
+                for mod, _ in mods if slot.module is None else [(slot.module, slot.pname)]:
                     self.hooked_modules.setdefault(mod, []).append(slot)
         self.fallback = [s for s in slots.values() if s.kind == "fallback"]
         self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
@@ -206,6 +224,9 @@ class PEFComputer:
         b, R, numel = block.shape
         if self.projection is None:
             acc[:, rows_idx, slot.offset : slot.offset + numel] += block.float()
+        elif self.kron:
+            for mid, piece in self.projection.sketch(block, slot.offset):
+                acc[:, rows_idx, mid : mid + piece.shape[-1]] += piece
         else:
             acc[:, rows_idx] += self.projection.project(block.reshape(b * R, numel), offset=slot.offset).reshape(
                 b, R, -1
@@ -221,6 +242,8 @@ class PEFComputer:
             return rearrange(torch.einsum(eq, g, a), "b r x y -> b r (x y)")
         if slot.kind in ("linear_b", "conv1d_b"):
             return g.sum(2)
+        if slot.kind == "norm":
+            return torch.einsum("brto,bto->bro", g, rearrange(_norm_basis(slot, a), "b ... o -> b (...) o").to(g.dtype))
         if slot.kind == "embedding":
             (b, R, T, D), V = g.shape, slot.param.shape[0]
             ids = rearrange(a, "b ... -> b (...)")
@@ -246,9 +269,9 @@ class PEFComputer:
             )
             rows = task.pef_rows(safe)  # [b, r]
             R = rows.shape[1]
-            acc = torch.zeros(b, R, self.dim, dtype=torch.float32, device=adapter.device)
+            acc = torch.zeros(b, R, self.acc_dim, dtype=torch.float32, device=adapter.device)
             if bad.all():
-                return acc, log_probs.detach()
+                return acc.new_zeros(b, R, self.dim), log_probs.detach()
             records = self._records
             self._records = []
             # A module whose output is not batch-major (e.g. position embeddings computed once for
@@ -279,6 +302,9 @@ class PEFComputer:
                         continue
                     g = torch.stack(gs)  # [R', b, ..., out]
                     for slot in self.hooked_modules[mod]:
+                        if self.kron and slot.kind in _FACTORED:
+                            self._add_sketch(acc, ridx, slot, a, g)
+                            continue
                         numel = slot.param.numel()
                         step = max(1, self.chunk_elems // max(1, numel * len(ridx)))
                         for b0 in range(0, b, step):
@@ -293,7 +319,23 @@ class PEFComputer:
                         for slot, gp in zip(self.fallback, gs):
                             if gp is not None:
                                 self._add(acc[i : i + 1], [j], slot, gp.reshape(1, 1, -1))
+        if self.kron:  # the second stage, once for the batch
+            acc = self.projection.inner.project(acc.reshape(b * R, -1)).reshape(b, R, self.dim)
         return acc, log_probs.detach()
+
+    def _add_sketch(self, acc, rows_idx, slot: _Slot, a, g):
+        """Kronecker projection: add the first-stage sketch of the slot's per-example gradient, from its factors
+        (``Σ_t (P_R δ_t)(P_C a_t)ᵀ``), without forming it. a ``[b, ..., in]``, g ``[R', b, ..., out]``."""
+        proj = self.projection
+        i = proj.index_of(slot.offset)
+        g = rearrange(g, "r b ... o -> b r (...) o")
+        if slot.kind == "embedding":
+            sk = proj.sketch_rows(i, rearrange(a, "b ... -> b (...)"), g)
+        else:
+            a = rearrange(a, "b ... i -> b (...) i")[:, None]
+            sk = proj.sketch_outer(i, g, a) if slot.kind == "linear_w" else proj.sketch_outer(i, a, g)
+        mid = proj.sketch_offsets[i]
+        acc[:, rows_idx, mid : mid + sk.shape[-1]] += sk
 
     # --- exact token attributions (the report) ----------------------------------------------------
     def token_contributions(
@@ -408,11 +450,34 @@ class PEFComputer:
             return torch.einsum("bpd,kbpd->bkp", g, m[:, ids])
         if slot.kind in ("linear_b", "conv1d_b"):
             return torch.einsum("bpo,bo->bp", g, m)[:, None] if pick is not None else torch.einsum("bpo,ko->bkp", g, m)
+        if slot.kind == "norm":
+            g = g * rearrange(_norm_basis(slot, a), "b ... o -> b (...) o").float()
+            return torch.einsum("bpo,bo->bp", g, m)[:, None] if pick is not None else torch.einsum("bpo,ko->bkp", g, m)
         a = rearrange(a, "b ... i -> b (...) i").float()
         w = "oi" if slot.kind == "linear_w" else "io"  # Linear weight [out, in]: δ_tᵀ M a_t; GPT-2 Conv1D [in, out]
         if pick is not None:
             return (torch.einsum(f"bpo,b{w}->bpi", g, m) * a).sum(-1)[:, None]
         return (torch.einsum(f"bpo,k{w}->bkpi", g, m) * a[:, None]).sum(-1)
+
+
+_FACTORED = ("linear_w", "conv1d_w", "embedding")  # kinds whose per-example gradient is a sum of outer products
+
+
+def _is_norm(module: nn.Module, param: nn.Parameter) -> bool:
+    """A normalisation layer's elementwise weight or bias (LayerNorm, RMSNorm and their HF / TransformerLens
+    variants): per-example gradients come from :func:`_norm_basis`; the first-batch self-check verifies it."""
+    return param.ndim == 1 and "norm" in type(module).__name__.lower()
+
+
+def _norm_basis(slot: _Slot, a: torch.Tensor) -> torch.Tensor:
+    """``∂y/∂p`` per position for an elementwise-affine parameter p of a norm layer: ``y(p=1) - y(p=0)`` (the
+    normalised input x̂ for a weight, whatever the layer's form, e.g. Gemma's ``x̂ (1 + w)``; ones for a bias).
+    Then the per-example gradient is ``Σ_t dL/dy_t ⊙ x̂_t``."""
+    p = slot.param
+    with torch.no_grad():
+        ones = torch.func.functional_call(slot.module, {slot.pname: torch.ones_like(p)}, (a,))
+        zeros = torch.func.functional_call(slot.module, {slot.pname: torch.zeros_like(p)}, (a,))
+    return ones - zeros
 
 
 def pef_frobenius_norms(pefs: torch.Tensor) -> torch.Tensor:
@@ -462,6 +527,16 @@ def _dataset_rows(dataset, cfg: CollectConfig):
     return dataset, info
 
 
+def make_projection(cfg: CollectConfig, layout: list[dict]) -> SparseProjection | KroneckerProjection | None:
+    """The projection a collection configuration names, over the parameters of ``layout``."""
+    if not cfg.proj_dim:
+        return None
+    if cfg.projection == "kron":
+        shapes = [e["shape"] for e in layout]
+        return KroneckerProjection(shapes, cfg.proj_dim, seed=cfg.seed, k=cfg.kron_k, density=cfg.density)
+    return SparseProjection(sum(e["numel"] for e in layout), cfg.proj_dim, seed=cfg.seed, density=cfg.density)
+
+
 def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | None = None, tokenizer=None, **options):
     """Collect the (projected, optionally rank-reduced) LRM-PEFs of ``n`` examples into a ``PEFStore``.
 
@@ -489,7 +564,7 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
     named = adapter.named_parameters(include=cfg.params, exclude=cfg.exclude)
     layout = parameter_layout(named)
     n_params = sum(e["numel"] for e in layout)
-    projection = SparseProjection(n_params, cfg.proj_dim, seed=cfg.seed, density=cfg.density) if cfg.proj_dim else None
+    projection = make_projection(cfg, layout)
     computer = PEFComputer(adapter, task, named, projection, engine=cfg.engine)
     manifest = {
         "config": cfg.key(),

@@ -330,6 +330,13 @@ class CollectConfig(_Config):
         "0 or none stores unprojected rows (tiny models only)",
     )
     density: int = option(32, "projection density: outputs each parameter lands in (App. A: 32)")
+    projection: Literal["sparse", "kron"] = option(
+        "sparse",
+        "sparse: the paper's sparse random projection of each per-example gradient (App. A); kron: a Kronecker "
+        "sketch P_R X P_C^T of each weight matrix (k x k, never forming the per-example weight gradient), then "
+        "the sparse projection of the sketches; several times faster over many parameters",
+    )
+    kron_k: int = option(16, "kron: rows and columns each weight matrix is sketched to (k x k per matrix)")
     rank: int | None = option(None, "keep the top-k right singular directions of each PEF (App. C); none: all rows")
     params: tuple[str, ...] | None = option(
         None,
@@ -366,6 +373,8 @@ class CollectConfig(_Config):
             object.__setattr__(self, "proj_dim", None)
         self._require("proj_dim", self.proj_dim is None or self.proj_dim >= 1, "must be >= 1 (or 0/none)")
         self._require("density", self.density >= 1, "must be >= 1")
+        self._require("kron_k", self.kron_k >= 1, "must be >= 1")
+        self._require("projection", self.projection == "sparse" or self.proj_dim is not None, "kron needs a proj_dim")
         if self.proj_dim is not None:
             self._require("density", self.density <= self.proj_dim, f"must be <= proj_dim ({self.proj_dim})")
         self._require("rank", self.rank is None or self.rank >= 1, "must be >= 1")

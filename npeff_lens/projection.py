@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["SparseProjection", "project_entries"]
+__all__ = ["KroneckerProjection", "SparseProjection", "project_entries", "projection_from_config"]
 
 _MASK = 0xFFFFFFFF
 _M1, _M2 = 0x2C1B3C6D, 0x297A2D39
@@ -439,3 +439,243 @@ class SparseProjection:
         cols = torch.arange(self.n_out).expand_as(i)
         dense[i[ok], cols[ok]] = sign[ok].to(torch.float32) * self.scale
         return dense
+
+
+# ------------------------------------------------------------------------------------------- Kronecker
+def _factor_seed(seed: int, index: int, side: int) -> int:
+    """Seed of one factor matrix: a hash of (projection seed, parameter index, side), so factors are independent."""
+    return _mix_int(_mix_int(seed ^ 0x3C6EF372) ^ _mix_int((2 * index + side) & _MASK))
+
+
+class KroneckerProjection:
+    """A two-stage projection for per-example gradients that never forms a weight gradient (LoGra's factored
+    first stage, FactGraSS's global second stage; ``../notes/projection-at-scale.md``).
+
+    Definition. The input is the flat vector of the selected parameters, ``shapes`` in layout order. Each
+    parameter of shape ``(R, C, ...)`` with two or more axes is read as the matrix ``X`` (``R`` rows, the other
+    axes flattened into ``C`` columns) and sketched to ``P_R X P_Cᵀ`` (``k_R × k_C``, row-major) with
+    ``k_R = min(k, R)``, ``k_C = min(k, C)``; ``P_R`` is ``I`` when ``k_R = R``, else ``k_R × R`` with i.i.d.
+    ``N(0, 1/k_R)`` entries drawn by ``torch.Generator`` (CPU, float32) from a hash of ``(seed, index, side)``;
+    ``P_C`` likewise. One-axis parameters (biases, norm weights) pass through unchanged. The concatenation
+    (length ``sketch_dim``) is then projected to ``n_out`` by ``SparseProjection(sketch_dim, n_out, seed,
+    density)``. So ``A = S · B`` with ``S`` block-diagonal (``P_R ⊗ P_C`` per matrix, ``I`` per vector) and
+    ``E ‖x A‖² = ‖x‖²``.
+
+    Why two stages: one global sparse stage mixes every layer into every output, so recovery (FPC,
+    back-projection) sees each direction through all ``n_out`` measurements, as with ``SparseProjection``;
+    disjoint per-layer output slices would give a component spread over many layers only a slice per layer.
+
+    Cost: a per-example gradient ``Σ_t δ_t a_tᵀ`` sketches as ``Σ_t (P_R δ_t)(P_C a_t)ᵀ`` in
+    ``T·(R·k_R + C·k_C + k_R·k_C)`` multiply-adds (:meth:`sketch_outer`), instead of ``T·R·C`` to form it.
+    ``project``/``adjoint`` take any flat range, like ``SparseProjection``'s, so the store, ``NPEFF``, recovery
+    and perturbation use it unchanged.
+    """
+
+    kind = "kron"
+
+    def __init__(self, shapes, n_out: int, seed: int = 0, k: int = 16, density: int | None = 32):
+        shapes = [tuple(int(v) for v in s) for s in shapes]
+        if not shapes or any(any(v < 1 for v in s) for s in shapes):
+            raise ValueError(f"shapes must be a non-empty list of non-empty parameter shapes, got {shapes[:3]}...")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        self.shapes, self.k, self.seed, self.n_out = shapes, int(k), int(seed), int(n_out)
+        self.offsets, self.sketch_offsets, self.dims = [], [], []  # dims: (R, C, k_R, k_C) or None
+        off = mid = 0
+        for s in shapes:
+            numel = math.prod(s)
+            self.offsets.append(off)
+            self.sketch_offsets.append(mid)
+            if len(s) >= 2:
+                R, C = s[0], numel // s[0]
+                kr, kc = min(self.k, R), min(self.k, C)
+                self.dims.append((R, C, kr, kc))
+                mid += kr * kc
+            else:
+                self.dims.append(None)
+                mid += numel
+            off += numel
+        self.n_in, self.sketch_dim = off, mid
+        self._ends = np.array(self.offsets[1:] + [off], dtype=np.int64)
+        self.inner = SparseProjection(mid, self.n_out, seed=self.seed, density=density)
+        self.density = self.inner.density
+        self._factors: dict[tuple[int, int, str], torch.Tensor | None] = {}
+
+    # ------------------------------------------------------------------------------------------- config
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "kron",
+            "n_in": self.n_in,
+            "n_out": self.n_out,
+            "seed": self.seed,
+            "density": self.density,
+            "k": self.k,
+            "shapes": [list(s) for s in self.shapes],
+        }
+
+    config = state_dict
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> KroneckerProjection:
+        if config.get("kind") != "kron":
+            raise ValueError(f"not a Kronecker projection config: kind={config.get('kind')!r}")
+        proj = cls(config["shapes"], config["n_out"], seed=config["seed"], k=config["k"], density=config["density"])
+        if proj.n_in != config.get("n_in", proj.n_in):
+            raise ValueError(f"projection config: shapes sum to {proj.n_in} inputs, n_in says {config['n_in']}")
+        return proj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KroneckerProjection) and self.state_dict() == other.state_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.n_in, self.n_out, self.seed, self.density, self.k, tuple(self.shapes)))
+
+    def __repr__(self) -> str:
+        return (
+            f"KroneckerProjection(n_in={self.n_in}, n_out={self.n_out}, seed={self.seed}, k={self.k}, "
+            f"density={self.density}, {len(self.shapes)} parameters, sketch_dim={self.sketch_dim})"
+        )
+
+    # ------------------------------------------------------------------------------------------- factors
+    def factor(self, index: int, side: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """``P_R`` (side 0) or ``P_C`` (side 1) of parameter ``index``, ``[k, R]`` / ``[k, C]`` fp32 on ``device``;
+        ``None`` for the identity. Drawn on the CPU, so every device gets the same matrix."""
+        key = (index, side, str(device))
+        if key not in self._factors:
+            R, C, kr, kc = self.dims[index]
+            n, k = (R, kr) if side == 0 else (C, kc)
+            if k == n:
+                mat = None
+            else:
+                gen = torch.Generator().manual_seed(_factor_seed(self.seed, index, side))
+                mat = (torch.randn(k, n, generator=gen) / math.sqrt(k)).to(device)
+            self._factors[key] = mat
+        return self._factors[key]
+
+    @staticmethod
+    def _apply(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """``x "... n" -> "... k"`` (``x P^T``)."""
+        return x if p is None else x @ p.T
+
+    def index_of(self, offset: int) -> int:
+        """The parameter starting at flat ``offset``."""
+        i = int(np.searchsorted(self._ends, offset, side="right"))
+        if i >= len(self.shapes) or self.offsets[i] != offset:
+            raise ValueError(f"no parameter of this projection starts at offset {offset}")
+        return i
+
+    def sketch_outer(self, index: int, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """Sketch of ``Σ_t left_t right_tᵀ`` for matrix parameter ``index``: left ``"... t R"``, right
+        ``"... t C"`` (broadcast over leading axes) -> ``"... (k_R k_C)"`` fp32, its ``sketch_dim`` slice."""
+        lp = self._apply(self.factor(index, 0, left.device), left.float())
+        rp = self._apply(self.factor(index, 1, right.device), right.float())
+        return (lp.transpose(-1, -2) @ rp).flatten(-2)
+
+    def sketch_rows(self, index: int, ids: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """Sketch of ``Σ_t e_{ids_t} right_tᵀ`` (an embedding's per-example gradient): ids ``"b t"``, right
+        ``"b r t C"`` -> ``"b r (k_R k_C)"``."""
+        p = self.factor(index, 0, right.device)
+        R = self.dims[index][0]
+        lp = torch.nn.functional.one_hot(ids, R).float() if p is None else p.T[ids]  # "b t k"
+        rp = self._apply(self.factor(index, 1, right.device), right.float())
+        return torch.einsum("btk,brtl->brkl", lp, rp).flatten(-2)
+
+    # ------------------------------------------------------------------------------------------- stage 1
+    def _overlaps(self, offset: int, length: int):
+        """(index, lo, hi) of each parameter overlapping flat [offset, offset + length), lo/hi within it."""
+        if length <= 0:
+            return
+        i = int(np.searchsorted(self._ends, offset, side="right"))
+        while i < len(self.shapes) and self.offsets[i] < offset + length:
+            o = self.offsets[i]
+            n = int(self._ends[i]) - o
+            yield i, max(0, offset - o), min(n, offset + length - o)
+            i += 1
+
+    def sketch(self, x: torch.Tensor, offset: int = 0) -> list[tuple[int, torch.Tensor]]:
+        """Stage 1 of flat block x ``"... L"`` at ``offset``: ``(sketch offset, "... m")`` pieces."""
+        lead, L = x.shape[:-1], x.shape[-1]
+        x = x.float()
+        pieces = []
+        for i, lo, hi in self._overlaps(offset, L):
+            xi = x[..., self.offsets[i] + lo - offset : self.offsets[i] + hi - offset]
+            if self.dims[i] is None:
+                pieces.append((self.sketch_offsets[i] + lo, xi))
+                continue
+            R, C, kr, kc = self.dims[i]
+            r0, r1 = lo // C, -(-hi // C)
+            if lo != r0 * C or hi != r1 * C:  # a partial row at either end: zero-pad to whole rows
+                xi = torch.nn.functional.pad(xi, (lo - r0 * C, r1 * C - hi))
+            X = xi.reshape(*lead, r1 - r0, C)
+            pr, pc = self.factor(i, 0, x.device), self.factor(i, 1, x.device)
+            left = X if pr is None else pr[:, r0:r1] @ X
+            if pr is None and (r0, r1) != (0, R):
+                left = torch.nn.functional.pad(X, (0, 0, r0, R - r1))
+            pieces.append((self.sketch_offsets[i], self._apply(pc, left).reshape(*lead, kr * kc)))
+        return pieces
+
+    def unsketch(self, z: torch.Tensor, offset: int, length: int) -> torch.Tensor:
+        """Adjoint of stage 1: z ``"... sketch_dim"`` -> flat entries [offset, offset + length), ``"... length"``."""
+        out = z.new_zeros(*z.shape[:-1], length)
+        for i, lo, hi in self._overlaps(offset, length):
+            m, start = self.sketch_offsets[i], self.offsets[i] + lo - offset
+            if self.dims[i] is None:
+                out[..., start : start + hi - lo] = z[..., m + lo : m + hi]
+                continue
+            R, C, kr, kc = self.dims[i]
+            Z = z[..., m : m + kr * kc].reshape(*z.shape[:-1], kr, kc)
+            pr, pc = self.factor(i, 0, z.device), self.factor(i, 1, z.device)
+            r0, r1 = lo // C, -(-hi // C)
+            zc = Z if pc is None else Z @ pc  # "... k_R C"
+            rows = zc[..., r0:r1, :] if pr is None else pr[:, r0:r1].T @ zc  # "... (r1 - r0) C"
+            flat = rows.flatten(-2)[..., lo - r0 * C : hi - r0 * C]
+            out[..., start : start + hi - lo] = flat
+        return out
+
+    # ------------------------------------------------------------------------------------------- operator
+    def project(self, x: torch.Tensor, offset: int = 0, **kwargs) -> torch.Tensor:
+        """x ``"... L"`` holding flat inputs [offset, offset + L) -> their contribution ``"... n_out"`` fp32."""
+        SparseProjection._check_dtype(x, "x")
+        L = x.shape[-1]
+        if offset < 0 or offset + L > self.n_in:
+            raise ValueError(f"x covers [{offset}, {offset + L}), outside [0, {self.n_in})")
+        out = torch.zeros(*x.shape[:-1], self.n_out, dtype=torch.float32, device=x.device)
+        for mid, piece in self.sketch(x, offset):
+            out += self.inner.project(piece, offset=mid, **kwargs)
+        return out
+
+    def adjoint(self, y: torch.Tensor, offset: int = 0, length: int | None = None, **kwargs) -> torch.Tensor:
+        """y ``"... n_out"`` -> rows [offset, offset + length) of ``A y``, ``"... length"`` fp32."""
+        if y.dim() < 1 or y.shape[-1] != self.n_out:
+            raise ValueError(f"y must have shape [..., n_out={self.n_out}], got {tuple(y.shape)}")
+        length = self.n_in - offset if length is None else int(length)
+        if offset < 0 or length < 0 or offset + length > self.n_in:
+            raise ValueError(f"adjoint range [{offset}, {offset + length}) outside [0, {self.n_in})")
+        spans = list(self._overlaps(offset, length))
+        if not spans:
+            return torch.zeros(*y.shape[:-1], length, dtype=torch.float32, device=y.device)
+        first, last = spans[0][0], spans[-1][0]
+        m0 = self.sketch_offsets[first]
+        m1 = self.sketch_offsets[last + 1] if last + 1 < len(self.shapes) else self.sketch_dim
+        z = y.new_zeros(*y.shape[:-1], self.sketch_dim, dtype=torch.float32)
+        z[..., m0:m1] = self.inner.adjoint(y, offset=m0, length=m1 - m0, **kwargs)
+        return self.unsketch(z, offset, length)
+
+    def to_dense(self, offset: int = 0, length: int | None = None) -> torch.Tensor:
+        """Rows [offset, offset + length) of A, ``[length, n_out]`` fp32 (tests, small cases)."""
+        length = self.n_in - offset if length is None else length
+        return self.project(torch.eye(length), offset)
+
+
+def projection_from_config(config: dict[str, Any]) -> SparseProjection | KroneckerProjection:
+    """The projection a manifest's ``projection`` entry describes (``kind``: ``sparse`` or ``kron``)."""
+    missing = [k for k in ("n_in", "n_out") if k not in config]
+    if missing:
+        raise ValueError(f"projection config lacks {missing}: {dict(config)}")
+    kind = config.get("kind", "sparse")
+    if kind == "kron":
+        return KroneckerProjection.from_config(dict(config))
+    if kind != "sparse":
+        raise ValueError(f"unsupported projection kind {kind!r} in {dict(config)}")
+    kwargs = {k: config[k] for k in ("seed", "density") if k in config}
+    return SparseProjection(int(config["n_in"]), int(config["n_out"]), **kwargs)

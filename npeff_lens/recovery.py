@@ -578,17 +578,10 @@ def layout_from(source) -> list[dict] | None:
 
 
 def projection_from_config(config: Mapping[str, Any]) -> ProjectionOperator:
-    """Rebuild the projection operator a manifest describes (``kind: "sparse"`` → ``SparseProjection``)."""
-    kind = config.get("kind", "sparse")
-    missing = [k for k in ("n_in", "n_out") if k not in config]
-    if missing:
-        raise ValueError(f"projection config lacks {missing}: {dict(config)}")
-    from npeff_lens import projection as projection_module  # the one definition of the projection
+    """Rebuild the projection operator a manifest describes (``kind``: ``sparse`` or ``kron``)."""
+    from npeff_lens import projection as projection_module  # the one definition of the projections
 
-    if kind != "sparse":
-        raise ValueError(f"unsupported projection kind {kind!r} in {dict(config)}")
-    kwargs = {k: config[k] for k in ("seed", "density") if k in config}
-    return projection_module.SparseProjection(int(config["n_in"]), int(config["n_out"]), **kwargs)
+    return projection_module.projection_from_config(dict(config))
 
 
 def recover_direction(
