@@ -461,3 +461,57 @@ def test_zero_pef_is_flagged(tmp_path):
     for m in store.read_metadata():
         assert m["flag"] == "zero_pef" and m["pef_norm"] == 0
         assert sorted(m["probs"]) == [0.0, 0.0, 1.0]
+
+
+NORMS = ["*norm*", "*ln_*", "*ln?.*", "*LayerNorm*"]  # norm weights and biases under every backend's names
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_norm_parameters_hooked_and_exact(arch, backend):
+    """RMSNorm / LayerNorm weights and biases get per-example gradients from their hooks (``Σ_t dL/dy_t ⊙ x̂_t``),
+    equal to brute-force autograd, and never take the per-example autograd fallback."""
+    adapter = model(arch, backend)
+    task = LabelTokens(TEMPLATE, LABELS).bind(adapter)
+    named = adapter.named_parameters(include=NORMS)
+    assert named and all(p.ndim == 1 for _, p in named)
+    computer = PEFComputer(adapter, task, named, None)
+    G, _ = computer.compute([task.format(t) for t in TEXTS[:3]])
+    assert not computer.fallback and not computer.demoted
+    assert {s.kind for ss in computer.hooked_modules.values() for s in ss} == {"norm"}
+    for i, text in enumerate(TEXTS[:3]):
+        assert_exact(G[i], brute_rows(adapter, task, named, task.format(text)), what=(arch, backend, i))
+
+
+def test_norm_parameters_of_a_bert_classifier():
+    adapter = classifier()
+    task = ClassifierHead().bind(adapter)
+    named = adapter.named_parameters(include=["*LayerNorm*"])
+    computer = PEFComputer(adapter, task, named, None)
+    G, _ = computer.compute(TEXTS[:3])
+    assert len(named) == 2 * 5 and not computer.fallback and not computer.demoted
+    for i, text in enumerate(TEXTS[:3]):
+        assert_exact(G[i], brute_rows(adapter, task, named, text), what=i)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kron_collection_equals_projected_brute_force(arch, backend, tmp_path):
+    """With ``projection="kron"`` the collector sketches each weight from its factors and never forms the
+    per-example gradient; the result equals the same operator applied to brute-force per-example gradients
+    (every parameter: embeddings, norms, biases and fallback kinds included)."""
+    from npeff_lens.projection import KroneckerProjection, projection_from_config
+
+    adapter = model(arch, backend)
+    task = LabelTokens(TEMPLATE, LABELS)
+    store = collect(
+        adapter, TEXTS[:3], task, tmp_path / "s", proj_dim=256, density=8, projection="kron", kron_k=4, params=["*"]
+    )
+    P = projection_from_config(store.manifest["projection"])
+    assert isinstance(P, KroneckerProjection) and P.k == 4
+    named = adapter.named_parameters(include=["*"])
+    assert [list(p.shape) for _, p in named] == [list(s) for s in P.shapes]
+    G = store.load_pefs()
+    for i, text in enumerate(TEXTS[:3]):
+        ref = P.project(brute_rows(adapter, task, named, task.format(text)).float())
+        assert (G[i] - ref).norm() <= 1e-5 * ref.norm(), (arch, backend, i)
