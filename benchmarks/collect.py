@@ -3,11 +3,14 @@
 Model SmolLM2-135M (``load_model("smollm2-135m")``), movie reviews (train split, in order), task
 ``LabelTokens("Review: {text}\\nSentiment:", [" negative", " positive"])`` (r = 2 rows), max_length 256.
 
-Each configuration (parameter subset, density, batch size) runs in a fresh subprocess. Per batch, interleaved:
-  pef      ``PEFComputer.compute`` with a ``SparseProjection(n_params, proj_dim, density)``; the projection's
-           ``project`` calls are timed by wrapping it, so ``grad = total - projection``. The gradient part is
-           further split (wrapped methods): forward (``task.log_probs``), dL/dy backward (``autograd.grad``),
-           per-example rebuild (``PEFComputer._per_example``), rest (stack, accumulator adds, Python).
+Each configuration (parameter subset, projection, density, batch size) runs in a fresh subprocess. Per batch,
+interleaved:
+  pef      ``PEFComputer.compute`` with a ``SparseProjection(n_params, proj_dim, density)`` or a
+           ``KroneckerProjection(shapes, proj_dim, k, density)``; the sparse projection's ``project`` calls (for
+           kron: its Kronecker sketches and its second stage) are timed by wrapping, so ``grad = total -
+           projection``. The gradient part is further split (wrapped methods): forward (``task.log_probs``),
+           dL/dy backward (``autograd.grad``), per-example rebuild (``PEFComputer._per_example``), rest (stack,
+           accumulator adds, Python).
   minimal  one forward and r backward passes of the same batch without per-example gradients:
            ``autograd.grad(rows[:, j].sum(), selected params)`` for each row j (same requires_grad restriction).
 Peak memory: the process's peak RSS (VmHWM, reset through /proc/self/clear_refs after ``malloc_trim``) within
@@ -32,6 +35,7 @@ TEMPLATE = "Review: {text}\nSentiment:"
 LABELS = [" negative", " positive"]
 SUBSETS = {
     "all": None,  # the adapter's default selection (106M)
+    "demo": ["model.layers.2[0-9].self_attn.*"],  # make demo's selection (8.8M)
     "last10-mlp": ["model.layers.2[0-9].mlp.*"],
     "layer29": ["model.layers.29.*"],  # includes 2 RMSNorm weights: per-example autograd fallback
     "layer29-linear": ["model.layers.29.self_attn.*", "model.layers.29.mlp.*"],  # the same without the norms
@@ -89,7 +93,7 @@ def worker(cfg):
         os.environ.setdefault("NUMBA_NUM_THREADS", str(cfg["threads"]))
     import npeff_lens
     from npeff_lens import collect as C
-    from npeff_lens.projection import SparseProjection
+    from npeff_lens.projection import KroneckerProjection, SparseProjection
     from npeff_lens.tasks import LabelTokens
 
     adapter = npeff_lens.load_model("smollm2-135m")
@@ -99,13 +103,22 @@ def worker(cfg):
     prompts = task.prompts(ds[: cfg["n"]]["text"])
     named = adapter.named_parameters(include=SUBSETS[cfg["subset"]])
     n_params = sum(p.numel() for _, p in named)
-    proj = SparseProjection(n_params, cfg["proj_dim"], seed=0, density=cfg["density"])
+    if cfg.get("projection", "sparse") == "kron":
+        shapes = [tuple(p.shape) for _, p in named]
+        proj = KroneckerProjection(shapes, cfg["proj_dim"], seed=0, k=cfg["kron_k"], density=cfg["density"])
+    else:
+        proj = SparseProjection(n_params, cfg["proj_dim"], seed=0, density=cfg["density"])
     comp = C.PEFComputer(adapter, task, named, proj)
     R = task.n_rows
     ml = cfg["max_length"]
 
     tm = _Timer()
-    proj.project = tm.wrap("projection", proj.project)
+    if isinstance(proj, KroneckerProjection):
+        proj.inner.project = tm.wrap("projection", proj.inner.project)
+        proj.sketch_outer = tm.wrap("projection", proj.sketch_outer)
+        proj.sketch = tm.wrap("projection", proj.sketch)
+    else:
+        proj.project = tm.wrap("projection", proj.project)
     comp._per_example = tm.wrap("per_example", comp._per_example)
     task.log_probs = tm.wrap("forward", task.log_probs)
     grad_fn = torch.autograd.grad
@@ -168,6 +181,10 @@ def worker(cfg):
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def _proj_name(c):
+    return f"kron k={c['kron_k']}" if c.get("projection") == "kron" else "sparse"
+
+
 def run_config(cfg):
     p = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)], capture_output=True, text=True
@@ -185,6 +202,15 @@ def main():
     p.add_argument("--n-all", type=int, default=4, help="examples for the all-parameters (106M) rows")
     p.add_argument("--subsets", nargs="*", default=None, choices=list(SUBSETS))
     p.add_argument("--densities", type=int, nargs="*", default=[32, 8])
+    p.add_argument(
+        "--projections",
+        nargs="*",
+        default=["sparse", "kron"],
+        choices=["sparse", "kron"],
+        help="sparse: every density; kron: once, at --kron-density",
+    )
+    p.add_argument("--kron-k", type=int, default=16, help="kron: each weight matrix sketched to k x k")
+    p.add_argument("--kron-density", type=int, default=32, help="kron: density of its second (sparse) stage")
     p.add_argument("--batch", type=int, default=8, help="batch size of the subset x density grid")
     p.add_argument(
         "--memory-batches",
@@ -203,14 +229,18 @@ def main():
     if args.quick:
         args.n = min(args.n, 4)
     subsets = args.subsets or (["layer29", "last10-mlp"] if args.quick else ["layer29", "last10-mlp", "all"])
-    base = {"proj_dim": args.proj_dim, "max_length": args.max_length, "threads": args.threads}
+    base = {"proj_dim": args.proj_dim, "max_length": args.max_length, "threads": args.threads, "kron_k": args.kron_k}
     configs = []
     for s in subsets:
-        for d in args.densities:
-            n = args.n_all if s == "all" else args.n
-            configs.append({**base, "subset": s, "density": d, "batch": min(args.batch, n), "n": n})
+        n = args.n_all if s == "all" else args.n
+        for proj in args.projections:
+            for d in args.densities if proj == "sparse" else [args.kron_density]:
+                configs.append(
+                    {**base, "subset": s, "projection": proj, "density": d, "batch": min(args.batch, n), "n": n}
+                )
     for b in args.memory_batches:
-        c = {**base, "subset": "last10-mlp", "density": args.densities[0], "batch": b, "n": max(b, args.n)}
+        c = {**base, "subset": "last10-mlp", "projection": args.projections[0], "density": args.densities[0]}
+        c.update(batch=b, n=max(b, args.n))
         if c not in configs:
             configs.append(c)
     print(
@@ -218,11 +248,11 @@ def main():
         f"max_length = {args.max_length}; one fresh process per row\n"
     )
     print(
-        "| params | n_params | density | batch | n | tok/ex | ex/s | grad s/ex | proj s/ex | minimal s/ex "
+        "| params | n_params | projection | density | batch | n | tok/ex | ex/s | grad s/ex | proj s/ex | minimal s/ex "
         "| grad / minimal "
         "| total / minimal | peak RSS MiB (pef / minimal / ready) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for c in configs:
         r = run_config(c)
@@ -231,7 +261,7 @@ def main():
         grad = r["pef_s"] - proj
         rows.append((c, r))
         print(
-            f"| {c['subset']} | {r['n_params'] / 1e6:.1f}M | {c['density']} | {c['batch']} | {n} | "
+            f"| {c['subset']} | {r['n_params'] / 1e6:.1f}M | {_proj_name(c)} | {c['density']} | {c['batch']} | {n} | "
             f"{r['tokens'] / n:.0f} | {n / r['pef_s']:.3f} | {grad / n:.2f} | {proj / n:.2f} | {r['min_s'] / n:.2f} | "
             f"{grad / r['min_s']:.2f} | {r['pef_s'] / r['min_s']:.2f} | "
             f"{r['pef_peak']:.0f} / {r['min_peak']:.0f} / {r['ready']:.0f} |",
@@ -239,15 +269,15 @@ def main():
         )
     print("\nWhere the gradient part goes (s per example; rest = stack, accumulator adds, Python):\n")
     print(
-        "| params | density | batch | forward | dL/dy backward | fallback autograd | per-example rebuild | rest "
-        "| minimal |"
+        "| params | projection | density | batch | forward | dL/dy backward | fallback autograd | per-example rebuild "
+        "| rest | minimal |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c, r in rows:
         n, pt = c["n"], r["parts"]
         rest = r["pef_s"] - sum(pt.values())
         print(
-            f"| {c['subset']} | {c['density']} | {c['batch']} | {pt.get('forward', 0) / n:.2f} | "
+            f"| {c['subset']} | {_proj_name(c)} | {c['density']} | {c['batch']} | {pt.get('forward', 0) / n:.2f} | "
             f"{pt.get('backward_dy', 0) / n:.2f} | {pt.get('fallback', 0) / n:.2f} | "
             f"{pt.get('per_example', 0) / n:.2f} | {rest / n:.2f} | "
             f"{r['min_s'] / n:.2f} |"
