@@ -34,6 +34,7 @@ def run_variant(name, args, model, data, task):
     from npeff_lens.runs import decompose_store
 
     root = Path(args.out) / name
+    before = len(nl.PEFStore(root / "pefs")) if (root / "pefs" / "manifest.json").exists() else 0
     t0 = time.time()
     store = nl.collect_pefs(
         model,
@@ -49,8 +50,11 @@ def run_variant(name, args, model, data, task):
         **VARIANTS[name],
     )
     seconds_file = root / "collect_seconds.json"
-    if not seconds_file.exists():  # the first (uninterrupted) collection's time; a resumed one is not timed
-        seconds_file.write_text(json.dumps({"seconds": time.time() - t0, "load": os.getloadavg()[0]}))
+    if not seconds_file.exists():  # the collection's time over the examples this call collected (it may resume)
+        rate = (time.time() - t0) / max(1, args.n - before)
+        seconds_file.write_text(
+            json.dumps({"s_per_example": rate, "load": os.getloadavg()[0], "timed": args.n - before})
+        )
     collect_s = json.loads(seconds_file.read_text())
     fits = []
     for seed in (0, 1):
@@ -66,7 +70,7 @@ def run_variant(name, args, model, data, task):
     return {
         "variant": name,
         "n_params": store.manifest["n_params"],
-        "s_per_example": collect_s["seconds"] / args.n,
+        "s_per_example": collect_s["s_per_example"],
         "load": collect_s["load"],
         "label": summary.get("label", 0.0),
         "prediction": summary.get("prediction", 0.0),

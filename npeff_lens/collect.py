@@ -8,12 +8,16 @@ row ``G[:, j]``. It is computed exactly, without materialising per-example gradi
 - per row j, one backward pass for the batch asks autograd for ``dL/dy`` of the hooked outputs only
   (no weight gradient is formed);
 - per hooked parameter, the per-example gradient is rebuilt from ``(a, dL/dy)``
-  (``Linear``: ``g[b]^T a[b]``; GPT-2 ``Conv1D``: ``a[b]^T g[b]``; ``Embedding``: scatter of ``g[b]``), for a
-  bounded chunk of examples and rows, and projected immediately with ``SparseProjection.project(block,
-  offset)`` into the ``[batch, r, d]`` accumulator (the projection is linear and separable over the flat
-  index, so each contribution is added as soon as it exists);
-- parameters owned by other modules (norm weights, HookedTransformer's einsum weights) fall back to one
-  ``autograd.grad`` per example and row: exact, slower.
+  (``Linear``: ``g[b]^T a[b]``; GPT-2 ``Conv1D``: ``a[b]^T g[b]``; ``Embedding``: scatter of ``g[b]``; a
+  normalisation layer's weight or bias: ``Σ_t dL/dy_t ⊙ x̂_t`` with ``x̂ = y(p=1) - y(p=0)`` re-evaluated from
+  the recorded input), for a bounded chunk of examples and rows, and projected immediately with
+  ``SparseProjection.project(block, offset)`` into the ``[batch, r, d]`` accumulator (the projection is linear
+  and separable over the flat index, so each contribution is added as soon as it exists);
+- with a ``KroneckerProjection``, weight matrices are never rebuilt: ``Σ_t (P_R δ_t)(P_C a_t)ᵀ`` goes into a
+  ``[batch, r, sketch_dim]`` accumulator, which is projected once per batch by the second (sparse) stage;
+- parameters owned by other modules (HookedTransformer's einsum weights, a weight used outside its module)
+  fall back to one ``autograd.grad`` per example and row: exact, slower. The first batch's self-check
+  compares every hooked parameter with autograd and moves any it gets wrong to the fallback.
 
 Peak memory: the model, the batch's activations (as for any backward), r x the hooked outputs'
 gradients for one row group, and one chunk of per-example gradients of at most ``chunk_elems`` floats.
@@ -86,6 +90,10 @@ class PEFComputer:
         self.n_params = sum(e["numel"] for e in self.layout)
         if projection is not None and projection.n_in != self.n_params:
             raise ValueError(f"projection n_in={projection.n_in} != number of selected parameters {self.n_params}")
+        if isinstance(projection, KroneckerProjection) and projection.shapes != [
+            tuple(e["shape"]) for e in self.layout
+        ]:
+            raise ValueError("the Kronecker projection was built for other parameter shapes than those selected")
         self.dim = projection.n_out if projection is not None else self.n_params
         # the accumulator: projected rows, or (Kronecker) the first-stage sketch, projected once per batch
         self.kron = isinstance(projection, KroneckerProjection)

@@ -808,6 +808,8 @@ class DemoCommand(_Config):
     )
     proj_dim: int = option(8192, "projected dimension d")
     density: int = option(8, "projection density")
+    projection: Literal["sparse", "kron"] = option("sparse", "sparse or kron (see npeff collect --help)")
+    kron_k: int = option(16, "kron: each weight matrix is sketched to k x k")
     components: int = option(16, "number of NPEFF components")
     steps: int = option(1000, "joint NPEFF steps")
     batch_size: int = option(8, "examples per forward/backward pass")

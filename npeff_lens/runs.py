@@ -794,7 +794,7 @@ def demo(cmd: DemoCommand | None = None, **options) -> dict:
     out, t0 = Path(cmd.out), time.time()
     print(
         f"[demo] model={cmd.model} examples={cmd.n} params={list(cmd.params)} proj_dim={cmd.proj_dim} "
-        f"density={cmd.density} components={cmd.components} steps={cmd.steps} -> {out}",
+        f"density={cmd.density} projection={cmd.projection} components={cmd.components} steps={cmd.steps} -> {out}",
         flush=True,
     )
     task = LabelTokens("Review: {text}\nSentiment:", [" negative", " positive"])
@@ -806,6 +806,8 @@ def demo(cmd: DemoCommand | None = None, **options) -> dict:
         out / "pefs",
         proj_dim=cmd.proj_dim,
         density=cmd.density,
+        projection=cmd.projection,
+        kron_k=cmd.kron_k,
         params=cmd.params,
         n=cmd.n,
         batch_size=cmd.batch_size,
