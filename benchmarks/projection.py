@@ -7,12 +7,15 @@ Baselines (same rows, same device):
 Also prints the norm-preservation error |‖xA‖²/‖x‖² - 1| per density (quality side of the density trade-off).
 
     python benchmarks/projection.py --quick        # ~1 minute on 2 CPU cores
+    python benchmarks/projection.py --collection   # how collection calls it: n_in = 106M, one weight per call
     python benchmarks/projection.py                # full grid, n_in up to 128M
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 
 import torch
@@ -20,25 +23,64 @@ import torch
 from npeff_lens.projection import SparseProjection
 
 
-def _time(fn, repeat=1):
-    fn()  # warm-up (numba / triton compile, allocator)
-    best = float("inf")
+def _times(fn, repeat=1):
+    """Seconds of each of `repeat` calls after one warm-up (numba / triton compile, allocator)."""
+    fn()
+    out = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
+        out.append(time.perf_counter() - t)
+    return out
 
 
-def _matmul_seconds(rows, K, n_out, device, chunk_elems=1 << 26):
-    """Time of [rows, K] @ [K, n_out], chunked along K; extrapolated from a timed prefix for huge K."""
+def _time(fn, repeat=1):
+    return min(_times(fn, repeat))
+
+
+def _matmul_seconds(rows, K, n_out, device, chunk_elems=1 << 26, repeat=2):
+    """Times of [rows, K] @ [K, n_out], chunked along K; extrapolated from a timed prefix for huge K."""
     kc = max(1, min(K, chunk_elems // n_out))
     a = torch.randn(kc, n_out, device=device)
     x = torch.randn(rows, kc, device=device)
-    t = _time(lambda: x @ a, repeat=2)
-    return t * K / kc
+    return [t * K / kc for t in _times(lambda: x @ a, repeat)]
+
+
+def _collection_grid(args, device):
+    """How collection calls project: one parameter block [rows, L] of a 106M-parameter model per call (L = a
+    576 x 1536 MLP weight, a 576 x 192 k/v weight). % of matmul = matmul time / project time for the same
+    multiply-adds ([rows, L / s] @ [L / s, n_out]), min and median of `--repeat` interleaved calls."""
+    n_in, n_out = 106_000_000, args.n_out
+    print(f"device: {device}; n_in = {n_in:,}; n_out = {n_out}; {args.repeat} calls each (min / median)\n")
+    print(
+        "| block L | density | rows | project ms (min / med) | adjoint ms (min / med) | matmul ms (min / med) | "
+        "project % of matmul (min / med) | adjoint % of matmul (min / med) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for L in args.blocks:
+        for density in args.densities or [8, 32]:
+            P = SparseProjection(n_in, n_out, seed=0, density=density)
+            K = max(1, L // P.region_size)
+            for rows in args.rows or [1, 8, 16, 32]:
+                x = torch.randn(rows, L, device=device)
+                y = torch.randn(rows, n_out, device=device)
+                xm, am = torch.randn(rows, K, device=device), torch.randn(K, n_out, device=device)
+                tp, ta, tm = [], [], []
+                P.project(x, offset=n_in - L), xm @ am  # warm-up
+                for _ in range(args.repeat):  # interleaved, so load changes hit both alike
+                    tp += _times(lambda: P.project(x, offset=n_in - L), 1)
+                    tm += _times(lambda: xm @ am, 1)
+                    if rows in (1, 8):
+                        ta += _times(lambda: P.adjoint(y, offset=n_in - L, length=L), 1)
+                med = statistics.median
+                ms = lambda t: f"{min(t) * 1e3:.2f} / {med(t) * 1e3:.2f}" if t else "—"  # noqa: E731
+                pct = lambda t: f"{100 * min(tm) / min(t):.0f}% / {100 * med(tm) / med(t):.0f}%" if t else "—"  # noqa: E731
+                print(
+                    f"| {L:,} | {density} | {rows} | {ms(tp)} | {ms(ta)} | {ms(tm)} | {pct(tp)} | {pct(ta)} |",
+                    flush=True,
+                )
 
 
 def main():
@@ -55,8 +97,16 @@ def main():
         help="inputs per timed block; throughput is extrapolated to n_in (blocks are independent)",
     )
     p.add_argument("--dense-limit-gb", type=float, default=1.0)
+    p.add_argument("--collection", action="store_true", help="collection-shaped calls: n_in = 106M, real blocks")
+    p.add_argument("--blocks", type=int, nargs="*", default=[884_736, 110_592], help="--collection block sizes")
+    p.add_argument("--repeat", type=int, default=5, help="--collection calls per figure")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.collection:
+        print(f"load average at start: {os.getloadavg()}")
+        _collection_grid(args, device)
+        print(f"load average at end: {os.getloadavg()}")
+        return
     n_ins = args.n_in or ([1_000_000, 4_000_000] if args.quick else [1_000_000, 16_000_000, 128_000_000])
     densities = args.densities or ([1, 8, 32] if args.quick else [1, 4, 8, 16, 32])
     rows_list = args.rows or ([1, 8, 32] if args.quick else [1, 4, 8, 32])
@@ -81,7 +131,7 @@ def main():
                 ta = _time(lambda: P.adjoint(y, offset=n_in - L, length=L)) * n_in / L
                 tr = _time(lambda: x.sum(), repeat=3) * n_in / L
                 K = max(1, n_in * density // n_out)
-                tm = _matmul_seconds(rows, K, n_out, device)
+                tm = min(_matmul_seconds(rows, K, n_out, device))
                 dense = "—"
                 if n_in * n_out * 4 <= args.dense_limit_gb * 2**30:
                     A = torch.randn(n_in, n_out, device=device)

@@ -45,6 +45,10 @@ _COL_SALT, _REG_SALT = 0x243F6A88, 0x13198A2E
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Inputs per CPU chunk: bounds the fp32 transposed copy (rows x chunk) and the torch path's index tensors.
 _CPU_CHUNK_ELEMS = 1 << 22
+# numba project: bytes of the transposed input chunk each thread re-reads (L2-sized) and of one output tile
+# "tile rows" (L1-sized); tests shrink them to hit the chunk and tile edges.
+_CPU_CHUNK_BYTES = 1 << 16
+_CPU_TILE_BYTES = 1 << 14
 
 
 def _mix_int(x: int) -> int:
@@ -95,42 +99,71 @@ if _HAVE_NUMBA:
             col_key[j] = _mix_nb(col_base ^ j)
         return col_key
 
-    @njit(parallel=True, cache=True, boundscheck=False)
-    def _project_nb(xt, offset, n_in, n_out, s, col_base, reg_base, out_t, n_blocks):
-        """out_t[j, r] += sum over (j, k) entries falling in xt's rows; xt [L, rows] fp32 (transposed block)."""
-        L, rows = xt.shape
-        k0 = offset // s
-        nk = (offset + L - 1) // s + 1 - k0
-        reg_key = np.empty(nk, np.int64)
-        reg_len = np.empty(nk, np.int64)
-        for t in range(nk):
-            reg_key[t] = _mix_nb(reg_base ^ ((k0 + t) & 0xFFFFFFFF))
-            reg_len[t] = min(s, n_in - (k0 + t) * s)
-        col_key = _col_keys_nb(col_base, n_out)
-        bj = (n_out + n_blocks - 1) // n_blocks
-        for b in prange(n_blocks):
-            j_lo = b * bj
-            j_hi = min(n_out, j_lo + bj)
-            for t in range(nk):
-                base = (k0 + t) * s - offset
-                rk = reg_key[t]
-                lk = reg_len[t]
-                for j in range(j_lo, j_hi):
-                    h = _mix_nb(col_key[j] ^ rk)
-                    i = base + ((h * lk) >> 32)
-                    if i >= 0 and i < L:
-                        sg = np.float32(1 - 2 * (h & 1))
-                        for r in range(rows):
-                            out_t[j, r] += sg * xt[i, r]
+    @njit(inline="always", cache=True)
+    def _hash_regions_nb(col_key, j0, nq, rk, base, lk, n, idx, sg):
+        """idx[q], sg[q] = position in [0, n) and sign of column j0 + q's nonzero in the region with key rk whose
+        first row is at ``base`` (buffer coordinates); sign 0 (and idx 0) where it falls outside [0, n).
+        Branch-free, so it vectorises over q: each (region, column) hash is computed once per call."""
+        for q in range(nq):
+            h = _mix_nb(col_key[j0 + q] ^ rk)
+            i = base + ((h * lk) >> 32)
+            ok = (i >= 0) & (i < n)
+            idx[q] = i if ok else 0
+            sg[q] = np.float32(1 - 2 * (h & 1)) if ok else np.float32(0.0)
 
     @njit(parallel=True, cache=True, boundscheck=False)
-    def _project_nb_row(x, offset, n_in, n_out, s, col_base, reg_base, out, bj):
+    def _project_nb(x, offset, n_in, s, col_key, reg_base, out_t, chunk_regions, nj, n_tasks):
+        """out_t[j, r] += (x A[offset:offset+L])[r, j] (unscaled A); x "rows L" fp32 (row-major block), out_t
+        "n_out rp" fp32 (rows padded to a multiple of 8; the padding stays 0).
+
+        One task per thread, each owning a column range (one fork-join per call: barriers stall on a loaded
+        machine). A task walks the block in chunks of whole regions: it transposes x's slice into its own
+        L2-sized buffer "pos rp" (cheap: s*rp copies per region against n_out/n_tasks*rp multiply-adds), then
+        walks its columns in tiles of nj whose output rows stay in L1: per (region, tile) the hashes go to
+        idx/sg scratch (each hash computed once per call), then a gather of buffer rows + add over rp floats."""
+        rows, L = x.shape
+        n_out, rp = out_t.shape
+        k_first = offset // s
+        k_last = (offset + L - 1) // s
+        bj = (n_out + n_tasks - 1) // n_tasks
+        of = out_t.ravel()
+        for task in prange(n_tasks):
+            buf = np.zeros((min(L, chunk_regions * s), rp), np.float32)
+            bf = buf.ravel()
+            idx = np.empty(nj, np.int64)
+            sg = np.empty(nj, np.float32)
+            j_end = min(n_out, task * bj + bj)
+            for c in range(k_first, k_last + 1, chunk_regions):
+                ce = min(k_last + 1, c + chunk_regions)
+                lo = max(0, c * s - offset)  # buf holds block positions [lo, hi)
+                hi = min(L, ce * s - offset)
+                n = hi - lo
+                for p0 in range(0, n, 64):
+                    p1 = min(n, p0 + 64)
+                    for r in range(rows):
+                        for p in range(p0, p1):
+                            buf[p, r] = x[r, lo + p]
+                for j0 in range(task * bj, j_end, nj):
+                    nq = min(nj, j_end - j0)
+                    for k in range(c, ce):
+                        rk = _mix_nb(reg_base ^ (k & 0xFFFFFFFF))
+                        _hash_regions_nb(col_key, j0, nq, rk, k * s - offset - lo, min(s, n_in - k * s), n, idx, sg)
+                        for q in range(nq):
+                            # unsigned offsets: no negative-index wraparound, so the row loop vectorises
+                            ob = numba.uint64((j0 + q) * rp)
+                            xb = numba.uint64(idx[q] * rp)
+                            w = sg[q]
+                            for r in range(numba.uint64(rp)):
+                                of[ob + r] += w * bf[xb + r]
+
+    @njit(parallel=True, cache=True, boundscheck=False)
+    def _project_nb_row(x, offset, n_in, s, col_key, reg_base, out, bj):
         """One row: hashes of a tile of regions go to a scratch buffer, then a branch-free gather loop over
         columns (vectorises with AVX2/AVX-512 gathers); out [n_out] fp32."""
         L = x.shape[0]
+        n_out = out.shape[0]
         k0 = offset // s
         nk = (offset + L - 1) // s + 1 - k0
-        col_key = _col_keys_nb(col_base, n_out)
         n_blocks = (n_out + bj - 1) // bj
         tt_max = max(1, 2048 // s)
         for b in prange(n_blocks):
@@ -143,41 +176,39 @@ if _HAVE_NUMBA:
                 for u in range(tt):
                     k = k0 + t0 + u
                     rk = _mix_nb(reg_base ^ (k & 0xFFFFFFFF))
-                    lk = min(s, n_in - k * s)
-                    base = k * s - offset
-                    for q in range(nj):
-                        h = _mix_nb(col_key[j_lo + q] ^ rk)
-                        i = base + ((h * lk) >> 32)
-                        ok = (i >= 0) & (i < L)
-                        idx[u, q] = i if ok else 0
-                        sg[u, q] = np.float32(1 - 2 * (h & 1)) if ok else np.float32(0)
+                    _hash_regions_nb(col_key, j_lo, nj, rk, k * s - offset, min(s, n_in - k * s), L, idx[u], sg[u])
                 for u in range(tt):
                     for q in range(nj):
                         out[j_lo + q] += sg[u, q] * x[idx[u, q]]
 
     @njit(parallel=True, cache=True, boundscheck=False)
-    def _adjoint_nb(yt, offset, n_in, s, col_base, reg_base, out_t):
-        """out_t[i, r] += A[offset + i, j] y[r, j] (unscaled A); yt [n_out, rows] fp32, out_t [length, rows]."""
+    def _adjoint_nb(yt, offset, n_in, s, col_key, reg_base, out_t):
+        """out_t[i, r] += A[offset + i, j] y[r, j] (unscaled A); yt [n_out, rows] fp32, out_t [length, rows].
+
+        Tasks own disjoint runs of regions (so disjoint output rows); per region the hashes of all columns go
+        to idx/sg scratch (vectorised), then a scatter into that region's few output rows (in L1)."""
         length, rows = out_t.shape
         n_out = yt.shape[0]
         k0 = offset // s
         nk = (offset + length - 1) // s + 1 - k0
-        col_key = _col_keys_nb(col_base, n_out)
-        per = max(1, 4096 // s)  # regions per task; tasks own disjoint output rows
+        per = max(1, 4096 // s)  # regions per task
         n_tasks = (nk + per - 1) // per
         for task in prange(n_tasks):
+            idx = np.empty(n_out, np.int64)
+            sg = np.empty(n_out, np.float32)
             for t in range(task * per, min(nk, task * per + per)):
                 k = k0 + t
                 rk = _mix_nb(reg_base ^ (k & 0xFFFFFFFF))
-                lk = min(s, n_in - k * s)
-                base = k * s - offset
-                for j in range(n_out):
-                    h = _mix_nb(col_key[j] ^ rk)
-                    i = base + ((h * lk) >> 32)
-                    if i >= 0 and i < length:
-                        sg = np.float32(1 - 2 * (h & 1))
+                _hash_regions_nb(col_key, 0, n_out, rk, k * s - offset, min(s, n_in - k * s), length, idx, sg)
+                if rows == 1:
+                    for j in range(n_out):
+                        out_t[idx[j], 0] += sg[j] * yt[j, 0]
+                else:
+                    for j in range(n_out):
+                        i = idx[j]
+                        w = sg[j]
                         for r in range(rows):
-                            out_t[i, r] += sg * yt[j, r]
+                            out_t[i, r] += w * yt[j, r]
 
 
 def project_entries(
@@ -304,7 +335,6 @@ class SparseProjection:
         if x.numel() == 0:
             return torch.zeros(*lead, self.n_out, dtype=torch.float32, device=x.device)
         x2 = x.reshape(-1, L)
-        rows = x2.shape[0]
         if backend == "triton":
             from npeff_lens.triton_kernels import projection as tk
 
@@ -314,42 +344,45 @@ class SparseProjection:
                 x2, offset, self.n_in, self.n_out, self.region_size, self._col_base, self._reg_base
             )
         elif backend == "numba":
-            out_t = np.zeros((self.n_out, rows), dtype=np.float32)
-            step = max(self.region_size, _CPU_CHUNK_ELEMS // rows)
-            n_blocks = min(self.n_out, 4 * numba.get_num_threads())
-            for a in range(0, L, step):
-                b = min(L, a + step)
-                if rows == 1:
-                    xa = x2[0, a:b].to(torch.float32).contiguous().numpy()
-                    _project_nb_row(
-                        xa,
-                        offset + a,
-                        self.n_in,
-                        self.n_out,
-                        self.region_size,
-                        self._col_base,
-                        self._reg_base,
-                        out_t[:, 0],
-                        -(-self.n_out // n_blocks),
-                    )
-                    continue
-                xt = x2[:, a:b].t().to(torch.float32, memory_format=torch.contiguous_format).numpy()
-                _project_nb(
-                    xt,
-                    offset + a,
-                    self.n_in,
-                    self.n_out,
-                    self.region_size,
-                    self._col_base,
-                    self._reg_base,
-                    out_t,
-                    n_blocks,
-                )
-            out = torch.from_numpy(out_t).t().contiguous()
+            out = self._project_numba(x2, offset)
         else:
             out = self._project_torch(x2, offset)
         out.mul_(self.scale)
         return out.reshape(*lead, self.n_out)
+
+    def _numba_col_keys(self) -> np.ndarray:
+        """col_key[j] for all columns (int64), computed once per projection object."""
+        if getattr(self, "_col_key_np", None) is None:
+            self._col_key_np = _col_keys_nb(self._col_base, self.n_out)
+        return self._col_key_np
+
+    def _project_numba(self, x2: torch.Tensor, offset: int) -> torch.Tensor:
+        rows, L = x2.shape
+        s, n_out = self.region_size, self.n_out
+        col_key = self._numba_col_keys()
+        n_threads = numba.get_num_threads()
+        # fp32 blocks go to the kernel as they are (it transposes L2-sized chunks itself); other dtypes are cast
+        # in bounded chunks of whole regions
+        step = L if x2.dtype == torch.float32 else max(s, (_CPU_CHUNK_ELEMS // rows) // s * s)
+        if rows == 1:
+            out = np.zeros(n_out, dtype=np.float32)
+            bj = -(-n_out // min(n_out, 4 * n_threads))
+            for a in range(0, L, step):
+                xa = x2[0, a : a + step].to(torch.float32).contiguous().numpy()
+                _project_nb_row(xa, offset + a, self.n_in, s, col_key, self._reg_base, out, bj)
+            return torch.from_numpy(out)[None]
+        rp = -(-rows // 8) * 8
+        out_t = np.zeros((n_out, rp), dtype=np.float32)
+        chunk_regions = max(1, _CPU_CHUNK_BYTES // (4 * rp * s))
+        nj = max(8, _CPU_TILE_BYTES // (4 * rp))
+        n_tasks = max(1, min(n_threads, n_out // nj))
+        for a in range(0, L, step):
+            xa = x2[:, a : a + step]
+            if xa.dtype != torch.float32 or xa.stride(-1) != 1:
+                xa = xa.to(torch.float32).contiguous()
+            xa = xa.numpy()
+            _project_nb(xa, offset + a, self.n_in, s, col_key, self._reg_base, out_t, chunk_regions, nj, n_tasks)
+        return torch.from_numpy(out_t[:, :rows]).t().contiguous()
 
     def _project_torch(self, x2: torch.Tensor, offset: int) -> torch.Tensor:
         rows, L = x2.shape
@@ -397,12 +430,13 @@ class SparseProjection:
         elif backend == "numba":
             out = torch.empty(rows, length, dtype=torch.float32)
             yt = y2.t().contiguous().numpy()
+            col_key = self._numba_col_keys()
             s = self.region_size
             step = max(s, _CPU_CHUNK_ELEMS // rows)
             for a in range(0, length, step):
                 b = min(length, a + step)
                 out_t = np.zeros((b - a, rows), dtype=np.float32)
-                _adjoint_nb(yt, offset + a, self.n_in, s, self._col_base, self._reg_base, out_t)
+                _adjoint_nb(yt, offset + a, self.n_in, s, col_key, self._reg_base, out_t)
                 out[:, a:b] = torch.from_numpy(out_t).t()
         else:
             out = self._adjoint_torch(y2, offset, length)

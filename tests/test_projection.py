@@ -150,6 +150,41 @@ def test_block_additivity_and_chunking(backend, monkeypatch):
     torch.testing.assert_close(a_small, P.adjoint(y, 10, 40_000, backend=backend), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif("numba" not in BACKENDS, reason="needs numba")
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17, 32])
+@pytest.mark.parametrize("tiny", [False, True])
+def test_numba_tiles_chunks_and_partial_regions_match_dense(rows, tiny, monkeypatch):
+    """The numba kernels' column tiles, region chunks and row padding (rows % 8 != 0) against x @ to_dense, for
+    blocks that start/end inside a region, lie inside one region, or end in the partial last region."""
+    import npeff_lens.projection as proj
+
+    if tiny:  # one region per chunk, 8-column tiles: every chunk and tile edge is crossed
+        monkeypatch.setattr(proj, "_CPU_CHUNK_BYTES", 1)
+        monkeypatch.setattr(proj, "_CPU_TILE_BYTES", 1)
+    P = SparseProjection(1003, 100, seed=11, density=4)  # s = 25, partial last region of 3; 100 = 12 tiles + 4
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1003, generator=g)
+    y = torch.randn(rows, 100, generator=g)
+    for lo, hi in [(0, 1003), (7, 8), (3, 20), (24, 26), (30, 991), (975, 1003), (1001, 1003)]:
+        A = P.to_dense(lo, hi - lo).double()
+        got = P.project(x[:, lo:hi], lo, backend="numba")  # a strided view for rows > 1
+        torch.testing.assert_close(got.double(), x[:, lo:hi].double() @ A, rtol=1e-5, atol=1e-5)
+        got = P.adjoint(y, lo, hi - lo, backend="numba")
+        torch.testing.assert_close(got.double(), y.double() @ A.T, rtol=1e-5, atol=1e-5)
+    # half inputs are cast in chunks of whole regions; the result does not depend on the chunking
+    monkeypatch.setattr(proj, "_CPU_CHUNK_ELEMS", 40)
+    xh = x.half()
+    torch.testing.assert_close(
+        P.project(xh[:, 5:1000], 5, backend="numba").double(),
+        xh[:, 5:1000].double() @ P.to_dense(5, 995).double(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # an input whose last dimension is not contiguous
+    xt = x.t().contiguous().t()
+    torch.testing.assert_close(P.project(xt, backend="numba"), P.project(x, backend="torch"), rtol=1e-5, atol=1e-5)
+
+
 def test_interpreter_blocks_add_up():
     if "triton" not in BACKENDS:
         pytest.skip("no triton")
