@@ -15,7 +15,7 @@ exactly over tokens:
 ``δ_t · m_b`` for a bias and ``δ_t · M[id_t]`` for an embedding
 (:meth:`npeff_lens.collect.PEFComputer.token_contributions`: one forward and one backward per row, no
 per-token projection). Token t's share of the loading is ``Σ_rows c_row c_row,t``; the parameters the hooks
-do not cover (norm weights, einsum weights of a ``HookedTransformer``, a weight tied across modules) and
+do not cover (einsum weights of a ``HookedTransformer``, a weight tied across modules) and
 hooked modules whose output has no token axis enter two labelled remainder terms, each exact:
 ``Σ_rows c_row · (g_row,rest · A h_j)``. Shares plus remainder sum to the loading. With SVD rank reduction
 (App. C, ``G' = U_kᵀ G``) the rows are rotated by the same ``U_k`` first.

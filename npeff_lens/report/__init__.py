@@ -118,7 +118,7 @@ def _attributions(view, stats, n_attributed: int, adapter, enabled: bool, show_p
     if remainder / total > 0.5:
         note = (
             f"{remainder / total:.0%} of the loadings come from parameters the module hooks do not split over "
-            "tokens (e.g. a HookedTransformer's einsum weights, norm weights): see each example's remainder."
+            "tokens (e.g. a HookedTransformer's einsum weights): see each example's remainder."
         )
     return out, note, attributor
 
