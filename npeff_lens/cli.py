@@ -29,9 +29,12 @@ def _cmd_datasets(args):
 
 
 def _collect(cmd: C.CollectCommand):
+    from .distributed import rank
     from .runs import collect
 
-    print(repr(collect(cmd)))
+    store = collect(cmd)
+    if rank() == 0:  # under torchrun: once
+        print(repr(store))
 
 
 def _decompose(cmd: C.DecomposeCommand):
@@ -164,10 +167,19 @@ def _user_errors() -> tuple:
     """Errors a user can cause (bad arguments or data, a locked, damaged or differently configured directory):
     one line at the command line; anything else keeps its traceback."""
     from .assets import MissingAssetError
+    from .distributed import RankFailedError
     from .models import ModelNotFoundError
     from .store import StoreLockedError
 
-    return (MissingAssetError, ModelNotFoundError, StoreLockedError, ValueError, FileNotFoundError, ImportError)
+    return (MissingAssetError, ModelNotFoundError, StoreLockedError, RankFailedError, ValueError, FileNotFoundError,
+            ImportError)  # fmt: skip
+
+
+def _rank_tag() -> str:
+    """`` [rank r/N]`` under torchrun, where several processes share one terminal."""
+    from .distributed import rank, world_size
+
+    return f" [rank {rank()}/{world_size()}]" if world_size() > 1 else ""
 
 
 def main(argv=None) -> int:
@@ -183,11 +195,13 @@ def main(argv=None) -> int:
     except _user_errors() as e:
         if debug:
             raise
+        if getattr(e, "quiet", False):  # a multi-process run: another rank reports it
+            return 2
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"npeff {args.command}: error: {message}", file=sys.stderr)
+        print(f"npeff {args.command}{_rank_tag()}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"npeff {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"npeff {args.command}{_rank_tag()}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
 

@@ -36,6 +36,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from . import distributed
 from .config import CollectConfig
 from .io import progress
 from .models import ModelAdapter, adapt, parameter_layout
@@ -556,6 +557,11 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
     ``out`` is a ``StoreMismatchError`` naming the differing fields. Per example, the store also records the
     prediction, the probabilities (top-k for ``NextToken``), the PEF's Frobenius norm and a flag
     (``zero_pef``, ``nonfinite_logits``, ``nonfinite_grad``) for examples whose PEF is stored as zeros.
+
+    Inside a ``torch.distributed`` process group of several ranks (or with ``WORLD_SIZE`` > 1 set, as under
+    ``torchrun``: the group is then initialised here), every rank calls this with the same arguments; the ranks
+    share the examples and rank 0 writes the one store (:mod:`npeff_lens.distributed`). Rank 0 gets the
+    store, the other ranks a read-only view of it (None if they cannot see its directory).
     """
     from .store import PEFStore
 
@@ -586,11 +592,16 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
         "pef_rows": task.n_rows,
     }
     rows = cfg.rank if cfg.rank is not None else task.n_rows
-    store = PEFStore.create(out, manifest, rows=rows, dim=computer.dim, dtype=cfg.dtype, shard_size=cfg.shard_size)
-    try:
-        flagged = _collect_into(store, computer, dataset, task, cfg, n)
-    finally:
-        store.close()  # releases the writer lock; the store stays readable
+    _pin_cpu_threads()
+    if distributed.active():  # torchrun: the ranks share the examples, rank 0 writes (npeff_lens.distributed)
+        store, flagged = distributed.collect(out, manifest, computer, dataset, task, cfg, n, rows=rows,
+                                             dim=computer.dim, device=str(adapter.device))  # fmt: skip
+    else:
+        store = PEFStore.create(out, manifest, rows=rows, dim=computer.dim, dtype=cfg.dtype, shard_size=cfg.shard_size)
+        try:
+            flagged = _collect_into(store, computer, dataset, task, cfg, n)
+        finally:
+            store.close()  # releases the writer lock; the store stays readable
     if flagged:
         print(
             f"[npeff_lens] {flagged} example(s) flagged (zero or non-finite PEF, stored as zeros); "
@@ -600,40 +611,75 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
     return store
 
 
+def _pin_cpu_threads() -> None:
+    """Keeps torch's CPU thread count (``OMP_NUM_THREADS``; 1 per rank under torchrun) for the whole collection,
+    and gives numba the same. The first parallel numba call (the CPU projection) starts numba's OpenMP layer,
+    which sets the process's OpenMP threads to numba's count (all cores): torch ops after it would run with more
+    threads than those before it, so the first batch of a process would differ in low bits from the same batch
+    computed later (a resumed or multi-process run would then differ from one process), and N ranks would each
+    use every core. Started here once, then torch's count is restored (it holds from then on)."""
+    threads = torch.get_num_threads()
+    SparseProjection(64, 2, density=1).project(torch.zeros(2, 64))  # starts numba's threading layer, if any
+    torch.set_num_threads(threads)
+    from .projection import _HAVE_NUMBA
+
+    if _HAVE_NUMBA:  # its sums never split across threads (one thread per output column): same bits
+        import numba
+
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+
+
+def _plan(store, n: int, batch_size: int) -> list[tuple[int, int, bool]]:
+    """The batches still to collect, ``(lo, hi, fill)``: the store's missing ranges (shards ``repair``
+    removed; ``fill``) first, then ``[len(store), n)``, cut at the batch boundaries of an uninterrupted run
+    (a batch is padded to its longest prompt, so other boundaries would change the bytes)."""
+    plan = [(lo, min(b, lo + batch_size), True) for a, b in store.missing for lo in range(a, b, batch_size)]
+    return plan + [(lo, min(n, lo + batch_size), False) for lo in range(len(store), n, batch_size)]
+
+
+def _compute_batch(computer: PEFComputer, dataset, task: Task, cfg: CollectConfig, lo: int, hi: int):
+    """``(pefs [b, rows, dim] on the CPU, metadata)`` of examples ``[lo, hi)``."""
+    rows = dataset[lo:hi]
+    pefs, log_probs = computer.compute(task.prompts(rows["text"]), max_length=cfg.max_length)
+    pefs, meta = _finish_batch(pefs, log_probs, rows, lo, task, cfg.rank, cfg.top_k_probs)
+    return pefs.cpu(), meta
+
+
+class _Writer:
+    """Writes computed batches into the store in plan order, as an uninterrupted run does: a filled
+    range is committed at once; appends are flushed every ``flush_every`` examples (and on ``close``)."""
+
+    def __init__(self, store, flush_every: int):
+        self.store, self.flush_every, self.since_flush, self.flagged = store, flush_every, 0, 0
+
+    def write(self, lo: int, fill: bool, pefs, meta) -> None:
+        self.flagged += sum(m["flag"] is not None for m in meta)
+        if fill:
+            self.store.fill(lo, pefs, meta)
+            return
+        self.store.append(pefs, meta)
+        self.since_flush += len(meta)
+        if self.since_flush >= self.flush_every:
+            self.store.flush()
+            self.since_flush = 0
+
+
 def _collect_into(store, computer: PEFComputer, dataset, task: Task, cfg: CollectConfig, n: int) -> int:
     """Recollects the store's missing ranges (shards ``repair`` removed), then appends examples
     ``[len(store), n)``, flushing every ``cfg.flush_every``; returns the number flagged."""
-    start, flagged, since_flush = len(store), 0, 0
-    todo = sum(b - a for a, b in store.missing) + max(0, n - start)
-    if todo == 0:
+    plan = _plan(store, n, cfg.batch_size)
+    if not plan:
         return 0
-    bar = progress(total=todo, desc="collect", unit="ex", enabled=cfg.progress)
-
-    def batch(lo, hi):
-        rows = dataset[lo:hi]
-        pefs, log_probs = computer.compute(task.prompts(rows["text"]), max_length=cfg.max_length)
-        pefs, meta = _finish_batch(pefs, log_probs, rows, lo, task, cfg.rank, cfg.top_k_probs)
-        bar.update(hi - lo)
-        return pefs.cpu(), meta, sum(m["flag"] is not None for m in meta)
-
+    bar = progress(total=sum(hi - lo for lo, hi, _ in plan), desc="collect", unit="ex", enabled=cfg.progress)
+    writer = _Writer(store, cfg.flush_every)
     try:
-        for a, b in list(store.missing):
-            for lo in range(a, b, cfg.batch_size):  # the batches of an uninterrupted run: same bytes
-                pefs, meta, bad = batch(lo, min(b, lo + cfg.batch_size))
-                store.fill(lo, pefs, meta)
-                flagged += bad
-        for lo in range(start, n, cfg.batch_size):
-            pefs, meta, bad = batch(lo, min(n, lo + cfg.batch_size))
-            store.append(pefs, meta)
-            flagged += bad
-            since_flush += len(meta)
-            if since_flush >= cfg.flush_every:
-                store.flush()
-                since_flush = 0
+        for lo, hi, fill in plan:
+            writer.write(lo, fill, *_compute_batch(computer, dataset, task, cfg, lo, hi))
+            bar.update(hi - lo)
     finally:
         store.flush()
         bar.close()
-    return flagged
+    return writer.flagged
 
 
 def _finish_batch(pefs, log_probs, rows, lo, task, rank, top_k_probs):

@@ -367,6 +367,11 @@ class CollectConfig(_Config):
     shard_size: int = option(256, "examples per store shard", resume=False)
     flush_every: int = option(64, "make the store durable every this many examples", resume=False)
     progress: bool = option(True, "show a progress bar (rate and ETA)", resume=False)
+    dist_timeout: float = option(
+        1800.0,
+        "multi-process collection (torchrun): seconds a rank waits for the others before it stops with an error",
+        resume=False,
+    )
 
     def validate(self):
         if self.proj_dim == 0:
@@ -382,6 +387,7 @@ class CollectConfig(_Config):
         self._require("max_length", self.max_length is None or self.max_length >= 1, "must be >= 1")
         for name in ("top_k_probs", "batch_size", "shard_size", "flush_every"):
             self._require(name, getattr(self, name) >= 1, "must be >= 1")
+        self._require("dist_timeout", self.dist_timeout > 0, "must be > 0")
 
 
 def _npeff_default(name: str):

@@ -145,8 +145,10 @@ def _source(run_dir: Path, given, what: str, flag: str) -> Path:
 
 
 def collect(cmd: CollectCommand):
-    """``npeff collect``: the model, dataset and task by name -> a PEF store at ``cmd.out``."""
+    """``npeff collect``: the model, dataset and task by name -> a PEF store at ``cmd.out`` (under torchrun: one
+    store from all ranks, see ``npeff_lens.distributed``)."""
     from .collect import collect_pefs
+    from .distributed import local_device
     from .models import load_model
     from .tasks import task_from_config
 
@@ -158,7 +160,7 @@ def collect(cmd: CollectCommand):
     elif cmd.task == "next-token":
         spec.update(expectation_projections=cmd.expectation_projections, seed=cmd.task_seed)
     task = task_from_config(spec)
-    adapter = load_model(cmd.model, backend=cmd.backend, device=cmd.device)
+    adapter = load_model(cmd.model, backend=cmd.backend, device=local_device(cmd.device))  # torchrun: cuda:LOCAL_RANK
     return collect_pefs(adapter, cmd.dataset, task, cmd.out, config=cmd.narrow(CollectConfig))
 
 

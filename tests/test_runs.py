@@ -62,6 +62,9 @@ SAMPLES = {  # non-default values for every field of every command
         shard_size=5,
         flush_every=9,
         progress=False,
+        projection="sparse",
+        kron_k=8,
+        dist_timeout=60.0,
     ),
     C.DecomposeCommand: dict(
         store="s",
@@ -168,6 +171,8 @@ SAMPLES = {  # non-default values for every field of every command
         show=1,
         out="o",
         progress=False,
+        projection="kron",
+        kron_k=8,
     ),  # fmt: skip
     C.ZeroShotCommand: dict(model="m", n=9),
 }
