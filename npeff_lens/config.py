@@ -458,14 +458,14 @@ class PerturbConfig(_Config):
     top_k: int = option(16, "top examples per component, by coefficient")
     n_baseline: int = option(1000, "random baseline examples, disjoint from the top ones")
     seed: int = option(0, "seed of the baseline examples")
-    recovery: Literal["sparsa", "fista", "fpc", "adjoint"] = option(
+    recovery: Literal["sparsa", "fista", "fpc", "minnorm", "adjoint"] = option(
         "sparsa",
         "parameter-space direction: compressed sensing of App. F eq. 6 solved by SpaRSA or FISTA (with "
-        "continuation, to convergence), the paper's FPC (one inner iteration: a coarse vector), or the "
-        "back-projection A·h (dense)",
+        "continuation, to convergence), the paper's FPC (one inner iteration: a coarse vector), the "
+        "least-norm exact fit (conjugate gradients), or the back-projection A·h (dense)",
     )
     mu: float = option(4e-5, "μ of App. F eq. 6 (sparsa, fista, fpc)")
-    max_iter: int = option(300, "iteration cap of the sparsa / fista solvers (two operator products each)")
+    max_iter: int = option(300, "iteration cap of the sparsa / fista / minnorm solvers (two operator products each)")
     reject_threshold: float | None = option(
         0.5, "reject h from the components with |cos| below this (§3.3); none: no rejection"
     )

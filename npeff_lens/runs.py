@@ -316,7 +316,9 @@ def _perturbation_setup(decomposition_dir, cfg: PerturbConfig, store, adapter, f
                 f"the projection maps {op.n_in} -> {op.n_out}; the layout covers {n_params} parameters "
                 f"and the components have {comps.shape[1]} dims"
             )
-        if cfg.recovery != "adjoint" and "lambda_max" not in fpc_options:  # one estimate for all components
+        if (
+            cfg.recovery not in ("adjoint", "minnorm") and "lambda_max" not in fpc_options
+        ):  # one estimate for all components
             lam = estimate_lambda_max(op, n_iter=fpc_options.pop("power_iterations", 30))
             lam *= fpc_options.pop("lambda_safety", 1.1)  # an estimate is from below
     elif comps.shape[1] != n_params:
@@ -413,10 +415,10 @@ def _perturb_one(s: _Setup, cfg: PerturbConfig, j: int, top_j: list[int], refere
     if not base_j:
         raise ValueError(f"no baseline examples left: the store holds {m} examples, all among the top {cfg.top_k}")
     t0 = time.perf_counter()
+    capped = {"max_iter": cfg.max_iter} if cfg.recovery in ("sparsa", "fista", "minnorm") else {}
     flat, info = recover_direction(
         s.components, j, s.projection, method=cfg.recovery, mu=cfg.mu, reject_threshold=cfg.reject_threshold,
-        lambda_max=s.lambda_max, **({"max_iter": cfg.max_iter} if cfg.recovery in ("sparsa", "fista") else {}),
-        **fpc_options,
+        lambda_max=s.lambda_max, **{**capped, **fpc_options},
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     norm = float(flat.norm())

@@ -11,7 +11,7 @@ import torch
 from npeff_lens.config import PerturbConfig
 from npeff_lens.decomposition import NPEFF
 from npeff_lens.projection import KroneckerProjection, SparseProjection
-from npeff_lens.recovery import estimate_lambda_max, fpc, recover_direction, solve_l1
+from npeff_lens.recovery import estimate_lambda_max, fpc, min_norm, recover_direction, solve_l1
 
 
 def planted(n, k, seed):
@@ -121,7 +121,18 @@ def test_recover_direction_dispatches_to_the_solver():
     assert info["method"] == "sparsa" and info["n_project"] >= 1 and info["converged"]
     with pytest.raises(ValueError, match="method"):
         recover_direction(comps, 0, op, method="omp")
-    assert PerturbConfig().recovery in ("sparsa", "fista", "fpc", "adjoint")
+    assert PerturbConfig().recovery in ("sparsa", "fista", "fpc", "minnorm", "adjoint")
+
+
+def test_min_norm_is_the_least_norm_exact_fit(problem):
+    op, _, b, _ = problem
+    x, figures = min_norm(op, b, rtol=1e-6)
+    a = op.to_dense().double()  # [n_in, n_out]: Φ = Aᵀ
+    expected = torch.linalg.lstsq(a.T, b.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    assert figures["converged"] and figures["n_project"] < 60
+    assert rel_err(x.double(), expected) < 1e-4
+    flat, info = recover_direction(torch.stack([b, b.flip(0)]), 0, op, method="minnorm", reject_threshold=None)
+    assert rel_err(flat.double(), expected) < 1e-2 and info["relative_residual"] < 1e-3
 
 
 # --------------------------------------------------------------------------------------- transform (held out)
