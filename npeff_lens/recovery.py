@@ -472,6 +472,9 @@ def solve_l1(
 ) -> L1Result:
     """``min ‖x‖₁ + (1/2μ)‖Φx − b‖²`` (App. F eq. 6), the problem :func:`fpc` solves, in fewer operator products.
 
+    A numerical solver kept in one function on purpose: the two methods share the continuation, the stopping
+    rule and the operator bookkeeping, and each step reads against its paper.
+
     Both methods are proximal-gradient iterations on ``½‖Φx − b‖² + μ̄‖x‖₁`` (eq. 6 times ``μ``) that need
     only ``Φx`` and ``Φᵀy``, one of each per iteration, and share the continuation:
 
@@ -870,10 +873,13 @@ def recover_direction(
     """One component's flat parameter-space direction ``[n_in]`` and the solver's figures (§3.3, App. F).
 
     ``h_index`` is rejected from the dissimilar components once (:func:`reject`; ``None`` skips it), then
-    ``method="fpc"`` solves FPC against ``projection`` (the figures are :class:`FPCResult`'s), and
-    ``method="adjoint"`` takes the back-projection ``A·b`` (``projection.adjoint(b)``; for it
-    ``δᵀF_iδ`` is the projected PEF's loading that NPEFF fitted; dense and cheap). ``projection=None``:
-    unprojected PEFs, whose components already live in parameter space.
+    ``method="fpc"`` solves FPC against ``projection`` (the figures are :class:`FPCResult`'s),
+    ``"sparsa"`` / ``"fista"`` solve the same problem with :func:`solve_l1` (:class:`L1Result`'s figures),
+    ``"minnorm"`` takes the least-norm exact fit :func:`min_norm` (dense; the perturbation default: at
+    ``n/d ≈ 1,000`` it is as selective as the back-projection, the sparse solutions are less so —
+    benchmarks/README.md), and ``method="adjoint"`` takes the back-projection ``A·b``
+    (``projection.adjoint(b)``; for it ``δᵀF_iδ`` is the projected PEF's loading that NPEFF fitted; dense and
+    cheap). ``projection=None``: unprojected PEFs, whose components already live in parameter space.
     """
     if method not in RECOVERY_METHODS:
         raise ValueError(f"method must be one of {RECOVERY_METHODS}, got {method!r}")
@@ -887,7 +893,8 @@ def recover_direction(
     if method == "adjoint":
         return projection.adjoint(b.float()), info
     if method == "minnorm":
-        x, figures = min_norm(projection, b, **fpc_kwargs)
+        options = {k: v for k, v in fpc_kwargs.items() if k not in ("verbose", "callback")}
+        x, figures = min_norm(projection, b, **options)
         return x, {**info, **figures}
     if method in L1_METHODS:
         res = solve_l1(projection, b, method=method, mu=mu, lambda_max=lambda_max, **fpc_kwargs)
@@ -978,7 +985,9 @@ def recover(
         out_dir: if given, writes ``component_{j:05d}.safetensors`` there (keyed by parameter name, or
             ``"pseudo_fisher"`` for a flat vector) with the solver statistics as metadata.
         lambda_max: ``λ_max(ΦᵀΦ)`` if known; otherwise estimated once and shared by all components.
-        fpc_kwargs: passed to :func:`fpc` (``gamma``, ``beta``, ``inner_iterations``, ``max_iter``, ...).
+        fpc_kwargs: passed to :func:`recover_direction`: ``method`` (``"fpc"`` by default; ``"sparsa"``,
+            ``"fista"``, ``"minnorm"``, ``"adjoint"``) and the solver's options (:func:`fpc`'s ``gamma``,
+            ``beta``, ``inner_iterations``, ``max_iter``, ...; :func:`solve_l1`'s; :func:`min_norm`'s).
             The default ``inner_iterations=1`` is App. F's perturbation setting (a coarse, dense
             reconstruction); ``inner_iterations=None`` runs FPC to its stopping rule (sparse recovery).
 
@@ -987,7 +996,7 @@ def recover(
     comps, indices, projection, proj_cfg, layout = _recovery_inputs(decomposition, components, projection, layout, flat)
     device = torch.device(device) if device is not None else comps.device
     comps = comps.to(device)
-    if lambda_max is None:
+    if lambda_max is None and fpc_kwargs.get("method", "fpc") not in ("adjoint", "minnorm"):
         lambda_max = estimate_lambda_max(
             projection,
             n_iter=fpc_kwargs.pop("power_iterations", 30),
