@@ -19,6 +19,9 @@ Pieces:
 - :func:`solve_l1` — the same problem by SpaRSA (default) or FISTA, with continuation and warm starts:
   the paper's one-inner-iteration FPC returns a coarse, dense vector at large ``n/d``, and FPC run to its
   stopping rule needs 10–30× more operator products than SpaRSA on planted problems (issue 13).
+- :func:`min_norm` — the least-norm exact fit ``x = Φᵀ(ΦΦᵀ)⁻¹b`` by conjugate gradients: dense, and at
+  ``n/d ≈ 1,000`` as selective in perturbations as the back-projection, where the sparse solutions are less
+  so (benchmarks/README.md, "Recovery at large n/d"); the perturbation default.
 - :func:`reject` — orthogonal rejection of one component from the other components (§3.3), done on the
   projected vectors before recovery.
 - :func:`flatten` / :func:`unflatten` / :func:`save_pseudo_fisher` — between flat vectors and named

@@ -316,9 +316,8 @@ def _perturbation_setup(decomposition_dir, cfg: PerturbConfig, store, adapter, f
                 f"the projection maps {op.n_in} -> {op.n_out}; the layout covers {n_params} parameters "
                 f"and the components have {comps.shape[1]} dims"
             )
-        if (
-            cfg.recovery not in ("adjoint", "minnorm") and "lambda_max" not in fpc_options
-        ):  # one estimate for all components
+        needs_lambda = cfg.recovery not in ("adjoint", "minnorm")  # the step sizes of fpc / sparsa / fista
+        if needs_lambda and "lambda_max" not in fpc_options:  # one estimate for all components
             lam = estimate_lambda_max(op, n_iter=fpc_options.pop("power_iterations", 30))
             lam *= fpc_options.pop("lambda_safety", 1.1)  # an estimate is from below
     elif comps.shape[1] != n_params:
