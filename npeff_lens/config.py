@@ -464,10 +464,15 @@ class PerturbConfig(_Config):
     top_k: int = option(16, "top examples per component, by coefficient")
     n_baseline: int = option(1000, "random baseline examples, disjoint from the top ones")
     seed: int = option(0, "seed of the baseline examples")
-    recovery: Literal["fpc", "adjoint"] = option(
-        "fpc", "parameter-space direction: FPC compressed sensing (App. F) or the back-projection A·h"
+    recovery: Literal["minnorm", "sparsa", "fista", "fpc", "adjoint"] = option(
+        "minnorm",
+        "parameter-space direction: the least-norm x with x A = h (conjugate gradients; as selective as the "
+        "back-projection, benchmarks/README.md), compressed sensing of App. F eq. 6 solved by SpaRSA or FISTA "
+        "(continuation, to convergence: sparse), the paper's FPC (one inner iteration: coarse), or the "
+        "back-projection A·h",
     )
-    mu: float = option(4e-5, "FPC's μ (App. F)")
+    mu: float = option(4e-5, "μ of App. F eq. 6 (sparsa, fista, fpc)")
+    max_iter: int = option(300, "iteration cap of the sparsa / fista / minnorm solvers (two operator products each)")
     reject_threshold: float | None = option(
         0.5, "reject h from the components with |cos| below this (§3.3); none: no rejection"
     )
@@ -493,6 +498,7 @@ class PerturbConfig(_Config):
         self._require("top_k", self.top_k >= 1, "must be >= 1")
         self._require("n_baseline", self.n_baseline >= 1, "must be >= 1")
         self._require("mu", self.mu > 0, "must be > 0")
+        self._require("max_iter", self.max_iter >= 1, "must be >= 1")
         self._require("batch_size", self.batch_size >= 1, "must be >= 1")
 
     def component_list(self, n_components: int | None) -> list[int]:

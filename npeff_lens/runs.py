@@ -318,7 +318,8 @@ def _perturbation_setup(decomposition_dir, cfg: PerturbConfig, store, adapter, f
                 f"the projection maps {op.n_in} -> {op.n_out}; the layout covers {n_params} parameters "
                 f"and the components have {comps.shape[1]} dims"
             )
-        if cfg.recovery == "fpc" and "lambda_max" not in fpc_options:  # one estimate for all components
+        needs_lambda = cfg.recovery not in ("adjoint", "minnorm")  # the step sizes of fpc / sparsa / fista
+        if needs_lambda and "lambda_max" not in fpc_options:  # one estimate for all components
             lam = estimate_lambda_max(op, n_iter=fpc_options.pop("power_iterations", 30))
             lam *= fpc_options.pop("lambda_safety", 1.1)  # an estimate is from below
     elif comps.shape[1] != n_params:
@@ -414,10 +415,13 @@ def _perturb_one(s: _Setup, cfg: PerturbConfig, j: int, top_j: list[int], refere
     base_j = perturb.baseline_examples(m, cfg.n_baseline, top_j, seed=cfg.seed)
     if not base_j:
         raise ValueError(f"no baseline examples left: the store holds {m} examples, all among the top {cfg.top_k}")
+    t0 = time.perf_counter()
+    capped = {"max_iter": cfg.max_iter} if cfg.recovery in ("sparsa", "fista", "minnorm") else {}
     flat, info = recover_direction(
         s.components, j, s.projection, method=cfg.recovery, mu=cfg.mu, reject_threshold=cfg.reject_threshold,
-        lambda_max=s.lambda_max, **fpc_options,
+        lambda_max=s.lambda_max, **{**capped, **fpc_options},
     )  # fmt: skip
+    seconds = time.perf_counter() - t0
     norm = float(flat.norm())
     if not (math.isfinite(norm) and norm > 0):
         raise ValueError(f"component {j}: the recovered pseudo-Fisher vector has norm {norm}; cannot perturb")
@@ -429,6 +433,7 @@ def _perturb_one(s: _Setup, cfg: PerturbConfig, j: int, top_j: list[int], refere
     rec.update(
         recovery_norm=norm, recovery_relative_residual=info["relative_residual"], recovery_n_iter=info["n_iter"],
         recovery_n_rejected=info["n_rejected"], recovery_nonzero_fraction=float((flat != 0).double().mean()),
+        recovery_seconds=seconds,
     )  # fmt: skip
     return rec
 

@@ -95,6 +95,7 @@ SAMPLES = {  # non-default values for every field of every command
         seed=2,
         recovery="adjoint",
         mu=1e-3,
+        max_iter=40,
         reject_threshold=None,
         backend="hooked",
         batch_size=2,
