@@ -636,6 +636,9 @@ class CompareConfig(_Config):
     )
     target_kl: float = option(0.01, "mean KL (nats) on the random baseline examples that sizes each intervention")
     n_baseline: int = option(64, "random baseline examples per component for selectivity, disjoint from its top k")
+    selectivity_components: int | None = option(
+        None, "measure selectivity on each method's first N components only (a cheaper estimate); none: all"
+    )
     recovery: Literal["adjoint", "fpc"] = option(
         "adjoint",
         "parameter-space direction of NPEFF components and gradient-cluster centroids for selectivity: the "
@@ -674,6 +677,8 @@ class CompareConfig(_Config):
         self._require("snmf_tokens", self.snmf_tokens is None or self.snmf_tokens >= 1, "must be >= 1")
         self._require("target_kl", math.isfinite(self.target_kl) and self.target_kl > 0, "must be finite and > 0")
         self._require("n_baseline", self.n_baseline >= 1, "must be >= 1")
+        ok = self.selectivity_components is None or self.selectivity_components >= 1
+        self._require("selectivity_components", ok, "must be >= 1")
         self._require("batch_size", self.batch_size >= 1, "must be >= 1")
 
     def method_key(self, method: str) -> dict:
@@ -688,7 +693,7 @@ class CompareConfig(_Config):
 
     def selectivity_key(self, method: str) -> dict:
         """The fields that change one method's selectivity (resumed per component under this key)."""
-        key = {k: getattr(self, k) for k in ("k", "target_kl", "n_baseline", "seed")}
+        key = {k: getattr(self, k) for k in ("k", "target_kl", "n_baseline", "selectivity_components", "seed")}
         if method in PARAMETER_METHODS:
             key.update(recovery=self.recovery, reject_threshold=self.reject_threshold)
         return key

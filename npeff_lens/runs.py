@@ -664,13 +664,17 @@ class _CompareContext:
             from .perturb import _Reference
 
             self._reference = _Reference(self.adapter, self.task, self.prompts, cfg.batch_size)
-        bar = progress(range(coeffs.shape[1]), desc=f"selectivity {method}", unit="component", enabled=cfg.progress)
+        n = min(coeffs.shape[1], cfg.selectivity_components or coeffs.shape[1])
+        bar = progress(range(n), desc=f"selectivity {method}", unit="component", enabled=cfg.progress)
         for j in bar:
             if j in done:
                 continue
-            done[j] = self._component_selectivity(j, sel.top_positive(coeffs, j, cfg.k), direction)
+            # Sizing starts from the previous measured component's size (a good guess: far fewer evaluations),
+            # which is in the saved records, so a resumed run starts where the uninterrupted one did.
+            start = next((done[i]["scale"] for i in range(j - 1, -1, -1) if done[i]["status"] == "ok"), 1.0)
+            done[j] = self._component_selectivity(j, sel.top_positive(coeffs, j, cfg.k), direction, start)
             write_json(out / "selectivity.json", {"components": [done[i] for i in sorted(done)]})
-        records = [done[j] for j in range(coeffs.shape[1])]
+        records = [done[j] for j in range(n)]
         unreachable = [r for r in records if r["status"] == "unreachable"]
         if unreachable and len(unreachable) == sum(r["status"] != "excluded" for r in records):
             raise sel.UnreachableTargetError(f"{method}: {unreachable[0]['error']}")  # no component gets there
@@ -679,7 +683,7 @@ class _CompareContext:
         return {**sel.summarize(records), "selectivity_per_component": per, "target_kl": cfg.target_kl,
                 "n_baseline": cfg.n_baseline}  # fmt: skip
 
-    def _component_selectivity(self, j: int, top: list[int], direction) -> dict:
+    def _component_selectivity(self, j: int, top: list[int], direction, start: float) -> dict:
         """One component's record: ``ok`` (the measurement), ``excluded`` (fewer than k top examples) or
         ``unreachable`` (no size brings the baseline to the target KL; the message names the largest KL)."""
         from . import selectivity as sel
@@ -691,6 +695,7 @@ class _CompareContext:
             r = sel.component_selectivity(
                 self.adapter, self.task, self.prompts, direction(j), top, target_kl=cfg.target_kl,
                 n_baseline=cfg.n_baseline, seed=cfg.seed, reference=self._reference, batch_size=cfg.batch_size,
+                start=start,
             )  # fmt: skip
         except sel.UnreachableTargetError as e:
             return {"component": j, "status": "unreachable", "n_top": len(top), "error": str(e)}

@@ -160,6 +160,7 @@ SAMPLES = {  # non-default values for every field of every command
         selectivity=True,
         target_kl=0.02,
         n_baseline=9,
+        selectivity_components=2,
         recovery="fpc",
         reject_threshold=None,
         batch_size=2,

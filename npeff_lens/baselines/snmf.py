@@ -338,7 +338,7 @@ class SNMFBaseline:
 
     # --- persistence ------------------------------------------------------------------------------
     def save(self, directory) -> Path:
-        """``npeff_snmf.safetensors`` (features, coefficients, per-token coefficients in bf16, token bookkeeping) and
+        """``npeff_snmf.safetensors`` (features, coefficients, per-token coefficients, token bookkeeping) and
         ``npeff_snmf.json`` (parameters and fitted scalars; written last)."""
         from safetensors.torch import save
 
@@ -348,7 +348,7 @@ class SNMFBaseline:
         tensors = {
             "features": self.features_,
             "coefficients": self.coefficients_,
-            "token_coefficients": self.token_coefficients_.bfloat16(),
+            "token_coefficients": self.token_coefficients_,
             "example_index": self.example_index_,
             "token_ids": self.token_ids_,
             "positions": self.positions_,
