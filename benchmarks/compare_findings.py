@@ -184,7 +184,7 @@ def main():
     c.add_argument("--layer", type=int, default=15, help="SNMF at this layer's MLP; SAE at the residual entering it")
     c.add_argument("--qa-n", type=int, default=256, help="qa-wikidata training examples")
     c.add_argument("--target-kl", type=float, default=0.01)
-    c.add_argument("--n-baseline", type=int, default=64)
+    c.add_argument("--n-baseline", type=int, default=32)
     c.add_argument("--selectivity-components", type=int, default=None, help="first N components measured")
     c.add_argument("--redecompose", action="store_true", help="decompose movie reviews at 16 too (else --run's)")
     args = p.parse_args()

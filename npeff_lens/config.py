@@ -635,7 +635,7 @@ class CompareConfig(_Config):
         False, "measure each component's selectivity: KL on its top examples / target KL on random ones"
     )
     target_kl: float = option(0.01, "mean KL (nats) on the random baseline examples that sizes each intervention")
-    n_baseline: int = option(64, "random baseline examples per component for selectivity, disjoint from its top k")
+    n_baseline: int = option(32, "random baseline examples per component for selectivity, disjoint from its top k")
     selectivity_components: int | None = option(
         None, "measure selectivity on each method's first N components only (a cheaper estimate); none: all"
     )

@@ -140,10 +140,15 @@ def steered(adapter, hook: str, vector: torch.Tensor):
 
 
 def _mean_kl(adapter, task, prompts, indices, intervention, scale, reference, batch_size) -> torch.Tensor:
-    """Per-example KL ``[len(indices)]`` (fp64) under the intervention at ``scale``; NaN/inf outputs give inf."""
+    """Per-example KL ``[len(indices)]`` (fp64) under the intervention at ``scale``; NaN/inf outputs give inf.
+
+    The prompts go through the model in batches of similar length (less padding: the evaluations are most of
+    the cost), and the results come back in the order of ``indices``."""
     ref = reference.get(indices)  # unintervened log-probs, computed (and cached) outside the intervention
+    order = sorted(range(len(indices)), key=lambda i: (len(prompts[indices[i]]), i))
     with intervention.applied(scale):
-        lp = task_log_probs(adapter, task, [prompts[i] for i in indices], batch_size=batch_size)
+        lp = task_log_probs(adapter, task, [prompts[indices[i]] for i in order], batch_size=batch_size)
+    lp = lp[torch.argsort(torch.tensor(order))]
     if not bool(torch.isfinite(lp).all()):
         return torch.full((len(indices),), math.inf, dtype=torch.float64)
     return kl_divergence(lp, ref)
@@ -229,7 +234,7 @@ def component_selectivity(
     top: Sequence[int],
     *,
     target_kl: float = 0.01,
-    n_baseline: int = 64,
+    n_baseline: int = 32,
     seed: int = 0,
     reference: _Reference | None = None,
     batch_size: int = 32,

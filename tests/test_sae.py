@@ -211,7 +211,8 @@ def test_fit_save_load_round_trip(hf_adapter, tmp_path):
 
 
 @pytest.mark.parametrize("backend, resolved", [("hf", "model.layers.1.self_attn.o_proj:input"),
-                                               ("hooked", "blocks.1.attn.hook_z")])  # fmt: skip
+                                               ("hooked", "blocks.1.attn.hook_z"),
+                                               ("bridge", "blocks.1.attn.hook_z")])  # fmt: skip
 def test_attention_output_sae(backend, resolved, hf_adapter, tmp_path):
     """An SAE at layer 1's attention output (heads concatenated, before the output projection): ``attn:1``
     resolves to ``hook_z`` (hooked/bridge) or the out-projection's input (hf); it trains, saves, loads, encodes
