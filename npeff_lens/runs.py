@@ -657,7 +657,10 @@ class _CompareContext:
         rec = _begin(out, f"selectivity-{method}", key, self.identity(), self.d)
         done = {}
         if (out / "selectivity.json").exists():
-            done = {int(r["component"]): r for r in read_json(out / "selectivity.json").get("components", [])}
+            try:
+                done = {int(r["component"]): r for r in read_json(out / "selectivity.json").get("components", [])}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # a results cache: measure again
+                warnings.warn(f"{out / 'selectivity.json'} is damaged ({e}); measured again", RuntimeWarning, 2)
         coeffs = torch.as_tensor(coeffs)
         direction = self._directions(method, extra)
         if self._reference is None:

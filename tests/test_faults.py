@@ -426,6 +426,11 @@ def test_compare_killed_in_selectivity_resumes_after_the_measured_components(tmp
         m: {k: v for k, v in r.items() if k not in strip} for m, r in b.items()
     }
     assert a["npeff"]["selectivity_n_evaluated"] == 3
+    (sel / "selectivity.json").write_text('{"components": [')  # a torn results file: measured again, equal
+    with pytest.warns(RuntimeWarning, match="selectivity.json is damaged"):
+        assert main(["compare", str(run_dir / "npeff"), *args]) == 0
+    c = json.loads((run_dir / "npeff" / "compare" / "compare.json").read_text())["methods"]
+    assert c["snmf"]["selectivity_per_component"] == a["snmf"]["selectivity_per_component"]
 
 
 def test_unlearn_killed_mid_run_reruns_to_the_same_report(tmp_path, reference):
