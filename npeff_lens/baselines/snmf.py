@@ -12,13 +12,14 @@ coefficients. In code the token axis comes first: ``acts [n_tokens, d]`` ≈ ``t
 The solver is the multiplicative update of Ding, Li and Jordan (2010, "Convex and semi-nonnegative matrix
 factorizations", Theorem 1), written here in torch (:func:`semi_nmf`): the mixed-sign factor by least squares,
 the non-negative one by ``G ← G ⊙ sqrt(((XᵀF)⁺ + G(FᵀF)⁻) / ((XᵀF)⁻ + G(FᵀF)⁺))``, which keeps it ≥ 0 and
-does not increase the error. PyPI's ``overcomplete`` (0.3.0) ships a Semi-NMF and checks out on the factor:
+does not increase the error (their theorem; masking ``F`` by winner-take-all voids that guarantee).
+PyPI's ``overcomplete`` (0.3.0) ships a Semi-NMF and checks out on the factor:
 its multiplicative update keeps the codes (per-token, our ``Y``) non-negative (its class docstring says the
 dictionary; the code says the codes). It is not used because (1) installing it pulls ``torchvision``, ``timm``,
-``opencv-python`` and ``scikit-image`` (``import overcomplete`` imports the vision models), and torchvision pins
-its own torch; (2) it has no winner-take-all sparsity of the features; (3) its initialisation draws from the
-global RNG, so a fit is not reproducible from a seed; (4) it fits the whole matrix at once with no way to encode
-new tokens from a warm start. The update itself is ten lines.
+``opencv-python`` and ``scikit-image`` (``import overcomplete`` imports torchvision for its vision models), and
+torchvision pins its own torch; (2) it has no winner-take-all sparsity of the features; (3) its initialisation
+draws from the global RNG, so a fit is not reproducible from a seed; (4) its ``encode`` starts new tokens from
+random codes rather than the least-squares warm start used here. The update itself is ten lines.
 
 The activations are read through the adapters with :func:`npeff_lens.baselines.sae.activations` at
 :func:`npeff_lens.baselines.sae.mlp_hidden_hook` (``blocks.L.mlp.hook_post`` for hooked/bridge,
