@@ -6,6 +6,10 @@
 (b) ``--finding sae-layers``: on an existing movie-reviews run (``--run DECOMPOSITION_DIR``, e.g. the demo's),
     TopK SAEs at an early, a middle and a late layer: the fraction of alive latents tuned to the label / the
     prediction / tokens, beside NPEFF's (paper Table 5: SAEs below 5% for label and prediction).
+(c) ``--finding four-methods``: NPEFF, gradient clusters, TopK SAE and SNMF side by side, with selectivity (one
+    causal test: KL on a component's top examples / target KL on random ones), on movie reviews (label tokens;
+    the ``--run`` decomposition's store, re-decomposed at each ``--sizes`` value) and on ``qa-wikidata`` (next
+    token; collected here), SAE and SNMF at the same layer (``--layer``). Does SNMF beat the SAE on selectivity?
 
 Every size is a flag; the run directories resume, so a rerun only prints. Prints a table and writes JSON.
 """
@@ -78,6 +82,53 @@ def finding_sae_layers(args) -> dict:
     return {"methods": out}
 
 
+def _compare_at(run_dir: Path, components: int, args, adapter) -> dict:
+    from npeff_lens.runs import compare
+
+    t0 = time.time()
+    res = compare(
+        run_dir, methods=("npeff", "grad-cluster", "sae", "snmf"), components=components, k=args.k,
+        sae_hook=f"model.layers.{args.layer - 1}", sae_tokens=args.sae_tokens, snmf_layer=args.layer,
+        selectivity=True, target_kl=args.target_kl, n_baseline=args.n_baseline,
+        selectivity_components=args.selectivity_components, adapter=adapter, progress=not args.quiet,
+    )  # fmt: skip
+    return {**res, "seconds": time.time() - t0}
+
+
+def _decomposed(store, out: Path, components: int, args) -> Path:
+    from npeff_lens.runs import decompose_store
+
+    decompose_store(store, out, n_components=components, progress=not args.quiet)
+    return out
+
+
+def finding_four_methods(args) -> dict:
+    """(c): per dataset and size, the compare table with selectivity; SAE at the residual stream entering
+    ``--layer`` (the output of layer ``layer - 1``), SNMF at layer ``--layer``'s MLP."""
+    import npeff_lens as nl
+    from npeff_lens.runs import load_run
+    from npeff_lens.tasks import NextToken
+
+    adapter, out, results = nl.load_model("smollm2-135m"), Path(args.out) / "four-methods", {}
+    if "movie" in args.datasets:
+        _, store = load_run(args.run)
+        for c in args.sizes:
+            d = Path(args.run) if c == 16 and not args.redecompose else _decomposed(store, out / f"movie-c{c}", c, args)
+            results[f"movie-reviews, {c} components"] = _compare_at(d, c, args, adapter)
+    if "qa" in args.datasets:
+        data = nl.load_dataset("qa-wikidata", split="train", seed=0)
+        task = NextToken("{text}", expectation_projections=args.expectation_projections, seed=0)
+        t0 = time.time()
+        nl.collect_pefs(adapter, data, task, out / "qa" / "pefs", n=args.qa_n, proj_dim=args.proj_dim,
+                        density=args.density, params=args.params, batch_size=args.batch_size,
+                        progress=not args.quiet)  # fmt: skip
+        results["qa collect seconds"] = time.time() - t0
+        for c in args.sizes:
+            d = _decomposed(out / "qa" / "pefs", out / "qa" / f"c{c}", c, args)
+            results[f"qa-wikidata, {c} components"] = _compare_at(d, c, args, adapter)
+    return results
+
+
 def _row(name, r) -> str:
     def f(v):
         return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
@@ -86,9 +137,30 @@ def _row(name, r) -> str:
     return f"| {name} | " + " | ".join(f(r.get(k)) for k in keys) + f" | {f(r.get('fit_seconds'))} |"
 
 
+def _four_row(name, r) -> str:
+    def f(v):
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    keys = ("n_components", "alive", "tuned_label", "tuned_prediction", "argmax_shared", "coverage", "selectivity")
+    n = f"{r.get('selectivity_n_evaluated')}/{len(r.get('selectivity_per_component') or [])}"
+    return f"| {name} | " + " | ".join(f(r.get(k)) for k in keys) + f" | {n} | {f(r.get('fit_seconds'))} |"
+
+
+def _print_four(res: dict) -> None:
+    for title, table in res.items():
+        if not isinstance(table, dict) or "methods" not in table:
+            continue
+        print(f"\n{title} ({table['seconds']:.0f} s)")
+        print("| method | components | alive | label | prediction | argmax-shared | coverage | selectivity | measured "
+              "| fit s |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name, r in table["methods"].items():
+            print(_four_row(name, r))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--finding", choices=["argmax", "sae-layers"], required=True)
+    p.add_argument("--finding", choices=["argmax", "sae-layers", "four-methods"], required=True)
     p.add_argument("--out", default="runs/findings", help="run directories (resumable)")
     p.add_argument("--k", type=int, default=16, help="top examples per component")
     p.add_argument("--quiet", action="store_true")
@@ -106,15 +178,28 @@ def main():
     b.add_argument("--latents", type=int, default=512)
     b.add_argument("--sae-k", type=int, default=16)
     b.add_argument("--sae-tokens", type=int, default=200_000)
+    c = p.add_argument_group("four-methods (c); also --run, --sae-tokens and the argmax flags for qa-wikidata")
+    c.add_argument("--datasets", nargs="+", choices=["movie", "qa"], default=["movie", "qa"])
+    c.add_argument("--sizes", type=int, nargs="+", default=[16, 64], help="components of every method")
+    c.add_argument("--layer", type=int, default=15, help="SNMF at this layer's MLP; SAE at the residual entering it")
+    c.add_argument("--qa-n", type=int, default=256, help="qa-wikidata training examples")
+    c.add_argument("--target-kl", type=float, default=0.01)
+    c.add_argument("--n-baseline", type=int, default=32)
+    c.add_argument("--selectivity-components", type=int, default=None, help="first N components measured")
+    c.add_argument("--redecompose", action="store_true", help="decompose movie reviews at 16 too (else --run's)")
     args = p.parse_args()
     t0 = time.time()
-    res = finding_argmax(args) if args.finding == "argmax" else finding_sae_layers(args)
+    finding = {"argmax": finding_argmax, "sae-layers": finding_sae_layers, "four-methods": finding_four_methods}
+    res = finding[args.finding](args)
     res["seconds"] = time.time() - t0
     res["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    print("| method | components | alive | label | prediction | tokens | argmax-shared | coverage | fit s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, r in res["methods"].items():
-        print(_row(name, r))
+    if args.finding == "four-methods":
+        _print_four(res)
+    else:
+        print("| method | components | alive | label | prediction | tokens | argmax-shared | coverage | fit s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name, r in res["methods"].items():
+            print(_row(name, r))
     print(f"total {res['seconds']:.0f}s")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.finding}.json").write_text(json.dumps(res, indent=1, default=str))

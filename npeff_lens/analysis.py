@@ -8,7 +8,9 @@ dead columns, §5.2). A component's *top examples* are its ``k`` largest coeffic
 coefficients count (the order among zeros is arbitrary), and a component is *alive* when at least
 ``min_examples`` examples have a positive coefficient (§5.2 discards SAE latents with fewer than 16).
 
-:func:`method_summary` is the row that ``npeff compare`` prints per method.
+:func:`method_summary` is the row that ``npeff compare`` prints per method. The one causal test shared by every
+method, selectivity (a component's own top examples vs random ones under an intervention sized to a target KL),
+needs the model and lives in :mod:`npeff_lens.selectivity`.
 """
 
 from __future__ import annotations

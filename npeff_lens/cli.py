@@ -139,7 +139,11 @@ COMMANDS = {
     "top": (C.TopCommand, _top, "top examples per component and the tuning summary (§3.1)"),
     "report": (C.ReportCommand, _report, "a static component dashboard with exact token attributions"),
     "perturb": (C.PerturbCommand, _perturb, "perturb the model along recovered components; KL ratios (§3.3)"),
-    "compare": (C.CompareCommand, _compare, "gradient clusters and TopK-SAE latents beside NPEFF, same metrics (§5)"),
+    "compare": (
+        C.CompareCommand,
+        _compare,
+        "gradient clusters, TopK-SAE latents and SNMF features beside NPEFF, same metrics (§5)",
+    ),
     "unlearn": (C.UnlearnCommand, _unlearn, "unlearn components' top examples, with and without mitigation (§6.1)"),
     "icl": (C.IclCommand, _icl, "the tuning classifier vs zero-shot vs in-context prompts (§6.2)"),
     "repair": (C.RepairCommand, _repair, "remove only the damaged shards of a PEF store (collect then refills them)"),

@@ -614,13 +614,15 @@ class TopCommand(_Config):
         self._require("show", self.show >= 0, "must be >= 0")
 
 
-METHODS = ("npeff", "grad-cluster", "sae")
+METHODS = ("npeff", "grad-cluster", "sae", "snmf")
+PARAMETER_METHODS = ("npeff", "grad-cluster")  # selectivity by a parameter perturbation; the others steer
 
 
 @dataclass(frozen=True, kw_only=True)
 class CompareConfig(_Config):
-    """NPEFF beside gradient clustering (§5.1) and TopK SAEs (§5.2) on the same examples, with one set of
-    metrics (``analysis.method_summary``)."""
+    """NPEFF beside gradient clustering (§5.1), TopK SAEs (§5.2) and SNMF of MLP activations on the same
+    examples, with one set of metrics (``analysis.method_summary``) and, optionally, one causal test
+    (``selectivity``)."""
 
     step: ClassVar[str] = "compare"
 
@@ -628,16 +630,44 @@ class CompareConfig(_Config):
     components: int | None = option(None, "clusters / SAE latents (default: the decomposition's number of components)")
     k: int = option(16, "top examples per component that define tunings, argmax-sharing and coverage (§3.1, §5)")
     threshold: float = option(0.95, "fraction of the top examples that must agree for a tuning")
-    seed: int = option(0, "seed of k-means and of the SAE")
+    seed: int = option(0, "seed of k-means, the SAE, SNMF and the selectivity baseline examples")
     sae_hook: str | None = option(
         None,
         "where the SAE reads activations: a TransformerLens hook name (blocks.5.hook_resid_pre) for hooked/bridge "
-        "models, a module path (model.layers.5) for hf/nnsight (default: the residual stream entering the middle "
-        "layer)",
+        "models, a module path (model.layers.5; PATH:input for its input) for hf/nnsight, or attn:L (layer L's "
+        "attention output before its projection: hook_z) or mlp:L (its MLP hidden activations) on any backend "
+        "(default: the residual stream entering the middle layer)",
     )
     sae_k: int | None = option(None, "active latents per token of the TopK SAE (default: min(32, latents // 4))")
     sae_tokens: int = option(300_000, "tokens the SAE trains on (the examples' tokens, repeated in shuffled epochs)")
     sae_lr: float = option(1e-3, "learning rate of the SAE")
+    snmf_layer: int | None = option(
+        None, "layer whose MLP hidden activations SNMF factorises (default: the middle one)"
+    )
+    snmf_sparsity: float | None = option(
+        0.1, "fraction of the MLP's neurons each SNMF feature keeps (winner-take-all); none: dense features"
+    )
+    snmf_iterations: int = option(200, "rounds of the semi-NMF multiplicative updates (Ding, Li and Jordan, 2010)")
+    snmf_restarts: int = option(3, "seeded SNMF starts; the one with the lowest reconstruction error is kept")
+    snmf_tokens: int | None = option(
+        65536, "tokens SNMF is fitted on (a seeded random subset; the others are encoded); none: all"
+    )
+    selectivity: bool = option(
+        False, "measure each component's selectivity: KL on its top examples / target KL on random ones"
+    )
+    target_kl: float = option(0.01, "mean KL (nats) on the random baseline examples that sizes each intervention")
+    n_baseline: int = option(32, "random baseline examples per component for selectivity, disjoint from its top k")
+    selectivity_components: int | None = option(
+        None, "measure selectivity on each method's first N components only (a cheaper estimate); none: all"
+    )
+    recovery: Literal["adjoint", "fpc"] = option(
+        "adjoint",
+        "parameter-space direction of NPEFF components and gradient-cluster centroids for selectivity: the "
+        "back-projection A·h (seconds) or FPC compressed sensing (App. F; minutes per component at 8M parameters)",
+    )
+    reject_threshold: float | None = option(
+        0.5, "reject a component from the dissimilar ones (|cos| below this) before recovery; none: no rejection"
+    )
     batch_size: int = option(
         8, "examples per forward/backward pass when reading gradients or activations", resume=False
     )
@@ -660,6 +690,16 @@ class CompareConfig(_Config):
         self._require("sae_k", self.sae_k is None or self.sae_k >= 1, "must be >= 1")
         self._require("sae_tokens", self.sae_tokens >= 1, "must be >= 1")
         self._require("sae_lr", self.sae_lr > 0, "must be > 0")
+        self._require("snmf_layer", self.snmf_layer is None or self.snmf_layer >= 0, "must be >= 0")
+        ok = self.snmf_sparsity is None or 0 < self.snmf_sparsity <= 1
+        self._require("snmf_sparsity", ok, "must be in (0, 1] (or none)")
+        self._require("snmf_iterations", self.snmf_iterations >= 1, "must be >= 1")
+        self._require("snmf_restarts", self.snmf_restarts >= 1, "must be >= 1")
+        self._require("snmf_tokens", self.snmf_tokens is None or self.snmf_tokens >= 1, "must be >= 1")
+        self._require("target_kl", math.isfinite(self.target_kl) and self.target_kl > 0, "must be finite and > 0")
+        self._require("n_baseline", self.n_baseline >= 1, "must be >= 1")
+        ok = self.selectivity_components is None or self.selectivity_components >= 1
+        self._require("selectivity_components", ok, "must be >= 1")
         self._require("batch_size", self.batch_size >= 1, "must be >= 1")
 
     def method_key(self, method: str) -> dict:
@@ -667,13 +707,24 @@ class CompareConfig(_Config):
         common = {"components": self.components, "seed": self.seed}
         if method == "sae":
             return {**common, **{k: getattr(self, k) for k in ("sae_hook", "sae_k", "sae_tokens", "sae_lr")}}
+        if method == "snmf":
+            fields = ("snmf_layer", "snmf_sparsity", "snmf_iterations", "snmf_restarts", "snmf_tokens")
+            return {**common, **{k: getattr(self, k) for k in fields}}
         return common if method == "grad-cluster" else {}
+
+    def selectivity_key(self, method: str) -> dict:
+        """The fields that change one method's selectivity (resumed per component under this key)."""
+        key = {k: getattr(self, k) for k in ("k", "target_kl", "n_baseline", "selectivity_components", "seed")}
+        if method in PARAMETER_METHODS:
+            key.update(recovery=self.recovery, reject_threshold=self.reject_threshold)
+        return key
 
 
 @dataclass(frozen=True, kw_only=True)
 class CompareCommand(CompareConfig):
-    """``npeff compare``: gradient clusters and TopK-SAE latents beside NPEFF's components, measured the same way;
-    writes DECOMPOSITION_DIR/compare/compare.json and prints a table."""
+    """``npeff compare``: gradient clusters, TopK-SAE latents and SNMF features beside NPEFF's components, measured
+    the same way (with --selectivity, also by one causal test); writes DECOMPOSITION_DIR/compare/compare.json and
+    prints a table."""
 
     decomposition: str = option(
         help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR", resume=False

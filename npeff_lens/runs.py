@@ -483,11 +483,13 @@ def _write_perturbation(out: Path, records: list[dict], cfg: PerturbConfig, note
 
 
 def compare(decomposition_dir, config: CompareConfig | None = None, *, store=None, adapter=None, **options) -> dict:
-    """NPEFF's components beside gradient clusters (§5.1) and TopK-SAE latents (§5.2) on the same examples,
-    scored by one set of metrics. Writes ``decomposition_dir/compare/compare.json`` (per method:
+    """NPEFF's components beside gradient clusters (§5.1), TopK-SAE latents (§5.2) and SNMF features on the same
+    examples, scored by one set of metrics. Writes ``decomposition_dir/compare/compare.json`` (per method:
     ``n_components, alive, tuned_label, tuned_prediction, tuned_tokens, argmax_shared, coverage, fit_seconds,
-    peak_rss_mib``) and returns it. Each method resumes on its own: a finished one is read back, a different
-    configuration is a ``ConfigMismatchError``."""
+    peak_rss_mib``; with ``selectivity=True`` also ``selectivity`` (geometric mean), ``selectivity_per_component``,
+    ``target_kl``, ``n_baseline``: :mod:`npeff_lens.selectivity`) and returns it. Each method resumes on its own:
+    a finished one is read back, a different configuration is a ``ConfigMismatchError``; so does each method's
+    selectivity (``compare/<method>/selectivity/``, resumed component by component)."""
     cfg = _config(CompareConfig, config, options)
     d = Path(decomposition_dir)
     est, store = load_run(d, store)
@@ -507,6 +509,8 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
             _finish(mdir, rec)
         summary = context.summarize(method, coeffs, extra)
         summary.update(fit_seconds=rec.get("fit_seconds"), peak_rss_mib=rec.get("peak_rss_mib"))
+        if cfg.selectivity:
+            summary.update(context.selectivity(method, mdir, coeffs, extra))
         results["methods"][method] = to_jsonable(summary)
         write_json(root / "compare.json", results)
     return results
@@ -530,6 +534,7 @@ class _CompareContext:
 
     def __init__(self, d: Path, est, store, cfg: CompareConfig, adapter):
         self.d, self.est, self.store, self.cfg, self._adapter = d, est, store, cfg, adapter
+        self._reference, self._prompts, self._task = None, None, None  # _reference: unintervened log-probs
         self.meta = store.metadata
         self.manifest = store.manifest
         self.components = cfg.components or int(est.n_components)
@@ -555,9 +560,11 @@ class _CompareContext:
 
     @property
     def task(self):
-        from .tasks import task_from_config
+        if self._task is None:
+            from .tasks import task_from_config
 
-        return task_from_config(self.manifest["task"]).bind(self.adapter)
+            self._task = task_from_config(self.manifest["task"]).bind(self.adapter)
+        return self._task
 
     def load(self, method: str, mdir: Path):
         """``(coefficients, extra)`` of a method fitted before."""
@@ -566,7 +573,13 @@ class _CompareContext:
         if method == "grad-cluster":
             from .baselines.gradient_clustering import GradientClustering
 
-            return GradientClustering.load(mdir / "clusters").coefficients_, {}
+            gc = GradientClustering.load(mdir / "clusters")
+            return gc.coefficients_, {"clusters": gc}
+        if method == "snmf":
+            from .baselines.snmf import SNMFBaseline
+
+            snmf = SNMFBaseline.load(mdir / "snmf")
+            return snmf.coefficients_, {"snmf": snmf, "hook": snmf.hook}
         from .baselines.sae import TopKSAEBaseline
 
         sae = TopKSAEBaseline.load(mdir / "sae")
@@ -577,6 +590,8 @@ class _CompareContext:
             return self.est.coefficients_, {"fit_seconds": _npeff_seconds(self.d)}
         if method == "grad-cluster":
             return self._grad_cluster(mdir)
+        if method == "snmf":
+            return self._snmf(mdir)
         return self._sae(mdir)
 
     def _grad_cluster(self, mdir: Path):
@@ -590,13 +605,26 @@ class _CompareContext:
         )  # fmt: skip
         gc = GradientClustering(self.components, seed=self.cfg.seed).fit(store)
         gc.save(mdir / "clusters")
-        return gc.coefficients_, {"fit_seconds": time.time() - t0}
+        return gc.coefficients_, {"fit_seconds": time.time() - t0, "clusters": gc}
+
+    def _snmf(self, mdir: Path):
+        from .baselines.snmf import SNMFBaseline
+
+        cfg, t0 = self.cfg, time.time()
+        snmf = SNMFBaseline(
+            self.components, layer=cfg.snmf_layer, sparsity=cfg.snmf_sparsity, n_iter=cfg.snmf_iterations,
+            n_init=cfg.snmf_restarts, max_tokens=cfg.snmf_tokens, seed=cfg.seed, k_top=cfg.k,
+            activation_batch_size=cfg.batch_size, show_progress=cfg.progress,
+        )  # fmt: skip
+        snmf.fit(self.adapter, self.task.prompts(list(self.meta["text"])))
+        snmf.save(mdir / "snmf")
+        return snmf.coefficients_, {"fit_seconds": time.time() - t0, "snmf": snmf, "hook": snmf.hook}
 
     def _sae(self, mdir: Path):
-        from .baselines.sae import TopKSAEBaseline, default_hook
+        from .baselines.sae import TopKSAEBaseline, default_hook, resolve_hook
 
         cfg = self.cfg
-        hook = cfg.sae_hook or default_hook(self.adapter)
+        hook = resolve_hook(self.adapter, cfg.sae_hook or default_hook(self.adapter))
         k = cfg.sae_k or max(1, min(32, self.components // 4))
         t0 = time.time()
         sae = TopKSAEBaseline(
@@ -621,9 +649,106 @@ class _CompareContext:
             ]
         summary = method_summary(
             coeffs, labels=self.labels, predictions=self.predictions, k=cfg.k, threshold=cfg.threshold,
-            alive_min_examples=cfg.k if method == "sae" else 1, token_sets=token_tuned,
+            alive_min_examples=cfg.k if method in ("sae", "snmf") else 1, token_sets=token_tuned,
         )  # fmt: skip
         return {**summary, **{k: extra[k] for k in ("hook", "sae_k") if k in extra}}
+
+    # --- selectivity (npeff_lens.selectivity) ------------------------------------------------------
+    def selectivity(self, method: str, mdir: Path, coeffs, extra: dict) -> dict:
+        """The method's selectivity fields of compare.json, resumed component by component from
+        ``mdir/selectivity/selectivity.json`` (its run.json holds the selectivity key)."""
+        from . import selectivity as sel
+
+        cfg, out = self.cfg, mdir / "selectivity"
+        key = _MethodKey(cfg.selectivity_key(method))
+        rec = _begin(out, f"selectivity-{method}", key, self.identity(), self.d)
+        done = {}
+        if (out / "selectivity.json").exists():
+            try:
+                done = {int(r["component"]): r for r in read_json(out / "selectivity.json").get("components", [])}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # a results cache: measure again
+                warnings.warn(f"{out / 'selectivity.json'} is damaged ({e}); measured again", RuntimeWarning, 2)
+        coeffs = torch.as_tensor(coeffs)
+        direction = self._directions(method, extra)
+        if self._reference is None:
+            from .perturb import _Reference
+
+            self._reference = _Reference(self.adapter, self.task, self.prompts, cfg.batch_size)
+        n = min(coeffs.shape[1], cfg.selectivity_components or coeffs.shape[1])
+        bar = progress(range(n), desc=f"selectivity {method}", unit="component", enabled=cfg.progress)
+        for j in bar:
+            if j in done:
+                continue
+            # Sizing starts from the previous measured component's size (a good guess: far fewer evaluations),
+            # which is in the saved records, so a resumed run starts where the uninterrupted one did.
+            start = next((done[i]["scale"] for i in range(j - 1, -1, -1) if done[i]["status"] == "ok"), 1.0)
+            done[j] = self._component_selectivity(j, sel.top_positive(coeffs, j, cfg.k), direction, start)
+            write_json(out / "selectivity.json", {"components": [done[i] for i in sorted(done)]})
+        records = [done[j] for j in range(n)]
+        unreachable = [r for r in records if r["status"] == "unreachable"]
+        if unreachable and len(unreachable) == sum(r["status"] != "excluded" for r in records):
+            raise sel.UnreachableTargetError(f"{method}: {unreachable[0]['error']}")  # no component gets there
+        _finish(out, rec)
+        per = [r.get("selectivity") for r in records]
+        return {**sel.summarize(records), "selectivity_per_component": per, "target_kl": cfg.target_kl,
+                "n_baseline": cfg.n_baseline}  # fmt: skip
+
+    def _component_selectivity(self, j: int, top: list[int], direction, start: float) -> dict:
+        """One component's record: ``ok`` (the measurement), ``excluded`` (fewer than k top examples) or
+        ``unreachable`` (no size brings the baseline to the target KL; the message names the largest KL)."""
+        from . import selectivity as sel
+
+        cfg = self.cfg
+        if len(top) < cfg.k:
+            return {"component": j, "status": "excluded", "n_top": len(top)}
+        try:
+            r = sel.component_selectivity(
+                self.adapter, self.task, self.prompts, direction(j), top, target_kl=cfg.target_kl,
+                n_baseline=cfg.n_baseline, seed=cfg.seed, reference=self._reference, batch_size=cfg.batch_size,
+                start=start,
+            )  # fmt: skip
+        except sel.UnreachableTargetError as e:
+            return {"component": j, "status": "unreachable", "n_top": len(top), "error": str(e)}
+        return {"component": j, "status": "ok", **r}
+
+    @property
+    def prompts(self) -> list[str]:
+        if self._prompts is None:
+            self._prompts = self.task.prompts(list(self.meta["text"]))
+        return self._prompts
+
+    def _directions(self, method: str, extra: dict):
+        """``j -> intervention``: a parameter direction (NPEFF components, cluster centroids, recovered like
+        ``npeff perturb``'s) or an activation direction (SAE decoder rows, SNMF features) at the method's hook."""
+        from .selectivity import ActivationDirection
+
+        if method == "sae":
+            decoder, hook = extra["sae"].sae_.W_dec.detach().float(), extra["sae"].hook
+            return lambda j: ActivationDirection(self.adapter, hook, decoder[j])
+        if method == "snmf":
+            features, hook = extra["snmf"].features_, extra["snmf"].hook
+            return lambda j: ActivationDirection(self.adapter, hook, features[j])
+        if method == "npeff":
+            return self._parameter_directions(torch.as_tensor(self.est.components_).float(), self.manifest)
+        gc = extra["clusters"]
+        return self._parameter_directions(gc.cluster_centers_.float(), gc.manifest_ or self.manifest)
+
+    def _parameter_directions(self, vectors: torch.Tensor, manifest: dict):
+        from .perturb import check_adapter
+        from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten
+        from .selectivity import ParameterDirection
+
+        cfg, layout = self.cfg, manifest["layout"]
+        check_adapter(self.adapter, layout)
+        op = projection_from_config(manifest["projection"]) if manifest.get("projection") else None
+        lam = estimate_lambda_max(op) * 1.1 if op is not None and cfg.recovery == "fpc" else None
+
+        def direction(j: int):
+            flat, _ = recover_direction(vectors, j, op, method=cfg.recovery, reject_threshold=cfg.reject_threshold,
+                                        lambda_max=lam)  # fmt: skip
+            return ParameterDirection(self.adapter, unflatten(flat.float(), layout))
+
+        return direction
 
 
 def _npeff_seconds(d: Path) -> float | None:
@@ -657,7 +782,7 @@ def _peak_rss_mib() -> float | None:
 def format_compare(results: dict) -> str:
     """The comparison as a table, one row per method."""
     cols = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared", "coverage",
-            "fit_seconds", "peak_rss_mib")  # fmt: skip
+            "selectivity", "fit_seconds", "peak_rss_mib")  # fmt: skip
     rows = [[m] + [_cell(r.get(c)) for c in cols] for m, r in results["methods"].items()]
     head = ["method", *cols]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]

@@ -406,6 +406,34 @@ def test_compare_killed_in_the_sae_fit_reruns_only_the_sae_and_equals_uninterrup
     }
 
 
+def test_compare_killed_in_selectivity_resumes_after_the_measured_components(tmp_path, reference):
+    root, _, _, _ = reference
+    args = ["--methods", "npeff,snmf", "--components", "3", "--k", "4", "--snmf-iterations", "20", "--selectivity",
+            "--target-kl", "0.0002", "--n-baseline", "8", "--no-progress"]  # fmt: skip
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    for d in (ref_dir, run_dir):
+        shutil.copytree(root / "npeff", d / "npeff", ignore=shutil.ignore_patterns("compare", "report"))
+        shutil.copytree(root / "pefs", d / "pefs")
+    assert main(["compare", str(ref_dir / "npeff"), *args]) == 0
+    _kill("npeff_lens.selectivity", "component_selectivity", 5, ["compare", str(run_dir / "npeff"), *args])
+    sel = run_dir / "npeff" / "compare" / "snmf" / "selectivity"
+    assert json.loads((sel / RUN_FILE).read_text())["status"] == "running"
+    assert [r["component"] for r in json.loads((sel / "selectivity.json").read_text())["components"]] == [0]
+    assert main(["compare", str(run_dir / "npeff"), *args]) == 0
+    a = json.loads((ref_dir / "npeff" / "compare" / "compare.json").read_text())["methods"]
+    b = json.loads((run_dir / "npeff" / "compare" / "compare.json").read_text())["methods"]
+    strip = ("fit_seconds", "peak_rss_mib")
+    assert {m: {k: v for k, v in r.items() if k not in strip} for m, r in a.items()} == {
+        m: {k: v for k, v in r.items() if k not in strip} for m, r in b.items()
+    }
+    assert a["npeff"]["selectivity_n_evaluated"] == 3
+    (sel / "selectivity.json").write_text('{"components": [')  # a torn results file: measured again, equal
+    with pytest.warns(RuntimeWarning, match="selectivity.json is damaged"):
+        assert main(["compare", str(run_dir / "npeff"), *args]) == 0
+    c = json.loads((run_dir / "npeff" / "compare" / "compare.json").read_text())["methods"]
+    assert c["snmf"]["selectivity_per_component"] == a["snmf"]["selectivity_per_component"]
+
+
 def test_unlearn_killed_mid_run_reruns_to_the_same_report(tmp_path, reference):
     root, _, _, _ = reference
     args = ["--components", "0", "--n-batches", "2", "--retain-batch-size", "4", "--n-random", "4", "--k-eval", "2",

@@ -22,8 +22,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 N_COMPONENTS = 4
-N_METHOD = 3  # clusters / SAE latents fitted by `npeff compare`
-METHODS = ("grad-cluster", "sae")
+N_METHOD = 3  # clusters / SAE latents / SNMF features fitted by `npeff compare`
+METHODS = ("grad-cluster", "sae", "snmf")
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
@@ -181,20 +181,23 @@ def test_method_index_lists_every_cluster_and_latent(run, method):
             assert "No token highlighting" in (page.parent / r["page"]).read_text()
 
 
-def test_sae_page_highlights_the_latents_token_activations(run):
+@pytest.mark.parametrize("method", ["sae", "snmf"])
+def test_sae_and_snmf_pages_highlight_the_per_token_values(run, method):
     import re
 
     import torch
 
     from npeff_lens.baselines.sae import TopKSAEBaseline
+    from npeff_lens.baselines.snmf import SNMFBaseline
 
     root, index_html = run
     site = index_html.parent
-    sae = TopKSAEBaseline.load(root / "tree" / "npeff" / "compare" / "sae" / "sae")
+    load = TopKSAEBaseline.load if method == "sae" else SNMFBaseline.load
+    sae = load(root / "tree" / "npeff" / "compare" / method / method)
     n_checked = 0
     for j in range(N_METHOD):
-        c = _strict(site / "data" / "methods" / "sae" / f"component_{j:05d}.json")
-        html = (site / "methods" / "sae" / "components" / f"component_{j:05d}.html").read_text()
+        c = _strict(site / "data" / "methods" / method / f"component_{j:05d}.json")
+        html = (site / "methods" / method / "components" / f"component_{j:05d}.html").read_text()
         blocks = re.findall(r'<div class="tokens">(.*?)</div>', html, flags=re.S)
         assert len(blocks) == len(c["activations"])
         for a, block in zip(c["activations"], blocks):
@@ -246,7 +249,7 @@ def test_site_in_headless_chromium_offline(run, tmp_path):
 
         assert sorted(_visible_components(page)) == list(range(N_COMPONENTS))  # every component listed
         assert page.inner_text("#count") == f"{N_COMPONENTS} of {N_COMPONENTS} components"
-        assert page.locator("#compare tbody tr").count() == 3
+        assert page.locator("#compare tbody tr").count() == 1 + len(METHODS)
 
         # sorting: coefficient mass ascending, then descending; back to the component order
         mass = {r["feature_index"]: r["coefficient_mass"] for r in index["components"]}

@@ -156,6 +156,17 @@ SAMPLES = {  # non-default values for every field of every command
         sae_k=2,
         sae_tokens=1000,
         sae_lr=1e-3,
+        snmf_layer=1,
+        snmf_sparsity=None,
+        snmf_iterations=7,
+        snmf_restarts=2,
+        snmf_tokens=None,
+        selectivity=True,
+        target_kl=0.02,
+        n_baseline=9,
+        selectivity_components=2,
+        recovery="fpc",
+        reject_threshold=None,
         batch_size=2,
         device="cpu",
         progress=False,
@@ -462,25 +473,53 @@ def test_compare_all_methods_end_to_end_resumes_and_names_a_changed_field(run, c
 
     root, _, _ = run
     d = root / "tree" / "npeff"
-    argv = ["compare", str(d), "--components", "3", "--k", "4", "--sae-tokens", "3000", "--no-progress"]
+    argv = ["compare", str(d), "--methods", "npeff,grad-cluster,sae,snmf", "--components", "3", "--k", "4",
+            "--sae-tokens", "3000", "--snmf-iterations", "30", "--selectivity", "--target-kl", "0.0002",
+            "--n-baseline", "8", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     table = json.loads((d / "compare" / "compare.json").read_text())
-    assert list(table["methods"]) == ["npeff", "grad-cluster", "sae"]
+    assert list(table["methods"]) == ["npeff", "grad-cluster", "sae", "snmf"]
+    assert "selectivity" in out.splitlines()[0]
     for name, row in table["methods"].items():
         assert row["n_components"] == 3 and name in out
         for key in ("alive", "tuned_label", "tuned_prediction", "argmax_shared", "coverage", "fit_seconds"):
             assert key in row, (name, key)
+        assert row["target_kl"] == 0.0002 and row["n_baseline"] == 8 and len(row["selectivity_per_component"]) == 3
+        n = row["selectivity_n_evaluated"]
+        assert n + row["selectivity_n_excluded"] + row["selectivity_n_unreachable"] == 3, (name, row)
+        assert n == 0 or row["selectivity"] > 0, (name, row)
+    assert table["methods"]["npeff"]["selectivity_n_evaluated"] == 3  # dense coefficients: every component has k
+    assert table["methods"]["snmf"]["hook"] == "model.layers.1.mlp.down_proj:input"
     assert table["methods"]["npeff"]["tuned_tokens"] is None and table["methods"]["sae"]["tuned_tokens"] is not None
-    assert json.loads((d / "compare" / "sae" / RUN_FILE).read_text())["status"] == "done"
-    # a rerun refits nothing (the metrics are recomputed, here with another k)
+    for method in ("sae", "snmf"):
+        assert json.loads((d / "compare" / method / RUN_FILE).read_text())["status"] == "done"
+        assert json.loads((d / "compare" / method / "selectivity" / RUN_FILE).read_text())["status"] == "done"
+    # a rerun refits nothing and re-measures no selectivity (the metrics are recomputed)
     import npeff_lens.baselines.gradient_clustering as gc
+    import npeff_lens.baselines.snmf as snmf
+    import npeff_lens.selectivity as sel
 
     monkeypatch.setattr(gc.GradientClustering, "fit", lambda *a, **k: pytest.fail("refitted"))
-    again = compare(d, components=3, k=2, sae_tokens=3000, progress=False)
-    assert again["methods"]["grad-cluster"]["n_components"] == 3 and again["config"]["k"] == 2
+    monkeypatch.setattr(snmf.SNMFBaseline, "fit", lambda *a, **k: pytest.fail("refitted"))
+    monkeypatch.setattr(sel, "component_selectivity", lambda *a, **k: pytest.fail("measured again"))
+    assert main(argv) == 0
+    again = json.loads((d / "compare" / "compare.json").read_text())
+    assert again["methods"] == table["methods"] | {
+        m: {**table["methods"][m], **{k: again["methods"][m][k] for k in ("fit_seconds", "peak_rss_mib")}}
+        for m in table["methods"]
+    }
+    again = compare(d, methods="npeff,grad-cluster,sae,snmf", components=3, k=2, sae_tokens=3000,
+                    snmf_iterations=30, progress=False)  # fmt: skip
+    assert again["methods"]["snmf"]["n_components"] == 3 and again["config"]["k"] == 2
+    assert "selectivity" not in again["methods"]["snmf"]
     assert main([*argv, "--seed", "1"]) == 2
     assert "seed: stored 0, now 1" in capsys.readouterr().err
+    assert main([*argv, "--snmf-sparsity", "0.5"]) == 2
+    assert "snmf_sparsity: stored 0.1, now 0.5" in capsys.readouterr().err
+    assert main([*argv, "--target-kl", "0.002"]) == 2
+    err = capsys.readouterr().err
+    assert "target_kl: stored 0.0002, now 0.002" in err and "selectivity" in err
 
 
 def test_unlearn_and_icl_commands_on_a_tiny_run(run, capsys):

@@ -210,6 +210,32 @@ def test_fit_save_load_round_trip(hf_adapter, tmp_path):
     torch.testing.assert_close(back.transform(hf_adapter, PROMPTS), sae.coefficients_, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend, resolved", [("hf", "model.layers.1.self_attn.o_proj:input"),
+                                               ("hooked", "blocks.1.attn.hook_z"),
+                                               ("bridge", "blocks.1.attn.hook_z")])  # fmt: skip
+def test_attention_output_sae(backend, resolved, hf_adapter, tmp_path):
+    """An SAE at layer 1's attention output (heads concatenated, before the output projection): ``attn:1``
+    resolves to ``hook_z`` (hooked/bridge) or the out-projection's input (hf); it trains, saves, loads, encodes
+    the same activations on both backends, and its decoder rows steer at that hook."""
+    from npeff_lens.selectivity import steered
+
+    adapter = hf_adapter if backend == "hf" else load_model("tiny-llama", backend=backend)
+    sae = TopKSAEBaseline(24, 3, hook="attn:1", batch_size=32, n_epochs=3, k_top=1, show_progress=False)
+    sae.fit(adapter, PROMPTS)
+    assert sae.hook == resolved and sae.d_in_ == 32 and sae.get_params()["hook"] == resolved
+    back = TopKSAEBaseline.load(sae.save(tmp_path / backend))
+    assert back.hook == resolved and torch.equal(back.coefficients_, sae.coefficients_)
+    reference = activations(hf_adapter, PROMPTS, "model.layers.1.self_attn.o_proj:input", show_progress=False)
+    torch.testing.assert_close(sae.transform_activations(reference), sae.coefficients_, rtol=1e-4, atol=1e-5)
+    enc = adapter.tokenize(PROMPTS[:2])
+    with torch.no_grad():
+        before = adapter.forward_logits(enc["input_ids"], enc["attention_mask"])
+        with steered(adapter, sae.hook, 5 * sae.sae_.W_dec[0].detach()):
+            during = adapter.forward_logits(enc["input_ids"], enc["attention_mask"])
+        after = adapter.forward_logits(enc["input_ids"], enc["attention_mask"])
+    assert not torch.allclose(during, before) and torch.equal(after, before)
+
+
 # --- errors ------------------------------------------------------------------------------------------------
 
 

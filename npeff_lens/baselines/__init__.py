@@ -4,6 +4,8 @@
   collected by the same engine as the PEFs, unit-normalised and clustered with k-means
   (:class:`~npeff_lens.baselines.gradient_clustering.GradientClustering`).
 - ``sae``: TopK sparse autoencoders on activations (§5.2).
+- ``snmf``: semi-non-negative matrix factorisation of MLP hidden activations (Shafran, Geiger and Geva, 2025)
+  (:class:`~npeff_lens.baselines.snmf.SNMFBaseline`).
 
 Names are imported lazily, so ``import npeff_lens.baselines`` costs nothing; scikit-learn and sae-lens
 load only when a baseline is fitted.
@@ -17,6 +19,8 @@ _LAZY = {
     "GradientClustering": "npeff_lens.baselines.gradient_clustering",
     "collect_prediction_gradients": "npeff_lens.baselines.gradient_clustering",
     "prediction_task": "npeff_lens.baselines.gradient_clustering",
+    "SNMFBaseline": "npeff_lens.baselines.snmf",
+    "TopKSAEBaseline": "npeff_lens.baselines.sae",
 }
 
 __all__ = sorted(_LAZY)

@@ -14,9 +14,12 @@ the set of tokens where the latent is non-zero: :meth:`TopKSAEBaseline.active_to
 Pieces:
 
 - :func:`activations` reads per-token activations through our model adapters: TransformerLens hook
-  names (``blocks.5.hook_resid_pre``, ``blocks.5.mlp.hook_post``) for the ``hooked`` and ``bridge``
-  backends, module paths (``model.layers.5``, ``model.layers.5.mlp.act_fn``; the module's output) for
-  ``hf`` and ``nnsight``. Padding is dropped; the forward stops at the hook.
+  names (``blocks.5.hook_resid_pre``, ``blocks.5.mlp.hook_post``, ``blocks.5.attn.hook_z``) for the
+  ``hooked`` and ``bridge`` backends, module paths (``model.layers.5``: the module's output;
+  ``model.layers.5.self_attn.o_proj:input``: its input) for ``hf`` and ``nnsight``. Padding is dropped;
+  the forward stops at the hook. :func:`resolve_hook` also takes ``attn:L`` (the attention output before
+  its output projection: ``hook_z``, or the out-projection's input) and ``mlp:L`` (the MLP's hidden
+  activations: ``mlp.hook_post``, or the down-projection's input) for any backend.
 - :class:`TopKSAEBaseline` trains the SAE with sae-lens (``TopKTrainingSAE`` + ``SAETrainer`` fed
   with shuffled batches of our activations; its AuxK loss revives dead latents, and
   ``rescale_acts_by_decoder_norm`` plays the role of App. H's unit-norm decoder constraint), keeps
@@ -49,7 +52,10 @@ __all__ = [
     "Activations",
     "TopKSAEBaseline",
     "activations",
+    "attention_output_hook",
     "hook_names",
+    "mlp_hidden_hook",
+    "resolve_hook",
     "unit_normalise",
 ]
 
@@ -58,6 +64,7 @@ META_FILENAME = "npeff_sae.json"
 CODES_FILENAME = "npeff_sae_codes.safetensors"
 FORMAT_VERSION = 1
 NORMALISATION = "unit_l2_per_token"
+INPUT_SUFFIX = ":input"  # a module path + this suffix: the module's input (its first positional argument)
 
 
 def _sae_lens():
@@ -120,23 +127,123 @@ def default_hook(adapter) -> str:
     if _is_tl(adapter):
         n_layers = adapter.model.cfg.n_layers
         return f"blocks.{n_layers // 2}.hook_resid_pre"
-    layers = [n for n, m in adapter.module.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
-    if not layers:
-        raise ValueError("cannot find the model's list of layers: pass the hook (--sae-hook) explicitly")
-    path = max(layers, key=lambda n: len(adapter.module.get_submodule(n)))
-    n_layers = len(adapter.module.get_submodule(path))
-    return f"{path}.{max(0, n_layers // 2 - 1)}"
+    path, layers = _layer_list(adapter)
+    return f"{path}.{max(0, len(layers) // 2 - 1)}"
 
 
-def _hook_module(adapter, hook: str) -> torch.nn.Module:
+def hook_module(adapter, hook: str) -> tuple[torch.nn.Module, bool]:
+    """``(module, reads_input)`` of a hook: the module whose output (or, with the ``:input`` suffix, whose
+    first input) is the activation. A name that does not exist is a ValueError naming the closest ones."""
     if not isinstance(hook, str) or not hook:
         raise ValueError(f"hook must be a non-empty hook name or module path; got {hook!r}")
+    name, reads_input = (hook[: -len(INPUT_SUFFIX)], True) if hook.endswith(INPUT_SUFFIX) else (hook, False)
     names = hook_names(adapter)
-    if hook in names:
-        return adapter.model.hook_dict[hook] if _is_tl(adapter) else adapter.module.get_submodule(hook)
-    close = difflib.get_close_matches(hook, names, n=5, cutoff=0.5) or names[:5]
-    kind = "TransformerLens hook names" if _is_tl(adapter) else "module paths"
+    if name in names:
+        module = adapter.model.hook_dict[name] if _is_tl(adapter) else adapter.module.get_submodule(name)
+        return module, reads_input
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5) or names[:5]
+    kind = "TransformerLens hook names" if _is_tl(adapter) else f"module paths, optionally with {INPUT_SUFFIX}"
     raise ValueError(f"{adapter.backend} model has no hook {hook!r} ({kind}); closest valid names: {', '.join(close)}")
+
+
+def _layer_list(adapter) -> tuple[str, torch.nn.ModuleList]:
+    """The path and the ``ModuleList`` of an HF model's layers (the longest list of modules)."""
+    layers = [n for n, m in adapter.module.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    if not layers:
+        raise ValueError("cannot find the model's list of layers: pass the hook explicitly")
+    path = max(layers, key=lambda n: len(adapter.module.get_submodule(n)))
+    return path, adapter.module.get_submodule(path)
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's Conv1D
+
+
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
+_DOWN_NAMES = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2", "fc_out", "wo", "out_proj")
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_ATTN_OUT_NAMES = ("o_proj", "c_proj", "out_proj", "dense", "o", "wo")
+
+
+def _projection_in(block: torch.nn.Module, names: tuple[str, ...]) -> str | None:
+    """The dotted name (within ``block``) of its output projection: a linear child with one of ``names``, else
+    its last linear descendant."""
+    linear = [n for n, m in block.named_modules() if n and _is_linear(m)]
+    for n in linear:
+        if n.rsplit(".", 1)[-1] in names and "." not in n:
+            return n
+    return linear[-1] if linear else None
+
+
+def _tl_layer_hook(adapter, layer: int, suffix: str, what: str) -> str:
+    n_layers = adapter.model.cfg.n_layers
+    if not (isinstance(layer, int) and 0 <= layer < n_layers):
+        raise ValueError(f"layer {layer!r} does not exist: the model has {n_layers} layers (0 to {n_layers - 1})")
+    hook = f"blocks.{layer}.{suffix}"
+    if hook not in adapter.model.hook_dict:
+        raise ValueError(f"layer {layer} has no {what}: the model has no hook {hook!r}")
+    return hook
+
+
+def _hf_layer(adapter, layer: int) -> tuple[str, torch.nn.Module]:
+    path, layers = _layer_list(adapter)
+    if not (isinstance(layer, int) and 0 <= layer < len(layers)):
+        raise ValueError(f"layer {layer!r} does not exist: the model has {len(layers)} layers (0 to {len(layers) - 1})")
+    return f"{path}.{layer}", layers[layer]
+
+
+def mlp_hidden_hook(adapter, layer: int) -> str:
+    """The hook of layer ``layer``'s MLP hidden activations (the input of its down/out projection, after the
+    non-linearity and any gate): ``blocks.L.mlp.hook_post`` for hooked/bridge, ``<layer>.<mlp>.<down>:input``
+    for hf/nnsight (``model.layers.L.mlp.down_proj:input``; BERT: ``<layer>.output.dense:input``). A layer
+    without an MLP is a one-line ValueError."""
+    if _is_tl(adapter):
+        return _tl_layer_hook(adapter, layer, "mlp.hook_post", "MLP")
+    base, block = _hf_layer(adapter, layer)
+    children = dict(block.named_children())
+    mlp = next((n for n in _MLP_NAMES if n in children), None)
+    if mlp is None and "intermediate" in children and "output" in children:  # BERT: intermediate -> output.dense
+        down = _projection_in(children["output"], ("dense",))
+        if down is not None:
+            return f"{base}.output.{down}{INPUT_SUFFIX}"
+    down = _projection_in(children[mlp], _DOWN_NAMES) if mlp is not None else None
+    if down is None:
+        raise ValueError(
+            f"layer {layer} ({base}) has no MLP with a linear output projection (its parts: "
+            f"{', '.join(children) or 'none'}): pass the hook of the MLP's hidden activations explicitly"
+        )
+    return f"{base}.{mlp}.{down}{INPUT_SUFFIX}"
+
+
+def attention_output_hook(adapter, layer: int) -> str:
+    """The hook of layer ``layer``'s attention output before its output projection (heads concatenated):
+    ``blocks.L.attn.hook_z`` for hooked/bridge, ``<layer>.<attn>.<out>:input`` for hf/nnsight
+    (``model.layers.L.self_attn.o_proj:input``, GPT-2 ``transformer.h.L.attn.c_proj:input``)."""
+    if _is_tl(adapter):
+        return _tl_layer_hook(adapter, layer, "attn.hook_z", "attention")
+    base, block = _hf_layer(adapter, layer)
+    children = dict(block.named_children())
+    attn = next((n for n in _ATTN_NAMES if n in children), None)
+    out = None
+    if attn is not None:
+        sub = dict(children[attn].named_children())
+        if "output" in sub and "dense" in dict(sub["output"].named_children()):  # BERT: attention.output.dense
+            out = "output.dense"
+        else:
+            out = _projection_in(children[attn], _ATTN_OUT_NAMES)
+    if out is None:
+        raise ValueError(f"layer {layer} ({base}) has no attention block with a linear output projection "
+                         f"(its parts: {', '.join(children) or 'none'}): pass the hook explicitly")  # fmt: skip
+    return f"{base}.{attn}.{out}{INPUT_SUFFIX}"
+
+
+def resolve_hook(adapter, hook: str) -> str:
+    """``hook`` with the shortcuts ``attn:L`` (:func:`attention_output_hook`) and ``mlp:L``
+    (:func:`mlp_hidden_hook`) resolved for this adapter; any other value is returned as given."""
+    kind, _, layer = hook.partition(":")
+    if kind in ("attn", "mlp") and layer.lstrip("-").isdigit():
+        return (attention_output_hook if kind == "attn" else mlp_hidden_hook)(adapter, int(layer))
+    return hook
 
 
 def _forward(adapter, enc: dict[str, torch.Tensor]) -> None:
@@ -150,15 +257,16 @@ def _forward(adapter, enc: dict[str, torch.Tensor]) -> None:
         adapter.forward_logits(enc["input_ids"], enc["attention_mask"])
 
 
-def _capture(adapter, module: torch.nn.Module, enc: dict[str, torch.Tensor], hook: str) -> torch.Tensor:
+def _capture(adapter, module: torch.nn.Module, reads_input: bool, enc: dict[str, torch.Tensor], hook: str):
     captured: list[torch.Tensor] = []
 
-    def fn(_module, _inputs, output):
-        out = output[0] if isinstance(output, (tuple, list)) else output
+    def fn(_module, inputs, output=None):
+        value = inputs if reads_input else output
+        out = value[0] if isinstance(value, (tuple, list)) else value
         captured.append(out.detach())
         raise _StopForward
 
-    handle = module.register_forward_hook(fn)
+    handle = module.register_forward_pre_hook(fn) if reads_input else module.register_forward_hook(fn)
     try:
         with torch.no_grad():
             _forward(adapter, enc)
@@ -184,8 +292,9 @@ def activations(
 
     ``hook``: a TransformerLens hook name for ``hooked``/``bridge`` adapters (``blocks.5.hook_resid_pre``),
     a module path for ``hf``/``nnsight`` (``model.layers.5``: the module's output, its first element
-    when it returns a tuple). Trailing dimensions beyond ``[batch, pos]`` are flattened
-    (``attn.hook_z`` gives ``n_heads * d_head``).
+    when it returns a tuple; ``model.layers.5.mlp.down_proj:input``: the module's first input), or a
+    shortcut of :func:`resolve_hook` (``attn:5``, ``mlp:5``). Trailing dimensions beyond ``[batch, pos]``
+    are flattened (``attn.hook_z`` gives ``n_heads * d_head``).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -194,13 +303,14 @@ def activations(
         raise ValueError("no prompts to read activations from")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    module = _hook_module(adapter, hook)
+    hook = resolve_hook(adapter, hook)
+    module, reads_input = hook_module(adapter, hook)
     rows, examples, tokens, positions = [], [], [], []
     bar = progress(range(0, len(prompts), batch_size), enabled=show_progress, desc=f"activations {hook}", unit="batch")
     for start in bar:
         enc = adapter.tokenize(prompts[start : start + batch_size], max_length)
         mask = enc["attention_mask"].bool()
-        x = _capture(adapter, module, enc, hook)
+        x = _capture(adapter, module, reads_input, enc, hook)
         if tuple(x.shape[:2]) != tuple(mask.shape):
             raise ValueError(
                 f"activations at {hook!r} have shape {tuple(x.shape)}, not [batch, pos, ...] = "
@@ -364,6 +474,7 @@ class TopKSAEBaseline:
             raise ValueError("TopKSAEBaseline.fit needs hook=... (a hook name or module path); see hook_names(adapter)")
         _sae_lens()
         t0 = time.perf_counter()
+        self.hook = resolve_hook(adapter, self.hook)  # "attn:3" -> the adapter's own hook name, as saved
         acts = self.read_activations(adapter, prompts)
         self.model_name_ = getattr(adapter, "name", None)
         t_read = time.perf_counter() - t0

@@ -188,8 +188,9 @@ def _decoder(view, adapter):
 
 def methods_data(view, npeff_index: dict, k: int = 16, adapter=None) -> dict[str, tuple[dict, list[dict]]]:
     """``{method: (index, components)}`` for each baseline ``npeff compare`` fitted beside the decomposition
-    (``compare/grad-cluster/clusters``, ``compare/sae/sae``), in the NPEFF records' schema; a SAE latent's top
-    examples carry its per-token activations (:class:`.data.SAETokenValues`), clusters none."""
+    (``compare/grad-cluster/clusters``, ``compare/sae/sae``, ``compare/snmf/snmf``), in the NPEFF records' schema;
+    a SAE latent's or SNMF feature's top examples carry its per-token values (:class:`.data.SAETokenValues`),
+    clusters none."""
     out = {}
     for method, path in _data.find_methods(view.decomposition_dir).items():
         try:
@@ -200,7 +201,7 @@ def methods_data(view, npeff_index: dict, k: int = 16, adapter=None) -> dict[str
             continue
         stats = _data.statistics(mview, k, dead=dead)
         provider, note = None, "Gradient clusters have no per-token values: their examples' tokens are not highlighted."
-        if method == "sae":
+        if method in ("sae", "snmf"):
             provider, note = _data.SAETokenValues(fitted, _decoder(view, adapter)), None
         rows = [_data.summary_row(mview, stats, j, None) for j in range(mview.coeffs.shape[1])]
         comps = [

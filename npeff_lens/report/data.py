@@ -139,6 +139,7 @@ def read_compare(decomposition_dir) -> dict | None:
 METHODS = {  # name: (fitted directory under compare/, title, what one component is called)
     "grad-cluster": ("grad-cluster/clusters", "Gradient clusters", "cluster"),
     "sae": ("sae/sae", "TopK SAE latents", "latent"),
+    "snmf": ("snmf/snmf", "SNMF features (MLP activations)", "feature"),
 }
 
 
@@ -149,11 +150,15 @@ def find_methods(decomposition_dir) -> dict[str, Path]:
 
 
 def load_method(method: str, path: Path):
-    """The fitted baseline: ``GradientClustering`` or ``TopKSAEBaseline``."""
+    """The fitted baseline: ``GradientClustering``, ``TopKSAEBaseline`` or ``SNMFBaseline``."""
     if method == "grad-cluster":
         from ..baselines.gradient_clustering import GradientClustering
 
         return GradientClustering.load(path)
+    if method == "snmf":
+        from ..baselines.snmf import SNMFBaseline
+
+        return SNMFBaseline.load(path)
     from ..baselines.sae import TopKSAEBaseline
 
     return TopKSAEBaseline.load(path, device="cpu")
@@ -173,7 +178,8 @@ def method_view(view: RunView, method: str, fitted) -> tuple[RunView, set]:
 
 
 class SAETokenValues:
-    """Per-example token values of SAE latents: ``provider(latent, example)`` -> the ``example_record`` fields.
+    """Per-example token values of SAE latents (or SNMF features: the same ``token_activations``, ``_starts``,
+    ``token_ids_``): ``provider(latent, example)`` -> the ``example_record`` fields.
 
     ``shares``: the latent's activation on each of the example's tokens (``token_activations``);
     ``values``: the same divided by their max over the example's tokens (in [0, 1]; all 0 when the latent is

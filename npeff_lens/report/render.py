@@ -13,7 +13,7 @@ from html import escape
 from .data import METHODS, N_BINS, NONZERO, component_name
 
 _COMPARE_COLUMNS = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared",
-                    "coverage", "fit_seconds")  # fmt: skip
+                    "coverage", "selectivity", "fit_seconds")  # fmt: skip
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -336,6 +336,12 @@ def _legend(method: str | None) -> str:
     if method == "sae":
         return (
             "Token highlighting: the latent's activation on each token of the prompt (its SAE code), divided by "
+            'its max over the example\'s tokens (<span class="tok" style="background-color: rgba(230,110,20,0.6)">'
+            "max</span>; hover for the %)."
+        )
+    if method == "snmf":
+        return (
+            "Token highlighting: the feature's non-negative SNMF coefficient on each token of the prompt, divided by "
             'its max over the example\'s tokens (<span class="tok" style="background-color: rgba(230,110,20,0.6)">'
             "max</span>; hover for the %)."
         )
