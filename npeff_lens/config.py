@@ -449,8 +449,25 @@ class DecomposeConfig(_Config):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(DecomposeConfig)}
 
 
+class _ComponentSpec:
+    """For configs with a ``components`` field (CLI text: a count or indices such as ``0,3,7-9``): an int or a
+    list given from Python is kept as that text, and ``validate`` checks it through ``component_list``."""
+
+    def __post_init__(self):
+        if isinstance(self.components, (int, list, tuple)) and not isinstance(self.components, bool):
+            spec = self.components if isinstance(self.components, int) else ",".join(map(str, self.components))
+            object.__setattr__(self, "components", str(spec))
+        super().__post_init__()
+
+    def _validate_components(self):
+        try:
+            self.component_list(None)
+        except ValueError as e:
+            self._fail("components", str(e))
+
+
 @dataclass(frozen=True, kw_only=True)
-class PerturbConfig(_Config):
+class PerturbConfig(_ComponentSpec, _Config):
     """The perturbation experiment (§3.3, App. F)."""
 
     step: ClassVar[str] = "perturb"
@@ -483,17 +500,8 @@ class PerturbConfig(_Config):
     device: str = option("cpu", "device of the model", resume=False)
     progress: bool = option(True, "show a progress bar over components", resume=False)
 
-    def __post_init__(self):
-        if isinstance(self.components, (int, list, tuple)) and not isinstance(self.components, bool):
-            spec = self.components if isinstance(self.components, int) else ",".join(map(str, self.components))
-            object.__setattr__(self, "components", str(spec))
-        super().__post_init__()
-
     def validate(self):
-        try:
-            self.component_list(None)
-        except ValueError as e:
-            self._fail("components", str(e))
+        self._validate_components()
         self._require("magnitude", math.isfinite(self.magnitude) and self.magnitude > 0, "must be positive and finite")
         self._require("top_k", self.top_k >= 1, "must be >= 1")
         self._require("n_baseline", self.n_baseline >= 1, "must be >= 1")
@@ -733,7 +741,7 @@ class CompareCommand(CompareConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class UnlearnConfig(_Config):
+class UnlearnConfig(_ComponentSpec, _Config):
     """NPEFF-guided unlearning with collateral-damage mitigation (§6.1, App. I.1-I.2)."""
 
     step: ClassVar[str] = "unlearn"
@@ -756,17 +764,8 @@ class UnlearnConfig(_Config):
     batch_size: int = option(32, "prompts per forward when evaluating", resume=False)
     progress: bool = option(True, "show progress bars", resume=False)
 
-    def __post_init__(self):
-        if isinstance(self.components, (int, list, tuple)) and not isinstance(self.components, bool):
-            spec = self.components if isinstance(self.components, int) else ",".join(map(str, self.components))
-            object.__setattr__(self, "components", str(spec))
-        super().__post_init__()
-
     def validate(self):
-        try:
-            self.component_list(None)
-        except ValueError as e:
-            self._fail("components", str(e))
+        self._validate_components()
         for name in ("k_eval", "k_mitigation", "n_random", "n_batches", "retain_batch_size", "forget_batch_size"):
             self._require(name, getattr(self, name) >= 1, "must be >= 1")
         for name in ("lr", "epsilon_forget", "epsilon_retain", "kl_threshold"):
