@@ -721,8 +721,10 @@ class CompareConfig(_Config):
         return common if method == "grad-cluster" else {}
 
     def selectivity_key(self, method: str) -> dict:
-        """The fields that change one method's selectivity (resumed per component under this key)."""
-        key = {k: getattr(self, k) for k in ("k", "target_kl", "n_baseline", "selectivity_components", "seed")}
+        """The fields that change one method's selectivity (resumed per component under this key). Not
+        ``selectivity_components``: each component's measurement does not depend on how many are measured, so a
+        rerun that asks for more components measures only the new ones."""
+        key = {k: getattr(self, k) for k in ("k", "target_kl", "n_baseline", "seed")}
         if method in PARAMETER_METHODS:
             key.update(recovery=self.recovery, reject_threshold=self.reject_threshold)
         return key

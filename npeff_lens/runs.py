@@ -521,11 +521,13 @@ class _MethodKey:
     """One method's resume key, in the shape ``_begin`` expects of a config."""
 
     fields: dict
+    ignored: tuple = ()  # fields that older runs stored in the key and no longer change the result
 
     def key(self) -> dict:
         return to_jsonable(self.fields)
 
     def check_resume(self, stored: dict, where: str) -> None:
+        stored = {k: v for k, v in stored.items() if k not in self.ignored}
         check_same(stored, self.key(), where, hint="rerun with the stored values, or delete that method's folder")
 
 
@@ -660,7 +662,7 @@ class _CompareContext:
         from . import selectivity as sel
 
         cfg, out = self.cfg, mdir / "selectivity"
-        key = _MethodKey(cfg.selectivity_key(method))
+        key = _MethodKey(cfg.selectivity_key(method), ignored=("selectivity_components",))
         rec = _begin(out, f"selectivity-{method}", key, self.identity(), self.d)
         done = {}
         if (out / "selectivity.json").exists():

@@ -432,6 +432,21 @@ def test_compare_killed_in_selectivity_resumes_after_the_measured_components(tmp
         assert main(["compare", str(run_dir / "npeff"), *args]) == 0
     c = json.loads((run_dir / "npeff" / "compare" / "compare.json").read_text())["methods"]
     assert c["snmf"]["selectivity_per_component"] == a["snmf"]["selectivity_per_component"]
+    # Measuring the first component only, then all: the second run measures only the others, and equals one run.
+    part = tmp_path / "part"
+    shutil.copytree(ref_dir / "npeff", part / "npeff", ignore=shutil.ignore_patterns("selectivity"))
+    shutil.copytree(root / "pefs", part / "pefs")
+    assert main(["compare", str(part / "npeff"), *args, "--selectivity-components", "1"]) == 0
+    p = json.loads((part / "npeff" / "compare" / "compare.json").read_text())["methods"]
+    assert p["snmf"]["selectivity_per_component"] == a["snmf"]["selectivity_per_component"][:1]
+    _kill("npeff_lens.selectivity", "component_selectivity", 2, ["compare", str(part / "npeff"), *args])  # no redo
+    sel = part / "npeff" / "compare" / "npeff" / "selectivity"
+    assert [r["component"] for r in json.loads((sel / "selectivity.json").read_text())["components"]] == [0, 1]
+    assert main(["compare", str(part / "npeff"), *args]) == 0
+    p = json.loads((part / "npeff" / "compare" / "compare.json").read_text())["methods"]
+    assert {m: r["selectivity_per_component"] for m, r in p.items()} == {
+        m: r["selectivity_per_component"] for m, r in a.items()
+    }
 
 
 def test_unlearn_killed_mid_run_reruns_to_the_same_report(tmp_path, reference):
