@@ -498,7 +498,10 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
     context = _CompareContext(d, est, store, cfg, adapter)
     for method in cfg.methods:
         mdir = root / method
-        rec = _begin(mdir, f"compare-{method}", _MethodKey(cfg.method_key(method)), context.identity(), d)
+        key = cfg.method_key(method)
+        if "components" in key:  # resolved: "the decomposition's number" and that number are one configuration
+            key["components"] = context.components
+        rec = _begin(mdir, f"compare-{method}", _MethodKey(key, resolved=("components",)), context.identity(), d)
         if rec["status"] == "done":  # fitted before: read back; the metrics are recomputed (k may differ)
             coeffs, extra = context.load(method, mdir)
         else:
@@ -522,12 +525,14 @@ class _MethodKey:
 
     fields: dict
     ignored: tuple = ()  # fields that older runs stored in the key and no longer change the result
+    resolved: tuple = ()  # fields that older runs stored unresolved (None: the default this key resolves)
 
     def key(self) -> dict:
         return to_jsonable(self.fields)
 
     def check_resume(self, stored: dict, where: str) -> None:
-        stored = {k: v for k, v in stored.items() if k not in self.ignored}
+        stored = {k: self.fields[k] if v is None and k in self.resolved else v
+                  for k, v in stored.items() if k not in self.ignored}  # fmt: skip
         check_same(stored, self.key(), where, hint="rerun with the stored values, or delete that method's folder")
 
 
