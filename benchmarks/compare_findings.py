@@ -65,7 +65,7 @@ def finding_sae_layers(args) -> dict:
         if (path / "npeff_sae.json").exists():
             sae = TopKSAEBaseline.load(path)
         else:
-            sae = TopKSAEBaseline(args.latents, args.sae_k, hook=hook, seed=0, total_tokens=args.sae_tokens,
+            sae = TopKSAEBaseline(args.latents, args.sae_k, hook=hook, seed=0, total_tokens=args.sae_tokens or 200_000,
                                   show_progress=not args.quiet)  # fmt: skip
             sae.fit(adapter, prompts)
             sae.save(path)
@@ -88,7 +88,8 @@ def _compare_at(run_dir: Path, components: int, args, adapter) -> dict:
     t0 = time.time()
     res = compare(
         run_dir, methods=("npeff", "grad-cluster", "sae", "snmf"), components=components, k=args.k,
-        sae_hook=f"model.layers.{args.layer - 1}", sae_tokens=args.sae_tokens, snmf_layer=args.layer,
+        sae_hook=f"model.layers.{args.layer - 1}", snmf_layer=args.layer,
+        **({"sae_tokens": args.sae_tokens} if args.sae_tokens else {}),  # default: compare's
         selectivity=True, target_kl=args.target_kl, n_baseline=args.n_baseline,
         selectivity_components=args.selectivity_components, adapter=adapter, progress=not args.quiet,
     )  # fmt: skip
@@ -177,7 +178,12 @@ def main():
     b.add_argument("--layers", type=int, nargs="+", default=[3, 14, 26], help="early, middle, late layer")
     b.add_argument("--latents", type=int, default=512)
     b.add_argument("--sae-k", type=int, default=16)
-    b.add_argument("--sae-tokens", type=int, default=200_000)
+    b.add_argument(
+        "--sae-tokens",
+        type=int,
+        default=None,
+        help="tokens each SAE trains on (default: 200,000 here; compare's own default in (c))",
+    )
     c = p.add_argument_group("four-methods (c); also --run, --sae-tokens and the argmax flags for qa-wikidata")
     c.add_argument("--datasets", nargs="+", choices=["movie", "qa"], default=["movie", "qa"])
     c.add_argument("--sizes", type=int, nargs="+", default=[16, 64], help="components of every method")

@@ -501,7 +501,10 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
         key = cfg.method_key(method)
         if "components" in key:  # resolved: "the decomposition's number" and that number are one configuration
             key["components"] = context.components
-        rec = _begin(mdir, f"compare-{method}", _MethodKey(key, resolved=("components",)), context.identity(), d)
+        if "sae_hook" in key:  # likewise the default hook and its name
+            key["sae_hook"] = context.sae_hook()
+        rec = _begin(mdir, f"compare-{method}", _MethodKey(key, resolved=("components", "sae_hook")),
+                     context.identity(), d)  # fmt: skip
         if rec["status"] == "done":  # fitted before: read back; the metrics are recomputed (k may differ)
             coeffs, extra = context.load(method, mdir)
         else:
@@ -564,6 +567,12 @@ class _CompareContext:
                 raise ValueError("the store's manifest records no model: pass adapter=")
             self._adapter = load_model(model["name"], backend=model.get("backend") or "hf", device=self.cfg.device)
         return self._adapter
+
+    def sae_hook(self) -> str:
+        """The SAE's hook as given, or the default one (the residual stream entering the middle layer)."""
+        from .baselines.sae import default_hook, resolve_hook
+
+        return resolve_hook(self.adapter, self.cfg.sae_hook or default_hook(self.adapter))
 
     @property
     def task(self):
@@ -628,10 +637,10 @@ class _CompareContext:
         return snmf.coefficients_, {"fit_seconds": time.time() - t0, "snmf": snmf, "hook": snmf.hook}
 
     def _sae(self, mdir: Path):
-        from .baselines.sae import TopKSAEBaseline, default_hook, resolve_hook
+        from .baselines.sae import TopKSAEBaseline
 
         cfg = self.cfg
-        hook = resolve_hook(self.adapter, cfg.sae_hook or default_hook(self.adapter))
+        hook = self.sae_hook()
         k = cfg.sae_k or max(1, min(32, self.components // 4))
         t0 = time.time()
         sae = TopKSAEBaseline(
