@@ -501,9 +501,13 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
         key = cfg.method_key(method)
         if "components" in key:  # resolved: "the decomposition's number" and that number are one configuration
             key["components"] = context.components
-        if "sae_hook" in key:  # likewise the default hook and its name
+        if "sae_hook" in key:  # likewise the default hook or layer and its name or number
             key["sae_hook"] = context.sae_hook()
-        rec = _begin(mdir, f"compare-{method}", _MethodKey(key, resolved=("components", "sae_hook")),
+        if "snmf_layer" in key and key["snmf_layer"] is None:
+            from .baselines.snmf import default_layer
+
+            key["snmf_layer"] = default_layer(context.adapter)
+        rec = _begin(mdir, f"compare-{method}", _MethodKey(key, resolved=("components", "sae_hook", "snmf_layer")),
                      context.identity(), d)  # fmt: skip
         if rec["status"] == "done":  # fitted before: read back; the metrics are recomputed (k may differ)
             coeffs, extra = context.load(method, mdir)
