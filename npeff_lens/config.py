@@ -668,10 +668,11 @@ class CompareConfig(_Config):
     selectivity_components: int | None = option(
         None, "measure selectivity on each method's first N components only (a cheaper estimate); none: all"
     )
-    recovery: Literal["adjoint", "fpc"] = option(
+    recovery: Literal["adjoint", "minnorm", "sparsa", "fista", "fpc"] = option(
         "adjoint",
         "parameter-space direction of NPEFF components and gradient-cluster centroids for selectivity: the "
-        "back-projection A·h (seconds) or FPC compressed sensing (App. F; minutes per component at 8M parameters)",
+        "back-projection A·h (seconds), the least-norm x with x A = h, or compressed sensing (App. F eq. 6) solved "
+        "by SpaRSA, FISTA or the paper's FPC (as `npeff perturb --recovery`)",
     )
     reject_threshold: float | None = option(
         0.5, "reject a component from the dissimilar ones (|cos| below this) before recovery; none: no rejection"

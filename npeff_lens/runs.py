@@ -761,7 +761,8 @@ class _CompareContext:
         cfg, layout = self.cfg, manifest["layout"]
         check_adapter(self.adapter, layout)
         op = projection_from_config(manifest["projection"]) if manifest.get("projection") else None
-        lam = estimate_lambda_max(op) * 1.1 if op is not None and cfg.recovery == "fpc" else None
+        needs_lambda = op is not None and cfg.recovery not in ("adjoint", "minnorm")  # step sizes of the solvers
+        lam = estimate_lambda_max(op) * 1.1 if needs_lambda else None
 
         def direction(j: int):
             flat, _ = recover_direction(vectors, j, op, method=cfg.recovery, reject_threshold=cfg.reject_threshold,
