@@ -205,40 +205,39 @@ def held_out(run: Run, est, train) -> dict:
 
 
 def perturb(run: Run, recovery: str, components: int) -> dict:
-    """§3.3 on seeded random components, one at a time, until ``--perturb-minutes`` are spent (resumes)."""
+    """§3.3 on seeded random components until ``--perturb-minutes`` are spent (a rerun continues the list)."""
     from npeff_lens.runs import run_perturbation
 
     a = run.args
     order = list(range(components))
     random.Random(0).shuffle(order)
-    out = run.out / "perturb" / recovery
-    budget, t0, measured, summary = a.perturb_minutes * 60, time.time(), [], None
-    spent = run.times.get(f"perturb {recovery}", {}).get("seconds", 0.0)
-    for j in order[: a.perturb_components or components]:
-        measured.append(j)
-        previous = _measured(out)
-        if j not in previous and spent + time.time() - t0 > budget:
-            measured.pop()
-            break
-        summary = run_perturbation(
-            run.out / "train" / "npeff", ",".join(map(str, measured)), out=out, adapter=run.adapter,
-            magnitude=a.magnitude, top_k=16, n_baseline=a.n_baseline, recovery=recovery, reject_threshold=0.5,
-            batch_size=a.batch_size * 4, progress=False,
-        )  # fmt: skip
-        if j not in previous:
-            run.times[f"perturb {recovery}"] = {"seconds": spent + time.time() - t0, "load": os.getloadavg()[0]}
-            run.times_file.write_text(json.dumps(run.times, indent=1))
-    if summary is None:
-        return {"n_components": 0}
+    order = order[: a.perturb_components or components]
+    out, name = run.out / "perturb" / recovery, f"perturb {recovery}"
+    spent = run.times.get(name, {}).get("seconds", 0.0)
+    before, t0 = _measured(out), time.time()
+    summary = run_perturbation(
+        run.out / "train" / "npeff", ",".join(map(str, order)), out=out, adapter=run.adapter,
+        magnitude=a.magnitude, top_k=16, n_baseline=a.n_baseline, recovery=recovery, reject_threshold=0.5,
+        batch_size=a.batch_size * 4, progress=not a.quiet, time_budget=max(0.0, a.perturb_minutes - spent / 60),
+    )  # fmt: skip
+    if _measured(out) != before:
+        run.times[name] = {"seconds": spent + time.time() - t0, "load": os.getloadavg()[0]}
+        run.times_file.write_text(json.dumps(run.times, indent=1))
     recs = [r for r in summary["records"] if r.get("status") == "ok"]
-    seconds = run.times.get(f"perturb {recovery}", {}).get("seconds")
+    seconds = run.times.get(name, {}).get("seconds")
 
     def gmean(key):
         values = [r[key] for r in recs if r.get(key) and r[key] > 0]
         return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
-    return {"n_components": len(recs), "components": measured, "kl_ratio": gmean("kl_ratio"),
-            "norm_ratio": gmean("pef_norm_ratio"), "n_baseline": min((r["n_base"] for r in recs), default=None),
+    def mean(key):
+        values = [r[key] for r in recs if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    return {"n_components": len(recs), "components": [r["component"] for r in summary["records"]],
+            "kl_ratio": gmean("kl_ratio"), "norm_ratio": gmean("pef_norm_ratio"),
+            "n_baseline": min((r["n_base"] for r in recs), default=None),
+            "nonzero_fraction": mean("recovery_nonzero_fraction"), "recovery_seconds": mean("recovery_seconds"),
             "seconds_per_component": seconds / len(recs) if recs and seconds else None,
             "summary": {k: v for k, v in summary.items() if k != "records"}}  # fmt: skip
 
@@ -476,7 +475,8 @@ def print_tables(res: dict, times: dict) -> None:
             f"\nperturbations (§3.3), recovery {rec}: {r['n_components']} components, baseline "
             f"{r.get('n_baseline')}; geometric-mean KL ratio {_num(r.get('kl_ratio'))} (paper 10.94), PEF-norm "
             f"ratio {_num(r.get('norm_ratio'))} (paper 1.02), {_num(r.get('seconds_per_component'), '.0f')} "
-            "s/component"
+            f"s/component (recovery {_num(r.get('recovery_seconds'), '.1f')} s), nonzero fraction of the direction "
+            f"{_num(r.get('nonzero_fraction'), '.3f')}"
         )
     if "ablate-d" in res:
         print("\n| d | components | label | prediction | seed-to-seed | similarity to largest d | collect s/ex |")

@@ -499,9 +499,17 @@ class PerturbConfig(_ComponentSpec, _Config):
     batch_size: int = option(32, "prompts per forward pass", resume=False)
     device: str = option("cpu", "device of the model", resume=False)
     progress: bool = option(True, "show a progress bar over components", resume=False)
+    time_budget: float | None = option(
+        None,
+        "minutes after which no further component is started: the results cover the components measured "
+        "(rerun to continue); none: all components",
+        resume=False,
+    )
 
     def validate(self):
         self._validate_components()
+        ok = self.time_budget is None or (math.isfinite(self.time_budget) and self.time_budget >= 0)
+        self._require("time_budget", ok, "must be >= 0 minutes (or none)")
         self._require("magnitude", math.isfinite(self.magnitude) and self.magnitude > 0, "must be positive and finite")
         self._require("top_k", self.top_k >= 1, "must be >= 1")
         self._require("n_baseline", self.n_baseline >= 1, "must be >= 1")

@@ -378,10 +378,17 @@ def run_perturbation(
     records = _previous_records(Path(out), cfg, s.identity, decomposition_dir) if out is not None else {}
     top, notes = top_examples(s.coeffs, k=cfg.top_k), []
     reference = perturb._Reference(s.adapter, s.task, s.prompts, cfg.batch_size)  # unperturbed p(y|x), cached
+    deadline = None if cfg.time_budget is None else time.monotonic() + 60 * cfg.time_budget
     bar = progress(indices, desc="perturbing components", unit="component", enabled=cfg.progress)
     for j in bar:
         if j in records:
             continue
+        if deadline is not None and time.monotonic() >= deadline:
+            done = sum(i in records for i in indices)
+            notes.append(f"time budget of {cfg.time_budget:g} min spent: {done} of {len(indices)} components "
+                         "measured; rerun the same command to continue")  # fmt: skip
+            warnings.warn(notes[-1], RuntimeWarning, stacklevel=2)
+            break
         top_j = [int(i) for i in top[j].tolist() if s.coeffs[i, j] > 0]
         if 0 < len(top_j) < cfg.top_k:
             notes.append(f"component {j}: only {len(top_j)} examples with a positive coefficient (top_k={cfg.top_k})")
@@ -389,7 +396,7 @@ def run_perturbation(
         bar.set_postfix(kl_ratio=perturb._fmt(records[j]["kl_ratio"]))
         if out is not None:
             _write_perturbation(Path(out), [records[i] for i in indices if i in records], cfg, notes)
-    ordered = [records[i] for i in indices]
+    ordered = [records[i] for i in indices if i in records]  # all of them unless the time budget was spent
     short = [r["n_base"] for r in ordered if r.get("status") == "ok" and r["n_base"] < cfg.n_baseline]
     if short:
         notes.append(
@@ -399,7 +406,8 @@ def run_perturbation(
         warnings.warn(notes[-1], RuntimeWarning, stacklevel=2)
     if out is not None:
         _write_perturbation(Path(out), ordered, cfg, notes)
-        _finish(Path(out), read_json(Path(out) / RUN_FILE))
+        if len(ordered) == len(indices):
+            _finish(Path(out), read_json(Path(out) / RUN_FILE))
     return {**_perturbation_summary(ordered, cfg, notes), "records": ordered}
 
 

@@ -97,6 +97,7 @@ SAMPLES = {  # non-default values for every field of every command
         mu=1e-3,
         max_iter=40,
         reject_threshold=None,
+        time_budget=2.5,
         backend="hooked",
         batch_size=2,
         device="cpu",
@@ -450,6 +451,33 @@ def test_perturb_resumes_and_another_magnitude_is_an_error(run, tmp_path, capsys
     argv = ["perturb", str(root / "tree" / "npeff"), "--components", "2", "--top-k", "4", "--n-baseline", "8"]
     assert main([*argv, "--magnitude", "0.7", "--out", str(out), "--no-progress"]) == 2
     assert "magnitude: stored 0.5, now 0.7" in capsys.readouterr().err
+
+
+def test_perturb_time_budget_stops_between_components_and_a_rerun_continues(run, tmp_path, monkeypatch):
+    import npeff_lens.runs as runs
+
+    root, _, _ = run
+    args = dict(magnitude=0.5, top_k=4, n_baseline=8, progress=False)
+    full = run_perturbation(root / "tree" / "npeff", 3, **args)
+    clock, measure = [0.0], runs._perturb_one  # a clock on which each component takes one minute
+
+    def one_minute(*a, **k):
+        clock[0] += 60.0
+        return measure(*a, **k)
+
+    monkeypatch.setattr(runs.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(runs, "_perturb_one", one_minute)
+    out = tmp_path / "budget"
+    with pytest.warns(RuntimeWarning, match="time budget of 2 min spent: 2 of 3 components measured"):
+        part = run_perturbation(root / "tree" / "npeff", 3, out=out, time_budget=2, **args)
+    assert [r["component"] for r in part["records"]] == [0, 1]
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "running"
+    monkeypatch.undo()
+    rest = run_perturbation(root / "tree" / "npeff", 3, out=out, **args)  # continues: measures component 2 only
+    untimed = [[{k: v for k, v in r.items() if "seconds" not in k} for r in json.loads(json.dumps(x["records"]))]
+               for x in (rest, full)]  # fmt: skip
+    assert untimed[0] == untimed[1]
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "done"
 
 
 # --------------------------------------------------------------------------------------------------
