@@ -532,15 +532,15 @@ def main(argv=None):
     p.add_argument("--recoveries", nargs="+", default=["minnorm"], help="recovery solvers, each measured")
     p.add_argument("--perturb-minutes", type=float, default=30.0, help="time budget per solver")
     p.add_argument("--perturb-components", type=int, default=None, help="at most this many components")
-    p.add_argument("--ablation-n", type=int, default=1024, help="reviews per ablation collection")
+    p.add_argument("--ablation-n", type=int, default=512, help="examples per ablation collection")
     p.add_argument("--ablation-components", type=int, default=None, help="default: ablation_n // 128, >= 16")
     p.add_argument("--dims", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="ablate-d sizes")
     p.add_argument("--component-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--eps", type=int, nargs="+", default=[1, 4, 16], help="ablate-eps: expectation projections")
     p.add_argument("--svd-ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="ablate-eps: SVD ranks")
-    p.add_argument("--convergence-params", nargs="+", default=["model.layers.29.self_attn.[kv]_proj.weight"],
+    p.add_argument("--convergence-params", nargs="+", default=["model.layers.29.self_attn.v_proj.weight"],
                    help="D.6's parameter subset (exact PEFs are held in memory: n x r x params floats)")  # fmt: skip
-    p.add_argument("--convergence-n", type=int, default=512)
+    p.add_argument("--convergence-n", type=int, default=256)
     p.add_argument("--convergence-components", type=int, default=16)
     p.add_argument("--convergence-dims", type=int, nargs="+", default=[512, 2048, 8192, 32768])
     p.add_argument("--quiet", action="store_true")
