@@ -88,11 +88,16 @@ class Run:
         """``work()``; its seconds are recorded under ``name`` unless the stage was already ``done``."""
         t0 = time.time()
         result = work()
-        if not done or name not in self.times:
-            if not done:
-                self.times[name] = {"seconds": time.time() - t0, "load": os.getloadavg()[0]}
-                self.times_file.write_text(json.dumps(self.times, indent=1))
+        if not done:
+            self.record(name, time.time() - t0)
         return result
+
+    def record(self, name: str, seconds: float) -> None:
+        """Adds ``name``'s seconds to times.json, re-read first: ablations may run beside the reproduction."""
+        if self.times_file.exists():
+            self.times = json.loads(self.times_file.read_text())
+        self.times[name] = {"seconds": seconds, "load": os.getloadavg()[0]}
+        self.times_file.write_text(json.dumps(self.times, indent=1))
 
     def collect(self, path: Path, n: int, split: str, **options):
         import npeff_lens as nl
@@ -221,8 +226,7 @@ def perturb(run: Run, recovery: str, components: int) -> dict:
         batch_size=a.batch_size * 4, progress=not a.quiet, time_budget=max(0.0, a.perturb_minutes - spent / 60),
     )  # fmt: skip
     if _measured(out) != before:
-        run.times[name] = {"seconds": spent + time.time() - t0, "load": os.getloadavg()[0]}
-        run.times_file.write_text(json.dumps(run.times, indent=1))
+        run.record(name, spent + time.time() - t0)
     recs = [r for r in summary["records"] if r.get("status") == "ok"]
     seconds = run.times.get(name, {}).get("seconds")
 
