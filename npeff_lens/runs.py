@@ -509,8 +509,10 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
         key = cfg.method_key(method)
         if "components" in key:  # resolved: "the decomposition's number" and that number are one configuration
             key["components"] = context.components
-        if "sae_hook" in key:  # likewise the default hook or layer and its name or number
-            key["sae_hook"] = context.sae_hook()
+        if "sae_hook" in key and key["sae_hook"] is None:  # likewise the default hook and layer
+            from .baselines.sae import default_hook
+
+            key["sae_hook"] = default_hook(context.adapter)
         if "snmf_layer" in key and key["snmf_layer"] is None:
             from .baselines.snmf import default_layer
 
@@ -580,12 +582,6 @@ class _CompareContext:
             self._adapter = load_model(model["name"], backend=model.get("backend") or "hf", device=self.cfg.device)
         return self._adapter
 
-    def sae_hook(self) -> str:
-        """The SAE's hook as given, or the default one (the residual stream entering the middle layer)."""
-        from .baselines.sae import default_hook, resolve_hook
-
-        return resolve_hook(self.adapter, self.cfg.sae_hook or default_hook(self.adapter))
-
     @property
     def task(self):
         if self._task is None:
@@ -649,10 +645,10 @@ class _CompareContext:
         return snmf.coefficients_, {"fit_seconds": time.time() - t0, "snmf": snmf, "hook": snmf.hook}
 
     def _sae(self, mdir: Path):
-        from .baselines.sae import TopKSAEBaseline
+        from .baselines.sae import TopKSAEBaseline, default_hook, resolve_hook
 
         cfg = self.cfg
-        hook = self.sae_hook()
+        hook = resolve_hook(self.adapter, cfg.sae_hook or default_hook(self.adapter))
         k = cfg.sae_k or max(1, min(32, self.components // 4))
         t0 = time.time()
         sae = TopKSAEBaseline(
