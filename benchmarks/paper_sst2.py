@@ -174,7 +174,8 @@ def reproduction(run: Run, stages: list[str]) -> dict:
     if "held-out" in stages:
         res["held_out"] = held_out(run, est, train)
     if "perturb" in stages:
-        res["perturb"] = {r: perturb(run, r, components) for r in a.recoveries}
+        res["perturb"] = {r if a.n_baseline == 1000 else f"{r}-b{a.n_baseline}": perturb(run, r, components)
+                          for r in a.recoveries}  # fmt: skip
     return res
 
 
@@ -217,7 +218,8 @@ def perturb(run: Run, recovery: str, components: int) -> dict:
     order = list(range(components))
     random.Random(0).shuffle(order)
     order = order[: a.perturb_components or components]
-    out, name = run.out / "perturb" / recovery, f"perturb {recovery}"
+    tag = recovery if a.n_baseline == 1000 else f"{recovery}-b{a.n_baseline}"  # one directory per configuration
+    out, name = run.out / "perturb" / tag, f"perturb {tag}"
     spent = run.times.get(name, {}).get("seconds", 0.0)
     before, t0 = _measured(out), time.time()
     summary = run_perturbation(
@@ -560,7 +562,8 @@ def main(argv=None):
     res["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print_tables(res, run.times)
     previous = json.loads((run.out / "results.json").read_text()) if (run.out / "results.json").exists() else {}
-    (run.out / "results.json").write_text(json.dumps({**previous, **res}, indent=1, default=str))
+    merged = {**previous, **res, "perturb": {**previous.get("perturb", {}), **res.get("perturb", {})}}
+    (run.out / "results.json").write_text(json.dumps(merged, indent=1, default=str))
     return res
 
 
