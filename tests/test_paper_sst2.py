@@ -33,7 +33,7 @@ def test_every_stage_on_a_tiny_model_and_a_rerun_only_reads_back(tmp_path, capsy
         assert 0 <= res["tunings"][key] <= 1
     h = res["held_out"]
     assert h["n_tuned_prediction"] >= 1 and 0 <= h["same_prediction"] <= 1  # 4 components on a tiny model: tuned
-    for rec in ("minnorm", "adjoint"):
+    for rec in ("minnorm-b12", "adjoint-b12"):  # tagged: not the paper's 1,000 baseline examples
         p = res["perturb"][rec]
         assert p["n_components"] == 2 and p["kl_ratio"] > 0 and p["norm_ratio"] > 0 and p["n_baseline"] == 12
     assert set(res["ablate-d"]) == {64, 128} and res["ablate-d"][128]["similarity_to_d128"] == pytest.approx(1.0)
@@ -46,14 +46,14 @@ def test_every_stage_on_a_tiny_model_and_a_rerun_only_reads_back(tmp_path, capsy
     assert exact.shape[:2] == (12, 2) and conv["unprojected"]["n_params"] == exact.shape[2]
     assert all(0 < conv[d]["similarity_to_unprojected"] <= 1 + 1e-9 for d in ("64", "256"))
     out = capsys.readouterr().out
-    assert "prediction-tuned (§3.1)" in out and "recovery minnorm" in out and "D.6" in out
+    assert "prediction-tuned (§3.1)" in out and "recovery minnorm-b12" in out and "D.6" in out
 
     times = json.loads((tmp_path / "times.json").read_text())
     again = script.main(["--out", str(tmp_path), *ARGS])  # every stage is read back: no time is recorded again
     assert json.loads((tmp_path / "times.json").read_text()) == times
     for key in ("tunings", "held_out", "ablate-d", "ablate-eps", "convergence"):
         assert again[key] == res[key], key
-    for rec in ("minnorm", "adjoint"):
+    for rec in ("minnorm-b12", "adjoint-b12"):  # tagged: not the paper's 1,000 baseline examples
         assert again["perturb"][rec]["kl_ratio"] == res["perturb"][rec]["kl_ratio"]
 
 
