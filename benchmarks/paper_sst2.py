@@ -225,7 +225,7 @@ def perturb(run: Run, recovery: str, components: int) -> dict:
     summary = run_perturbation(
         run.out / "train" / "npeff", ",".join(map(str, order)), out=out, adapter=run.adapter,
         magnitude=a.magnitude, top_k=16, n_baseline=a.n_baseline, recovery=recovery, reject_threshold=0.5,
-        batch_size=a.batch_size * 4, progress=not a.quiet, time_budget=max(0.0, a.perturb_minutes - spent / 60),
+        batch_size=a.perturb_batch_size, progress=not a.quiet, time_budget=max(0.0, a.perturb_minutes - spent / 60),
     )  # fmt: skip
     if _measured(out) != before:
         run.record(name, spent + time.time() - t0)
@@ -538,6 +538,9 @@ def main(argv=None):
     p.add_argument("--recoveries", nargs="+", default=["minnorm"], help="recovery solvers, each measured")
     p.add_argument("--perturb-minutes", type=float, default=30.0, help="time budget per solver")
     p.add_argument("--perturb-components", type=int, default=None, help="at most this many components")
+    p.add_argument("--perturb-batch-size", type=int, default=32,
+                   help="prompts per forward pass; the unperturbed reference is computed in whole batches, so a "
+                        "small baseline set costs fewer forwards with a smaller batch")  # fmt: skip
     p.add_argument("--ablation-n", type=int, default=512, help="examples per ablation collection")
     p.add_argument("--ablation-components", type=int, default=None, help="default: ablation_n // 128, >= 16")
     p.add_argument("--dims", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="ablate-d sizes")
