@@ -481,12 +481,12 @@ class PerturbConfig(_ComponentSpec, _Config):
     top_k: int = option(16, "top examples per component, by coefficient")
     n_baseline: int = option(1000, "random baseline examples, disjoint from the top ones")
     seed: int = option(0, "seed of the baseline examples")
-    recovery: Literal["minnorm", "sparsa", "fista", "fpc", "adjoint"] = option(
-        "minnorm",
-        "parameter-space direction: the least-norm x with x A = h (conjugate gradients; as selective as the "
-        "back-projection, benchmarks/README.md), compressed sensing of App. F eq. 6 solved by SpaRSA or FISTA "
-        "(continuation, to convergence: sparse), the paper's FPC (one inner iteration: coarse), or the "
-        "back-projection A·h",
+    recovery: Literal["adjoint", "minnorm", "sparsa", "fista", "fpc"] = option(
+        "adjoint",
+        "parameter-space direction: the back-projection A·h (the most selective measured, and the cheapest: "
+        "benchmarks/README.md), the least-norm x with x A = h (conjugate gradients), compressed sensing of "
+        "App. F eq. 6 solved by SpaRSA or FISTA (continuation, to convergence: sparse), or the paper's FPC "
+        "(one inner iteration: coarse)",
     )
     mu: float = option(4e-5, "μ of App. F eq. 6 (sparsa, fista, fpc)")
     max_iter: int = option(300, "iteration cap of the sparsa / fista / minnorm solvers (two operator products each)")
