@@ -10,7 +10,7 @@ Stages (``--stages``, default all but the ablations):
 - ``collect``: ``--n-train`` training reviews (the split's order) with ``--projection`` (kron: the Kronecker
   sketch of issue 12, what makes every parameter affordable on a CPU; sparse: the paper's).
 - ``decompose``: NPEFF with ``--components`` components (default: the paper's ratio, one component per ~117
-  examples (60,000 / 512), rounded to a power of two, at least 16: n_train // 128).
+  examples (60,000 / 512), as n_train // 128, at least 16).
 - ``tunings`` (§3.1): the fraction of components whose top 16 share a label / a prediction (>= 95%).
 - ``held-out`` (§3.2): ``--n-test`` reviews of the disjoint test split, collected in the same space, their
   coefficients fitted with ``transform`` (components fixed); of the components tuned on the training examples,
