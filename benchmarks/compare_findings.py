@@ -1,6 +1,6 @@
 """The paper's two findings about the baselines (§5), measured on offline data with `npeff compare`'s metrics.
 
-(a) ``--finding argmax``: next-token task on ``qa-wikidata`` with SmolLM2-135M (the TriviaQA stand-in):
+(a) ``--finding argmax``: next-token task on ``geo-facts`` with SmolLM2-135M (the TriviaQA stand-in):
     the fraction of gradient clusters whose top k share the argmax prediction vs the fraction of NPEFF
     components that do (paper, SmolLM2-360M on TriviaQA, 2,048 each: 1,690 vs 384 of 2,048).
 (b) ``--finding sae-layers``: on an existing movie-reviews run (``--run DECOMPOSITION_DIR``, e.g. the demo's),
@@ -8,7 +8,7 @@
     prediction / tokens, beside NPEFF's (paper Table 5: SAEs below 5% for label and prediction).
 (c) ``--finding four-methods``: NPEFF, gradient clusters, TopK SAE and SNMF side by side, with selectivity (one
     causal test: KL on a component's top examples / target KL on random ones), on movie reviews (label tokens;
-    the ``--run`` decomposition's store, re-decomposed at each ``--sizes`` value) and on ``qa-wikidata`` (next
+    the ``--run`` decomposition's store, re-decomposed at each ``--sizes`` value) and on ``geo-facts`` (next
     token; collected here), SAE and SNMF at the same layer (``--layer``). Does SNMF beat the SAE on selectivity?
 
 Every size is a flag; the run directories resume, so a rerun only prints. Prints a table and writes JSON.
@@ -31,7 +31,7 @@ def finding_argmax(args) -> dict:
 
     root = Path(args.out) / "argmax"
     adapter = nl.load_model("smollm2-135m")
-    data = nl.load_dataset("qa-wikidata", split="train", seed=0)
+    data = nl.load_dataset("geo-facts", split="train", seed=0)
     task = NextToken("{text}", expectation_projections=args.expectation_projections, seed=0)  # factual completions
     t0 = time.time()
     nl.collect_pefs(adapter, data, task, root / "pefs", n=args.n, proj_dim=args.proj_dim, density=args.density,
@@ -116,17 +116,17 @@ def finding_four_methods(args) -> dict:
         for c in args.sizes:
             d = Path(args.run) if c == 16 and not args.redecompose else _decomposed(store, out / f"movie-c{c}", c, args)
             results[f"movie-reviews, {c} components"] = _compare_at(d, c, args, adapter)
-    if "qa" in args.datasets:
-        data = nl.load_dataset("qa-wikidata", split="train", seed=0)
+    if "geo" in args.datasets:
+        data = nl.load_dataset("geo-facts", split="train", seed=0)
         task = NextToken("{text}", expectation_projections=args.expectation_projections, seed=0)
         t0 = time.time()
-        nl.collect_pefs(adapter, data, task, out / "qa" / "pefs", n=args.qa_n, proj_dim=args.proj_dim,
+        nl.collect_pefs(adapter, data, task, out / "geo" / "pefs", n=args.geo_n, proj_dim=args.proj_dim,
                         density=args.density, params=args.params, batch_size=args.batch_size,
                         progress=not args.quiet)  # fmt: skip
-        results["qa collect seconds"] = time.time() - t0
+        results["geo collect seconds"] = time.time() - t0
         for c in args.sizes:
-            d = _decomposed(out / "qa" / "pefs", out / "qa" / f"c{c}", c, args)
-            results[f"qa-wikidata, {c} components"] = _compare_at(d, c, args, adapter)
+            d = _decomposed(out / "geo" / "pefs", out / "geo" / f"c{c}", c, args)
+            results[f"geo-facts, {c} components"] = _compare_at(d, c, args, adapter)
     return results
 
 
@@ -166,7 +166,7 @@ def main():
     p.add_argument("--k", type=int, default=16, help="top examples per component")
     p.add_argument("--quiet", action="store_true")
     a = p.add_argument_group("argmax (a)")
-    a.add_argument("--n", type=int, default=256, help="qa-wikidata training examples")
+    a.add_argument("--n", type=int, default=256, help="geo-facts training examples")
     a.add_argument("--components", type=int, default=16, help="NPEFF components = gradient clusters")
     a.add_argument("--expectation-projections", type=int, default=8, help="r' rows of the next-token PEF (App. B)")
     a.add_argument("--params", nargs="+", default=["model.layers.2[0-9].self_attn.*"], help="parameter globs")
@@ -184,11 +184,11 @@ def main():
         default=None,
         help="tokens each SAE trains on (default: 200,000 here; compare's own default in (c))",
     )
-    c = p.add_argument_group("four-methods (c); also --run, --sae-tokens and the argmax flags for qa-wikidata")
-    c.add_argument("--datasets", nargs="+", choices=["movie", "qa"], default=["movie", "qa"])
+    c = p.add_argument_group("four-methods (c); also --run, --sae-tokens and the argmax flags for geo-facts")
+    c.add_argument("--datasets", nargs="+", choices=["movie", "geo"], default=["movie", "geo"])
     c.add_argument("--sizes", type=int, nargs="+", default=[16, 64], help="components of every method")
     c.add_argument("--layer", type=int, default=15, help="SNMF at this layer's MLP; SAE at the residual entering it")
-    c.add_argument("--qa-n", type=int, default=256, help="qa-wikidata training examples")
+    c.add_argument("--geo-n", type=int, default=256, help="geo-facts training examples")
     c.add_argument("--target-kl", type=float, default=0.01)
     c.add_argument("--n-baseline", type=int, default=32)
     c.add_argument("--selectivity-components", type=int, default=None, help="first N components measured")

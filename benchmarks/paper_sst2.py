@@ -26,7 +26,7 @@ Ablations (``--stages ablate-d ablate-components ablate-eps convergence``):
 - ``ablate-components`` (§4.2): the main store decomposed at each ``--component-sizes`` with two seeds: tuned
   fractions, seed-to-seed similarity, and the fraction of prediction-tuned coarse components' fine-grained
   splits (best cosine match) that keep the prediction tuning (the paper's 76.1% on SST-2).
-- ``ablate-eps`` (§4.3): on ``qa-wikidata`` (next token; SST-2's two-label PEF has rank 1 exactly, so neither
+- ``ablate-eps`` (§4.3): on ``geo-facts`` (next token; SST-2's two-label PEF has rank 1 exactly, so neither
   knob applies to it): ``--ablation-n`` questions at each ``--eps``, and App. C's SVD rank reduction of the
   largest EPS's rows to each ``--svd-ranks``; similarity to the largest EPS at full rank (Table 4).
 - ``convergence`` (App. D.6): exact, unprojected PEFs of a parameter subset small enough to hold
@@ -317,7 +317,7 @@ def ablate_components(run: Run) -> dict:
 
 
 def ablate_eps(run: Run) -> dict:
-    """§4.3 on a next-token task (``qa-wikidata``, the TriviaQA stand-in): the expectation projection size (EPS)
+    """§4.3 on a next-token task (``geo-facts``, the TriviaQA stand-in): the expectation projection size (EPS)
     and the SVD rank. SST-2's PEF needs neither: with two label tokens its rows ``sqrt(p_y) grad log p_y`` sum
     to ``grad (p_0 + p_1) = 0``, so the PEF has rank 1 exactly. Each EPS is collected; the SVD ranks below the
     largest EPS are App. C's reduction of that store's rows (what ``--rank`` does at collection), fitted in
@@ -335,7 +335,7 @@ def ablate_eps(run: Run) -> dict:
     fits, rows = {}, {}
     for eps in sorted(a.eps, reverse=True):
         task = NextToken("{text}", expectation_projections=eps, seed=0)
-        store = run.collect(root / f"eps{eps}" / "pefs", a.ablation_n, "train", dataset="qa-wikidata", task=task)
+        store = run.collect(root / f"eps{eps}" / "pefs", a.ablation_n, "train", dataset="geo-facts", task=task)
         fits[(eps, eps)] = run.decompose(store, root / f"eps{eps}" / "npeff", components).coefficients_
     top = max(a.eps)
     pefs = nl.PEFStore(root / f"eps{top}" / "pefs").load_pefs(dtype=torch.float32)
@@ -487,7 +487,7 @@ def print_tables(res: dict, times: dict) -> None:
         print(f"splits keep the prediction tuning overall: {_pct(res['ablate-components']['splits_keep_prediction'])}"
               " (paper, SST-2: 76.1%)")  # fmt: skip
     if "ablate-eps" in res:
-        print("\n| qa-wikidata (next token) | similarity to the largest EPS at full rank |\n|---|---:|")
+        print("\n| geo-facts (next token) | similarity to the largest EPS at full rank |\n|---|---:|")
         for name, r in res["ablate-eps"].items():
             print(f"| {name} | {r['similarity']:.3f} |")
     if "convergence" in res:

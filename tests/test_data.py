@@ -29,9 +29,19 @@ def test_trec_is_train_5500():
     }
 
 
-def test_qa_wikidata():
-    ds = nl.load_dataset("qa-wikidata")
-    assert len(ds) == 20_442 and ds[0]["text"] and ds[0]["target"] in ds[0]["targets"]
+def test_geo_facts():
+    ds = nl.load_dataset("geo-facts")
+    assert len(ds) == 39_564 and all(r["target"] in r["targets"] for r in ds.select(range(0, len(ds), 997)))
+    counts = {r: ds["relation"].count(r) for r in set(ds["relation"])}
+    assert counts == {"city-country": 31_524, "us-place-state": 7_542, "country-capital": 246, "country-continent": 252}
+    facts = dict(zip(ds["text"], ds["target"]))
+    assert facts["Lyon is a city in the country of"] == "France"
+    assert facts["The capital of Japan is"] == "Tokyo"
+    assert facts["Kenya is a country in"] == "Africa"
+    assert facts["Agoura is a city in the state of"] == "California"
+    # a name shared by places in two states has no single answer and is left out
+    assert "Springfield is a city in the state of" not in facts
+    assert len(facts) == len(ds)  # no prompt twice
 
 
 def test_splits_deterministic_disjoint_and_shuffled():
@@ -63,7 +73,7 @@ def test_user_dataset_column_mapping():
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(ValueError, match="movie-reviews, trec, qa-wikidata"):
+    with pytest.raises(ValueError, match="movie-reviews, trec, geo-facts"):
         nl.load_dataset("sst2")
 
 
@@ -187,7 +197,7 @@ def test_file_split_deterministic_and_disjoint(tmp_path):
 
 
 def test_file_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"movie-reviews, trec, qa-wikidata.*CSV / TSV / JSON Lines / JSON / Parquet"):
+    with pytest.raises(ValueError, match=r"movie-reviews, trec, geo-facts.*CSV / TSV / JSON Lines / JSON / Parquet"):
         nl.load_dataset("no-such-dataset")
     with pytest.raises(ValueError, match="no such file or directory"):
         nl.load_dataset(tmp_path / "missing.csv")
