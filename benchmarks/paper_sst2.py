@@ -8,7 +8,7 @@ interrupted run resumes, a finished stage is only read back, so rerunning prints
 Stages (``--stages``, default all but the ablations):
 
 - ``collect``: ``--n-train`` training reviews (the split's order) with ``--projection`` (kron: the Kronecker
-  sketch of issue 12, what makes every parameter affordable on a CPU; sparse: the paper's).
+  sketch, what makes every parameter affordable on a CPU; sparse: the paper's).
 - ``decompose``: NPEFF with ``--components`` components (default: the paper's ratio, one component per ~117
   examples (60,000 / 512), as n_train // 128, at least 16).
 - ``tunings`` (§3.1): the fraction of components whose top 16 share a label / a prediction (>= 95%).

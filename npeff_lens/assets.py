@@ -154,13 +154,19 @@ def setup_all() -> None:
     print(f"[npeff_lens] smollm2-135m: {smollm2_checkpoint()}")
 
 
+def main(what: str = "all") -> None:
+    steps = {
+        "all": setup_all,
+        "smollm2": lambda: print(smollm2_checkpoint()),
+        "gemma3": lambda: print(gemma3_checkpoint()),
+    }
+    if what not in steps:
+        raise SystemExit(f"unknown asset {what!r}; choose from: {', '.join(steps)}")
+    try:
+        steps[what]()
+    except MissingAssetError as e:
+        raise SystemExit(f"setup failed: {' '.join(str(e).split())}") from None
+
+
 if __name__ == "__main__":
-    what = sys.argv[1] if len(sys.argv) > 1 else "all"
-    if what == "smollm2":
-        print(smollm2_checkpoint())
-    elif what == "gemma3":
-        print(gemma3_checkpoint())
-    elif what == "all":
-        setup_all()
-    else:
-        raise SystemExit(f"unknown asset {what!r}; choose from: all, smollm2, gemma3")
+    main(*sys.argv[1:2])

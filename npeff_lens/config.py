@@ -483,8 +483,8 @@ class PerturbConfig(_ComponentSpec, _Config):
     seed: int = option(0, "seed of the baseline examples")
     recovery: Literal["adjoint", "minnorm", "sparsa", "fista", "fpc"] = option(
         "adjoint",
-        "parameter-space direction: the back-projection A·h (the most selective measured, and the cheapest: "
-        "benchmarks/README.md), the least-norm x with x A = h (conjugate gradients), compressed sensing of "
+        "parameter-space direction: the back-projection A·h (the cheapest; selectivity of each "
+        "solver: benchmarks/README.md), the least-norm x with x A = h (conjugate gradients), compressed sensing of "
         "App. F eq. 6 solved by SpaRSA or FISTA (continuation, to convergence: sparse), or the paper's FPC "
         "(one inner iteration: coarse)",
     )

@@ -4,9 +4,9 @@ selectively change the predictions of that component's top examples?
 For a component ``j`` (§3.3):
 
 1. reject its projected pseudo-Fisher vector ``h_j`` from the dissimilar components (``|cos| < 0.5``) and
-   recover it in parameter space — :func:`npeff_lens.recovery.recover_direction`; by default the least-norm
-   exact fit ``minnorm`` (measured as selective as the back-projection at large n/d, see benchmarks/README.md);
-   the paper's FPC (App. F), SpaRSA, FISTA and the plain back-projection ``adjoint`` are selectable;
+   recover it in parameter space — :func:`npeff_lens.recovery.recover_direction`; by default the
+   back-projection ``adjoint``; the least-norm exact fit ``minnorm``, the paper's FPC (App. F), SpaRSA and
+   FISTA are selectable (how selective each is: benchmarks/README.md);
 2. perturb ``θ ± ε ĥ`` with ``ĥ`` the recovered vector at unit L2 norm over *all* selected parameters, so
    ``‖ε ĥ‖₂ = magnitude`` (20 for SmolLM2-135M/SST2, 30 for BERT/SNLI);
 3. per example, ``KL(p_perturbed ‖ p_original)`` over the task's outcome set, on the component's top

@@ -18,11 +18,10 @@ Pieces:
   fp32 ``n_in`` vector; everything else streams over chunks of the flat parameter index.
 - :func:`solve_l1` — the same problem by SpaRSA (default) or FISTA, with continuation and warm starts:
   the paper's one-inner-iteration FPC returns a coarse, dense vector at large ``n/d``, and FPC run to its
-  stopping rule needs 10–30× more operator products than SpaRSA on planted problems (issue 13).
-- :func:`min_norm` — the least-norm exact fit ``x = Φᵀ(ΦΦᵀ)⁻¹b`` by conjugate gradients: dense, and at
-  ``n/d ≈ 1,000`` as selective in perturbations as the back-projection, where the sparse solutions are less
-  so (benchmarks/README.md, "Recovery at large n/d"); at ``n/d ≈ 13,000`` (every parameter) 9% less
-  selective than the back-projection, which is the perturbation default.
+  stopping rule needs many more operator products than SpaRSA (benchmarks/README.md, "Recovery at large n/d").
+- :func:`min_norm` — the least-norm exact fit ``x = Φᵀ(ΦΦᵀ)⁻¹b`` by conjugate gradients: dense. How selective
+  each solver's directions are in perturbations, against the back-projection (the perturbation default), is
+  measured in benchmarks/README.md.
 - :func:`reject` — orthogonal rejection of one component from the other components (§3.3), done on the
   projected vectors before recovery.
 - :func:`flatten` / :func:`unflatten` / :func:`save_pseudo_fisher` — between flat vectors and named
@@ -393,7 +392,7 @@ def fpc(
 
 
 # --------------------------------------------------------------------------------------------------
-# Accelerated solvers for the same problem (issue 13): SpaRSA and FISTA, with continuation and warm starts.
+# Accelerated solvers for the same problem: SpaRSA and FISTA, with continuation and warm starts.
 # --------------------------------------------------------------------------------------------------
 
 L1_METHODS = ("sparsa", "fista")
@@ -879,8 +878,8 @@ def recover_direction(
     ``h_index`` is rejected from the dissimilar components once (:func:`reject`; ``None`` skips it), then
     ``method="fpc"`` solves FPC against ``projection`` (the figures are :class:`FPCResult`'s),
     ``"sparsa"`` / ``"fista"`` solve the same problem with :func:`solve_l1` (:class:`L1Result`'s figures),
-    ``"minnorm"`` takes the least-norm exact fit :func:`min_norm` (dense; at ``n/d ≈ 1,000`` as selective
-    as the back-projection, at ``n/d ≈ 13,000`` 9% less; the sparse solutions less so — benchmarks/README.md),
+    ``"minnorm"`` takes the least-norm exact fit :func:`min_norm` (dense; how selective each solver's
+    directions are is measured in benchmarks/README.md),
     and ``method="adjoint"`` takes the back-projection ``A·b`` (``projection.adjoint(b)``; for it ``δᵀF_iδ`` is
     the projected PEF's loading that NPEFF fitted; dense, cheap, and the perturbation default).
     ``projection=None``: unprojected PEFs, whose components already live in parameter space.

@@ -1,4 +1,4 @@
-"""PEF collection (issue 4): exactness against brute-force Fishers, projection, EPS, SVD, resume, bad input.
+"""PEF collection: exactness against brute-force Fishers, projection, EPS, SVD, resume, bad input.
 
 Everything runs on the randomly initialised tiny models on CPU. Brute-force Fishers are built from
 explicit ``autograd.grad`` loops, ``F = sum_y p(y|x) grad log p(y|x) grad log p(y|x)^T = B^T B`` with

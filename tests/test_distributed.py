@@ -1,4 +1,4 @@
-"""Multi-process collection under torchrun (issue 12, deliverable 4): two gloo ranks on the CPU write one store
+"""Multi-process collection under torchrun: two gloo ranks on the CPU write one store
 equal, bit for bit, to one process; a rank killed mid-run is named, and the rerun completes the same store.
 
 Every run is a subprocess with ``OMP_NUM_THREADS=1``, the thread count torchrun gives each rank, so that the

@@ -1,4 +1,4 @@
-"""KroneckerProjection (issue 12): an independent dense construction of its matrix, adjointness, any flat range,
+"""KroneckerProjection: an independent dense construction of its matrix, adjointness, any flat range,
 config round trip, and the JL-type preservation of norms and inner products of real per-example gradients."""
 
 from __future__ import annotations

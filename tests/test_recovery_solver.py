@@ -1,5 +1,4 @@
-"""The accelerated compressed-sensing solvers (SpaRSA, FISTA) against FPC, and ``transform`` on a held-out split
-(issue 13)."""
+"""The accelerated compressed-sensing solvers (SpaRSA, FISTA) against FPC, and ``transform`` on a held-out split."""
 
 from __future__ import annotations
 
