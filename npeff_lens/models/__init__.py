@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import tempfile
 from pathlib import Path
 
@@ -111,12 +113,14 @@ def _wrap(model, tok, backend, name, path):
     raise ValueError(backend)
 
 
-def _save_for_tl(model, tok) -> Path:
-    """TransformerLens reads configs and tokenizers from a directory: write a small one."""
-    d = Path(tempfile.mkdtemp(prefix="npeff_tl_"))
-    model.config.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+@contextlib.contextmanager
+def _config_dir(model, tok):
+    """TransformerLens reads configs (and tokenizers) from a directory: a temporary one, removed once
+    the model is loaded."""
+    with tempfile.TemporaryDirectory(prefix="npeff_tl_") as d:
+        model.config.save_pretrained(d)
+        tok.save_pretrained(d)
+        yield d
 
 
 def _boot_bridge(model, tok, path):
@@ -124,8 +128,9 @@ def _boot_bridge(model, tok, path):
 
     if model.config.model_type == "gpt2" and not hasattr(model.config, "n_ctx"):
         model.config.n_ctx = model.config.n_positions
-    src = str(path) if path is not None else str(_save_for_tl(model, tok))
-    bridge = TransformerBridge.boot_transformers(src, hf_model=model, tokenizer=tok, device=str(model.device))
+    with contextlib.ExitStack() as stack:
+        src = str(path) if path is not None else stack.enter_context(_config_dir(model, tok))
+        bridge = TransformerBridge.boot_transformers(src, hf_model=model, tokenizer=tok, device=str(model.device))
     return bridge.eval()
 
 
@@ -153,15 +158,21 @@ def _hooked_from_hf(model, tok, name):
         )
     if mtype == "gpt2" and not hasattr(model.config, "n_ctx"):
         model.config.n_ctx = model.config.n_positions
-    d = _save_for_tl(model, tok)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _config_dir(model, tok) as d:
         warnings.simplefilter("ignore")
-        cfg_dict = convert_hf_model_config(str(d))
+        cfg_dict = convert_hf_model_config(d)
         fields = HookedTransformerConfig.__dataclass_fields__
         cfg = HookedTransformerConfig(**{k: v for k, v in cfg_dict.items() if k in fields}, device=str(model.device))
-        from transformers import AutoTokenizer
+        # TransformerLens reloads the tokenizer it is given from its name_or_path: give it one whose
+        # directory outlives this one (a local checkpoint) where there is one, so that
+        # npeff_lens.adapt(adapter.model) can reload it later.
+        if tok.name_or_path and Path(tok.name_or_path).is_dir():
+            tl_tok = copy.deepcopy(tok)
+        else:
+            from transformers import AutoTokenizer
 
-        hooked = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(str(d)), move_to_device=True)
+            tl_tok = AutoTokenizer.from_pretrained(d)
+        hooked = HookedTransformer(cfg, tokenizer=tl_tok, move_to_device=True)
         state = getattr(weight_conversions, _TL_CONVERTERS[mtype])(model, cfg)
         hooked.load_and_process_state_dict(
             state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
@@ -182,7 +193,10 @@ def _hooked_from_hf(model, tok, name):
 def adapt(model, tokenizer=None, name: str | None = None) -> ModelAdapter:
     """Wrap a model object the user already has: a transformers model (causal LM or sequence
     classifier), a TransformerLens ``HookedTransformer`` or ``TransformerBridge``, or an nnsight
-    wrapper. ``tokenizer`` defaults to the model's own when it carries one."""
+    wrapper. ``tokenizer`` defaults to the model's own when it carries one; for TransformerLens models,
+    to the tokenizer that one was made from, as saved (TransformerLens's copy always prepends BOS), so
+    that the model gives the probabilities it gives through every other backend. Pass
+    ``model.tokenizer`` to tokenise as TransformerLens does."""
     if isinstance(model, ModelAdapter):
         return model
     mro = [f"{c.__module__}.{c.__name__}" for c in type(model).__mro__]

@@ -12,11 +12,19 @@ order, named as the underlying model names them. Four backends share it:
 
 Default parameter selection (as in the paper): everything except token embeddings and
 normalisation parameters; a tied unembedding is the embedding's parameter and follows it.
+
+The same model gives the same prediction probabilities and the same default parameter count through
+every adapter, however it was built: TransformerLens's own tokenizer copy always prepends BOS, so a
+TransformerLens model adapted without a tokenizer tokenises with the tokenizer it was made from, as
+saved; its untied copy of a tied unembedding and the zero biases it adds where the architecture has
+none are left out of the default selection.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -249,9 +257,8 @@ class BridgeAdapter(ModelAdapter):
     backend = "bridge"
 
     def __init__(self, model, tokenizer=None, name=None):
-        super().__init__(
-            model, tokenizer or getattr(model, "tokenizer", None), name or getattr(model.cfg, "model_name", None)
-        )
+        tokenizer = tokenizer or tokenizer_as_saved(getattr(model, "tokenizer", None))
+        super().__init__(model, tokenizer, name or getattr(model.cfg, "model_name", None))
         self._unused = None
 
     def canonical_name(self, name):
@@ -286,14 +293,35 @@ def _unused_parameters(adapter: ModelAdapter) -> set[int]:
 
 
 class HookedAdapter(ModelAdapter):
-    """A TransformerLens ``HookedTransformer`` (TransformerLens parameter names)."""
+    """A TransformerLens ``HookedTransformer`` (TransformerLens parameter names).
+
+    ``tied_embeddings``: whether ``unembed.W_U`` is TransformerLens's copy of a tied embedding (it
+    then follows ``embed.W_E`` out of the default selection); ``None`` finds out from the weights.
+    ``absent_parameters``: glob patterns of parameters the original model does not have (the zero
+    biases TransformerLens adds); ``None`` finds them: a bias that is exactly zero in every block,
+    and a zero ``unembed.b_U``. In architectures that carry biases (GPT-2 and the like) attention
+    and MLP biases are always kept: there a zero bias is a freshly initialised one.
+    """
 
     backend = "hooked"
 
-    def __init__(self, model, tokenizer=None, name=None, tied_embeddings: bool | None = None, absent_parameters=()):
-        super().__init__(model, tokenizer or getattr(model, "tokenizer", None), name or model.cfg.model_name)
-        self.tied_embeddings = tied_embeddings
-        self.absent_parameters = list(absent_parameters)
+    def __init__(self, model, tokenizer=None, name=None, tied_embeddings: bool | None = None, absent_parameters=None):
+        tokenizer = tokenizer or tokenizer_as_saved(getattr(model, "tokenizer", None))
+        super().__init__(model, tokenizer, name or model.cfg.model_name)
+        if str(getattr(model.cfg, "normalization_type", None)).endswith("Pre"):
+            warnings.warn(
+                "this HookedTransformer was loaded with its normalisation weights folded into the next layers "
+                "(from_pretrained's fold_ln=True): probabilities match the original model, but its parameters are "
+                "a reparameterisation of the original's, so gradients and Fisher values per parameter differ from "
+                "the HuggingFace model's; load it with HookedTransformer.from_pretrained_no_processing to study "
+                "the original parameters",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.tied_embeddings = _unembedding_is_tied(model) if tied_embeddings is None else tied_embeddings
+        self.absent_parameters = (
+            _structural_zero_biases(model) if absent_parameters is None else list(absent_parameters)
+        )
 
     def forward_logits(self, input_ids, attention_mask):
         return self.model(input_ids, return_type="logits", attention_mask=attention_mask)
@@ -306,3 +334,89 @@ class HookedAdapter(ModelAdapter):
             if any(fnmatch.fnmatchcase(name, pat) for pat in self.absent_parameters):
                 excluded.add(id(p))
         return excluded
+
+
+# HuggingFace architectures whose attention and MLP layers carry biases: TransformerLens's biases are theirs.
+ARCHITECTURES_WITH_BIASES = frozenset(
+    {
+        "GPT2LMHeadModel",
+        "GPTNeoForCausalLM",
+        "GPTNeoXForCausalLM",
+        "GPTJForCausalLM",
+        "OPTForCausalLM",
+        "BloomForCausalLM",
+        "PhiForCausalLM",
+    }
+)
+
+
+def _unembedding_is_tied(model) -> bool:
+    """Whether a HookedTransformer's ``W_U`` is its copy of the (transposed) token embedding: equal
+    to it, or, after ``fold_ln``/``center_unembed``, equal to it scaled per row and centred (checked
+    on the first 2048 tokens, so that a large vocabulary costs no copy of the matrix)."""
+    if getattr(model.cfg, "tie_word_embeddings", False):
+        return True
+    embed, unembed = getattr(model, "embed", None), getattr(model, "unembed", None)
+    if embed is None or unembed is None or embed.W_E.T.shape != unembed.W_U.shape:
+        return False
+    with torch.no_grad():
+        if torch.equal(embed.W_E.T, unembed.W_U):
+            return True
+        w_e, w_u = embed.W_E.T[:, :2048].float(), unembed.W_U[:, :2048].float()
+        mean = embed.W_E.T.mean(-1, keepdim=True, dtype=torch.float32)
+        for e in (w_e, w_e - mean):
+            scale = (w_u * e).sum(-1, keepdim=True) / (e * e).sum(-1, keepdim=True).clamp(min=1e-30)
+            if torch.allclose(scale * e, w_u, rtol=1e-4, atol=1e-6 * float(w_u.abs().max())):
+                return True
+    return False
+
+
+def _structural_zero_biases(model) -> list[str]:
+    """Names of the biases TransformerLens added (zeros) where the original architecture has none."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if name == "unembed.b_U":
+            groups.setdefault(name, []).append(p)
+        elif (
+            len(parts) == 4
+            and parts[0] == "blocks"
+            and parts[2] in ("attn", "mlp")
+            and parts[3].lstrip("_")[:2] == "b_"
+        ):
+            groups.setdefault(f"blocks.*.{parts[2]}.{parts[3]}", []).append(p)
+    keep_blocks = getattr(model.cfg, "original_architecture", None) in ARCHITECTURES_WITH_BIASES
+    return [
+        pattern
+        for pattern, params in groups.items()
+        if not (keep_blocks and pattern.startswith("blocks.")) and all(not p.detach().any() for p in params)
+    ]
+
+
+def tokenizer_as_saved(tokenizer):
+    """The tokenizer a TransformerLens model was made from, as saved.
+
+    TransformerLens replaces a model's tokenizer by a copy reloaded with ``add_bos_token=True``, so
+    its tokens start with BOS even where the HuggingFace tokenizer's do not (SmolLM2's, GPT-2's). The
+    copy is loaded again without that flag; where that fails the copy is kept, with a warning."""
+    if tokenizer is None or not tokenizer.init_kwargs.get("add_bos_token"):
+        return tokenizer
+    kwargs = copy.deepcopy(tokenizer.init_kwargs)
+    source = kwargs.pop("name_or_path", None) or tokenizer.name_or_path
+    kwargs.pop("add_bos_token", None)
+    try:
+        from transformers import AutoTokenizer
+
+        saved = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any failure to reload keeps TransformerLens's copy
+        warnings.warn(
+            f"tokens start with BOS, as TransformerLens's tokenizer adds it; the tokenizer it was made from "
+            f"({source!r}) could not be loaded to check whether the original model's does too "
+            f"({type(e).__name__}); pass the HuggingFace tokenizer as npeff_lens.adapt(model, tokenizer) "
+            "to tokenise as the original model does",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return tokenizer
+    saved.padding_side = tokenizer.padding_side
+    return saved
