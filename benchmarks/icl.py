@@ -29,10 +29,10 @@ import torch
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="decomposition directory (npeff decompose / npeff demo's OUT/npeff)")
-    p.add_argument("--dataset", default="movie-reviews", help="dataset of the held-out examples")
+    p.add_argument("--dataset", default=None, help="dataset of the held-out examples (default: the run's own)")
     p.add_argument("--eval-split", default="test", help="its split (seeded by --data-seed)")
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--n-eval", type=int, default=200, help="held-out examples (the first n of the split)")
+    p.add_argument("--data-seed", type=int, default=None, help="default: the run's")
+    p.add_argument("--n-eval", type=int, default=200, help="held-out examples (none in the run store)")
     p.add_argument("--threshold", type=float, default=0.75, help="tuning threshold of the classifier (§6.2: 0.75)")
     p.add_argument("--k", type=int, default=16, help="top examples per component (§6.2: 16)")
     p.add_argument("--shots", type=int, default=2, help="demonstrations per ICL prompt (§6.2: 6)")
@@ -47,8 +47,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from npeff_lens.applications.icl import TuningClassifier, agreement, format_table, icl_experiment
-    from npeff_lens.data import load_dataset
-    from npeff_lens.runs import held_out_coefficients, load_with_model
+    from npeff_lens.runs import held_out_coefficients, held_out_examples, load_with_model
 
     t0 = time.time()
     out = Path(args.out) if args.out else Path(args.run).resolve().parent / "icl-benchmark"
@@ -74,7 +73,9 @@ def main(argv=None):
         "classifier_zero_shot_agreement": agreement(clf.predict(coef), meta["prediction"]),
     }
     t1 = time.time()
-    data = load_dataset(args.dataset, split=args.eval_split, seed=args.data_seed).select(range(args.n_eval))
+    data, source = held_out_examples(store, args.n_eval, dataset=args.dataset, split=args.eval_split,
+                                     seed=args.data_seed)  # fmt: skip
+    print(f"held-out: {source}")
     eval_coef = held_out_coefficients(
         est, store, adapter, task, data["text"], out / "eval-pefs", progress=not args.no_progress
     )
@@ -86,6 +87,7 @@ def main(argv=None):
     )  # fmt: skip
     t3 = time.time()
     result["held_in"] = held_in
+    result["held_out_source"] = source
     result["run"] = str(Path(args.run).resolve())
     result["args"] = vars(args)
     result["seconds"] = {"classifier_held_in": t1 - t0, "held_out_pefs": t2 - t1, "held_out": t3 - t2}

@@ -108,6 +108,8 @@ class Run:
                      params=a.params, batch_size=a.batch_size, seed=0)  # fmt: skip
         done = (path / "manifest.json").exists() and len(nl.PEFStore(path)) >= n
         data = nl.load_dataset(dataset, split=split, seed=0)
+        if task is None:  # the reviews' labels 0/1 are the label tokens given in that order (negative, positive)
+            data = data.remove_columns(["label_name"])
         return self.timed(
             f"collect {path.relative_to(self.out)}",
             lambda: nl.collect_pefs(

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import warnings
 
 from . import config as C
 
@@ -193,8 +195,13 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get("NPEFF_DEBUG", "") not in ("", "0")
+    formatwarning = warnings.formatwarning
+    if not debug:  # a warning is one line: the message, not the library's source line that raised it
+        warnings.formatwarning = _one_line_warning
     try:
         target = C.from_args(args.config_class, args) if args.config_class is not None else args
+        if args.command in LONG_COMMANDS and getattr(target, "progress", True):  # progress output: --no-progress
+            print(f"npeff {args.command}{_rank_tag()}: {_threads_line()}", file=sys.stderr, flush=True)
         args.func(target)
     except _user_errors() as e:
         if debug:
@@ -204,10 +211,32 @@ def main(argv=None) -> int:
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"npeff {args.command}{_rank_tag()}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"npeff {args.command}{_rank_tag()}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C; a collection also turns SIGTERM into this, after committing
+        signum = getattr(e, "signum", None)
+        what = str(e) if signum is not None else "interrupted; rerun the same command to resume"
+        print(f"npeff {args.command}{_rank_tag()}: {what}", file=sys.stderr)
+        return 128 + (signum or signal.SIGINT)  # a shell's status for a command stopped by that signal
+    finally:
+        warnings.formatwarning = formatwarning
     return 0
+
+
+LONG_COMMANDS = ("collect", "decompose", "perturb", "compare", "unlearn", "icl", "report", "demo")
+
+
+def _threads_line() -> str:
+    import torch
+
+    set_by = "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "torch's default: one per core"
+    return (
+        f"{torch.get_num_threads()} CPU thread(s) ({set_by}); on a machine shared with other jobs, "
+        "OMP_NUM_THREADS=1 is often several times faster"
+    )
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    text = "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return f"npeff: warning: {text}\n"
 
 
 if __name__ == "__main__":

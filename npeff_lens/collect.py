@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,9 +40,10 @@ from torch import nn
 
 from . import distributed
 from .config import CollectConfig
+from .data import align_labels, load_dataset
 from .io import progress
 from .models import ModelAdapter, adapt, parameter_layout
-from .projection import KroneckerProjection, SparseProjection
+from .projection import KroneckerProjection, SparseProjection, start_numba_threads
 from .tasks import Task
 
 CHUNK_ELEMS = 1 << 25  # per-example-gradient floats materialised at once (128 MiB in fp32)
@@ -510,8 +513,6 @@ def reduce_rank(pefs: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _dataset_rows(dataset, cfg: CollectConfig):
-    from .data import load_dataset
-
     info = {"name": None}
     if isinstance(dataset, (list, tuple)):
         import datasets
@@ -562,6 +563,11 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
     ``torchrun``: the group is then initialised here), every rank calls this with the same arguments; the ranks
     share the examples and rank 0 writes the one store (:mod:`npeff_lens.distributed`). Rank 0 gets the
     store, the other ranks a read-only view of it (None if they cannot see its directory).
+
+    SIGINT (Ctrl-C) or SIGTERM (``timeout``, a scheduler's preemption) stops a single-process collection after
+    committing every example computed before it: :class:`Interrupted` (a ``KeyboardInterrupt``) says how many the
+    store keeps, and rerunning the same call resumes after them. The store also commits by time (at least every
+    ``npeff_lens.store.COMMIT_SECONDS``, 60 s), so even a SIGKILL loses little work.
     """
     from .store import PEFStore
 
@@ -571,10 +577,14 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
     dataset, data_info = _dataset_rows(dataset, cfg)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
+    task.bind(adapter)
+    dataset, dropped = align_labels(dataset, task.outcome_names(), drop_invalid=cfg.drop_invalid,
+                                    source=f"the dataset {data_info['name']!r}")  # fmt: skip
+    if dropped:
+        print(f"[npeff_lens] --drop-invalid: left out {dropped} row(s) of {data_info['name']!r}", file=sys.stderr)
     n = len(dataset) if cfg.n is None else cfg.n
     if n > len(dataset):
         raise ValueError(f"n must be in [1, {len(dataset)}] (the dataset's size), got {n}")
-    task.bind(adapter)
     named = adapter.named_parameters(include=cfg.params, exclude=cfg.exclude)
     layout = parameter_layout(named)
     n_params = sum(e["numel"] for e in layout)
@@ -592,6 +602,8 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
         "pef_rows": task.n_rows,
     }
     rows = cfg.rank if cfg.rank is not None else task.n_rows
+    if projection is None:
+        _check_unprojected_fits(n_params, task.n_rows, cfg, n)
     _pin_cpu_threads()
     if distributed.active():  # torchrun: the ranks share the examples, rank 0 writes (npeff_lens.distributed)
         store, flagged = distributed.collect(out, manifest, computer, dataset, task, cfg, n, rows=rows,
@@ -608,7 +620,49 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
             "see the store's metadata 'flag' column",
             file=sys.stderr,
         )
+    if store is not None and cfg.progress and distributed.rank() == 0:
+        balance = class_balance(store.metadata)
+        print(f"[npeff_lens] {len(store)} examples in {store.path}" + (f"; labels: {balance}" if balance else ""),
+              file=sys.stderr)  # fmt: skip
     return store
+
+
+def class_balance(metadata) -> str | None:
+    """``"negative 98, positive 102"``: the examples per label of a store's metadata (None without labels)."""
+    from collections import Counter
+
+    cols = metadata.column_names
+    column = "label_name" if "label_name" in cols else ("label" if "label" in cols else None)
+    if column is None or len(metadata) == 0:
+        return None
+    counts = Counter(metadata[column])
+    return ", ".join(f"{name} {counts[name]}" for name in sorted(counts, key=str))
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_unprojected_fits(n_params: int, rows: int, cfg: CollectConfig, n: int) -> None:
+    """Unprojected PEFs (``proj_dim`` 0) hold every parameter per row: refuse a batch that cannot fit in memory,
+    naming the estimate (a batch is computed in fp32; the store holds n x rows x n_params values)."""
+    batch = cfg.batch_size * rows * n_params * 4
+    available = _available_memory()
+    if available is not None and batch > available // 2:
+        store = n * (cfg.rank or rows) * n_params * torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+        raise ValueError(
+            f"unprojected PEFs (--proj-dim 0) of {n_params:,} parameters need ~{batch / 2**30:.1f} GiB per batch of "
+            f"{cfg.batch_size} (and {store / 2**30:.1f} GiB of store), more than half of the "
+            f"{available / 2**30:.1f} GiB available: project them (--proj-dim 8192), or select fewer parameters "
+            "(--params)"
+        )
 
 
 def _pin_cpu_threads() -> None:
@@ -619,8 +673,7 @@ def _pin_cpu_threads() -> None:
     computed later (a resumed or multi-process run would then differ from one process), and N ranks would each
     use every core. Started here once, then torch's count is restored (it holds from then on)."""
     threads = torch.get_num_threads()
-    SparseProjection(64, 2, density=1).project(torch.zeros(2, 64))  # starts numba's threading layer, if any
-    torch.set_num_threads(threads)
+    start_numba_threads()
     from .projection import _HAVE_NUMBA
 
     if _HAVE_NUMBA:  # its sums never split across threads (one thread per output column): same bits
@@ -664,21 +717,93 @@ class _Writer:
             self.since_flush = 0
 
 
+class Interrupted(KeyboardInterrupt):
+    """A collection stopped by SIGINT or SIGTERM (``signum``) after committing the examples computed before it;
+    rerunning it resumes after them. The command line prints its message and exits with ``128 + signum``."""
+
+    def __init__(self, signum: int, message: str | None = None):
+        self.signum = int(signum)
+        super().__init__(message or f"interrupted by {signal.Signals(self.signum).name}")
+
+    def __reduce__(self):
+        return type(self), (self.signum, str(self))
+
+
+class _Interruptions:
+    """While a collection runs: SIGTERM is handled like SIGINT, both raising :class:`Interrupted` so that the
+    collector commits what it computed. A signal that arrives inside a store write (``writing``) is raised when
+    the write is done, so that the store's state in memory matches its files; after the first, further signals
+    are dropped until the collection has committed and exited. Only the main thread installs handlers, and only
+    over the default ones (a handler the program installed itself, or an ignored signal, is left alone); the
+    previous handlers are restored on exit."""
+
+    def __init__(self):
+        self.saved: dict = {}
+        self.pending: int | None = None
+        self.depth = 0
+        self.raised = False
+
+    def __enter__(self) -> _Interruptions:
+        if threading.current_thread() is threading.main_thread():
+            for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+                if signal.getsignal(sig) is default:
+                    self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        self.saved.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.raised:
+            return
+        if self.depth:
+            self.pending = self.pending or signum
+            return
+        self.raised = True
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def writing(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending is not None and not self.raised:
+            self.raised = True
+            raise Interrupted(self.pending)
+
+
 def _collect_into(store, computer: PEFComputer, dataset, task: Task, cfg: CollectConfig, n: int) -> int:
     """Recollects the store's missing ranges (shards ``repair`` removed), then appends examples
-    ``[len(store), n)``, flushing every ``cfg.flush_every``; returns the number flagged."""
+    ``[len(store), n)``, flushing every ``cfg.flush_every``; returns the number flagged. SIGINT or SIGTERM
+    commits what was computed, then raises :class:`Interrupted` naming the examples the store keeps."""
     plan = _plan(store, n, cfg.batch_size)
     if not plan:
         return 0
     bar = progress(total=sum(hi - lo for lo, hi, _ in plan), desc="collect", unit="ex", enabled=cfg.progress)
     writer = _Writer(store, cfg.flush_every)
-    try:
-        for lo, hi, fill in plan:
-            writer.write(lo, fill, *_compute_batch(computer, dataset, task, cfg, lo, hi))
-            bar.update(hi - lo)
-    finally:
-        store.flush()
-        bar.close()
+    with _Interruptions() as signals:
+        try:
+            try:
+                for lo, hi, fill in plan:
+                    pefs, meta = _compute_batch(computer, dataset, task, cfg, lo, hi)
+                    with signals.writing():
+                        writer.write(lo, fill, pefs, meta)
+                    bar.update(hi - lo)
+            finally:
+                with signals.writing():
+                    store.flush()
+                bar.close()
+        except Interrupted as e:
+            kept = store.committed - sum(b - a for a, b in store.missing)
+            raise Interrupted(
+                e.signum,
+                f"{e}; the PEF store at {store.path} keeps its {kept} committed examples; rerun the same command "
+                "to resume",
+            ) from None
     return writer.flagged
 
 

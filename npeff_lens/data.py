@@ -278,7 +278,34 @@ def _read_path(path: str, name):
         except Exception as e:
             if "corresponds to no data" in str(e):  # datasets' words for a file without rows
                 raise ValueError(f"the dataset at {path!r} is empty") from e
-            raise ValueError(f"cannot read {path!r} as a {kind} file: {type(e).__name__}: {e}") from e
+            if suffix != ".parquet":
+                _check_text_file(path, kind)
+            cause = e
+            while cause.__cause__ is not None or cause.__context__ is not None:  # datasets wraps the reader's error
+                cause = cause.__cause__ or cause.__context__
+            raise ValueError(f"cannot read {path!r} as a {kind} file: {type(cause).__name__}: {cause}") from e
+
+
+def _check_text_file(path: str, kind: str) -> None:
+    """A one-line error for the text files a reader fails on without saying why: empty, or not UTF-8."""
+    import codecs
+
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"the {kind} file {path!r} is empty (0 bytes)")
+    decoder, offset, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                at = offset + e.start
+                line += chunk[: e.start].count(b"\n")
+                raise ValueError(
+                    f"the {kind} file {path!r} is not UTF-8 text: byte 0x{chunk[e.start]:02x} at offset {at} "
+                    f"(line {line}); save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+            offset += len(chunk)
+            line += chunk.count(b"\n")
 
 
 def _column(ds, name) -> list:
@@ -384,6 +411,77 @@ def _adapt_labels(ds, label_names, source):
             ds = ds.remove_columns(["label_name"])
         ds = ds.add_column("label_name", label_name)
     return ds
+
+
+def _rows_text(rows: list[int], limit: int = 8) -> str:
+    shown = ", ".join(str(r) for r in rows[:limit])
+    return f"row{'s' if len(rows) > 1 else ''} {shown}{f' and {len(rows) - limit} more' if len(rows) > limit else ''}"
+
+
+def _label_key(name) -> str:
+    return " ".join(str(name).split()).casefold()
+
+
+def align_labels(ds, outcomes: Sequence[str] | None, *, drop_invalid: bool = False, source: str = "the dataset"):
+    """The dataset with ``label`` numbered as the task's outcomes (``outcomes[label]`` is the example's label), and
+    the number of rows dropped: the one label mapping every step uses (tunings, in-context prompts, unlearning,
+    the report).
+
+    Labels are matched to outcomes by name, ignoring case and surrounding spaces (``"positive"`` is the outcome
+    ``" positive"``), whatever order either side lists them in. Integer labels without names (``label_name`` is
+    just the number) index the outcomes by position; so do a classifier head's generic ``LABEL_i`` outcomes.
+    Rows with an empty text, an empty label, or a label that names no outcome are errors naming the rows (rows
+    counted from 0 in the dataset's order), or, with ``drop_invalid``, dropped.
+    """
+    bad: dict[str, list[int]] = {}
+    texts = ds["text"]
+    bad_text = [i for i, t in enumerate(texts) if not str(t).strip()]
+    if bad_text:
+        bad["empty text"] = bad_text
+    new_labels = None
+    if outcomes is not None and "label" in ds.column_names:
+        labels = ds["label"]
+        if "label_name" in ds.column_names:
+            names = ds["label_name"]
+        else:  # a dataset given as it is: string labels are names, integer labels are positions
+            names = [str(v) if v is not None else None for v in labels]
+        generic = all(_label_key(o) == f"label_{i}" for i, o in enumerate(outcomes))
+        strings = any(isinstance(v, str) for v in labels)
+        unnamed = not strings and all(str(n) == str(v) for n, v in zip(names, labels))
+        by_name = {_label_key(o): i for i, o in enumerate(outcomes)}
+        empty = [i for i, n in enumerate(names) if n is None or not str(n).strip()]
+        if empty:
+            bad["empty label"] = empty
+        if generic or unnamed:
+            new_labels = [int(v) if v is not None and str(v).strip() else None for v in labels]
+            out_of_range = [i for i, v in enumerate(new_labels) if v is not None and not 0 <= v < len(outcomes)]
+            if out_of_range:
+                bad[f"a label outside 0..{len(outcomes) - 1} (the task's {len(outcomes)} outcomes)"] = out_of_range
+        else:
+            new_labels = [by_name.get(_label_key(n)) for n in names]
+            unknown = [i for i, v in enumerate(new_labels) if v is None and i not in set(empty)]
+            if unknown:
+                values = sorted({str(names[i]) for i in unknown})
+                bad[f"a label that names none of the task's outcomes {list(outcomes)}: {values[:10]}"] = unknown
+    if bad and not drop_invalid:
+        what = "; ".join(f"{_rows_text(rows)} {'has' if len(rows) == 1 else 'have'} {why}" for why, rows in bad.items())
+        raise ValueError(
+            f"{source}: {what}. Labels are matched to the task's outcomes by name (case and spaces aside): fix the "
+            "rows or the label names (--labels; --label-names for integer labels), or pass --drop-invalid "
+            "(drop_invalid=True) to leave the rows out"
+        )
+    if new_labels is not None:
+        import datasets
+
+        feature = datasets.ClassLabel(names=[str(o) for o in outcomes])
+        invalid = {i for rows in bad.values() for i in rows}
+        safe = [v if i not in invalid else 0 for i, v in enumerate(new_labels)]
+        ds = ds.remove_columns(["label"]).add_column("label", safe, feature=feature)
+    dropped = sorted({i for rows in bad.values() for i in rows})
+    if dropped:
+        keep = sorted(set(range(len(ds))) - set(dropped))
+        ds = ds.select(keep)
+    return ds, len(dropped)
 
 
 def _split(ds, split, seed, test_fraction):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -113,16 +114,29 @@ def _default(value):
 
 
 def to_jsonable(obj: Any, what: str = "the value") -> Any:
-    """A JSON round trip of ``obj`` (tuples become lists, tensors and numpy values lists/numbers)."""
+    """A JSON round trip of ``obj`` (tuples become lists, tensors and numpy values lists/numbers, NaN and
+    infinities None): what :func:`write_json` stores and reading it back gives."""
     try:
-        return json.loads(json.dumps(obj, default=_default))
+        return _finite(json.loads(json.dumps(obj, default=_default)))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what} must be JSON-serialisable: {e}") from None
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1, sort_keys: bool = False) -> None:
-    """Writes ``obj`` as JSON, atomically."""
-    atomic_write(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=_default, allow_nan=True))
+    """Writes ``obj`` as standard JSON, atomically: a NaN or infinite number is written as ``null``."""
+    obj = _finite(json.loads(json.dumps(obj, default=_default)))
+    atomic_write(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=False))
 
 
 def read_json(path: str | os.PathLike) -> Any:

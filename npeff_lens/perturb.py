@@ -296,8 +296,12 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     Components without a ratio (dead, or nan) are left out and counted in ``n_left_out``."""
     done = [r for r in records if r.get("status", "ok") == "ok"]
-    kl = [r["kl_ratio"] for r in done]
-    pn = [r.get("pef_norm_ratio", math.nan) for r in done]
+
+    def number(v):  # JSON stores an undefined ratio as null
+        return math.nan if v is None else v
+
+    kl = [number(r["kl_ratio"]) for r in done]
+    pn = [number(r.get("pef_norm_ratio")) for r in done]
     finite_kl = sorted(v for v in kl if not math.isnan(v))
     n_plus = sum(r.get("sign") == "+" for r in done)
     return {

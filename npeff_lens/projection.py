@@ -71,6 +71,23 @@ def _mix_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- numba path
+_numba_started = False
+
+
+def start_numba_threads() -> None:
+    """Starts numba's threading layer once per process, keeping torch's CPU thread count. The first parallel
+    numba call sets the process's OpenMP threads to numba's count (all cores): torch ops after it would run with
+    another thread count than those before it, and differ in low bits, so the same computation would give other
+    bits depending on whether a projection ran before it in the process. Every numba call goes through here."""
+    global _numba_started
+    if _numba_started or not _HAVE_NUMBA:
+        return
+    _numba_started = True
+    threads = torch.get_num_threads()
+    SparseProjection(64, 2, density=1).project(torch.zeros(2, 64), backend="numba")
+    torch.set_num_threads(threads)
+
+
 try:  # numba is optional: without it the CPU path is vectorised torch (slower, same matrix)
     if os.environ.get("NPEFF_DISABLE_NUMBA") == "1":
         raise ImportError
@@ -305,9 +322,11 @@ class SparseProjection:
         if backend == "auto":
             if t.device.type == "cuda":
                 return "triton"
-            return "numba" if _HAVE_NUMBA else "torch"
+            backend = "numba" if _HAVE_NUMBA else "torch"
         if backend == "numba" and not _HAVE_NUMBA:
             raise ValueError("backend='numba' requested but numba is not installed")
+        if backend == "numba":
+            start_numba_threads()
         if backend in ("numba", "torch") and t.device.type != "cpu":
             raise ValueError(f"backend={backend!r} runs on CPU tensors, got device {t.device}")
         if backend == "triton" and t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ __all__ = [
     "icl",
     "load_with_model",
     "held_out_coefficients",
+    "held_out_examples",
     "demo",
     "zero_shot",
 ]
@@ -85,6 +87,8 @@ def _begin(out: Path, step: str, config, inputs: dict, source: Path | None) -> d
     a new one otherwise (``out`` new or empty). Another config or inputs: ``ConfigMismatchError``."""
     path = out / RUN_FILE
     hint = "rerun with the stored values to resume, or choose another output directory"
+    if path.exists() and _failed_before_results(out):
+        path.unlink()  # a step that stopped before writing anything holds nothing to resume: start afresh
     if path.exists():
         rec = read_json(path)
         if rec.get("step") != step:
@@ -109,6 +113,16 @@ def _begin(out: Path, step: str, config, inputs: dict, source: Path | None) -> d
     }
     write_json(path, rec)
     return rec
+
+
+def _failed_before_results(out: Path) -> bool:
+    """Whether ``out`` holds only the record of a step that never finished (and perhaps empty folders or dead
+    temporary files): such a record blocks no other configuration."""
+    rec = read_json(out / RUN_FILE)
+    if rec.get("status") == "done":
+        return False
+    remove_dead_temp_files(out)
+    return all(p.name == RUN_FILE or (p.is_dir() and not any(p.rglob("*"))) for p in out.iterdir())
 
 
 def _finish(out: Path, rec: dict) -> None:
@@ -408,6 +422,7 @@ def run_perturbation(
         _write_perturbation(Path(out), ordered, cfg, notes)
         if len(ordered) == len(indices):
             _finish(Path(out), read_json(Path(out) / RUN_FILE))
+    ordered = to_jsonable(ordered)  # as stored: an undefined ratio is None
     return {**_perturbation_summary(ordered, cfg, notes), "records": ordered}
 
 
@@ -502,8 +517,12 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
     d = Path(decomposition_dir)
     est, store = load_run(d, store)
     root = d / "compare"
-    results = {"config": cfg.key(), "methods": {}}
+    results = {"config": cfg.key(), "methods": _earlier_rows(root / "compare.json", cfg.methods)}
     context = _CompareContext(d, est, store, cfg, adapter)
+    if "sae" in cfg.methods and cfg.sae_hook is not None:  # a wrong hook stops here, before anything is written
+        from .baselines.sae import hook_module, resolve_hook
+
+        hook_module(context.adapter, resolve_hook(context.adapter, cfg.sae_hook))
     for method in cfg.methods:
         mdir = root / method
         key = cfg.method_key(method)
@@ -531,9 +550,21 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
         summary.update(fit_seconds=rec.get("fit_seconds"), peak_rss_mib=rec.get("peak_rss_mib"))
         if cfg.selectivity:
             summary.update(context.selectivity(method, mdir, coeffs, extra))
-        results["methods"][method] = to_jsonable(summary)
+        results["methods"][method] = to_jsonable({**summary, "config": key})
         write_json(root / "compare.json", results)
     return results
+
+
+def _earlier_rows(path: Path, methods) -> dict:
+    """The rows of an earlier compare.json for methods not compared this time (each row carries its config):
+    comparing a subset of methods keeps the others' results."""
+    if not path.exists():
+        return {}
+    try:
+        rows = read_json(path).get("methods") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return {m: row for m, row in rows.items() if m not in methods}
 
 
 @dataclass(frozen=True)
@@ -813,6 +844,8 @@ def format_compare(results: dict) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    lines += [f"{m}: selectivity -, {r['selectivity_note']}" for m, r in results["methods"].items()
+              if r.get("selectivity_note")]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -851,6 +884,49 @@ def load_with_model(decomposition_dir, adapter=None):
     return est, store, adapter, task_from_config(store.manifest["task"]).bind(adapter)
 
 
+def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, text_column=None, label_column=None):
+    """``(rows, description)``: ``n`` examples none of which is in ``store`` (compared by a hash of the text), from
+    ``dataset`` (default: the dataset the store was collected from, with its columns, label names and seed), its
+    ``split``, labels numbered as the store's outcomes (:func:`~npeff_lens.data.align_labels`). Fewer than ``n``
+    such examples is an error that says how many there are."""
+    import hashlib
+
+    from .data import align_labels, load_dataset
+
+    collected = (store.manifest.get("dataset") or {}).get("name")
+    cfg = store.manifest.get("config") or {}
+    own = dataset is None
+    if own:
+        if collected in (None, "texts", "user"):
+            raise ValueError(
+                f"the run's store {store.path} was collected from an in-memory dataset, which cannot be read again: "
+                "pass the held-out data with --dataset NAME_OR_FILE"
+            )
+        dataset = collected
+    text_column = text_column or (cfg.get("text_column") if own else None) or "text"
+    if label_column is None and own:
+        label_column = cfg.get("label_column")
+    label_names = cfg.get("label_names") if own else None
+    seed = seed if seed is not None else (cfg.get("data_seed", 0) if own else 0)
+    data = load_dataset(dataset, split=split, seed=seed, columns={"text": text_column, "label": label_column},
+                        label_names=label_names)  # fmt: skip
+    data, _ = align_labels(data, store.manifest.get("outcomes"), drop_invalid=True, source=f"the dataset {dataset!r}")
+
+    def digest(text):
+        return hashlib.sha1(str(text).encode()).digest()
+
+    seen = {digest(t) for t in store.metadata["text"]}
+    fresh = [i for i, t in enumerate(data["text"]) if digest(t) not in seen]
+    where = f"{dataset!r} ({split or 'all'} split, seed {seed})"
+    if len(fresh) < n:
+        raise ValueError(
+            f"{len(fresh)} examples of {where} are not in the run's store ({len(data) - len(fresh)} of its "
+            f"{len(data)} valid rows are); {n} were asked for: lower --n-eval to {len(fresh)} or less, or give "
+            "another --dataset / --eval-split"
+        )
+    return data.select(fresh[:n]), f"{n} examples of {where}, none in the run's store"
+
+
 def held_out_coefficients(est, store, adapter, task, texts, out, *, batch_size=8, progress=True):
     """Coefficients ``[n, C]`` of new texts: their PEFs in the store's space (same projection, parameters,
     truncation and task, collected into ``out``, resumable), then ``est.transform`` with the components fixed."""
@@ -874,6 +950,10 @@ def unlearn(decomposition_dir, config: UnlearnConfig | None = None, *, out=None,
     d = Path(decomposition_dir)
     out = Path(out) if out is not None else d / "unlearn"
     est, store = load_run(d)
+    components = cfg.component_list(est.n_components)  # a wrong choice stops here, before anything is written
+    n_random = cfg.n_random
+    if n_random is None:  # 64, or what a small store leaves beside the top and control sets and a retain pool
+        n_random = max(1, min(64, len(store) - (1 + cfg.k_eval + cfg.k_mitigation) - cfg.k_mitigation - 16))
     rec = _begin(out, "unlearn", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
     if rec["status"] == "done" and (out / "unlearning.json").exists():
         return read_json(out / "unlearning.json")
@@ -882,8 +962,8 @@ def unlearn(decomposition_dir, config: UnlearnConfig | None = None, *, out=None,
     params = {("store",): store_params, ("default",): None}.get(tuple(cfg.params), list(cfg.params))
     t0 = time.time()
     report = unlearning_experiment(
-        adapter, task, task.prompts(store.metadata["text"]), est.coefficients_, cfg.component_list(est.n_components),
-        k_eval=cfg.k_eval, k_mitigation=cfg.k_mitigation, n_random=cfg.n_random, kl_threshold=cfg.kl_threshold,
+        adapter, task, task.prompts(store.metadata["text"]), est.coefficients_, components,
+        k_eval=cfg.k_eval, k_mitigation=cfg.k_mitigation, n_random=n_random, kl_threshold=cfg.kl_threshold,
         seed=cfg.seed, progress=cfg.progress, batch_size=cfg.batch_size, n_batches=cfg.n_batches,
         retain_batch_size=cfg.retain_batch_size, forget_batch_size=cfg.forget_batch_size, lr=cfg.lr,
         epsilon_forget=cfg.epsilon_forget, epsilon_retain=cfg.epsilon_retain, params=params,
@@ -900,27 +980,27 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
     on ``n_eval`` held-out examples (coefficients by ``transform``) beside zero-shot and best-of-N in-context
     prompts (§6.2); ``out/icl.json`` (default ``decomposition_dir/icl``), resumable like every step."""
     from .applications.icl import TuningClassifier, agreement, icl_experiment
-    from .data import load_dataset
 
     cfg = _config(IclConfig, config, options)
     d = Path(decomposition_dir)
     out = Path(out) if out is not None else d / "icl"
     est, store = load_run(d)
-    rec = _begin(out, "icl", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
-    if rec["status"] == "done" and (out / "icl.json").exists():
-        return read_json(out / "icl.json")
-    est, store, adapter, task = load_with_model(d, adapter)
     meta = store.metadata
     if "label" not in meta.column_names:
         raise ValueError(f"the run's store {store.path} has no 'label' column: the tuning classifier needs labels")
+    data, source = held_out_examples(store, cfg.n_eval, dataset=cfg.dataset, split=cfg.eval_split,
+                                     seed=cfg.data_seed, text_column=cfg.text_column,
+                                     label_column=cfg.label_column)  # fmt: skip
+    rec = _begin(out, "icl", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
+    if rec["status"] == "done" and (out / "icl.json").exists():
+        return read_json(out / "icl.json")
+    print(f"[icl] held-out: {source}", file=sys.stderr, flush=True)
+    est, store, adapter, task = load_with_model(d, adapter)
     texts, labels, coef, t0 = meta["text"], meta["label"], est.coefficients_, time.time()
     clf = TuningClassifier(threshold=cfg.threshold, k=cfg.k).fit(coef, labels)
     held_in = {"n": len(texts), "classifier_accuracy": clf.score(coef, labels), "n_unscored": clf.n_unscored_,
                "zero_shot_accuracy": agreement(meta["prediction"], labels),
                "classifier_zero_shot_agreement": agreement(clf.predict(coef), meta["prediction"])}  # fmt: skip
-    columns = {"text": cfg.text_column, "label": cfg.label_column}
-    data = load_dataset(cfg.dataset, split=cfg.eval_split, seed=cfg.data_seed, columns=columns)
-    data = data.select(range(min(cfg.n_eval, len(data))))
     eval_coef = held_out_coefficients(est, store, adapter, task, data["text"], out / "eval-pefs",
                                       batch_size=cfg.batch_size, progress=cfg.progress)  # fmt: skip
     result = icl_experiment(
@@ -928,7 +1008,7 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
         shots=cfg.shots, n_prompts=cfg.n_prompts, n_select=min(cfg.n_select, len(texts) - cfg.shots),
         seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress,
     )  # fmt: skip
-    result.update(held_in=held_in, seconds=time.time() - t0)
+    result.update(held_in=held_in, held_out_source=source, seconds=time.time() - t0)
     write_json(out / "icl.json", to_jsonable(result))
     _finish(out, rec)
     return result

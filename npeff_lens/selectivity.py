@@ -268,9 +268,17 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     (``status == "excluded"``) and those whose intervention never reached the target KL (``"unreachable"``)
     are left out and counted."""
     done = [r for r in records if r.get("status") == "ok"]
-    return {
-        "selectivity": geometric_mean([r["selectivity"] for r in done]),
+    summary = {
+        "selectivity": geometric_mean([r["selectivity"] for r in done]) if done else None,
         "selectivity_n_evaluated": len(done),
         "selectivity_n_excluded": sum(r.get("status") == "excluded" for r in records),
         "selectivity_n_unreachable": sum(r.get("status") == "unreachable" for r in records),
     }
+    if not done:
+        why = []
+        if summary["selectivity_n_excluded"]:
+            why.append(f"{summary['selectivity_n_excluded']} with fewer than k examples that load on them")
+        if summary["selectivity_n_unreachable"]:
+            why.append(f"{summary['selectivity_n_unreachable']} whose intervention never reached the target KL")
+        summary["selectivity_note"] = "no component measured: " + ("; ".join(why) or "none asked")
+    return summary

@@ -14,16 +14,19 @@ On disk (``format_version`` 1)::
 
 A shard is written as: metadata file, then data file (each: temp file, fsync, ``os.replace``), then its
 index line (with byte sizes and zlib CRC-32 checksums of both files) is appended and fsynced: the index
-line is the commit. A torn last index line or a shard file without an index line (killed mid-commit) is
-simply not part of the store; such leftovers, and temp files of dead processes, are removed by the next
-writer. Committed shards are never rewritten.
+line is the commit. ``append`` commits a shard every ``shard_size`` examples, and the whole buffer once the
+last commit is ``commit_seconds`` old (``COMMIT_SECONDS``: a kill loses little more than that much work). A
+torn last index line or a shard file without an index line (killed mid-commit) is simply not part of the
+store; such leftovers, and temp files of dead processes, are removed by the next writer. Committed shards
+are never rewritten.
 
 Corruption (a damaged or truncated file) is reported as ``CorruptStoreError`` naming the shard and the
 examples it holds: sizes and ``.npy`` headers are checked on open, checksums the first time this process
-reads a shard (``verify()`` checks all). ``PEFStore.repair(path)`` (``npeff repair``) then removes only the
-shards whose checks fail: their examples become *missing ranges* (gaps in the index), reading them is a
-``MissingExamplesError`` naming them, and rerunning the collection with the same arguments recollects
-exactly those ranges (``missing`` / ``fill``) before it carries on.
+reads a shard, and of every shard when a writer reopens the store (``create``: a rerun of the collection,
+finished or not, notices a damaged shard); ``verify()`` checks all. ``PEFStore.repair(path)`` (``npeff
+repair``) then removes only the shards whose checks fail: their examples become *missing ranges* (gaps in
+the index), reading them is a ``MissingExamplesError`` naming them, and rerunning the collection with the
+same arguments recollects exactly those ranges (``missing`` / ``fill``) before it carries on.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ _DTYPES = {  # stored dtype name -> (torch dtype, numpy dtype on disk)
     "float32": (torch.float32, np.dtype("<f4")),
 }
 _CHUNK = 16 * 2**20  # bytes per read while checksumming
+COMMIT_SECONDS = 60.0  # append commits the buffered examples once the last commit is this old (store.commit_seconds)
 _SHARD_RE = re.compile(r"^shard-(\d+)\.(npy|json)$")
 
 # (path, inode, size, mtime_ns, crc) of files whose checksum this process already checked.
@@ -244,6 +248,8 @@ class PEFStore:
         self._pending: list[np.ndarray] = []
         self._pending_meta: list[dict] = []
         self._n_pending = 0
+        self.commit_seconds = float(COMMIT_SECONDS)
+        self._last_commit = time.monotonic()
         self._maps: dict[tuple, np.ndarray] = {}
         _remove_dead_temp_files(self.path)
         _remove_dead_temp_files(self.path / SHARDS)
@@ -265,7 +271,9 @@ class PEFStore:
 
         The existing store's manifest, minus volatile keys (``count``, timestamps, ``package_version``,
         ``shard_size``), must equal ``manifest`` and its rows / dim / dtype must match; otherwise
-        ``StoreMismatchError`` lists the differences. The returned store holds the writer lock.
+        ``StoreMismatchError`` lists the differences. Reopening checks the checksum of every committed shard
+        (``CorruptStoreError`` names the first damaged one: ``npeff repair`` removes it, and the rerun recollects
+        its examples). The returned store holds the writer lock.
         """
         path = Path(path)
         for name, value in (("rows", rows), ("dim", dim), ("shard_size", shard_size)):
@@ -289,6 +297,11 @@ class PEFStore:
             store._check_same_config(user, rows=rows, dim=dim, dtype=dtype)
             store.shard_size = shard_size
             store._become_writer()
+            try:
+                store.verify()  # a rerun of a finished collection reads nothing else: it must notice damage here
+            except BaseException:
+                store.close()
+                raise
             if store._manifest.get("shard_size") != shard_size or store._manifest.get("count") != store.committed:
                 store._write_manifest()
             return store
@@ -562,8 +575,10 @@ class PEFStore:
     def append(self, pefs, metadata: Sequence[dict]) -> None:
         """Adds examples ``[len(self), len(self) + b)``: ``pefs`` [b, rows, dim], ``metadata`` b dicts.
 
-        Buffered; every full ``shard_size`` examples are committed as a shard. Non-finite values (also
-        after conversion to the stored dtype, e.g. float16 overflow) raise ValueError, and nothing is added.
+        Buffered; every full ``shard_size`` examples are committed as a shard, and the whole buffer once the
+        last commit (or the opening) is ``commit_seconds`` old, so that a kill loses little work however slowly
+        examples come. Non-finite values (also after conversion to the stored dtype, e.g. float16 overflow)
+        raise ValueError, and nothing is added.
         """
         arr, meta = self._checked(pefs, metadata, len(self))
         if arr.shape[0] == 0:
@@ -575,6 +590,8 @@ class PEFStore:
         self._n_pending += b
         while self._n_pending >= self.shard_size:
             self._commit(self.shard_size)
+        if self._n_pending and time.monotonic() - self._last_commit >= self.commit_seconds:
+            self._commit(self._n_pending)
 
     def _checked(self, pefs, metadata, first: int) -> tuple[np.ndarray, list[dict]]:
         """``(array [b, rows, dim], JSON metadata)``, or a ValueError naming examples ``first + i``."""
@@ -666,6 +683,7 @@ class PEFStore:
             "meta_crc32": zlib.crc32(meta_bytes),
         }
         self._append_index_line((json.dumps(entry, sort_keys=True) + "\n").encode())  # the commit
+        self._last_commit = time.monotonic()
         k = int(np.searchsorted(self._starts, start))
         self._entries.insert(k, entry)
         self._starts = np.insert(self._starts, k, start)

@@ -233,3 +233,62 @@ def test_builtin_rejects_columns_and_label_names():
     # no-op mappings (what the command line passes by default) are fine
     ds = nl.load_dataset("trec", "test", columns={"text": "text", "label": None})
     assert len(ds) == round(0.2 * 5_452) and ds["text"] == nl.load_dataset("trec", "test")["text"]
+
+
+# --------------------------------------------------------------------------------------------------
+# One label mapping: labels are matched to the task's outcomes by name, whatever order either lists them in.
+# --------------------------------------------------------------------------------------------------
+
+
+def _csv(tmp_path, rows, name="data.csv"):
+    path = tmp_path / name
+    path.write_text("text,label\n" + "\n".join(f"{t},{y}" for t, y in rows) + "\n")
+    return path
+
+
+def test_string_labels_are_numbered_as_the_outcomes_in_any_order(tmp_path):
+    from npeff_lens.data import align_labels
+
+    path = _csv(tmp_path, [("good film", "positive"), ("bad film", "negative"), ("fine", "Positive ")])
+    ds = nl.load_dataset(path)
+    for outcomes in ([" negative", " positive"], [" positive", " negative"]):
+        aligned, dropped = align_labels(ds, outcomes)
+        assert dropped == 0 and aligned["label_name"] == ["positive", "negative", "Positive "]
+        assert [outcomes[y].strip() for y in aligned["label"]] == ["positive", "negative", "positive"]
+        assert aligned.features["label"].names == outcomes
+
+
+def test_a_typo_an_empty_label_or_an_empty_text_names_the_rows(tmp_path):
+    from npeff_lens.data import align_labels
+
+    rows = [("good", "positive"), ("bad", "negative"), ("odd", "postive"), ("   ", "negative"), ("meh", "")]
+    ds = nl.load_dataset(_csv(tmp_path, rows))
+    with pytest.raises(ValueError) as e:
+        align_labels(ds, [" negative", " positive"])
+    msg = str(e.value)
+    assert "\n" not in msg and "row 2 has a label that names none" in msg and "'postive'" in msg
+    assert "row 3 has empty text" in msg and "row 4 has empty label" in msg and "--drop-invalid" in msg
+    kept, dropped = align_labels(ds, [" negative", " positive"], drop_invalid=True)
+    assert dropped == 3 and kept["text"] == ["good", "bad"] and kept["label"] == [1, 0]
+
+
+def test_integer_labels_without_names_index_the_outcomes():
+    from npeff_lens.data import align_labels
+
+    ds = nl.load_dataset(datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 0, 2]}))
+    aligned, _ = align_labels(ds, [" x", " y", " z"])
+    assert aligned["label"] == [1, 0, 2]
+    with pytest.raises(ValueError, match="row 2 has a label outside 0..1"):
+        align_labels(ds, [" x", " y"])
+    # a classifier head's generic names are positions too
+    named = nl.load_dataset(datasets.Dataset.from_dict({"text": ["a", "b"], "label": ["neg", "pos"]}))
+    assert align_labels(named, ["LABEL_0", "LABEL_1"])[0]["label"] == [0, 1]
+
+
+def test_a_file_that_is_empty_or_not_utf8_says_so(tmp_path):
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.csv' is empty \(0 bytes\)"):
+        nl.load_dataset(tmp_path / "empty.csv")
+    (tmp_path / "latin.csv").write_bytes(b"text,label\ncaf\xe9 au lait,pos\n")
+    with pytest.raises(ValueError, match=r"is not UTF-8 text: byte 0xe9 at offset 14 \(line 2\)"):
+        nl.load_dataset(tmp_path / "latin.csv")

@@ -25,7 +25,7 @@ WORDS = "great dull moving boring fun sad happy awful wonderful terrible brillia
 N = 40  # 10 batches of 4: 5 rounds of two ranks
 ARGS = ["--model", "tiny-llama", "--template", "Review: {text} Sentiment:", "--labels", " bad", " sad",
         "--proj-dim", "128", "--dtype", "float32", "--batch-size", "4", "--shard-size", "8", "--flush-every", "8",
-        "--no-progress"]  # fmt: skip
+        "--split", "none", "--no-progress"]  # fmt: skip
 
 # Runs the command line on each rank; on rank KILL, SIGKILL at its AT-th batch; on rank SEED_RANK, another --seed.
 LAUNCH = textwrap.dedent(

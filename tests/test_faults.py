@@ -187,6 +187,123 @@ def test_a_second_writer_gets_one_line_naming_the_holder_and_a_dead_holder_is_ta
     s.close()
 
 
+@pytest.mark.parametrize("damage", ["flip_data", "flip_meta"])
+def test_collect_on_a_finished_store_names_a_damaged_shard(tmp_path, adapter, reference, damage, monkeypatch, capsys):
+    _, ref, _, _ = reference
+    path = tmp_path / "pefs"
+    collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
+    e = _shard_entry(path, 3)  # examples [24, 32)
+    f = path / "shards" / (e["data"] if damage == "flip_data" else e["meta"])
+    _flip(f)  # sizes and the .npy header stay right: only the checksum can tell
+    seen = []
+    compute = PEFComputer.compute
+    monkeypatch.setattr(PEFComputer, "compute", lambda self, p, **k: seen.append(len(p)) or compute(self, p, **k))
+    with pytest.raises(CorruptStoreError) as info:
+        collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
+    message = str(info.value)
+    assert f.name in message and "examples [24, 32)" in message and f"npeff repair {path}" in message
+    assert "\n" not in message and seen == []  # one line; nothing computed
+    assert main(["repair", str(path)]) == 0  # the failed collect released the store
+    assert "missing examples [24, 32)" in capsys.readouterr().out
+    collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
+    assert sum(seen) == 8  # only the damaged shard's examples were recollected
+    _same_store(PEFStore(path), ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# Interruptions: SIGTERM (timeout, a scheduler's preemption) is handled like Ctrl-C.
+# --------------------------------------------------------------------------------------------------
+
+# `npeff collect` with PEFComputer.compute pausing at its PAUSE-th call (the batches before it appended, none
+# committed yet), once per output directory in OUTS (os.pathsep-separated): several collections, one process.
+PAUSING_COLLECT = textwrap.dedent(
+    """
+    import os, sys, time
+    from npeff_lens.cli import main
+    from npeff_lens.collect import PEFComputer
+    pause, outs, argv = int(sys.argv[1]), sys.argv[2].split(os.pathsep), sys.argv[3:]
+    compute, calls = PEFComputer.compute, [0]
+    def wrapped(*a, **k):
+        calls[0] += 1
+        if calls[0] == pause:
+            print("paused", flush=True)
+            time.sleep(120)
+        return compute(*a, **k)
+    PEFComputer.compute = wrapped
+    for out in outs:
+        status = main([*argv, "--out", out])
+        if status:
+            sys.exit(status)
+    """
+)
+
+
+def test_sigterm_mid_collection_commits_what_was_computed_and_the_rerun_completes_it(tmp_path):
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(24)))
+    argv = ["collect", "--model", "tiny-llama", "--template", TEMPLATE, "--labels", *LABELS, "--proj-dim", "128",
+            "--dtype", "float32", "--batch-size", "4", "--shard-size", "1000", "--flush-every", "1000",
+            "--no-progress", "--dataset", str(data)]  # fmt: skip
+    script = tmp_path / "collect.py"
+    script.write_text(PAUSING_COLLECT)
+    env = dict(_env(), OMP_NUM_THREADS="1")  # both processes run the same numerics
+    out, ref = tmp_path / "pefs", tmp_path / "ref"
+    proc = subprocess.Popen([sys.executable, str(script), "3", str(out), *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.strip() == "paused":  # 8 examples appended, none committed by count
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    lines = [x for x in err.splitlines() if "interrupted" in x]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert lines[0].startswith("npeff collect: interrupted by SIGTERM") and "keeps its 8 committed examples" in lines[0]
+    assert "rerun the same command" in lines[0]
+    s = PEFStore(out)
+    assert len(s) == s.manifest["count"] == 8
+    s.verify()
+    # the rerun completes it; then an uninterrupted collection in the same process, for reference
+    done = subprocess.run([sys.executable, str(script), "0", os.pathsep.join([str(out), str(ref)]), *argv], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(PEFStore(ref)) > 8
+    _same_store(PEFStore(out), PEFStore(ref))
+
+
+def test_sigterm_is_raised_like_sigint_never_inside_a_store_write_and_the_handlers_are_restored():
+    import threading
+
+    from npeff_lens.collect import Interrupted, _Interruptions
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(Interrupted) as info, _Interruptions() as signals:
+        assert signal.getsignal(signal.SIGTERM) == signals._handle  # else the kill below would end the tests
+        with signals.writing():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("write finished")
+        done.append("not reached")
+    assert done == ["write finished"] and isinstance(info.value, KeyboardInterrupt)
+    assert info.value.signum == signal.SIGTERM and "SIGTERM" in str(info.value)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    seen = []
+
+    def elsewhere():  # only the main thread installs handlers
+        with _Interruptions():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    t = threading.Thread(target=elsewhere)
+    t.start()
+    t.join()
+    assert seen == [before[0]]
+
+
 # --------------------------------------------------------------------------------------------------
 # Decomposition: SIGKILL at several points; damaged checkpoints and results are named.
 # --------------------------------------------------------------------------------------------------

@@ -39,13 +39,13 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     rng = random.Random(0)
     rows = [
-        (" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))), rng.choice(["pos", "neg"])) for _ in range(20)
+        (" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))), rng.choice(["sad", "bad"])) for _ in range(20)
     ]
     (root / "reviews.csv").write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in rows) + "\n")
     assert main(["collect", "--model", "tiny-llama", "--dataset", str(root / "reviews.csv"), "--text-column", "review",
                  "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad",
                  " sad", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
-                 "--no-progress"]) == 0  # fmt: skip
+                 "--split", "none", "--no-progress"]) == 0  # fmt: skip
     assert main(["decompose", "--store", str(root / "tree" / "pefs"), "--components", "3", "--steps", "30",
                  "--warmup-steps", "5", "--out", str(root / "tree" / "npeff"), "--no-progress"]) == 0  # fmt: skip
     return root

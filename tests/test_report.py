@@ -34,7 +34,7 @@ pytestmark = [
 def _reviews(n, seed=0):
     rng = random.Random(seed)
     return [
-        (" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))), rng.choice(["pos", "neg"])) for _ in range(n)
+        (" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))), rng.choice(["sad", "bad"])) for _ in range(n)
     ]
 
 
@@ -50,7 +50,7 @@ def run(tmp_path_factory):
     collect = ["collect", "--model", "tiny-llama", "--dataset", str(csv), "--text-column", "review",
                "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad",
                " sad", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
-               "--no-progress"]  # fmt: skip
+               "--split", "none", "--no-progress"]  # fmt: skip
     assert main(collect) == 0
     decompose = ["decompose", "--store", str(root / "tree" / "pefs"), "--components", str(N_COMPONENTS),
                  "--steps", "60", "--warmup-steps", "10", "--out", str(root / "tree" / "npeff"),

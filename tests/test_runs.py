@@ -7,13 +7,17 @@ import json
 import pathlib
 import random
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 from npeff_lens import config as C
 from npeff_lens.cli import COMMANDS, build_parser, main
 from npeff_lens.runs import RUN_FILE, decompose_store, load_run, run_perturbation, top_report
+from npeff_lens.store import PEFStore
 
 WORDS = "great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie".split()
 
@@ -21,7 +25,7 @@ WORDS = "great dull moving boring fun sad happy awful wonderful terrible brillia
 def _reviews(n, seed=0):
     rng = random.Random(seed)
     return [
-        (" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))), rng.choice(["pos", "neg"])) for _ in range(n)
+        (" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))), rng.choice(["sad", "bad"])) for _ in range(n)
     ]
 
 
@@ -54,6 +58,7 @@ SAMPLES = {  # non-default values for every field of every command
         n=11,
         split="test",
         data_seed=2,
+        drop_invalid=True,
         max_length=None,
         dtype="bfloat16",
         top_k_probs=3,
@@ -295,7 +300,9 @@ def test_cli_bad_value_is_one_clear_line(capsys):
 
 def test_component_lists():
     assert C.PerturbConfig(components=3).component_list(10) == [0, 1, 2]
-    assert C.PerturbConfig(components="40").component_list(5) == [0, 1, 2, 3, 4]
+    # more components than the fit has is one line, not a silent smaller run
+    with pytest.raises(ValueError, match="asks for 40 components but the decomposition has 5"):
+        C.PerturbConfig(components="40").component_list(5)
     assert C.PerturbConfig(components=[4, 1]).component_list(5) == [4, 1]
     assert C.PerturbConfig(components="0,3,7-9").component_list(10) == [0, 3, 7, 8, 9]
     with pytest.raises(ValueError, match="out of range"):
@@ -325,7 +332,7 @@ def test_diff_names_nested_fields():
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     csv = root / "reviews.csv"
-    csv.write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in _reviews(24)) + "\n")
+    csv.write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in _reviews(40)) + "\n")
     collect = ["collect", "--model", "tiny-llama", "--dataset", str(csv), "--text-column", "review",
                "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad",
                " sad", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
@@ -343,9 +350,12 @@ def test_collected_from_a_csv_with_its_columns(run):
     root, _, _ = run
     store = PEFStore(root / "tree" / "pefs")
     meta = store.metadata
-    reviews = _reviews(24)
-    assert len(store) == 24 and meta["text"] == [t for t, _ in reviews]
-    assert meta["label_name"] == [s for _, s in reviews] and meta["label"] == [int(s == "pos") for _, s in reviews]
+    # by default the train split (a seeded shuffle of 80% of the rows), in that order
+    order = np.random.default_rng(0).permutation(40)[8:]
+    reviews = [_reviews(40)[i] for i in order]
+    assert len(store) == 32 and meta["text"] == [t for t, _ in reviews]
+    # the CSV's labels "sad" / "bad" are matched to the task's labels " bad", " sad" by name
+    assert meta["label_name"] == [s for _, s in reviews] and meta["label"] == [int(s == "sad") for _, s in reviews]
     key = store.manifest["config"]
     assert key["proj_dim"] == 256 and key["text_column"] == "review" and "batch_size" not in key
 
@@ -544,6 +554,16 @@ def test_compare_all_methods_end_to_end_resumes_and_names_a_changed_field(run, c
     # still patched: gc.GradientClustering.fit fails if called (it must read the fit back)
     again = compare(d, methods="grad-cluster", k=2, progress=False)  # components omitted: the decomposition's 3
     assert again["methods"]["grad-cluster"]["n_components"] == 3
+    # comparing one method keeps the other methods' rows, each with the configuration it was measured under
+    kept = json.loads((d / "compare" / "compare.json").read_text())["methods"]
+    assert set(kept) == {"npeff", "grad-cluster", "sae", "snmf"}
+    assert kept["sae"]["config"]["sae_tokens"] == 3000 and kept["grad-cluster"]["config"]["components"] == 3
+    # a bad SAE hook stops before anything is written, and does not block the corrected command
+    capsys.readouterr()
+    before = sorted(p.name for p in (d / "compare").iterdir())
+    assert main(["compare", str(d), "--methods", "sae", "--sae-hook", "no.such.hook", "--no-progress"]) == 2
+    assert "has no hook 'no.such.hook'" in capsys.readouterr().err
+    assert sorted(p.name for p in (d / "compare").iterdir()) == before
     assert main([*argv, "--seed", "1"]) == 2
     assert "seed: stored 0, now 1" in capsys.readouterr().err
     assert main([*argv, "--snmf-sparsity", "0.5"]) == 2
@@ -561,12 +581,165 @@ def test_unlearn_and_icl_commands_on_a_tiny_run(run, capsys):
     report = json.loads((d / "unlearn" / "unlearning.json").read_text())
     assert {"per_component", "summary"} <= set(report) and "mitigation" in capsys.readouterr().out
     assert json.loads((d / "unlearn" / RUN_FILE).read_text())["status"] == "done"
-    csv = root / "reviews.csv"
-    assert main(["icl", str(d), "--dataset", str(csv), "--text-column", "review", "--label-column", "sentiment",
-                 "--n-eval", "6", "--shots", "1", "--n-prompts", "2", "--n-select", "4", "--threshold", "0.5",
-                 "--k", "4", "--no-progress"]) == 0  # fmt: skip
+    # held-out examples come from the run's own CSV (its columns), none of them in the store
+    assert main(["icl", str(d), "--n-eval", "6", "--shots", "1", "--n-prompts", "2", "--n-select", "4",
+                 "--threshold", "0.5", "--k", "4", "--no-progress"]) == 0  # fmt: skip
     result = json.loads((d / "icl" / "icl.json").read_text())
-    assert result["held_in"]["n"] == 24 and "tuning classifier" in capsys.readouterr().out
-    assert main(["icl", str(d), "--dataset", str(csv), "--text-column", "review", "--label-column", "sentiment",
-                 "--n-eval", "7", "--no-progress"]) == 2  # fmt: skip
+    assert result["held_in"]["n"] == 32 and "tuning classifier" in capsys.readouterr().out
+    assert (
+        result["held_out_source"].startswith("6 examples of") and "none in the run's store" in result["held_out_source"]
+    )
+    assert main(["icl", str(d), "--n-eval", "7", "--no-progress"]) == 2
     assert "n_eval: stored 6, now 7" in capsys.readouterr().err
+    # more than the 8 held-out rows: one line saying how many there are, and nothing written
+    assert main(["icl", str(d), "--n-eval", "9", "--out", str(root / "icl9"), "--no-progress"]) == 2
+    assert "8 examples of" in capsys.readouterr().err and not (root / "icl9").exists()
+
+
+def test_a_csv_run_reports_the_same_whatever_order_the_labels_are_given_in(tmp_path, capsys):
+    """Accuracy, tunings and in-context prompts of a run on a user CSV do not depend on the order of --labels."""
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in _reviews(40)) + "\n")
+    results = {}
+    for labels in ((" bad", " sad"), (" sad", " bad")):
+        root = tmp_path / labels[0].strip()
+        assert (
+            main(
+                [
+                    "collect",
+                    "--model",
+                    "tiny-llama",
+                    "--dataset",
+                    str(csv),
+                    "--text-column",
+                    "review",
+                    "--label-column",
+                    "sentiment",
+                    "--template",
+                    "Review: {text} Sentiment:",
+                    "--labels",
+                    *labels,
+                    "--proj-dim",
+                    "256",
+                    "--dtype",
+                    "float32",
+                    "--out",
+                    str(root / "pefs"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "decompose",
+                    "--store",
+                    str(root / "pefs"),
+                    "--components",
+                    "3",
+                    "--steps",
+                    "40",
+                    "--warmup-steps",
+                    "10",
+                    "--out",
+                    str(root / "npeff"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        assert main(["icl", str(root / "npeff"), "--n-eval", "6", "--shots", "2", "--n-prompts", "3",
+                     "--n-select", "8", "--threshold", "0.5", "--k", "4", "--no-progress"]) == 0  # fmt: skip
+        meta = PEFStore(root / "pefs").metadata
+        icl = json.loads((root / "npeff" / "icl" / "icl.json").read_text())
+        names = [labels[y] for y in meta["label"]]
+        assert [n.strip() for n in names] == meta["label_name"]  # the label index names the example's label
+        results[labels] = {
+            "zero_shot": sum(p == y for p, y in zip(meta["prediction"], meta["label"])) / len(meta),
+            "predicted": [labels[p] for p in meta["prediction"]],
+            "accuracy": icl["accuracy"],
+            "held_in": icl["held_in"]["zero_shot_accuracy"],
+            "prefix": icl["icl"]["prefix"],
+        }
+    a, b = results.values()
+    assert a == b
+    # the in-context prompt pairs each demonstration with its own label
+    for line in a["prefix"].strip().split("\n"):
+        text, word = line.rsplit(" Sentiment:", 1)
+        assert dict(_reviews(40))[text.removeprefix("Review: ")] == word.strip()
+
+
+def test_a_step_that_failed_before_writing_results_does_not_block_its_fix(run, tmp_path, capsys):
+    root, _, _ = run
+    d = root / "tree" / "npeff"
+    out = tmp_path / "icl"
+    icl = ["icl", str(d), "--n-eval", "4", "--shots", "1", "--n-prompts", "2", "--n-select", "4", "--threshold",
+           "0.5", "--k", "4", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main([*icl, "--dataset", str(root / "reviewz.csv")]) == 2
+    assert "reviewz.csv" in capsys.readouterr().err and not out.exists()
+    # a step that stopped after its record was written (here: the model fails to load) blocks nothing either
+    out.mkdir()
+    (out / RUN_FILE).write_text(json.dumps({"step": "icl", "status": "running", "config": {"dataset": "x.csv"}}))
+    assert main(icl) == 0 and json.loads((out / RUN_FILE).read_text())["status"] == "done"
+    unlearn = ["unlearn", str(d), "--n-batches", "1", "--retain-batch-size", "4", "--n-random", "4", "--k-eval",
+               "2", "--k-mitigation", "2", "--out", str(tmp_path / "unlearn"), "--no-progress"]  # fmt: skip
+    assert main([*unlearn, "--components", "50"]) == 2
+    assert "component index 50 out of range" in capsys.readouterr().err and not (tmp_path / "unlearn").exists()
+    assert main([*unlearn, "--components", "1"]) == 0
+
+
+def test_warnings_at_the_command_line_are_one_line(run, tmp_path, capsys):
+    root, _, _ = run
+    argv = ["perturb", str(root / "tree" / "npeff"), "--components", "1", "--top-k", "4", "--n-baseline", "64",
+            "--magnitude", "0.5", "--out", str(tmp_path / "p"), "--no-progress"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "npeff_lens.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
+    warning = [line for line in err.splitlines() if "warning" in line.lower()]
+    assert warning and all(line.startswith("npeff: warning: ") for line in warning), err
+    assert "warnings.warn(" not in err and ".py:" not in err
+
+
+def test_json_results_are_standard_json(tmp_path):
+    from npeff_lens.io import write_json
+
+    write_json(tmp_path / "x.json", {"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}})
+    assert json.loads((tmp_path / "x.json").read_text(), parse_constant=pytest.fail) == {
+        "a": None, "b": [1.5, None], "c": {"d": None}
+    }  # fmt: skip
+
+
+def test_collect_says_which_examples_and_the_report_shows_their_labels(run, tmp_path, capsys, monkeypatch):
+    from npeff_lens import collect as collect_module
+    from npeff_lens.report import build
+
+    root, collect, _ = run
+    argv = [*collect[: collect.index("--out")], "--out", str(tmp_path / "pefs"), "--n", "10"]
+
+    assert main(argv) == 0
+    meta = PEFStore(tmp_path / "pefs").metadata
+    counts = {name: meta["label_name"].count(name) for name in ("bad", "sad")}
+    assert f"10 examples in {tmp_path / 'pefs'}; labels: bad {counts['bad']}, sad {counts['sad']}" in (
+        capsys.readouterr().err
+    )
+    index = build(root / "tree" / "npeff", out=tmp_path / "report", n_attributed=0, progress=False)
+    labels = PEFStore(root / "tree" / "pefs").metadata["label_name"]
+    assert f"32 examples (labels: bad {labels.count('bad')}, sad {labels.count('sad')})" in index.read_text()
+    # unprojected PEFs that cannot fit in memory are refused, naming the estimate
+    monkeypatch.setattr(collect_module, "_available_memory", lambda: 2**20)
+    assert main([*argv[: argv.index("--proj-dim")], "--proj-dim", "0", "--out", str(tmp_path / "raw")]) == 2
+    err = capsys.readouterr().err
+    assert "unprojected PEFs (--proj-dim 0) of 18,432 parameters need" in err and "GiB available" in err
+
+
+def test_unlearn_with_its_defaults_runs_on_a_64_example_store(tmp_path):
+    root = tmp_path
+    assert main(["collect", "--model", "tiny-llama", "--dataset", "movie-reviews", "--template", "Review: {text}",
+                 "--labels", " negative", " positive", "--label-first-token", "--proj-dim", "128", "--n", "64",
+                 "--out", str(root / "pefs"), "--no-progress"]) == 0  # fmt: skip
+    assert main(["decompose", "--store", str(root / "pefs"), "--components", "2", "--steps", "30", "--warmup-steps",
+                 "5", "--out", str(root / "npeff"), "--no-progress"]) == 0  # fmt: skip
+    assert main(["unlearn", str(root / "npeff"), "--components", "0", "--n-batches", "1", "--no-progress"]) == 0
+    report = json.loads((root / "npeff" / "unlearn" / "unlearning.json").read_text())
+    assert report["config"]["n_random"] == 64 - 25 - 12 - 16

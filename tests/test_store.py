@@ -351,6 +351,27 @@ def test_reader_refresh_sees_new_commits(tmp_path):
     assert len(r) == 3 and torch.equal(r.load_pefs(), torch.ones(3, 1, 2))
 
 
+def test_append_commits_by_time_as_well_as_by_count(tmp_path, monkeypatch):
+    import npeff_lens.store as store_module
+
+    assert 0 < store_module.COMMIT_SECONDS <= 60  # a kill loses at most about a minute of slow examples
+    path = tmp_path / "s"
+    monkeypatch.setattr(store_module, "COMMIT_SECONDS", 0.0)  # every append finds the last commit old enough
+    w = PEFStore.create(path, {}, rows=1, dim=2, shard_size=100)
+    w.append(np.ones((3, 1, 2)), [{}] * 3)
+    assert w.committed == 3 and len(PEFStore(path)) == 3  # durable: another process's reader sees them
+    w.append(np.full((2, 1, 2), 2.0), [{"i": 1}] * 2)
+    assert w.committed == 5 and w.n_shards == 2 and len(PEFStore(path)) == 5
+    w.commit_seconds = float("inf")  # by count only: buffered until shard_size examples or a flush
+    w.append(np.ones((4, 1, 2)), [{}] * 4)
+    assert w.committed == 5 and len(w) == 9 and len(PEFStore(path)) == 5
+    w.flush()
+    w.close()
+    r = PEFStore(path)
+    assert len(r) == 9 and r.n_shards == 3 and r.read_metadata(3, 5) == [{"i": 1}] * 2
+    assert torch.equal(r.load_pefs()[:, 0, 0], torch.tensor([1.0] * 3 + [2.0] * 2 + [1.0] * 4))
+
+
 # ----------------------------------------------------------------------------------------------
 # Corruption
 # ----------------------------------------------------------------------------------------------

@@ -71,7 +71,9 @@ def _run_line(run: dict) -> str:
     parts = [f"model <b>{escape(str(model))}</b>", f"task {escape(str(task.get('kind', '?')))}"]
     if outcomes:
         parts.append(f"outcomes {escape(outcomes)}")
-    parts.append(f"{run['n_examples']} examples")
+    balance = run.get("label_counts")
+    labels = f" (labels: {escape(', '.join(f'{k} {v}' for k, v in balance.items()))})" if balance else ""
+    parts.append(f"{run['n_examples']} examples{labels}")
     parts.append(f"{run['n_components']} components")
     if run.get("projection_dim"):
         parts.append(f"projected to d = {run['projection_dim']} from {fmt(run.get('n_params'))} parameters")
