@@ -720,9 +720,9 @@ def test_collect_says_which_examples_and_the_report_shows_their_labels(run, tmp_
     assert main(argv) == 0
     meta = PEFStore(tmp_path / "pefs").metadata
     counts = {name: meta["label_name"].count(name) for name in ("bad", "sad")}
-    assert f"10 examples in {tmp_path / 'pefs'}; labels: bad {counts['bad']}, sad {counts['sad']}" in (
-        capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert f"10 examples in {tmp_path / 'pefs'}; labels: bad {counts['bad']}, sad {counts['sad']}" in err
+    assert f"npeff collect: {torch.get_num_threads()} CPU thread(s)" in err and "OMP_NUM_THREADS=1" in err
     index = build(root / "tree" / "npeff", out=tmp_path / "report", n_attributed=0, progress=False)
     labels = PEFStore(root / "tree" / "pefs").metadata["label_name"]
     assert f"32 examples (labels: bad {labels.count('bad')}, sad {labels.count('sad')})" in index.read_text()
