@@ -12,7 +12,7 @@ multiplicative W update (App. D.1) and the gradient step on H (App. D.2). Data-p
 gradient (packed with the loss scalars) per step (App. D.3).
 
 The API follows scikit-learn's ``NMF``: hyper-parameters in ``__init__`` (checked against the table
-``_PARAMETER_CONSTRAINTS`` by :func:`validate_params`), ``fit`` / ``transform`` / ``fit_transform``,
+``npeff_lens.config._PARAMETER_CONSTRAINTS`` by :func:`validate_params`), ``fit`` / ``transform`` / ``fit_transform``,
 learned state ending in ``_``. As there, the estimator only orchestrates: the update steps are
 module-level functions (``_sweep``: one pass of W update and H gradient; ``_w_updates``: the W-only
 iterations of ``transform``), and checkpoints are written and read by ``_Checkpoints``.
@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .config import check_same, validate_params
 from .io import atomic_write, read_json
 from .io import progress as progress_bar
 
@@ -147,121 +148,6 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if "crc32" in meta and int(meta["crc32"]) != _crc(tensors):
         raise CorruptFileError(f"{path} is damaged: the checksum of its tensors differs from the one written")
     return tensors
-
-
-# ----------------------------------------------------------------------------------------------
-# Hyper-parameters: one constraint per __init__ argument
-# ----------------------------------------------------------------------------------------------
-
-
-class _Constraint:
-    """A kind of admissible value; ``text`` completes "<name> must be ..."."""
-
-    text = "anything"
-
-    def ok(self, value) -> bool:
-        return True
-
-    def check(self, name: str, value) -> None:
-        if not self.ok(value):
-            raise ValueError(f"{name} must be {self.text}; got {value!r}")
-
-
-class _Int(_Constraint):
-    """An ``int`` (not a bool, unless ``bool_ok``) ``>= low`` (any integer when ``low`` is None)."""
-
-    def __init__(self, low: int | None, *, bool_ok: bool = False):
-        self.low, self.bool_ok = low, bool_ok
-        self.text = "an integer" if low is None else f"an integer >= {low}"
-
-    def ok(self, value) -> bool:
-        if not isinstance(value, int) or (isinstance(value, bool) and not self.bool_ok):
-            return False
-        return self.low is None or value >= self.low
-
-
-class _Real(_Constraint):
-    """A finite ``int`` or ``float`` (not a bool), ``> 0`` when ``positive`` else ``>= 0``."""
-
-    def __init__(self, *, positive: bool):
-        self.positive = positive
-        self.text = "a positive finite number" if positive else "a finite number >= 0"
-
-    def ok(self, value) -> bool:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            return False
-        return value > 0 if self.positive else value >= 0
-
-
-class _OneOf(_Constraint):
-    def __init__(self, *choices: str):
-        self.choices = choices
-        self.text = "one of " + ", ".join(repr(c) for c in choices)
-
-    def ok(self, value) -> bool:
-        return isinstance(value, str) and value in self.choices
-
-
-class _Bool(_Constraint):
-    text = "True or False"
-
-    def ok(self, value) -> bool:
-        return isinstance(value, bool)
-
-
-class _DType(_Constraint):
-    text = "a floating torch dtype (or its name, e.g. 'float32')"
-
-    def ok(self, value) -> bool:
-        try:
-            _resolve_dtype(value)
-        except ValueError:
-            return False
-        return True
-
-
-class _Optional(_Constraint):
-    def __init__(self, inner: _Constraint):
-        self.inner = inner
-        self.text = f"None or {inner.text}"
-
-    def ok(self, value) -> bool:
-        return value is None or self.inner.ok(value)
-
-
-_PARAMETER_CONSTRAINTS: dict[str, _Constraint] = {
-    "n_components": _Int(1),
-    "n_steps": _Int(0),
-    "n_warmup_steps": _Int(0),
-    "lr": _Real(positive=True),
-    "warmup_lr": _Real(positive=True),
-    "init": _OneOf("random", "custom"),
-    "seed": _Int(None),
-    "eps": _Real(positive=False),
-    "device": _Constraint(),
-    "dtype": _DType(),
-    "memory_budget": _Int(0),
-    "batch_size": _Optional(_Int(1)),
-    "nonfinite": _OneOf("raise", "exclude"),
-    "checkpoint_dir": _Constraint(),
-    "checkpoint_every": _Int(1),
-    "callback": _Constraint(),
-    "progress": _Bool(),
-    "verbose": _Int(0, bool_ok=True),
-}
-
-
-def validate_params(params: dict) -> None:
-    """Checks NPEFF hyper-parameters (any subset of ``NPEFF.__init__``'s arguments).
-
-    Raises ``ValueError`` whose message starts with the parameter's name and a space, e.g.
-    ``"lr must be a positive finite number; got -1.0"``.
-    """
-    for name, value in params.items():
-        constraint = _PARAMETER_CONSTRAINTS.get(name)
-        if constraint is None:
-            raise ValueError(f"{name} is not a parameter of NPEFF; valid: {sorted(_PARAMETER_CONSTRAINTS)}")
-        constraint.check(name, value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,7 +485,6 @@ class _Checkpoints:
     def load(self, dtype: torch.dtype, device: torch.device):
         """``(step, W, H, hist, hist_w)`` of the latest checkpoint (None when there is none); a checkpoint
         of another fit is a ``ConfigMismatchError`` naming the differing fields."""
-        from .config import check_same  # config imports this module
 
         root = self.root
         if not (root / "latest.json").exists():

@@ -10,7 +10,8 @@ import warnings
 import pytest
 import torch
 
-from npeff_lens.decomposition import _PARAMETER_CONSTRAINTS, NPEFF, validate_params
+from npeff_lens.config import _PARAMETER_CONSTRAINTS, DecomposeConfig
+from npeff_lens.decomposition import NPEFF, validate_params
 
 
 def planted(m=240, C=6, d=48, max_active=3, seed=0, dtype=torch.float64):
@@ -378,3 +379,15 @@ def test_validate_params_accepts_valid_values(tmp_path):
     validate_params({"dtype": torch.bfloat16, "batch_size": 3, "device": None, "checkpoint_dir": None})
     with pytest.raises(ValueError, match=r"^lr must be a positive finite number; got -1\.0$"):
         validate_params({"lr": -1.0})
+
+
+def test_the_decompose_step_has_the_estimators_defaults():
+    """DecomposeConfig writes NPEFF's defaults as literals (so that the config module needs no torch): equal."""
+    import dataclasses
+    import inspect
+
+    signature = inspect.signature(NPEFF.__init__).parameters
+    for f in dataclasses.fields(DecomposeConfig):
+        if f.name in signature and f.default is not dataclasses.MISSING and f.name not in ("dtype", "progress"):
+            assert f.default == signature[f.name].default, f.name
+    assert str(signature["dtype"].default) == f"torch.{DecomposeConfig.__dataclass_fields__['dtype'].default}"
