@@ -606,8 +606,13 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
         _check_unprojected_fits(n_params, task.n_rows, cfg, n)
     _pin_cpu_threads()
     if distributed.active():  # torchrun: the ranks share the examples, rank 0 writes (npeff_lens.distributed)
+
+        def compute(lo, hi):
+            return _compute_batch(computer, dataset, task, cfg, lo, hi)
+
+        steps = distributed.Steps(plan=_plan, compute=compute, writer=_Writer)
         store, flagged = distributed.collect(out, manifest, computer, dataset, task, cfg, n, rows=rows,
-                                             dim=computer.dim, device=str(adapter.device))  # fmt: skip
+                                             dim=computer.dim, device=str(adapter.device), steps=steps)  # fmt: skip
     else:
         store = PEFStore.create(out, manifest, rows=rows, dim=computer.dim, dtype=cfg.dtype, shard_size=cfg.shard_size)
         try:

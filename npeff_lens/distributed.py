@@ -8,12 +8,12 @@ example by example to a single-process run:
   given (the store's manifest, ``n``, rows, dim, dtype): a difference (another seed, model or dataset on one
   rank) stops every rank with one error naming the fields;
 - rank 0 alone opens the store (its single writer: configuration check, lock, leftovers of dead writers) and
-  makes the plan (``collect._plan``: missing ranges, then the tail, cut at the batch boundaries of an
+  makes the plan (collect's plan: missing ranges, then the tail, cut at the batch boundaries of an
   uninterrupted run); an error there (another configuration in ``out``, a store locked by another process)
   stops every rank with rank 0's message;
 - the plan's batches are dealt round-robin; each round every rank computes its batch, rank 0 gathers them
   (``gather_object`` on a gloo group: a batch is ``batch x rows x dim`` floats on the CPU) and writes them in
-  plan order with the appends and flushes of a single process (``collect._Writer``), then tells every rank
+  plan order with the appends and flushes of a single process (collect's writer), then tells every rank
   to go on or to stop, so that all ranks stop together;
 - an exception on a rank travels to rank 0 in place of its batch: that rank reports it, the others stop
   quietly (exit status 2); a rank that dies (SIGKILL, out of memory) breaks the collectives, or makes torchrun
@@ -36,11 +36,17 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankFailedError", "active", "collect", "local_device", "rank", "world_size"]
+from .config import ConfigMismatchError, diff
+from .io import progress
+from .store import PEFStore
+
+__all__ = ["RankFailedError", "Steps", "active", "collect", "local_device", "rank", "world_size"]
 
 
 def _initialised() -> bool:
@@ -190,8 +196,8 @@ def _span(chunk) -> str:
 class _Run:
     """One multi-process collection (see the module docstring); ``run`` returns the store or None."""
 
-    def __init__(self, group, out, manifest, computer, dataset, task, cfg, n: int, rows: int, dim: int):
-        self.group, self.out, self.manifest = group, out, manifest
+    def __init__(self, group, out, manifest, computer, dataset, task, cfg, n: int, rows: int, dim: int, steps):
+        self.group, self.out, self.manifest, self.steps = group, out, manifest, steps
         self.computer, self.dataset, self.task, self.cfg, self.n = computer, dataset, task, cfg, n
         self.rows, self.dim = rows, dim
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -225,8 +231,6 @@ class _Run:
 
     # -- the run ---------------------------------------------------------------------------------------
     def run(self):
-        from .store import PEFStore
-
         with self.signals:
             try:
                 plan = self._setup()
@@ -243,10 +247,6 @@ class _Run:
 
     def _setup(self) -> list:
         """Agreement between the ranks, then rank 0 opens the store and sends the plan (or its error)."""
-        from .collect import _plan
-        from .config import ConfigMismatchError, diff
-        from .store import PEFStore
-
         cfg = self.cfg
         given = {"manifest": self.manifest, "n": self.n, "rows": self.rows, "dim": self.dim, "dtype": cfg.dtype}
         self.peers = self._all_gather({"host": socket.gethostname(), "pid": os.getpid(), "given": given})
@@ -264,7 +264,7 @@ class _Run:
                         )
                 self.store = PEFStore.create(self.out, self.manifest, rows=self.rows, dim=self.dim, dtype=cfg.dtype,
                                              shard_size=cfg.shard_size)  # fmt: skip
-                plan = _plan(self.store, self.n, cfg.batch_size)
+                plan = self.steps.plan(self.store, self.n, cfg.batch_size)
             except Exception as e:
                 error = e
         decision = self._broadcast({"error": _portable(error), "plan": plan})
@@ -275,27 +275,22 @@ class _Run:
         return decision["plan"]
 
     def _compute(self, item):
-        from .collect import _compute_batch
-
         lo, hi, _ = item
         if not self.computer.checked:  # every rank checks the hooks on the example a single process checks
             first = self.plan_first
             self.computer.self_check(self.task.prompts(self.dataset[first : first + 1]["text"])[0],
                                      max_length=self.cfg.max_length)  # fmt: skip
-        return _compute_batch(self.computer, self.dataset, self.task, self.cfg, lo, hi)
+        return self.steps.compute(lo, hi)
 
     def _rounds(self, plan) -> None:
         """Round k: rank i computes batch ``k * world + i``; rank 0 writes the round in plan order."""
-        from .collect import _Writer
-        from .io import progress
-
         if not plan:
             return
         self.plan_first = plan[0][0]
         lead = self.rank == 0
         bar = progress(total=sum(hi - lo for lo, hi, _ in plan), desc=f"collect ({self.world} ranks)", unit="ex",
                        enabled=self.cfg.progress and lead)  # fmt: skip
-        writer = _Writer(self.store, self.cfg.flush_every) if lead else None
+        writer = self.steps.writer(self.store, self.cfg.flush_every) if lead else None
         try:
             for k in range(0, len(plan), self.world):
                 self.chunk = chunk = plan[k : k + self.world]
@@ -363,13 +358,27 @@ class _Run:
         return RankFailedError(f"{what}; " + self._resume_hint(), quiet=quiet)
 
 
-def collect(out, manifest: dict, computer, dataset, task, cfg, n: int, *, rows: int, dim: int, device: str):
+@dataclass(frozen=True)
+class Steps:
+    """What a single-process collection does, handed over by :mod:`npeff_lens.collect` so that the ranks do the
+    same: ``plan(store, n, batch_size)`` -> ``[(lo, hi, fill)]``, ``compute(lo, hi)`` -> a batch's results,
+    ``writer(store, flush_every)`` -> an object whose ``write(lo, fill, *results)`` appends them in plan order
+    (and counts ``flagged``)."""
+
+    plan: Callable
+    compute: Callable
+    writer: Callable
+
+
+def collect(out, manifest: dict, computer, dataset, task, cfg, n: int, *, rows: int, dim: int, device: str,
+            steps: Steps):  # fmt: skip
     """Collects examples ``[0, n)`` into the store at ``out`` over the ranks of the process group (initialised
-    here from torchrun's environment if need be). Returns ``(store, flagged)`` on rank 0; on the other ranks a
-    read-only view of the store when its directory is visible to them (a shared filesystem), else None, and 0.
+    here from torchrun's environment if need be), with the single-process ``steps``. Returns ``(store,
+    flagged)`` on rank 0; on the other ranks a read-only view of the store when its directory is visible to them
+    (a shared filesystem), else None, and 0.
     """
     timeout = datetime.timedelta(seconds=cfg.dist_timeout)
     with _process_group(device, timeout) as group:
-        run = _Run(group, out, manifest, computer, dataset, task, cfg, n, rows, dim)
+        run = _Run(group, out, manifest, computer, dataset, task, cfg, n, rows, dim, steps)
         store = run.run()
     return store, run.flagged
