@@ -195,7 +195,7 @@ def attribute_tokens(
 ) -> list[TokenAttribution]:
     """Attributions of ``examples`` (default: the top ``k`` by coefficient) on ``component`` of a saved run."""
     from .analysis import top_examples
-    from .runs import load_run
+    from .rundir import load_run
 
     est, store = load_run(decomposition_dir, store)
     if examples is None:

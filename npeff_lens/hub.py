@@ -90,7 +90,7 @@ def _tunings(directory: Path | None, k: int = 16) -> dict | None:
     if directory is None:
         return None
     from .analysis import tuning_summary
-    from .runs import load_run
+    from .rundir import load_run
 
     try:
         est, store = load_run(directory)

@@ -1,7 +1,9 @@
-"""Run directories: the one home for the layout, resume, and the loops that run experiments.
+"""The steps that own run directories: collect, decompose, top, perturb, unlearn, icl, the demo (and, from
+:mod:`npeff_lens.compare`, the comparison with the baselines). ``run.json`` handling and loading a finished run
+are :mod:`npeff_lens.rundir`'s.
 
-Library modules (``collect``, ``decomposition``, ``recovery``, ``perturb``) take tensors and objects; this
-module takes configs and directories::
+Library modules (``collect``, ``decomposition``, ``recovery``, ``perturb``) take tensors and objects; the steps
+take configs and directories::
 
     runs/movie/                 npeff collect    a PEF store; its manifest.json holds the collect config's key
     runs/movie/npeff/           npeff decompose  run.json, config.json + npeff.safetensors (NPEFF.save), checkpoints/
@@ -10,19 +12,12 @@ module takes configs and directories::
     runs/movie/npeff/unlearn/   npeff unlearn    run.json, unlearning.json
     runs/movie/npeff/icl/       npeff icl        run.json, icl.json, eval-pefs/ (held-out PEFs)
     runs/movie/npeff/report/    npeff report     index.html, components/, methods/, data/ (npeff_lens.report)
-
-``run.json`` records the step, its config's resume key (:meth:`~npeff_lens.config._Config.key`), the identity
-of its inputs, where its input lies (relative to the run, so a moved tree keeps working) and its status. A
-rerun into a directory whose ``run.json`` holds the same key and inputs resumes (or returns the finished
-result); anything else is a :class:`~npeff_lens.config.ConfigMismatchError` naming each differing field,
-never a mix. A directory that holds other files and no ``run.json`` is refused.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import os
 import sys
 import time
 import warnings
@@ -32,11 +27,15 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import perturb
+from .analysis import top_examples, tuning_summary
+from .applications.icl import TuningClassifier, agreement, icl_experiment
+from .applications.unlearning import unlearning_experiment
+from .collect import collect_pefs
+from .compare import compare, format_compare
 from .config import (
     CollectCommand,
     CollectConfig,
-    CompareConfig,
     DecomposeConfig,
     DemoCommand,
     IclConfig,
@@ -46,9 +45,18 @@ from .config import (
     ZeroShotCommand,
     check_same,
 )
-from .io import atomic_writer, progress, read_json, remove_dead_temp_files, to_jsonable, write_json
-
-RUN_FILE = "run.json"
+from .data import align_labels, load_dataset
+from .decomposition import NPEFF, CorruptFileError
+from .distributed import local_device
+from .io import atomic_writer, progress, read_json, to_jsonable, write_json
+from .models import load_model
+from .perturb import COLUMNS, check_adapter, summarize
+from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten, validate_layout
+from .report import build
+from .rundir import RUN_FILE, _begin, _config, _finish, _label_columns, load_run, load_with_model, space_options
+from .store import PEFStore
+from .tasks import LabelTokens, task_from_config
+from .zero_shot import held_out_accuracy
 
 __all__ = [
     "RUN_FILE",
@@ -58,6 +66,7 @@ __all__ = [
     "top_report",
     "run_perturbation",
     "compare",
+    "format_compare",
     "unlearn",
     "icl",
     "load_with_model",
@@ -73,86 +82,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
-def _config(cls, config, options: dict):
-    """``config`` (with ``options`` replaced), or ``cls(**options)``."""
-    if config is None:
-        return cls(**options)
-    if not isinstance(config, cls):
-        raise TypeError(f"config must be a {cls.__name__}; got {type(config).__name__}")
-    return config.replace(**options) if options else config
-
-
-def _begin(out: Path, step: str, config, inputs: dict, source: Path | None) -> dict:
-    """The step's record in ``out``: the stored one when it holds this config and these inputs (resume),
-    a new one otherwise (``out`` new or empty). Another config or inputs: ``ConfigMismatchError``."""
-    path = out / RUN_FILE
-    hint = "rerun with the stored values to resume, or choose another output directory"
-    if path.exists() and _failed_before_results(out):
-        path.unlink()  # a step that stopped before writing anything holds nothing to resume: start afresh
-    if path.exists():
-        rec = read_json(path)
-        if rec.get("step") != step:
-            raise ValueError(f"{out} holds a {rec.get('step')!r} run, not {step!r}: choose another directory")
-        config.check_resume(rec.get("config", {}), str(out))
-        check_same(rec.get("inputs", {}), to_jsonable(inputs), f"{out} (its inputs)", hint=hint)
-        return rec
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file, not a run directory")
-    remove_dead_temp_files(out)  # a run killed before its first write left only these
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} holds other files and no {RUN_FILE}: choose a new or empty directory for the run")
-    out.mkdir(parents=True, exist_ok=True)
-    rec = {
-        "step": step,
-        "status": "running",
-        "config": config.key(),
-        "inputs": to_jsonable(inputs),
-        "source": _relative(source, out),
-        "npeff_lens_version": __version__,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json(path, rec)
-    return rec
-
-
-def _failed_before_results(out: Path) -> bool:
-    """Whether ``out`` holds only the record of a step that never finished (and perhaps empty folders or dead
-    temporary files): such a record blocks no other configuration."""
-    rec = read_json(out / RUN_FILE)
-    if rec.get("status") == "done":
-        return False
-    remove_dead_temp_files(out)
-    return all(p.name == RUN_FILE or (p.is_dir() and not any(p.rglob("*"))) for p in out.iterdir())
-
-
-def _finish(out: Path, rec: dict) -> None:
-    rec.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    write_json(out / RUN_FILE, rec)
-
-
-def _relative(path: Path | None, start: Path) -> dict | None:
-    if path is None:
-        return None
-    return {"relative": os.path.relpath(Path(path).resolve(), start.resolve()), "absolute": str(Path(path).resolve())}
-
-
-def _source(run_dir: Path, given, what: str, flag: str) -> Path:
-    """The input a run was made from: ``given``, else run.json's (relative first, then absolute)."""
-    if given is not None:
-        return Path(given)
-    rec = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).exists() else {}
-    src = rec.get("source") or {}
-    for candidate in (run_dir / src["relative"] if "relative" in src else None, src.get("absolute")):
-        if candidate is not None and Path(candidate).exists():
-            return Path(candidate)
-    if src:
-        raise FileNotFoundError(
-            f"the {what} of {run_dir} is not at {src.get('relative')} (relative to it) nor at "
-            f"{src.get('absolute')}: pass {flag} PATH"
-        )
-    raise FileNotFoundError(f"{run_dir} has no {RUN_FILE} naming its {what} (saved from Python?): pass {flag} PATH")
-
-
 # ----------------------------------------------------------------------------------------------
 # collect -> decompose -> top.
 # ----------------------------------------------------------------------------------------------
@@ -161,10 +90,6 @@ def _source(run_dir: Path, given, what: str, flag: str) -> Path:
 def collect(cmd: CollectCommand):
     """``npeff collect``: the model, dataset and task by name -> a PEF store at ``cmd.out`` (under torchrun: one
     store from all ranks, see ``npeff_lens.distributed``)."""
-    from .collect import collect_pefs
-    from .distributed import local_device
-    from .models import load_model
-    from .tasks import task_from_config
 
     spec = {"kind": cmd.task, "template": cmd.template}
     if cmd.task == "label-tokens":
@@ -187,8 +112,6 @@ def _store_identity(store) -> dict:
 def decompose_store(store, out, config: DecomposeConfig | None = None, **options):
     """Fit NPEFF on a PEF store into ``out`` (``config`` or :class:`~npeff_lens.config.DecomposeConfig` fields).
     Checkpoints go to ``out/checkpoints``: an interrupted fit resumes; a finished one is loaded."""
-    from .decomposition import NPEFF, CorruptFileError
-    from .store import PEFStore
 
     cfg = _config(DecomposeConfig, config, options)
     store = store if isinstance(store, PEFStore) else PEFStore(store)
@@ -210,43 +133,8 @@ def decompose_store(store, out, config: DecomposeConfig | None = None, **options
     return est
 
 
-def load_run(decomposition_dir, store=None):
-    """``(npeff, store)`` for a decomposition directory; ``store`` overrides the one its run.json names."""
-    from .decomposition import NPEFF
-    from .store import PEFStore
-
-    d = Path(decomposition_dir)
-    if not (d / "config.json").exists():
-        raise FileNotFoundError(f"{d} holds no decomposition (run `npeff decompose` first)")
-    est = NPEFF.load(d)
-    if store is None or isinstance(store, (str, os.PathLike)):  # else an open store (anything store-shaped)
-        store = PEFStore(_source(d, store, "PEF store", "--store"))
-    for key in ("projection", "layout"):
-        if key in est.manifest_:
-            check_same(
-                {key: est.manifest_[key]},
-                {key: to_jsonable(store.manifest.get(key))},
-                f"the PEF store {getattr(store, 'path', '(given)')} (vs the decomposition {d})",
-                hint="the components live in another space: is this the store the decomposition was fitted on?",
-            )
-    if len(store) != est.coefficients_.shape[0]:
-        raise ValueError(
-            f"the PEF store {getattr(store, 'path', '(given)')} holds {len(store)} examples; "
-            f"the decomposition {d} was fitted on {est.coefficients_.shape[0]}"
-        )
-    return est, store
-
-
-def _label_columns(meta):
-    cols = meta.column_names
-    labels = meta["label_name"] if "label_name" in cols else (meta["label"] if "label" in cols else None)
-    preds = meta["prediction_name"] if "prediction_name" in cols else meta["prediction"]
-    return labels, preds
-
-
 def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, width: int = 100, store=None) -> dict:
     """Top examples per component (label, prediction, coefficient) and the tuning summary (§3.1)."""
-    from .analysis import top_examples, tuning_summary
 
     est, store = load_run(decomposition_dir, store)
     meta, coeffs = store.metadata, est.coefficients_
@@ -301,10 +189,6 @@ class _Setup:
 
 
 def _perturbation_setup(decomposition_dir, cfg: PerturbConfig, store, adapter, fpc_options: dict) -> _Setup:
-    from .models import load_model
-    from .perturb import check_adapter
-    from .recovery import estimate_lambda_max, projection_from_config, validate_layout
-    from .tasks import task_from_config
 
     est, store = load_run(decomposition_dir, store)
     manifest = est.manifest_ or {}
@@ -378,8 +262,6 @@ def run_perturbation(
     ``adapter``: the manifest's model, already loaded; ``fpc_options``: more :func:`~npeff_lens.recovery.fpc`
     arguments (``inner_iterations``, ``max_iter``, ...).
     """
-    from . import perturb
-    from .analysis import top_examples
 
     cfg = _config(PerturbConfig, config, {**options, **({} if components is None else {"components": components})})
     fpc_options = dict(fpc_options or {})
@@ -428,8 +310,6 @@ def run_perturbation(
 
 def _perturb_one(s: _Setup, cfg: PerturbConfig, j: int, top_j: list[int], reference, fpc_options: dict) -> dict:
     """One component: reject and recover its direction once, perturb ±, and the record (§3.3)."""
-    from . import perturb
-    from .recovery import recover_direction, unflatten
 
     if not top_j:
         return {"component": j, "status": "dead", "sign": None, "kl_ratio": math.nan, "pef_norm_ratio": math.nan,
@@ -462,7 +342,6 @@ def _perturb_one(s: _Setup, cfg: PerturbConfig, j: int, top_j: list[int], refere
 
 
 def _perturbation_summary(records, cfg: PerturbConfig, notes) -> dict:
-    from .perturb import summarize
 
     return {
         **summarize(records),
@@ -487,7 +366,6 @@ def _previous_records(out: Path, cfg: PerturbConfig, identity: dict, decompositi
 
 
 def _write_perturbation(out: Path, records: list[dict], cfg: PerturbConfig, notes) -> None:
-    from .perturb import COLUMNS
 
     records = to_jsonable(records)
     write_json(
@@ -505,383 +383,9 @@ def _write_perturbation(out: Path, records: list[dict], cfg: PerturbConfig, note
 # ----------------------------------------------------------------------------------------------
 
 
-def compare(decomposition_dir, config: CompareConfig | None = None, *, store=None, adapter=None, **options) -> dict:
-    """NPEFF's components beside gradient clusters (§5.1), TopK-SAE latents (§5.2) and SNMF features on the same
-    examples, scored by one set of metrics. Writes ``decomposition_dir/compare/compare.json`` (per method:
-    ``n_components, alive, tuned_label, tuned_prediction, tuned_tokens, argmax_shared, coverage, fit_seconds,
-    peak_rss_mib``; with ``selectivity=True`` also ``selectivity`` (geometric mean), ``selectivity_per_component``,
-    ``target_kl``, ``n_baseline``: :mod:`npeff_lens.selectivity`) and returns it. Each method resumes on its own:
-    a finished one is read back, a different configuration is a ``ConfigMismatchError``; so does each method's
-    selectivity (``compare/<method>/selectivity/``, resumed component by component)."""
-    cfg = _config(CompareConfig, config, options)
-    d = Path(decomposition_dir)
-    est, store = load_run(d, store)
-    root = d / "compare"
-    results = {"config": cfg.key(), "methods": _earlier_rows(root / "compare.json", cfg.methods)}
-    context = _CompareContext(d, est, store, cfg, adapter)
-    if "sae" in cfg.methods and cfg.sae_hook is not None:  # a wrong hook stops here, before anything is written
-        from .baselines.sae import hook_module, resolve_hook
-
-        hook_module(context.adapter, resolve_hook(context.adapter, cfg.sae_hook))
-    for method in cfg.methods:
-        mdir = root / method
-        key = cfg.method_key(method)
-        if "components" in key:  # resolved: "the decomposition's number" and that number are one configuration
-            key["components"] = context.components
-        if "sae_hook" in key and key["sae_hook"] is None:  # likewise the default hook and layer
-            from .baselines.sae import default_hook
-
-            key["sae_hook"] = default_hook(context.adapter)
-        if "snmf_layer" in key and key["snmf_layer"] is None:
-            from .baselines.snmf import default_layer
-
-            key["snmf_layer"] = default_layer(context.adapter)
-        rec = _begin(mdir, f"compare-{method}", _MethodKey(key, resolved=("components", "sae_hook", "snmf_layer")),
-                     context.identity(), d)  # fmt: skip
-        if rec["status"] == "done":  # fitted before: read back; the metrics are recomputed (k may differ)
-            coeffs, extra = context.load(method, mdir)
-        else:
-            _reset_peak_rss()
-            t0 = time.time()
-            coeffs, extra = context.fit(method, mdir)
-            rec.update(fit_seconds=extra.pop("fit_seconds", time.time() - t0), peak_rss_mib=_peak_rss_mib())
-            _finish(mdir, rec)
-        summary = context.summarize(method, coeffs, extra)
-        summary.update(fit_seconds=rec.get("fit_seconds"), peak_rss_mib=rec.get("peak_rss_mib"))
-        if cfg.selectivity:
-            summary.update(context.selectivity(method, mdir, coeffs, extra))
-        results["methods"][method] = to_jsonable({**summary, "config": key})
-        write_json(root / "compare.json", results)
-    return results
-
-
-def _earlier_rows(path: Path, methods) -> dict:
-    """The rows of an earlier compare.json for methods not compared this time (each row carries its config):
-    comparing a subset of methods keeps the others' results."""
-    if not path.exists():
-        return {}
-    try:
-        rows = read_json(path).get("methods") or {}
-    except (ValueError, AttributeError):
-        return {}
-    return {m: row for m, row in rows.items() if m not in methods}
-
-
-@dataclass(frozen=True)
-class _MethodKey:
-    """One method's resume key, in the shape ``_begin`` expects of a config."""
-
-    fields: dict
-    ignored: tuple = ()  # fields that older runs stored in the key and no longer change the result
-    resolved: tuple = ()  # fields that older runs stored unresolved (None: the default this key resolves)
-
-    def key(self) -> dict:
-        return to_jsonable(self.fields)
-
-    def check_resume(self, stored: dict, where: str) -> None:
-        stored = {k: self.fields[k] if v is None and k in self.resolved else v
-                  for k, v in stored.items() if k not in self.ignored}  # fmt: skip
-        check_same(stored, self.key(), where, hint="rerun with the stored values, or delete that method's folder")
-
-
-class _CompareContext:
-    """The run's model, task, examples and metadata, loaded once and shared by the methods."""
-
-    def __init__(self, d: Path, est, store, cfg: CompareConfig, adapter):
-        self.d, self.est, self.store, self.cfg, self._adapter = d, est, store, cfg, adapter
-        self._reference, self._prompts, self._task = None, None, None  # _reference: unintervened log-probs
-        self.meta = store.metadata
-        self.manifest = store.manifest
-        self.components = cfg.components or int(est.n_components)
-        labels, preds = _label_columns(self.meta)
-        self.labels, self.predictions = labels, self.meta["prediction"]
-        for flag, value in (("--components", self.components), ("--k", cfg.k)):
-            if value > len(store):
-                raise ValueError(f"{flag} {value} exceeds the {len(store)} examples of the run")
-
-    def identity(self) -> dict:
-        return {"n_examples": len(self.store), "decomposition_loss": self.est.reconstruction_err_}
-
-    @property
-    def adapter(self):
-        if self._adapter is None:
-            from .models import load_model
-
-            model = self.manifest.get("model") or {}
-            if not model.get("name"):
-                raise ValueError("the store's manifest records no model: pass adapter=")
-            self._adapter = load_model(model["name"], backend=model.get("backend") or "hf", device=self.cfg.device)
-        return self._adapter
-
-    @property
-    def task(self):
-        if self._task is None:
-            from .tasks import task_from_config
-
-            self._task = task_from_config(self.manifest["task"]).bind(self.adapter)
-        return self._task
-
-    def load(self, method: str, mdir: Path):
-        """``(coefficients, extra)`` of a method fitted before."""
-        if method == "npeff":
-            return self.est.coefficients_, {}
-        if method == "grad-cluster":
-            from .baselines.gradient_clustering import GradientClustering
-
-            gc = GradientClustering.load(mdir / "clusters")
-            return gc.coefficients_, {"clusters": gc}
-        if method == "snmf":
-            from .baselines.snmf import SNMFBaseline
-
-            snmf = SNMFBaseline.load(mdir / "snmf")
-            return snmf.coefficients_, {"snmf": snmf, "hook": snmf.hook}
-        from .baselines.sae import TopKSAEBaseline
-
-        sae = TopKSAEBaseline.load(mdir / "sae")
-        return sae.coefficients_, {"sae": sae, "hook": sae.hook, "sae_k": sae.k}
-
-    def fit(self, method: str, mdir: Path):
-        if method == "npeff":
-            return self.est.coefficients_, {"fit_seconds": _npeff_seconds(self.d)}
-        if method == "grad-cluster":
-            return self._grad_cluster(mdir)
-        if method == "snmf":
-            return self._snmf(mdir)
-        return self._sae(mdir)
-
-    def _grad_cluster(self, mdir: Path):
-        from .baselines.gradient_clustering import GradientClustering, collect_prediction_gradients
-
-        options = {**_space_options(self.manifest), "rank": None}  # one row per example: nothing to reduce
-        t0 = time.time()
-        store = collect_prediction_gradients(
-            self.adapter, list(self.meta["text"]), self.task, mdir / "pefs", batch_size=self.cfg.batch_size,
-            progress=self.cfg.progress, **options,
-        )  # fmt: skip
-        gc = GradientClustering(self.components, seed=self.cfg.seed).fit(store)
-        gc.save(mdir / "clusters")
-        return gc.coefficients_, {"fit_seconds": time.time() - t0, "clusters": gc}
-
-    def _snmf(self, mdir: Path):
-        from .baselines.snmf import SNMFBaseline
-
-        cfg, t0 = self.cfg, time.time()
-        snmf = SNMFBaseline(
-            self.components, layer=cfg.snmf_layer, sparsity=cfg.snmf_sparsity, n_iter=cfg.snmf_iterations,
-            n_init=cfg.snmf_restarts, max_tokens=cfg.snmf_tokens, seed=cfg.seed, k_top=cfg.k,
-            activation_batch_size=cfg.batch_size, show_progress=cfg.progress,
-        )  # fmt: skip
-        snmf.fit(self.adapter, self.task.prompts(list(self.meta["text"])))
-        snmf.save(mdir / "snmf")
-        return snmf.coefficients_, {"fit_seconds": time.time() - t0, "snmf": snmf, "hook": snmf.hook}
-
-    def _sae(self, mdir: Path):
-        from .baselines.sae import TopKSAEBaseline, default_hook, resolve_hook
-
-        cfg = self.cfg
-        hook = resolve_hook(self.adapter, cfg.sae_hook or default_hook(self.adapter))
-        k = cfg.sae_k or max(1, min(32, self.components // 4))
-        t0 = time.time()
-        sae = TopKSAEBaseline(
-            self.components, k, hook=hook, seed=cfg.seed, lr=cfg.sae_lr, total_tokens=cfg.sae_tokens,
-            activation_batch_size=cfg.batch_size, show_progress=cfg.progress,
-        )  # fmt: skip
-        sae.fit(self.adapter, self.task.prompts(list(self.meta["text"])))
-        sae.save(mdir / "sae")
-        return sae.coefficients_, {"fit_seconds": time.time() - t0, "sae": sae, "hook": hook, "sae_k": k}
-
-    def summarize(self, method: str, coeffs, extra: dict) -> dict:
-        from .analysis import method_summary, top_examples
-
-        cfg = self.cfg
-        token_tuned = None
-        if method == "sae":
-            sae = extra["sae"]
-            top = top_examples(coeffs, k=cfg.k)
-            token_tuned = [
-                sae.active_token_sets(j, [int(i) for i in top[j].tolist() if coeffs[i, j] > 0])
-                for j in range(coeffs.shape[1])
-            ]
-        summary = method_summary(
-            coeffs, labels=self.labels, predictions=self.predictions, k=cfg.k, threshold=cfg.threshold,
-            alive_min_examples=cfg.k if method in ("sae", "snmf") else 1, token_sets=token_tuned,
-        )  # fmt: skip
-        return {**summary, **{k: extra[k] for k in ("hook", "sae_k") if k in extra}}
-
-    # --- selectivity (npeff_lens.selectivity) ------------------------------------------------------
-    def selectivity(self, method: str, mdir: Path, coeffs, extra: dict) -> dict:
-        """The method's selectivity fields of compare.json, resumed component by component from
-        ``mdir/selectivity/selectivity.json`` (its run.json holds the selectivity key)."""
-        from . import selectivity as sel
-
-        cfg, out = self.cfg, mdir / "selectivity"
-        key = _MethodKey(cfg.selectivity_key(method), ignored=("selectivity_components",))
-        rec = _begin(out, f"selectivity-{method}", key, self.identity(), self.d)
-        done = {}
-        if (out / "selectivity.json").exists():
-            try:
-                done = {int(r["component"]): r for r in read_json(out / "selectivity.json").get("components", [])}
-            except (ValueError, KeyError, TypeError, AttributeError) as e:  # a results cache: measure again
-                warnings.warn(f"{out / 'selectivity.json'} is damaged ({e}); measured again", RuntimeWarning, 2)
-        coeffs = torch.as_tensor(coeffs)
-        direction = self._directions(method, extra)
-        if self._reference is None:
-            from .perturb import _Reference
-
-            self._reference = _Reference(self.adapter, self.task, self.prompts, cfg.batch_size)
-        n = min(coeffs.shape[1], cfg.selectivity_components or coeffs.shape[1])
-        bar = progress(range(n), desc=f"selectivity {method}", unit="component", enabled=cfg.progress)
-        for j in bar:
-            if j in done:
-                continue
-            # Sizing starts from the previous measured component's size (a good guess: far fewer evaluations),
-            # which is in the saved records, so a resumed run starts where the uninterrupted one did.
-            start = next((done[i]["scale"] for i in range(j - 1, -1, -1) if done[i]["status"] == "ok"), 1.0)
-            done[j] = self._component_selectivity(j, sel.top_positive(coeffs, j, cfg.k), direction, start)
-            write_json(out / "selectivity.json", {"components": [done[i] for i in sorted(done)]})
-        records = [done[j] for j in range(n)]
-        unreachable = [r for r in records if r["status"] == "unreachable"]
-        if unreachable and len(unreachable) == sum(r["status"] != "excluded" for r in records):
-            raise sel.UnreachableTargetError(f"{method}: {unreachable[0]['error']}")  # no component gets there
-        _finish(out, rec)
-        per = [r.get("selectivity") for r in records]
-        return {**sel.summarize(records), "selectivity_per_component": per, "target_kl": cfg.target_kl,
-                "n_baseline": cfg.n_baseline}  # fmt: skip
-
-    def _component_selectivity(self, j: int, top: list[int], direction, start: float) -> dict:
-        """One component's record: ``ok`` (the measurement), ``excluded`` (fewer than k top examples) or
-        ``unreachable`` (no size brings the baseline to the target KL; the message names the largest KL)."""
-        from . import selectivity as sel
-
-        cfg = self.cfg
-        if len(top) < cfg.k:
-            return {"component": j, "status": "excluded", "n_top": len(top)}
-        try:
-            r = sel.component_selectivity(
-                self.adapter, self.task, self.prompts, direction(j), top, target_kl=cfg.target_kl,
-                n_baseline=cfg.n_baseline, seed=cfg.seed, reference=self._reference, batch_size=cfg.batch_size,
-                start=start,
-            )  # fmt: skip
-        except sel.UnreachableTargetError as e:
-            return {"component": j, "status": "unreachable", "n_top": len(top), "error": str(e)}
-        return {"component": j, "status": "ok", **r}
-
-    @property
-    def prompts(self) -> list[str]:
-        if self._prompts is None:
-            self._prompts = self.task.prompts(list(self.meta["text"]))
-        return self._prompts
-
-    def _directions(self, method: str, extra: dict):
-        """``j -> intervention``: a parameter direction (NPEFF components, cluster centroids, recovered like
-        ``npeff perturb``'s) or an activation direction (SAE decoder rows, SNMF features) at the method's hook."""
-        from .selectivity import ActivationDirection
-
-        if method == "sae":
-            decoder, hook = extra["sae"].sae_.W_dec.detach().float(), extra["sae"].hook
-            return lambda j: ActivationDirection(self.adapter, hook, decoder[j])
-        if method == "snmf":
-            features, hook = extra["snmf"].features_, extra["snmf"].hook
-            return lambda j: ActivationDirection(self.adapter, hook, features[j])
-        if method == "npeff":
-            return self._parameter_directions(torch.as_tensor(self.est.components_).float(), self.manifest)
-        gc = extra["clusters"]
-        return self._parameter_directions(gc.cluster_centers_.float(), gc.manifest_ or self.manifest)
-
-    def _parameter_directions(self, vectors: torch.Tensor, manifest: dict):
-        from .perturb import check_adapter
-        from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten
-        from .selectivity import ParameterDirection
-
-        cfg, layout = self.cfg, manifest["layout"]
-        check_adapter(self.adapter, layout)
-        op = projection_from_config(manifest["projection"]) if manifest.get("projection") else None
-        needs_lambda = op is not None and cfg.recovery not in ("adjoint", "minnorm")  # step sizes of the solvers
-        lam = estimate_lambda_max(op) * 1.1 if needs_lambda else None
-
-        def direction(j: int):
-            flat, _ = recover_direction(vectors, j, op, method=cfg.recovery, reject_threshold=cfg.reject_threshold,
-                                        lambda_max=lam)  # fmt: skip
-            return ParameterDirection(self.adapter, unflatten(flat.float(), layout))
-
-        return direction
-
-
-def _npeff_seconds(d: Path) -> float | None:
-    rec = read_json(d / RUN_FILE) if (d / RUN_FILE).exists() else {}
-    try:
-        t0 = time.mktime(time.strptime(rec["started"], "%Y-%m-%dT%H:%M:%S%z"))
-        return time.mktime(time.strptime(rec["finished"], "%Y-%m-%dT%H:%M:%S%z")) - t0
-    except (KeyError, ValueError):
-        return None
-
-
-def _reset_peak_rss() -> None:
-    try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mib() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def format_compare(results: dict) -> str:
-    """The comparison as a table, one row per method."""
-    cols = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared", "coverage",
-            "selectivity", "fit_seconds", "peak_rss_mib")  # fmt: skip
-    rows = [[m] + [_cell(r.get(c)) for c in cols] for m, r in results["methods"].items()]
-    head = ["method", *cols]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
-    lines += [f"{m}: selectivity -, {r['selectivity_note']}" for m, r in results["methods"].items()
-              if r.get("selectivity_note")]  # fmt: skip
-    return "\n".join(lines)
-
-
-def _cell(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
 # ----------------------------------------------------------------------------------------------
 # Applications (§6).
 # ----------------------------------------------------------------------------------------------
-
-
-def _space_options(manifest: dict) -> dict:
-    """``collect_pefs`` options that reproduce a store's PEF space: its projection, its parameters (by exact
-    name, in the layout's order), rank, truncation and storage dtype."""
-    key, proj = manifest.get("config") or {}, manifest.get("projection") or {}
-    options = {k: key[k] for k in ("rank", "max_length", "dtype", "engine") if k in key}
-    options.update(proj_dim=proj.get("n_out"), density=proj.get("density", 32), seed=proj.get("seed", 0))
-    return {**options, "params": [e["name"] for e in manifest["layout"]], "exclude": None}
-
-
-def load_with_model(decomposition_dir, adapter=None):
-    """``(npeff, store, adapter, task)`` of a decomposition directory."""
-    from .models import load_model
-    from .tasks import task_from_config
-
-    est, store = load_run(decomposition_dir)
-    if adapter is None:
-        model = store.manifest["model"]
-        adapter = load_model(model["name"], backend=model.get("backend") or "hf")
-    adapter.eval()
-    return est, store, adapter, task_from_config(store.manifest["task"]).bind(adapter)
 
 
 def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, text_column=None, label_column=None):
@@ -890,8 +394,6 @@ def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, t
     ``split``, labels numbered as the store's outcomes (:func:`~npeff_lens.data.align_labels`). Fewer than ``n``
     such examples is an error that says how many there are."""
     import hashlib
-
-    from .data import align_labels, load_dataset
 
     collected = (store.manifest.get("dataset") or {}).get("name")
     cfg = store.manifest.get("config") or {}
@@ -930,9 +432,8 @@ def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, t
 def held_out_coefficients(est, store, adapter, task, texts, out, *, batch_size=8, progress=True):
     """Coefficients ``[n, C]`` of new texts: their PEFs in the store's space (same projection, parameters,
     truncation and task, collected into ``out``, resumable), then ``est.transform`` with the components fixed."""
-    from .collect import collect_pefs
 
-    options = _space_options(store.manifest)
+    options = space_options(store.manifest)
     new = collect_pefs(adapter, list(texts), task, out, batch_size=batch_size, progress=progress, **options)
     space = ("projection", "layout")
     check_same({k: store.manifest.get(k) for k in space}, {k: new.manifest.get(k) for k in space},
@@ -944,7 +445,6 @@ def unlearn(decomposition_dir, config: UnlearnConfig | None = None, *, out=None,
     """``npeff unlearn``: :func:`~npeff_lens.applications.unlearning.unlearning_experiment` on a run's model,
     task, examples and coefficients; ``out/unlearning.json`` (default ``decomposition_dir/unlearn``). A finished
     run with the same config is read back; another config is a ``ConfigMismatchError``."""
-    from .applications.unlearning import unlearning_experiment
 
     cfg = _config(UnlearnConfig, config, options)
     d = Path(decomposition_dir)
@@ -979,7 +479,6 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
     """``npeff icl``: the tuning classifier fitted on the run's coefficients and labels, evaluated held-in and
     on ``n_eval`` held-out examples (coefficients by ``transform``) beside zero-shot and best-of-N in-context
     prompts (§6.2); ``out/icl.json`` (default ``decomposition_dir/icl``), resumable like every step."""
-    from .applications.icl import TuningClassifier, agreement, icl_experiment
 
     cfg = _config(IclConfig, config, options)
     d = Path(decomposition_dir)
@@ -1021,11 +520,6 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
 
 def demo(cmd: DemoCommand | None = None, **options) -> dict:
     """SmolLM2-135M on movie reviews: collect -> decompose -> top examples and tunings, into ``cmd.out``."""
-    from .collect import collect_pefs
-    from .data import load_dataset
-    from .models import load_model
-    from .store import PEFStore
-    from .tasks import LabelTokens
 
     cmd = _config(DemoCommand, cmd, options)
     out, t0 = Path(cmd.out), time.time()
@@ -1064,7 +558,6 @@ def demo(cmd: DemoCommand | None = None, **options) -> dict:
     report = top_report(out / "npeff", show=cmd.show)
     print("\n".join(report["lines"]))
     print(f"[demo] {report['summary_line']}")
-    from .report import build
 
     index = build(out / "npeff", progress=cmd.progress)
     print(f"[demo] report: {index} (open it in a browser)")
@@ -1080,8 +573,6 @@ def demo(cmd: DemoCommand | None = None, **options) -> dict:
 
 def zero_shot(cmd: ZeroShotCommand | None = None, **options) -> dict:
     """``npeff zero-shot``: the protocol of :func:`npeff_lens.zero_shot.held_out_accuracy` on movie reviews."""
-    from .models import load_model
-    from .zero_shot import held_out_accuracy
 
     cmd = _config(ZeroShotCommand, cmd, options)
     return held_out_accuracy(load_model(cmd.model), n=cmd.n)

@@ -60,7 +60,7 @@ class RunView:
 
 
 def load_view(decomposition_dir, store=None) -> RunView:
-    from ..runs import load_run
+    from ..rundir import load_run
 
     est, store = load_run(decomposition_dir, store)
     meta = store.read_metadata()

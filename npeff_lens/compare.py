@@ -1,0 +1,353 @@
+"""NPEFF beside the baselines (§5): gradient clusters (§5.1), TopK-SAE latents (§5.2) and SNMF features fitted
+on the same examples and scored by one set of metrics (and, with ``selectivity``, by one causal test), each
+method resumable on its own under ``DECOMPOSITION_DIR/compare/``."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import selectivity as sel
+from .analysis import method_summary, top_examples
+from .baselines.gradient_clustering import GradientClustering, collect_prediction_gradients
+from .baselines.sae import TopKSAEBaseline, default_hook, hook_module, resolve_hook
+from .baselines.snmf import SNMFBaseline, default_layer
+from .config import CompareConfig, check_same
+from .io import progress, read_json, to_jsonable, write_json
+from .models import load_model
+from .perturb import _Reference, check_adapter
+from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten
+from .rundir import RUN_FILE, _begin, _config, _finish, _label_columns, load_run, space_options
+from .selectivity import ActivationDirection, ParameterDirection
+from .tasks import task_from_config
+
+__all__ = ["compare", "format_compare"]
+
+
+def compare(decomposition_dir, config: CompareConfig | None = None, *, store=None, adapter=None, **options) -> dict:
+    """NPEFF's components beside gradient clusters (§5.1), TopK-SAE latents (§5.2) and SNMF features on the same
+    examples, scored by one set of metrics. Writes ``decomposition_dir/compare/compare.json`` (per method:
+    ``n_components, alive, tuned_label, tuned_prediction, tuned_tokens, argmax_shared, coverage, fit_seconds,
+    peak_rss_mib``; with ``selectivity=True`` also ``selectivity`` (geometric mean), ``selectivity_per_component``,
+    ``target_kl``, ``n_baseline``: :mod:`npeff_lens.selectivity`) and returns it. Each method resumes on its own:
+    a finished one is read back, a different configuration is a ``ConfigMismatchError``; so does each method's
+    selectivity (``compare/<method>/selectivity/``, resumed component by component)."""
+    cfg = _config(CompareConfig, config, options)
+    d = Path(decomposition_dir)
+    est, store = load_run(d, store)
+    root = d / "compare"
+    results = {"config": cfg.key(), "methods": _earlier_rows(root / "compare.json", cfg.methods)}
+    context = _CompareContext(d, est, store, cfg, adapter)
+    if "sae" in cfg.methods and cfg.sae_hook is not None:  # a wrong hook stops here, before anything is written
+        hook_module(context.adapter, resolve_hook(context.adapter, cfg.sae_hook))
+    for method in cfg.methods:
+        mdir = root / method
+        key = cfg.method_key(method)
+        if "components" in key:  # resolved: "the decomposition's number" and that number are one configuration
+            key["components"] = context.components
+        if "sae_hook" in key and key["sae_hook"] is None:  # likewise the default hook and layer
+            key["sae_hook"] = default_hook(context.adapter)
+        if "snmf_layer" in key and key["snmf_layer"] is None:
+            key["snmf_layer"] = default_layer(context.adapter)
+        rec = _begin(mdir, f"compare-{method}", _MethodKey(key, resolved=("components", "sae_hook", "snmf_layer")),
+                     context.identity(), d)  # fmt: skip
+        if rec["status"] == "done":  # fitted before: read back; the metrics are recomputed (k may differ)
+            coeffs, extra = context.load(method, mdir)
+        else:
+            _reset_peak_rss()
+            t0 = time.time()
+            coeffs, extra = context.fit(method, mdir)
+            rec.update(fit_seconds=extra.pop("fit_seconds", time.time() - t0), peak_rss_mib=_peak_rss_mib())
+            _finish(mdir, rec)
+        summary = context.summarize(method, coeffs, extra)
+        summary.update(fit_seconds=rec.get("fit_seconds"), peak_rss_mib=rec.get("peak_rss_mib"))
+        if cfg.selectivity:
+            summary.update(context.selectivity(method, mdir, coeffs, extra))
+        results["methods"][method] = to_jsonable({**summary, "config": key})
+        write_json(root / "compare.json", results)
+    return results
+
+
+def _earlier_rows(path: Path, methods) -> dict:
+    """The rows of an earlier compare.json for methods not compared this time (each row carries its config):
+    comparing a subset of methods keeps the others' results."""
+    if not path.exists():
+        return {}
+    try:
+        rows = read_json(path).get("methods") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return {m: row for m, row in rows.items() if m not in methods}
+
+
+@dataclass(frozen=True)
+class _MethodKey:
+    """One method's resume key, in the shape ``_begin`` expects of a config."""
+
+    fields: dict
+    ignored: tuple = ()  # fields that older runs stored in the key and no longer change the result
+    resolved: tuple = ()  # fields that older runs stored unresolved (None: the default this key resolves)
+
+    def key(self) -> dict:
+        return to_jsonable(self.fields)
+
+    def check_resume(self, stored: dict, where: str) -> None:
+        stored = {k: self.fields[k] if v is None and k in self.resolved else v
+                  for k, v in stored.items() if k not in self.ignored}  # fmt: skip
+        check_same(stored, self.key(), where, hint="rerun with the stored values, or delete that method's folder")
+
+
+class _CompareContext:
+    """The run's model, task, examples and metadata, loaded once and shared by the methods."""
+
+    def __init__(self, d: Path, est, store, cfg: CompareConfig, adapter):
+        self.d, self.est, self.store, self.cfg, self._adapter = d, est, store, cfg, adapter
+        self._reference, self._prompts, self._task = None, None, None  # _reference: unintervened log-probs
+        self.meta = store.metadata
+        self.manifest = store.manifest
+        self.components = cfg.components or int(est.n_components)
+        labels, preds = _label_columns(self.meta)
+        self.labels, self.predictions = labels, self.meta["prediction"]
+        for flag, value in (("--components", self.components), ("--k", cfg.k)):
+            if value > len(store):
+                raise ValueError(f"{flag} {value} exceeds the {len(store)} examples of the run")
+
+    def identity(self) -> dict:
+        return {"n_examples": len(self.store), "decomposition_loss": self.est.reconstruction_err_}
+
+    @property
+    def adapter(self):
+        if self._adapter is None:
+            model = self.manifest.get("model") or {}
+            if not model.get("name"):
+                raise ValueError("the store's manifest records no model: pass adapter=")
+            self._adapter = load_model(model["name"], backend=model.get("backend") or "hf", device=self.cfg.device)
+        return self._adapter
+
+    @property
+    def task(self):
+        if self._task is None:
+            self._task = task_from_config(self.manifest["task"]).bind(self.adapter)
+        return self._task
+
+    def load(self, method: str, mdir: Path):
+        """``(coefficients, extra)`` of a method fitted before."""
+        if method == "npeff":
+            return self.est.coefficients_, {}
+        if method == "grad-cluster":
+            gc = GradientClustering.load(mdir / "clusters")
+            return gc.coefficients_, {"clusters": gc}
+        if method == "snmf":
+            snmf = SNMFBaseline.load(mdir / "snmf")
+            return snmf.coefficients_, {"snmf": snmf, "hook": snmf.hook}
+
+        sae = TopKSAEBaseline.load(mdir / "sae")
+        return sae.coefficients_, {"sae": sae, "hook": sae.hook, "sae_k": sae.k}
+
+    def fit(self, method: str, mdir: Path):
+        if method == "npeff":
+            return self.est.coefficients_, {"fit_seconds": _npeff_seconds(self.d)}
+        if method == "grad-cluster":
+            return self._grad_cluster(mdir)
+        if method == "snmf":
+            return self._snmf(mdir)
+        return self._sae(mdir)
+
+    def _grad_cluster(self, mdir: Path):
+
+        options = {**space_options(self.manifest), "rank": None}  # one row per example: nothing to reduce
+        t0 = time.time()
+        store = collect_prediction_gradients(
+            self.adapter, list(self.meta["text"]), self.task, mdir / "pefs", batch_size=self.cfg.batch_size,
+            progress=self.cfg.progress, **options,
+        )  # fmt: skip
+        gc = GradientClustering(self.components, seed=self.cfg.seed).fit(store)
+        gc.save(mdir / "clusters")
+        return gc.coefficients_, {"fit_seconds": time.time() - t0, "clusters": gc}
+
+    def _snmf(self, mdir: Path):
+
+        cfg, t0 = self.cfg, time.time()
+        snmf = SNMFBaseline(
+            self.components, layer=cfg.snmf_layer, sparsity=cfg.snmf_sparsity, n_iter=cfg.snmf_iterations,
+            n_init=cfg.snmf_restarts, max_tokens=cfg.snmf_tokens, seed=cfg.seed, k_top=cfg.k,
+            activation_batch_size=cfg.batch_size, show_progress=cfg.progress,
+        )  # fmt: skip
+        snmf.fit(self.adapter, self.task.prompts(list(self.meta["text"])))
+        snmf.save(mdir / "snmf")
+        return snmf.coefficients_, {"fit_seconds": time.time() - t0, "snmf": snmf, "hook": snmf.hook}
+
+    def _sae(self, mdir: Path):
+
+        cfg = self.cfg
+        hook = resolve_hook(self.adapter, cfg.sae_hook or default_hook(self.adapter))
+        k = cfg.sae_k or max(1, min(32, self.components // 4))
+        t0 = time.time()
+        sae = TopKSAEBaseline(
+            self.components, k, hook=hook, seed=cfg.seed, lr=cfg.sae_lr, total_tokens=cfg.sae_tokens,
+            activation_batch_size=cfg.batch_size, show_progress=cfg.progress,
+        )  # fmt: skip
+        sae.fit(self.adapter, self.task.prompts(list(self.meta["text"])))
+        sae.save(mdir / "sae")
+        return sae.coefficients_, {"fit_seconds": time.time() - t0, "sae": sae, "hook": hook, "sae_k": k}
+
+    def summarize(self, method: str, coeffs, extra: dict) -> dict:
+
+        cfg = self.cfg
+        token_tuned = None
+        if method == "sae":
+            sae = extra["sae"]
+            top = top_examples(coeffs, k=cfg.k)
+            token_tuned = [
+                sae.active_token_sets(j, [int(i) for i in top[j].tolist() if coeffs[i, j] > 0])
+                for j in range(coeffs.shape[1])
+            ]
+        summary = method_summary(
+            coeffs, labels=self.labels, predictions=self.predictions, k=cfg.k, threshold=cfg.threshold,
+            alive_min_examples=cfg.k if method in ("sae", "snmf") else 1, token_sets=token_tuned,
+        )  # fmt: skip
+        return {**summary, **{k: extra[k] for k in ("hook", "sae_k") if k in extra}}
+
+    # --- selectivity (npeff_lens.selectivity) ------------------------------------------------------
+    def selectivity(self, method: str, mdir: Path, coeffs, extra: dict) -> dict:
+        """The method's selectivity fields of compare.json, resumed component by component from
+        ``mdir/selectivity/selectivity.json`` (its run.json holds the selectivity key)."""
+
+        cfg, out = self.cfg, mdir / "selectivity"
+        key = _MethodKey(cfg.selectivity_key(method), ignored=("selectivity_components",))
+        rec = _begin(out, f"selectivity-{method}", key, self.identity(), self.d)
+        done = {}
+        if (out / "selectivity.json").exists():
+            try:
+                done = {int(r["component"]): r for r in read_json(out / "selectivity.json").get("components", [])}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # a results cache: measure again
+                warnings.warn(f"{out / 'selectivity.json'} is damaged ({e}); measured again", RuntimeWarning, 2)
+        coeffs = torch.as_tensor(coeffs)
+        direction = self._directions(method, extra)
+        if self._reference is None:
+            self._reference = _Reference(self.adapter, self.task, self.prompts, cfg.batch_size)
+        n = min(coeffs.shape[1], cfg.selectivity_components or coeffs.shape[1])
+        bar = progress(range(n), desc=f"selectivity {method}", unit="component", enabled=cfg.progress)
+        for j in bar:
+            if j in done:
+                continue
+            # Sizing starts from the previous measured component's size (a good guess: far fewer evaluations),
+            # which is in the saved records, so a resumed run starts where the uninterrupted one did.
+            start = next((done[i]["scale"] for i in range(j - 1, -1, -1) if done[i]["status"] == "ok"), 1.0)
+            done[j] = self._component_selectivity(j, sel.top_positive(coeffs, j, cfg.k), direction, start)
+            write_json(out / "selectivity.json", {"components": [done[i] for i in sorted(done)]})
+        records = [done[j] for j in range(n)]
+        unreachable = [r for r in records if r["status"] == "unreachable"]
+        if unreachable and len(unreachable) == sum(r["status"] != "excluded" for r in records):
+            raise sel.UnreachableTargetError(f"{method}: {unreachable[0]['error']}")  # no component gets there
+        _finish(out, rec)
+        per = [r.get("selectivity") for r in records]
+        return {**sel.summarize(records), "selectivity_per_component": per, "target_kl": cfg.target_kl,
+                "n_baseline": cfg.n_baseline}  # fmt: skip
+
+    def _component_selectivity(self, j: int, top: list[int], direction, start: float) -> dict:
+        """One component's record: ``ok`` (the measurement), ``excluded`` (fewer than k top examples) or
+        ``unreachable`` (no size brings the baseline to the target KL; the message names the largest KL)."""
+
+        cfg = self.cfg
+        if len(top) < cfg.k:
+            return {"component": j, "status": "excluded", "n_top": len(top)}
+        try:
+            r = sel.component_selectivity(
+                self.adapter, self.task, self.prompts, direction(j), top, target_kl=cfg.target_kl,
+                n_baseline=cfg.n_baseline, seed=cfg.seed, reference=self._reference, batch_size=cfg.batch_size,
+                start=start,
+            )  # fmt: skip
+        except sel.UnreachableTargetError as e:
+            return {"component": j, "status": "unreachable", "n_top": len(top), "error": str(e)}
+        return {"component": j, "status": "ok", **r}
+
+    @property
+    def prompts(self) -> list[str]:
+        if self._prompts is None:
+            self._prompts = self.task.prompts(list(self.meta["text"]))
+        return self._prompts
+
+    def _directions(self, method: str, extra: dict):
+        """``j -> intervention``: a parameter direction (NPEFF components, cluster centroids, recovered like
+        ``npeff perturb``'s) or an activation direction (SAE decoder rows, SNMF features) at the method's hook."""
+
+        if method == "sae":
+            decoder, hook = extra["sae"].sae_.W_dec.detach().float(), extra["sae"].hook
+            return lambda j: ActivationDirection(self.adapter, hook, decoder[j])
+        if method == "snmf":
+            features, hook = extra["snmf"].features_, extra["snmf"].hook
+            return lambda j: ActivationDirection(self.adapter, hook, features[j])
+        if method == "npeff":
+            return self._parameter_directions(torch.as_tensor(self.est.components_).float(), self.manifest)
+        gc = extra["clusters"]
+        return self._parameter_directions(gc.cluster_centers_.float(), gc.manifest_ or self.manifest)
+
+    def _parameter_directions(self, vectors: torch.Tensor, manifest: dict):
+
+        cfg, layout = self.cfg, manifest["layout"]
+        check_adapter(self.adapter, layout)
+        op = projection_from_config(manifest["projection"]) if manifest.get("projection") else None
+        needs_lambda = op is not None and cfg.recovery not in ("adjoint", "minnorm")  # step sizes of the solvers
+        lam = estimate_lambda_max(op) * 1.1 if needs_lambda else None
+
+        def direction(j: int):
+            flat, _ = recover_direction(vectors, j, op, method=cfg.recovery, reject_threshold=cfg.reject_threshold,
+                                        lambda_max=lam)  # fmt: skip
+            return ParameterDirection(self.adapter, unflatten(flat.float(), layout))
+
+        return direction
+
+
+def _npeff_seconds(d: Path) -> float | None:
+    rec = read_json(d / RUN_FILE) if (d / RUN_FILE).exists() else {}
+    try:
+        t0 = time.mktime(time.strptime(rec["started"], "%Y-%m-%dT%H:%M:%S%z"))
+        return time.mktime(time.strptime(rec["finished"], "%Y-%m-%dT%H:%M:%S%z")) - t0
+    except (KeyError, ValueError):
+        return None
+
+
+def _reset_peak_rss() -> None:
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def format_compare(results: dict) -> str:
+    """The comparison as a table, one row per method."""
+    cols = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared", "coverage",
+            "selectivity", "fit_seconds", "peak_rss_mib")  # fmt: skip
+    rows = [[m] + [_cell(r.get(c)) for c in cols] for m, r in results["methods"].items()]
+    head = ["method", *cols]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    lines += [f"{m}: selectivity -, {r['selectivity_note']}" for m, r in results["methods"].items()
+              if r.get("selectivity_note")]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
