@@ -753,6 +753,12 @@ class TopCommand(_Config):
     k: int = option(16, "top examples that define a tuning (§3.1)")
     show: int = option(5, "examples printed per component")
     store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)")
+    where: bool = option(
+        False,
+        "also where each component lives: the 5 (layer, module) groups with the most energy of its direction "
+        "recovered by back-projection (x: enrichment over the group's share of parameters); saved in "
+        "DECOMPOSITION_DIR/locations.json",
+    )
 
     def validate(self):
         self._require("k", self.k >= 1, "must be >= 1")

@@ -64,6 +64,7 @@ __all__ = [
     "decompose_store",
     "load_run",
     "top_report",
+    "locate",
     "run_perturbation",
     "compare",
     "format_compare",
@@ -165,6 +166,52 @@ def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, w
     if support < k:
         summary_line += f"; note: no component has {k} examples with a positive coefficient (at most {support})"
     return {"lines": lines, "summary": summary, "summary_line": summary_line}
+
+
+LOCATIONS_FILE = "locations.json"
+
+
+def locate(decomposition_dir, *, recovery: str = "adjoint", reject_threshold: float | None = 0.5, adapter=None,
+           store=None, **solver_options) -> dict:  # fmt: skip
+    """Where each component lives (:mod:`npeff_lens.locations`): its direction recovered in parameter space as
+    ``npeff perturb`` recovers it (``recovery``, rejection of dissimilar components at ``reject_threshold``), its
+    energy per (layer, module) and, with ``adapter`` (whose config gives the head counts), per attention head.
+    Written to ``DECOMPOSITION_DIR/locations.json`` and read back by a rerun with the same settings."""
+    from .locations import component_locations
+
+    d = Path(decomposition_dir)
+    key = {"recovery": recovery, "reject_threshold": reject_threshold, "heads": adapter is not None,
+           **to_jsonable(solver_options)}  # fmt: skip
+    path = d / LOCATIONS_FILE
+    if path.exists():
+        try:
+            stored = read_json(path)
+            if stored.get("key") == key:
+                return stored
+        except ValueError:
+            pass  # damaged: computed again
+    est, store = load_run(d, store)
+    manifest = est.manifest_ or {}
+    if not manifest.get("layout"):
+        raise ValueError(f"the decomposition {d} records no parameter layout: was it fitted on a PEF store?")
+    layout, comps = manifest["layout"], torch.as_tensor(est.components_).float()
+    validate_layout(layout)
+    op = projection_from_config(manifest["projection"]) if manifest.get("projection") is not None else None
+    heads = None
+    if adapter is not None:
+        config = getattr(getattr(adapter, "model", None), "config", None)
+        n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+        if n_heads:
+            heads = {"n_heads": n_heads, "n_kv_heads": getattr(config, "num_key_value_heads", None) or n_heads}
+    lam = estimate_lambda_max(op) if op is not None and recovery not in ("adjoint", "minnorm") else None
+    components = []
+    for j in progress(range(comps.shape[0]), desc="locating components", unit="component"):
+        flat, _ = recover_direction(comps, j, op, method=recovery, reject_threshold=reject_threshold,
+                                    lambda_max=lam, **solver_options)  # fmt: skip
+        components.append({"component": j, **component_locations(flat, layout, heads)})
+    result = {"key": key, "components": components}
+    write_json(path, result)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,4 +626,17 @@ def zero_shot(cmd: ZeroShotCommand | None = None, **options) -> dict:
 
 
 def top(cmd: TopCommand) -> dict:
-    return top_report(cmd.decomposition, k=cmd.k, show=cmd.show, store=cmd.store)
+    report = top_report(cmd.decomposition, k=cmd.k, show=cmd.show, store=cmd.store)
+    if cmd.where:
+        from .locations import top_groups
+
+        located = locate(cmd.decomposition, store=cmd.store)["components"]
+        lines = []
+        for line in report["lines"]:
+            lines.append(line)
+            if line.startswith("component "):
+                j = int(line.split()[1])
+                lines.append("  where: " + "; ".join(top_groups(located[j])) + f"; top 5% of groups: "
+                             f"{located[j]['top5pct']:.0%} of the energy")  # fmt: skip
+        report["lines"] = lines
+    return report

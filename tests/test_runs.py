@@ -108,7 +108,7 @@ SAMPLES = {  # non-default values for every field of every command
         device="cpu",
         progress=False,
     ),
-    C.TopCommand: dict(decomposition="d", k=4, show=2, store="s"),
+    C.TopCommand: dict(decomposition="d", k=4, show=2, store="s", where=True),
     C.RepairCommand: dict(store="s"),
     C.ReportCommand: dict(
         decomposition="d", out="o", store="s", k=4, n_attributed=2, perturbation="p", attributions=False, progress=False
@@ -743,3 +743,22 @@ def test_unlearn_with_its_defaults_runs_on_a_64_example_store(tmp_path):
     assert main(["unlearn", str(root / "npeff"), "--components", "0", "--n-batches", "1", "--no-progress"]) == 0
     report = json.loads((root / "npeff" / "unlearn" / "unlearning.json").read_text())
     assert report["config"]["n_random"] == 64 - 25 - 12 - 16
+
+
+def test_top_where_lists_where_each_component_lives_and_keeps_it_in_the_run(run, capsys, monkeypatch):
+    import npeff_lens.runs as runs
+
+    root, _, _ = run
+    d = root / "tree" / "npeff"
+    assert main(["top", str(d), "--where", "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    where = [line for line in out.splitlines() if line.startswith("  where: ")]
+    assert len(where) == 3 and all("layer " in line and "top 5% of groups" in line for line in where)
+    located = json.loads((d / "locations.json").read_text())
+    assert located["key"]["recovery"] == "adjoint" and len(located["components"]) == 3
+    for c in located["components"]:
+        assert sum(r["fraction"] for r in c["groups"]) == pytest.approx(1.0)
+        assert 0 < c["top5pct"] <= 1
+    # a rerun reads the file back
+    monkeypatch.setattr(runs, "recover_direction", lambda *a, **k: pytest.fail("located again"))
+    assert main(["top", str(d), "--where", "--show", "1"]) == 0

@@ -1,0 +1,98 @@
+"""Where a component lives: parameter names parsed into (layer, module) for every layout kind, energies that add
+up, heads split as the weights are laid out, and a planted direction found where it was put."""
+
+import pytest
+import torch
+
+from npeff_lens.locations import component_locations, parameter_group, top_groups
+from npeff_lens.models import load_model, parameter_layout
+
+
+@pytest.mark.parametrize(
+    "name, group",
+    [
+        ("model.layers.3.self_attn.q_proj.weight", (3, "q")),
+        ("model.layers.3.self_attn.o_proj.weight", (3, "o")),
+        ("model.layers.3.mlp.gate_proj.weight", (3, "gate")),
+        ("model.layers.3.mlp.down_proj.weight", (3, "down")),
+        ("model.layers.3.input_layernorm.weight", (3, "attn_norm")),
+        ("model.layers.3.post_attention_layernorm.weight", (3, "mlp_norm")),
+        ("transformer.h.2.attn.c_attn.weight", (2, "qkv")),
+        ("transformer.h.2.attn.c_proj.bias", (2, "o")),
+        ("transformer.h.2.mlp.c_fc.weight", (2, "up")),
+        ("transformer.h.2.mlp.c_proj.weight", (2, "down")),
+        ("transformer.h.2.ln_2.weight", (2, "mlp_norm")),
+        ("blocks.4.attn.W_K", (4, "k")),
+        ("blocks.4.attn.b_O", (4, "o")),
+        ("blocks.4.mlp.W_out", (4, "down")),
+        ("bert.encoder.layer.1.attention.self.value.weight", (1, "v")),
+        ("bert.encoder.layer.1.intermediate.dense.weight", (1, "up")),
+        ("bert.encoder.layer.1.output.dense.weight", (1, "down")),
+        ("model.norm.weight", (None, "other")),
+        ("classifier.weight", (None, "other")),
+    ],
+)
+def test_names_parse_into_layer_and_module(name, group):
+    assert parameter_group(name) == group
+
+
+def _layout(model="tiny-llama"):
+    return parameter_layout(load_model(model).named_parameters())
+
+
+def _planted(layout, where, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(sum(e["numel"] for e in layout))
+    for e in layout:
+        if where(e["name"]):
+            x[e["offset"] : e["offset"] + e["numel"]] = torch.randn(e["numel"], generator=g)
+    return x
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_a_direction_planted_in_one_layer_is_located_there(model):
+    layout = _layout(model)
+    layer = 1
+    loc = component_locations(_planted(layout, lambda n: parameter_group(n)[0] == layer), layout)
+    in_layer = sum(r["fraction"] for r in loc["groups"] if r["layer"] == layer)
+    assert in_layer >= 0.9 and abs(sum(r["fraction"] for r in loc["groups"]) - 1) < 1e-9
+    assert all(r["layer"] == layer for r in loc["groups"] if r["fraction"] > 0)
+    # the enrichment of the planted layer's groups: their fraction over their share of the parameters, > 1
+    assert all(r["enrichment"] > 1 for r in loc["groups"] if r["layer"] == layer)
+    assert top_groups(loc, 2)[0].startswith(f"layer {layer} ")
+
+
+def test_heads_split_the_rows_of_q_k_v_and_the_columns_of_o():
+    layout = _layout("tiny-llama")  # 4 heads of 8 dims, 2 key/value heads; q [32, 32], k [16, 32], o [32, 32]
+    q = next(e for e in layout if e["name"] == "model.layers.0.self_attn.q_proj.weight")
+    o = next(e for e in layout if e["name"] == "model.layers.0.self_attn.o_proj.weight")
+    x = torch.zeros(sum(e["numel"] for e in layout))
+    x[q["offset"] : q["offset"] + q["numel"]].view(32, 32)[16:24] = 1.0  # the rows of head 2
+    x[o["offset"] : o["offset"] + o["numel"]].view(32, 32)[:, 8:16] = 2.0  # the columns of head 1
+    loc = component_locations(x, layout, heads={"n_heads": 4, "n_kv_heads": 2})
+    nonzero = {(r["module"], r["head"]): r["energy"] for r in loc["heads"] if r["energy"] > 0}
+    assert nonzero == {("q", 2): 8 * 32.0, ("o", 1): 32 * 8 * 4.0}
+    assert len([r for r in loc["heads"] if r["module"] == "k"]) == 2 * 2  # two layers of 2 key/value heads
+    for (layer, module), energy in {(r["layer"], r["module"]): r["energy"] for r in loc["groups"]}.items():
+        per_head = [r["energy"] for r in loc["heads"] if (r["layer"], r["module"]) == (layer, module)]
+        if per_head:
+            assert sum(per_head) == pytest.approx(energy)
+
+
+def test_transformer_lens_weights_split_by_their_head_axis():
+    layout = [
+        {"name": "blocks.0.attn.W_Q", "shape": [2, 4, 3], "offset": 0, "numel": 24},
+        {"name": "blocks.0.attn.W_O", "shape": [2, 3, 4], "offset": 24, "numel": 24},
+    ]
+    x = torch.zeros(48)
+    x[12:24] = 1.0  # W_Q's head 1
+    loc = component_locations(x, layout)
+    assert {(r["module"], r["head"]): r["fraction"] for r in loc["heads"] if r["energy"]} == {("q", 1): 1.0}
+
+
+def test_a_zero_direction_or_a_wrong_layout_is_an_error():
+    layout = _layout()
+    with pytest.raises(ValueError, match="energy 0"):
+        component_locations(torch.zeros(sum(e["numel"] for e in layout)), layout)
+    with pytest.raises(ValueError, match="entries; the layout covers"):
+        component_locations(torch.ones(5), layout)
