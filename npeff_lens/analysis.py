@@ -34,6 +34,7 @@ __all__ = [
     "token_tuned",
     "coverage",
     "method_summary",
+    "degeneracy",
 ]
 
 
@@ -207,6 +208,35 @@ def coverage(coefficients, k: int = 16, min_examples: int = 1) -> float:
     positive = torch.gather(c.T, 1, top) > 0
     positive &= alive(c, min_examples)[:, None]
     return int(torch.unique(top[positive]).numel()) / c.shape[0]
+
+
+def degeneracy(coefficients, *, always_on: float = 0.99, duplicate_cosine: float = 0.99) -> dict[str, Any]:
+    """Signs of a degenerate set of components (e.g. an SAE trained on too few tokens): ``n_always_on``, the
+    components with a positive coefficient on at least ``always_on`` of the examples; ``n_near_duplicate_pairs``,
+    the pairs whose coefficient columns have cosine ``>= duplicate_cosine``; ``max_cosine`` over the pairs of
+    components that are not all zero; and ``degenerate``, one line saying what was found (None when nothing)."""
+    c = _coefficients(coefficients).double()
+    m, n = c.shape
+    on = (c > 0).double().mean(0) if m else torch.zeros(n, dtype=torch.float64)
+    n_on = int((on >= always_on).sum())
+    norms = c.norm(dim=0)
+    live = norms > 0
+    unit = c[:, live] / norms[live]
+    cos = unit.T @ unit if int(live.sum()) > 1 else torch.zeros(0, 0, dtype=torch.float64)
+    pairs = torch.triu(cos >= duplicate_cosine, diagonal=1)
+    n_pairs = int(pairs.sum())
+    max_cos = float(torch.triu(cos, diagonal=1).max()) if cos.shape[0] > 1 else None
+    found = []
+    if n_on:
+        found.append(f"{n_on} of {n} components active on >= {always_on:.0%} of the examples")
+    if n_pairs:
+        found.append(f"{n_pairs} pair(s) of components at cosine >= {duplicate_cosine} (max {max_cos:.4f})")
+    return {
+        "n_always_on": n_on,
+        "n_near_duplicate_pairs": n_pairs,
+        "max_cosine": max_cos,
+        "degenerate": "; ".join(found) or None,
+    }
 
 
 def method_summary(

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import selectivity as sel
-from .analysis import method_summary, top_examples
+from .analysis import degeneracy, method_summary, top_examples
 from .baselines.gradient_clustering import GradientClustering, collect_prediction_gradients
 from .baselines.sae import TopKSAEBaseline, default_hook, hook_module, resolve_hook
 from .baselines.snmf import SNMFBaseline, default_layer
@@ -210,7 +210,7 @@ class _CompareContext:
             coeffs, labels=self.labels, predictions=self.predictions, k=cfg.k, threshold=cfg.threshold,
             alive_min_examples=cfg.k if method in ("sae", "snmf") else 1, token_sets=token_tuned,
         )  # fmt: skip
-        return {**summary, **{k: extra[k] for k in ("hook", "sae_k") if k in extra}}
+        return {**summary, **degeneracy(coeffs), **{k: extra[k] for k in ("hook", "sae_k") if k in extra}}
 
     # --- selectivity (npeff_lens.selectivity) ------------------------------------------------------
     def selectivity(self, method: str, mdir: Path, coeffs, extra: dict) -> dict:
@@ -342,6 +342,11 @@ def format_compare(results: dict) -> str:
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
     lines += [f"{m}: selectivity -, {r['selectivity_note']}" for m, r in results["methods"].items()
               if r.get("selectivity_note")]  # fmt: skip
+    remedy = {"sae": "train on more tokens (--sae-tokens) or with fewer latents (--components)",
+              "snmf": "use more tokens (--snmf-tokens) or fewer features (--components)"}  # fmt: skip
+    lines += [f"{m}: warning: degenerate components: {r['degenerate']}; "
+              f"{remedy.get(m, 'fit fewer components or on more examples')}"
+              for m, r in results["methods"].items() if r.get("degenerate")]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -223,3 +223,30 @@ def test_cluster_coefficients_read_like_components():
     torch.testing.assert_close(c, torch.tensor(expected))
     assert top_examples(c, k=4).tolist()[:2] == [[1, 4, 0, 2], [3, 0, 5, 1]]  # members by distance, then others
     assert alive(c).tolist() == [True, True, False] and coverage(c, k=2) == pytest.approx(4 / 6)
+
+
+def test_degeneracy_names_always_on_and_near_duplicate_components():
+    from npeff_lens.analysis import degeneracy
+
+    g = torch.Generator().manual_seed(0)
+    c = torch.rand(200, 5, generator=g) * (torch.rand(200, 5, generator=g) > 0.5)
+    healthy = degeneracy(c)
+    assert healthy["n_always_on"] == 0 and healthy["n_near_duplicate_pairs"] == 0 and healthy["degenerate"] is None
+    c[:, 1] = c[:, 0] * 1.001  # a duplicate of component 0
+    c[:, 4] = torch.rand(200, generator=g) + 0.1  # on for every example
+    found = degeneracy(c)
+    assert found["n_always_on"] == 1 and found["n_near_duplicate_pairs"] == 1
+    assert found["max_cosine"] == pytest.approx(1.0)
+    assert "1 of 5 components active on >= 99%" in found["degenerate"] and "1 pair(s)" in found["degenerate"]
+    # a dead (all-zero) component is not a duplicate of another dead one
+    c[:, 2] = c[:, 3] = 0
+    assert degeneracy(c)["n_near_duplicate_pairs"] == 1
+
+
+def test_compare_prints_a_warning_for_degenerate_components():
+    from npeff_lens.compare import format_compare
+
+    row = {"n_components": 4, "degenerate": "2 of 4 components active on >= 99% of the examples"}
+    text = format_compare({"methods": {"npeff": {"n_components": 4, "degenerate": None}, "sae": row}})
+    assert "sae: warning: degenerate components: 2 of 4" in text and "--sae-tokens" in text
+    assert "npeff: warning" not in text

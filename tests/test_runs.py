@@ -521,7 +521,8 @@ def test_compare_all_methods_end_to_end_resumes_and_names_a_changed_field(run, c
     assert "selectivity" in out.splitlines()[0]
     for name, row in table["methods"].items():
         assert row["n_components"] == 3 and name in out
-        for key in ("alive", "tuned_label", "tuned_prediction", "argmax_shared", "coverage", "fit_seconds"):
+        for key in ("alive", "tuned_label", "tuned_prediction", "argmax_shared", "coverage", "fit_seconds",
+                    "n_always_on", "n_near_duplicate_pairs", "max_cosine", "degenerate"):  # fmt: skip
             assert key in row, (name, key)
         assert row["target_kl"] == 0.0002 and row["n_baseline"] == 8 and len(row["selectivity_per_component"]) == 3
         n = row["selectivity_n_evaluated"]
