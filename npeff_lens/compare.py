@@ -42,7 +42,15 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
     root = d / "compare"
     results = {"config": cfg.key(), "methods": _earlier_rows(root / "compare.json", cfg.methods)}
     context = _CompareContext(d, est, store, cfg, adapter)
-    if "sae" in cfg.methods and cfg.sae_hook is not None:  # a wrong hook stops here, before anything is written
+    user_sae = None
+    if "sae" in cfg.methods and cfg.sae_path is not None:  # the user's SAE and its hook, checked before writing
+        options = dict(hook=cfg.sae_hook, k=cfg.sae_k, k_top=cfg.k, activation_batch_size=cfg.batch_size,
+                       show_progress=cfg.progress)  # fmt: skip
+        user_sae = TopKSAEBaseline.from_sae_lens(cfg.sae_path, **options)
+        user_sae.hook = resolve_hook(context.adapter, user_sae.hook)
+        hook_module(context.adapter, user_sae.hook)
+        context.user_sae = user_sae
+    elif "sae" in cfg.methods and cfg.sae_hook is not None:  # a wrong hook stops here, before anything is written
         hook_module(context.adapter, resolve_hook(context.adapter, cfg.sae_hook))
     for method in cfg.methods:
         mdir = root / method
@@ -50,7 +58,7 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
         if "components" in key:  # resolved: "the decomposition's number" and that number are one configuration
             key["components"] = context.components
         if "sae_hook" in key and key["sae_hook"] is None:  # likewise the default hook and layer
-            key["sae_hook"] = default_hook(context.adapter)
+            key["sae_hook"] = user_sae.hook if user_sae is not None else default_hook(context.adapter)
         if "snmf_layer" in key and key["snmf_layer"] is None:
             key["snmf_layer"] = default_layer(context.adapter)
         rec = _begin(mdir, f"compare-{method}", _MethodKey(key, resolved=("components", "sae_hook", "snmf_layer")),
@@ -184,6 +192,11 @@ class _CompareContext:
     def _sae(self, mdir: Path):
 
         cfg = self.cfg
+        if getattr(self, "user_sae", None) is not None:  # the user's SAE: read and encoded, not trained
+            t0, sae = time.time(), self.user_sae
+            sae.fit(self.adapter, self.task.prompts(list(self.meta["text"])))
+            sae.save(mdir / "sae")
+            return sae.coefficients_, {"fit_seconds": time.time() - t0, "sae": sae, "hook": sae.hook, "sae_k": sae.k}
         hook = resolve_hook(self.adapter, cfg.sae_hook or default_hook(self.adapter))
         k = cfg.sae_k or max(1, min(32, self.components // 4))
         t0 = time.time()

@@ -792,6 +792,13 @@ class CompareConfig(_Config):
     sae_k: int | None = option(None, "active latents per token of the TopK SAE (default: min(32, latents // 4))")
     sae_tokens: int = option(300_000, "tokens the SAE trains on (the examples' tokens, repeated in shuffled epochs)")
     sae_lr: float = option(1e-3, "learning rate of the SAE")
+    sae_path: str | None = option(
+        None,
+        "an SAE you already have, in sae-lens's saved format (a folder with cfg.json and sae_weights.safetensors, "
+        "as SAE.save_model writes; any architecture): compared at the hook it records (or --sae-hook) instead "
+        "of training one; it reads the raw activations",
+        metavar="DIR",
+    )
     snmf_layer: int | None = option(
         None, "layer whose MLP hidden activations SNMF factorises (default: the middle one)"
     )
@@ -858,6 +865,8 @@ class CompareConfig(_Config):
         """The fields that change one method's result (a method resumes on its own key)."""
         common = {"components": self.components, "seed": self.seed}
         if method == "sae":
+            if self.sae_path is not None:  # the user's SAE: its folder and where it reads, nothing trained
+                return {"sae_path": self.sae_path, "sae_hook": self.sae_hook, "sae_k": self.sae_k}
             return {**common, **{k: getattr(self, k) for k in ("sae_hook", "sae_k", "sae_tokens", "sae_lr")}}
         if method == "snmf":
             fields = ("snmf_layer", "snmf_sparsity", "snmf_iterations", "snmf_restarts", "snmf_tokens")

@@ -162,6 +162,7 @@ SAMPLES = {  # non-default values for every field of every command
         sae_k=2,
         sae_tokens=1000,
         sae_lr=1e-3,
+        sae_path="my-sae",
         snmf_layer=1,
         snmf_sparsity=None,
         snmf_iterations=7,
@@ -763,3 +764,28 @@ def test_top_where_lists_where_each_component_lives_and_keeps_it_in_the_run(run,
     # a rerun reads the file back
     monkeypatch.setattr(runs, "recover_direction", lambda *a, **k: pytest.fail("located again"))
     assert main(["top", str(d), "--where", "--show", "1"]) == 0
+
+
+def test_compare_uses_an_sae_the_user_already_has(run, tmp_path, capsys, monkeypatch):
+    """An SAE trained and saved by sae-lens (SAE.save_model) is compared at its recorded hook, not retrained."""
+    from npeff_lens.baselines.sae import TopKSAEBaseline
+    from npeff_lens.models import load_model
+
+    root, _, _ = run
+    d = root / "tree" / "npeff"
+    hook = "model.layers.0"
+    mine = TopKSAEBaseline(8, 2, hook=hook, total_tokens=2000, show_progress=False)
+    mine.fit(load_model("tiny-llama"), [t for t, _ in _reviews(40)])
+    users = tmp_path / "my-sae"
+    mine.sae_.save_model(users)  # sae-lens's own format: cfg.json + sae_weights.safetensors, hook_name recorded
+    monkeypatch.setattr(TopKSAEBaseline, "_train", lambda *a, **k: pytest.fail("trained an SAE"))
+    out = tmp_path / "npeff-copy"
+    shutil.copytree(d, out, ignore=shutil.ignore_patterns("compare", "report", "locations.json"))
+    assert main(["compare", str(out), "--methods", "sae", "--sae-path", str(users), "--k", "4", "--no-progress"]) == 0
+    row = json.loads((out / "compare" / "compare.json").read_text())["methods"]["sae"]
+    assert row["n_components"] == 8 and row["hook"] == hook and row["config"]["sae_path"] == str(users)
+    saved = TopKSAEBaseline.load(out / "compare" / "sae" / "sae")
+    assert torch.equal(saved.sae_.W_dec, mine.sae_.W_dec) and saved.pretrained_
+    # a folder that holds no SAE: one line, nothing written
+    assert main(["compare", str(out), "--methods", "sae", "--sae-path", str(tmp_path), "--no-progress"]) == 2
+    assert "holds no sae-lens SAE" in capsys.readouterr().err

@@ -483,6 +483,30 @@ class TopKSAEBaseline:
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
+    @classmethod
+    def from_sae_lens(cls, directory, *, hook: str | None = None, k: int | None = None, device: str = "cpu",
+                      k_top: int = 16, activation_batch_size: int = 8, max_length: int | None = 256,
+                      show_progress: bool = True) -> TopKSAEBaseline:  # fmt: skip
+        """An SAE the user already has, in sae-lens's saved format (``SAE.load_from_disk``: ``cfg.json`` +
+        ``sae_weights.safetensors``; any architecture), to be read like a trained one: :meth:`fit` then only
+        reads the activations at its hook (``hook``, else the one it records) and encodes them, without training.
+        It reads the raw activations (its own normalisation, if any, applies); per token the ``k`` largest latent
+        values are kept (default: the SAE's own k for a TopK SAE, else 64), exact for a TopK SAE."""
+        sae_lens = _sae_lens()
+        directory = Path(directory)
+        if not (directory / "cfg.json").is_file():
+            raise FileNotFoundError(f"{directory} holds no sae-lens SAE (no cfg.json): save one with sae.save_model")
+        sae = sae_lens.SAE.load_from_disk(directory, device=device).eval()
+        hook = hook or getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
+        if not hook:
+            raise ValueError(f"the SAE in {directory} records no hook name: pass --sae-hook")
+        d_sae = int(sae.cfg.d_sae)
+        self = cls(d_sae, min(d_sae, int(k or getattr(sae.cfg, "k", None) or 64)), hook=hook, device=device,
+                   k_top=k_top, activation_batch_size=activation_batch_size, max_length=max_length,
+                   show_progress=show_progress)  # fmt: skip
+        self.sae_, self.pretrained_ = sae, str(directory.resolve())
+        return self
+
     def read_activations(self, adapter, prompts: Sequence[str]) -> Activations:
         return activations(
             adapter,
@@ -502,7 +526,8 @@ class TopKSAEBaseline:
         if self.hook is None:
             self.hook = data.hook
         t1 = time.perf_counter()
-        self.sae_ = self._train(data.acts)
+        if not getattr(self, "pretrained_", None):  # a user's SAE (from_sae_lens) is read, not trained
+            self.sae_ = self._train(data.acts)
         t2 = time.perf_counter()
         self.example_index_, self.token_ids_, self.positions_ = data.example_index, data.token_ids, data.positions
         self.coefficients_, self.code_latents_, self.code_values_ = self._encode_all(data)
@@ -567,6 +592,8 @@ class TopKSAEBaseline:
         return torch.cat(out) if out else torch.zeros(0, self.n_latents)
 
     def _encode_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "pretrained_", None):  # the user's SAE reads the activations as they are
+            return self.sae_.encode(x.to(self.device, dtype=self.sae_.W_dec.dtype))
         return self.sae_.encode(unit_normalise(x).to(self.device))
 
     @torch.no_grad()
@@ -690,7 +717,8 @@ class TopKSAEBaseline:
             "format": "npeff_lens.TopKSAEBaseline",
             "format_version": FORMAT_VERSION,
             "params": self.get_params(),
-            "normalisation": NORMALISATION,
+            "normalisation": "none" if getattr(self, "pretrained_", None) else NORMALISATION,
+            "pretrained": getattr(self, "pretrained_", None),
             "model_name": self.model_name_,
             "d_in": self.d_in_,
             "n_tokens": self.n_tokens_,
@@ -710,13 +738,14 @@ class TopKSAEBaseline:
         if not (directory / META_FILENAME).exists():
             raise FileNotFoundError(f"{directory} holds no {META_FILENAME}; is it a TopKSAEBaseline.save directory?")
         meta = read_json(directory / META_FILENAME)
-        if meta.get("format_version") != FORMAT_VERSION or meta.get("normalisation") != NORMALISATION:
+        if meta.get("format_version") != FORMAT_VERSION or meta.get("normalisation") not in (NORMALISATION, "none"):
             raise ValueError(f"{directory / META_FILENAME}: unsupported format {meta.get('format_version')!r}")
         params = dict(meta["params"])
         if device is not None:
             params["device"] = device
         self = cls(**params)
         self.model_name_ = meta.get("model_name")
+        self.pretrained_ = meta.get("pretrained")
         self.sae_ = sae_lens.SAE.load_from_disk(directory, device=self.device).eval()
         tensors = load_file(directory / CODES_FILENAME)
         self.coefficients_, self.example_index_ = tensors["coefficients"], tensors["example_index"]
