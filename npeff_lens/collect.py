@@ -30,7 +30,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ from torch import nn
 from . import distributed
 from .config import CollectConfig
 from .data import align_labels, load_dataset
-from .io import progress
+from .io import DeferredSignals, progress
 from .models import ModelAdapter, adapt, parameter_layout
 from .projection import KroneckerProjection, SparseProjection, start_numba_threads
 from .tasks import Task
@@ -734,51 +733,17 @@ class Interrupted(KeyboardInterrupt):
         return type(self), (self.signum, str(self))
 
 
-class _Interruptions:
+class _Interruptions(DeferredSignals):
     """While a collection runs: SIGTERM is handled like SIGINT, both raising :class:`Interrupted` so that the
-    collector commits what it computed. A signal that arrives inside a store write (``writing``) is raised when
-    the write is done, so that the store's state in memory matches its files; after the first, further signals
-    are dropped until the collection has committed and exited. Only the main thread installs handlers, and only
-    over the default ones (a handler the program installed itself, or an ignored signal, is left alone); the
-    previous handlers are restored on exit."""
+    collector commits what it computed; a signal inside a store write is raised when the write is done, and
+    further signals are dropped until the collection has committed and exited. Only default handlers are
+    replaced (:class:`~npeff_lens.io.DeferredSignals`)."""
 
-    def __init__(self):
-        self.saved: dict = {}
-        self.pending: int | None = None
-        self.depth = 0
-        self.raised = False
+    only_default = True
 
-    def __enter__(self) -> _Interruptions:
-        if threading.current_thread() is threading.main_thread():
-            for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
-                if signal.getsignal(sig) is default:
-                    self.saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)
-        self.saved.clear()
-
-    def _handle(self, signum, frame) -> None:
-        if self.raised:
-            return
-        if self.depth:
-            self.pending = self.pending or signum
-            return
-        self.raised = True
+    def _raise(self, signum: int) -> None:
+        self.hold()
         raise Interrupted(signum)
-
-    @contextlib.contextmanager
-    def writing(self):
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if not self.depth and self.pending is not None and not self.raised:
-            self.raised = True
-            raise Interrupted(self.pending)
 
 
 def _collect_into(store, computer: PEFComputer, dataset, task: Task, cfg: CollectConfig, n: int) -> int:

@@ -34,7 +34,6 @@ import os
 import pickle
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigMismatchError, diff
-from .io import progress
+from .io import DeferredSignals, progress
 from .store import PEFStore
 
 __all__ = ["RankFailedError", "Steps", "active", "collect", "local_device", "rank", "world_size"]
@@ -94,52 +93,22 @@ class _Stopped(BaseException):
     in the computation swallows it)."""
 
 
-class _Signals:
+class _Signals(DeferredSignals):
     """SIGTERM and SIGINT interrupt this rank, but never inside a store write (``writing``), and only once:
     after the first interruption or failure (``hold``) further signals are recorded, not raised, so that
     rank 0 can commit what it wrote and every rank can report."""
-
-    def __init__(self):
-        self.saved: dict = {}
-        self.pending: int | None = None
-        self.depth = 0
-        self.held = False
-
-    def __enter__(self) -> _Signals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.saved[sig] = signal.signal(sig, self._handle)
-        return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.saved.items():
             if not (self.held and sig == signal.SIGTERM):  # failing: torchrun's SIGTERM must not cut the report
                 signal.signal(sig, handler)
-
-    def hold(self) -> None:
-        self.held = True
-
-    def _handle(self, signum, frame) -> None:
-        if self.depth or self.held:
-            self.pending = self.pending or signum
-            return
-        self._raise(signum)
+        self.saved.clear()
 
     def _raise(self, signum: int) -> None:
         self.hold()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise _Stopped
-
-    @contextlib.contextmanager
-    def writing(self):
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if not self.depth and not self.held and self.pending is not None:
-            self._raise(self.pending)
 
 
 @contextlib.contextmanager

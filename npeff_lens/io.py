@@ -13,6 +13,8 @@ import json
 import math
 import os
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +187,55 @@ def progress(iterable=None, *, enabled: bool = True, **kwargs):
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("smoothing", 0.1)
     return tqdm(iterable, **kwargs)
+
+
+class DeferredSignals:
+    """SIGINT and SIGTERM while a block runs (``with DeferredSignals() as signals:``): a signal raises through
+    :meth:`_raise` (``KeyboardInterrupt`` here; subclasses raise their own), never inside ``signals.writing()``
+    (it is raised when the write ends, so that state in memory matches the files) and only once: after the first,
+    or after :meth:`hold`, further signals are recorded, not raised. Only the main thread installs handlers;
+    with ``only_default`` a handler the program installed itself (or an ignored signal) is left alone. The
+    previous handlers are restored on exit."""
+
+    only_default = False
+
+    def __init__(self):
+        self.saved: dict = {}
+        self.pending: int | None = None
+        self.depth = 0
+        self.held = False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+                if not self.only_default or signal.getsignal(sig) is default:
+                    self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        self.saved.clear()
+
+    def hold(self) -> None:
+        self.held = True
+
+    def _handle(self, signum, frame) -> None:
+        if self.depth or self.held:
+            self.pending = self.pending or signum
+            return
+        self._raise(signum)
+
+    def _raise(self, signum: int) -> None:
+        self.hold()
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def writing(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and not self.held and self.pending is not None:
+            self._raise(self.pending)
