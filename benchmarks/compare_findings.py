@@ -48,12 +48,12 @@ def finding_sae_layers(args) -> dict:
     from npeff_lens.analysis import method_summary, top_examples
     from npeff_lens.baselines.sae import TopKSAEBaseline
     from npeff_lens.models import load_model
-    from npeff_lens.runs import _label_columns, load_run
+    from npeff_lens.runs import label_columns, load_run
     from npeff_lens.tasks import task_from_config
 
     est, store = load_run(args.run)
     meta = store.metadata
-    labels, _ = _label_columns(meta)
+    labels, _ = label_columns(meta)
     preds = meta["prediction"]
     model = store.manifest["model"]
     adapter = load_model(model["name"], backend=model.get("backend", "hf"))

@@ -30,6 +30,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -633,8 +634,6 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
 
 def class_balance(metadata) -> str | None:
     """``"negative 98, positive 102"``: the examples per label of a store's metadata (None without labels)."""
-    from collections import Counter
-
     cols = metadata.column_names
     column = "label_name" if "label_name" in cols else ("label" if "label" in cols else None)
     if column is None or len(metadata) == 0:
@@ -646,9 +645,10 @@ def class_balance(metadata) -> str | None:
 def _available_memory() -> int | None:
     """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None

@@ -21,7 +21,7 @@ from .io import progress, read_json, to_jsonable, write_json
 from .models import load_model
 from .perturb import _Reference, check_adapter
 from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten
-from .rundir import RUN_FILE, _begin, _config, _finish, _label_columns, load_run, space_options
+from .rundir import RUN_FILE, begin, finish, label_columns, load_run, resolve_config, space_options
 from .selectivity import ActivationDirection, ParameterDirection
 from .tasks import task_from_config
 
@@ -36,7 +36,7 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
     ``target_kl``, ``n_baseline``: :mod:`npeff_lens.selectivity`) and returns it. Each method resumes on its own:
     a finished one is read back, a different configuration is a ``ConfigMismatchError``; so does each method's
     selectivity (``compare/<method>/selectivity/``, resumed component by component)."""
-    cfg = _config(CompareConfig, config, options)
+    cfg = resolve_config(CompareConfig, config, options)
     d = Path(decomposition_dir)
     est, store = load_run(d, store)
     root = d / "compare"
@@ -61,7 +61,7 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
             key["sae_hook"] = user_sae.hook if user_sae is not None else default_hook(context.adapter)
         if "snmf_layer" in key and key["snmf_layer"] is None:
             key["snmf_layer"] = default_layer(context.adapter)
-        rec = _begin(mdir, f"compare-{method}", _MethodKey(key, resolved=("components", "sae_hook", "snmf_layer")),
+        rec = begin(mdir, f"compare-{method}", _MethodKey(key, resolved=("components", "sae_hook", "snmf_layer")),
                      context.identity(), d)  # fmt: skip
         if rec["status"] == "done":  # fitted before: read back; the metrics are recomputed (k may differ)
             coeffs, extra = context.load(method, mdir)
@@ -70,7 +70,7 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
             t0 = time.time()
             coeffs, extra = context.fit(method, mdir)
             rec.update(fit_seconds=extra.pop("fit_seconds", time.time() - t0), peak_rss_mib=_peak_rss_mib())
-            _finish(mdir, rec)
+            finish(mdir, rec)
         summary = context.summarize(method, coeffs, extra)
         summary.update(fit_seconds=rec.get("fit_seconds"), peak_rss_mib=rec.get("peak_rss_mib"))
         if cfg.selectivity:
@@ -94,7 +94,7 @@ def _earlier_rows(path: Path, methods) -> dict:
 
 @dataclass(frozen=True)
 class _MethodKey:
-    """One method's resume key, in the shape ``_begin`` expects of a config."""
+    """One method's resume key, in the shape ``begin`` expects of a config."""
 
     fields: dict
     ignored: tuple = ()  # fields that older runs stored in the key and no longer change the result
@@ -114,11 +114,12 @@ class _CompareContext:
 
     def __init__(self, d: Path, est, store, cfg: CompareConfig, adapter):
         self.d, self.est, self.store, self.cfg, self._adapter = d, est, store, cfg, adapter
+        self.user_sae = None  # an SAE the user gave (--sae-path), set by compare() once checked
         self._reference, self._prompts, self._task = None, None, None  # _reference: unintervened log-probs
         self.meta = store.metadata
         self.manifest = store.manifest
         self.components = cfg.components or int(est.n_components)
-        labels, preds = _label_columns(self.meta)
+        labels, preds = label_columns(self.meta)
         self.labels, self.predictions = labels, self.meta["prediction"]
         for flag, value in (("--components", self.components), ("--k", cfg.k)):
             if value > len(store):
@@ -192,7 +193,7 @@ class _CompareContext:
     def _sae(self, mdir: Path):
 
         cfg = self.cfg
-        if getattr(self, "user_sae", None) is not None:  # the user's SAE: read and encoded, not trained
+        if self.user_sae is not None:  # the user's SAE: read and encoded, not trained
             t0, sae = time.time(), self.user_sae
             sae.fit(self.adapter, self.task.prompts(list(self.meta["text"])))
             sae.save(mdir / "sae")
@@ -232,7 +233,7 @@ class _CompareContext:
 
         cfg, out = self.cfg, mdir / "selectivity"
         key = _MethodKey(cfg.selectivity_key(method), ignored=("selectivity_components",))
-        rec = _begin(out, f"selectivity-{method}", key, self.identity(), self.d)
+        rec = begin(out, f"selectivity-{method}", key, self.identity(), self.d)
         done = {}
         if (out / "selectivity.json").exists():
             try:
@@ -257,7 +258,7 @@ class _CompareContext:
         unreachable = [r for r in records if r["status"] == "unreachable"]
         if unreachable and len(unreachable) == sum(r["status"] != "excluded" for r in records):
             raise sel.UnreachableTargetError(f"{method}: {unreachable[0]['error']}")  # no component gets there
-        _finish(out, rec)
+        finish(out, rec)
         per = [r.get("selectivity") for r in records]
         return {**sel.summarize(records), "selectivity_per_component": per, "target_kl": cfg.target_kl,
                 "n_baseline": cfg.n_baseline}  # fmt: skip

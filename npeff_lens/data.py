@@ -449,9 +449,9 @@ def align_labels(ds, outcomes: Sequence[str] | None, *, drop_invalid: bool = Fal
         strings = any(isinstance(v, str) for v in labels)
         unnamed = not strings and all(str(n) == str(v) for n, v in zip(names, labels))
         by_name = {_label_key(o): i for i, o in enumerate(outcomes)}
-        empty = [i for i, n in enumerate(names) if n is None or not str(n).strip()]
+        empty = {i for i, n in enumerate(names) if n is None or not str(n).strip()}
         if empty:
-            bad["empty label"] = empty
+            bad["empty label"] = sorted(empty)
         if generic or unnamed:
             new_labels = [int(v) if v is not None and str(v).strip() else None for v in labels]
             out_of_range = [i for i, v in enumerate(new_labels) if v is not None and not 0 <= v < len(outcomes)]
@@ -459,7 +459,7 @@ def align_labels(ds, outcomes: Sequence[str] | None, *, drop_invalid: bool = Fal
                 bad[f"a label outside 0..{len(outcomes) - 1} (the task's {len(outcomes)} outcomes)"] = out_of_range
         else:
             new_labels = [by_name.get(_label_key(n)) for n in names]
-            unknown = [i for i, v in enumerate(new_labels) if v is None and i not in set(empty)]
+            unknown = [i for i, v in enumerate(new_labels) if v is None and i not in empty]
             if unknown:
                 values = sorted({str(names[i]) for i in unknown})
                 bad[f"a label that names none of the task's outcomes {list(outcomes)}: {values[:10]}"] = unknown

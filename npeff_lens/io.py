@@ -137,7 +137,7 @@ def _finite(obj: Any) -> Any:
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1, sort_keys: bool = False) -> None:
     """Writes ``obj`` as standard JSON, atomically: a NaN or infinite number is written as ``null``."""
-    obj = _finite(json.loads(json.dumps(obj, default=_default)))
+    obj = to_jsonable(obj, f"the content of {path}")
     atomic_write(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=False))
 
 

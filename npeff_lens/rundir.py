@@ -27,10 +27,19 @@ from .tasks import task_from_config
 
 RUN_FILE = "run.json"
 
-__all__ = ["RUN_FILE", "load_run", "load_with_model", "space_options"]
+__all__ = [
+    "RUN_FILE",
+    "begin",
+    "finish",
+    "resolve_config",
+    "load_run",
+    "load_with_model",
+    "label_columns",
+    "space_options",
+]
 
 
-def _config(cls, config, options: dict):
+def resolve_config(cls, config, options: dict):
     """``config`` (with ``options`` replaced), or ``cls(**options)``."""
     if config is None:
         return cls(**options)
@@ -39,7 +48,7 @@ def _config(cls, config, options: dict):
     return config.replace(**options) if options else config
 
 
-def _begin(out: Path, step: str, config, inputs: dict, source: Path | None) -> dict:
+def begin(out: Path, step: str, config, inputs: dict, source: Path | None) -> dict:
     """The step's record in ``out``: the stored one when it holds this config and these inputs (resume),
     a new one otherwise (``out`` new or empty). Another config or inputs: ``ConfigMismatchError``."""
     path = out / RUN_FILE
@@ -82,7 +91,7 @@ def _failed_before_results(out: Path) -> bool:
     return all(p.name == RUN_FILE or (p.is_dir() and not any(p.rglob("*"))) for p in out.iterdir())
 
 
-def _finish(out: Path, rec: dict) -> None:
+def finish(out: Path, rec: dict) -> None:
     rec.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_json(out / RUN_FILE, rec)
 
@@ -146,7 +155,9 @@ def load_with_model(decomposition_dir, adapter=None):
     return est, store, adapter, task_from_config(store.manifest["task"]).bind(adapter)
 
 
-def _label_columns(meta):
+def label_columns(meta):
+    """``(labels, predictions)`` of a store's metadata, by name where the names are recorded (labels: None
+    without a label column)."""
     cols = meta.column_names
     labels = meta["label_name"] if "label_name" in cols else (meta["label"] if "label" in cols else None)
     preds = meta["prediction_name"] if "prediction_name" in cols else meta["prediction"]

@@ -17,6 +17,7 @@ take configs and directories::
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import sys
 import time
@@ -49,11 +50,12 @@ from .data import align_labels, load_dataset
 from .decomposition import NPEFF, CorruptFileError
 from .distributed import local_device
 from .io import atomic_writer, progress, read_json, to_jsonable, write_json
+from .locations import component_locations, top_groups
 from .models import load_model
 from .perturb import COLUMNS, check_adapter, summarize
 from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten, validate_layout
 from .report import build
-from .rundir import RUN_FILE, _begin, _config, _finish, _label_columns, load_run, load_with_model, space_options
+from .rundir import RUN_FILE, begin, finish, label_columns, load_run, load_with_model, resolve_config, space_options
 from .store import PEFStore
 from .tasks import LabelTokens, task_from_config
 from .zero_shot import held_out_accuracy
@@ -114,7 +116,7 @@ def decompose_store(store, out, config: DecomposeConfig | None = None, **options
     """Fit NPEFF on a PEF store into ``out`` (``config`` or :class:`~npeff_lens.config.DecomposeConfig` fields).
     Checkpoints go to ``out/checkpoints``: an interrupted fit resumes; a finished one is loaded."""
 
-    cfg = _config(DecomposeConfig, config, options)
+    cfg = resolve_config(DecomposeConfig, config, options)
     store = store if isinstance(store, PEFStore) else PEFStore(store)
     if len(store) == 0:
         raise ValueError(f"the PEF store {store.path} is empty: run `npeff collect` first")
@@ -122,7 +124,7 @@ def decompose_store(store, out, config: DecomposeConfig | None = None, **options
         raise ValueError(f"--components {cfg.n_components} exceeds the {len(store)} examples of {store.path}: "
                          "each component needs examples to load on; use fewer components or collect more")  # fmt: skip
     out = Path(out)
-    rec = _begin(out, "decompose", cfg, _store_identity(store), store.path)
+    rec = begin(out, "decompose", cfg, _store_identity(store), store.path)
     if rec["status"] == "done" and (out / "npeff.safetensors").exists():
         try:
             return NPEFF.load(out)
@@ -130,26 +132,32 @@ def decompose_store(store, out, config: DecomposeConfig | None = None, **options
             warnings.warn(f"{e}; fitting again from the last intact checkpoint", RuntimeWarning, stacklevel=2)
     est = NPEFF(**cfg.estimator_params(), checkpoint_dir=out / "checkpoints").fit(store)
     est.save(out)
-    _finish(out, rec)
+    finish(out, rec)
     return est
 
 
-def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, width: int = 100, store=None) -> dict:
-    """Top examples per component (label, prediction, coefficient) and the tuning summary (§3.1)."""
+def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, width: int = 100, store=None,
+               where: bool = False) -> dict:  # fmt: skip
+    """Top examples per component (label, prediction, coefficient) and the tuning summary (§3.1); with ``where``,
+    also the groups of parameters where each component lives (:func:`locate`)."""
 
     est, store = load_run(decomposition_dir, store)
     meta, coeffs = store.metadata, est.coefficients_
     (m, C), support = coeffs.shape, int((coeffs > 0).sum(0).max()) if coeffs.numel() else 0
     if k > m:
         raise ValueError(f"--k {k} exceeds the {m} examples of the run: a tuning needs k top examples")
-    labels, preds = _label_columns(meta)
+    labels, preds = label_columns(meta)
     summary = tuning_summary(coeffs, labels=labels, predictions=preds, k=k)
     per = summary.pop("tunings")
     t_label, t_pred = per.get("label", [None] * C), per["prediction"]
     top, texts, lines = top_examples(coeffs, k=max(k, show)), meta["text"], []
+    located = locate(decomposition_dir, store=store)["components"] if where else None
     for j in range(C) if components is None else components:
         tag = [f"{what}={t[j]}" for what, t in (("label", t_label), ("prediction", t_pred)) if t[j] is not None]
         lines.append(f"component {j}  [{', '.join(tag) or 'not tuned'}]")
+        if located is not None:
+            lines.append(f"  where: {'; '.join(top_groups(located[j]))}; top 5% of groups: "
+                         f"{located[j]['top5pct']:.0%} of the energy")  # fmt: skip
         for i in top[j, :show].tolist():
             if coeffs[i, j] <= 0:
                 break
@@ -177,8 +185,6 @@ def locate(decomposition_dir, *, recovery: str = "adjoint", reject_threshold: fl
     ``npeff perturb`` recovers it (``recovery``, rejection of dissimilar components at ``reject_threshold``), its
     energy per (layer, module) and, with ``adapter`` (whose config gives the head counts), per attention head.
     Written to ``DECOMPOSITION_DIR/locations.json`` and read back by a rerun with the same settings."""
-    from .locations import component_locations
-
     d = Path(decomposition_dir)
     key = {"recovery": recovery, "reject_threshold": reject_threshold, "heads": adapter is not None,
            **to_jsonable(solver_options)}  # fmt: skip
@@ -310,7 +316,9 @@ def run_perturbation(
     arguments (``inner_iterations``, ``max_iter``, ...).
     """
 
-    cfg = _config(PerturbConfig, config, {**options, **({} if components is None else {"components": components})})
+    cfg = resolve_config(
+        PerturbConfig, config, {**options, **({} if components is None else {"components": components})}
+    )
     fpc_options = dict(fpc_options or {})
     s = _perturbation_setup(decomposition_dir, cfg, store, adapter, fpc_options)
     m, n_comp = s.coeffs.shape
@@ -350,7 +358,7 @@ def run_perturbation(
     if out is not None:
         _write_perturbation(Path(out), ordered, cfg, notes)
         if len(ordered) == len(indices):
-            _finish(Path(out), read_json(Path(out) / RUN_FILE))
+            finish(Path(out), read_json(Path(out) / RUN_FILE))
     ordered = to_jsonable(ordered)  # as stored: an undefined ratio is None
     return {**_perturbation_summary(ordered, cfg, notes), "records": ordered}
 
@@ -401,7 +409,7 @@ def _perturbation_summary(records, cfg: PerturbConfig, notes) -> dict:
 
 def _previous_records(out: Path, cfg: PerturbConfig, identity: dict, decomposition_dir) -> dict[int, dict]:
     """The records already in ``out`` (same config and decomposition), by component."""
-    _begin(out, "perturb", cfg, identity, Path(decomposition_dir))
+    begin(out, "perturb", cfg, identity, Path(decomposition_dir))
     table = out / "perturbation.json"
     if not table.exists():
         return {}
@@ -440,8 +448,6 @@ def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, t
     ``dataset`` (default: the dataset the store was collected from, with its columns, label names and seed), its
     ``split``, labels numbered as the store's outcomes (:func:`~npeff_lens.data.align_labels`). Fewer than ``n``
     such examples is an error that says how many there are."""
-    import hashlib
-
     collected = (store.manifest.get("dataset") or {}).get("name")
     cfg = store.manifest.get("config") or {}
     own = dataset is None
@@ -493,7 +499,7 @@ def unlearn(decomposition_dir, config: UnlearnConfig | None = None, *, out=None,
     task, examples and coefficients; ``out/unlearning.json`` (default ``decomposition_dir/unlearn``). A finished
     run with the same config is read back; another config is a ``ConfigMismatchError``."""
 
-    cfg = _config(UnlearnConfig, config, options)
+    cfg = resolve_config(UnlearnConfig, config, options)
     d = Path(decomposition_dir)
     out = Path(out) if out is not None else d / "unlearn"
     est, store = load_run(d)
@@ -501,7 +507,7 @@ def unlearn(decomposition_dir, config: UnlearnConfig | None = None, *, out=None,
     n_random = cfg.n_random
     if n_random is None:  # 64, or what a small store leaves beside the top and control sets and a retain pool
         n_random = max(1, min(64, len(store) - (1 + cfg.k_eval + cfg.k_mitigation) - cfg.k_mitigation - 16))
-    rec = _begin(out, "unlearn", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
+    rec = begin(out, "unlearn", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
     if rec["status"] == "done" and (out / "unlearning.json").exists():
         return read_json(out / "unlearning.json")
     est, store, adapter, task = load_with_model(d, adapter)
@@ -518,7 +524,7 @@ def unlearn(decomposition_dir, config: UnlearnConfig | None = None, *, out=None,
     report.update(n_trained_parameters=sum(p.numel() for _, p in adapter.named_parameters(include=params)),
                   seconds=time.time() - t0)  # fmt: skip
     write_json(out / "unlearning.json", to_jsonable(report))
-    _finish(out, rec)
+    finish(out, rec)
     return report
 
 
@@ -527,7 +533,7 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
     on ``n_eval`` held-out examples (coefficients by ``transform``) beside zero-shot and best-of-N in-context
     prompts (§6.2); ``out/icl.json`` (default ``decomposition_dir/icl``), resumable like every step."""
 
-    cfg = _config(IclConfig, config, options)
+    cfg = resolve_config(IclConfig, config, options)
     d = Path(decomposition_dir)
     out = Path(out) if out is not None else d / "icl"
     est, store = load_run(d)
@@ -537,7 +543,7 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
     data, source = held_out_examples(store, cfg.n_eval, dataset=cfg.dataset, split=cfg.eval_split,
                                      seed=cfg.data_seed, text_column=cfg.text_column,
                                      label_column=cfg.label_column)  # fmt: skip
-    rec = _begin(out, "icl", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
+    rec = begin(out, "icl", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
     if rec["status"] == "done" and (out / "icl.json").exists():
         return read_json(out / "icl.json")
     print(f"[icl] held-out: {source}", file=sys.stderr, flush=True)
@@ -556,7 +562,7 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
     )  # fmt: skip
     result.update(held_in=held_in, held_out_source=source, seconds=time.time() - t0)
     write_json(out / "icl.json", to_jsonable(result))
-    _finish(out, rec)
+    finish(out, rec)
     return result
 
 
@@ -568,7 +574,7 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
 def demo(cmd: DemoCommand | None = None, **options) -> dict:
     """SmolLM2-135M on movie reviews: collect -> decompose -> top examples and tunings, into ``cmd.out``."""
 
-    cmd = _config(DemoCommand, cmd, options)
+    cmd = resolve_config(DemoCommand, cmd, options)
     out, t0 = Path(cmd.out), time.time()
     print(
         f"[demo] model={cmd.model} examples={cmd.n} params={list(cmd.params)} proj_dim={cmd.proj_dim} "
@@ -621,22 +627,9 @@ def demo(cmd: DemoCommand | None = None, **options) -> dict:
 def zero_shot(cmd: ZeroShotCommand | None = None, **options) -> dict:
     """``npeff zero-shot``: the protocol of :func:`npeff_lens.zero_shot.held_out_accuracy` on movie reviews."""
 
-    cmd = _config(ZeroShotCommand, cmd, options)
+    cmd = resolve_config(ZeroShotCommand, cmd, options)
     return held_out_accuracy(load_model(cmd.model), n=cmd.n)
 
 
 def top(cmd: TopCommand) -> dict:
-    report = top_report(cmd.decomposition, k=cmd.k, show=cmd.show, store=cmd.store)
-    if cmd.where:
-        from .locations import top_groups
-
-        located = locate(cmd.decomposition, store=cmd.store)["components"]
-        lines = []
-        for line in report["lines"]:
-            lines.append(line)
-            if line.startswith("component "):
-                j = int(line.split()[1])
-                lines.append("  where: " + "; ".join(top_groups(located[j])) + f"; top 5% of groups: "
-                             f"{located[j]['top5pct']:.0%} of the energy")  # fmt: skip
-        report["lines"] = lines
-    return report
+    return top_report(cmd.decomposition, k=cmd.k, show=cmd.show, store=cmd.store, where=cmd.where)

@@ -69,6 +69,13 @@ def _shard_entry(store_path, k):
     return json.loads((store_path / "index.jsonl").read_text().splitlines()[k])
 
 
+def _collected_with_shard(tmp_path, adapter, k, part):
+    """A fresh collection of the reference texts and the path of its k-th shard's ``part`` (data or meta) file."""
+    path = tmp_path / "pefs"
+    collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
+    return path, path / "shards" / _shard_entry(path, k)[part]
+
+
 # --------------------------------------------------------------------------------------------------
 # The store: a damaged shard costs its own examples, nothing more.
 # --------------------------------------------------------------------------------------------------
@@ -77,10 +84,7 @@ def _shard_entry(store_path, k):
 @pytest.mark.parametrize("damage", ["flip_data", "truncate_data", "flip_meta", "delete_data"])
 def test_a_damaged_middle_shard_costs_only_its_examples(tmp_path, adapter, reference, damage, monkeypatch, capsys):
     _, ref, _, _ = reference
-    path = tmp_path / "pefs"
-    collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
-    e = _shard_entry(path, 2)  # examples [16, 24)
-    f = path / "shards" / (e["meta"] if damage == "flip_meta" else e["data"])
+    path, f = _collected_with_shard(tmp_path, adapter, 2, "meta" if damage == "flip_meta" else "data")  # [16, 24)
     if damage.startswith("flip"):
         _flip(f)
     elif damage == "truncate_data":
@@ -190,10 +194,7 @@ def test_a_second_writer_gets_one_line_naming_the_holder_and_a_dead_holder_is_ta
 @pytest.mark.parametrize("damage", ["flip_data", "flip_meta"])
 def test_collect_on_a_finished_store_names_a_damaged_shard(tmp_path, adapter, reference, damage, monkeypatch, capsys):
     _, ref, _, _ = reference
-    path = tmp_path / "pefs"
-    collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
-    e = _shard_entry(path, 3)  # examples [24, 32)
-    f = path / "shards" / (e["data"] if damage == "flip_data" else e["meta"])
+    path, f = _collected_with_shard(tmp_path, adapter, 3, "data" if damage == "flip_data" else "meta")  # [24, 32)
     _flip(f)  # sizes and the .npy header stay right: only the checksum can tell
     seen = []
     compute = PEFComputer.compute

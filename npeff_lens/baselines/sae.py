@@ -435,6 +435,7 @@ class TopKSAEBaseline:
         if not (math.isfinite(aux_loss_coefficient) and aux_loss_coefficient >= 0):
             raise ValueError(f"aux_loss_coefficient must be finite and >= 0; got {aux_loss_coefficient!r}")
         self.n_latents, self.k, self.hook, self.seed = n_latents, k, hook, seed
+        self.pretrained_: str | None = None  # the folder of a user's SAE (from_sae_lens): read, never trained
         self.lr, self.batch_size, self.n_epochs, self.total_tokens = float(lr), batch_size, n_epochs, total_tokens
         self.k_top, self.aux_loss_coefficient, self.dead_feature_window = (
             k_top,
@@ -526,7 +527,7 @@ class TopKSAEBaseline:
         if self.hook is None:
             self.hook = data.hook
         t1 = time.perf_counter()
-        if not getattr(self, "pretrained_", None):  # a user's SAE (from_sae_lens) is read, not trained
+        if not self.pretrained_:  # a user's SAE (from_sae_lens) is read, not trained
             self.sae_ = self._train(data.acts)
         t2 = time.perf_counter()
         self.example_index_, self.token_ids_, self.positions_ = data.example_index, data.token_ids, data.positions
@@ -592,7 +593,7 @@ class TopKSAEBaseline:
         return torch.cat(out) if out else torch.zeros(0, self.n_latents)
 
     def _encode_chunk(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "pretrained_", None):  # the user's SAE reads the activations as they are
+        if self.pretrained_:  # the user's SAE reads the activations as they are
             return self.sae_.encode(x.to(self.device, dtype=self.sae_.W_dec.dtype))
         return self.sae_.encode(unit_normalise(x).to(self.device))
 
@@ -717,8 +718,8 @@ class TopKSAEBaseline:
             "format": "npeff_lens.TopKSAEBaseline",
             "format_version": FORMAT_VERSION,
             "params": self.get_params(),
-            "normalisation": "none" if getattr(self, "pretrained_", None) else NORMALISATION,
-            "pretrained": getattr(self, "pretrained_", None),
+            "normalisation": "none" if self.pretrained_ else NORMALISATION,
+            "pretrained": self.pretrained_,
             "model_name": self.model_name_,
             "d_in": self.d_in_,
             "n_tokens": self.n_tokens_,
