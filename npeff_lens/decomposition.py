@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from . import pretrained
 from .config import check_same, validate_params
 from .io import atomic_write, read_json
 from .io import progress as progress_bar
@@ -861,25 +862,20 @@ class NPEFF:
         atomic_write(directory / "config.json", json.dumps(config, indent=1, default=str))
         return directory
 
-    # -- the Hugging Face hub (npeff_lens.hub) -----------------------------------------------------
+    # -- the Hugging Face hub (npeff_lens.pretrained; npeff_lens.hub for run directories) -------------
     def save_pretrained(self, directory, **kwargs) -> Path:
-        """``config.json`` + ``npeff.safetensors``, the run's configs and a model card (``npeff_lens.hub``)."""
-        from .hub import save_pretrained
-
-        return save_pretrained(self, directory, **kwargs)
+        """``config.json`` + ``npeff.safetensors``, the run's configs and a model card (``npeff_lens.pretrained``);
+        ``kwargs``: ``store_manifest``, ``run_configs``, ``tunings``, ``repo_id``."""
+        return pretrained.write_folder(self, directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, dir_or_repo_id, **kwargs):
         """A decomposition from a local folder or a hub repository (offline: a one-line error)."""
-        from .hub import from_pretrained
-
-        return from_pretrained(dir_or_repo_id, **kwargs)
+        return pretrained.from_pretrained(dir_or_repo_id, cls, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Uploads :meth:`save_pretrained`'s folder to ``repo_id``; returns the commit URL."""
-        from .hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
+        return pretrained.push_estimator(self, repo_id, **kwargs)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> NPEFF:
