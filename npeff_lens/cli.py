@@ -4,12 +4,89 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
+import typing
 import warnings
+from dataclasses import MISSING
+from typing import Any, Literal
 
-from . import config as C
+from . import commands as C
+from . import config
+from .config import CompareConfig, DecomposeConfig, IclConfig, PerturbConfig, UnlearnConfig
+
+# ----------------------------------------------------------------------------------------------
+# The parser of a command, generated from its dataclass (npeff_lens.commands), and back.
+# ----------------------------------------------------------------------------------------------
+
+
+def _none_or(conv):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else conv(text)
+
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _cli_order(cls) -> list:
+    """The command's own fields (its inputs) first, then the inherited step knobs."""
+    own = set(cls.__dict__.get("__annotations__", {}))
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One argument per CLI field of ``cls``, with its help line and default."""
+    hints = typing.get_type_hints(cls)
+    for f in _cli_order(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        tp, optional = config.unwrap_optional(hints[f.name])
+        required = f.default is MISSING
+        kw: dict[str, Any] = {"help": meta.get("help", "")}
+        if not required:
+            kw["default"] = f.default
+            if "(default" not in kw["help"] and f.default is not None:
+                shown = config.plain(f.default)
+                shown = " ".join(map(repr, shown)) if isinstance(shown, list) else repr(shown)
+                kw["help"] += f" (default: {shown.replace('%', '%%')})"
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is tuple:
+            kw["nargs"] = "+"
+            kw["type"] = _unescape if meta.get("escapes") else typing.get_args(tp)[0]
+        elif origin is Literal:
+            kw["choices"] = list(typing.get_args(tp)) + ([None] if optional else [])
+            kw["type"] = _none_or(str) if optional else str
+            kw.setdefault(
+                "metavar", "{" + ",".join([*map(str, typing.get_args(tp)), *(["none"] if optional else [])]) + "}"
+            )
+        else:
+            conv = _unescape if meta.get("escapes") else tp
+            kw["type"] = _none_or(conv) if optional else conv
+        if meta.get("positional"):
+            if not required:
+                kw["nargs"] = "?"
+            parser.add_argument(f.name, **kw)
+        else:
+            flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+            parser.add_argument(flag, dest=f.name, required=required and tp is not bool, **kw)
+
+
+def from_args(cls, args: argparse.Namespace):
+    """The config of parsed arguments (fields without a flag keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**values)
 
 
 def _cmd_models(args):
@@ -42,7 +119,7 @@ def _collect(cmd: C.CollectCommand):
 def _decompose(cmd: C.DecomposeCommand):
     from .runs import decompose_store
 
-    est = decompose_store(cmd.store, cmd.out, cmd.narrow(C.DecomposeConfig))
+    est = decompose_store(cmd.store, cmd.out, cmd.narrow(DecomposeConfig))
     loss = est.loss_history_[-1] if len(est.loss_history_) else float("nan")
     print(
         f"NPEFF with {cmd.n_components} components saved to {cmd.out} (final loss {loss:.4f}, "
@@ -64,7 +141,7 @@ def _perturb(cmd: C.PerturbCommand):
     from .perturb import format_table
     from .runs import run_perturbation
 
-    summary = run_perturbation(cmd.decomposition, config=cmd.narrow(C.PerturbConfig), out=cmd.out, store=cmd.store)
+    summary = run_perturbation(cmd.decomposition, config=cmd.narrow(PerturbConfig), out=cmd.out, store=cmd.store)
     print(format_table(summary))
     if cmd.out:
         print(f"wrote {Path(cmd.out) / 'perturbation.csv'} and perturbation.json")
@@ -73,7 +150,7 @@ def _perturb(cmd: C.PerturbCommand):
 def _compare(cmd: C.CompareCommand):
     from .runs import compare, format_compare
 
-    results = compare(cmd.decomposition, cmd.narrow(C.CompareConfig), store=cmd.store)
+    results = compare(cmd.decomposition, cmd.narrow(CompareConfig), store=cmd.store)
     print(format_compare(results))
     print(f"wrote {cmd.decomposition}/compare/compare.json")
 
@@ -100,7 +177,7 @@ def _unlearn(cmd: C.UnlearnCommand):
     from .applications.unlearning import format_table
     from .runs import unlearn
 
-    report = unlearn(cmd.decomposition, cmd.narrow(C.UnlearnConfig), out=cmd.out)
+    report = unlearn(cmd.decomposition, cmd.narrow(UnlearnConfig), out=cmd.out)
     print(format_table(report))
 
 
@@ -108,7 +185,7 @@ def _icl(cmd: C.IclCommand):
     from .applications.icl import format_table
     from .runs import icl
 
-    result = icl(cmd.decomposition, cmd.narrow(C.IclConfig), out=cmd.out)
+    result = icl(cmd.decomposition, cmd.narrow(IclConfig), out=cmd.out)
     h = result["held_in"]
     print(f"held-in ({h['n']} run examples): tuning classifier {h['classifier_accuracy']:.3f}, zero-shot "
           f"{h['zero_shot_accuracy']:.3f}, agreement {h['classifier_zero_shot_agreement']:.3f}")  # fmt: skip
@@ -164,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (cls.__doc__ or "").strip().replace("``", "") if cls is not None else help_line
         p = sub.add_parser(name, help=help_line, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         if cls is not None:
-            C.add_arguments(p, cls)
+            add_arguments(p, cls)
         p.set_defaults(func=func, config_class=cls)
     return parser
 
@@ -199,7 +276,7 @@ def main(argv=None) -> int:
     if not debug:  # a warning is one line: the message, not the library's source line that raised it
         warnings.formatwarning = _one_line_warning
     try:
-        target = C.from_args(args.config_class, args) if args.config_class is not None else args
+        target = from_args(args.config_class, args) if args.config_class is not None else args
         if args.command in LONG_COMMANDS and getattr(target, "progress", True):  # progress output: --no-progress
             print(f"npeff {args.command}{_rank_tag()}: {_threads_line()}", file=sys.stderr, flush=True)
         args.func(target)

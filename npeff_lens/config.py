@@ -1,23 +1,21 @@
-"""One frozen dataclass per step: the step's command line, the JSON written into its run directory,
-and its resume key.
+"""One frozen dataclass per step: the step's knobs, the JSON written into its run directory, and its resume key.
 
-- ``CollectConfig``, ``DecomposeConfig``, ``PerturbConfig``: the knobs of a step, what the Python API
-  takes as keyword arguments (``collect_pefs(model, data, task, out, n=..., ...)`` builds a
-  ``CollectConfig``). Every field is documented and validated in ``__post_init__``.
-- ``CollectCommand``, ``DecomposeCommand``, ``PerturbCommand``, ``TopCommand``, ``DemoCommand``,
-  ``ZeroShotCommand``: the command line of ``npeff <step>``; a step's command extends its config with the
-  step's inputs (model and dataset names, paths).
+``CollectConfig``, ``DecomposeConfig``, ``PerturbConfig``, ``CompareConfig``, ``UnlearnConfig``,
+``IclConfig``: the knobs of a step, what the Python API takes as keyword arguments (``collect_pefs(model, data,
+task, out, n=..., ...)`` builds a ``CollectConfig``). Every field is documented (:func:`option`) and validated
+in ``__post_init__``; an error is a :class:`ConfigError` whose ``field`` names the field. The command line of
+each step (its config plus its inputs) is in :mod:`npeff_lens.commands`; NPEFF's own hyper-parameter
+constraints in :mod:`npeff_lens.constraints`.
 
-The argparse parser of each command is generated from its fields (:func:`add_arguments`): one flag per
-field, ``--snake-case`` spelled with dashes, the field's help line, its default. Fields marked
-``resume=False`` (progress bars, batch sizes, devices, paths) do not change the result and are left out
-of the resume key: ``config.key()``. A rerun into a directory compares the stored key with the new one;
-a difference is a :class:`ConfigMismatchError` that names each differing field with both values.
+Fields marked ``resume=False`` (progress bars, batch sizes, devices, paths) do not change the result and are
+left out of the resume key: ``config.key()``. A rerun into a directory compares the stored key with the new
+one; a difference is a :class:`ConfigMismatchError` that names each differing field with both values.
+
+This module imports nothing of the package: it is the schema every layer above shares.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import types
@@ -25,30 +23,26 @@ import typing
 from dataclasses import MISSING, dataclass, field
 from typing import Any, ClassVar, Literal
 
+from .constraints import ParameterError, validate_params
+
 __all__ = [
     "ConfigError",
     "ConfigMismatchError",
     "diff",
     "check_same",
+    "option",
+    "plain",
+    "unwrap_optional",
     "CollectConfig",
     "DecomposeConfig",
     "PerturbConfig",
-    "CollectCommand",
-    "DecomposeCommand",
-    "PerturbCommand",
-    "TopCommand",
     "CompareConfig",
-    "RepairCommand",
-    "ReportCommand",
     "UnlearnConfig",
-    "UnlearnCommand",
     "IclConfig",
-    "IclCommand",
-    "CompareCommand",
-    "DemoCommand",
-    "ZeroShotCommand",
-    "add_arguments",
-    "from_args",
+    "METHODS",
+    "PARAMETER_METHODS",
+    "ParameterError",
+    "validate_params",
 ]
 
 
@@ -153,12 +147,12 @@ class _Config:
 
     def to_dict(self) -> dict:
         """Every field, JSON-ready (tuples as lists)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def key(self) -> dict:
         """The fields that change the result: the resume key written into the run directory."""
         return {
-            f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata.get("resume", True)
+            f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata.get("resume", True)
         }
 
     @classmethod
@@ -188,15 +182,15 @@ class _Config:
         )
 
 
-def _plain(value):
-    return list(_plain(v) for v in value) if isinstance(value, tuple) else value
+def plain(value):
+    return list(plain(v) for v in value) if isinstance(value, tuple) else value
 
 
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _unwrap_optional(tp):
+def unwrap_optional(tp):
     """``(inner type, optional?)`` for ``X | None``."""
     args = typing.get_args(tp)
     if (typing.get_origin(tp) in (typing.Union, types.UnionType)) and type(None) in args:
@@ -206,7 +200,7 @@ def _unwrap_optional(tp):
 
 
 def _check_type(cfg, name: str, value, tp) -> None:
-    inner, optional = _unwrap_optional(tp)
+    inner, optional = unwrap_optional(tp)
     if value is None:
         if not optional:
             cfg._fail(name, "is required")
@@ -237,78 +231,6 @@ def _flag(fields, name: str) -> str:
                 return f.name.upper()
             return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
     return name
-
-
-# ----------------------------------------------------------------------------------------------
-# dataclass -> argparse, and back.
-# ----------------------------------------------------------------------------------------------
-
-
-def _none_or(conv):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null") else conv(text)
-
-    parse.__name__ = getattr(conv, "__name__", "value")
-    return parse
-
-
-def _unescape(text: str) -> str:
-    return text.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def _cli_order(cls) -> list:
-    """The command's own fields (its inputs) first, then the inherited step knobs."""
-    own = set(cls.__dict__.get("__annotations__", {}))
-    fields = dataclasses.fields(cls)
-    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One argument per CLI field of ``cls``, with its help line and default."""
-    hints = _hints(cls)
-    for f in _cli_order(cls):
-        meta = f.metadata
-        if not meta.get("cli", True):
-            continue
-        tp, optional = _unwrap_optional(hints[f.name])
-        required = f.default is MISSING
-        kw: dict[str, Any] = {"help": meta.get("help", "")}
-        if not required:
-            kw["default"] = f.default
-            if "(default" not in kw["help"] and f.default is not None:
-                shown = _plain(f.default)
-                shown = " ".join(map(repr, shown)) if isinstance(shown, list) else repr(shown)
-                kw["help"] += f" (default: {shown.replace('%', '%%')})"
-        if meta.get("metavar"):
-            kw["metavar"] = meta["metavar"]
-        origin = typing.get_origin(tp)
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif origin is tuple:
-            kw["nargs"] = "+"
-            kw["type"] = _unescape if meta.get("escapes") else typing.get_args(tp)[0]
-        elif origin is Literal:
-            kw["choices"] = list(typing.get_args(tp)) + ([None] if optional else [])
-            kw["type"] = _none_or(str) if optional else str
-            kw.setdefault(
-                "metavar", "{" + ",".join([*map(str, typing.get_args(tp)), *(["none"] if optional else [])]) + "}"
-            )
-        else:
-            conv = _unescape if meta.get("escapes") else tp
-            kw["type"] = _none_or(conv) if optional else conv
-        if meta.get("positional"):
-            if not required:
-                kw["nargs"] = "?"
-            parser.add_argument(f.name, **kw)
-        else:
-            flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-            parser.add_argument(flag, dest=f.name, required=required and tp is not bool, **kw)
-
-
-def from_args(cls, args: argparse.Namespace):
-    """The config of parsed arguments (fields without a flag keep their defaults)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    return cls(**values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,128 +320,6 @@ class CollectConfig(_Config):
         for name in ("top_k_probs", "batch_size", "shard_size", "flush_every"):
             self._require(name, getattr(self, name) >= 1, "must be >= 1")
         self._require("dist_timeout", self.dist_timeout > 0, "must be > 0")
-
-
-# ----------------------------------------------------------------------------------------------
-# NPEFF's hyper-parameters: one constraint per argument of NPEFF.__init__ (validated here, for the
-# estimator and the decompose step alike)
-# ----------------------------------------------------------------------------------------------
-
-
-class _Constraint:
-    """A kind of admissible value; ``text`` completes "<name> must be ..."."""
-
-    text = "anything"
-
-    def ok(self, value) -> bool:
-        return True
-
-    def check(self, name: str, value) -> None:
-        if not self.ok(value):
-            raise ParameterError(name, f"must be {self.text}; got {value!r}")
-
-
-class _Int(_Constraint):
-    """An ``int`` (not a bool, unless ``bool_ok``) ``>= low`` (any integer when ``low`` is None)."""
-
-    def __init__(self, low: int | None, *, bool_ok: bool = False):
-        self.low, self.bool_ok = low, bool_ok
-        self.text = "an integer" if low is None else f"an integer >= {low}"
-
-    def ok(self, value) -> bool:
-        if not isinstance(value, int) or (isinstance(value, bool) and not self.bool_ok):
-            return False
-        return self.low is None or value >= self.low
-
-
-class _Real(_Constraint):
-    """A finite ``int`` or ``float`` (not a bool), ``> 0`` when ``positive`` else ``>= 0``."""
-
-    def __init__(self, *, positive: bool):
-        self.positive = positive
-        self.text = "a positive finite number" if positive else "a finite number >= 0"
-
-    def ok(self, value) -> bool:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            return False
-        return value > 0 if self.positive else value >= 0
-
-
-class _OneOf(_Constraint):
-    def __init__(self, *choices: str):
-        self.choices = choices
-        self.text = "one of " + ", ".join(repr(c) for c in choices)
-
-    def ok(self, value) -> bool:
-        return isinstance(value, str) and value in self.choices
-
-
-class _Bool(_Constraint):
-    text = "True or False"
-
-    def ok(self, value) -> bool:
-        return isinstance(value, bool)
-
-
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64", "half", "float", "double")
-
-
-class _DType(_Constraint):
-    text = "a floating torch dtype (or its name, e.g. 'float32')"
-
-    def ok(self, value) -> bool:  # by name: a torch.dtype prints as "torch.float32"; no torch import here
-        name = str(value).removeprefix("torch.")
-        return name in _FLOAT_DTYPES and (isinstance(value, str) or type(value).__name__ == "dtype")
-
-
-class _Optional(_Constraint):
-    def __init__(self, inner: _Constraint):
-        self.inner = inner
-        self.text = f"None or {inner.text}"
-
-    def ok(self, value) -> bool:
-        return value is None or self.inner.ok(value)
-
-
-_PARAMETER_CONSTRAINTS: dict[str, _Constraint] = {
-    "n_components": _Int(1),
-    "n_steps": _Int(0),
-    "n_warmup_steps": _Int(0),
-    "lr": _Real(positive=True),
-    "warmup_lr": _Real(positive=True),
-    "init": _OneOf("random", "custom"),
-    "seed": _Int(None),
-    "eps": _Real(positive=False),
-    "device": _Constraint(),
-    "dtype": _DType(),
-    "memory_budget": _Int(0),
-    "batch_size": _Optional(_Int(1)),
-    "nonfinite": _OneOf("raise", "exclude"),
-    "checkpoint_dir": _Constraint(),
-    "checkpoint_every": _Int(1),
-    "callback": _Constraint(),
-    "progress": _Bool(),
-    "verbose": _Int(0, bool_ok=True),
-}
-
-
-class ParameterError(ValueError):
-    """A hyper-parameter of NPEFF out of its range; ``name`` is the parameter, the message starts with it."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(f"{name} {message}")
-        self.name, self.reason = name, message
-
-
-def validate_params(params: dict) -> None:
-    """Checks NPEFF hyper-parameters (any subset of ``NPEFF.__init__``'s arguments) against the one table of
-    constraints; :class:`ParameterError` (a ``ValueError``) names the parameter, e.g.
-    ``"lr must be a positive finite number; got -1.0"``."""
-    for name, value in params.items():
-        constraint = _PARAMETER_CONSTRAINTS.get(name)
-        if constraint is None:
-            raise ParameterError(name, f"is not a parameter of NPEFF; valid: {sorted(_PARAMETER_CONSTRAINTS)}")
-        constraint.check(name, value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -668,103 +468,6 @@ class PerturbConfig(_ComponentSpec, _Config):
         return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Commands: a step's config plus its inputs, as the command line names them.
-# ----------------------------------------------------------------------------------------------
-
-Backend = Literal["hf", "bridge", "hooked", "nnsight"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class CollectCommand(CollectConfig):
-    """``npeff collect``: a model, a dataset and a task by name, and the collection's knobs."""
-
-    model: str = option(help="built-in model name (npeff models), local checkpoint directory or HF repo id")
-    backend: Backend = option("hf", "model backend")
-    device: str = option("cpu", "device of the model", resume=False)
-    dataset: str = option(
-        help="built-in dataset name (npeff datasets), a CSV / JSON Lines / Parquet file, or a "
-        "datasets.save_to_disk directory"
-    )
-    task: Literal["label-tokens", "classifier-head", "next-token"] = option(
-        "label-tokens", "what p(y|x) is (App. E): label tokens, the model's classifier head, or the next token"
-    )
-    template: str = option(
-        "{text}", "prompt template with {text} where the example goes; \\n is a newline", escapes=True
-    )
-    labels: tuple[str, ...] | None = option(
-        None, "label strings for label-tokens (leading spaces matter; \\n is a newline)", escapes=True
-    )
-    label_first_token: bool = option(
-        False,
-        "let a label of several tokens be stood for by its first token (the paper's App. E.1 rule); by "
-        "default such a label is refused with its tokens named",
-    )
-    expectation_projections: int = option(16, "r' rows of the expectation projection for next-token (App. B)")
-    task_seed: int = option(0, "seed of next-token's expectation-projection matrix")
-    out: str = option(
-        help="directory of the PEF store (created, or resumed when it holds this configuration)", resume=False
-    )
-
-    def validate(self):
-        super().validate()
-        if self.task == "label-tokens":
-            self._require(
-                "labels",
-                bool(self.labels) and len(self.labels) >= 2,
-                "needs two or more label strings for --task label-tokens (e.g. --labels ' negative' ' positive')",
-            )
-        self._require("template", "{text}" in self.template, "must contain {text}")
-        self._require("expectation_projections", self.expectation_projections >= 1, "must be >= 1")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DecomposeCommand(DecomposeConfig):
-    """``npeff decompose``: fit NPEFF on a PEF store."""
-
-    store: str = option(help="the PEF store (a directory written by `npeff collect`)", resume=False)
-    out: str = option(
-        help="directory of the decomposition (created, or resumed when it holds this configuration)", resume=False
-    )
-
-
-@dataclass(frozen=True, kw_only=True)
-class PerturbCommand(PerturbConfig):
-    """``npeff perturb``: recover components in parameter space, perturb θ ± magnitude·ĥ, compare KLs."""
-
-    decomposition: str = option(
-        help="directory written by `npeff decompose`", positional=True, resume=False, metavar="DECOMPOSITION_DIR"
-    )
-    out: str | None = option(
-        None,
-        "directory for perturbation.csv / perturbation.json (resumes after the components already there)",
-        resume=False,
-    )
-    store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)", resume=False)
-
-
-@dataclass(frozen=True, kw_only=True)
-class TopCommand(_Config):
-    """``npeff top``: top examples per component and the tuning summary (§3.1)."""
-
-    decomposition: str = option(
-        help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR"
-    )
-    k: int = option(16, "top examples that define a tuning (§3.1)")
-    show: int = option(5, "examples printed per component")
-    store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)")
-    where: bool = option(
-        False,
-        "also where each component lives: the 5 (layer, module) groups with the most energy of its direction "
-        "recovered by back-projection (x: enrichment over the group's share of parameters); saved in "
-        "DECOMPOSITION_DIR/locations.json",
-    )
-
-    def validate(self):
-        self._require("k", self.k >= 1, "must be >= 1")
-        self._require("show", self.show >= 0, "must be >= 0")
-
-
 METHODS = ("npeff", "grad-cluster", "sae", "snmf")
 PARAMETER_METHODS = ("npeff", "grad-cluster")  # selectivity by a parameter perturbation; the others steer
 
@@ -884,18 +587,6 @@ class CompareConfig(_Config):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CompareCommand(CompareConfig):
-    """``npeff compare``: gradient clusters, TopK-SAE latents and SNMF features beside NPEFF's components, measured
-    the same way (with --selectivity, also by one causal test); writes DECOMPOSITION_DIR/compare/compare.json and
-    prints a table."""
-
-    decomposition: str = option(
-        help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR", resume=False
-    )
-    store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)", resume=False)
-
-
-@dataclass(frozen=True, kw_only=True)
 class UnlearnConfig(_ComponentSpec, _Config):
     """NPEFF-guided unlearning with collateral-damage mitigation (§6.1, App. I.1-I.2)."""
 
@@ -937,18 +628,6 @@ class UnlearnConfig(_ComponentSpec, _Config):
 
 
 @dataclass(frozen=True, kw_only=True)
-class UnlearnCommand(UnlearnConfig):
-    """``npeff unlearn``: unlearn each chosen component's top example twice, with NPEFF-guided mitigation (its
-    next top examples in every retain batch) and with a control (random ones); KL on the forget example, the
-    component's other top examples and random examples (§6.1, Table 6)."""
-
-    decomposition: str = option(
-        help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR", resume=False
-    )
-    out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/unlearn)", resume=False)
-
-
-@dataclass(frozen=True, kw_only=True)
 class IclConfig(_Config):
     """The tuning classifier against zero-shot and in-context prompts (§6.2)."""
 
@@ -979,78 +658,3 @@ class IclConfig(_Config):
         for name in ("n_eval", "k", "shots", "n_prompts", "n_select"):
             self._require(name, getattr(self, name) >= 1, "must be >= 1")
         self._require("threshold", 0 < self.threshold <= 1, "must be in (0, 1]")
-
-
-@dataclass(frozen=True, kw_only=True)
-class IclCommand(IclConfig):
-    """``npeff icl``: fit the tuning classifier on a run's coefficients and labels, fit coefficients for held-out
-    examples with the components fixed, and compare it with the zero-shot model and the best of N random k-shot
-    prompts, with agreement rates (§6.2)."""
-
-    decomposition: str = option(
-        help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR", resume=False
-    )
-    out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/icl)", resume=False)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReportCommand(_Config):
-    """``npeff report``: a static component dashboard (index, per-component pages with exact token attributions,
-    plots, perturbation and comparison results when the run has them) that opens from disk with no network."""
-
-    decomposition: str = option(help="directory written by `npeff decompose`", positional=True,
-                                metavar="DECOMPOSITION_DIR")  # fmt: skip
-    out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/report)")
-    store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)")
-    k: int = option(16, "top examples shown per component (§3.1)")
-    n_attributed: int = option(8, "top examples per component whose tokens are attributed (one backward each)")
-    perturbation: str | None = option(None, "a perturbation.json or its folder (default: found beside the run)")
-    attributions: bool = option(True, "compute exact token attributions (needs the model)")
-    progress: bool = option(True, "show progress bars")
-
-    def validate(self):
-        self._require("k", self.k >= 1, "must be >= 1")
-        self._require("n_attributed", self.n_attributed >= 0, "must be >= 0")
-
-
-@dataclass(frozen=True, kw_only=True)
-class RepairCommand(_Config):
-    """``npeff repair``: remove only the damaged shards of a PEF store; their examples become missing ranges,
-    which rerunning `npeff collect` with the same arguments recollects."""
-
-    store: str = option(help="the PEF store (a directory written by `npeff collect`)", positional=True, metavar="STORE")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DemoCommand(_Config):
-    """``npeff demo``: SmolLM2-135M on movie reviews, collect -> decompose -> top examples and tunings.
-
-    Sized for a 2-core CPU in a few minutes: the attention weights of the last ten layers (8.8M of the
-    106M non-embedding parameters) at density 8; every knob scales up."""
-
-    model: str = option("smollm2-135m", "model (npeff models)")
-    n: int = option(640, "number of training reviews")
-    params: tuple[str, ...] = option(
-        ("model.layers.2[0-9].self_attn.*",), "glob patterns of parameters", metavar="GLOB"
-    )
-    proj_dim: int = option(8192, "projected dimension d")
-    density: int = option(8, "projection density")
-    projection: Literal["sparse", "kron"] = option("sparse", "sparse or kron (see npeff collect --help)")
-    kron_k: int = option(16, "kron: each weight matrix is sketched to k x k")
-    components: int = option(16, "number of NPEFF components")
-    steps: int = option(1000, "joint NPEFF steps")
-    batch_size: int = option(8, "examples per forward/backward pass")
-    show: int = option(3, "examples printed per component")
-    out: str = option("runs/demo", "run directory")
-    progress: bool = option(True, "show progress bars")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ZeroShotCommand(_Config):
-    """``npeff zero-shot``: zero-shot label-token accuracy on held-out movie reviews."""
-
-    model: str = option("smollm2-135m", "model (npeff models)")
-    n: int = option(300, "number of reviews (a third calibrates the threshold, the rest are scored)")
-
-    def validate(self):
-        self._require("n", self.n >= 3, "must be >= 3")

@@ -12,7 +12,7 @@ multiplicative W update (App. D.1) and the gradient step on H (App. D.2). Data-p
 gradient (packed with the loss scalars) per step (App. D.3).
 
 The API follows scikit-learn's ``NMF``: hyper-parameters in ``__init__`` (checked against the table
-``npeff_lens.config._PARAMETER_CONSTRAINTS`` by :func:`validate_params`), ``fit`` / ``transform`` / ``fit_transform``,
+``npeff_lens.constraints`` by :func:`validate_params`), ``fit`` / ``transform`` / ``fit_transform``,
 learned state ending in ``_``. As there, the estimator only orchestrates: the update steps are
 module-level functions (``_sweep``: one pass of W update and H gradient; ``_w_updates``: the W-only
 iterations of ``transform``), and checkpoints are written and read by ``_Checkpoints``.

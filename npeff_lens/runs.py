@@ -33,19 +33,9 @@ from .analysis import top_examples, tuning_summary
 from .applications.icl import TuningClassifier, agreement, icl_experiment
 from .applications.unlearning import unlearning_experiment
 from .collect import collect_pefs
+from .commands import CollectCommand, DemoCommand, TopCommand, ZeroShotCommand
 from .compare import compare, format_compare
-from .config import (
-    CollectCommand,
-    CollectConfig,
-    DecomposeConfig,
-    DemoCommand,
-    IclConfig,
-    PerturbConfig,
-    TopCommand,
-    UnlearnConfig,
-    ZeroShotCommand,
-    check_same,
-)
+from .config import CollectConfig, DecomposeConfig, IclConfig, PerturbConfig, UnlearnConfig, check_same
 from .data import align_labels, load_dataset
 from .decomposition import NPEFF, CorruptFileError
 from .distributed import local_device

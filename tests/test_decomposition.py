@@ -10,7 +10,8 @@ import warnings
 import pytest
 import torch
 
-from npeff_lens.config import _PARAMETER_CONSTRAINTS, DecomposeConfig
+from npeff_lens.config import DecomposeConfig
+from npeff_lens.constraints import _PARAMETER_CONSTRAINTS
 from npeff_lens.decomposition import NPEFF, validate_params
 
 

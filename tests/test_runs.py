@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from npeff_lens import commands as K
 from npeff_lens import config as C
-from npeff_lens.cli import COMMANDS, build_parser, main
+from npeff_lens.cli import COMMANDS, build_parser, from_args, main
 from npeff_lens.runs import RUN_FILE, decompose_store, load_run, run_perturbation, top_report
 from npeff_lens.store import PEFStore
 
@@ -34,7 +35,7 @@ def _reviews(n, seed=0):
 # --------------------------------------------------------------------------------------------------
 
 SAMPLES = {  # non-default values for every field of every command
-    C.CollectCommand: dict(
+    K.CollectCommand: dict(
         model="tiny-llama",
         backend="bridge",
         device="cpu",
@@ -71,7 +72,7 @@ SAMPLES = {  # non-default values for every field of every command
         kron_k=8,
         dist_timeout=60.0,
     ),
-    C.DecomposeCommand: dict(
+    K.DecomposeCommand: dict(
         store="s",
         out="o",
         n_components=7,
@@ -89,7 +90,7 @@ SAMPLES = {  # non-default values for every field of every command
         checkpoint_every=5,
         progress=False,
     ),
-    C.PerturbCommand: dict(
+    K.PerturbCommand: dict(
         decomposition="d",
         out="p",
         store="s",
@@ -108,12 +109,12 @@ SAMPLES = {  # non-default values for every field of every command
         device="cpu",
         progress=False,
     ),
-    C.TopCommand: dict(decomposition="d", k=4, show=2, store="s", where=True),
-    C.RepairCommand: dict(store="s"),
-    C.ReportCommand: dict(
+    K.TopCommand: dict(decomposition="d", k=4, show=2, store="s", where=True),
+    K.RepairCommand: dict(store="s"),
+    K.ReportCommand: dict(
         decomposition="d", out="o", store="s", k=4, n_attributed=2, perturbation="p", attributions=False, progress=False
     ),  # fmt: skip
-    C.UnlearnCommand: dict(
+    K.UnlearnCommand: dict(
         decomposition="d",
         out="o",
         components="0,2",
@@ -132,7 +133,7 @@ SAMPLES = {  # non-default values for every field of every command
         batch_size=4,
         progress=False,
     ),
-    C.IclCommand: dict(
+    K.IclCommand: dict(
         decomposition="d",
         out="o",
         dataset="x.csv",
@@ -150,7 +151,7 @@ SAMPLES = {  # non-default values for every field of every command
         batch_size=4,
         progress=False,
     ),
-    C.CompareCommand: dict(
+    K.CompareCommand: dict(
         decomposition="d",
         store="s",
         methods=("npeff", "sae"),
@@ -178,7 +179,7 @@ SAMPLES = {  # non-default values for every field of every command
         device="cpu",
         progress=False,
     ),
-    C.DemoCommand: dict(
+    K.DemoCommand: dict(
         model="m",
         n=10,
         params=("a.*", "b.*"),
@@ -193,7 +194,7 @@ SAMPLES = {  # non-default values for every field of every command
         projection="kron",
         kron_k=8,
     ),  # fmt: skip
-    C.ZeroShotCommand: dict(model="m", n=9),
+    K.ZeroShotCommand: dict(model="m", n=9),
 }
 
 
@@ -227,16 +228,16 @@ def test_cli_config_json_round_trip(cls):
     cfg = cls(**SAMPLES[cls])
     name = next(n for n, (c, _, _) in COMMANDS.items() if c is cls)
     args = build_parser().parse_args([name, *_argv(cfg)])
-    parsed = C.from_args(cls, args)
+    parsed = from_args(cls, args)
     assert parsed == cfg
     again = cls.from_dict(json.loads(json.dumps(parsed.to_dict())))
     assert again == cfg and again.key() == cfg.key()
     # defaults: a command line with only the required fields gives the dataclass defaults
     required = [f for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-    extra = {"task": "next-token"} if cls is C.CollectCommand else {}  # label-tokens needs --labels
+    extra = {"task": "next-token"} if cls is K.CollectCommand else {}  # label-tokens needs --labels
     minimal = cls(**{f.name: SAMPLES[cls][f.name] for f in required}, **extra)
     args = build_parser().parse_args([name, *_argv_required(minimal, required), *_argv_extra(extra)])
-    assert C.from_args(cls, args) == minimal
+    assert from_args(cls, args) == minimal
 
 
 def _argv_extra(extra):
@@ -284,8 +285,8 @@ def test_every_flag_has_a_help_line(capsys):
         (C.CollectConfig, dict(dtype="float8"), "--dtype"),
         (C.PerturbConfig, dict(components="0,x"), "--components"),
         (C.PerturbConfig, dict(magnitude=float("inf")), "--magnitude"),
-        (C.CollectCommand, dict(model="m", dataset="d", out="o", labels=(" yes",)), "--labels"),
-        (C.CollectCommand, dict(model="m", dataset="d", out="o", labels=("a", "b"), template="no slot"), "--template"),
+        (K.CollectCommand, dict(model="m", dataset="d", out="o", labels=(" yes",)), "--labels"),
+        (K.CollectCommand, dict(model="m", dataset="d", out="o", labels=("a", "b"), template="no slot"), "--template"),
     ],
 )
 def test_bad_values_name_the_flag(cls, change, flag):
