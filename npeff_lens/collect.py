@@ -27,12 +27,15 @@ It does *not* grow with batch x rows x number of parameters.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import signal
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from einops import rearrange
@@ -41,7 +44,7 @@ from torch import nn
 from . import distributed
 from .config import CollectConfig
 from .data import align_labels, load_dataset
-from .io import DeferredSignals, progress
+from .io import DeferredSignals, progress, read_json
 from .models import ModelAdapter, adapt, parameter_layout
 from .projection import KroneckerProjection, SparseProjection, start_numba_threads
 from .tasks import Task
@@ -533,8 +536,34 @@ def _dataset_rows(dataset, cfg: CollectConfig):
             f"the dataset needs a 'text' column (it has {dataset.column_names}); "
             "see npeff_lens.load_dataset(..., columns=)"
         )
-    info["fingerprint"] = getattr(dataset, "_fingerprint", None)
     return dataset, info
+
+
+def _content_hash(dataset) -> str:
+    """A digest of the rows' texts and labels: the same data gives the same digest wherever its file lies (a
+    ``datasets`` fingerprint changes with the file's path and time)."""
+    digest = hashlib.sha256()
+    for column in ("text", "label"):
+        if column in dataset.column_names:
+            digest.update(json.dumps(dataset[column], default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def _as_stored_by_older_version(out, manifest: dict) -> dict:
+    """``manifest`` as a store written by an earlier version records it, so that store resumes: collection
+    fields added since then are left out where they have their default (the old behaviour), and where the store
+    holds no content digest of its data (it recorded a path-dependent fingerprint) the data is checked by name."""
+    path = Path(out) / "manifest.json"
+    if not path.is_file():
+        return manifest
+    stored = read_json(path)
+    defaults = CollectConfig.default_key()
+    kept = stored.get("config") or {}
+    config = {k: v for k, v in manifest["config"].items() if k in kept or k not in defaults or v != defaults[k]}
+    dataset = manifest["dataset"]
+    if "sha256" not in (stored.get("dataset") or {}):
+        dataset = {**(stored.get("dataset") or {}), "name": dataset["name"]}
+    return {**manifest, "config": config, "dataset": dataset}
 
 
 def make_projection(cfg: CollectConfig, layout: list[dict]) -> SparseProjection | KroneckerProjection | None:
@@ -582,6 +611,7 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
                                     source=f"the dataset {data_info['name']!r}")  # fmt: skip
     if dropped:
         print(f"[npeff_lens] --drop-invalid: left out {dropped} row(s) of {data_info['name']!r}", file=sys.stderr)
+    data_info["sha256"] = _content_hash(dataset)
     n = len(dataset) if cfg.n is None else cfg.n
     if n > len(dataset):
         raise ValueError(f"n must be in [1, {len(dataset)}] (the dataset's size), got {n}")
@@ -601,6 +631,7 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
         "projection": projection.state_dict() if projection is not None else None,
         "pef_rows": task.n_rows,
     }
+    manifest = _as_stored_by_older_version(out, manifest)
     rows = cfg.rank if cfg.rank is not None else task.n_rows
     if projection is None:
         _check_unprojected_fits(n_params, task.n_rows, cfg, n)

@@ -172,10 +172,18 @@ class _Config:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in self.to_dict().items() if k in names})
 
+    @classmethod
+    def default_key(cls) -> dict:
+        """The resume key's fields that have a default, at their defaults. A field added to a step keeps the old
+        behaviour at its default, so a key stored before it existed stands for that default."""
+        fields = dataclasses.fields(cls)
+        return {f.name: plain(f.default) for f in fields if f.metadata.get("resume", True) and f.default is not MISSING}
+
     def check_resume(self, stored_key: dict, where: str) -> None:
-        """Same key as ``stored_key`` or a :class:`ConfigMismatchError` naming the differing fields."""
+        """Same key as ``stored_key`` (its absent fields at their defaults) or a :class:`ConfigMismatchError`
+        naming the differing fields."""
         check_same(
-            stored_key,
+            {**self.default_key(), **stored_key},
             self.key(),
             where,
             hint="rerun with the stored values to resume, or choose another output directory",
