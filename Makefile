@@ -9,10 +9,10 @@ STAMP := $(VENV)/.npeff-setup-done
 # Every other version is pinned in constraints.txt (`make lock` regenerates it).
 DEMO_ARGS ?=
 
-.PHONY: setup lock browser lint format test test-all demo bench clean help
+.PHONY: setup lock browser lint format test demo bench clean help
 
 help:
-	@echo "make setup | make lock | make test | make lint | make format | make demo | make bench | make test-all (includes slow tests)"
+	@echo "make setup | make lock | make test | make lint | make format | make demo | make bench"
 
 setup: $(STAMP)
 
@@ -43,9 +43,6 @@ format: setup
 
 test: setup browser
 	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
-
-test-all: setup browser
-	$(PY) -m pytest -q -ra -m ""; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 demo: setup
 	$(VENV)/bin/npeff demo $(DEMO_ARGS)

@@ -5,13 +5,12 @@ brute-force per-token gradient (the weight duplicated per position) dotted with 
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import pytest
 import torch
+from helpers import model_cache
 
-import npeff_lens as nl
 from npeff_lens.attribution import TokenAttributor, attribute_tokens, stored_loadings
 from npeff_lens.collect import PEFComputer, collect_pefs
 from npeff_lens.projection import SparseProjection
@@ -24,11 +23,7 @@ LABELS = [" sad", " bad", " awful"]  # one token each in the tiny tokenizer
 TEXTS = ["a great film .", "bad", "yes no maybe good fun", "the movie is awful and sad", "fun fun", "dull"]
 
 
-@functools.cache
-def model(arch: str, backend: str = "hf"):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return nl.load_model(arch, backend=backend)
+model = model_cache()  # model(arch, backend="hf"), loaded once
 
 
 def _store(adapter, path, **kw):

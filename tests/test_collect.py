@@ -19,8 +19,8 @@ import warnings
 
 import pytest
 import torch
+from helpers import model_cache
 
-import npeff_lens as nl
 from npeff_lens.collect import PEFComputer, collect_pefs
 from npeff_lens.models import adapt, tiny_model
 from npeff_lens.projection import SparseProjection
@@ -35,11 +35,7 @@ BACKENDS = ("hf", "bridge", "hooked", "nnsight")
 MLP_DOWN = ["model.layers.1.mlp.down_proj.weight"]  # 2048 parameters of tiny-llama
 
 
-@functools.cache
-def model(arch: str, backend: str = "hf"):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return nl.load_model(arch, backend=backend)
+model = model_cache()  # model(arch, backend="hf"), loaded once
 
 
 @functools.cache

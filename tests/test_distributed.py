@@ -7,7 +7,6 @@ test_faults.py: a launcher script wraps a function on one rank before it runs th
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -16,12 +15,12 @@ import textwrap
 
 import pytest
 import torch
+from helpers import random_texts
 
 from npeff_lens.store import PEFStore
 
 pytestmark = pytest.mark.distributed
 
-WORDS = "great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie".split()
 N = 40  # 10 batches of 4: 5 rounds of two ranks
 ARGS = ["--model", "tiny-llama", "--template", "Review: {text} Sentiment:", "--labels", " bad", " sad",
         "--proj-dim", "128", "--dtype", "float32", "--batch-size", "4", "--shard-size", "8", "--flush-every", "8",
@@ -75,10 +74,8 @@ def _one_process(data, out):
 def reference(tmp_path_factory):
     """The dataset and one single-process collection of it (same thread count as a torchrun rank)."""
     root = tmp_path_factory.mktemp("dist")
-    rng = random.Random(0)
     with open(root / "data.jsonl", "w") as f:
-        for i in range(N):
-            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))
+        for i, text in enumerate(random_texts(N, seed=0, max_words=12)):
             f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
     _one_process(root / "data.jsonl", root / "one")
     return root

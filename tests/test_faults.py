@@ -7,7 +7,6 @@ error, never just "no exception"."""
 import errno
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -17,29 +16,21 @@ import textwrap
 
 import pytest
 import torch
+from helpers import LABELS, TEMPLATE, random_texts
 
 from npeff_lens.cli import main
 from npeff_lens.collect import PEFComputer, collect_pefs
 from npeff_lens.decomposition import NPEFF, CorruptFileError
-from npeff_lens.models import load_model
 from npeff_lens.runs import RUN_FILE, decompose_store, run_perturbation
 from npeff_lens.store import CorruptStoreError, MissingExamplesError, PEFStore
 from npeff_lens.tasks import LabelTokens
 
-WORDS = "great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie".split()
-TEMPLATE, LABELS = "Review: {text} Sentiment:", [" bad", " sad"]  # one token each in the tiny tokenizer
 KW = dict(proj_dim=128, dtype="float32", batch_size=4, shard_size=8, flush_every=8, progress=False)
 FIT = dict(n_components=3, n_steps=30, n_warmup_steps=10, checkpoint_every=10, progress=False)
 
 
 def _texts(n=40, seed=0):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    return load_model("tiny-llama")
+    return random_texts(n, seed, max_words=6)
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ repo id is a one-line error."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
+from helpers import write_reviews_csv
 
 from npeff_lens.cli import main
 from npeff_lens.decomposition import NPEFF
@@ -18,8 +18,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:label .* tokens after the prompt"),
 ]
-
-WORDS = "great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie".split()
 
 
 def _assert_same(a: NPEFF, b: NPEFF) -> None:
@@ -37,11 +35,7 @@ def _assert_same(a: NPEFF, b: NPEFF) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
-    rng = random.Random(0)
-    rows = [
-        (" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))), rng.choice(["sad", "bad"])) for _ in range(20)
-    ]
-    (root / "reviews.csv").write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in rows) + "\n")
+    write_reviews_csv(root / "reviews.csv", 20)
     assert main(["collect", "--model", "tiny-llama", "--dataset", str(root / "reviews.csv"), "--text-column", "review",
                  "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad",
                  " sad", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),

@@ -3,11 +3,11 @@ errors, scikit-learn conventions), the k-shot prompt format, best-of-N ICL on ti
 prefix, predictions equal a brute-force forward), agreement, and the experiment's report."""
 
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
+from helpers import WORDS_AND_ARTICLES, random_texts
 
 from npeff_lens.applications.icl import (
     TuningClassifier,
@@ -19,11 +19,9 @@ from npeff_lens.applications.icl import (
     icl_prompts,
     zero_shot_predictions,
 )
-from npeff_lens.models import load_model
 from npeff_lens.perturb import task_log_probs
-from npeff_lens.tasks import LabelTokens
 
-WORDS = "great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie the a".split()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices on a shared machine
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,29 +155,9 @@ def test_agreement():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared machine: more threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def task(adapter):
-    return LabelTokens("Review: {text} Sentiment:", [" bad", " sad"]).bind(adapter)  # single tokens in tiny's BPE
-
-
 @pytest.fixture(scope="module")
 def data():
-    rng = random.Random(1)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5))) for _ in range(70)]
+    texts = random_texts(70, seed=1, max_words=5, words=WORDS_AND_ARTICLES)
     labels = [int(("good" in t) or ("great" in t) or ("fun" in t)) for t in texts]
     return texts[:50], labels[:50], texts[50:], labels[50:]
 

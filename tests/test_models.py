@@ -3,6 +3,7 @@ parameter gradients for the same weights."""
 
 import pytest
 import torch
+from helpers import model_cache
 
 import npeff_lens as nl
 from npeff_lens.models import ModelNotFoundError, last_token_positions, parameter_layout
@@ -10,14 +11,7 @@ from npeff_lens.models import ModelNotFoundError, last_token_positions, paramete
 PROMPTS = ["Review: a great and moving film . Sentiment:", "Review: bad", "yes no maybe good"]
 BACKENDS = ["hf", "bridge", "hooked", "nnsight"]
 
-_cache = {}
-
-
-def adapter(arch, backend):
-    key = (arch, backend)
-    if key not in _cache:
-        _cache[key] = nl.load_model(arch, backend=backend, seed=0)
-    return _cache[key]
+adapter = model_cache(quiet=False)  # adapter(arch, backend), loaded once
 
 
 def label_logprob_sum(a):

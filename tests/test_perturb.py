@@ -3,10 +3,10 @@ along a planted direction, the ratio arithmetic, errors, and the end-to-end run 
 
 import json
 import math
-import random
 
 import pytest
 import torch
+from helpers import LABELS, TEMPLATE, WORDS_AND_ARTICLES, random_texts
 
 from npeff_lens.config import PerturbConfig
 from npeff_lens.models import load_model
@@ -26,26 +26,11 @@ from npeff_lens.perturb import (
 from npeff_lens.runs import run_perturbation
 from npeff_lens.tasks import LabelTokens
 
-TEMPLATE = "Review: {text} Sentiment:"
-WORDS = "great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie the a".split()
 SUBSET = ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
 
 
 def _texts(n, seed):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7))) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def task(adapter):
-    t = LabelTokens(TEMPLATE, [" bad", " sad"]).bind(adapter)
-    assert len(set(t.token_ids)) == 2
-    return t
+    return random_texts(n, seed, max_words=7, words=WORDS_AND_ARTICLES)
 
 
 def _lrm_pef(adapter, task, prompt, names):
@@ -275,7 +260,7 @@ def decomposition(tmp_path_factory, adapter, task):
     collect_pefs(
         adapter,
         _texts(24, seed=20),
-        LabelTokens(TEMPLATE, [" bad", " sad"]),
+        LabelTokens(TEMPLATE, LABELS),
         root / "store",
         proj_dim=256,
         dtype="float32",

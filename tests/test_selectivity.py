@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from helpers import LABELS
 
 from npeff_lens.models import load_model
 from npeff_lens.perturb import task_log_probs
@@ -24,6 +25,7 @@ from npeff_lens.selectivity import (
 )
 from npeff_lens.tasks import LabelTokens
 
+# Its own list, without "film": only the planted texts end with it.
 WORDS = "dull moving boring fun happy awful brilliant good movie great".split()
 PLANTED = " film"  # one token in the tiny tokenizer; the last word of 32 of the 80 texts
 TEMPLATE = "Review: {text}"  # the prediction is made at the text's last token
@@ -39,9 +41,8 @@ def _texts(n=80, seed=0):
 
 
 @pytest.fixture(scope="module")
-def setup():
-    adapter = load_model("tiny-llama")
-    task = LabelTokens(TEMPLATE, [" bad", " sad"]).bind(adapter)
+def setup(adapter):
+    task = LabelTokens(TEMPLATE, LABELS).bind(adapter)
     texts = _texts()
     return adapter, task, task.prompts(texts), texts
 
@@ -121,7 +122,7 @@ def _hooks(adapter):
                                            ("hooked", "blocks.0.hook_resid_post")])  # fmt: skip
 def test_activation_interventions_leave_the_model_unchanged(backend, hook):
     adapter = load_model("tiny-llama", backend=backend)
-    task = LabelTokens(TEMPLATE, [" bad", " sad"]).bind(adapter)
+    task = LabelTokens(TEMPLATE, LABELS).bind(adapter)
     prompts = task.prompts(_texts(12))
     before, n_hooks = task_log_probs(adapter, task, prompts), _hooks(adapter)
     d = 64 if hook.startswith("mlp") else 32

@@ -4,10 +4,10 @@ differ only in the appended examples, and the experiment's report."""
 
 import json
 import math
-import random
 
 import pytest
 import torch
+from helpers import WORDS_AND_ARTICLES, random_texts
 
 from npeff_lens.applications.unlearning import (
     batch_schedule,
@@ -18,37 +18,16 @@ from npeff_lens.applications.unlearning import (
     unlearning_experiment,
     unlearning_objective,
 )
-from npeff_lens.models import load_model
 from npeff_lens.perturb import kl_divergence, task_log_probs
 from npeff_lens.tasks import LabelTokens
 
-WORDS = "great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie the a".split()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices on a shared machine
 FAST = {"lr": 1e-2, "epsilon_forget": 1.0, "epsilon_retain": 1.0, "retain_batch_size": 8}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared machine: more threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def task(adapter):
-    return LabelTokens("Review: {text} Sentiment:", [" bad", " sad"]).bind(adapter)  # single tokens in tiny's BPE
 
 
 @pytest.fixture(scope="module")
 def prompts(task):
-    rng = random.Random(0)
-    return task.prompts([" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7))) for _ in range(60)])
+    return task.prompts(random_texts(60, seed=0, max_words=7, words=WORDS_AND_ARTICLES))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,53 @@
+"""Test data shared by the test modules: the tiny review vocabulary, the texts drawn from it, the review task's
+template and labels, and a per-module cache of tiny models. Fixtures built on these live in ``conftest.py``.
+
+A plain module because test modules call these at import time and from their own helpers. ``tests/`` has no
+``__init__.py``, so pytest's default import mode (``prepend``) puts it on ``sys.path``: ``from helpers import``."""
+
+from __future__ import annotations
+
+import functools
+import random
+import warnings
+from pathlib import Path
+
+WORDS = tuple("great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie".split())
+WORDS_AND_ARTICLES = (*WORDS, "the", "a")
+TEMPLATE = "Review: {text} Sentiment:"
+LABELS = (" bad", " sad")  # one token each in the tiny tokenizer
+
+
+def random_texts(n: int, seed: int, max_words: int, words=WORDS) -> list[str]:
+    """``n`` texts of 2 to ``max_words`` words of ``words``, drawn by ``random.Random(seed)``."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(2, max_words))) for _ in range(n)]
+
+
+def reviews(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` (text, sentiment) rows: 2 to 6 words of ``WORDS`` and 'sad' or 'bad', from one generator."""
+    rng = random.Random(seed)
+    return [
+        (" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))), rng.choice(["sad", "bad"])) for _ in range(n)
+    ]
+
+
+def write_reviews_csv(path: Path, n: int, seed: int = 0) -> Path:
+    """``reviews(n, seed)`` as a CSV file with columns ``review`` and ``sentiment``."""
+    path.write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in reviews(n, seed)) + "\n")
+    return path
+
+
+def model_cache(quiet: bool = True):
+    """``load(arch, backend="hf")``: ``load_model`` once per (arch, backend) for the module that calls this (each
+    module its own cache, so that one that changes a model cannot reach another); ``quiet`` silences load warnings."""
+    from npeff_lens.models import load_model
+
+    @functools.cache
+    def load(arch: str, backend: str = "hf"):
+        if not quiet:
+            return load_model(arch, backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load_model(arch, backend=backend)
+
+    return load
