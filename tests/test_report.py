@@ -1,8 +1,9 @@
 """The component dashboard (npeff_lens.report) on a tiny-llama run built through the CLI: the JSON behind the
-pages (strict JSON, the documented fields, token shares that reproduce the stored loadings), and the static
-site in headless chromium from file:// with every non-file request aborted: all components listed, sorting
-and filtering, a component page with highlighted tokens and a plotly histogram, no console errors, nothing
-fetched from the network."""
+pages (strict JSON, the documented fields, token shares that reproduce the stored loadings, the template /
+input split of the prompt's tokens, locations.json read into heatmaps), and the static site in headless
+chromium from file:// with every non-file request aborted: all components listed, sorting and filtering, a
+component page with highlighted tokens (coloured on the input's own scale) and a plotly histogram, heatmaps of
+where components live, no console errors, nothing fetched from the network."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ import pytest
 
 from npeff_lens.cli import main
 from npeff_lens.report import build, report_data
+from npeff_lens.report.data import input_token_mask
+from npeff_lens.report.render import tokens_html
 
+TEMPLATE = "Review: {text} Sentiment:"
 WORDS = "great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie".split()
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -42,13 +46,13 @@ def _reviews(n, seed=0):
 def run(tmp_path_factory):
     """collect (CSV, tiny-llama) -> decompose -> perturb -> compare (gradient clusters, a TopK SAE), as a user
     would."""
-    from npeff_lens.runs import run_perturbation
+    from npeff_lens.runs import locate, run_perturbation
 
     root = tmp_path_factory.mktemp("report")
     csv = root / "reviews.csv"
     csv.write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in _reviews(32)) + "\n")
     collect = ["collect", "--model", "tiny-llama", "--dataset", str(csv), "--text-column", "review",
-               "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad",
+               "--label-column", "sentiment", "--template", TEMPLATE, "--labels", " bad",
                " sad", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
                "--split", "none", "--no-progress"]  # fmt: skip
     assert main(collect) == 0
@@ -61,6 +65,7 @@ def run(tmp_path_factory):
     compare = ["compare", str(root / "tree" / "npeff"), "--components", str(N_METHOD), "--k", "4",
                "--sae-tokens", "2000", "--no-progress"]  # fmt: skip
     assert main(compare) == 0
+    locate(root / "tree" / "npeff")  # locations.json, as `npeff top --where` writes it
     index = build(root / "tree" / "npeff", root / "site", k=6, n_attributed=4, progress=False)
     return root, index
 
@@ -207,11 +212,291 @@ def test_sae_and_snmf_pages_highlight_the_per_token_values(run, method):
             assert a["shares"] == pytest.approx(acts.tolist(), rel=1e-5)
             assert a["values"] == pytest.approx(want.tolist(), rel=1e-5)
             assert a["values"][a["qualifying_token_index"]] == 1.0
-            shown = [float(v) for v in re.findall(r'<span class="tok"[^>]*data-value="([^"]+)"', block)]
+            shown = [float(v) for v in re.findall(r'<span class="tok[^"]*"[^>]*data-value="([^"]+)"', block)]
             assert shown == pytest.approx(want.tolist(), rel=1e-5) and len(a["tokens"]) == len(shown)
             assert torch.equal(torch.tensor(a["token_ids"]), sae.token_ids_[sae.example_index_ == a["example_index"]])
             n_checked += 1
     assert n_checked > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Template and input: which tokens are the example's own, the template's share, the colour scale.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tokens, text, template, want",
+    [
+        # byte-level BPE: the space before the text is the template's, the token " great" the input's
+        (["Review", ":", " great", " fil", "m", " Sent", "iment", ":"], "great film", TEMPLATE,
+         [0, 0, 1, 1, 1, 0, 0, 0]),
+        # a BOS is not in the prompt string: the template's
+        (["<s>", "Review", ":", " great", " Sent", "iment", ":"], "great", TEMPLATE, [0, 0, 0, 1, 0, 0, 0]),
+        # single-token decoding that drops the spaces (sentencepiece)
+        (["<s>", "Review", ":", "great", "fil", "m", "Sent", "iment", ":"], "great film", TEMPLATE,
+         [0, 0, 0, 1, 1, 1, 0, 0, 0]),
+        # an é split over two byte tokens that decode to U+FFFD each: both the input's
+        (["Review", ":", " caf", "\ufffd", "\ufffd", " Sent", "iment", ":"], "café", TEMPLATE,
+         [0, 0, 1, 1, 1, 0, 0, 0]),
+        # the text twice in the template; a prompt truncated inside the text
+        (["Q: ", "a", " b", "\nA: ", "a", " b", "\nA:"], "a b", "Q: {text}\nA: {text}\nA:", [0, 1, 1, 0, 1, 1, 0]),
+        (["Review", ":", " great"], "great film", TEMPLATE, [0, 0, 1]),
+        (["great", " film"], "great film", "{text}", [1, 1]),
+    ],
+)  # fmt: skip
+def test_input_tokens_are_told_from_the_template_tokens(tokens, text, template, want):
+    assert input_token_mask(tokens, text, template) == [bool(w) for w in want]
+
+
+def test_input_token_mask_is_none_when_it_cannot_be_known():
+    assert input_token_mask(["Review", ":", " great"], "great", None) is None  # no template recorded
+    assert input_token_mask(["Review", ":", " great"], None, TEMPLATE) is None
+    assert input_token_mask(["x", "y", "z", " Sent", "iment", ":"], "great film", TEMPLATE) is None  # not the prompt
+
+
+def test_template_share_is_the_loading_off_the_input_tokens(run):
+    import re
+
+    root, index_html = run
+    site = index_html.parent
+    n_checked = 0
+    for j in range(N_COMPONENTS):
+        c = _strict(site / "data" / f"component_{j:05d}.json")
+        html = (site / "components" / f"component_{j:05d}.html").read_text()
+        shown = [float(v) for v in re.findall(r'data-template-share="([^"]+)"', html)]
+        attributed = [a for a in c["activations"] if a["values"] is not None]
+        assert len(shown) == len(attributed)
+        for a, on_page in zip(attributed, shown):
+            mask = a["input_tokens"]
+            assert len(mask) == len(a["tokens"]) and any(mask) and not all(mask)
+            # the input's tokens spell the review (the space before it is the template's, inside " great")
+            assert "".join(t for t, m in zip(a["tokens"], mask) if m).strip() == a["text"]
+            assert "".join(t for t, m in zip(a["tokens"], mask) if not m).strip() == "Review: Sentiment:"
+            inputs = sum(v for v, m in zip(a["values"], mask) if m)
+            remainder = sum(a["remainder"].values())
+            assert a["template_share"] == pytest.approx(1 - inputs - remainder, abs=1e-6)
+            assert a["input_share"] == pytest.approx(inputs, abs=1e-9)
+            assert on_page == pytest.approx(a["template_share"], abs=1e-12)
+            assert f"template: <b>{100 * a['template_share']:.1f}%</b> of the loading" in html
+            n_checked += 1
+        assert f"top {c['n_attributed']} of the {c['k']}" in html and "npeff report --n-attributed N" in html
+    assert n_checked > 0
+
+
+def _spans(html: str) -> list[dict]:
+    import re
+
+    out = []
+    for attrs in re.findall(r"<span ([^>]*)>", html):
+        alpha = re.search(r"rgba\([^)]*,([0-9.]+)\)", attrs)
+        out.append({
+            "value": float(re.search(r'data-value="([^"]+)"', attrs).group(1)),
+            "template": "tmpl" in re.search(r'class="([^"]+)"', attrs).group(1),
+            "alpha": float(alpha.group(1)) if alpha else None,
+            "title": re.search(r'title="([^"]+)"', attrs).group(1),
+        })  # fmt: skip
+    return out
+
+
+def test_colour_scale_is_set_by_the_input_tokens():
+    tokens = ["Review", ":", " dull", " but", " fun", " Sent", "iment", ":"]
+    values = [0.55, 0.02, 0.04, -0.06, 0.01, 0.0, 0.0, 0.30]  # template tokens hold most of the loading
+    mask = [False, False, True, True, True, False, False, False]
+    spans = _spans(tokens_html(tokens, values, input_mask=mask))
+    assert [s["template"] for s in spans] == [not m for m in mask]
+    assert all(s["alpha"] is None for s in spans if s["template"])  # shown, not coloured
+    inputs = [s for s in spans if not s["template"]]
+    assert max(s["alpha"] for s in inputs) == 0.85 and inputs[1]["alpha"] == 0.85  # the largest |value|: -0.06
+    assert [s["alpha"] for s in inputs] == pytest.approx([0.85 * abs(v) / 0.06 for v in (0.04, -0.06, 0.01)], abs=1e-3)
+    assert spans[0]["title"].startswith("+55.0%") and spans[3]["title"].startswith("-6.0%")  # numbers on hover
+    # without the split (or without an input token) every token sets the scale, as before
+    plain = _spans(tokens_html(tokens, values))
+    assert plain[0]["alpha"] == 0.85 and not any(s["template"] for s in plain)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where components live: locations.json in the index and the component pages.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_locations_json_is_shown_as_written(run):
+    root, index_html = run
+    site = index_html.parent
+    located = json.loads((root / "tree" / "npeff" / "locations.json").read_text())["components"]
+    index = _strict(site / "data" / "index.json")
+    assert index["locations"]["path"] == str(root / "tree" / "npeff" / "locations.json")
+    for row, loc in zip(index["components"], located):
+        assert row["top5pct"] == pytest.approx(loc["top5pct"])
+        g = loc["groups"][0]
+        assert row["top_group"].startswith(f"layer {g['layer']} {g['module']} ")
+        c = _strict(site / row["data"])
+        grid = c["location"]["grid"]
+        for g in loc["groups"]:
+            n, m = grid["layers"].index(g["layer"]), grid["modules"].index(g["module"])
+            assert grid["fraction"][n][m] == pytest.approx(g["fraction"])
+            assert grid["enrichment"][n][m] == pytest.approx(g["enrichment"])
+        assert sum(v for r in grid["fraction"] for v in r if v is not None) == pytest.approx(1.0)
+        by_layer = index["locations"]["by_layer"][row["feature_index"]]
+        assert sum(by_layer["fraction"]) == pytest.approx(1.0)
+    html = index_html.read_text()
+    assert 'id="where-mean"' in html and 'id="where-components"' in html
+
+
+def _planted_locations():
+    """locations.json of 4 components over a 3-layer llama layout: 0 in layer 1's MLP (down most), 1 in layer
+    0's q, 2 in layer 2's o, 3 spread evenly (enrichment about 1 everywhere)."""
+    import torch
+
+    from npeff_lens.locations import component_locations
+
+    layout, offset = [], 0
+    shapes = {"self_attn.q_proj": (16, 16), "self_attn.k_proj": (8, 16), "self_attn.v_proj": (8, 16),
+              "self_attn.o_proj": (16, 16), "mlp.gate_proj": (32, 16), "mlp.up_proj": (32, 16),
+              "mlp.down_proj": (16, 32), "input_layernorm": (16,), "post_attention_layernorm": (16,)}  # fmt: skip
+    names = [f"model.layers.{i}.{m}.weight" for i in range(3) for m in shapes] + ["model.norm.weight"]
+    for name in names:
+        shape = next((v for k, v in shapes.items() if f".{k}." in name), (16,))
+        numel = int(torch.tensor(shape).prod())
+        layout.append({"name": name, "shape": list(shape), "offset": offset, "numel": numel})
+        offset += numel
+    g = torch.Generator().manual_seed(0)
+
+    def direction(weights):
+        x = torch.randn(offset, generator=g) * 0.01
+        for e in layout:
+            for part, w in weights.items():
+                if part in e["name"]:
+                    x[e["offset"] : e["offset"] + e["numel"]] *= w
+        return x
+
+    plans = [{"layers.1.mlp.down": 300.0, "layers.1.mlp.up": 80.0}, {"layers.0.self_attn.q": 200.0},
+             {"layers.2.self_attn.o": 200.0}, {}]  # fmt: skip
+    comps = [{"component": j, **component_locations(direction(w), layout)} for j, w in enumerate(plans)]
+    return {"key": {"recovery": "adjoint", "reject_threshold": 0.5, "heads": False}, "components": comps}
+
+
+def test_a_locations_json_of_another_decomposition_is_not_shown(tmp_path):
+    import time
+
+    from npeff_lens.report.data import read_locations
+
+    assert read_locations(tmp_path, 4)[0] is None and "not computed" in read_locations(tmp_path, 4)[1]
+    planted = _planted_locations()
+    (tmp_path / "locations.json").write_text(json.dumps({**planted, "components": planted["components"][:3]}))
+    located, note = read_locations(tmp_path, 4)
+    assert located is None and "locates 3 components, the decomposition has 4" in note
+    (tmp_path / "locations.json").write_text(json.dumps(planted))
+    located, note = read_locations(tmp_path, 4)
+    assert sorted(located["components"]) == [0, 1, 2, 3] and note is None
+    time.sleep(0.05)
+    (tmp_path / "npeff.safetensors").write_bytes(b"refit")  # a decomposition written after the file
+    located, note = read_locations(tmp_path, 4)
+    assert located is not None and "older than the decomposition" in note
+
+
+def _alpha(style: str) -> float:
+    import re
+
+    nums = [float(x) for x in re.findall(r"[0-9.]+", style)]
+    return nums[3] if len(nums) == 4 else (1.0 if len(nums) == 3 else 0.0)
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
+def test_where_heatmaps_and_input_scaled_tokens_in_headless_chromium_offline(run, tmp_path):
+    """A copy of the run with a planted locations.json: the index and component heatmaps show the hottest cell
+    where the energy was planted; without the file the index says how to write it. Tokens of a planted page:
+    the input's largest |share| at full colour, the larger template share uncoloured."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    root, _ = run
+    d = tmp_path / "npeff"
+    shutil.copytree(root / "tree" / "npeff", d, ignore=shutil.ignore_patterns("compare", "report", "locations.json"))
+    bare = build(d, tmp_path / "bare", store=root / "tree" / "pefs", attribute=False, progress=False)
+    bare_html = bare.read_text()
+    assert f"npeff top {d} --where" in bare_html and "npeff_lens.runs.locate(" in bare_html
+    assert 'id="where-mean"' not in bare_html
+    assert "Not computed for this run" in (bare.parent / "components" / "component_00000.html").read_text()
+
+    planted = _planted_locations()
+    (d / "locations.json").write_text(json.dumps(planted))
+    index_html = build(d, tmp_path / "site", store=root / "tree" / "pefs", attribute=False, progress=False)
+    index = _strict(index_html.parent / "data" / "index.json")
+    alive = [r["feature_index"] for r in index["components"] if r["alive"]]
+    want_mean = {}
+    for j in alive:
+        for g in planted["components"][j]["groups"]:
+            key = ("" if g["layer"] is None else str(g["layer"]), g["module"])
+            want_mean[key] = want_mean.get(key, 0.0) + g["fraction"] / len(alive)
+    tokens = ["Review", ":", " dull", " but", " fun", " Sent", "iment", ":"]
+    values = [0.55, 0.02, 0.04, -0.06, 0.01, 0.0, 0.0, 0.30]
+    mask = [False, False, True, True, True, False, False, False]
+    planted_tokens = tmp_path / "site" / "tokens.html"
+    planted_tokens.write_text(
+        '<!doctype html><html><head><link rel="stylesheet" href="assets/report.css"></head><body>'
+        f'<div class="tokens">{tokens_html(tokens, values, input_mask=mask)}</div></body></html>'
+    )
+
+    requests, errors = [], []
+    cells = "els => els.map(e => [e.dataset.layer, e.dataset.module, e.dataset.component, e.dataset.fraction, " \
+            "getComputedStyle(e).backgroundColor, e.title])"  # fmt: skip
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.route(
+            "**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort()
+        )
+        page = context.new_page()
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+
+        page.goto(index_html.as_uri())
+        # the mean layer × module map: every cell the mean over the alive components, the hottest one darkest
+        mean = page.locator("#where-mean td.heat:not(.none)").evaluate_all(cells)
+        assert {(ly, m): float(f) for ly, m, _, f, _, _ in mean} == pytest.approx(want_mean, abs=1e-9)
+        darkest = max(mean, key=lambda c: _alpha(c[4]))
+        assert (darkest[0], darkest[1]) == max(want_mean, key=want_mean.get)
+        # components × layers: component 0's darkest cell is layer 1, with its enrichment on hover
+        row0 = page.locator('#where-components td.heat[data-component="0"]').evaluate_all(cells)
+        hot = max(row0, key=lambda c: _alpha(c[4]))
+        assert hot[0] == "1" and _alpha(hot[4]) == pytest.approx(0.85, abs=1e-3)
+        assert "of its energy (x" in hot[5] and "most in down" in hot[5]
+        assert [c[0] for c in sorted(row0, key=lambda c: -float(c[3]))][0] == "1"
+        row1 = page.locator('#where-components td.heat[data-component="1"]').evaluate_all(cells)
+        assert max(row1, key=lambda c: float(c[3]))[0] == "0"
+        # the index table names each component's top group and its top-5% share, in words
+        first = page.locator('#components tr[data-component="0"]').inner_text()
+        assert "layer 1 down" in first and f"{100 * planted['components'][0]['top5pct']:.1f}%" in first
+        # and the evenly spread component is not shown concentrated
+        assert planted["components"][3]["top5pct"] < 0.2
+
+        # component 0's page: the layer × module map, darkest at layer 1 down, the top groups in words
+        page.click('#where-components a[href="components/component_00000.html"]')
+        assert "Component 0" in page.inner_text("h1")
+        grid = page.locator("#where-grid td.heat:not(.none)").evaluate_all(cells)
+        hot = max(grid, key=lambda c: _alpha(c[4]))
+        assert (hot[0], hot[1]) == ("1", "down") and _alpha(hot[4]) == pytest.approx(0.85, abs=1e-3)
+        top = planted["components"][0]["groups"][0]
+        assert (top["layer"], top["module"]) == (1, "down")
+        assert f"(x{top['enrichment']:.1f} its share of the parameters)" in hot[5]
+        assert page.inner_text("#where-top").startswith("Most energy: layer 1 down")
+        assert len(grid) == sum(1 for g in planted["components"][0]["groups"])
+        assert "does not say where" not in page.inner_text("#where")
+        page.goto((index_html.parent / "components" / "component_00003.html").as_uri())  # spread evenly
+        assert "does not say where the component lives" in page.inner_text("#where")
+
+        # planted tokens: the input's largest |share| (-0.06) at full colour, the template's 0.55 uncoloured
+        page.goto(planted_tokens.as_uri())
+        toks = page.locator("span.tok").evaluate_all(
+            "els => els.map(e => [Number(e.dataset.value), e.dataset.input, getComputedStyle(e).backgroundColor])"
+        )
+        assert [t[1] == "1" for t in toks] == mask
+        own = [t for t in toks if t[1] == "1"]
+        assert max(own, key=lambda t: abs(t[0]))[0] == -0.06
+        assert _alpha(max(own, key=lambda t: abs(t[0]))[2]) == pytest.approx(0.85, abs=1e-3)
+        assert all(_alpha(t[2]) == 0 for t in toks if t[1] == "0")
+        browser.close()
+    assert not errors, errors
+    assert requests and all(u.startswith("file:") for u in requests)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,10 +563,18 @@ def test_site_in_headless_chromium_offline(run, tmp_path):
         assert "Component 1" in page.inner_text("h1")
         spans = page.locator("#examples .example .tokens span.tok")
         assert spans.count() > 0
-        styles = spans.evaluate_all("els => els.map(e => e.style.backgroundColor)")
-        assert all(s.startswith("rgba(") for s in styles) and len(set(styles)) > 1
-        first = json.loads((index_html.parent / "data" / "component_00001.json").read_text())["activations"][0]
+        styles = spans.evaluate_all("els => els.map(e => [e.dataset.input, e.style.backgroundColor])")
+        assert all(s.startswith("rgba(") for own, s in styles if own == "1") and len({s for _, s in styles}) > 1
+        assert all(s == "" for own, s in styles if own == "0")  # the template's tokens: shown, uncoloured
+        acts = json.loads((index_html.parent / "data" / "component_00001.json").read_text())["activations"]
+        first = acts[0]
         assert page.locator("#examples .example").first.locator("span.tok").count() == len(first["tokens"])
+        shown = "els => els.map(e => [e.dataset.input, Number(e.dataset.value), getComputedStyle(e).backgroundColor])"
+        for n, a in enumerate(e for e in acts if e["values"] is not None):  # full colour: the input's largest
+            toks = page.locator("#examples .example").nth(n).locator("span.tok").evaluate_all(shown)
+            assert [own == "1" for own, _, _ in toks] == a["input_tokens"]
+            top = max((t for t in toks if t[0] == "1"), key=lambda t: abs(t[1]))
+            assert _alpha(top[2]) == pytest.approx(0.85, abs=1e-3)
         page.screenshot(path=str(tmp_path / "component.png"), full_page=True)
 
         # the SAE's latents: from the main index's methods table to the SAE's index, then into a latent
@@ -300,7 +593,9 @@ def test_site_in_headless_chromium_offline(run, tmp_path):
         assert page.locator("#examples .example").count() == len(acts)
         first = page.locator("#examples .example").first.locator("span.tok")
         assert first.count() == len(acts[0]["tokens"])
-        assert first.evaluate_all("els => els.every(e => e.style.backgroundColor.startsWith('rgba('))")
+        assert first.evaluate_all(  # the input's tokens coloured, the template's uncoloured
+            "els => els.every(e => e.style.backgroundColor.startsWith('rgba(') === (e.dataset.input === '1'))"
+        )
         page.click("nav a >> nth=0")  # back to the SAE's index
         assert "TopK SAE latents" in page.inner_text("h1")
         page.goto(index_html.as_uri())

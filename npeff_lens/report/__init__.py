@@ -6,7 +6,10 @@
 The site needs no server and no network: pages are pre-rendered HTML, the sort / filter script, the style and
 plotly.js (bundled once, from the installed ``plotly`` package) are files under ``assets/``. Each top
 example's tokens are highlighted by their exact share of the example's loading on the component
-(:mod:`npeff_lens.attribution`).
+(:mod:`npeff_lens.attribution`), on a colour scale set by the input's own tokens: the prompt template's tokens
+(:func:`.data.input_token_mask`) are shown uncoloured, their total share stated per example. Where
+``locations.json`` exists (:func:`npeff_lens.runs.locate`, ``npeff top --where``), each component's energy per
+layer × module is a heatmap on its page and the index summarises all of them; the report never computes it.
 
 Layout::
 
@@ -29,14 +32,24 @@ Field names follow SAEDashboard's Neuronpedia export where a counterpart exists 
     perturbation: perturbation.json's summary + {path} | null       (kl_ratio_geomean, pef_norm_ratio_geomean, ...)
     compare: {path, methods: {name: {n_components, alive, tuned_label, ...scalars}}} | null
     attribution_note: str | null                                  (why tokens are not highlighted, if they are not)
+    n_attributed: int | null      top examples per component with token attributions (``n_attributed``)
+    locations: {note, how: {cli, python}} without a usable DECOMPOSITION_DIR/locations.json (how: the commands
+        that write it), else {path, key, note, how, layers (ints; null: outside the layers), modules,
+        mean_fraction [layer][module] (over the alive components; null: no such group), by_layer: [{component,
+        fraction, enrichment, module}] (per layer: the component's share of its energy there, that over the
+        layer's share of the parameters, the module with most of it), max_mean_enrichment}
     components: [row]       row = {feature_index, alive, tuned_label, tuned_prediction,
                                    top_labels: [[value, count]], top_predictions: [[value, count]], n_top,
                                    coefficient_mass (share of all coefficients), max_coefficient, frac_nonzero,
-                                   kl_ratio, pef_norm_ratio, page, data}
+                                   kl_ratio, pef_norm_ratio, top5pct, top_group (locations.json's, else null),
+                                   page, data}
 
 ``data/component_XXXXX.json`` (``kind: "component"``): the row's fields, and::
 
-    k, n_prompts_total
+    k, n_prompts_total, n_attributed
+    location: null | {top5pct, energy, n_groups, mean_enrichment (Σ fraction × enrichment over the groups),
+                      top_groups (["layer 1 down 62% (x4.1)", ...]), groups (locations.json's rows), heads (the
+                      top 8), grid: {layers, modules, fraction [layer][module], enrichment [layer][module]}}
     freq_hist_data_bar_values / freq_hist_data_bar_heights / freq_hist_bin_edges   histogram of the non-zero
                                                           coefficients (> 1e-8), 40 linear bins from 0 to the max
     label_prediction_counts: [{label, prediction, count}]  over the top-k examples with a positive coefficient
@@ -51,6 +64,10 @@ Field names follow SAEDashboard's Neuronpedia export where a counterpart exists 
         values               per token, its share of the loading as a fraction (Σ_rows c_row c_row,t / loading)
         shares               the same, unnormalised
         remainder            {label: fraction} for parameters the hooks do not split over tokens
+        input_tokens         per token, true for the example's own text, false for the template's tokens
+                             (null when unknown; :func:`.data.input_token_mask`)
+        input_share, template_share   Σ values over the input's / the template's tokens
+                             (input_share + template_share + Σ remainder = 1; null for baselines)
         loading              Σ_rows c_row² (= Σ shares + remainder; equals stored_loading up to the store's dtype)
         qualifying_token_index   the token with the largest share
     attribution_note
@@ -126,22 +143,30 @@ def _attributions(view, stats, n_attributed: int, adapter, enabled: bool, show_p
 def _report(decomposition_dir, *, store, k, n_attributed, perturbation, adapter, attribute, progress):
     """``(view, index, components, attributor)``: :func:`report_data`'s records, and the run they came from."""
     view = _data.load_view(decomposition_dir, store)
+    C = view.coeffs.shape[1]
     stats = _data.statistics(view, k)
     summary, records = _data.read_perturbation(_data.find_perturbation(decomposition_dir, perturbation))
-    rows = [_data.summary_row(view, stats, j, records.get(j)) for j in range(view.coeffs.shape[1])]
+    located, location_note = _data.read_locations(decomposition_dir, C)
+    where = located["components"] if located else {}
+    rows = [_data.summary_row(view, stats, j, records.get(j), where.get(j)) for j in range(C)]
     stored = _stored_loadings(view, stats, k)
     attributions, note, attributor = _attributions(view, stats, n_attributed, adapter, attribute, progress)
+    shown = n_attributed if attributions else None
     components = []
-    for j in range(view.coeffs.shape[1]):
+    for j in range(C):
         examples = [
             _data.example_record(view, j, i, rank, stored.get((j, i)), attributions.get((j, i)))
             for rank, i in enumerate(_data.top_indices(view, stats, j, k))
         ]
-        rec = _data.component_record(view, stats, j, perturbation=records.get(j), examples=examples, note=note)
+        rec = _data.component_record(view, stats, j, perturbation=records.get(j), examples=examples, note=note,
+                                     location=where.get(j), n_attributed=shown)  # fmt: skip
         components.append(_data.clean(rec))
+    alive = [j for j in range(C) if j not in stats.dead]
+    how = _data.how_to_locate(decomposition_dir, (view.manifest.get("model") or {}).get("name"))
     index = _data.index_record(
-        view, stats, rows, perturbation=summary, compare=_data.read_compare(decomposition_dir), note=note
-    )
+        view, stats, rows, perturbation=summary, compare=_data.read_compare(decomposition_dir), note=note,
+        locations=_data.locations_summary(located, alive, location_note, how), n_attributed=shown,
+    )  # fmt: skip
     return view, _data.clean(index), components, attributor
 
 

@@ -6,12 +6,15 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
+from difflib import SequenceMatcher
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..io import read_json
+from ..locations import top_groups
 
 FORMAT = "npeff_lens.report"
 FORMAT_VERSION = 1
@@ -53,6 +56,7 @@ class RunView:
     predictions: list
     outcomes: list | None
     method: str | None = None  # None: NPEFF; else a baseline of ``npeff compare`` ("grad-cluster", "sae")
+    template: str | None = None  # the task's prompt template (``{text}`` where the example goes)
 
     @property
     def manifest(self) -> dict:
@@ -69,7 +73,8 @@ def load_view(decomposition_dir, store=None) -> RunView:
     preds = [m.get("prediction_name", m.get("prediction")) for m in meta]
     outcomes = (est.manifest_ or {}).get("outcomes") or store.manifest.get("outcomes")
     coeffs = torch.as_tensor(est.coefficients_).double()
-    return RunView(Path(decomposition_dir), est, store, meta, coeffs, labels, preds, outcomes)
+    template = (((est.manifest_ or {}).get("task") or store.manifest.get("task")) or {}).get("template")
+    return RunView(Path(decomposition_dir), est, store, meta, coeffs, labels, preds, outcomes, template=template)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +135,153 @@ def read_compare(decomposition_dir) -> dict | None:
             rows[str(name)] = {k: v for k, v in fields.items() if v is None or isinstance(v, (int, float, str, bool))}
     pages = {m: f"methods/{m}/index.html" for m in find_methods(decomposition_dir)}
     return {"path": str(path), "methods": rows, "pages": pages}
+
+
+# ----------------------------------------------------------------------------------------------
+# Where each component lives: ``locations.json`` of :func:`npeff_lens.runs.locate`, read, never computed here.
+# ----------------------------------------------------------------------------------------------
+
+LOCATIONS_FILE = "locations.json"
+MODULES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "attn_norm", "mlp_norm", "other")
+N_HEADS_SHOWN = 8
+
+
+def how_to_locate(decomposition_dir, model: str | None = None) -> dict:
+    """The commands that write ``locations.json`` (:func:`npeff_lens.runs.locate`): ``{cli, python}``."""
+    d = str(decomposition_dir)
+    adapter = f", adapter=npeff_lens.models.load_model({model!r})" if model else ""
+    return {"cli": f"npeff top {d} --where", "python": f"npeff_lens.runs.locate({d!r}{adapter})"}
+
+
+def read_locations(decomposition_dir, n_components: int) -> tuple[dict | None, str | None]:
+    """``({path, key, components: {j: location}}, note)`` from ``locations.json``; ``(None, why)`` without a
+    usable one. A file older than the decomposition's ``npeff.safetensors`` is read with a note."""
+    d = Path(decomposition_dir)
+    path = d / LOCATIONS_FILE
+    if not path.is_file():
+        return None, f"Where each component lives is not computed for this run (no {path})."
+    try:
+        table = read_json(path)
+        comps = {int(c["component"]): c for c in table["components"]}
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return None, f"{path} is unreadable ({e})."
+    if sorted(comps) != list(range(n_components)):
+        return None, (
+            f"{path} locates {len(comps)} components, the decomposition has {n_components} (written for "
+            "another decomposition?): not shown."
+        )
+    note = None
+    fitted = d / "npeff.safetensors"
+    if fitted.is_file() and fitted.stat().st_mtime > path.stat().st_mtime:
+        note = f"{path} is older than the decomposition: it may describe an earlier fit."
+    return {"path": str(path), "key": table.get("key"), "components": comps}, note
+
+
+def parameter_shares(locations: dict[int, dict]) -> dict[tuple, float]:
+    """``{(layer, module): share of the parameters}``, read off ``fraction / enrichment`` (the same layout for
+    every component)."""
+    shares: dict[tuple, float] = {}
+    for loc in locations.values():
+        for g in loc["groups"]:
+            key = (g["layer"], g["module"])
+            if key not in shares and g.get("enrichment"):
+                shares[key] = g["fraction"] / g["enrichment"]
+    return shares
+
+
+def _axes(locations: list[dict]) -> tuple[list, list[str]]:
+    """``(layers, modules)`` present: layers ascending (``None``, outside the layers, last), modules in
+    :data:`MODULES` order."""
+    keys = {(g["layer"], g["module"]) for loc in locations for g in loc["groups"]}
+    layers = sorted({k[0] for k in keys}, key=lambda x: (x is None, x if x is not None else 0))
+    modules = [m for m in MODULES if any(k[1] == m for k in keys)]
+    modules += sorted({k[1] for k in keys} - set(modules))
+    return layers, modules
+
+
+def location_grid(location: dict) -> dict:
+    """A component's energy as a layers × modules grid: ``{layers, modules, fraction, enrichment}``
+    (``fraction[layer][module]``, ``None`` where the layer has no such module)."""
+    layers, modules = _axes([location])
+    cell = {(g["layer"], g["module"]): g for g in location["groups"]}
+    return {
+        "layers": layers,
+        "modules": modules,
+        "fraction": [[cell[(ly, m)]["fraction"] if (ly, m) in cell else None for m in modules] for ly in layers],
+        "enrichment": [[cell[(ly, m)]["enrichment"] if (ly, m) in cell else None for m in modules] for ly in layers],
+    }
+
+
+def mean_enrichment(location: dict) -> float:
+    """The enrichment of the groups weighted by their fraction of the energy, ``Σ_g f_g² / s_g`` (``s_g``: the
+    group's share of the parameters): 1 for a direction spread in proportion to the groups' sizes (a large n/d
+    back-projection), 1 + the χ² divergence of the fractions from the shares in general; unlike the largest
+    enrichment, not moved by a small group's (a norm's) noise."""
+    return sum(g["fraction"] * (g.get("enrichment") or 0.0) for g in location["groups"])
+
+
+def component_location(location: dict | None) -> dict | None:
+    """A component record's ``location``: ``top5pct``, ``energy``, ``n_groups``, ``top_groups`` (text),
+    ``mean_enrichment``, ``groups``, the top :data:`N_HEADS_SHOWN` ``heads`` and the layers × modules ``grid``."""
+    if location is None:
+        return None
+    return {
+        "top5pct": location.get("top5pct"),
+        "energy": location.get("energy"),
+        "n_groups": location.get("n_groups", len(location["groups"])),
+        "mean_enrichment": mean_enrichment(location),
+        "top_groups": top_groups(location, 5),
+        "groups": location["groups"],
+        "heads": (location.get("heads") or [])[:N_HEADS_SHOWN],
+        "grid": location_grid(location),
+    }
+
+
+def locations_summary(located: dict | None, alive: list[int], note: str | None, how: dict) -> dict:
+    """The index's ``locations``: ``{path, key, note, how, layers, modules, mean_fraction (over the alive located
+    components, layers × modules), by_layer: [{component, fraction, enrichment, module}] (per layer: the
+    component's energy there, its enrichment, the module holding most of it), max_mean_enrichment (the largest
+    :func:`mean_enrichment` of a component)}``; only ``{note, how}`` without ``locations.json`` (``how``:
+    :func:`how_to_locate`)."""
+    if located is None:
+        return {"note": note, "how": how}
+    comps = located["components"]
+    shares = parameter_shares(comps)
+    layers, modules = _axes(list(comps.values()))
+    live = [j for j in alive if j in comps] or sorted(comps)
+    mean = [[0.0] * len(modules) for _ in layers]
+    present = [[False] * len(modules) for _ in layers]
+    li, mi = {ly: n for n, ly in enumerate(layers)}, {m: n for n, m in enumerate(modules)}
+    for j in live:
+        for g in comps[j]["groups"]:
+            mean[li[g["layer"]]][mi[g["module"]]] += g["fraction"] / len(live)
+            present[li[g["layer"]]][mi[g["module"]]] = True
+    by_layer = []
+    for j in sorted(comps):
+        frac, share, best = [0.0] * len(layers), [0.0] * len(layers), [None] * len(layers)
+        for g in comps[j]["groups"]:
+            n = li[g["layer"]]
+            frac[n] += g["fraction"]
+            share[n] += shares.get((g["layer"], g["module"]), 0.0)
+            if best[n] is None or g["fraction"] > best[n][1]:
+                best[n] = (g["module"], g["fraction"])
+        by_layer.append({
+            "component": j,
+            "fraction": frac,
+            "enrichment": [f / s if s > 0 else None for f, s in zip(frac, share)],
+            "module": [b[0] if b else None for b in best],
+        })  # fmt: skip
+    return {
+        "path": located["path"],
+        "key": located["key"],
+        "note": note,
+        "how": how,
+        "layers": layers,
+        "modules": modules,
+        "mean_fraction": [[v if p else None for v, p in zip(r, q)] for r, q in zip(mean, present)],
+        "by_layer": by_layer,
+        "max_mean_enrichment": max((mean_enrichment(loc) for loc in comps.values()), default=None),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,8 +413,8 @@ def _counts(values) -> list[list]:
     return [[v, n] for v, n in Counter(values).most_common()]
 
 
-def summary_row(view: RunView, stats: Stats, j: int, perturbation: dict | None) -> dict:
-    """One component's line in the index."""
+def summary_row(view: RunView, stats: Stats, j: int, perturbation: dict | None, location: dict | None = None) -> dict:
+    """One component's line in the index (``location``: its entry of ``locations.json``, if any)."""
     top = top_indices(view, stats, j)
     p = perturbation or {}
     return {
@@ -278,6 +430,8 @@ def summary_row(view: RunView, stats: Stats, j: int, perturbation: dict | None) 
         "frac_nonzero": float(stats.frac_nonzero[j]),
         "kl_ratio": p.get("kl_ratio"),
         "pef_norm_ratio": p.get("pef_norm_ratio"),
+        "top5pct": location.get("top5pct") if location else None,
+        "top_group": top_groups(location, 1)[0] if location and location.get("groups") else None,
         "page": f"components/{component_name(j)}.html",
         "data": f"data/{component_name(j)}.json"
         if view.method is None
@@ -304,6 +458,71 @@ def _probs(meta: dict, outcomes) -> dict:
     if "topk_ids" in meta:
         return {"topk_ids": list(meta["topk_ids"]), "topk_probs": list(meta["topk_probs"])}
     return {}
+
+
+def _text_spans(template: str, text: str) -> list[tuple[int, int]]:
+    """Character spans of the example's text in ``template.replace("{text}", text)`` (:meth:`.Task.format`)."""
+    spans, pos = [], 0
+    for piece in template.split("{text}")[:-1]:
+        pos += len(piece)
+        spans.append((pos, pos + len(text)))
+        pos += len(text)
+    return spans
+
+
+def input_token_mask(tokens: list[str], text: str | None, template: str | None) -> list[bool] | None:
+    """Per token of a prompt, ``True`` when it holds a character of the example's own text, ``False`` for the
+    template's tokens (and special tokens such as a BOS, which are not in the prompt string).
+
+    The prompt is ``template`` with ``{text}`` replaced by ``text``; the decoded tokens, joined, are aligned with
+    it character by character (directly when the prompt is a substring of the join, else by
+    :class:`difflib.SequenceMatcher`, for tokenizers whose single-token decoding drops spaces or splits a
+    character's bytes). A token straddling the boundary (``" great"`` after ``"Review:"``) counts as input; a
+    token none of whose characters are in the prompt stands for the prompt characters between its neighbours
+    (a BOS: none, so template; one byte of an ``é`` split over two tokens: the ``é``, so input).
+    ``None`` when the template or the text is unknown, or when the alignment finds less than half of the
+    text's characters the tokens reach (a tokenizer that rewrites the text)."""
+    if template is None or text is None or "{text}" not in template or not tokens:
+        return None
+    mask = _input_token_mask(tuple(tokens), text, template)  # an example is shown on several components' pages
+    return None if mask is None else list(mask)
+
+
+@lru_cache(maxsize=4096)
+def _input_token_mask(tokens: tuple[str, ...], text: str, template: str) -> tuple[bool, ...] | None:
+    prompt = template.replace("{text}", text)
+    spans = _text_spans(template, text)
+    joined = "".join(tokens)
+    to_prompt: list[int | None] = [None] * len(joined)  # character of the join -> character of the prompt
+    at = joined.find(prompt)
+    if at >= 0:
+        to_prompt[at : at + len(prompt)] = range(len(prompt))
+    else:
+        for a, b, n in SequenceMatcher(None, joined, prompt, autojunk=False).get_matching_blocks():
+            to_prompt[a : a + n] = range(b, b + n)
+    mapped = [c for c in to_prompt if c is not None]
+    reach = max(mapped, default=-1)  # a prompt truncated at max_length ends early
+    wanted = sum(max(0, min(hi, reach + 1) - lo) for lo, hi in spans)
+    found = sum(1 for c in mapped if any(lo <= c < hi for lo, hi in spans))
+    if wanted and found < 0.5 * wanted:
+        return None
+
+    def inside(c: int) -> bool:
+        return any(lo <= c < hi for lo, hi in spans)
+
+    mask, pos, last = [], 0, -1
+    for tok in tokens:
+        chars = [c for c in to_prompt[pos : pos + len(tok)] if c is not None]
+        pos += len(tok)
+        if chars:
+            mask.append(any(inside(c) for c in chars))
+            last = max(last, *chars)
+            continue
+        # nothing of it in the prompt (a BOS; a character's bytes split over tokens): it stands for the gap
+        # between the prompt characters around it
+        after = next((c for c in to_prompt[pos:] if c is not None), len(prompt))
+        mask.append(any(inside(c) for c in range(last + 1, after)))
+    return tuple(mask)
 
 
 def example_record(
@@ -345,6 +564,13 @@ def example_record(
         )
     elif token_values is not None:
         rec.update(token_values)
+    rec.update(input_tokens=None, input_share=None, template_share=None)
+    if rec["tokens"] is not None:
+        mask = input_token_mask(rec["tokens"], rec["text"], view.template)
+        rec["input_tokens"] = mask
+        if mask is not None and rec["remainder"] is not None:  # shares of the loading: they add up
+            rec["input_share"] = sum(v for v, m in zip(rec["values"], mask) if m)
+            rec["template_share"] = sum(v for v, m in zip(rec["values"], mask) if not m)
     return rec
 
 
@@ -357,10 +583,14 @@ def component_record(
     examples: list[dict] | None = None,
     note: str | None = None,
     token_values=None,
+    location: dict | None = None,
+    n_attributed: int | None = None,
 ) -> dict:
     """A component's JSON (the package docstring's ``component`` schema) over ``view.coeffs`` (NPEFF's or a
     baseline's, :func:`method_view`). ``examples``: the top examples' records; by default built here, with
-    ``token_values(j, example)`` (a per-example token-value provider, e.g. :class:`SAETokenValues`) if given."""
+    ``token_values(j, example)`` (a per-example token-value provider, e.g. :class:`SAETokenValues`) if given;
+    ``location``: the component's entry of ``locations.json``; ``n_attributed``: how many examples were
+    attributed (``None``: not NPEFF's token attributions)."""
     top = top_indices(view, stats, j)
     if examples is None:
         examples = [
@@ -378,8 +608,9 @@ def component_record(
         "format_version": FORMAT_VERSION,
         "kind": "component",
         "method": view.method,
-        **summary_row(view, stats, j, perturbation),
+        **summary_row(view, stats, j, perturbation, location),
         "k": stats.k,
+        "n_attributed": n_attributed,
         "n_prompts_total": view.coeffs.shape[0],
         "freq_hist_data_bar_values": centres,
         "freq_hist_data_bar_heights": heights,
@@ -392,10 +623,13 @@ def component_record(
         "perturbation": perturbation,
         "activations": examples,
         "attribution_note": note,
+        "location": component_location(location),
     }
 
 
-def index_record(view: RunView, stats: Stats, rows: list[dict], *, perturbation, compare, note) -> dict:
+def index_record(
+    view: RunView, stats: Stats, rows: list[dict], *, perturbation, compare, note, locations=None, n_attributed=None
+) -> dict:
     """The index JSON (the package docstring's ``index`` schema)."""
     from .. import __version__
 
@@ -440,6 +674,8 @@ def index_record(view: RunView, stats: Stats, rows: list[dict], *, perturbation,
         "perturbation": perturbation,
         "compare": compare,
         "attribution_note": note,
+        "n_attributed": n_attributed,
+        "locations": locations,
         "components": rows,
     }
 
@@ -472,5 +708,7 @@ def method_index_record(npeff_index: dict, view: RunView, stats: Stats, rows: li
         },
         "perturbation": None,
         "attribution_note": note,
+        "n_attributed": None,
+        "locations": None,
         "components": rows,
     }

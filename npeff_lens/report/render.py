@@ -12,6 +12,7 @@ from html import escape
 
 from .data import METHODS, N_BINS, NONZERO, component_name
 
+SPREAD_EVENLY = 1.5  # below this energy-weighted mean enrichment a map is read as "spread evenly"
 _COMPARE_COLUMNS = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared",
                     "coverage", "selectivity", "fit_seconds")  # fmt: skip
 
@@ -56,6 +57,174 @@ def _page(title: str, body: str, prefix: str, scripts=("report.js",)) -> str:
         f'<link rel="stylesheet" href="{prefix}assets/report.css"></head>\n<body>\n{body}\n'
         f"<footer>npeff_lens report · NPEFF (Matena &amp; Raffel): components are rank-1 pseudo-Fisher matrices "
         f"h hᵀ with non-negative per-example coefficients.</footer>\n{tags}\n</body></html>\n"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Where components live: heatmaps as tables of coloured cells (readable as numbers, no script needed)
+# ----------------------------------------------------------------------------------------------
+
+
+def _layer_name(layer) -> str:
+    return "outside the layers" if layer is None else f"layer {layer}"
+
+
+def _heat_cell(frac, vmax: float, title: str, attrs: str) -> str:
+    """A cell coloured by ``frac / vmax`` (full colour at ``vmax``), its percentage as text, ``title`` on hover."""
+    if frac is None:
+        return f'<td class="heat none" {attrs} title="{escape(title)}"></td>'
+    alpha = 0.85 * frac / vmax if vmax > 0 else 0.0
+    text = f"{100 * frac:.0f}" if frac >= 0.005 else ""
+    return (
+        f'<td class="heat" {attrs} data-fraction="{frac!r}" style="background-color: rgba(230,110,20,{alpha:.3f})" '
+        f'title="{escape(title)}">{text}</td>'
+    )
+
+
+def _enrichment(e) -> str:
+    return "–" if e is None else f"x{e:.1f}"
+
+
+def _grid_table(grid: dict, table_id: str, what: str) -> str:
+    """A layers × modules heatmap of ``grid`` (``{layers, modules, fraction, enrichment}``)."""
+    fr, en = grid["fraction"], grid.get("enrichment")
+    vmax = max((v for row in fr for v in row if v is not None), default=0.0)
+    head = "".join(f'<th class="num">{escape(m)}</th>' for m in grid["modules"])
+    rows = []
+    for n, layer in enumerate(grid["layers"]):
+        cells = []
+        for k, mod in enumerate(grid["modules"]):
+            f = fr[n][k]
+            e = en[n][k] if en is not None else None
+            title = f"{_layer_name(layer)} {mod}: " + (
+                "no such parameters" if f is None else f"{pct(f)} of {what}"
+                + (f" ({_enrichment(e)} its share of the parameters)" if en is not None else "")
+            )  # fmt: skip
+            attrs = f'data-layer="{"" if layer is None else layer}" data-module="{escape(mod)}"'
+            if e is not None:
+                attrs += f' data-enrichment="{e!r}"'
+            cells.append(_heat_cell(f, vmax, title, attrs))
+        label = "–" if layer is None else str(layer)
+        rows.append(f'<tr><th title="{escape(_layer_name(layer))}">{label}</th>{"".join(cells)}</tr>')
+    return (
+        f'<div class="scroll"><table class="heatmap" id="{table_id}"><thead><tr><th>layer ↓ / module →</th>{head}'
+        f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _location_key(key: dict | None) -> str:
+    key = key or {}
+    how = {"adjoint": "back-projection A h", "minnorm": "minimum-norm recovery"}.get(key.get("recovery"))
+    how = how or f"{key.get('recovery', '?')} recovery"
+    heads = "per attention head too" if key.get("heads") else "no per-head split (locate without the model)"
+    return f"direction recovered by {escape(how)}; {heads}"
+
+
+_ENERGY_NOTE = (
+    "Energy: the squared L2 norm of the component's direction recovered in parameter space (App. F), summed per "
+    "layer × module; colour and number: the group's percentage of it; hover: its enrichment, that percentage over "
+    "the group's share of the parameters (x1.0: no more than a random direction puts there; read it before the "
+    "percentages)."
+)
+
+
+def _where_component(c: dict) -> str:
+    """The component page's heatmap of its energy per layer × module, its top groups and heads in words."""
+    loc = c.get("location")
+    if c.get("method") is not None:
+        return ""
+    if loc is None:
+        return (
+            '<section class="block" id="where"><h2>Where it lives</h2><p class="muted">Not computed for this run '
+            '(<a href="../index.html#where">how</a>).</p></section>'
+        )
+    heads = loc.get("heads") or []
+    head_text = ""
+    if heads:
+        items = [f"{_layer_name(h['layer'])} {escape(h['module'])} head {h['head']} {pct(h['fraction'])} "
+                 f"({_enrichment(h.get('enrichment'))})" for h in heads[:5]]  # fmt: skip
+        head_text = f"<p>Top heads: {'; '.join(items)}.</p>"
+    caution = ""
+    if loc.get("mean_enrichment") is not None and loc["mean_enrichment"] < SPREAD_EVENLY:
+        caution = (
+            f" Its energy-weighted mean enrichment is only x{loc['mean_enrichment']:.2f}: the direction spreads over "
+            "the parameters about in proportion to their sizes, so this map does not say where the component lives."
+        )
+    return (
+        '<section class="block" id="where"><h2>Where it lives</h2>'
+        f'<p id="where-top">Most energy: {escape("; ".join(loc["top_groups"]))}. The top 5% of its '
+        f"{loc['n_groups']} groups hold <b>{pct(loc['top5pct'])}</b> of the energy.{caution}</p>{head_text}"
+        f'{_grid_table(loc["grid"], "where-grid", "the energy")}<p class="note">{_ENERGY_NOTE}</p></section>'
+    )
+
+
+def _components_by_layer(loc: dict, rows: list[dict]) -> str:
+    """Components × layers: each component's share of its energy per layer."""
+    layers = loc["layers"]
+    vmax = max((v for r in loc["by_layer"] for v in r["fraction"]), default=0.0)
+    head = "".join(f'<th class="num" title="{escape(_layer_name(ly))}">{"–" if ly is None else ly}</th>'
+                   for ly in layers)  # fmt: skip
+    out = []
+    for r in loc["by_layer"]:
+        j = r["component"]
+        cells = []
+        for ly, f, e, m in zip(layers, r["fraction"], r["enrichment"], r["module"]):
+            title = (f"component {j}, {_layer_name(ly)}: {pct(f)} of its energy ({_enrichment(e)} the layer's "
+                     f"share of the parameters)" + (f"; most in {m}" if m else ""))  # fmt: skip
+            attrs = f'data-component="{j}" data-layer="{"" if ly is None else ly}"'
+            if e is not None:
+                attrs += f' data-enrichment="{e!r}"'
+            cells.append(_heat_cell(f, vmax, title, attrs))
+        dead = "" if rows[j]["alive"] else ' class="dead"'
+        out.append(f'<tr{dead}><th><a href="{rows[j]["page"]}">{j}</a></th>{"".join(cells)}</tr>')
+    return (
+        f'<div class="scroll"><table class="heatmap" id="where-components"><thead><tr><th>component ↓ / layer →</th>'
+        f"{head}</tr></thead><tbody>{''.join(out)}</tbody></table></div>"
+    )
+
+
+def _how_to_locate(how: dict | None) -> str:
+    if not how:
+        return ""
+    return (
+        f"Write it with <code>{escape(how['cli'])}</code> (each component's direction recovered by back-projection; "
+        f"saved as locations.json in the decomposition's directory) or, in Python, <code>{escape(how['python'])}"
+        '</code> (with the model, per attention head too; <code>recovery="sparsa"</code> for compressed '
+        "sensing), then run <code>npeff report</code> again; the report reads the file and never computes it "
+        "(recovery can be slow)."
+    )
+
+
+def _where_index(index: dict) -> str:
+    loc = index.get("locations")
+    if not loc:
+        return ""
+    if loc.get("layers") is None:
+        note = f"{escape(loc.get('note') or '')} {_how_to_locate(loc.get('how'))}"
+        return f'<section class="block" id="where"><h2>Where components live</h2><p class="note">{note}</p></section>'
+    mean = {"layers": loc["layers"], "modules": loc["modules"], "fraction": loc["mean_fraction"]}
+    flat = [(v, ly, m) for ly, row in zip(loc["layers"], loc["mean_fraction"]) for v, m in zip(row, loc["modules"])
+            if v is not None]  # fmt: skip
+    hottest = ""
+    if flat:
+        v, ly, m = max(flat, key=lambda t: t[0])
+        hottest = f" Hottest on average: <b>{escape(_layer_name(ly))} {escape(m)}</b> ({pct(v)})."
+    caution = ""
+    if loc.get("max_mean_enrichment") is not None and loc["max_mean_enrichment"] < SPREAD_EVENLY:
+        caution = (
+            f" No component's energy-weighted mean enrichment exceeds x{loc['max_mean_enrichment']:.2f}: the "
+            "recovered directions spread over the parameters about in proportion to their sizes, so these maps do "
+            "not say where components live (a large n/d; see the README)."
+        )
+    note = f" {escape(loc['note'])} {_how_to_locate(loc.get('how'))}" if loc.get("note") else ""
+    return (
+        '<section class="block" id="where"><h2>Where components live</h2>'
+        f'<p class="note">From {escape(loc["path"])}: {_location_key(loc.get("key"))}.{note}{caution}</p>'
+        f"<h3>Mean over the alive components, layer × module</h3>{_grid_table(mean, 'where-mean', 'the energy')}"
+        f'<p class="note">{hottest}</p>'
+        f"<h3>Each component, per layer</h3>{_components_by_layer(loc, index['components'])}"
+        f'<p class="note">{_ENERGY_NOTE} Per layer: the sum over its modules (hover: the module with the most).</p>'
+        "</section>"
     )
 
 
@@ -144,7 +313,7 @@ def _compare_table(compare: dict | None, here: str | None = None) -> str:
     )
 
 
-def _index_row(r: dict) -> str:
+def _index_row(r: dict, where: bool = False) -> str:
     tuned = r["tuned_label"] is not None or r["tuned_prediction"] is not None
     j = r["feature_index"]
     cells = [
@@ -159,6 +328,11 @@ def _index_row(r: dict) -> str:
         f'<td class="num" data-value="{_num(r["kl_ratio"])}">{fmt(r["kl_ratio"])}</td>',
         f'<td class="num" data-value="{_num(r["pef_norm_ratio"])}">{fmt(r["pef_norm_ratio"])}</td>',
     ]
+    if where:
+        cells += [
+            f'<td class="num" data-value="{_num(r.get("top5pct"))}">{pct(r.get("top5pct"))}</td>',
+            f"<td>{escape(r.get('top_group') or '–')}</td>",
+        ]
     cls = "" if r["alive"] else ' class="dead"'
     return (
         f'<tr{cls} data-component="{j}" data-tuned="{int(tuned)}" data-alive="{int(r["alive"])}">{"".join(cells)}</tr>'
@@ -177,15 +351,14 @@ def render_index(index: dict) -> str:
         else f"Examples, labels and predictions are NPEFF's run's; each {what}'s coefficients come from "
         "<code>npeff compare</code>; perturbation (KL ratio) is computed for NPEFF components only."
     )
-    head = "".join(
-        f'<th data-sort="{t}"{" class=num" if t == "num" else ""}>{escape(h)}</th>'
-        for h, t in (
-            (what, "num"), ("status", "num"), ("tuned label", "str"), ("tuned prediction", "str"),
-            (f"labels of top {k}", "str"), (f"predictions of top {k}", "str"), ("coefficient mass", "num"),
-            ("non-zero", "num"), ("KL ratio", "num"), ("PEF-norm ratio", "num"),
-        )
-    )  # fmt: skip
-    rows = "\n".join(_index_row(r) for r in index["components"])
+    where = (index.get("locations") or {}).get("layers") is not None
+    columns = [
+        (what, "num"), ("status", "num"), ("tuned label", "str"), ("tuned prediction", "str"),
+        (f"labels of top {k}", "str"), (f"predictions of top {k}", "str"), ("coefficient mass", "num"),
+        ("non-zero", "num"), ("KL ratio", "num"), ("PEF-norm ratio", "num"),
+    ] + ([("top 5% of groups", "num"), ("most energy", "str")] if where else [])  # fmt: skip
+    head = "".join(f'<th data-sort="{t}"{" class=num" if t == "num" else ""}>{escape(h)}</th>' for h, t in columns)
+    rows = "\n".join(_index_row(r, where) for r in index["components"])
     note = index.get("attribution_note")
     body = (
         f'<header>{nav}<h1>{escape(title)}</h1><p class="sub">{_run_line(index["run"])}</p></header><main>'
@@ -198,9 +371,31 @@ def render_index(index: dict) -> str:
         f"<tbody>\n{rows}\n</tbody></table></div>"
         f'<p class="note">Tuned: at least 95% of the top {k} examples share the label (prediction), §3.1. '
         f"Coefficient mass: the component's share of all coefficients. Non-zero: coefficient &gt; {NONZERO:g}. "
-        f"{legend}{' ' + escape(note) if note else ''}</p></section></main>"
+        f"{legend}{' ' + escape(note) if note else ''}"
+        f"{' ' + _where_legend() if where else ''}{' ' + _attributed_note(index) if method is None else ''}"
+        f"</p></section>{_where_index(index)}</main>"
     )
     return _page(title, body, _prefix(method))
+
+
+def _where_legend() -> str:
+    return (
+        "Top 5% of groups: the share of the component's energy in its top 5% of (layer, module) groups; most "
+        "energy: its first group, with its enrichment (below: the maps)."
+    )
+
+
+def _attributed_note(rec: dict) -> str:
+    """Why only the top ``n_attributed`` examples have token attributions, and the option that sets it."""
+    n = rec.get("n_attributed")
+    if n is None:
+        return ""
+    return (
+        f"Token attributions cover each component's top {n} of the {rec['k'] if 'k' in rec else rec['summary']['k']} "
+        "examples shown: each attributed example costs a forward and a backward pass of the model per PEF row, for "
+        "each component; set the number with <code>npeff report --n-attributed N</code> (Python: "
+        "<code>npeff_lens.report.build(..., n_attributed=N)</code>)."
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,17 +403,32 @@ def render_index(index: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def tokens_html(tokens: list[str], values: list[float], unit: str = "of the loading") -> str:
-    """Tokens as spans whose background shows their value, e.g. share of the loading (orange +, blue −)."""
-    vmax = max((abs(v) for v in values), default=0.0) or 1.0
+def tokens_html(
+    tokens: list[str], values: list[float], unit: str = "of the loading", input_mask: list[bool] | None = None
+) -> str:
+    """Tokens as spans whose background shows their value, e.g. share of the loading (orange +, blue −).
+
+    With ``input_mask`` (per token, ``True`` for the input's own text) the colour scale is set by the input's
+    tokens alone (the largest ``|value|`` among them is full colour) and the template's tokens are shown
+    outlined, uncoloured, with their value on hover: a template token holding most of the value (an attention
+    sink, the prompt's last token) would otherwise leave the input's tokens blank."""
+    if input_mask is None or not any(input_mask):  # no split known (or no input token): every token scales
+        input_mask = [True] * len(tokens)
+    vmax = max((abs(v) for v, own in zip(values, input_mask) if own), default=0.0) or 1.0
     spans = []
-    for tok, v in zip(tokens, values):
+    for tok, v, own in zip(tokens, values, input_mask):
+        text = escape(tok).replace("\n", "↵\n")
+        if not own:
+            spans.append(
+                f'<span class="tok tmpl" data-value="{v!r}" data-input="0" '
+                f'title="{100 * v:+.1f}% {escape(unit)} (template token: not on the colour scale)">{text}</span>'
+            )
+            continue
         alpha = 0.85 * abs(v) / vmax
         rgb = "230,110,20" if v >= 0 else "40,110,220"
-        text = escape(tok).replace("\n", "↵\n")
         spans.append(
             f'<span class="tok" style="background-color: rgba({rgb},{alpha:.3f})" '
-            f'data-value="{v!r}" title="{100 * v:+.1f}% {escape(unit)}">{text}</span>'
+            f'data-value="{v!r}" data-input="1" title="{100 * v:+.1f}% {escape(unit)}">{text}</span>'
         )
     return "".join(spans)
 
@@ -240,13 +450,21 @@ def _example_html(e: dict) -> str:
         f"prediction <b>{escape(name(e['prediction']))}</b>",
         _probs_text(e),
     ]
+    mask = e.get("input_tokens")
     if e.get("values") is not None and e.get("remainder") is None:  # a baseline's per-token activations
         meta.append(f"max activation {fmt(e['loading'])}")
-        content = f'<div class="tokens">{tokens_html(e["tokens"], e["values"], "of the max activation")}</div>'
+        tokens = tokens_html(e["tokens"], e["values"], "of the max activation", mask)
+        content = f'<div class="tokens">{tokens}</div>'
     elif e.get("values") is not None:
         rem = sum(v for v in (e.get("remainder") or {}).values())
-        meta.append(f"loading {fmt(e['loading'])} (remainder {pct(rem)})")
-        content = f'<div class="tokens">{tokens_html(e["tokens"], e["values"])}</div>'
+        meta.append(f"loading {fmt(e['loading'])}")
+        if e.get("template_share") is not None:
+            meta.append(
+                f'<span class="share" data-template-share="{e["template_share"]!r}">template: '
+                f"<b>{pct(e['template_share'])}</b> of the loading</span> · input: {pct(e['input_share'])}"
+            )
+        meta.append(f"remainder {pct(rem)}")
+        content = f'<div class="tokens">{tokens_html(e["tokens"], e["values"], input_mask=mask)}</div>'
     else:
         if e.get("stored_loading") is not None:
             meta.append(f"loading {fmt(e['stored_loading'])}")
@@ -335,23 +553,30 @@ def _component_header(c: dict, n_components: int) -> str:
 def _legend(method: str | None) -> str:
     if method == "grad-cluster":
         return "No token highlighting: a gradient cluster has no per-token values (one gradient per example)."
+    template = (
+        'The prompt template\'s tokens are shown <span class="tok tmpl">outlined</span> and uncoloured (hover for '
+        "their value): the colour scale is set per example by the input's own tokens, full colour at the largest "
+        "among them."
+    )
     if method == "sae":
         return (
             "Token highlighting: the latent's activation on each token of the prompt (its SAE code), divided by "
             'its max over the example\'s tokens (<span class="tok" style="background-color: rgba(230,110,20,0.6)">'
-            "max</span>; hover for the %)."
+            f"max</span>; hover for the %). {template}"
         )
     if method == "snmf":
         return (
             "Token highlighting: the feature's non-negative SNMF coefficient on each token of the prompt, divided by "
             'its max over the example\'s tokens (<span class="tok" style="background-color: rgba(230,110,20,0.6)">'
-            "max</span>; hover for the %)."
+            f"max</span>; hover for the %). {template}"
         )
     return (
         "Token highlighting: each token's exact share of the example's loading "
         "Σ<sub>rows</sub>((G<sub>row</sub>A)·h)² on this component "
         '(<span class="tok" style="background-color: rgba(230,110,20,0.6)">adds</span> '
-        '<span class="tok" style="background-color: rgba(40,110,220,0.6)">subtracts</span>; hover for the %).'
+        '<span class="tok" style="background-color: rgba(40,110,220,0.6)">subtracts</span>; hover for the %). '
+        f"{template} Template: the template tokens' total share of the loading; input: the input's tokens'; "
+        "remainder: parameters the hooks do not split over tokens (the three add up to 100%)."
     )
 
 
@@ -369,7 +594,9 @@ def render_component(c: dict, rows: list[dict]) -> str:
     examples = "\n".join(_example_html(e) for e in c["activations"]) or '<p class="muted">no top examples</p>'
     method = c.get("method")
     title, what = _method_title(method)
-    legend = f'<p class="legend note">{_legend(method)} {escape(c.get("attribution_note") or "")}</p>'
+    legend = (
+        f'<p class="legend note">{_legend(method)} {escape(c.get("attribution_note") or "")} {_attributed_note(c)}</p>'
+    )
     body = (
         f'{_component_header(c, len(rows))}<main><div class="grid">'
         f'<div class="card"><h2>Summary</h2>{stats}</div>'
@@ -379,6 +606,7 @@ def render_component(c: dict, rows: list[dict]) -> str:
         f'<div class="card"><h2>Top {c["k"]}: label × prediction</h2>{_breakdown(c)}</div>'
         f'<div class="card"><h2>Nearest {what}s</h2>{_nearest(c, rows)}</div>'
         f'<div class="card"><h2>Perturbation (§3.3)</h2>{_perturbation(c.get("perturbation"), method)}</div></div>'
+        f"{_where_component(c)}"
         f'<section class="block" id="examples"><h2>Top examples</h2>{legend}{examples}</section></main>'
         f'<script type="application/json" id="hist-data">{hist}</script>'
     )
