@@ -171,7 +171,9 @@ class ReportCommand(_Config):
     out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/report)")
     store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)")
     k: int = option(16, "top examples shown per component (§3.1)")
-    n_attributed: int = option(8, "top examples per component whose tokens are attributed (each costs a forward and a backward pass per PEF row)")
+    n_attributed: int = option(
+        8, "top examples per component whose tokens are attributed (each: a forward and a backward per PEF row)"
+    )
     perturbation: str | None = option(None, "a perturbation.json or its folder (default: found beside the run)")
     attributions: bool = option(True, "compute exact token attributions (needs the model)")
     progress: bool = option(True, "show progress bars")
