@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .baselines.activations import hook_module, resolve_hook
 from .perturb import _Reference, baseline_examples, geometric_mean, kl_divergence, perturbed, task_log_probs
 
 __all__ = [
@@ -101,11 +102,9 @@ class ActivationDirection:
 @contextmanager
 def steered(adapter, hook: str, vector: torch.Tensor):
     """Within the block, ``vector`` is added to the activation at ``hook`` (a hook of
-    :func:`npeff_lens.baselines.sae.activations`: TransformerLens name, module path, ``PATH:input``, ``attn:L``,
+    :func:`npeff_lens.baselines.activations.activations`: TransformerLens name, module path, ``PATH:input``, ``attn:L``,
     ``mlp:L``) on every token of every forward pass; trailing dimensions (``hook_z``'s heads) take ``vector``
     reshaped. The hook is removed afterwards, exception or not."""
-    from .baselines.sae import hook_module, resolve_hook
-
     module, reads_input = hook_module(adapter, resolve_hook(adapter, hook))
     vector = torch.as_tensor(vector).detach()
 

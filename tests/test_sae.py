@@ -10,13 +10,8 @@ import torch
 
 pytest.importorskip("sae_lens")
 
-from npeff_lens.baselines.sae import (  # noqa: E402
-    SAE_LENS_INSTALL,
-    Activations,
-    TopKSAEBaseline,
-    activations,
-    unit_normalise,
-)
+from npeff_lens.baselines.activations import Activations, activations  # noqa: E402
+from npeff_lens.baselines.sae import SAE_LENS_INSTALL, TopKSAEBaseline, unit_normalise  # noqa: E402
 from npeff_lens.models import load_model  # noqa: E402
 
 PROMPTS = [
@@ -57,15 +52,10 @@ def planted_fit():
 
 
 @pytest.fixture(scope="module")
-def hf_adapter():
-    return load_model("tiny-llama", backend="hf")
-
-
-@pytest.fixture(scope="module")
-def hidden_states(hf_adapter):
-    enc = hf_adapter.tokenize(PROMPTS)
+def hidden_states(adapter):
+    enc = adapter.tokenize(PROMPTS)
     with torch.no_grad():
-        hs = hf_adapter.module(**enc, output_hidden_states=True).hidden_states
+        hs = adapter.module(**enc, output_hidden_states=True).hidden_states
     mask = enc["attention_mask"].bool()
     return enc, mask, [h[mask] for h in hs]
 
@@ -128,6 +118,31 @@ def test_unsorted_example_index_is_grouped(planted_fit):
     torch.testing.assert_close(coef, sae.coefficients_[:40], rtol=0, atol=1e-6)
 
 
+def test_saved_layout_is_unchanged(planted_fit, tmp_path):
+    """The saved folder is a format that existing runs hold: its file names, the codes file byte for byte, the
+    JSON's keys in order; it loads back exactly."""
+    import json
+
+    from safetensors.torch import save
+
+    sae = planted_fit[-1]
+    sae.save(tmp_path)
+    names = ["cfg.json", "npeff_sae.json", "npeff_sae_codes.safetensors", "sae_weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    keys = ("coefficients", "example_index", "token_ids", "positions", "code_latents", "code_values")
+    codes = save({k: getattr(sae, f"{k}_").contiguous() for k in keys})
+    assert (tmp_path / "npeff_sae_codes.safetensors").read_bytes() == codes
+    meta = json.loads((tmp_path / "npeff_sae.json").read_text())
+    assert list(meta) == ["format", "format_version", "params", "normalisation", "pretrained", "model_name", "d_in",
+                          "n_tokens", "dead_latents", "fit_seconds", "timings"]  # fmt: skip
+    assert (meta["format"], meta["format_version"], meta["normalisation"]) == (
+        "npeff_lens.TopKSAEBaseline", 1, "unit_l2_per_token")  # fmt: skip
+    back = TopKSAEBaseline.load(tmp_path)
+    for k in keys:
+        assert torch.equal(getattr(back, f"{k}_"), getattr(sae, f"{k}_")), k
+    assert back.get_params() == sae.get_params() and torch.equal(back.dead_latents_, sae.dead_latents_)
+
+
 # --- activations through the adapters ----------------------------------------------------------------------
 
 
@@ -140,10 +155,10 @@ def _check_against_hf(acts: Activations, enc, mask, expected):
 
 
 @pytest.mark.parametrize("backend", ["hf", "nnsight"])
-def test_activations_module_path(backend, hf_adapter, hidden_states):
+def test_activations_module_path(backend, adapter, hidden_states):
     enc, mask, hs = hidden_states
-    adapter = hf_adapter if backend == "hf" else load_model("tiny-llama", backend=backend)
-    got = activations(adapter, PROMPTS, "model.layers.0", batch_size=3, show_progress=False)
+    model = adapter if backend == "hf" else load_model("tiny-llama", backend=backend)
+    got = activations(model, PROMPTS, "model.layers.0", batch_size=3, show_progress=False)
     _check_against_hf(got, enc, mask, hs[1])
     assert got.n_examples == len(PROMPTS) and got.hook == "model.layers.0"
 
@@ -156,20 +171,20 @@ def test_activations_transformer_lens_hook(backend, hidden_states):
     _check_against_hf(got, enc, mask, hs[1])
 
 
-def test_padding_excluded(hf_adapter):
+def test_padding_excluded(adapter):
     short, long = "terrible", "Question: what is the capital of France ? Answer:"
-    lengths = [len(hf_adapter.tokenize([p])["input_ids"][0]) for p in (short, long)]
+    lengths = [len(adapter.tokenize([p])["input_ids"][0]) for p in (short, long)]
     assert lengths[0] < lengths[1]
-    got = activations(hf_adapter, [short, long], "model.layers.1.mlp.act_fn", show_progress=False)
+    got = activations(adapter, [short, long], "model.layers.1.mlp.act_fn", show_progress=False)
     assert len(got) == sum(lengths) and got.d == 64
     assert torch.equal(torch.bincount(got.example_index), torch.tensor(lengths))
-    alone = activations(hf_adapter, [short], "model.layers.1.mlp.act_fn", show_progress=False)
+    alone = activations(adapter, [short], "model.layers.1.mlp.act_fn", show_progress=False)
     torch.testing.assert_close(got.acts[: lengths[0]], alone.acts, rtol=0, atol=1e-5)
 
 
-def test_bad_hook_lists_close_names(hf_adapter):
+def test_bad_hook_lists_close_names(adapter):
     with pytest.raises(ValueError, match=r"model\.layers\.0") as e:
-        activations(hf_adapter, PROMPTS, "model.layer.0", show_progress=False)
+        activations(adapter, PROMPTS, "model.layer.0", show_progress=False)
     assert "\n" not in str(e.value)
     hooked = load_model("tiny-llama", backend="hooked")
     with pytest.raises(ValueError, match=r"blocks\.1\.hook_resid_pre") as e:
@@ -180,20 +195,20 @@ def test_bad_hook_lists_close_names(hf_adapter):
 # --- fit through an adapter, save, load --------------------------------------------------------------------
 
 
-def test_fit_save_load_round_trip(hf_adapter, tmp_path):
+def test_fit_save_load_round_trip(adapter, tmp_path):
     import sae_lens
 
     hook = "model.layers.0"
     sae = TopKSAEBaseline(48, 4, hook=hook, batch_size=64, n_epochs=3, k_top=2, show_progress=False)
-    sae.fit(hf_adapter, PROMPTS)
-    n_tokens = int(hf_adapter.tokenize(PROMPTS)["attention_mask"].sum())
+    sae.fit(adapter, PROMPTS)
+    n_tokens = int(adapter.tokenize(PROMPTS)["attention_mask"].sum())
     assert sae.coefficients_.shape == (len(PROMPTS), 48) and sae.n_tokens_ == n_tokens
     assert sae.fit_seconds_ > 0 and set(sae.timings_) >= {"activations", "train", "encode"}
     assert sae.sae_.cfg.metadata.hook_name == hook
 
     sae.save(tmp_path)
     opened = sae_lens.SAE.load_from_disk(tmp_path)
-    x = unit_normalise(activations(hf_adapter, PROMPTS, hook, show_progress=False).acts)
+    x = unit_normalise(activations(adapter, PROMPTS, hook, show_progress=False).acts)
     with torch.no_grad():
         assert torch.equal(opened.encode(x), sae.sae_.encode(x))
     assert opened.cfg.metadata.hook_name == hook and opened.cfg.k == 4
@@ -207,32 +222,32 @@ def test_fit_save_load_round_trip(hf_adapter, tmp_path):
     assert torch.equal(back.dead_latents_, sae.dead_latents_)
     latent = int(sae.coefficients_.sum(0).argmax())
     assert back.active_token_sets(latent, range(len(PROMPTS))) == sae.active_token_sets(latent, range(len(PROMPTS)))
-    torch.testing.assert_close(back.transform(hf_adapter, PROMPTS), sae.coefficients_, rtol=0, atol=1e-6)
+    torch.testing.assert_close(back.transform(adapter, PROMPTS), sae.coefficients_, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend, resolved", [("hf", "model.layers.1.self_attn.o_proj:input"),
                                                ("hooked", "blocks.1.attn.hook_z"),
                                                ("bridge", "blocks.1.attn.hook_z")])  # fmt: skip
-def test_attention_output_sae(backend, resolved, hf_adapter, tmp_path):
+def test_attention_output_sae(backend, resolved, adapter, tmp_path):
     """An SAE at layer 1's attention output (heads concatenated, before the output projection): ``attn:1``
     resolves to ``hook_z`` (hooked/bridge) or the out-projection's input (hf); it trains, saves, loads, encodes
     the same activations on both backends, and its decoder rows steer at that hook."""
     from npeff_lens.selectivity import steered
 
-    adapter = hf_adapter if backend == "hf" else load_model("tiny-llama", backend=backend)
+    model = adapter if backend == "hf" else load_model("tiny-llama", backend=backend)
     sae = TopKSAEBaseline(24, 3, hook="attn:1", batch_size=32, n_epochs=3, k_top=1, show_progress=False)
-    sae.fit(adapter, PROMPTS)
+    sae.fit(model, PROMPTS)
     assert sae.hook == resolved and sae.d_in_ == 32 and sae.get_params()["hook"] == resolved
     back = TopKSAEBaseline.load(sae.save(tmp_path / backend))
     assert back.hook == resolved and torch.equal(back.coefficients_, sae.coefficients_)
-    reference = activations(hf_adapter, PROMPTS, "model.layers.1.self_attn.o_proj:input", show_progress=False)
+    reference = activations(adapter, PROMPTS, "model.layers.1.self_attn.o_proj:input", show_progress=False)
     torch.testing.assert_close(sae.transform_activations(reference), sae.coefficients_, rtol=1e-4, atol=1e-5)
-    enc = adapter.tokenize(PROMPTS[:2])
+    enc = model.tokenize(PROMPTS[:2])
     with torch.no_grad():
-        before = adapter.forward_logits(enc["input_ids"], enc["attention_mask"])
-        with steered(adapter, sae.hook, 5 * sae.sae_.W_dec[0].detach()):
-            during = adapter.forward_logits(enc["input_ids"], enc["attention_mask"])
-        after = adapter.forward_logits(enc["input_ids"], enc["attention_mask"])
+        before = model.forward_logits(enc["input_ids"], enc["attention_mask"])
+        with steered(model, sae.hook, 5 * sae.sae_.W_dec[0].detach()):
+            during = model.forward_logits(enc["input_ids"], enc["attention_mask"])
+        after = model.forward_logits(enc["input_ids"], enc["attention_mask"])
     assert not torch.allclose(during, before) and torch.equal(after, before)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from npeff_lens.baselines.sae import activations, attention_output_hook, mlp_hidden_hook
+from npeff_lens.baselines.activations import activations, attention_output_hook, mlp_hidden_hook
 from npeff_lens.baselines.snmf import SNMFBaseline, encode, semi_nmf, winner_take_all
 from npeff_lens.models import load_model
 
@@ -85,11 +85,6 @@ def test_encode_and_a_token_subset_agree_with_the_full_fit():
 
 
 @pytest.fixture(scope="module")
-def hf_adapter():
-    return load_model("tiny-llama", backend="hf")
-
-
-@pytest.fixture(scope="module")
 def hooked_adapter():
     return load_model("tiny-llama", backend="hooked")
 
@@ -107,11 +102,11 @@ def _plain_input_hook(adapter, module, prompts):
     return seen[0][enc["attention_mask"].bool()]
 
 
-def test_mlp_activations_equal_a_plain_forward_hook_on_hf_and_hooked(hf_adapter, hooked_adapter):
-    hook = mlp_hidden_hook(hf_adapter, 1)
+def test_mlp_activations_equal_a_plain_forward_hook_on_hf_and_hooked(adapter, hooked_adapter):
+    hook = mlp_hidden_hook(adapter, 1)
     assert hook == "model.layers.1.mlp.down_proj:input"
-    got = activations(hf_adapter, PROMPTS, hook, show_progress=False)
-    plain = _plain_input_hook(hf_adapter, hf_adapter.module.model.layers[1].mlp.down_proj, PROMPTS)
+    got = activations(adapter, PROMPTS, hook, show_progress=False)
+    plain = _plain_input_hook(adapter, adapter.module.model.layers[1].mlp.down_proj, PROMPTS)
     torch.testing.assert_close(got.acts, plain, rtol=0, atol=0)
     assert got.acts.shape[1] == 64  # d_mlp of tiny-llama
     assert mlp_hidden_hook(hooked_adapter, 1) == "blocks.1.mlp.hook_post"
@@ -119,10 +114,10 @@ def test_mlp_activations_equal_a_plain_forward_hook_on_hf_and_hooked(hf_adapter,
     torch.testing.assert_close(tl.acts, got.acts, rtol=1e-4, atol=1e-5)  # the same weights, converted
 
 
-def test_attention_output_hooks_read_the_same_activations(hf_adapter, hooked_adapter):
-    assert attention_output_hook(hf_adapter, 0) == "model.layers.0.self_attn.o_proj:input"
+def test_attention_output_hooks_read_the_same_activations(adapter, hooked_adapter):
+    assert attention_output_hook(adapter, 0) == "model.layers.0.self_attn.o_proj:input"
     assert attention_output_hook(hooked_adapter, 0) == "blocks.0.attn.hook_z"
-    hf = activations(hf_adapter, PROMPTS, "attn:0", show_progress=False)
+    hf = activations(adapter, PROMPTS, "attn:0", show_progress=False)
     tl = activations(hooked_adapter, PROMPTS, "attn:0", show_progress=False)  # hook_z [b, p, heads, d_head]
     assert hf.acts.shape == tl.acts.shape == (hf.acts.shape[0], 32)
     torch.testing.assert_close(tl.acts, hf.acts, rtol=1e-4, atol=1e-5)
@@ -138,20 +133,20 @@ def test_gpt2_and_bert_hooks(tmp_path):
     assert attention_output_hook(bert, 1) == "bert.encoder.layer.1.attention.output.dense:input"
 
 
-def test_a_layer_without_an_mlp_is_one_line(hf_adapter, hooked_adapter):
-    adapter = load_model("tiny-llama", backend="hf")
-    del adapter.module.model.layers[1].mlp
+def test_a_layer_without_an_mlp_is_one_line(adapter, hooked_adapter):
+    broken = load_model("tiny-llama", backend="hf")
+    del broken.module.model.layers[1].mlp
     with pytest.raises(ValueError, match=r"^layer 1 \(model.layers.1\) has no MLP") as e:
-        SNMFBaseline(4, layer=1, show_progress=False).fit(adapter, PROMPTS)
+        SNMFBaseline(4, layer=1, show_progress=False).fit(broken, PROMPTS)
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="layer 5 does not exist: the model has 2 layers"):
-        mlp_hidden_hook(hf_adapter, 5)
+        mlp_hidden_hook(adapter, 5)
     with pytest.raises(ValueError, match="layer 7 does not exist"):
         mlp_hidden_hook(hooked_adapter, 7)
 
 
-def test_fit_on_a_tiny_model_save_and_load(hf_adapter, tmp_path):
-    snmf = SNMFBaseline(4, n_iter=20, k_top=2, show_progress=False).fit(hf_adapter, PROMPTS)
+def test_fit_on_a_tiny_model_save_and_load(adapter, tmp_path):
+    snmf = SNMFBaseline(4, n_iter=20, k_top=2, show_progress=False).fit(adapter, PROMPTS)
     assert snmf.hook == "model.layers.1.mlp.down_proj:input" and snmf.layer == 1  # the middle layer
     assert snmf.coefficients_.shape == (5, 4) and (snmf.coefficients_ >= 0).all()
     snmf.save(tmp_path / "s")
@@ -159,7 +154,38 @@ def test_fit_on_a_tiny_model_save_and_load(hf_adapter, tmp_path):
     assert torch.equal(back.coefficients_, snmf.coefficients_) and torch.equal(back.features_, snmf.features_)
     assert back.hook == snmf.hook and back.get_params() == snmf.get_params()
     assert torch.equal(back.token_activations(0), snmf.token_activations(0))
-    torch.testing.assert_close(back.transform(hf_adapter, PROMPTS[:2]), snmf.coefficients_[:2], rtol=0.05, atol=1e-3)
+    torch.testing.assert_close(back.transform(adapter, PROMPTS[:2]), snmf.coefficients_[:2], rtol=0.05, atol=1e-3)
+
+
+def test_saved_layout_is_unchanged_and_a_foreign_folder_is_one_line(tmp_path):
+    """The saved folder is a format that existing runs hold: its file names, the tensors file byte for byte, the
+    JSON's keys in order; it loads back exactly, and a folder of another format is refused in one line."""
+    import json
+
+    from safetensors.torch import save
+
+    _, _, acts = planted(n=400)
+    snmf = SNMFBaseline(4, n_iter=10, n_init=1, show_progress=False).fit_activations(acts, torch.arange(400) // 4)
+    snmf.save(tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["npeff_snmf.json", "npeff_snmf.safetensors"]
+    keys = ("features", "coefficients", "token_coefficients", "example_index", "token_ids", "positions")
+    tensors = save({k: getattr(snmf, f"{k}_").contiguous() for k in keys})
+    assert (tmp_path / "s" / "npeff_snmf.safetensors").read_bytes() == tensors
+    meta = json.loads((tmp_path / "s" / "npeff_snmf.json").read_text())
+    assert list(meta) == ["format", "format_version", "params", "model_name", "d_in", "n_examples",
+                          "reconstruction_err", "errors", "fit_seconds", "timings"]  # fmt: skip
+    assert (meta["format"], meta["format_version"]) == ("npeff_lens.SNMFBaseline", 1)
+    back = SNMFBaseline.load(tmp_path / "s")
+    for k in keys:
+        assert torch.equal(getattr(back, f"{k}_"), getattr(snmf, f"{k}_")), k
+    assert back.errors_ == snmf.errors_ and torch.equal(back.dead_latents_, snmf.dead_latents_)
+
+    (tmp_path / "s" / "npeff_snmf.json").write_text(json.dumps({**meta, "format": "npeff_lens.TopKSAEBaseline"}))
+    with pytest.raises(ValueError, match="not a npeff_lens.SNMFBaseline") as e:
+        SNMFBaseline.load(tmp_path / "s")
+    assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="holds no npeff_snmf.json"):
+        SNMFBaseline.load(tmp_path)
 
 
 @pytest.mark.parametrize("bad", [dict(sparsity=0.0), dict(sparsity=1.5), dict(n_iter=0), dict(layer=-1)])

@@ -21,8 +21,8 @@ torchvision pins its own torch; (2) it has no winner-take-all sparsity of the fe
 draws from the global RNG, so a fit is not reproducible from a seed; (4) its ``encode`` starts new tokens from
 random codes rather than the least-squares warm start used here. The update itself is ten lines.
 
-The activations are read through the adapters with :func:`npeff_lens.baselines.sae.activations` at
-:func:`npeff_lens.baselines.sae.mlp_hidden_hook` (``blocks.L.mlp.hook_post`` for hooked/bridge,
+The activations are read through the adapters with :func:`npeff_lens.baselines.activations.activations` at
+:func:`npeff_lens.baselines.activations.mlp_hidden_hook` (``blocks.L.mlp.hook_post`` for hooked/bridge,
 ``model.layers.L.mlp.down_proj:input`` for hf/nnsight).
 """
 
@@ -35,14 +35,20 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write, progress, read_json, write_json
-from .sae import Activations, _as_activations, _check_positive_int, activations, mlp_hidden_hook
+from ..io import progress
+from .activations import (
+    Activations,
+    SavedFormat,
+    activations,
+    as_activations,
+    check_positive_int,
+    mlp_hidden_hook,
+    n_layers,
+)
 
 __all__ = ["SNMFBaseline", "semi_nmf", "encode", "winner_take_all", "default_layer"]
 
-META_FILENAME = "npeff_snmf.json"
-TENSORS_FILENAME = "npeff_snmf.safetensors"
-FORMAT_VERSION = 1
+SAVED = SavedFormat("npeff_lens.SNMFBaseline", 1, tensors_file="npeff_snmf.safetensors", meta_file="npeff_snmf.json")
 
 
 def _pos(x: torch.Tensor) -> torch.Tensor:
@@ -156,17 +162,9 @@ def encode(acts: torch.Tensor, features: torch.Tensor, *, n_iter: int = 100, eps
     return g
 
 
-def _n_layers(adapter) -> int:
-    if getattr(adapter, "backend", None) in ("hooked", "bridge"):
-        return int(adapter.model.cfg.n_layers)
-    from .sae import _layer_list
-
-    return len(_layer_list(adapter)[1])
-
-
 def default_layer(adapter) -> int:
     """The middle layer, ``n_layers // 2``."""
-    return _n_layers(adapter) // 2
+    return n_layers(adapter) // 2
 
 
 class SNMFBaseline:
@@ -205,10 +203,10 @@ class SNMFBaseline:
     ):
         for name, value in (("n_features", n_features), ("n_iter", n_iter), ("n_init", n_init), ("k_top", k_top),
                             ("activation_batch_size", activation_batch_size)):  # fmt: skip
-            _check_positive_int(name, value)
-        _check_positive_int("encode_iter", encode_iter, minimum=0)
+            check_positive_int(name, value)
+        check_positive_int("encode_iter", encode_iter, minimum=0)
         if max_tokens is not None:
-            _check_positive_int("max_tokens", max_tokens)
+            check_positive_int("max_tokens", max_tokens)
         if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0 < sparsity <= 1):
             raise ValueError(f"sparsity must be in (0, 1] (the fraction of neurons a feature keeps); got {sparsity!r}")
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
@@ -253,10 +251,10 @@ class SNMFBaseline:
         return self
 
     def fit_activations(self, acts, example_index=None, token_ids=None, *, n_examples=None) -> SNMFBaseline:
-        """Fit on precomputed activations: an :class:`~npeff_lens.baselines.sae.Activations`, or
+        """Fit on precomputed activations: an :class:`~npeff_lens.baselines.activations.Activations`, or
         ``acts [n_tokens, d]`` with ``example_index``/``token_ids [n_tokens]``."""
         t0 = time.perf_counter()
-        data = _as_activations(acts, example_index, token_ids, n_examples, self.hook)
+        data = as_activations(acts, example_index, token_ids, n_examples, self.hook)
         if self.hook is None:
             self.hook = data.hook
         n = len(data)
@@ -295,7 +293,7 @@ class SNMFBaseline:
 
     def transform_activations(self, acts, example_index=None, *, n_examples=None) -> torch.Tensor:
         self._check_fitted()
-        data = _as_activations(acts, example_index, None, n_examples, self.hook)
+        data = as_activations(acts, example_index, None, n_examples, self.hook)
         if data.d != self.d_in_:
             raise ValueError(f"activations have d={data.d}; the features were fitted on d={self.d_in_}")
         return _per_example_max(self._encode_chunks(data.acts), data.example_index, data.n_examples)
@@ -341,11 +339,7 @@ class SNMFBaseline:
     def save(self, directory) -> Path:
         """``npeff_snmf.safetensors`` (features, coefficients, per-token coefficients, token bookkeeping) and
         ``npeff_snmf.json`` (parameters and fitted scalars; written last)."""
-        from safetensors.torch import save
-
         self._check_fitted()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {
             "features": self.features_,
             "coefficients": self.coefficients_,
@@ -354,10 +348,7 @@ class SNMFBaseline:
             "token_ids": self.token_ids_,
             "positions": self.positions_,
         }
-        atomic_write(directory / TENSORS_FILENAME, save({k: v.contiguous() for k, v in tensors.items()}))
         meta = {
-            "format": "npeff_lens.SNMFBaseline",
-            "format_version": FORMAT_VERSION,
             "params": self.get_params(),
             "model_name": self.model_name_,
             "d_in": self.d_in_,
@@ -367,21 +358,12 @@ class SNMFBaseline:
             "fit_seconds": getattr(self, "fit_seconds_", None),
             "timings": getattr(self, "timings_", {}),
         }
-        write_json(directory / META_FILENAME, meta)
-        return directory
+        return SAVED.save(directory, tensors, meta)
 
     @classmethod
     def load(cls, directory) -> SNMFBaseline:
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        if not (directory / META_FILENAME).exists():
-            raise FileNotFoundError(f"{directory} holds no {META_FILENAME}; is it an SNMFBaseline.save directory?")
-        meta = read_json(directory / META_FILENAME)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory / META_FILENAME}: unsupported format {meta.get('format_version')!r}")
+        meta, t = SAVED.load(directory)
         self = cls(**meta["params"])
-        t = load_file(directory / TENSORS_FILENAME)
         self.features_, self.token_coefficients_ = t["features"], t["token_coefficients"].float()
         self.example_index_, self.token_ids_, self.positions_ = t["example_index"], t["token_ids"], t["positions"]
         self.model_name_, self.d_in_, self.n_examples_ = meta.get("model_name"), int(meta["d_in"]), meta["n_examples"]
