@@ -11,6 +11,7 @@ import sys
 import typing
 import warnings
 from dataclasses import MISSING
+from pathlib import Path
 from typing import Any, Literal
 
 from . import commands as C
@@ -64,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:
             kw["nargs"] = "+"
+            if meta.get("repeat"):
+                kw["action"] = "extend"
             kw["type"] = _unescape if meta.get("escapes") else typing.get_args(tp)[0]
         elif origin is Literal:
             kw["choices"] = list(typing.get_args(tp)) + ([None] if optional else [])
@@ -136,8 +139,6 @@ def _top(cmd: C.TopCommand):
 
 
 def _perturb(cmd: C.PerturbCommand):
-    from pathlib import Path
-
     from .perturb import format_table
     from .runs import run_perturbation
 
@@ -192,6 +193,25 @@ def _icl(cmd: C.IclCommand):
     print(format_table(result))
 
 
+def _explain(cmd: C.ExplainCommand):
+    from .explain import explain, format_explanation, write_page
+    from .io import write_json
+
+    texts = list(cmd.text or ())
+    if cmd.dataset is not None:
+        from .data import load_dataset
+
+        rows = load_dataset(cmd.dataset, split=None, columns={"text": cmd.text_column})
+        texts += list(rows.select(range(min(cmd.n, len(rows))))["text"])
+    found = explain(cmd.decomposition, texts, top=cmd.top, n_examples=cmd.n_examples, k=cmd.k, store=cmd.store)
+    print("\n\n".join(format_explanation(e) for e in found))
+    out = Path(cmd.out) if cmd.out else Path(cmd.decomposition) / "explain"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "explanations.json", [e.to_dict() for e in found])
+    page = write_page(found, out / "index.html", report_dir=cmd.report)
+    print(f"page: {page} (open it in a browser; it needs no network)")
+
+
 def _demo(cmd: C.DemoCommand):
     from .runs import demo
 
@@ -225,6 +245,11 @@ COMMANDS = {
     ),
     "unlearn": (C.UnlearnCommand, _unlearn, "unlearn components' top examples, with and without mitigation (§6.1)"),
     "icl": (C.IclCommand, _icl, "the tuning classifier vs zero-shot vs in-context prompts (§6.2)"),
+    "explain": (
+        C.ExplainCommand,
+        _explain,
+        "which components were at work on an input: prediction, share of its PEF explained, top components",
+    ),
     "repair": (C.RepairCommand, _repair, "remove only the damaged shards of a PEF store (collect then refills them)"),
     "demo": (C.DemoCommand, _demo, "the end-to-end demo: SmolLM2-135M on movie reviews"),
     "zero-shot": (C.ZeroShotCommand, _zero_shot, "zero-shot label-token accuracy on held-out movie reviews"),

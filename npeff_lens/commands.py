@@ -27,6 +27,7 @@ __all__ = [
     "UnlearnCommand",
     "IclCommand",
     "ReportCommand",
+    "ExplainCommand",
     "RepairCommand",
     "DemoCommand",
     "ZeroShotCommand",
@@ -181,6 +182,43 @@ class ReportCommand(_Config):
     def validate(self):
         self._require("k", self.k >= 1, "must be >= 1")
         self._require("n_attributed", self.n_attributed >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExplainCommand(_Config):
+    """``npeff explain``: which of a run's components were at work on an input: the model's prediction, the share of
+    the input's PEF the decomposition explains, its top components with their tunings, top run examples and the
+    exact token attributions of its loading. Prints a short view; writes a page and the JSON."""
+
+    decomposition: str = option(
+        help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR"
+    )
+    text: tuple[str, ...] | None = option(
+        None, "input(s) to explain, put into the run's prompt template (\\n is a newline); repeat the flag for more",
+        metavar="TEXT", repeat=True, escapes=True,
+    )  # fmt: skip
+    dataset: str | None = option(
+        None, "also explain the first --n texts of a dataset (a built-in name, or a CSV / JSON Lines / Parquet file)"
+    )
+    text_column: str = option("text", "--dataset's column holding the text")
+    n: int = option(8, "texts taken from --dataset")
+    top: int = option(3, "components shown per input, by coefficient")
+    n_examples: int = option(3, "top run examples shown per component")
+    k: int = option(16, "top run examples that define a tuning (§3.1)")
+    out: str | None = option(
+        None, "directory for index.html (the page) and explanations.json (default: DECOMPOSITION_DIR/explain)"
+    )
+    report: str | None = option(
+        None, "report whose component pages the page links to (default: DECOMPOSITION_DIR/report when it exists)"
+    )
+    store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)")
+
+    def validate(self):
+        self._require("text", bool(self.text) or self.dataset is not None, "or --dataset: give an input to explain")
+        self._require("n", self.n >= 1, "must be >= 1")
+        self._require("top", self.top >= 1, "must be >= 1")
+        self._require("n_examples", self.n_examples >= 0, "must be >= 0")
+        self._require("k", self.k >= 1, "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,9 +13,10 @@ import torch
 
 from . import selectivity as sel
 from .analysis import degeneracy, method_summary, top_examples
-from .baselines.gradient_clustering import GradientClustering, collect_prediction_gradients
-from .baselines.sae import TopKSAEBaseline, default_hook, hook_module, resolve_hook
-from .baselines.snmf import SNMFBaseline, default_layer
+from .baselines import REGISTRY, FitInputs, method
+from .baselines.activations import default_hook, hook_module, resolve_hook
+from .baselines.sae import TopKSAEBaseline
+from .baselines.snmf import default_layer
 from .config import CompareConfig, check_same
 from .io import progress, read_json, to_jsonable, write_json
 from .models import load_model
@@ -52,32 +53,51 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
         context.user_sae = user_sae
     elif "sae" in cfg.methods and cfg.sae_hook is not None:  # a wrong hook stops here, before anything is written
         hook_module(context.adapter, resolve_hook(context.adapter, cfg.sae_hook))
-    for method in cfg.methods:
-        mdir = root / method
-        key = cfg.method_key(method)
+    for name in cfg.methods:
+        mdir = root / name
+        key = method_key(cfg, name)
         if "components" in key:  # resolved: "the decomposition's number" and that number are one configuration
             key["components"] = context.components
         if "sae_hook" in key and key["sae_hook"] is None:  # likewise the default hook and layer
             key["sae_hook"] = user_sae.hook if user_sae is not None else default_hook(context.adapter)
         if "snmf_layer" in key and key["snmf_layer"] is None:
             key["snmf_layer"] = default_layer(context.adapter)
-        rec = begin(mdir, f"compare-{method}", _MethodKey(key, resolved=("components", "sae_hook", "snmf_layer")),
+        rec = begin(mdir, f"compare-{name}", _MethodKey(key, resolved=("components", "sae_hook", "snmf_layer")),
                      context.identity(), d)  # fmt: skip
         if rec["status"] == "done":  # fitted before: read back; the metrics are recomputed (k may differ)
-            coeffs, extra = context.load(method, mdir)
+            fitted = context.load(name, mdir)
         else:
             _reset_peak_rss()
             t0 = time.time()
-            coeffs, extra = context.fit(method, mdir)
-            rec.update(fit_seconds=extra.pop("fit_seconds", time.time() - t0), peak_rss_mib=_peak_rss_mib())
+            fitted = context.fit(name, mdir)
+            seconds = _npeff_seconds(d) if name == "npeff" else time.time() - t0
+            rec.update(fit_seconds=seconds, peak_rss_mib=_peak_rss_mib())
             finish(mdir, rec)
-        summary = context.summarize(method, coeffs, extra)
+        summary = context.summarize(name, fitted)
         summary.update(fit_seconds=rec.get("fit_seconds"), peak_rss_mib=rec.get("peak_rss_mib"))
         if cfg.selectivity:
-            summary.update(context.selectivity(method, mdir, coeffs, extra))
-        results["methods"][method] = to_jsonable({**summary, "config": key})
+            summary.update(context.selectivity(name, mdir, fitted))
+        results["methods"][name] = to_jsonable({**summary, "config": key})
         write_json(root / "compare.json", results)
     return results
+
+
+def method_key(cfg: CompareConfig, name: str) -> dict:
+    """The fields that change one method's result (a method resumes on its own key): the registry's
+    ``key_fields``; an SAE the user brought (``--sae-path``) is keyed by its folder and where it reads."""
+    if name == "sae" and cfg.sae_path is not None:
+        return {"sae_path": cfg.sae_path, "sae_hook": cfg.sae_hook, "sae_k": cfg.sae_k}
+    return {k: getattr(cfg, k) for k in method(name).key_fields}
+
+
+def selectivity_key(cfg: CompareConfig, name: str) -> dict:
+    """The fields that change one method's selectivity (resumed per component under this key). Not
+    ``selectivity_components``: each component's measurement does not depend on how many are measured, so a
+    rerun that asks for more components measures only the new ones."""
+    key = {k: getattr(cfg, k) for k in ("k", "target_kl", "n_baseline", "seed")}
+    if method(name).space == "parameters":
+        key.update(recovery=cfg.recovery, reject_threshold=cfg.reject_threshold)
+    return key
 
 
 def _earlier_rows(path: Path, methods) -> dict:
@@ -143,109 +163,57 @@ class _CompareContext:
             self._task = task_from_config(self.manifest["task"]).bind(self.adapter)
         return self._task
 
-    def load(self, method: str, mdir: Path):
-        """``(coefficients, extra)`` of a method fitted before."""
-        if method == "npeff":
-            return self.est.coefficients_, {}
-        if method == "grad-cluster":
-            gc = GradientClustering.load(mdir / "clusters")
-            return gc.coefficients_, {"clusters": gc}
-        if method == "snmf":
-            snmf = SNMFBaseline.load(mdir / "snmf")
-            return snmf.coefficients_, {"snmf": snmf, "hook": snmf.hook}
+    def load(self, name: str, mdir: Path):
+        """The estimator of a method fitted before (NPEFF: the decomposition)."""
+        return self.est if name == "npeff" else method(name).load(mdir / method(name).folder)
 
-        sae = TopKSAEBaseline.load(mdir / "sae")
-        return sae.coefficients_, {"sae": sae, "hook": sae.hook, "sae_k": sae.k}
+    def fit(self, name: str, mdir: Path):
+        """The method fitted on the run's examples and saved into ``mdir`` (NPEFF: the decomposition)."""
+        m = method(name)
+        if m.fit is None:
+            return self.est
+        inputs = FitInputs(self.adapter, self.task, list(self.meta["text"]), self.components, self.cfg, mdir,
+                           space_options(self.manifest), given=self.user_sae if name == "sae" else None)  # fmt: skip
+        fitted = m.fit(inputs)
+        fitted.save(mdir / m.folder)
+        return fitted
 
-    def fit(self, method: str, mdir: Path):
-        if method == "npeff":
-            return self.est.coefficients_, {"fit_seconds": _npeff_seconds(self.d)}
-        if method == "grad-cluster":
-            return self._grad_cluster(mdir)
-        if method == "snmf":
-            return self._snmf(mdir)
-        return self._sae(mdir)
-
-    def _grad_cluster(self, mdir: Path):
-
-        options = {**space_options(self.manifest), "rank": None}  # one row per example: nothing to reduce
-        t0 = time.time()
-        store = collect_prediction_gradients(
-            self.adapter, list(self.meta["text"]), self.task, mdir / "pefs", batch_size=self.cfg.batch_size,
-            progress=self.cfg.progress, **options,
-        )  # fmt: skip
-        gc = GradientClustering(self.components, seed=self.cfg.seed).fit(store)
-        gc.save(mdir / "clusters")
-        return gc.coefficients_, {"fit_seconds": time.time() - t0, "clusters": gc}
-
-    def _snmf(self, mdir: Path):
-
-        cfg, t0 = self.cfg, time.time()
-        snmf = SNMFBaseline(
-            self.components, layer=cfg.snmf_layer, sparsity=cfg.snmf_sparsity, n_iter=cfg.snmf_iterations,
-            n_init=cfg.snmf_restarts, max_tokens=cfg.snmf_tokens, seed=cfg.seed, k_top=cfg.k,
-            activation_batch_size=cfg.batch_size, show_progress=cfg.progress,
-        )  # fmt: skip
-        snmf.fit(self.adapter, self.task.prompts(list(self.meta["text"])))
-        snmf.save(mdir / "snmf")
-        return snmf.coefficients_, {"fit_seconds": time.time() - t0, "snmf": snmf, "hook": snmf.hook}
-
-    def _sae(self, mdir: Path):
-
-        cfg = self.cfg
-        if self.user_sae is not None:  # the user's SAE: read and encoded, not trained
-            t0, sae = time.time(), self.user_sae
-            sae.fit(self.adapter, self.task.prompts(list(self.meta["text"])))
-            sae.save(mdir / "sae")
-            return sae.coefficients_, {"fit_seconds": time.time() - t0, "sae": sae, "hook": sae.hook, "sae_k": sae.k}
-        hook = resolve_hook(self.adapter, cfg.sae_hook or default_hook(self.adapter))
-        k = cfg.sae_k or max(1, min(32, self.components // 4))
-        t0 = time.time()
-        sae = TopKSAEBaseline(
-            self.components, k, hook=hook, seed=cfg.seed, lr=cfg.sae_lr, total_tokens=cfg.sae_tokens,
-            activation_batch_size=cfg.batch_size, show_progress=cfg.progress,
-        )  # fmt: skip
-        sae.fit(self.adapter, self.task.prompts(list(self.meta["text"])))
-        sae.save(mdir / "sae")
-        return sae.coefficients_, {"fit_seconds": time.time() - t0, "sae": sae, "hook": hook, "sae_k": k}
-
-    def summarize(self, method: str, coeffs, extra: dict) -> dict:
-
-        cfg = self.cfg
+    def summarize(self, name: str, fitted) -> dict:
+        cfg, m = self.cfg, method(name)
+        coeffs = torch.as_tensor(fitted.coefficients_)
         token_tuned = None
-        if method == "sae":
-            sae = extra["sae"]
+        if hasattr(fitted, "active_token_sets"):  # tuned to tokens: the tokens a latent is active on
             top = top_examples(coeffs, k=cfg.k)
             token_tuned = [
-                sae.active_token_sets(j, [int(i) for i in top[j].tolist() if coeffs[i, j] > 0])
+                fitted.active_token_sets(j, [int(i) for i in top[j].tolist() if coeffs[i, j] > 0])
                 for j in range(coeffs.shape[1])
             ]
         summary = method_summary(
             coeffs, labels=self.labels, predictions=self.predictions, k=cfg.k, threshold=cfg.threshold,
-            alive_min_examples=cfg.k if method in ("sae", "snmf") else 1, token_sets=token_tuned,
+            alive_min_examples=cfg.k if m.space == "activations" else 1, token_sets=token_tuned,
         )  # fmt: skip
-        return {**summary, **degeneracy(coeffs), **{k: extra[k] for k in ("hook", "sae_k") if k in extra}}
+        return {**summary, **degeneracy(coeffs), **m.describe(fitted)}
 
     # --- selectivity (npeff_lens.selectivity) ------------------------------------------------------
-    def selectivity(self, method: str, mdir: Path, coeffs, extra: dict) -> dict:
+    def selectivity(self, name: str, mdir: Path, fitted) -> dict:
         """The method's selectivity fields of compare.json, resumed component by component from
         ``mdir/selectivity/selectivity.json`` (its run.json holds the selectivity key)."""
 
         cfg, out = self.cfg, mdir / "selectivity"
-        key = _MethodKey(cfg.selectivity_key(method), ignored=("selectivity_components",))
-        rec = begin(out, f"selectivity-{method}", key, self.identity(), self.d)
+        key = _MethodKey(selectivity_key(cfg, name), ignored=("selectivity_components",))
+        rec = begin(out, f"selectivity-{name}", key, self.identity(), self.d)
         done = {}
         if (out / "selectivity.json").exists():
             try:
                 done = {int(r["component"]): r for r in read_json(out / "selectivity.json").get("components", [])}
             except (ValueError, KeyError, TypeError, AttributeError) as e:  # a results cache: measure again
                 warnings.warn(f"{out / 'selectivity.json'} is damaged ({e}); measured again", RuntimeWarning, 2)
-        coeffs = torch.as_tensor(coeffs)
-        direction = self._directions(method, extra)
+        coeffs = torch.as_tensor(fitted.coefficients_)
+        direction = self._directions(name, fitted)
         if self._reference is None:
             self._reference = _Reference(self.adapter, self.task, self.prompts, cfg.batch_size)
         n = min(coeffs.shape[1], cfg.selectivity_components or coeffs.shape[1])
-        bar = progress(range(n), desc=f"selectivity {method}", unit="component", enabled=cfg.progress)
+        bar = progress(range(n), desc=f"selectivity {name}", unit="component", enabled=cfg.progress)
         for j in bar:
             if j in done:
                 continue
@@ -257,7 +225,7 @@ class _CompareContext:
         records = [done[j] for j in range(n)]
         unreachable = [r for r in records if r["status"] == "unreachable"]
         if unreachable and len(unreachable) == sum(r["status"] != "excluded" for r in records):
-            raise sel.UnreachableTargetError(f"{method}: {unreachable[0]['error']}")  # no component gets there
+            raise sel.UnreachableTargetError(f"{name}: {unreachable[0]['error']}")  # no component gets there
         finish(out, rec)
         per = [r.get("selectivity") for r in records]
         return {**sel.summarize(records), "selectivity_per_component": per, "target_kl": cfg.target_kl,
@@ -286,20 +254,15 @@ class _CompareContext:
             self._prompts = self.task.prompts(list(self.meta["text"]))
         return self._prompts
 
-    def _directions(self, method: str, extra: dict):
+    def _directions(self, name: str, fitted):
         """``j -> intervention``: a parameter direction (NPEFF components, cluster centroids, recovered like
         ``npeff perturb``'s) or an activation direction (SAE decoder rows, SNMF features) at the method's hook."""
-
-        if method == "sae":
-            decoder, hook = extra["sae"].sae_.W_dec.detach().float(), extra["sae"].hook
-            return lambda j: ActivationDirection(self.adapter, hook, decoder[j])
-        if method == "snmf":
-            features, hook = extra["snmf"].features_, extra["snmf"].hook
-            return lambda j: ActivationDirection(self.adapter, hook, features[j])
-        if method == "npeff":
-            return self._parameter_directions(torch.as_tensor(self.est.components_).float(), self.manifest)
-        gc = extra["clusters"]
-        return self._parameter_directions(gc.cluster_centers_.float(), gc.manifest_ or self.manifest)
+        m = method(name)
+        vectors = torch.as_tensor(m.directions(fitted)).float()
+        if m.space == "activations":
+            return lambda j: ActivationDirection(self.adapter, fitted.hook, vectors[j])
+        own = None if name == "npeff" else getattr(fitted, "manifest_", None)  # a cluster's gradient space
+        return self._parameter_directions(vectors, own or self.manifest)
 
     def _parameter_directions(self, vectors: torch.Tensor, manifest: dict):
 
@@ -356,12 +319,13 @@ def format_compare(results: dict) -> str:
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
     lines += [f"{m}: selectivity -, {r['selectivity_note']}" for m, r in results["methods"].items()
               if r.get("selectivity_note")]  # fmt: skip
-    remedy = {"sae": "train on more tokens (--sae-tokens) or with fewer latents (--components)",
-              "snmf": "use more tokens (--snmf-tokens) or fewer features (--components)"}  # fmt: skip
-    lines += [f"{m}: warning: degenerate components: {r['degenerate']}; "
-              f"{remedy.get(m, 'fit fewer components or on more examples')}"
+    lines += [f"{m}: warning: degenerate components: {r['degenerate']}; {_remedy(m)}"
               for m, r in results["methods"].items() if r.get("degenerate")]  # fmt: skip
     return "\n".join(lines)
+
+
+def _remedy(name: str) -> str:
+    return method(name).remedy if name in REGISTRY else "fit fewer components or on more examples"
 
 
 def _cell(v) -> str:

@@ -40,14 +40,18 @@ __all__ = [
     "UnlearnConfig",
     "IclConfig",
     "METHODS",
-    "PARAMETER_METHODS",
     "ParameterError",
     "validate_params",
 ]
 
 
 class ConfigError(ValueError):
-    """A configuration value is invalid (the message names the field and its flag)."""
+    """An invalid config value. ``field``: the field's name (None when the error concerns several), ``flag``: its
+    command-line spelling, ``reason``: what is wrong; the message says all three on one line."""
+
+    def __init__(self, message: str, *, field: str | None = None, flag: str | None = None, reason: str = ""):
+        super().__init__(message)
+        self.field, self.flag, self.reason = field, flag, reason
 
 
 class ConfigMismatchError(ValueError):
@@ -109,12 +113,14 @@ def option(
     positional: bool = False,
     metavar: str | None = None,
     escapes: bool = False,
+    repeat: bool = False,
 ):
     """A documented config field. ``resume=False``: does not change the result (left out of ``key()``);
     ``cli=False``: Python only; ``flag``: the CLI spelling when it differs from the field name;
-    ``escapes``: the CLI reads ``\\n`` / ``\\t`` in the value as a newline / tab."""
+    ``escapes``: the CLI reads ``\\n`` / ``\\t`` in the value as a newline / tab; ``repeat``: a sequence field whose
+    flag may be given several times, each adding its values."""
     meta = {"help": help, "flag": flag, "resume": resume, "cli": cli, "positional": positional, "metavar": metavar}
-    meta["escapes"] = escapes
+    meta.update(escapes=escapes, repeat=repeat)
     if isinstance(default, list):
         raise TypeError("use a tuple default for sequence fields (configs are frozen)")
     return field(default=default, metadata=meta)
@@ -139,7 +145,8 @@ class _Config:
         """Per-config checks (subclasses); raise :class:`ConfigError` via :meth:`_fail`."""
 
     def _fail(self, name: str, message: str):
-        raise ConfigError(f"{type(self).__name__}: {name} ({_flag(dataclasses.fields(self), name)}) {message}")
+        flag = _flag(dataclasses.fields(self), name)
+        raise ConfigError(f"{type(self).__name__}: {name} ({flag}) {message}", field=name, flag=flag, reason=message)
 
     def _require(self, name: str, ok: bool, message: str) -> None:
         if not ok:
@@ -476,8 +483,7 @@ class PerturbConfig(_ComponentSpec, _Config):
         return out
 
 
-METHODS = ("npeff", "grad-cluster", "sae", "snmf")
-PARAMETER_METHODS = ("npeff", "grad-cluster")  # selectivity by a parameter perturbation; the others steer
+METHODS = ("npeff", "grad-cluster", "sae", "snmf")  # npeff_lens.baselines.REGISTRY's names (a test keeps them equal)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -571,27 +577,6 @@ class CompareConfig(_Config):
         ok = self.selectivity_components is None or self.selectivity_components >= 1
         self._require("selectivity_components", ok, "must be >= 1")
         self._require("batch_size", self.batch_size >= 1, "must be >= 1")
-
-    def method_key(self, method: str) -> dict:
-        """The fields that change one method's result (a method resumes on its own key)."""
-        common = {"components": self.components, "seed": self.seed}
-        if method == "sae":
-            if self.sae_path is not None:  # the user's SAE: its folder and where it reads, nothing trained
-                return {"sae_path": self.sae_path, "sae_hook": self.sae_hook, "sae_k": self.sae_k}
-            return {**common, **{k: getattr(self, k) for k in ("sae_hook", "sae_k", "sae_tokens", "sae_lr")}}
-        if method == "snmf":
-            fields = ("snmf_layer", "snmf_sparsity", "snmf_iterations", "snmf_restarts", "snmf_tokens")
-            return {**common, **{k: getattr(self, k) for k in fields}}
-        return common if method == "grad-cluster" else {}
-
-    def selectivity_key(self, method: str) -> dict:
-        """The fields that change one method's selectivity (resumed per component under this key). Not
-        ``selectivity_components``: each component's measurement does not depend on how many are measured, so a
-        rerun that asks for more components measures only the new ones."""
-        key = {k: getattr(self, k) for k in ("k", "target_kl", "n_baseline", "seed")}
-        if method in PARAMETER_METHODS:
-            key.update(recovery=self.recovery, reject_threshold=self.reject_threshold)
-        return key
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -131,3 +131,15 @@ def test_modules_and_functions_stay_readable():
                     long_functions.append((name, node.name, n_lines))
     assert not long_modules, f"modules over their line limit (name, lines, limit): {long_modules}"
     assert not long_functions, f"functions over 100 lines: {long_functions}"
+
+
+def test_the_method_registry_and_the_config_name_the_same_methods():
+    from npeff_lens.baselines import REGISTRY
+    from npeff_lens.config import METHODS
+
+    assert tuple(REGISTRY) == METHODS
+    for m in REGISTRY.values():
+        assert m.space in ("parameters", "activations")
+        assert (m.fit is None) == (m.name == "npeff") == (m.folder is None)
+        if m.cls is not None:
+            assert hasattr(m.estimator, "load") and hasattr(m.estimator, "save")

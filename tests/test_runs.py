@@ -195,6 +195,19 @@ SAMPLES = {  # non-default values for every field of every command
         kron_k=8,
     ),  # fmt: skip
     K.ZeroShotCommand: dict(model="m", n=9),
+    K.ExplainCommand: dict(
+        decomposition="d",
+        text=("a b", "c\nd"),
+        dataset="data.csv",
+        text_column="review",
+        n=3,
+        top=2,
+        n_examples=1,
+        k=4,
+        out="o",
+        report="r",
+        store="s",
+    ),  # fmt: skip
 }
 
 
@@ -234,7 +247,8 @@ def test_cli_config_json_round_trip(cls):
     assert again == cfg and again.key() == cfg.key()
     # defaults: a command line with only the required fields gives the dataclass defaults
     required = [f for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-    extra = {"task": "next-token"} if cls is K.CollectCommand else {}  # label-tokens needs --labels
+    # label-tokens needs --labels; explain needs an input
+    extra = {K.CollectCommand: {"task": "next-token"}, K.ExplainCommand: {"dataset": "d"}}.get(cls, {})
     minimal = cls(**{f.name: SAMPLES[cls][f.name] for f in required}, **extra)
     args = build_parser().parse_args([name, *_argv_required(minimal, required), *_argv_extra(extra)])
     assert from_args(cls, args) == minimal
@@ -290,8 +304,11 @@ def test_every_flag_has_a_help_line(capsys):
     ],
 )
 def test_bad_values_name_the_flag(cls, change, flag):
-    with pytest.raises(C.ConfigError, match=flag):
+    with pytest.raises(C.ConfigError, match=flag) as info:
         cls(**change)
+    assert info.value.flag == flag  # the field as data, not only in the message
+    assert info.value.field in change or info.value.field in ("density",)  # density: checked against proj_dim
+    assert info.value.reason and info.value.reason in str(info.value)
 
 
 def test_cli_bad_value_is_one_clear_line(capsys):

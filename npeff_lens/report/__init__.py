@@ -84,6 +84,7 @@ from pathlib import Path
 
 import torch
 
+from ..baselines import REGISTRY
 from ..io import atomic_write, write_json
 from . import data as _data
 from . import render as _render
@@ -225,8 +226,9 @@ def methods_data(view, npeff_index: dict, k: int = 16, adapter=None) -> dict[str
             warnings.warn(f"{method} at {path} not shown: {e}", RuntimeWarning, stacklevel=2)
             continue
         stats = _data.statistics(mview, k, dead=dead)
-        provider, note = None, "Gradient clusters have no per-token values: their examples' tokens are not highlighted."
-        if method in ("sae", "snmf"):
+        m = REGISTRY[method]
+        provider, note = None, f"{m.title} have no per-token values: their examples' tokens are not highlighted."
+        if m.token_values is not None:  # an activation method's values per token
             provider, note = _data.SAETokenValues(fitted, _decoder(view, adapter)), None
         rows = [_data.summary_row(mview, stats, j, None) for j in range(mview.coeffs.shape[1])]
         comps = [

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..baselines import REGISTRY
 from ..io import read_json
 from ..locations import top_groups
 
@@ -288,32 +289,16 @@ def locations_summary(located: dict | None, alive: list[int], note: str | None, 
 # Baselines fitted by ``npeff compare``, read as decompositions.
 # ----------------------------------------------------------------------------------------------
 
-METHODS = {  # name: (fitted directory under compare/, title, what one component is called)
-    "grad-cluster": ("grad-cluster/clusters", "Gradient clusters", "cluster"),
-    "sae": ("sae/sae", "TopK SAE latents", "latent"),
-    "snmf": ("snmf/snmf", "SNMF features (MLP activations)", "feature"),
-}
-
 
 def find_methods(decomposition_dir) -> dict[str, Path]:
     """``{method: fitted directory}`` of the baselines ``npeff compare`` saved beside this decomposition."""
     base = Path(decomposition_dir) / "compare"
-    return {m: base / sub for m, (sub, _, _) in METHODS.items() if (base / sub).is_dir()}
+    return {name: m.fitted_dir(base) for name, m in REGISTRY.items() if m.folder and m.fitted_dir(base).is_dir()}
 
 
 def load_method(method: str, path: Path):
-    """The fitted baseline: ``GradientClustering``, ``TopKSAEBaseline`` or ``SNMFBaseline``."""
-    if method == "grad-cluster":
-        from ..baselines.gradient_clustering import GradientClustering
-
-        return GradientClustering.load(path)
-    if method == "snmf":
-        from ..baselines.snmf import SNMFBaseline
-
-        return SNMFBaseline.load(path)
-    from ..baselines.sae import TopKSAEBaseline
-
-    return TopKSAEBaseline.load(path, device="cpu")
+    """The fitted baseline saved in ``path`` (:func:`find_methods`), on the CPU."""
+    return REGISTRY[method].load(path, device="cpu")
 
 
 def method_view(view: RunView, method: str, fitted) -> tuple[RunView, set]:

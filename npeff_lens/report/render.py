@@ -10,7 +10,8 @@ import json
 import math
 from html import escape
 
-from .data import METHODS, N_BINS, NONZERO, component_name
+from ..baselines import REGISTRY
+from .data import N_BINS, NONZERO, component_name
 
 SPREAD_EVENLY = 1.5  # below this energy-weighted mean enrichment a map is read as "spread evenly"
 _COMPARE_COLUMNS = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared",
@@ -270,7 +271,8 @@ def _stat_cards(index: dict) -> str:
 
 def _method_title(method: str | None) -> tuple[str, str]:
     """``(title, what one component is called)``: ``("NPEFF components", "component")`` for NPEFF."""
-    return ("NPEFF components", "component") if method is None else METHODS[method][1:]
+    m = REGISTRY[method or "npeff"]
+    return m.title, m.unit
 
 
 def _prefix(method: str | None) -> str:
@@ -551,24 +553,19 @@ def _component_header(c: dict, n_components: int) -> str:
 
 
 def _legend(method: str | None) -> str:
-    if method == "grad-cluster":
-        return "No token highlighting: a gradient cluster has no per-token values (one gradient per example)."
+    m = REGISTRY[method or "npeff"]
+    if m.token_values is None:
+        return f"No token highlighting: a {m.unit} has no per-token values (one vector per example)."
     template = (
         'The prompt template\'s tokens are shown <span class="tok tmpl">outlined</span> and uncoloured (hover for '
         "their value): the colour scale is set per example by the input's own tokens, full colour at the largest "
         "among them."
     )
-    if method == "sae":
+    if m.space == "activations":
         return (
-            "Token highlighting: the latent's activation on each token of the prompt (its SAE code), divided by "
-            'its max over the example\'s tokens (<span class="tok" style="background-color: rgba(230,110,20,0.6)">'
-            f"max</span>; hover for the %). {template}"
-        )
-    if method == "snmf":
-        return (
-            "Token highlighting: the feature's non-negative SNMF coefficient on each token of the prompt, divided by "
-            'its max over the example\'s tokens (<span class="tok" style="background-color: rgba(230,110,20,0.6)">'
-            f"max</span>; hover for the %). {template}"
+            f"Token highlighting: {m.token_values} "
+            '(<span class="tok" style="background-color: rgba(230,110,20,0.6)">max</span>; hover for the %). '
+            f"{template}"
         )
     return (
         "Token highlighting: each token's exact share of the example's loading "
