@@ -6,7 +6,9 @@ A plain module because test modules call these at import time and from their own
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import random
 import warnings
 from pathlib import Path
@@ -51,3 +53,33 @@ def model_cache(quiet: bool = True):
             return load_model(arch, backend=backend)
 
     return load
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+HAS_CHROMIUM = os.path.exists(CHROMIUM)
+
+
+@contextlib.contextmanager
+def offline_page(width: int = 1280, height: int = 900):
+    """``(page, requests, errors)``: a headless Chromium page (playwright) that may load ``file:`` URLs only (every
+    other request aborted), with every request URL and every console or page error collected."""
+    import pytest
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    requests, errors = [], []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": width, "height": height})
+        context.route(
+            "**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort()
+        )
+        page = context.new_page()
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        try:
+            yield page, requests, errors
+        finally:
+            browser.close()

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import CHROMIUM, HAS_CHROMIUM, offline_page
 
 import npeff_lens as nl
 from npeff_lens.analysis import top_examples, tunings
@@ -30,9 +31,6 @@ TEMPLATE = "Review: {text} Sentiment:"
 LABELS = [" bad", " sad"]
 N, C, K = 32, 4, 6
 OUTSIDE = "The capital of France is Paris, and the train leaves at noon."
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
@@ -209,22 +207,11 @@ def test_page_without_a_report_has_no_links(run, tmp_path):
     assert "<script" not in html and '<link rel="stylesheet"' not in html  # self-contained
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
+@pytest.mark.skipif(not HAS_CHROMIUM, reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
 def test_page_in_headless_chromium_offline(run, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     explanations = run["ex"]
     page_path = write_page(explanations, tmp_path / "out" / "explain.html")
-    requests, errors = [], []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        context.route(
-            "**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort()
-        )
-        page = context.new_page()
-        page.on("request", lambda r: requests.append(r.url))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    with offline_page() as (page, requests, errors):
         page.goto(page_path.as_uri())
         sections = page.locator("section.explanation")
         assert sections.count() == len(explanations)
@@ -246,7 +233,6 @@ def test_page_in_headless_chromium_offline(run, tmp_path):
         assert page.url.endswith(f"/report/components/component_{top:05d}.html")
         assert f"Component {top}" in page.inner_text("h1")
         page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
-        browser.close()
     assert not errors, errors
     assert requests and all(u.startswith("file:") for u in requests), [u for u in requests if not u.startswith("file:")]
 

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import CHROMIUM, HAS_CHROMIUM, offline_page
 
 from npeff_lens.cli import main
 from npeff_lens.report import build, report_data
@@ -22,9 +23,6 @@ from npeff_lens.report.render import tokens_html
 
 TEMPLATE = "Review: {text} Sentiment:"
 WORDS = "great dull moving boring fun sad happy awful wonderful terrible brilliant good bad film movie".split()
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 N_COMPONENTS = 4
 N_METHOD = 3  # clusters / SAE latents / SNMF features fitted by `npeff compare`
 METHODS = ("grad-cluster", "sae", "snmf")
@@ -401,12 +399,11 @@ def _alpha(style: str) -> float:
     return nums[3] if len(nums) == 4 else (1.0 if len(nums) == 3 else 0.0)
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
+@pytest.mark.skipif(not HAS_CHROMIUM, reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
 def test_where_heatmaps_and_input_scaled_tokens_in_headless_chromium_offline(run, tmp_path):
     """A copy of the run with a planted locations.json: the index and component heatmaps show the hottest cell
     where the energy was planted; without the file the index says how to write it. Tokens of a planted page:
     the input's largest |share| at full colour, the larger template share uncoloured."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     root, _ = run
     d = tmp_path / "npeff"
     shutil.copytree(root / "tree" / "npeff", d, ignore=shutil.ignore_patterns("compare", "report", "locations.json"))
@@ -435,20 +432,9 @@ def test_where_heatmaps_and_input_scaled_tokens_in_headless_chromium_offline(run
         f'<div class="tokens">{tokens_html(tokens, values, input_mask=mask)}</div></body></html>'
     )
 
-    requests, errors = [], []
     cells = "els => els.map(e => [e.dataset.layer, e.dataset.module, e.dataset.component, e.dataset.fraction, " \
             "getComputedStyle(e).backgroundColor, e.title])"  # fmt: skip
-    with sync_api.sync_playwright() as p:
-        browser = _browser(p)
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        context.route(
-            "**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort()
-        )
-        page = context.new_page()
-        page.on("request", lambda r: requests.append(r.url))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-
+    with offline_page() as (page, requests, errors):
         page.goto(index_html.as_uri())
         # the mean layer × module map: every cell the mean over the alive components, the hottest one darkest
         mean = page.locator("#where-mean td.heat:not(.none)").evaluate_all(cells)
@@ -494,7 +480,6 @@ def test_where_heatmaps_and_input_scaled_tokens_in_headless_chromium_offline(run
         assert max(own, key=lambda t: abs(t[0]))[0] == -0.06
         assert _alpha(max(own, key=lambda t: abs(t[0]))[2]) == pytest.approx(0.85, abs=1e-3)
         assert all(_alpha(t[2]) == 0 for t in toks if t[1] == "0")
-        browser.close()
     assert not errors, errors
     assert requests and all(u.startswith("file:") for u in requests)
 
@@ -504,32 +489,17 @@ def test_where_heatmaps_and_input_scaled_tokens_in_headless_chromium_offline(run
 # --------------------------------------------------------------------------------------------------
 
 
-def _browser(p):
-    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-
-
 def _visible_components(page) -> list[int]:
     return page.eval_on_selector_all(
         "#components tbody tr", "rows => rows.filter(r => !r.hidden).map(r => Number(r.dataset.component))"
     )
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
+@pytest.mark.skipif(not HAS_CHROMIUM, reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
 def test_site_in_headless_chromium_offline(run, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     _, index_html = run
     index = json.loads((index_html.parent / "data" / "index.json").read_text())
-    requests, errors = [], []
-    with sync_api.sync_playwright() as p:
-        browser = _browser(p)
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        context.route(
-            "**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort()
-        )
-        page = context.new_page()
-        page.on("request", lambda r: requests.append(r.url))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    with offline_page() as (page, requests, errors):
         page.goto(index_html.as_uri())
 
         assert sorted(_visible_components(page)) == list(range(N_COMPONENTS))  # every component listed
@@ -602,7 +572,6 @@ def test_site_in_headless_chromium_offline(run, tmp_path):
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         if os.environ.get("NPEFF_REPORT_SCREENSHOT"):
             shutil.copy(tmp_path / "report.png", os.environ["NPEFF_REPORT_SCREENSHOT"])
-        browser.close()
     assert not errors, errors
     assert requests and all(u.startswith("file:") for u in requests), [u for u in requests if not u.startswith("file:")]
     assert (tmp_path / "report.png").stat().st_size > 10_000
