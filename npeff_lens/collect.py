@@ -729,7 +729,7 @@ def _compute_batch(computer: PEFComputer, dataset, task: Task, cfg: CollectConfi
     """``(pefs [b, rows, dim] on the CPU, metadata)`` of examples ``[lo, hi)``."""
     rows = dataset[lo:hi]
     pefs, log_probs = computer.compute(task.prompts(rows["text"]), max_length=cfg.max_length)
-    pefs, meta = _finish_batch(pefs, log_probs, rows, lo, task, cfg.rank, cfg.top_k_probs)
+    pefs, meta = finish_batch(pefs, log_probs, rows, lo, task, cfg.rank, cfg.top_k_probs)
     return pefs.cpu(), meta
 
 
@@ -808,7 +808,10 @@ def _collect_into(store, computer: PEFComputer, dataset, task: Task, cfg: Collec
     return writer.flagged
 
 
-def _finish_batch(pefs, log_probs, rows, lo, task, rank, top_k_probs):
+def finish_batch(pefs, log_probs, rows, lo, task, rank, top_k_probs):
+    """A computed batch as the store holds it: PEFs of non-finite examples zeroed and flagged, the rank reduction
+    (App. C), and one metadata row per example (its prediction, probabilities, norm, flag); ``npeff explain``
+    finishes its inputs' PEFs the same way."""
     b = pefs.shape[0]
     finite_logits = torch.isfinite(log_probs).all(-1)
     finite_pef = torch.isfinite(pefs).flatten(1).all(-1)

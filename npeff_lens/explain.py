@@ -40,7 +40,12 @@ from typing import Any
 
 import torch
 
+from .attribution import TokenAttributor
+from .collect import finish_batch
 from .io import atomic_write
+from .models import load_model
+from .report.data import clean, component_name, load_view, statistics, summary_row, top_indices
+from .report.render import fmt, name, pct, tokens_html
 
 __all__ = ["Explanation", "ComponentMatch", "explain", "relative_errors", "format_explanation", "write_page"]
 
@@ -109,8 +114,6 @@ class Explanation:
 
     def to_dict(self) -> dict:
         """Strict JSON (NaN as null); the PEF and the attribution objects are left out."""
-        from .report.data import clean
-
         out = {k: v for k, v in self.__dict__.items() if k not in ("pef", "components")}
         out["components"] = [c.to_dict() for c in self.components]
         return clean(out)
@@ -197,10 +200,6 @@ def _from_text(adapter, template: str, text: str, token_ids: list[int], max_leng
 
 def _load(decomposition_dir, store, adapter, device):
     """``(view, attributor)``: the run (report.data's view) and the attributor on its model, loaded once."""
-    from .attribution import TokenAttributor
-    from .models import load_model
-    from .report.data import load_view
-
     d = Path(decomposition_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"{d} does not exist: give a directory written by `npeff decompose`")
@@ -218,15 +217,13 @@ def _load(decomposition_dir, store, adapter, device):
 def _pefs(attributor, texts: list[str], manifest: dict, batch_size: int):
     """``(pefs "text rank dim" as the store would hold them, per-text metadata rows)``: the collection's batch
     computation and finishing step (npeff_lens.collect: flags, norms, rank reduction), then the store's dtype."""
-    from .collect import _finish_batch
-
     cfg = manifest.get("config") or {}
     computer, task = attributor.computer, attributor.task
     parts, metas = [], []
     for lo in range(0, len(texts), batch_size):
         chunk = texts[lo : lo + batch_size]
         raw, log_probs = computer.compute(task.prompts(chunk), max_length=cfg.get("max_length"))
-        pefs, meta = _finish_batch(raw, log_probs, {"text": chunk}, lo, task, cfg.get("rank"),
+        pefs, meta = finish_batch(raw, log_probs, {"text": chunk}, lo, task, cfg.get("rank"),
                                    cfg.get("top_k_probs", 5))  # fmt: skip
         parts.append(pefs.cpu())
         metas += meta
@@ -276,8 +273,6 @@ def explain(
     model, already loaded (default: loaded once, by the name the manifest records, on ``device``).
     Errors (one line each): an empty text, a text longer than the model's context, a directory without a
     decomposition."""
-    from .report.data import statistics
-
     if top < 1 or n_examples < 0 or k < 1:
         raise ValueError(f"top and k must be >= 1 and n_examples >= 0; got top={top}, k={k}, n_examples={n_examples}")
     texts = _check_texts(texts)
@@ -333,8 +328,6 @@ def _run_info(view) -> dict:
 
 
 def _match(view, stats, j: int, coefficient: float, attribution, n_examples: int, run: dict) -> ComponentMatch:
-    from .report.data import component_name, summary_row, top_indices
-
     row = summary_row(view, stats, j, None)
     examples = [
         {"example": i, "text": view.meta[i].get("text"), "coefficient": float(view.coeffs[i, j]),
@@ -376,8 +369,6 @@ def _notes(explained, flag, run: dict, matches) -> list[str]:
 
 
 def _name(v) -> str:
-    from .report.render import name
-
     return name(v)
 
 
@@ -445,8 +436,6 @@ def _href(page: str | None, out_dir: Path) -> str | None:
 
 def _component_pages(e: Explanation, report_dir) -> dict[int, str | None]:
     """Per component of ``e``, its page under ``report_dir`` (default: the run's report) when the file exists."""
-    from .report.data import component_name
-
     if report_dir is None:
         return {c.component: c.page for c in e.components}
     out = {}
@@ -457,8 +446,6 @@ def _component_pages(e: Explanation, report_dir) -> dict[int, str | None]:
 
 
 def _component_html(c: ComponentMatch, href: str | None) -> str:
-    from .report.render import fmt, pct, tokens_html
-
     label = f"component {c.component}"
     title = f'<a href="{escape(href)}">{label}</a>' if href else label
     tuned = (("label", c.tuned_label), ("prediction", c.tuned_prediction))
@@ -486,8 +473,6 @@ def _component_html(c: ComponentMatch, href: str | None) -> str:
 
 
 def _explanation_html(n: int, e: Explanation, pages: dict, out_dir: Path) -> str:
-    from .report.render import fmt, pct
-
     probs = " · ".join(f"{escape(_name(o))} {p:.2f}" for o, p in e.probabilities.items())
     cards = [
         ("prediction", _name(e.prediction)),
@@ -510,8 +495,6 @@ def write_page(explanations: Sequence[Explanation], out_path, report_dir=None) -
     """A static, self-contained HTML page (the report's style inlined, no script, no network) of the
     explanations; each component links to its page in ``report_dir`` (default: the run's ``report/``) when that
     page exists. Returns the page's path."""
-    from .report.render import fmt, name
-
     out_path = Path(out_path)
     out_dir = out_path.parent
     css = (resources.files("npeff_lens.report") / "static" / "report.css").read_text(encoding="utf-8")
