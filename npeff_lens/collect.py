@@ -539,13 +539,14 @@ def _dataset_rows(dataset, cfg: CollectConfig):
     return dataset, info
 
 
-def _content_hash(dataset) -> str:
-    """A digest of the rows' texts and labels: the same data gives the same digest wherever its file lies (a
-    ``datasets`` fingerprint changes with the file's path and time)."""
+def _content_hash(dataset, n: int) -> str:
+    """A digest of the texts and labels of the ``n`` rows collected: the same data gives the same digest wherever
+    its file lies (a ``datasets`` fingerprint changes with the file's path and time)."""
+    rows = dataset[:n]
     digest = hashlib.sha256()
     for column in ("text", "label"):
-        if column in dataset.column_names:
-            digest.update(json.dumps(dataset[column], default=str).encode())
+        if column in rows:
+            digest.update(json.dumps(rows[column], default=str).encode())
     return digest.hexdigest()[:16]
 
 
@@ -611,10 +612,10 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
                                     source=f"the dataset {data_info['name']!r}")  # fmt: skip
     if dropped:
         print(f"[npeff_lens] --drop-invalid: left out {dropped} row(s) of {data_info['name']!r}", file=sys.stderr)
-    data_info["sha256"] = _content_hash(dataset)
     n = len(dataset) if cfg.n is None else cfg.n
     if n > len(dataset):
         raise ValueError(f"n must be in [1, {len(dataset)}] (the dataset's size), got {n}")
+    data_info["sha256"] = _content_hash(dataset, n)
     named = adapter.named_parameters(include=cfg.params, exclude=cfg.exclude)
     layout = parameter_layout(named)
     n_params = sum(e["numel"] for e in layout)

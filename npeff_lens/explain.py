@@ -44,7 +44,15 @@ from .attribution import TokenAttributor
 from .collect import finish_batch
 from .io import atomic_write
 from .models import load_model
-from .report.data import clean, component_name, load_view, statistics, summary_row, top_indices
+from .report.data import (
+    clean,
+    component_name,
+    input_token_mask,
+    load_view,
+    statistics,
+    summary_row,
+    top_indices,
+)
 from .report.render import fmt, name, pct, tokens_html
 
 __all__ = ["Explanation", "ComponentMatch", "explain", "relative_errors", "format_explanation", "write_page"]
@@ -179,25 +187,6 @@ def _check_lengths(adapter, prompts: list[str], max_length: int | None) -> tuple
     return lengths, notes
 
 
-def _from_text(adapter, template: str, text: str, token_ids: list[int], max_length: int | None) -> list[bool]:
-    """Per token of the prompt, whether it covers characters of ``text`` (character offsets of a fast tokenizer;
-    every token counts as the text's where the offsets are unavailable or tokenise differently)."""
-    parts = template.split("{text}")
-    spans, at = [], 0
-    for part in parts[:-1]:
-        at += len(part)
-        spans.append((at, at + len(text)))
-        at += len(text)
-    try:
-        enc = adapter.tokenizer(template.replace("{text}", text), return_offsets_mapping=True,
-                                truncation=max_length is not None, max_length=max_length)  # fmt: skip
-    except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer has no offsets
-        return [True] * len(token_ids)
-    if list(enc["input_ids"]) != list(token_ids):
-        return [True] * len(token_ids)
-    return [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
-
-
 def _load(decomposition_dir, store, adapter, device):
     """``(view, attributor)``: the run (report.data's view) and the attributor on its model, loaded once."""
     d = Path(decomposition_dir)
@@ -299,8 +288,8 @@ def explain(
         matches = [_match(view, stats, j, float(coefficients[i, j]), attributions[(j, i)], n_examples, run)
                    for j in picks[i]]  # fmt: skip
         for c in matches:
-            c.from_text = _from_text(attributor.adapter, attributor.task.template, text, c.token_ids,
-                                     cfg.get("max_length"))  # fmt: skip
+            mask = input_token_mask(c.tokens, text, attributor.task.template)
+            c.from_text = mask if mask is not None else [True] * len(c.tokens)  # unknown: every token the input's
         e = Explanation(
             text=text, prompt=prompts[i], n_tokens=lengths[i], prediction=prediction, probabilities=probabilities,
             coefficients=coefficients[i], explained=explained, relative_error=None if explained is None else err,
@@ -335,10 +324,7 @@ def _match(view, stats, j: int, coefficient: float, attribution, n_examples: int
         for i in top_indices(view, stats, j, n_examples)
     ]  # fmt: skip
     total = attribution.loading
-    page = None
-    if run["report"] is not None:
-        path = Path(run["report"]) / "components" / f"{component_name(j)}.html"
-        page = str(path) if path.is_file() else None
+    page = _report_page(run["report"], j)
     return ComponentMatch(
         component=j, coefficient=coefficient, alive=row["alive"], tuned_label=row["tuned_label"],
         tuned_prediction=row["tuned_prediction"], top_labels=row["top_labels"], top_predictions=row["top_predictions"],
@@ -368,17 +354,13 @@ def _notes(explained, flag, run: dict, matches) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _name(v) -> str:
-    return name(v)
-
-
 def _tuning(c: ComponentMatch) -> str:
-    tuned = [f"{what} {_name(v)}" for what, v in (("label", c.tuned_label), ("prediction", c.tuned_prediction))
+    tuned = [f"{what} {name(v)}" for what, v in (("label", c.tuned_label), ("prediction", c.tuned_prediction))
              if v is not None]  # fmt: skip
     if tuned:
         return "tuned to " + ", ".join(tuned)
     counts = c.top_predictions or c.top_labels
-    seen = ", ".join(f"{_name(v)} x{n}" for v, n in counts[:3])
+    seen = ", ".join(f"{name(v)} x{n}" for v, n in counts[:3])
     return f"not tuned (top predictions: {seen})" if seen else "not tuned"
 
 
@@ -390,12 +372,12 @@ def _short(text: str, width: int) -> str:
 def format_explanation(e: Explanation, width: int = 100) -> str:
     """A short terminal view: the prediction, the explained share, and per top component its tuning, coefficient,
     top attributed tokens and its top run example."""
-    probs = " · ".join(f"{_name(o)} {p:.2f}" for o, p in e.probabilities.items())
+    probs = " · ".join(f"{name(o)} {p:.2f}" for o, p in e.probabilities.items())
     mean = e.run.get("mean_explained")
     share = "–" if e.explained is None else f"{e.explained:.1%}"
     lines = [
         f"{_short(repr(e.text), width)}",
-        f"  prediction: {_name(e.prediction)}   ({probs})",
+        f"  prediction: {name(e.prediction)}   ({probs})",
         f"  explained: {share} of its PEF by the run's {e.run['n_components']} components"
         + (f" (run mean {mean:.1%})" if mean is not None else ""),
     ]
@@ -409,8 +391,8 @@ def format_explanation(e: Explanation, width: int = 100) -> str:
         lines.append(f"    input tokens: {toks}   ({', '.join(extra)})")
         if c.examples:
             x = c.examples[0]
-            tag = f"[{_name(x['label'])} → {_name(x['prediction'])}]" if x["label"] is not None else \
-                f"[→ {_name(x['prediction'])}]"  # fmt: skip
+            tag = f"[{name(x['label'])} → {name(x['prediction'])}]" if x["label"] is not None else \
+                f"[→ {name(x['prediction'])}]"  # fmt: skip
             lines.append(f"    e.g. {x['coefficient']:.4g} {tag} {_short(x['text'], max(20, width - 30))}")
     lines += [f"  note: {n}" for n in e.notes]
     return "\n".join(lines)
@@ -436,32 +418,34 @@ def _href(page: str | None, out_dir: Path) -> str | None:
 
 def _component_pages(e: Explanation, report_dir) -> dict[int, str | None]:
     """Per component of ``e``, its page under ``report_dir`` (default: the run's report) when the file exists."""
+    return {c.component: c.page if report_dir is None else _report_page(report_dir, c.component) for c in e.components}
+
+
+def _report_page(report_dir, j: int) -> str | None:
+    """Component ``j``'s page in the report at ``report_dir``, when that file exists."""
     if report_dir is None:
-        return {c.component: c.page for c in e.components}
-    out = {}
-    for c in e.components:
-        path = Path(report_dir) / "components" / f"{component_name(c.component)}.html"
-        out[c.component] = str(path) if path.is_file() else None
-    return out
+        return None
+    path = Path(report_dir) / "components" / f"{component_name(j)}.html"
+    return str(path) if path.is_file() else None
 
 
 def _component_html(c: ComponentMatch, href: str | None) -> str:
     label = f"component {c.component}"
     title = f'<a href="{escape(href)}">{label}</a>' if href else label
     tuned = (("label", c.tuned_label), ("prediction", c.tuned_prediction))
-    badges = [f'<span class="badge tuned">{what}: {escape(_name(v))}</span>' for what, v in tuned if v is not None]
+    badges = [f'<span class="badge tuned">{what}: {escape(name(v))}</span>' for what, v in tuned if v is not None]
     if not c.alive:
         badges.append('<span class="badge dead">dead in the run</span>')
     rest = sum(c.remainder.values())
-    seen = ", ".join(f"{_name(v)} ×{n}" for v, n in c.top_predictions) or "–"
+    seen = ", ".join(f"{name(v)} ×{n}" for v, n in c.top_predictions) or "–"
     meta = (
         f"coefficient <b>{fmt(c.coefficient)}</b> · loading {fmt(c.loading)} (prompt template "
         f"{pct(c.template_share)}, remainder {pct(rest)}) · "
         f"top predictions of the run's top examples {escape(seen)}"
     )
     examples = "".join(
-        f"<li>{fmt(x['coefficient'])} · label <b>{escape(_name(x['label']))}</b> · prediction "
-        f"<b>{escape(_name(x['prediction']))}</b> · {escape(_short(x['text'] or '', 300))}</li>"
+        f"<li>{fmt(x['coefficient'])} · label <b>{escape(name(x['label']))}</b> · prediction "
+        f"<b>{escape(name(x['prediction']))}</b> · {escape(_short(x['text'] or '', 300))}</li>"
         for x in c.examples
     )
     return (
@@ -473,9 +457,9 @@ def _component_html(c: ComponentMatch, href: str | None) -> str:
 
 
 def _explanation_html(n: int, e: Explanation, pages: dict, out_dir: Path) -> str:
-    probs = " · ".join(f"{escape(_name(o))} {p:.2f}" for o, p in e.probabilities.items())
+    probs = " · ".join(f"{escape(name(o))} {p:.2f}" for o, p in e.probabilities.items())
     cards = [
-        ("prediction", _name(e.prediction)),
+        ("prediction", name(e.prediction)),
         ("explained", pct(e.explained)),
         ("run mean explained", pct(e.run.get("mean_explained"))),
         ("PEF norm", fmt(e.pef_norm)),

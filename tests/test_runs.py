@@ -307,7 +307,7 @@ def test_bad_values_name_the_flag(cls, change, flag):
     with pytest.raises(C.ConfigError, match=flag) as info:
         cls(**change)
     assert info.value.flag == flag  # the field as data, not only in the message
-    assert info.value.field in change or info.value.field in ("density",)  # density: checked against proj_dim
+    assert info.value.field in change
     assert info.value.reason and info.value.reason in str(info.value)
 
 
