@@ -27,7 +27,6 @@ import torch
 
 from npeff_lens.cli import add_arguments, from_args
 from npeff_lens.commands import IclCommand
-from npeff_lens.config import IclConfig
 
 
 def main(argv=None):
@@ -44,7 +43,7 @@ def main(argv=None):
 
     out = Path(cmd.out) if cmd.out else Path(cmd.decomposition).resolve().parent / "icl-benchmark"
     t0 = time.time()
-    result = icl(cmd.decomposition, cmd.narrow(IclConfig), out=out)
+    result = icl(cmd.decomposition, cmd, out=out)
     held_in = result["held_in"]
     print(
         f"held-in ({held_in['n']} run examples): tuning classifier {held_in['classifier_accuracy']:.3f}, "

@@ -29,7 +29,6 @@ import torch
 
 from npeff_lens.cli import add_arguments, from_args
 from npeff_lens.commands import UnlearnCommand
-from npeff_lens.config import UnlearnConfig
 
 
 def main(argv=None):
@@ -48,7 +47,7 @@ def main(argv=None):
     _, store = load_run(cmd.decomposition)
     print(f"[unlearning] {store.manifest['model']['name']}, {len(store)} examples, parameters {list(cmd.params)}")
     t0 = time.time()
-    report = unlearn(cmd.decomposition, cmd.narrow(UnlearnConfig), out=out)
+    report = unlearn(cmd.decomposition, cmd, out=out)
     print(format_table(report))
     print(
         f"trained {report['n_trained_parameters']:,} parameters; {time.time() - t0:.0f}s "

@@ -1,5 +1,6 @@
-"""The ``npeff`` command line: every subcommand's parser in one place, generated from its config
-(``npeff_lens.config``), and a thin call into ``npeff_lens.runs``."""
+"""The ``npeff`` command line: every subcommand's parser in one place, generated from its command
+(``npeff_lens.commands``: a step's config plus its inputs), and a thin call that hands the step its command as its
+config (the run layer: ``npeff_lens.runs``, ``.compare``, ``.report``, ``.explain``) and prints the result."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from typing import Any, Literal
 
 from . import commands as C
 from . import config
-from .config import CompareConfig, DecomposeConfig, IclConfig, PerturbConfig, UnlearnConfig
 
 # ----------------------------------------------------------------------------------------------
 # The parser of a command, generated from its dataclass (npeff_lens.commands), and back.
@@ -122,7 +122,7 @@ def _collect(cmd: C.CollectCommand):
 def _decompose(cmd: C.DecomposeCommand):
     from .runs import decompose_store
 
-    est = decompose_store(cmd.store, cmd.out, cmd.narrow(DecomposeConfig))
+    est = decompose_store(cmd.store, cmd.out, cmd)
     loss = est.loss_history_[-1] if len(est.loss_history_) else float("nan")
     print(
         f"NPEFF with {cmd.n_components} components saved to {cmd.out} (final loss {loss:.4f}, "
@@ -142,7 +142,7 @@ def _perturb(cmd: C.PerturbCommand):
     from .perturb import format_table
     from .runs import run_perturbation
 
-    summary = run_perturbation(cmd.decomposition, config=cmd.narrow(PerturbConfig), out=cmd.out, store=cmd.store)
+    summary = run_perturbation(cmd.decomposition, config=cmd, out=cmd.out, store=cmd.store)
     print(format_table(summary))
     if cmd.out:
         print(f"wrote {Path(cmd.out) / 'perturbation.csv'} and perturbation.json")
@@ -151,7 +151,7 @@ def _perturb(cmd: C.PerturbCommand):
 def _compare(cmd: C.CompareCommand):
     from .runs import compare, format_compare
 
-    results = compare(cmd.decomposition, cmd.narrow(CompareConfig), store=cmd.store)
+    results = compare(cmd.decomposition, cmd, store=cmd.store)
     print(format_compare(results))
     print(f"wrote {cmd.decomposition}/compare/compare.json")
 
@@ -159,8 +159,7 @@ def _compare(cmd: C.CompareCommand):
 def _report(cmd: C.ReportCommand):
     from .report import build
 
-    index = build(cmd.decomposition, cmd.out, store=cmd.store, k=cmd.k, n_attributed=cmd.n_attributed,
-                  perturbation=cmd.perturbation, attribute=cmd.attributions, progress=cmd.progress)  # fmt: skip
+    index = build(cmd.decomposition, cmd.out, cmd, store=cmd.store)
     print(f"report: {index} (open it in a browser; it needs no network)")
 
 
@@ -178,7 +177,7 @@ def _unlearn(cmd: C.UnlearnCommand):
     from .applications.unlearning import format_table
     from .runs import unlearn
 
-    report = unlearn(cmd.decomposition, cmd.narrow(UnlearnConfig), out=cmd.out)
+    report = unlearn(cmd.decomposition, cmd, out=cmd.out)
     print(format_table(report))
 
 
@@ -186,7 +185,7 @@ def _icl(cmd: C.IclCommand):
     from .applications.icl import format_table
     from .runs import icl
 
-    result = icl(cmd.decomposition, cmd.narrow(IclConfig), out=cmd.out)
+    result = icl(cmd.decomposition, cmd, out=cmd.out)
     h = result["held_in"]
     print(f"held-in ({h['n']} run examples): tuning classifier {h['classifier_accuracy']:.3f}, zero-shot "
           f"{h['zero_shot_accuracy']:.3f}, agreement {h['classifier_zero_shot_agreement']:.3f}")  # fmt: skip
@@ -203,7 +202,7 @@ def _explain(cmd: C.ExplainCommand):
 
         rows = load_dataset(cmd.dataset, split=None, columns={"text": cmd.text_column})
         texts += list(rows.select(range(min(cmd.n, len(rows))))["text"])
-    found = explain(cmd.decomposition, texts, top=cmd.top, n_examples=cmd.n_examples, k=cmd.k, store=cmd.store)
+    found = explain(cmd.decomposition, texts, cmd, store=cmd.store)
     print("\n\n".join(format_explanation(e) for e in found))
     out = Path(cmd.out) if cmd.out else Path(cmd.decomposition) / "explain"
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,10 @@ from .config import (
     CollectConfig,
     CompareConfig,
     DecomposeConfig,
+    ExplainConfig,
     IclConfig,
     PerturbConfig,
+    ReportConfig,
     UnlearnConfig,
     _Config,
     option,
@@ -163,7 +165,7 @@ class IclCommand(IclConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReportCommand(_Config):
+class ReportCommand(ReportConfig):
     """``npeff report``: a static component dashboard (index, per-component pages with exact token attributions,
     plots, perturbation and comparison results when the run has them) that opens from disk with no network."""
 
@@ -171,21 +173,10 @@ class ReportCommand(_Config):
                                 metavar="DECOMPOSITION_DIR")  # fmt: skip
     out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/report)")
     store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)")
-    k: int = option(16, "top examples shown per component (§3.1)")
-    n_attributed: int = option(
-        8, "top examples per component whose tokens are attributed (each: a forward and a backward per PEF row)"
-    )
-    perturbation: str | None = option(None, "a perturbation.json or its folder (default: found beside the run)")
-    attributions: bool = option(True, "compute exact token attributions (needs the model)")
-    progress: bool = option(True, "show progress bars")
-
-    def validate(self):
-        self._require("k", self.k >= 1, "must be >= 1")
-        self._require("n_attributed", self.n_attributed >= 0, "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExplainCommand(_Config):
+class ExplainCommand(ExplainConfig):
     """``npeff explain``: which of a run's components were at work on an input: the model's prediction, the share of
     the input's PEF the decomposition explains, its top components with their tunings, top run examples and the
     exact token attributions of its loading. Prints a short view; writes a page and the JSON."""
@@ -202,9 +193,6 @@ class ExplainCommand(_Config):
     )
     text_column: str = option("text", "--dataset's column holding the text")
     n: int = option(8, "texts taken from --dataset")
-    top: int = option(3, "components shown per input, by coefficient")
-    n_examples: int = option(3, "top run examples shown per component")
-    k: int = option(16, "top run examples that define a tuning (§3.1)")
     out: str | None = option(
         None, "directory for index.html (the page) and explanations.json (default: DECOMPOSITION_DIR/explain)"
     )
@@ -214,11 +202,9 @@ class ExplainCommand(_Config):
     store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)")
 
     def validate(self):
+        super().validate()
         self._require("text", bool(self.text) or self.dataset is not None, "or --dataset: give an input to explain")
         self._require("n", self.n >= 1, "must be >= 1")
-        self._require("top", self.top >= 1, "must be >= 1")
-        self._require("n_examples", self.n_examples >= 0, "must be >= 0")
-        self._require("k", self.k >= 1, "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,11 +1,12 @@
 """One frozen dataclass per step: the step's knobs, the JSON written into its run directory, and its resume key.
 
-``CollectConfig``, ``DecomposeConfig``, ``PerturbConfig``, ``CompareConfig``, ``UnlearnConfig``,
-``IclConfig``: the knobs of a step, what the Python API takes as keyword arguments (``collect_pefs(model, data,
-task, out, n=..., ...)`` builds a ``CollectConfig``). Every field is documented (:func:`option`) and validated
-in ``__post_init__``; an error is a :class:`ConfigError` whose ``field`` names the field. The command line of
-each step (its config plus its inputs) is in :mod:`npeff_lens.commands`; NPEFF's own hyper-parameter
-constraints in :mod:`npeff_lens.constraints`.
+``CollectConfig``, ``DecomposeConfig``, ``PerturbConfig``, ``CompareConfig``, ``UnlearnConfig``, ``IclConfig``,
+``ReportConfig``, ``ExplainConfig``: the knobs of a step, what the Python API takes as a ``config`` or as keyword
+arguments (``collect_pefs(model, data, task, out, n=..., ...)`` builds a ``CollectConfig``). Every field is
+documented (:func:`option`) and validated in ``__post_init__``; an error is a :class:`ConfigError` whose ``field``
+names the field. The command line of each step (its config plus its inputs) is in :mod:`npeff_lens.commands`: a
+command extends its step's config, so the CLI hands a step its command as the config, checked once. NPEFF's own
+hyper-parameter constraints in :mod:`npeff_lens.constraints`.
 
 Fields marked ``resume=False`` (progress bars, batch sizes, devices, paths) do not change the result and are
 left out of the resume key: ``config.key()``. A rerun into a directory compares the stored key with the new
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -39,6 +41,8 @@ __all__ = [
     "CompareConfig",
     "UnlearnConfig",
     "IclConfig",
+    "ReportConfig",
+    "ExplainConfig",
     "METHODS",
     "ParameterError",
     "validate_params",
@@ -175,9 +179,14 @@ class _Config:
         return dataclasses.replace(self, **changes)
 
     def narrow(self, cls):
-        """This config's fields of ``cls``, a config it extends (a command's step knobs, without its inputs)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in self.to_dict().items() if k in names})
+        """This config's fields of ``cls``, a config it extends (a command's step knobs, without its inputs). Not
+        checked again: a config's ``validate`` includes that of the config it extends."""
+        if not isinstance(self, cls):
+            raise TypeError(f"{type(self).__name__} does not extend {cls.__name__}")
+        narrowed = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            object.__setattr__(narrowed, f.name, getattr(self, f.name))
+        return narrowed
 
     @classmethod
     def default_key(cls) -> dict:
@@ -235,6 +244,8 @@ def _check_type(cfg, name: str, value, tp) -> None:
     elif inner is int:
         if isinstance(value, bool) or not isinstance(value, int):
             cfg._fail(name, f"must be an integer; got {value!r}")
+    elif inner is str and isinstance(value, os.PathLike):  # a path given as a Path: kept as its text
+        object.__setattr__(cfg, name, os.fspath(value))
     elif inner in (str, bool) and not isinstance(value, inner):
         cfg._fail(name, f"must be a {inner.__name__}; got {value!r}")
 
@@ -651,3 +662,34 @@ class IclConfig(_Config):
         for name in ("n_eval", "k", "shots", "n_prompts", "n_select"):
             self._require(name, getattr(self, name) >= 1, "must be >= 1")
         self._require("threshold", 0 < self.threshold <= 1, "must be in (0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig(_Config):
+    """The static component dashboard (nothing of it is resumed: a rerun rewrites the pages)."""
+
+    k: int = option(16, "top examples shown per component (§3.1)")
+    n_attributed: int = option(
+        8, "top examples per component whose tokens are attributed (each: a forward and a backward per PEF row)"
+    )
+    perturbation: str | None = option(None, "a perturbation.json or its folder (default: found beside the run)")
+    attributions: bool = option(True, "compute exact token attributions (needs the model)")
+    progress: bool = option(True, "show progress bars")
+
+    def validate(self):
+        self._require("k", self.k >= 1, "must be >= 1")
+        self._require("n_attributed", self.n_attributed >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExplainConfig(_Config):
+    """Which components were at work on an input: how much of it is shown."""
+
+    top: int = option(3, "components shown per input, by coefficient")
+    n_examples: int = option(3, "top run examples shown per component")
+    k: int = option(16, "top run examples that define a tuning (§3.1)")
+
+    def validate(self):
+        self._require("top", self.top >= 1, "must be >= 1")
+        self._require("n_examples", self.n_examples >= 0, "must be >= 0")
+        self._require("k", self.k >= 1, "must be >= 1")

@@ -669,8 +669,21 @@ class NPEFF:
                 shown.append(f"{name}={value!r}")
         return f"NPEFF({', '.join(shown)})"
 
+    @classmethod
+    def from_config(cls, config, **params) -> NPEFF:
+        """The estimator of a :class:`~npeff_lens.config.DecomposeConfig` (plus ``params``, e.g. ``checkpoint_dir``).
+        A config checked its fields when it was built, so ``fit`` checks only what is new here."""
+        validate_params(params)
+        est = cls(**config.estimator_params(), **params)
+        est._checked_params = est.get_params()
+        return est
+
     def _validate(self) -> None:
-        validate_params(self.get_params())
+        """Check the hyper-parameters (once per set of values: ``set_params`` or an assignment makes a new set)."""
+        params = self.get_params()
+        if params != getattr(self, "_checked_params", None):
+            validate_params(params)
+            self._checked_params = params
 
     def _shard(self, pefs) -> tuple[Any, _Shard, int]:
         """``(source, this rank's shard, number of valid examples over all ranks)``."""

@@ -42,6 +42,7 @@ import torch
 
 from .attribution import TokenAttributor
 from .collect import finish_batch
+from .config import ExplainConfig
 from .io import atomic_write
 from .models import load_model
 from .report.data import (
@@ -54,6 +55,7 @@ from .report.data import (
     top_indices,
 )
 from .report.render import fmt, name, pct, tokens_html
+from .rundir import resolve_config
 
 __all__ = ["Explanation", "ComponentMatch", "explain", "relative_errors", "format_explanation", "write_page"]
 
@@ -245,25 +247,25 @@ def _outcome(meta: dict, outcomes, tokenizer) -> tuple[Any, dict[str, float]]:
 def explain(
     decomposition_dir,
     texts: str | Sequence[str],
+    config: ExplainConfig | None = None,
     *,
-    top: int = 3,
-    n_examples: int = 3,
-    k: int = 16,
     store=None,
     adapter=None,
     device: str = "cpu",
     batch_size: int = 8,
+    **options,
 ) -> list[Explanation]:
     """One :class:`Explanation` per text: prediction, coefficients, explained share of its PEF, and its ``top``
     components by coefficient (positive ones only), each with its tunings over the run's top ``k`` examples, its
-    ``n_examples`` top run examples and the exact token attribution of the text's loading on it.
+    ``n_examples`` top run examples and the exact token attribution of the text's loading on it (``config`` /
+    ``options``: :class:`~npeff_lens.config.ExplainConfig` fields).
 
     ``store``: the run's PEF store (default: the one the decomposition's run.json names); ``adapter``: the run's
     model, already loaded (default: loaded once, by the name the manifest records, on ``device``).
     Errors (one line each): an empty text, a text longer than the model's context, a directory without a
     decomposition."""
-    if top < 1 or n_examples < 0 or k < 1:
-        raise ValueError(f"top and k must be >= 1 and n_examples >= 0; got top={top}, k={k}, n_examples={n_examples}")
+    shown = resolve_config(ExplainConfig, config, options)
+    top, n_examples, k = shown.top, shown.n_examples, shown.k
     texts = _check_texts(texts)
     view, attributor = _load(decomposition_dir, store, adapter, device)
     cfg = view.manifest.get("config") or {}

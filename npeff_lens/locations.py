@@ -14,6 +14,9 @@ turns a flat direction over a store's layout into
   H_kv}``, e.g. from the model's config) and the weight's rows (q, k, v) or columns (o) split evenly by it;
 - ``top5pct``: the fraction of the energy in the top 5 % of groups (at least one), how concentrated it is.
 
+:func:`restricted` keeps a direction on chosen groups only (zero elsewhere): perturbing along it tests whether
+the location is causal (``benchmarks/locations.py``).
+
 Names are read by pattern, so HF (``model.layers.3.mlp.up_proj.weight``, ``transformer.h.3.attn.c_attn.weight``)
 and TransformerLens (``blocks.3.attn.W_Q``) layouts both parse.
 """
@@ -27,7 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["parameter_group", "component_locations", "top_groups"]
+__all__ = ["parameter_group", "component_locations", "top_groups", "top_group_keys", "restricted"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 # (module kind, patterns on the part of the name after the layer index), first match wins
@@ -133,4 +136,27 @@ def top_groups(location: Mapping[str, Any], k: int = 5) -> list[str]:
     for r in location["groups"][:k]:
         where = f"layer {r['layer']} {r['module']}" if r["layer"] is not None else r["module"]
         out.append(f"{where} {r['fraction']:.0%} (x{r['enrichment']:.1f})")
+    return out
+
+
+def top_group_keys(location: Mapping[str, Any], share: float = 0.05) -> list[tuple[int | None, str]]:
+    """``(layer, module)`` of the top ``share`` of a location's groups by energy (at least one): the groups
+    ``top5pct`` sums over at the default."""
+    rows = location["groups"]
+    return [(r["layer"], r["module"]) for r in rows[: max(1, math.ceil(share * len(rows)))]]
+
+
+def restricted(direction: torch.Tensor, layout: Sequence[Mapping[str, Any]], groups) -> torch.Tensor:
+    """A copy of the flat ``direction`` that keeps the parameters of ``groups`` (``(layer, module)`` pairs, as
+    :func:`parameter_group` names them) and is zero elsewhere; an error when none of them is in ``layout``."""
+    keep = {(layer, module) for layer, module in groups}
+    out = torch.zeros_like(direction)
+    found = False
+    for e in layout:
+        if parameter_group(e["name"]) in keep:
+            lo, n = int(e["offset"]), int(e["numel"])
+            out[lo : lo + n] = direction[lo : lo + n]
+            found = True
+    if not found:
+        raise ValueError(f"none of the groups {sorted(keep, key=str)} is in the layout")
     return out

@@ -120,7 +120,7 @@ def decompose_store(store, out, config: DecomposeConfig | None = None, **options
             return NPEFF.load(out)
         except CorruptFileError as e:  # refit: it resumes from the last intact checkpoint
             warnings.warn(f"{e}; fitting again from the last intact checkpoint", RuntimeWarning, stacklevel=2)
-    est = NPEFF(**cfg.estimator_params(), checkpoint_dir=out / "checkpoints").fit(store)
+    est = NPEFF.from_config(cfg, checkpoint_dir=out / "checkpoints").fit(store)
     est.save(out)
     finish(out, rec)
     return est

@@ -4,7 +4,7 @@ up, heads split as the weights are laid out, and a planted direction found where
 import pytest
 import torch
 
-from npeff_lens.locations import component_locations, parameter_group, top_groups
+from npeff_lens.locations import component_locations, parameter_group, restricted, top_group_keys, top_groups
 from npeff_lens.models import load_model, parameter_layout
 
 
@@ -96,3 +96,20 @@ def test_a_zero_direction_or_a_wrong_layout_is_an_error():
         component_locations(torch.zeros(sum(e["numel"] for e in layout)), layout)
     with pytest.raises(ValueError, match="entries; the layout covers"):
         component_locations(torch.ones(5), layout)
+
+
+def test_restricting_a_direction_keeps_its_top_groups_exactly_and_zeroes_the_rest():
+    layout = _layout()
+    x = torch.randn(sum(e["numel"] for e in layout), generator=torch.Generator().manual_seed(0))
+    loc = component_locations(x, layout)
+    keys = top_group_keys(loc)
+    first = loc["groups"][0]
+    assert len(keys) == max(1, -(-loc["n_groups"] * 5 // 100)) and keys[0] == (first["layer"], first["module"])
+    kept = restricted(x, layout, keys)
+    for e in layout:
+        part, orig = kept[e["offset"] : e["offset"] + e["numel"]], x[e["offset"] : e["offset"] + e["numel"]]
+        assert torch.equal(part, orig) if parameter_group(e["name"]) in keys else not part.any()
+    # its energy is what top5pct says the top groups hold
+    assert float(kept.double().square().sum() / x.double().square().sum()) == pytest.approx(loc["top5pct"])
+    with pytest.raises(ValueError, match="none of the groups"):
+        restricted(x, layout, [(99, "q")])

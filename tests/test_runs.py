@@ -317,6 +317,55 @@ def test_cli_bad_value_is_one_clear_line(capsys):
     assert len(err) == 1 and "--lr" in err[0] and "-1.0" in err[0]
 
 
+class _Handed(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "argv, module, function",
+    [
+        (["decompose", "--store", "s", "--out", "o", "--components", "2"], "npeff_lens.runs", "decompose_store"),
+        (["perturb", "d", "--components", "2"], "npeff_lens.runs", "run_perturbation"),
+        (["compare", "d", "--methods", "npeff"], "npeff_lens.runs", "compare"),
+        (["unlearn", "d", "--components", "0"], "npeff_lens.runs", "unlearn"),
+        (["icl", "d"], "npeff_lens.runs", "icl"),
+        (["report", "d", "--k", "4"], "npeff_lens.report", "build"),
+        (["explain", "d", "--text", "a film", "--top", "2"], "npeff_lens.explain", "explain"),
+    ],
+)
+def test_every_step_receives_its_command_as_its_config(argv, module, function, monkeypatch):
+    """One calling convention: the step gets the parsed command itself (it extends the step's config), not a copy
+    rebuilt and checked again."""
+    import importlib
+
+    handed = []
+
+    def step(*args, **kwargs):
+        handed.extend(a for a in (*args, *kwargs.values()) if isinstance(a, C._Config))
+        raise _Handed
+
+    monkeypatch.setattr(importlib.import_module(module), function, step)
+    with pytest.raises(_Handed):
+        main(["--debug", *argv])
+    assert [type(a) for a in handed] == [COMMANDS[argv[0]][0]]
+
+
+def test_a_decomposition_s_values_are_checked_once_from_the_command_line_to_fit(run, tmp_path, monkeypatch):
+    from npeff_lens import constraints
+
+    checked = []
+
+    class Counting(constraints._Constraint):
+        def check(self, name, value):
+            checked.append(value)
+
+    monkeypatch.setitem(constraints._PARAMETER_CONSTRAINTS, "lr", Counting())
+    root, _, _ = run
+    argv = ["--store", str(root / "tree" / "pefs"), "--components", "2", "--steps", "3", "--warmup-steps", "1"]
+    assert main(["decompose", *argv, "--lr", "0.25", "--out", str(tmp_path / "d"), "--no-progress"]) == 0
+    assert checked == [0.25]
+
+
 def test_component_lists():
     assert C.PerturbConfig(components=3).component_list(10) == [0, 1, 2]
     # more components than the fit has is one line, not a silent smaller run

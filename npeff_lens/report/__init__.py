@@ -85,7 +85,9 @@ from pathlib import Path
 import torch
 
 from ..baselines import REGISTRY
+from ..config import ReportConfig
 from ..io import atomic_write, write_json
+from ..rundir import resolve_config
 from . import data as _data
 from . import render as _render
 
@@ -141,17 +143,24 @@ def _attributions(view, stats, n_attributed: int, adapter, enabled: bool, show_p
     return out, note, attributor
 
 
-def _report(decomposition_dir, *, store, k, n_attributed, perturbation, adapter, attribute, progress):
+def _report_config(config: ReportConfig | None, options: dict) -> ReportConfig:
+    if "attribute" in options:  # the keyword's name before ReportConfig
+        options["attributions"] = options.pop("attribute")
+    return resolve_config(ReportConfig, config, options)
+
+
+def _report(decomposition_dir, cfg: ReportConfig, *, store, adapter):
     """``(view, index, components, attributor)``: :func:`report_data`'s records, and the run they came from."""
+    k, n_attributed = cfg.k, cfg.n_attributed
     view = _data.load_view(decomposition_dir, store)
     C = view.coeffs.shape[1]
     stats = _data.statistics(view, k)
-    summary, records = _data.read_perturbation(_data.find_perturbation(decomposition_dir, perturbation))
+    summary, records = _data.read_perturbation(_data.find_perturbation(decomposition_dir, cfg.perturbation))
     located, location_note = _data.read_locations(decomposition_dir, C)
     where = located["components"] if located else {}
     rows = [_data.summary_row(view, stats, j, records.get(j), where.get(j)) for j in range(C)]
     stored = _stored_loadings(view, stats, k)
-    attributions, note, attributor = _attributions(view, stats, n_attributed, adapter, attribute, progress)
+    attributions, note, attributor = _attributions(view, stats, n_attributed, adapter, cfg.attributions, cfg.progress)
     shown = n_attributed if attributions else None
     components = []
     for j in range(C):
@@ -172,28 +181,20 @@ def _report(decomposition_dir, *, store, k, n_attributed, perturbation, adapter,
 
 
 def report_data(
-    decomposition_dir,
-    *,
-    store=None,
-    k: int = 16,
-    n_attributed: int = 8,
-    perturbation=None,
-    adapter=None,
-    attribute: bool = True,
-    progress: bool = True,
+    decomposition_dir, config: ReportConfig | None = None, *, store=None, adapter=None, **options
 ) -> tuple[dict, list[dict]]:
     """``(index, components)``: the JSON records of the report (schema: the module docstring), nothing written.
 
-    ``store``: the PEF store (default: the one the decomposition's run.json names); ``k``: top examples per
-    component (tunings, breakdowns, shown examples); ``n_attributed``: how many of them get token attributions
-    (one forward + one backward per PEF row for each component's batch); ``perturbation``: a
+    ``config`` / ``options``: :class:`~npeff_lens.config.ReportConfig` fields: ``k``, top examples per
+    component (tunings, breakdowns, shown examples); ``n_attributed``, how many of them get token attributions
+    (one forward + one backward per PEF row for each component's batch); ``perturbation``, a
     ``perturbation.json`` or its directory (default: a sibling perturbation run of this decomposition);
-    ``adapter``: the model, already loaded (default: loaded by the name the store's manifest records).
+    ``attributions`` (also spelled ``attribute``), ``progress``. ``store``: the PEF store (default: the one the
+    decomposition's run.json names); ``adapter``: the model, already loaded (default: loaded by the name the
+    store's manifest records).
     """
-    _, index, components, _ = _report(
-        decomposition_dir, store=store, k=k, n_attributed=n_attributed, perturbation=perturbation,
-        adapter=adapter, attribute=attribute, progress=progress,
-    )  # fmt: skip
+    cfg = _report_config(config, options)
+    _, index, components, _ = _report(decomposition_dir, cfg, store=store, adapter=adapter)
     return index, components
 
 
@@ -277,28 +278,17 @@ def _write_pages(pages: Path, data: Path, index: dict, components: list[dict]) -
 
 
 def build(
-    decomposition_dir,
-    out=None,
-    *,
-    store=None,
-    k: int = 16,
-    n_attributed: int = 8,
-    perturbation=None,
-    adapter=None,
-    attribute: bool = True,
-    progress: bool = True,
+    decomposition_dir, out=None, config: ReportConfig | None = None, *, store=None, adapter=None, **options
 ) -> Path:
     """Write the static report of a decomposition into ``out`` (default ``decomposition_dir/report``) and return
     the path of its ``index.html``; with ``npeff compare``'s fitted baselines, their pages under ``methods/``
     (:func:`methods_data`). Arguments: :func:`report_data`."""
     out = Path(decomposition_dir) / "report" if out is None else Path(out)
-    view, index, components, attributor = _report(
-        decomposition_dir, store=store, k=k, n_attributed=n_attributed, perturbation=perturbation,
-        adapter=adapter, attribute=attribute, progress=progress,
-    )  # fmt: skip
+    cfg = _report_config(config, options)
+    view, index, components, attributor = _report(decomposition_dir, cfg, store=store, adapter=adapter)
     methods = {}
     if index.get("compare"):  # baselines' pages beside compare.json; link only the methods whose pages are written
-        methods = methods_data(view, index, k, adapter if attributor is None else attributor.adapter)
+        methods = methods_data(view, index, cfg.k, adapter if attributor is None else attributor.adapter)
         index["compare"]["pages"] = {m: p for m, p in index["compare"]["pages"].items() if m in methods}
     _write_assets(out / "assets")
     for method, (m_index, m_components) in methods.items():
