@@ -6,7 +6,7 @@ model adapters import transformers / transformer-lens / nnsight only when they a
 
 from __future__ import annotations
 
-import importlib
+from .io import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -30,13 +30,7 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        value = module if module.__name__.endswith("." + name) else getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'npeff_lens' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 def __dir__():

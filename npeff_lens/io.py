@@ -1,4 +1,4 @@
-"""Small I/O helpers used everywhere: atomic writes, JSON, and the one progress-bar factory.
+"""Small helpers used everywhere: atomic writes, JSON, the one progress-bar factory, and lazy package exports.
 
 Every file npeff_lens writes goes through :func:`atomic_write` (temp file beside the target, fsync,
 ``os.replace``, fsync of the directory): a reader sees the old file or the new one, never a torn one,
@@ -9,6 +9,7 @@ next writer can tell a dead process's leftovers from a live one's.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "to_jsonable",
     "progress",
     "tmp_name",
+    "lazy_exports",
 ]
 
 
@@ -239,3 +241,19 @@ class DeferredSignals:
             self.depth -= 1
         if not self.depth and not self.held and self.pending is not None:
             self._raise(self.pending)
+
+
+def lazy_exports(package: str, table: dict[str, str]):
+    """A package's ``__getattr__`` (PEP 562) that imports ``table[name]``, a module path, on first use of ``name``
+    and keeps it: the module itself when its path ends in ``.name``, else its attribute ``name``. So importing the
+    package stays cheap (no torch, no transformers) until a name is used."""
+
+    def __getattr__(name: str):
+        if name not in table:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module = importlib.import_module(table[name])
+        value = module if module.__name__.endswith("." + name) else getattr(module, name)
+        setattr(importlib.import_module(package), name, value)
+        return value
+
+    return __getattr__

@@ -7,7 +7,7 @@ Both take adapters, tasks, coefficient tensors and lists of prompts, and return 
 
 from __future__ import annotations
 
-import importlib
+from ..io import lazy_exports
 
 _LAZY = {
     "unlearn": "npeff_lens.applications.unlearning",
@@ -22,12 +22,7 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'npeff_lens.applications' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 def __dir__():

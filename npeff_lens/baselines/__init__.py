@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..io import lazy_exports
+
 _LAZY = {
     "GradientClustering": "npeff_lens.baselines.gradient_clustering",
     "collect_prediction_gradients": "npeff_lens.baselines.gradient_clustering",
@@ -38,12 +40,7 @@ _LAZY = {
 __all__ = sorted([*_LAZY, "Method", "FitInputs", "REGISTRY", "method"])
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'npeff_lens.baselines' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 @dataclass(frozen=True)

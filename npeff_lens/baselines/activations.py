@@ -9,6 +9,8 @@
   down-projection's input) for any backend; :func:`hook_module` finds the module a hook reads.
 - :func:`activations` reads them through our model adapters: padding is dropped, the forward stops at the hook.
   :func:`as_activations` checks precomputed ones (an :class:`Activations`, or a tensor and its token bookkeeping).
+- :class:`ActivationEstimator`: what the estimators share once fitted: coefficients of new prompts, each example's
+  token range, and which components are alive.
 - :class:`SavedFormat`: a fitted estimator's tensors (safetensors) and its ``*.json`` (parameters and fitted
   scalars, written last), each written atomically; loading checks the format's name and version.
 
@@ -18,9 +20,11 @@ transformer-lens is never imported here: the TL backends' adapters hold the mode
 from __future__ import annotations
 
 import difflib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -29,6 +33,7 @@ from ..io import atomic_write, progress, read_json, write_json
 __all__ = [
     "INPUT_SUFFIX",
     "Activations",
+    "ActivationEstimator",
     "SavedFormat",
     "activations",
     "as_activations",
@@ -347,6 +352,80 @@ def check_positive_int(name: str, value, minimum: int = 1) -> None:
     """A ValueError naming ``name`` unless ``value`` is an int (not a bool) ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# A fitted estimator
+# --------------------------------------------------------------------------------------------------
+
+
+class ActivationEstimator:
+    """Base of the activation-space estimators: per-example coefficients are the max over an example's tokens.
+    A subclass sets ``_fitted_attribute`` (present once fitted) and has ``hook``, ``k_top``, ``d_in_``,
+    ``read_activations`` and ``transform_activations``."""
+
+    _fitted_attribute: ClassVar[str]
+
+    def _fit_prompts(self, adapter, prompts: Sequence[str]):
+        """Read the activations of ``prompts`` through ``adapter`` and fit on them, timing both."""
+        t0 = time.perf_counter()
+        acts = self.read_activations(adapter, prompts)
+        self.model_name_ = getattr(adapter, "name", None)
+        t_read = time.perf_counter() - t0
+        self.fit_activations(acts)
+        self.timings_["activations"] = t_read
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def transform(self, adapter, prompts: Sequence[str]) -> torch.Tensor:
+        """Coefficients ``[len(prompts), n_components]`` of new prompts (the fitted state is unchanged)."""
+        return self.transform_activations(self.read_activations(adapter, prompts))
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, self._fitted_attribute):
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(...) or load(...) first")
+
+    def _new_activations(self, acts, example_index, n_examples) -> Activations:
+        """:func:`as_activations` of new data, checked against the fitted width."""
+        self._check_fitted()
+        data = as_activations(acts, example_index, None, n_examples, self.hook)
+        if data.d != self.d_in_:
+            raise ValueError(f"activations have d={data.d}; this {type(self).__name__} was fitted on d={self.d_in_}")
+        return data
+
+    def _set_example_statistics(self, coefficients: torch.Tensor, example_index: torch.Tensor) -> None:
+        """``coefficients_``, each example's token range, and the components active on at least ``k_top``
+        examples (``alive_``; the others are ``dead_latents_``)."""
+        if example_index.numel() > 1 and bool((example_index[1:] < example_index[:-1]).any()):
+            raise ValueError("example_index must be non-decreasing (tokens grouped by example)")
+        self.coefficients_ = coefficients
+        bounds = torch.searchsorted(example_index, torch.arange(coefficients.shape[0] + 1))
+        self._starts, self._ends = bounds[:-1], bounds[1:]
+        self.n_active_examples_ = (coefficients > 0).sum(0)
+        self.alive_ = self.n_active_examples_ >= self.k_top
+        self.dead_latents_ = torch.nonzero(~self.alive_).flatten()
+
+    def _saved(self, tensors: dict, meta: dict) -> tuple[dict, dict]:
+        """``(tensors, meta)`` to save: these plus the token bookkeeping, the parameters and the fit's record."""
+        tensors = {**tensors, "example_index": self.example_index_, "token_ids": self.token_ids_,
+                   "positions": self.positions_}  # fmt: skip
+        fit = {"fit_seconds": getattr(self, "fit_seconds_", None), "timings": getattr(self, "timings_", {})}
+        meta = {"params": self.get_params(), "model_name": self.model_name_, "d_in": self.d_in_, **meta, **fit}
+        return tensors, meta
+
+    def _restore(self, tensors: dict, meta: dict) -> None:
+        """Set what :meth:`_saved` added back from a load."""
+        self.example_index_, self.token_ids_ = tensors["example_index"], tensors["token_ids"]
+        self.positions_, self.model_name_, self.d_in_ = tensors["positions"], meta.get("model_name"), int(meta["d_in"])
+        self.fit_seconds_, self.timings_ = meta.get("fit_seconds"), meta.get("timings", {})
+
+    def _token_range(self, example: int) -> tuple[int, int]:
+        """``(start, end)`` of one example's rows among the fitted tokens."""
+        self._check_fitted()
+        m, e = self.coefficients_.shape[0], int(example)
+        if not 0 <= e < m:
+            raise IndexError(f"example index {e} out of range for {m} examples")
+        return int(self._starts[e]), int(self._ends[e])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,7 +39,15 @@ from pathlib import Path
 import torch
 
 from ..io import progress
-from .activations import Activations, SavedFormat, activations, as_activations, check_positive_int, resolve_hook
+from .activations import (
+    ActivationEstimator,
+    Activations,
+    SavedFormat,
+    activations,
+    as_activations,
+    check_positive_int,
+    resolve_hook,
+)
 
 __all__ = ["SAE_LENS_INSTALL", "TopKSAEBaseline", "unit_normalise"]
 
@@ -102,7 +110,7 @@ def _quiet_trainer(quiet: bool):
 # --------------------------------------------------------------------------------------------------
 
 
-class TopKSAEBaseline:
+class TopKSAEBaseline(ActivationEstimator):
     """A TopK SAE on per-token activations at one hook, read as a decomposition (§5.2, App. H).
 
     Sizes: ``n_latents`` (the paper: 8192) latents, ``k`` active per token (16-128). Training: Adam at
@@ -120,6 +128,8 @@ class TopKSAEBaseline:
     ``[n_tokens]`` and the per-token TopK codes ``code_latents_``/``code_values_ [n_tokens, k]``,
     ``n_active_examples_``, ``dead_latents_``, ``alive_``, ``fit_seconds_`` (whole fit) and ``timings_``.
     """
+
+    _fitted_attribute = "sae_"
 
     def __init__(
         self,
@@ -198,15 +208,8 @@ class TopKSAEBaseline:
         if self.hook is None:
             raise ValueError("TopKSAEBaseline.fit needs hook=... (a hook name or module path); see hook_names(adapter)")
         _sae_lens()
-        t0 = time.perf_counter()
         self.hook = resolve_hook(adapter, self.hook)  # "attn:3" -> the adapter's own hook name, as saved
-        acts = self.read_activations(adapter, prompts)
-        self.model_name_ = getattr(adapter, "name", None)
-        t_read = time.perf_counter() - t0
-        self.fit_activations(acts)
-        self.timings_["activations"] = t_read
-        self.fit_seconds_ = time.perf_counter() - t0
-        return self
+        return self._fit_prompts(adapter, prompts)
 
     @classmethod
     def from_sae_lens(cls, directory, *, hook: str | None = None, k: int | None = None, device: str = "cpu",
@@ -339,45 +342,16 @@ class TopKSAEBaseline:
             values[i : i + chunk] = top.values
         return coefficients, latents, values
 
-    def transform(self, adapter, prompts: Sequence[str]) -> torch.Tensor:
-        """Coefficients ``[len(prompts), n_latents]`` of new prompts (the fitted state is unchanged)."""
-        return self.transform_activations(self.read_activations(adapter, prompts))
-
     def transform_activations(self, acts, example_index=None, *, n_examples=None) -> torch.Tensor:
-        self._check_fitted()
-        data = as_activations(acts, example_index, None, n_examples, self.hook)
-        if data.d != self.d_in_:
-            raise ValueError(f"activations have d={data.d}; this SAE was trained on d={self.d_in_}")
-        return self._encode_all(data)[0]
+        return self._encode_all(self._new_activations(acts, example_index, n_examples))[0]
 
     # --- reading the decomposition ----------------------------------------------------------------
     def _set_statistics(self) -> None:
-        order = self.example_index_
-        if order.numel() > 1 and bool((order[1:] < order[:-1]).any()):
-            raise ValueError("example_index must be non-decreasing (tokens grouped by example)")
-        m = self.coefficients_.shape[0]
-        bounds = torch.searchsorted(order, torch.arange(m + 1))
-        self._starts, self._ends = bounds[:-1], bounds[1:]
-        self.n_active_examples_ = (self.coefficients_ > 0).sum(0)
-        self.alive_ = self.n_active_examples_ >= self.k_top
-        self.dead_latents_ = torch.nonzero(~self.alive_).flatten()
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "sae_"):
-            raise RuntimeError("this TopKSAEBaseline is not fitted yet; call fit(...) or load(...) first")
-
-    def _check_example(self, example: int) -> int:
-        m = self.coefficients_.shape[0]
-        example = int(example)
-        if not 0 <= example < m:
-            raise IndexError(f"example index {example} out of range for {m} examples")
-        return example
+        self._set_example_statistics(self.coefficients_, self.example_index_)
 
     def token_activations(self, example: int) -> torch.Tensor:
         """Latent activations ``[T, n_latents]`` on the tokens of one example (dense; ≤ k non-zeros a row)."""
-        self._check_fitted()
-        e = self._check_example(example)
-        s, t = int(self._starts[e]), int(self._ends[e])
+        s, t = self._token_range(example)
         out = torch.zeros(t - s, self.n_latents)
         out.scatter_(1, self.code_latents_[s:t].long(), self.code_values_[s:t])
         return out
@@ -389,8 +363,7 @@ class TopKSAEBaseline:
             raise IndexError(f"latent {latent} out of range for {self.n_latents} latents")
         out = []
         for example in torch.as_tensor(example_indices).reshape(-1).tolist():
-            e = self._check_example(example)
-            s, t = int(self._starts[e]), int(self._ends[e])
+            s, t = self._token_range(example)
             on = ((self.code_latents_[s:t] == int(latent)) & (self.code_values_[s:t] > 0)).any(-1)
             out.append(frozenset(self.token_ids_[s:t][on].tolist()))
         return out
@@ -427,26 +400,11 @@ class TopKSAEBaseline:
         with tempfile.TemporaryDirectory(prefix=".npeff_sae_", dir=directory) as tmp:
             for path in self.sae_.save_model(tmp):
                 os.replace(path, directory / Path(path).name)  # same file system: atomic
-        tensors = {
-            "coefficients": self.coefficients_,
-            "example_index": self.example_index_,
-            "token_ids": self.token_ids_,
-            "positions": self.positions_,
-            "code_latents": self.code_latents_,
-            "code_values": self.code_values_,
-        }
-        meta = {
-            "params": self.get_params(),
-            "normalisation": "none" if self.pretrained_ else NORMALISATION,
-            "pretrained": self.pretrained_,
-            "model_name": self.model_name_,
-            "d_in": self.d_in_,
-            "n_tokens": self.n_tokens_,
-            "dead_latents": self.dead_latents_,
-            "fit_seconds": getattr(self, "fit_seconds_", None),
-            "timings": getattr(self, "timings_", {}),
-        }
-        return SAVED.save(directory, tensors, meta)
+        tensors = {"coefficients": self.coefficients_, "code_latents": self.code_latents_,
+                   "code_values": self.code_values_}  # fmt: skip
+        meta = {"normalisation": "none" if self.pretrained_ else NORMALISATION, "pretrained": self.pretrained_,
+                "n_tokens": self.n_tokens_, "dead_latents": self.dead_latents_}  # fmt: skip
+        return SAVED.save(directory, *self._saved(tensors, meta))
 
     @classmethod
     def load(cls, directory, *, device: str | None = None) -> TopKSAEBaseline:
@@ -458,13 +416,10 @@ class TopKSAEBaseline:
         if device is not None:
             params["device"] = device
         self = cls(**params)
-        self.model_name_ = meta.get("model_name")
+        self._restore(tensors, meta)
         self.pretrained_ = meta.get("pretrained")
         self.sae_ = sae_lens.SAE.load_from_disk(directory, device=self.device).eval()
-        self.coefficients_, self.example_index_ = tensors["coefficients"], tensors["example_index"]
-        self.token_ids_, self.positions_ = tensors["token_ids"], tensors["positions"]
+        self.coefficients_, self.n_tokens_ = tensors["coefficients"], int(meta["n_tokens"])
         self.code_latents_, self.code_values_ = tensors["code_latents"], tensors["code_values"]
-        self.d_in_, self.n_tokens_ = int(meta["d_in"]), int(meta["n_tokens"])
-        self.fit_seconds_, self.timings_ = meta.get("fit_seconds"), meta.get("timings", {})
         self._set_statistics()
         return self

@@ -37,6 +37,7 @@ import torch
 
 from ..io import progress
 from .activations import (
+    ActivationEstimator,
     Activations,
     SavedFormat,
     activations,
@@ -167,7 +168,7 @@ def default_layer(adapter) -> int:
     return n_layers(adapter) // 2
 
 
-class SNMFBaseline:
+class SNMFBaseline(ActivationEstimator):
     """SNMF of one MLP's hidden activations, read as a decomposition (Shafran et al., 2025).
 
     Sizes: ``n_features`` features, ``n_iter`` rounds of the Ding et al. updates from each of ``n_init``
@@ -183,6 +184,8 @@ class SNMFBaseline:
     ``alive_``, ``dead_latents_`` (features non-zero on fewer than ``k_top`` examples; named as the SAE's),
     ``reconstruction_err_`` (relative, on the fitted tokens), ``errors_``, ``fit_seconds_``, ``timings_``.
     """
+
+    _fitted_attribute = "features_"
 
     def __init__(
         self,
@@ -241,14 +244,7 @@ class SNMFBaseline:
 
     def fit(self, adapter, prompts: Sequence[str]) -> SNMFBaseline:
         """Read the MLP activations of ``prompts`` through ``adapter`` and factorise them."""
-        t0 = time.perf_counter()
-        acts = self.read_activations(adapter, prompts)
-        self.model_name_ = getattr(adapter, "name", None)
-        t_read = time.perf_counter() - t0
-        self.fit_activations(acts)
-        self.timings_["activations"] = t_read
-        self.fit_seconds_ = time.perf_counter() - t0
-        return self
+        return self._fit_prompts(adapter, prompts)
 
     def fit_activations(self, acts, example_index=None, token_ids=None, *, n_examples=None) -> SNMFBaseline:
         """Fit on precomputed activations: an :class:`~npeff_lens.baselines.activations.Activations`, or
@@ -287,39 +283,20 @@ class SNMFBaseline:
                  for i in range(0, acts.shape[0], chunk)]  # fmt: skip
         return torch.cat(parts) if parts else torch.zeros(0, self.n_features)
 
-    def transform(self, adapter, prompts: Sequence[str]) -> torch.Tensor:
-        """Coefficients ``[len(prompts), n_features]`` of new prompts, features fixed."""
-        return self.transform_activations(self.read_activations(adapter, prompts))
-
     def transform_activations(self, acts, example_index=None, *, n_examples=None) -> torch.Tensor:
-        self._check_fitted()
-        data = as_activations(acts, example_index, None, n_examples, self.hook)
-        if data.d != self.d_in_:
-            raise ValueError(f"activations have d={data.d}; the features were fitted on d={self.d_in_}")
+        data = self._new_activations(acts, example_index, n_examples)
         return _per_example_max(self._encode_chunks(data.acts), data.example_index, data.n_examples)
 
     # --- reading the decomposition ----------------------------------------------------------------
     def _set_statistics(self, coefficients: torch.Tensor | None = None) -> None:
         if coefficients is None:
             coefficients = _per_example_max(self.token_coefficients_, self.example_index_, self.n_examples_)
-        self.coefficients_ = coefficients
-        bounds = torch.searchsorted(self.example_index_, torch.arange(self.n_examples_ + 1))
-        self._starts, self._ends = bounds[:-1], bounds[1:]
-        self.n_active_examples_ = (self.coefficients_ > 0).sum(0)
-        self.alive_ = self.n_active_examples_ >= self.k_top
-        self.dead_latents_ = torch.nonzero(~self.alive_).flatten()
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "features_"):
-            raise RuntimeError("this SNMFBaseline is not fitted yet; call fit(...) or load(...) first")
+        self._set_example_statistics(coefficients, self.example_index_)
 
     def token_activations(self, example: int) -> torch.Tensor:
         """Per-token coefficients ``[T, n_features]`` of one example (the report's token highlighting)."""
-        self._check_fitted()
-        e = int(example)
-        if not 0 <= e < self.n_examples_:
-            raise IndexError(f"example index {e} out of range for {self.n_examples_} examples")
-        return self.token_coefficients_[int(self._starts[e]) : int(self._ends[e])].float()
+        s, t = self._token_range(example)
+        return self.token_coefficients_[s:t].float()
 
     def summary(self) -> dict:
         self._check_fitted()
@@ -340,35 +317,19 @@ class SNMFBaseline:
         """``npeff_snmf.safetensors`` (features, coefficients, per-token coefficients, token bookkeeping) and
         ``npeff_snmf.json`` (parameters and fitted scalars; written last)."""
         self._check_fitted()
-        tensors = {
-            "features": self.features_,
-            "coefficients": self.coefficients_,
-            "token_coefficients": self.token_coefficients_,
-            "example_index": self.example_index_,
-            "token_ids": self.token_ids_,
-            "positions": self.positions_,
-        }
-        meta = {
-            "params": self.get_params(),
-            "model_name": self.model_name_,
-            "d_in": self.d_in_,
-            "n_examples": self.n_examples_,
-            "reconstruction_err": self.reconstruction_err_,
-            "errors": self.errors_,
-            "fit_seconds": getattr(self, "fit_seconds_", None),
-            "timings": getattr(self, "timings_", {}),
-        }
-        return SAVED.save(directory, tensors, meta)
+        tensors = {"features": self.features_, "coefficients": self.coefficients_,
+                   "token_coefficients": self.token_coefficients_}  # fmt: skip
+        meta = {"n_examples": self.n_examples_, "reconstruction_err": self.reconstruction_err_, "errors": self.errors_}
+        return SAVED.save(directory, *self._saved(tensors, meta))
 
     @classmethod
     def load(cls, directory) -> SNMFBaseline:
         meta, t = SAVED.load(directory)
         self = cls(**meta["params"])
+        self._restore(t, meta)
         self.features_, self.token_coefficients_ = t["features"], t["token_coefficients"].float()
-        self.example_index_, self.token_ids_, self.positions_ = t["example_index"], t["token_ids"], t["positions"]
-        self.model_name_, self.d_in_, self.n_examples_ = meta.get("model_name"), int(meta["d_in"]), meta["n_examples"]
-        self.reconstruction_err_, self.errors_ = meta["reconstruction_err"], meta.get("errors", [])
-        self.fit_seconds_, self.timings_ = meta.get("fit_seconds"), meta.get("timings", {})
+        self.n_examples_, self.reconstruction_err_, self.errors_ = (meta["n_examples"], meta["reconstruction_err"],
+                                                                    meta.get("errors", []))  # fmt: skip
         self._set_statistics(t["coefficients"])
         return self
 

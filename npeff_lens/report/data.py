@@ -612,6 +612,18 @@ def component_record(
     }
 
 
+def _summary(view: RunView, stats: Stats) -> dict:
+    """The index's ``summary``: fractions of the components tuned to the label / the prediction (§3.1)."""
+    C = view.coeffs.shape[1]
+    return {
+        "k": stats.k,
+        "tuned_label": sum(t is not None for t in stats.tuned_label) / C if view.labels is not None else None,
+        "tuned_prediction": sum(t is not None for t in stats.tuned_prediction) / C,
+        "n_alive": C - len(stats.dead),
+        "n_dead": len(stats.dead),
+    }
+
+
 def index_record(
     view: RunView, stats: Stats, rows: list[dict], *, perturbation, compare, note, locations=None, n_attributed=None
 ) -> dict:
@@ -621,10 +633,6 @@ def index_record(
     man = view.manifest
     est = view.est
     C = view.coeffs.shape[1]
-    tuned = {
-        "label": sum(t is not None for t in stats.tuned_label) / C if view.labels is not None else None,
-        "prediction": sum(t is not None for t in stats.tuned_prediction) / C,
-    }
     proj = man.get("projection")
     return {
         "format": FORMAT,
@@ -649,13 +657,7 @@ def index_record(
             "reconstruction_err": getattr(est, "reconstruction_err_", None),
             "n_iter": getattr(est, "n_iter_", None),
         },
-        "summary": {
-            "k": stats.k,
-            "tuned_label": tuned["label"],
-            "tuned_prediction": tuned["prediction"],
-            "n_alive": C - len(stats.dead),
-            "n_dead": len(stats.dead),
-        },
+        "summary": _summary(view, stats),
         "perturbation": perturbation,
         "compare": compare,
         "attribution_note": note,
@@ -668,11 +670,6 @@ def index_record(
 def method_index_record(npeff_index: dict, view: RunView, stats: Stats, rows: list[dict], note: str | None) -> dict:
     """A baseline's index JSON: NPEFF's ``index`` schema, with ``method`` and its own components and summary."""
     C = view.coeffs.shape[1]
-    tuned = {
-        w: (sum(t is not None for t in ts) / C if ts is not None else None)
-        for w, ts in (("label", stats.tuned_label if view.labels is not None else None),
-                      ("prediction", stats.tuned_prediction))
-    }  # fmt: skip
     fitted = view.est
     return {
         **npeff_index,
@@ -684,13 +681,7 @@ def method_index_record(npeff_index: dict, view: RunView, stats: Stats, rows: li
             "reconstruction_err": None,
             "n_iter": getattr(fitted, "n_iter_", None),
         },
-        "summary": {
-            "k": stats.k,
-            "tuned_label": tuned["label"],
-            "tuned_prediction": tuned["prediction"],
-            "n_alive": C - len(stats.dead),
-            "n_dead": len(stats.dead),
-        },
+        "summary": _summary(view, stats),
         "perturbation": None,
         "attribution_note": note,
         "n_attributed": None,
