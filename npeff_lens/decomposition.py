@@ -671,10 +671,11 @@ class NPEFF:
 
     @classmethod
     def from_config(cls, config, **params) -> NPEFF:
-        """The estimator of a :class:`~npeff_lens.config.DecomposeConfig` (plus ``params``, e.g. ``checkpoint_dir``).
-        A config checked its fields when it was built, so ``fit`` checks only what is new here."""
+        """The estimator of a :class:`~npeff_lens.config.DecomposeConfig`, with ``params`` (e.g. ``checkpoint_dir``)
+        added or replaced. A config checked its fields when it was built, so only ``params`` are checked here, and
+        ``fit`` checks again only what is set after."""
         validate_params(params)
-        est = cls(**config.estimator_params(), **params)
+        est = cls(**{**config.estimator_params(), **params})
         est._checked_params = est.get_params()
         return est
 

@@ -392,3 +392,15 @@ def test_the_decompose_step_has_the_estimators_defaults():
         if f.name in signature and f.default is not dataclasses.MISSING and f.name not in ("dtype", "progress"):
             assert f.default == signature[f.name].default, f.name
     assert str(signature["dtype"].default) == f"torch.{DecomposeConfig.__dataclass_fields__['dtype'].default}"
+
+
+def test_an_estimator_from_a_config_checks_only_what_changed_after():
+    """A config's values were checked when it was built; fit checks again only values set since, and new ones."""
+    est = NPEFF.from_config(DecomposeConfig(n_components=2, n_steps=3, n_warmup_steps=1), progress=False)
+    x = torch.rand(6, 2, 5)
+    est.fit(x)
+    est.set_params(lr=-1.0)
+    with pytest.raises(ValueError, match=r"^lr must be a positive finite number"):
+        est.fit(x)
+    with pytest.raises(ValueError, match=r"^checkpoint_every must be"):
+        NPEFF.from_config(DecomposeConfig(n_components=2), checkpoint_every=0)
