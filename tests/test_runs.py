@@ -833,6 +833,34 @@ def test_top_where_lists_where_each_component_lives_and_keeps_it_in_the_run(run,
     assert main(["top", str(d), "--where", "--show", "1"]) == 0
 
 
+def test_the_location_benchmark_measures_and_resumes(run, tmp_path, monkeypatch, capsys):
+    """benchmarks/locations.py on a small run: a top-groups direction holds top5pct of the energy, every
+    selectivity is measured against the full direction's, and a rerun reads the results back."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "locations.py"
+    spec = importlib.util.spec_from_file_location("locations_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root, _, _ = run
+    out = tmp_path / "loc.json"
+    argv = [str(root / "tree" / "npeff"), "--components", "2", "--k", "4", "--n-baseline", "8", "--out", str(out)]
+    bench.main(argv)
+    result = json.loads(out.read_text())
+    assert [c["component"] for c in result["components"]] == [0, 1]
+    for c in result["components"]:
+        assert c["status"] == "ok" and 0 < c["top5pct"] <= 1 and 0 < c["uniform"] < 1
+        assert not set(map(tuple, c["top_groups"])) & set(map(tuple, c["control_groups"]))
+        for m in ("full", "top", "control"):
+            assert c[m]["status"] in ("ok", "unreachable")
+            if c[m]["status"] == "ok":
+                assert c[m]["kl_baseline"] == pytest.approx(0.01, rel=0.05)
+    assert result["summary"]["n_measured"] == 2
+    monkeypatch.setattr(bench, "_component", lambda *a, **k: pytest.fail("measured again"))
+    bench.main(argv)
+    assert "excluded" not in capsys.readouterr().out
+
+
 def test_compare_uses_an_sae_the_user_already_has(run, tmp_path, capsys, monkeypatch):
     """An SAE trained and saved by sae-lens (SAE.save_model) is compared at its recorded hook, not retrained."""
     from npeff_lens.baselines.sae import TopKSAEBaseline
