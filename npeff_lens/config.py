@@ -366,6 +366,9 @@ class DecomposeConfig(_Config):
     seed: int = option(0, "seed of the initialisation")
     eps: float = option(1e-12, "added to the denominator of the multiplicative W update")
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = option("float32", "compute dtype of the fit")
+    storage_dtype: Literal["float32", "float64", "bfloat16", "float16"] | None = option(
+        None, "dtype the PEFs are held in during the fit (bfloat16: half the memory; products stay in --dtype)"
+    )
     nonfinite: Literal["raise", "exclude"] = option(
         "raise", "PEFs with NaN/inf: stop with an error, or leave them out (coefficients 0)"
     )

@@ -94,6 +94,7 @@ _PARAMETER_CONSTRAINTS: dict[str, _Constraint] = {
     "eps": _Real(positive=False),
     "device": _Constraint(),
     "dtype": _DType(),
+    "storage_dtype": _Optional(_DType()),
     "memory_budget": _Int(0),
     "batch_size": _Optional(_Int(1)),
     "nonfinite": _OneOf("raise", "exclude"),

@@ -10,6 +10,8 @@ formed. One step computes ``B = G H^T`` ("example rank component") once and uses
 multiplicative W update (App. D.1) and the gradient step on H (App. D.2). Data-parallel under
 ``torch.distributed``: each rank owns a contiguous slice of the examples, with one all-reduce of the H
 gradient (packed with the loss scalars) per step (App. D.3).
+The PEFs may be held in a narrower ``storage_dtype`` (e.g. bfloat16) than the working ``dtype``: each
+chunk of examples is cast up just before use, so every product and reduction accumulates in ``dtype``.
 
 The API follows scikit-learn's ``NMF``: hyper-parameters in ``__init__`` (checked against the table
 ``npeff_lens.constraints`` by :func:`validate_params`), ``fit`` / ``transform`` / ``fit_transform``,
@@ -108,13 +110,20 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _resolve_dtype(dtype) -> torch.dtype:
+def _resolve_dtype(dtype, name: str = "dtype") -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype).replace("torch.", ""), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype; got {dtype!r}")
+        raise ValueError(f"{name} must be a floating torch dtype; got {dtype!r}")
     return value
+
+
+def _storage_dtype(params: dict) -> torch.dtype:
+    """The dtype G is held in: ``storage_dtype``, or the working ``dtype`` when it is None."""
+    if params.get("storage_dtype") is None:
+        return _resolve_dtype(params["dtype"])
+    return _resolve_dtype(params["storage_dtype"], "storage_dtype")
 
 
 class CorruptFileError(ValueError):
@@ -159,17 +168,23 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 class _Shard:
     """The examples ``[lo, hi)`` owned by this rank, resident or streamed, with their normalisation.
 
-    ``scale[i] = 1 / sqrt(||G_i^T G_i||_F)`` (0 for excluded examples), applied to ``B = G H^T`` so that
-    the PEFs are used normalised without a normalised copy.
+    G is held (or streamed to the device) in ``storage_dtype`` and each block is cast to the working
+    ``dtype`` just before use, so the working-precision copy exists one chunk at a time; ``scale``, W and H
+    are in the working dtype. ``scale[i] = 1 / sqrt(||G_i^T G_i||_F)`` (0 for excluded examples, computed in
+    float64 from the stored values), applied to ``B = G H^T`` so that the PEFs are used normalised without a
+    normalised copy.
     """
 
-    def __init__(self, source, lo, hi, *, dtype, device, memory_budget, batch_size, nonfinite, n_components):
+    def __init__(
+        self, source, lo, hi, *, dtype, device, memory_budget, batch_size, nonfinite, n_components, storage_dtype=None
+    ):
         self.source, self.lo, self.hi = source, lo, hi
         self.n_components = n_components  # sizes the in-memory chunks
         self.dtype, self.device, self.batch_size = dtype, device, batch_size
+        self.storage_dtype = dtype if storage_dtype is None else storage_dtype
         self.rows, self.dim = int(source.rows), int(source.dim)
         self.m = hi - lo
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = torch.empty((), dtype=self.storage_dtype).element_size()
         self.resident_bytes = self.m * self.rows * self.dim * itemsize
         self.in_memory = self.resident_bytes <= memory_budget
         self.G: torch.Tensor | None = None
@@ -179,16 +194,16 @@ class _Shard:
 
     # -- loading -------------------------------------------------------------------------------
     def _load_resident(self) -> torch.Tensor:
-        src = self.source
+        src, dtype = self.source, self.storage_dtype
         if isinstance(src, _TensorSource):
             G = src.tensor[self.lo : self.hi]
         elif self.lo == 0 and self.hi == len(src) and hasattr(src, "load_pefs"):
-            G = src.load_pefs(dtype=self.dtype)
+            G = src.load_pefs(dtype=dtype)
         else:
-            G = torch.empty(self.m, self.rows, self.dim, dtype=self.dtype)
+            G = torch.empty(self.m, self.rows, self.dim, dtype=dtype)
             for start, _, part in self._stream():
-                G[start : start + part.shape[0]] = part.to(self.dtype)
-        G = G.to(device=self.device, dtype=self.dtype)
+                G[start : start + part.shape[0]] = part.to(dtype)
+        G = G.to(device=self.device, dtype=dtype)
         if tuple(G.shape) != (self.m, self.rows, self.dim):
             raise ValueError(f"PEFs have shape {tuple(G.shape)}; expected {(self.m, self.rows, self.dim)}")
         return G
@@ -214,15 +229,21 @@ class _Shard:
             raise ValueError(f"iter_batches covered {expected} examples; the store has {len(self.source)}")
 
     def raw_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(local_start, G block on device in the working dtype)``; excluded rows are zeroed."""
+        """``(local_start, G block on device in the working dtype)``; excluded rows are zeroed.
+
+        A block is cast from the storage dtype here (streamed blocks pass through it too, so streaming and
+        resident storage see the same values); the chunk's temporaries (B, its weighted copy and the cast
+        block) fit ``_TEMP_BUDGET``."""
         if self.G is not None:
-            per_example = self.rows * self.n_components * 2 * self.G.element_size()
+            cast = self.dim if self.storage_dtype != self.dtype else 0
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            per_example = self.rows * (self.n_components * 2 + cast) * itemsize
             step = self.batch_size or max(1, _TEMP_BUDGET // per_example)
             for s in range(0, self.m, step):
-                yield s, self.G[s : s + step]
+                yield s, self.G[s : s + step].to(self.dtype)
             return
         for s, _, part in self._stream():
-            part = part.to(device=self.device, dtype=self.dtype)
+            part = part.to(device=self.device, dtype=self.storage_dtype).to(self.dtype)
             bad = getattr(self, "_zero_rows", None)
             if bad is not None:
                 rows = bad[s : s + part.shape[0]]
@@ -435,8 +456,11 @@ def _unit_norm(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def _fingerprint(params: dict, m: int, r: int, d: int) -> dict:
-    """What a checkpoint must share with the fit that resumes it (the data's shape and the numerics)."""
-    return {
+    """What a checkpoint must share with the fit that resumes it (the data's shape and the numerics).
+
+    ``storage_dtype`` is there only when it differs from ``dtype``: checkpoints written before it existed
+    (G held in the working dtype) resume as before."""
+    fingerprint = {
         "n_components": params["n_components"],
         "m": m,
         "rows": r,
@@ -449,6 +473,9 @@ def _fingerprint(params: dict, m: int, r: int, d: int) -> dict:
         "dtype": str(_resolve_dtype(params["dtype"])),
         "init": params["init"],
     }
+    if _storage_dtype(params) != _resolve_dtype(params["dtype"]):
+        fingerprint["storage_dtype"] = str(_storage_dtype(params))
+    return fingerprint
 
 
 class _Checkpoints:
@@ -559,8 +586,16 @@ class NPEFF:
         Added to the denominator of the multiplicative W update.
     device, dtype :
         Where and in which precision to compute (``None`` device: CUDA when available, else CPU).
+        W, H, the per-example norms and every product and reduction are in ``dtype``.
+    storage_dtype : torch dtype, its name or None, default None
+        The precision the PEFs G are held in on the device (``None``: ``dtype``). ``"bfloat16"`` halves
+        their memory (and what ``memory_budget`` counts, and the host-to-device traffic when streaming):
+        each chunk of examples is cast to ``dtype`` just before use, so products still accumulate in
+        ``dtype``; only G's values are rounded (about 3 significant digits). The matmul precision is
+        left as torch has it (``torch.backends.cuda.matmul.allow_tf32``): bf16 storage does not turn on
+        TF32.
     memory_budget : int, default 4 GiB
-        Bytes for resident PEFs on this rank; above it the input is streamed every step.
+        Bytes for resident PEFs on this rank (in ``storage_dtype``); above it the input is streamed every step.
     batch_size : int or None
         Examples per streamed batch (``None``: the store's default) and per in-memory chunk
         (``None``: chunks whose temporaries fit 256 MiB).
@@ -616,6 +651,7 @@ class NPEFF:
         eps: float = 1e-12,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str = torch.float32,
+        storage_dtype: torch.dtype | str | None = None,
         memory_budget: int = 4 * 2**30,
         batch_size: int | None = None,
         nonfinite: str = "raise",
@@ -635,6 +671,7 @@ class NPEFF:
         self.eps = eps
         self.device = device
         self.dtype = dtype
+        self.storage_dtype = storage_dtype
         self.memory_budget = memory_budget
         self.batch_size = batch_size
         self.nonfinite = nonfinite
@@ -701,6 +738,7 @@ class NPEFF:
             rank * m // world,
             (rank + 1) * m // world,
             dtype=_resolve_dtype(self.dtype),
+            storage_dtype=_storage_dtype(self.get_params()),
             device=device,
             memory_budget=self.memory_budget,
             batch_size=self.batch_size,
@@ -857,6 +895,8 @@ class NPEFF:
         params = self.get_params()
         params.pop("callback")
         params["dtype"] = str(_resolve_dtype(self.dtype)).replace("torch.", "")
+        if self.storage_dtype is not None:
+            params["storage_dtype"] = str(_resolve_dtype(self.storage_dtype, "storage_dtype")).replace("torch.", "")
         params["device"] = None if self.device is None else str(self.device)
         params["checkpoint_dir"] = None if self.checkpoint_dir is None else str(self.checkpoint_dir)
         config = {

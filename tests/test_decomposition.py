@@ -337,6 +337,8 @@ def test_rank_one_2d_input_and_validation():
         ("progress", "yes"),  # bool
         ("dtype", "int32"),  # floating torch dtype
         ("dtype", "no_such_dtype"),
+        ("storage_dtype", "int8"),  # None or a floating torch dtype
+        ("storage_dtype", 3),
         ("no_such_parameter", 1),  # not an NPEFF parameter
     ],
 )
@@ -378,6 +380,9 @@ def test_validate_params_accepts_valid_values(tmp_path):
         }
     )
     validate_params({"dtype": torch.bfloat16, "batch_size": 3, "device": None, "checkpoint_dir": None})
+    validate_params({"storage_dtype": None})
+    validate_params({"storage_dtype": "bfloat16"})
+    validate_params({"storage_dtype": torch.float16})
     with pytest.raises(ValueError, match=r"^lr must be a positive finite number; got -1\.0$"):
         validate_params({"lr": -1.0})
 
@@ -404,3 +409,134 @@ def test_an_estimator_from_a_config_checks_only_what_changed_after():
         est.fit(x)
     with pytest.raises(ValueError, match=r"^checkpoint_every must be"):
         NPEFF.from_config(DecomposeConfig(n_components=2), checkpoint_every=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# bfloat16 storage of the PEFs, fp32 accumulation
+# ----------------------------------------------------------------------------------------------
+
+
+def noisy_planted(seed=1, noise=0.1):
+    """``planted()`` plus one noise row per example, so that the best loss is well above rounding (~0.1)."""
+    G, W, H = planted()
+    g = torch.Generator().manual_seed(seed)
+    extra = noise * torch.randn(G.shape[0], 1, G.shape[2], generator=g, dtype=G.dtype)
+    return torch.cat([G, extra], 1).float(), W, H
+
+
+def matched_cosines(A, B):
+    """|cos| between the rows of A and B, paired greedily by the largest remaining |cos| (one-to-one)."""
+    cos = (A.double() / A.double().norm(dim=1, keepdim=True)) @ (B.double() / B.double().norm(dim=1, keepdim=True)).T
+    cos = cos.abs()
+    out = []
+    for _ in range(min(cos.shape)):
+        i, j = divmod(int(cos.argmax()), cos.shape[1])
+        out.append(float(cos[i, j]))
+        cos[i, :], cos[:, j] = -1, -1
+    return torch.tensor(out)
+
+
+@pytest.fixture(scope="module")
+def storage_fits():
+    G, _, H = noisy_planted()
+    kw = dict(n_steps=300, n_warmup_steps=50, seed=0, progress=False)
+    return G, H, NPEFF(6, **kw).fit(G), NPEFF(6, storage_dtype=torch.bfloat16, **kw).fit(G)
+
+
+def test_bf16_storage_matches_the_fp32_fit(storage_fits):
+    G, H, full, half = storage_fits
+    cos = matched_cosines(half.components_, full.components_)
+    assert len(cos) == 6 and cos.min() >= 0.99
+    assert matched_cosines(half.components_, H.float()).min() >= 0.99  # and the planted components
+    assert half.reconstruction_err_ > 0.05  # the noise floor, far above bf16 rounding
+    assert half.reconstruction_err_ == pytest.approx(full.reconstruction_err_, rel=1e-3)
+    # The loss of the bf16 fit's components on the exact data is as good as the fp32 fit's.
+    exact = brute_force_loss(G, half.coefficients_, half.components_)
+    assert exact == pytest.approx(brute_force_loss(G, full.coefficients_, full.components_), rel=1e-3)
+    # The fit really saw rounded PEFs: the norms are those of the bf16 values.
+    assert not torch.equal(half.pef_norms_, full.pef_norms_)
+    assert torch.allclose(half.pef_norms_, pef_norms(G.bfloat16().double()), rtol=1e-6)
+
+
+def test_bf16_storage_keeps_the_working_dtype(storage_fits):
+    G, _, _, half = storage_fits
+    for name in ("components_", "coefficients_"):
+        assert getattr(half, name).dtype == torch.float32, name
+    assert half.transform(G, n_steps=5).dtype == torch.float32
+    full_bytes = G.numel() * 4
+    # A budget between the bf16 and the fp32 size: bf16 storage holds G, fp32 storage streams it.
+    est = NPEFF(6, storage_dtype="bfloat16", memory_budget=full_bytes * 3 // 4, progress=False)
+    _, shard, _ = est._shard(G)
+    assert shard.in_memory and shard.G.dtype == torch.bfloat16 and shard.resident_bytes == full_bytes // 2
+    assert shard.scale.dtype == torch.float32 and shard.dtype == torch.float32
+    blocks = list(shard.blocks())
+    assert all(b.dtype == torch.float32 and sc.dtype == torch.float32 for _, b, sc in blocks)
+    assert torch.equal(torch.cat([b for _, b, _ in blocks]), G.bfloat16().float())
+    _, shard32, _ = est.set_params(storage_dtype=None)._shard(G)
+    assert not shard32.in_memory and shard32.G is None and shard32.resident_bytes == full_bytes
+
+
+def test_bf16_storage_streamed_equals_in_memory():
+    G, _, _ = noisy_planted()
+    store = FakeStore(G, batch=16)
+    kw = dict(seed=1, storage_dtype=torch.bfloat16, **FAST)
+    mem = NPEFF(6, **kw).fit(store)
+    assert store.loaded == 1
+    stream = NPEFF(6, memory_budget=0, batch_size=7, **kw).fit(store)
+    assert store.loaded == 1  # the second fit streamed
+    assert torch.equal(stream.pef_norms_, mem.pef_norms_)  # the same bf16 values, block by block
+    assert matched_cosines(stream.components_, mem.components_).min() >= 0.9999
+    assert torch.allclose(stream.coefficients_, mem.coefficients_, rtol=1e-4, atol=1e-5)
+    assert stream.reconstruction_err_ == pytest.approx(mem.reconstruction_err_, rel=1e-5)
+
+
+def test_bad_storage_dtype_names_it():
+    from npeff_lens.config import ConfigError
+
+    G, _, _ = planted(m=10, d=8)
+    for value in ("int8", 3, torch.int8):
+        with pytest.raises(ValueError, match="^storage_dtype "):
+            NPEFF(3, storage_dtype=value, **FAST).fit(G.float())
+    with pytest.raises(ConfigError, match="--storage-dtype") as err:
+        DecomposeConfig(n_components=2, storage_dtype="int8")
+    assert err.value.field == "storage_dtype" and err.value.flag == "--storage-dtype"
+    est = NPEFF.from_config(DecomposeConfig(n_components=2, storage_dtype="bfloat16"))
+    assert est.storage_dtype == "bfloat16" and est.dtype == "float32"
+
+
+def test_storage_dtype_params_repr_save_load_and_checkpoints(tmp_path):
+    from npeff_lens.decomposition import _fingerprint
+
+    assert "storage_dtype" not in repr(NPEFF(3))
+    assert "storage_dtype=torch.bfloat16" in repr(NPEFF(3, storage_dtype=torch.bfloat16))
+    assert NPEFF(3).get_params()["storage_dtype"] is None
+    # Fingerprints of checkpoints written before storage_dtype existed had no such key: still equal.
+    old = {"n_components", "m", "rows", "dim", "seed", "lr", "warmup_lr", "n_warmup_steps", "eps", "dtype", "init"}
+    assert set(_fingerprint(NPEFF(3).get_params(), 1, 1, 1)) == old
+    assert set(_fingerprint(NPEFF(3, storage_dtype="float32").get_params(), 1, 1, 1)) == old
+    G, _, _ = planted(m=30, d=12)
+    G = G.float()
+    kw = dict(seed=1, checkpoint_every=5, n_steps=10, n_warmup_steps=5, progress=False)
+    full = NPEFF(3, storage_dtype=torch.bfloat16, **kw).fit(G)
+    NPEFF(3, checkpoint_dir=tmp_path / "a", **kw).fit(G)  # fp32 storage
+    with pytest.raises(ValueError, match="storage_dtype: not in the stored configuration"):
+        NPEFF(3, checkpoint_dir=tmp_path / "a", storage_dtype="bfloat16", **kw).fit(G)
+    NPEFF(3, checkpoint_dir=tmp_path / "a", storage_dtype="float32", **kw).fit(G)  # the same numerics: resumes
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_7(step, loss):
+        if step == 7:
+            raise Stop
+
+    with pytest.raises(Stop):
+        NPEFF(3, storage_dtype="bfloat16", checkpoint_dir=tmp_path / "b", callback=stop_at_7, **kw).fit(G)
+    resumed = NPEFF(3, storage_dtype=torch.bfloat16, checkpoint_dir=tmp_path / "b", **kw).fit(G)
+    assert torch.equal(resumed.components_, full.components_)
+    assert torch.equal(resumed.coefficients_, full.coefficients_)
+    full.save(tmp_path / "dec")
+    loaded = NPEFF.load(tmp_path / "dec")
+    assert loaded.storage_dtype == "bfloat16"
+    assert loaded.get_params() == {**full.get_params(), "dtype": "float32", "storage_dtype": "bfloat16"}
+    assert torch.equal(loaded.components_, full.components_)
