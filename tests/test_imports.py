@@ -16,6 +16,7 @@ LAYERS = {
     "io": 0,
     "assets": 0,
     "config": 1,
+    "schema": 1,
     "constraints": 1,
     "commands": 1,
     "rundir": 3,

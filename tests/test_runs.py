@@ -83,6 +83,7 @@ SAMPLES = {  # non-default values for every field of every command
         seed=4,
         eps=1e-9,
         dtype="float64",
+        storage_dtype="bfloat16",
         nonfinite="exclude",
         device="cpu",
         memory_budget=1000,
