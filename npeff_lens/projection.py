@@ -357,8 +357,11 @@ class SparseProjection:
         if backend == "triton":
             from npeff_lens.triton_kernels import projection as tk
 
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
+            if x2.shape[0] > 1 and x2.stride(0) != 1:
+                # rows-minor ([L, rows] in memory): each hashed index then loads all rows from one contiguous run
+                # instead of one scattered load per row; the copy is about two read passes of x, the gathers
+                # cost tens. One row (any strides) and an input already rows-minor go as they are.
+                x2 = x2.t().contiguous().t()
             out = tk.project_forward(
                 x2, offset, self.n_in, self.n_out, self.region_size, self._col_base, self._reg_base
             )
@@ -443,9 +446,18 @@ class SparseProjection:
         if backend == "triton":
             from npeff_lens.triton_kernels import projection as tk
 
+            # rows-minor y and output ([n_out, rows], [length, rows] in memory): each hashed index adds all rows
+            # to one contiguous run; the output comes back row-major (a no-op for one row)
             out = tk.adjoint_forward(
-                y2, offset, length, self.n_in, self.n_out, self.region_size, self._col_base, self._reg_base
-            )
+                y2.t().contiguous().t(),
+                offset,
+                length,
+                self.n_in,
+                self.n_out,
+                self.region_size,
+                self._col_base,
+                self._reg_base,
+            ).contiguous()
         elif backend == "numba":
             out = torch.empty(rows, length, dtype=torch.float32)
             yt = y2.t().contiguous().numpy()

@@ -195,6 +195,85 @@ def test_interpreter_blocks_add_up():
     torch.testing.assert_close(parts.cpu(), P.project(x, backend="torch"), rtol=1e-5, atol=1e-5)
 
 
+def _region_order_sum(P, x, offset):
+    """x A in fp32, summed region by region for each output: the order of the Triton forward with one split."""
+    rows, L = x.shape
+    s = P.region_size
+    k0, k1 = offset // s, (offset + L - 1) // s + 1
+    row, sign = project_entries(P.n_in, P.n_out, s, P.seed, k0, k1)
+    i = row - offset
+    ok = (i >= 0) & (i < L)
+    acc = torch.zeros(rows, P.n_out)
+    for t in range(k1 - k0):
+        acc += torch.where(ok[t], x[:, i[t].clamp(0, L - 1)], 0.0) * sign[t].float()
+    return acc * P.scale
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or the Triton interpreter")
+@pytest.mark.parametrize("rows", [1, 3, 8, 33])
+def test_triton_row_major_and_rows_minor_inputs_match_cpu(rows):
+    """The Triton kernels read x and y through strides on both axes: a row-major input (copied to rows-minor once),
+    one already rows-minor (a transposed view of [L, rows]) and one strided along L give the same bits, equal to
+    the CPU reference; blocks start and end inside regions, lie inside one region, or end in the partial last one.
+    33 rows span two row blocks, the second with one row."""
+    P = SparseProjection(203, 64, seed=13, density=8)  # s = 8: 26 regions, the last of 3 inputs
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 203, generator=g)
+    y = torch.randn(rows, 64, generator=g)
+    dev = _dev("triton")
+    exact = not torch.cuda.is_available()  # the interpreter: one split (region order) and sequential atomics
+    xd = x.to(dev)
+    x_minor = xd.t().contiguous().t()
+    for lo, hi in [(0, 203), (5, 198), (9, 14), (196, 203)]:
+        A = P.to_dense(lo, hi - lo).double()
+        views = {"row-major": xd[:, lo:hi], "rows-minor": x_minor[:, lo:hi]}
+        assert (rows == 1 or views["rows-minor"].stride(0) == 1) and views["row-major"].stride(-1) == 1
+        got = {k: P.project(v, lo, backend="triton").cpu() for k, v in views.items()}
+        assert torch.equal(got["row-major"], got["rows-minor"])
+        torch.testing.assert_close(got["row-major"].double(), x[:, lo:hi].double() @ A, rtol=1e-5, atol=1e-5)
+        if exact:
+            assert torch.equal(got["row-major"], _region_order_sum(P, x[:, lo:hi], lo))
+        # strided along L (every other input of the block): rows-minor stays a view, row-major is copied
+        n = len(range(lo, hi, 2))
+        for v in (xd[:, lo:hi:2], x_minor[:, lo:hi:2]):
+            got_s = P.project(v, lo, backend="triton").cpu()
+            torch.testing.assert_close(got_s.double(), x[:, lo:hi:2].double() @ A[:n], rtol=1e-5, atol=1e-5)
+        # adjoint: row-major and rows-minor y, row-major output; and <x A, y> = <x, A y>
+        outs = [P.adjoint(v, lo, hi - lo, backend="triton").cpu() for v in (y.to(dev), y.to(dev).t().contiguous().t())]
+        assert outs[0].shape == (rows, hi - lo) and outs[0].is_contiguous()
+        if exact:  # on a GPU the atomics add colliding columns in any order
+            assert torch.equal(outs[0], outs[1])
+        torch.testing.assert_close(outs[0].double(), y.double() @ A.T, rtol=1e-5, atol=1e-5)
+        lhs = (got["row-major"].double() * y.double()).sum(1)
+        torch.testing.assert_close(lhs, (x[:, lo:hi].double() * outs[0].double()).sum(1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or the Triton interpreter")
+def test_triton_row_blocks_and_region_chunks_give_the_exact_entries(monkeypatch):
+    """Small row blocks (11 rows in blocks of 4, the last partial; 8 rows in two blocks read in aligned runs of 4)
+    and adjoint region chunks of 3 (26 regions: a partial last chunk): project(eye), given rows-minor, is the
+    matrix bit for bit, and the adjoint of unit vectors gives its columns bit for bit."""
+    from npeff_lens.triton_kernels import projection as tk
+
+    monkeypatch.setattr(tk, "MAX_BLOCK_R", 4)
+    P = SparseProjection(203, 64, seed=17, density=8)
+    monkeypatch.setattr(tk, "K_CHUNK_BYTES", 4 * P.region_size * 4 * 3)
+    dev = _dev("triton")
+    lo, L = 3, 11  # starts inside a region and ends inside another
+    eye = torch.eye(L, device=dev)
+    got = P.project(eye.t(), lo, backend="triton").cpu()
+    assert torch.equal(got, P.to_dense(lo, L))
+    # 8 rows-minor rows: two row blocks of 4 read as aligned runs of 4
+    got = P.project(eye[:8].t().contiguous().t(), lo, backend="triton").cpu()
+    assert torch.equal(got, P.to_dense(lo, L)[:8])
+    cols = torch.tensor([0, 5, 17, 63, 31, 8, 40, 2, 9, 60, 33])
+    unit = torch.eye(64)[cols]
+    A = P.to_dense(0, 203)
+    assert torch.equal(P.adjoint(unit.to(dev), backend="triton").cpu(), A.T[cols])
+    assert torch.equal(P.adjoint(unit.to(dev), lo, 190, backend="triton").cpu(), A[lo : lo + 190].T[cols])
+    assert torch.equal(P.adjoint(unit[:8].to(dev), lo, 190, backend="triton").cpu(), A[lo : lo + 190].T[cols[:8]])
+
+
 def test_deterministic_across_processes_and_seeds():
     P = SparseProjection(10_007, 512, seed=42)
     x = torch.arange(3 * 10_007, dtype=torch.float32).reshape(3, -1).sin()
