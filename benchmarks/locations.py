@@ -178,6 +178,12 @@ def _summary(rows) -> dict:
         "control_kept_median": med([_ratio(r, "control") for r in rows]),
         "excess_kept_median": med([_ratio(r, "top", excess=True) for r in rows]),
         "control_excess_kept_median": med([_ratio(r, "control", excess=True) for r in rows]),
+        "top_beats_control": sum(
+            r["top"]["status"] == "ok"
+            and r["control"]["status"] == "ok"
+            and r["top"]["selectivity"] > r["control"]["selectivity"]
+            for r in rows
+        ),
         "n_unreachable": {m: sum(r[m]["status"] == "unreachable" for r in rows) for m in ("full", "top", "control")},
     }
 
