@@ -38,6 +38,8 @@ Ablations (``--stages ablate-d ablate-components ablate-eps convergence``):
     python benchmarks/paper_sst2.py --out runs/paper-sst2 --stages ablate-d ablate-components ablate-eps convergence
     python benchmarks/paper_sst2.py --out runs/paper-sst2-sparse --projection sparse --density 8 --n-train 512 \\
         --n-test 128                                                                         # sparse beside it
+    python benchmarks/paper_sst2.py --out runs/paper-sst2-gpu --device cuda --model runs/smollm2-135m \\
+        --batch-size 32                                        # on a GPU, weights from tools/gpu_weights.py convert
 
 Prints the tables (markdown) and writes ``--out/results.json``; seconds per stage are those of the run that did
 the work (``--out/times.json``).
@@ -76,7 +78,7 @@ class Run:
         if self._adapter is None:
             import npeff_lens as nl
 
-            self._adapter = nl.load_model(self.args.model)
+            self._adapter = nl.load_model(self.args.model, device=self.args.device or "cpu")
         return self._adapter
 
     def task(self):
@@ -132,10 +134,20 @@ class Run:
         return self.timed(
             f"decompose {path.relative_to(self.out)}",
             lambda: decompose_store(
-                store, path, n_components=components, n_steps=self.args.steps, seed=seed, progress=not self.args.quiet
-            ),  # fmt: skip
+                store,
+                path,
+                n_components=components,
+                n_steps=self.args.steps,
+                seed=seed,
+                progress=not self.args.quiet,
+                **self.device_option(),
+            ),
             done,
         )
+
+    def device_option(self) -> dict:
+        """``{"device": --device}`` where one was given; nothing otherwise (each step's own default)."""
+        return {"device": self.args.device} if self.args.device else {}
 
 
 def components_for(n: int) -> int:
@@ -233,9 +245,11 @@ def perturb(run: Run, recovery: str, components: int) -> dict:
     spent = run.times.get(name, {}).get("seconds", 0.0)
     before, t0 = _measured(out), time.time()
     summary = run_perturbation(
-        run.out / "train" / "npeff", ",".join(map(str, order)), out=out, adapter=run.adapter,
+        run.out / "train" / "npeff", ",".join(map(str, order)) + ("," if len(order) == 1 else ""), out=out,
+        adapter=run.adapter,
         magnitude=a.magnitude, top_k=16, n_baseline=a.n_baseline, recovery=recovery, reject_threshold=0.5,
         batch_size=a.perturb_batch_size, progress=not a.quiet, time_budget=max(0.0, a.perturb_minutes - spent / 60),
+        **run.device_option(),
     )  # fmt: skip
     if _measured(out) != before:
         run.record(name, spent + time.time() - t0)
@@ -348,7 +362,7 @@ def ablate_eps(run: Run) -> dict:
         if not file.exists():
             reduced = reduce_rank(pefs, rank)
             est = run.timed(f"decompose ablate-eps/eps{top}/svd{rank}", lambda x=reduced: NPEFF(
-                components, n_steps=a.steps, seed=0).fit(x), False)  # fmt: skip
+                components, n_steps=a.steps, seed=0, device=a.device).fit(x), False)  # fmt: skip
             torch.save(est.coefficients_, file)
         fits[(top, rank)] = torch.load(file)
     reference = fits[(top, top)]
@@ -374,7 +388,10 @@ def convergence(run: Run) -> dict:
         exact = run.timed("convergence exact PEFs", lambda: _exact_pefs(run), False)
         torch.save(exact, exact_file)
     n, r, p = exact.shape
-    fit = lambda x, seed: NPEFF(a.convergence_components, n_steps=a.steps, seed=seed).fit(x).coefficients_  # noqa: E731
+
+    def fit(x, seed):
+        return NPEFF(a.convergence_components, n_steps=a.steps, seed=seed, device=a.device).fit(x).coefficients_
+
     file = root / "results.json"
     rows = json.loads(file.read_text()) if file.exists() else {}
     if "unprojected" not in rows:
@@ -428,7 +445,7 @@ def _exact_pefs(run: Run):
             for y in range(lp.shape[0]):
                 g = torch.autograd.grad(lp[y], params, retain_graph=y + 1 < lp.shape[0])
                 rows.append(lp[y].detach().exp().sqrt() * torch.cat([x.reshape(-1) for x in g]))
-        out.append(torch.stack(rows).float())
+        out.append(torch.stack(rows).float().cpu())  # held (and saved) on the CPU whatever --device is
     return torch.stack(out)
 
 
@@ -510,7 +527,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run directory (resumable)")
     p.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES + ABLATIONS)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a built-in model name or a local HuggingFace checkpoint directory (e.g. one written by "
+                        "tools/gpu_weights.py convert)")  # fmt: skip
+    p.add_argument("--device", default=None,
+                   help="where the model (collection, perturbations, D.6's exact PEFs) and every decomposition run: "
+                        "cpu, cuda, cuda:1, ...; default: the model on the CPU and each decomposition on NPEFF's "
+                        "default device (CUDA when available)")  # fmt: skip
     p.add_argument("--labels", nargs=2, default=LABELS, help="label tokens: negative, positive (App. E.1)")
     p.add_argument("--n-train", type=int, default=4096, help="training reviews (the split has 8,454)")
     p.add_argument("--n-test", type=int, default=1024, help="held-out reviews of the test split (it has 2,114)")
