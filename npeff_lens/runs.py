@@ -598,7 +598,7 @@ def demo(cmd: DemoCommand | None = None, **options) -> dict:
     )
     decompose_store(out / "pefs", out / "npeff", n_components=cmd.components, n_steps=cmd.steps, progress=cmd.progress)
     print(f"[demo] decomposed into {cmd.components} components in {time.time() - t1:.0f}s", flush=True)
-    report = top_report(out / "npeff", show=cmd.show)
+    report = top_report(out / "npeff", show=cmd.show, where=True)  # where: locations.json, the report's maps
     print("\n".join(report["lines"]))
     print(f"[demo] {report['summary_line']}")
 
