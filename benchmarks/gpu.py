@@ -502,7 +502,8 @@ def section_collection(rep: Report, ctx: Context) -> bool:
                 f"proj_dim {d}. minimal = one forward + {R} backward passes over the same parameters and batch",
                 "(`autograd.grad`, no per-example gradients). Per configuration: one warm-up batch, then",
                 f"{sz['batches_timed']} batches of each, interleaved; the projection's share from one more batch",
-                "with the projection calls timed between synchronisations.",
+                "with the projection calls timed between synchronisations. Host syncs: the device-to-host",
+                "synchronisations of one more batch (`torch.cuda.set_sync_debug_mode`; — on CPU).",
             ]
         )
     )
@@ -518,9 +519,25 @@ def section_collection(rep: Report, ctx: Context) -> bool:
             "PEFs ÷ minimal",
             "projection's share",
             "peak GiB (PEFs / minimal)",
+            "host syncs / batch",
         ],
-        "lrrrrrrrr",
+        "lrrrrrrrrr",
     )
+
+    def host_syncs(fn) -> str:
+        """How many times ``fn`` makes the host wait for the device (CUDA's sync debug mode warns at each)."""
+        if not ctx.cuda:
+            return "—"
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return str(sum("synchroniz" in str(w.message) for w in caught))
 
     def peak_reset():
         if ctx.cuda:
@@ -596,6 +613,7 @@ def section_collection(rep: Report, ctx: Context) -> bool:
             t_share = wall(ctx, lambda: comp.compute(batches[-1]))
             tm.on = False
             share = tm.t.get("projection", 0.0) / t_share
+            syncs = host_syncs(lambda: comp.compute(batches[-1]))
             n = b * sz["batches_timed"]
             rep.row(
                 [
@@ -608,6 +626,7 @@ def section_collection(rep: Report, ctx: Context) -> bool:
                     _fmt(t_pef / t_min, 2),
                     _fmt(share, 2),
                     f"{_fmt(peak_pef, 2)} / {_fmt(peak_min, 2)}",
+                    syncs,
                 ]
             )
             comp = proj = None
