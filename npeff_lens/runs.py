@@ -41,7 +41,7 @@ from .decomposition import NPEFF, CorruptFileError
 from .distributed import local_device
 from .io import atomic_writer, progress, read_json, to_jsonable, write_json
 from .locations import component_locations, top_groups
-from .models import load_model
+from .models import head_counts, load_model
 from .perturb import COLUMNS, check_adapter, summarize
 from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten, validate_layout
 from .report import build
@@ -173,10 +173,14 @@ def locate(decomposition_dir, *, recovery: str = "adjoint", reject_threshold: fl
            store=None, **solver_options) -> dict:  # fmt: skip
     """Where each component lives (:mod:`npeff_lens.locations`): its direction recovered in parameter space as
     ``npeff perturb`` recovers it (``recovery``, rejection of dissimilar components at ``reject_threshold``), its
-    energy per (layer, module) and, with ``adapter`` (whose config gives the head counts), per attention head.
+    energy per (layer, module) and per attention head, with the head counts from ``adapter``'s config or else from
+    the configuration of the model the store names (no weights read; no per-head split when it is not at hand).
     Written to ``DECOMPOSITION_DIR/locations.json`` and read back by a rerun with the same settings."""
     d = Path(decomposition_dir)
-    key = {"recovery": recovery, "reject_threshold": reject_threshold, "heads": adapter is not None,
+    est, store = load_run(d, store)
+    manifest = est.manifest_ or {}
+    heads = _head_counts(adapter, manifest)
+    key = {"recovery": recovery, "reject_threshold": reject_threshold, "heads": heads is not None,
            **to_jsonable(solver_options)}  # fmt: skip
     path = d / LOCATIONS_FILE
     if path.exists():
@@ -186,19 +190,11 @@ def locate(decomposition_dir, *, recovery: str = "adjoint", reject_threshold: fl
                 return stored
         except ValueError:
             pass  # damaged: computed again
-    est, store = load_run(d, store)
-    manifest = est.manifest_ or {}
     if not manifest.get("layout"):
         raise ValueError(f"the decomposition {d} records no parameter layout: was it fitted on a PEF store?")
     layout, comps = manifest["layout"], torch.as_tensor(est.components_).float()
     validate_layout(layout)
     op = projection_from_config(manifest["projection"]) if manifest.get("projection") is not None else None
-    heads = None
-    if adapter is not None:
-        config = getattr(getattr(adapter, "model", None), "config", None)
-        n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-        if n_heads:
-            heads = {"n_heads": n_heads, "n_kv_heads": getattr(config, "num_key_value_heads", None) or n_heads}
     lam = estimate_lambda_max(op) if op is not None and recovery not in ("adjoint", "minnorm") else None
     components = []
     for j in progress(range(comps.shape[0]), desc="locating components", unit="component"):
@@ -208,6 +204,19 @@ def locate(decomposition_dir, *, recovery: str = "adjoint", reject_threshold: fl
     result = {"key": key, "components": components}
     write_json(path, result)
     return result
+
+
+def _head_counts(adapter, manifest: dict) -> dict | None:
+    """``{"n_heads", "n_kv_heads"}`` from ``adapter``'s config, else from the configuration of the model the
+    manifest names; None when neither gives them."""
+    if adapter is None:
+        name = (manifest.get("model") or {}).get("name")
+        return head_counts(name) if name else None
+    config = getattr(getattr(adapter, "model", None), "config", None)
+    n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if not n_heads:
+        return None
+    return {"n_heads": n_heads, "n_kv_heads": getattr(config, "num_key_value_heads", None) or n_heads}
 
 
 # ----------------------------------------------------------------------------------------------

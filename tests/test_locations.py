@@ -113,3 +113,12 @@ def test_restricting_a_direction_keeps_its_top_groups_exactly_and_zeroes_the_res
     assert float(kept.double().square().sum() / x.double().square().sum()) == pytest.approx(loc["top5pct"])
     with pytest.raises(ValueError, match="none of the groups"):
         restricted(x, layout, [(99, "q")])
+
+
+def test_head_counts_come_from_a_configuration_alone(tmp_path):
+    from npeff_lens.models import head_counts
+
+    assert head_counts("tiny-llama") == {"n_heads": 4, "n_kv_heads": 2}
+    assert head_counts("tiny-gpt2") == {"n_heads": 4, "n_kv_heads": 4}
+    assert head_counts("some-org/some-model") is None  # a hub id: nothing is fetched
+    assert head_counts(str(tmp_path)) is None  # a directory without a config

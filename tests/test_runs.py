@@ -826,6 +826,11 @@ def test_top_where_lists_where_each_component_lives_and_keeps_it_in_the_run(run,
     assert len(where) == 3 and all("layer " in line and "top 5% of groups" in line for line in where)
     located = json.loads((d / "locations.json").read_text())
     assert located["key"]["recovery"] == "adjoint" and len(located["components"]) == 3
+    # per head from tiny-llama's configuration alone (4 query heads, 2 key/value heads, 2 layers)
+    assert located["key"]["heads"] is True
+    heads = located["components"][0]["heads"]
+    assert {(r["module"], r["head"]) for r in heads if r["layer"] == 0} >= {("q", 3), ("o", 3), ("k", 1), ("v", 1)}
+    assert not any(r["module"] in ("k", "v") and r["head"] >= 2 for r in heads)
     for c in located["components"]:
         assert sum(r["fraction"] for r in c["groups"]) == pytest.approx(1.0)
         assert 0 < c["top5pct"] <= 1

@@ -20,7 +20,7 @@ from .adapter import (
     last_token_positions,
     parameter_layout,
 )
-from .tiny import TINY_MODELS, tiny_model, tiny_tokenizer
+from .tiny import TINY_MODELS, tiny_config, tiny_model, tiny_tokenizer
 
 BACKENDS = ("hf", "bridge", "hooked", "nnsight")
 
@@ -57,6 +57,28 @@ def load_model(
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     model, tok, path = _load_hf(name_or_path, device, dtype, seed)
     return _wrap(model, tok, backend, name=name_or_path, path=path)
+
+
+def head_counts(name_or_path: str) -> dict | None:
+    """``{"n_heads", "n_kv_heads"}`` of a model from its configuration alone (no weights are read), or None when
+    the configuration cannot be found offline or names no attention heads."""
+    from transformers import AutoConfig
+
+    try:
+        if name_or_path in TINY_MODELS:
+            config = tiny_config(name_or_path)
+        elif name_or_path in BUILTIN_MODELS:
+            config = AutoConfig.from_pretrained(BUILTIN_MODELS[name_or_path][1]())
+        elif Path(name_or_path).expanduser().is_dir():
+            config = AutoConfig.from_pretrained(Path(name_or_path).expanduser())
+        else:  # a hub id: nothing is fetched for this
+            return None
+    except (OSError, ValueError, RuntimeError):  # not a checkpoint, or its asset is not installed
+        return None
+    n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if not n_heads:
+        return None
+    return {"n_heads": int(n_heads), "n_kv_heads": int(getattr(config, "num_key_value_heads", None) or n_heads)}
 
 
 def _load_hf(name, device, dtype, seed):
@@ -224,6 +246,7 @@ __all__ = [
     "ModelAdapter",
     "ModelNotFoundError",
     "adapt",
+    "head_counts",
     "load_model",
     "parameter_layout",
     "last_token_positions",

@@ -117,7 +117,7 @@ def _location_key(key: dict | None) -> str:
     key = key or {}
     how = {"adjoint": "back-projection A h", "minnorm": "minimum-norm recovery"}.get(key.get("recovery"))
     how = how or f"{key.get('recovery', '?')} recovery"
-    heads = "per attention head too" if key.get("heads") else "no per-head split (locate without the model)"
+    heads = "per attention head too" if key.get("heads") else "no per-head split (no model configuration at hand)"
     return f"direction recovered by {escape(how)}; {heads}"
 
 
