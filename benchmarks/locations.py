@@ -4,21 +4,23 @@ For each component of a decomposition run, its direction is recovered in paramet
 --selectivity`` recovers it (``--recovery``, rejection at ``--reject-threshold``), and located over (layer,
 module) groups (:func:`npeff_lens.locations.component_locations`, as ``npeff top --where`` does):
 
-- **concentration**: ``top5pct``, the fraction of the direction's energy in the top 5 % of groups, beside
-  ``uniform``, the share of the parameters those groups hold (what a direction spread evenly would put there);
+- **concentration**: ``top_energy``, the fraction of the direction's energy in its top ``--share`` of groups
+  (5 %: ``top5pct`` of ``npeff top --where``), beside ``uniform``, the share of the parameters those groups hold
+  (what a direction spread evenly would put there);
 - **causality**: the selectivity (:mod:`npeff_lens.selectivity`: the perturbation is sized so that the mean KL
   on ``--n-baseline`` random examples equals ``--target-kl``, then the mean KL on the component's top ``--k``
   examples is divided by it) of three perturbations: the **full** direction (the baseline every ratio is
-  against, measured in the same run), the direction **restricted to its top 5 % of groups**
+  against, measured in the same run), the direction **restricted to its top groups**
   (:func:`npeff_lens.locations.restricted`), and a **control** restricted to as many groups drawn at random
-  from the others. ``kept = selectivity(top groups) / selectivity(full)``, and the same for the control;
-  ``excess kept`` compares the parts above 1 (a selectivity of 1 moves top examples no more than random ones).
+  from the others that hold any of its energy (their parameter share: ``control_uniform``).
+  ``kept = selectivity(top groups) / selectivity(full)``, and the same for the control; ``excess kept``
+  compares the parts above 1 (a selectivity of 1 moves top examples no more than random ones).
 
     python benchmarks/locations.py runs/demo/npeff --components 16
 
-Writes ``DECOMPOSITION_DIR/../locations-benchmark.json`` (``--out``) after each component and resumes from it
-when rerun with the same settings. Components with fewer than ``--k`` positive coefficients are skipped, as in
-``npeff compare --selectivity``.
+Writes ``DECOMPOSITION_DIR/locations-benchmark.json`` (``--out``) after each component and resumes from it
+when rerun with the same settings on the same fit. Components with fewer than ``--k`` positive coefficients are
+skipped, as in ``npeff compare --selectivity``.
 """
 
 from __future__ import annotations
@@ -54,12 +56,15 @@ def _args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline examples and the control's groups")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per forward")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=None, help="JSON results (default: DECOMPOSITION_DIR/../locations-benchmark.json)")
+    p.add_argument("--out", default=None, help="JSON results (default: DECOMPOSITION_DIR/locations-benchmark.json)")
     return p.parse_args(argv)
 
 
 def _selectivity(adapter, task, prompts, layout, flat, top, reference, a) -> dict:
-    direction = sel.ParameterDirection(adapter, unflatten(flat.float(), layout))
+    try:
+        direction = sel.ParameterDirection(adapter, unflatten(flat.float(), layout))
+    except ValueError as e:  # nothing of the direction on these groups
+        return {"status": "zero", "error": str(e)}
     try:
         r = sel.component_selectivity(adapter, task, prompts, direction, top, target_kl=a.target_kl,
                                       n_baseline=a.n_baseline, seed=a.seed, reference=reference,
@@ -78,7 +83,8 @@ def _component(j, est, layout, op, lam, adapter, task, prompts, reference, a) ->
     flat = flat.double()
     loc = component_locations(flat, layout)
     keys = top_group_keys(loc, a.share)
-    others = [(r["layer"], r["module"]) for r in loc["groups"][len(keys) :]]
+    # the control: as many other groups, drawn among those the direction reaches at all
+    others = [(r["layer"], r["module"]) for r in loc["groups"][len(keys) :] if r["energy"] > 0]
     control = random.Random(a.seed * 100_003 + j).sample(others, min(len(keys), len(others)))
     numel = {}
     for e in layout:
@@ -92,10 +98,15 @@ def _component(j, est, layout, op, lam, adapter, task, prompts, reference, a) ->
         "top_groups": [list(k) for k in keys],
         "control_groups": [list(k) for k in control],
         "top5pct": loc["top5pct"],
+        "top_energy": sum(r["fraction"] for r in loc["groups"] if (r["layer"], r["module"]) in set(keys)),
         "uniform": sum(numel[k] for k in keys) / total,
         "control_energy": sum(r["fraction"] for r in loc["groups"] if (r["layer"], r["module"]) in set(control)),
+        "control_uniform": sum(numel[k] for k in control) / total,
     }
     for name, kept in (("full", None), ("top", keys), ("control", control)):
+        if kept is not None and not kept:
+            rec[name] = {"status": "no-control", "error": "no other group holds any of the direction's energy"}
+            continue
         v = flat if kept is None else restricted(flat, layout, kept)
         rec[name] = _selectivity(adapter, task, prompts, layout, v, top, reference, a)
     return rec
@@ -115,16 +126,20 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     d = Path(a.decomposition)
-    out = Path(a.out) if a.out else d.resolve().parent / "locations-benchmark.json"
+    out = Path(a.out) if a.out else d / "locations-benchmark.json"
+    t0 = time.time()
+    est, store, adapter, task = load_with_model(d)
     key = {k: v for k, v in vars(a).items() if k not in ("threads", "out", "components", "batch_size")}
-    key["decomposition"] = str(d.resolve())
+    # the decomposition itself, not only where it lies: a refit into the same directory is measured again
+    key.update(decomposition=str(d.resolve()), n_components=int(est.n_components),
+               reconstruction_err=float(est.reconstruction_err_), n_examples=len(store))  # fmt: skip
     done = {}
     if out.exists():
         stored = read_json(out)
         if stored.get("key") == key:
             done = {r["component"]: r for r in stored["components"]}
-    t0 = time.time()
-    est, store, adapter, task = load_with_model(d)
+        else:
+            print(f"{out} holds results for other settings or another fit: measuring again (it is overwritten)")
     manifest = est.manifest_
     layout = manifest["layout"]
     op = projection_from_config(manifest["projection"]) if manifest.get("projection") else None
@@ -133,7 +148,7 @@ def main(argv=None):
     reference = _Reference(adapter, task, prompts, a.batch_size)
     n = min(a.components or est.n_components, est.n_components)
     print(f"{d}: {n} of {est.n_components} components, {len(prompts)} examples, {len(layout)} tensors")
-    print(f"{'comp':>4} {'top5pct':>8} {'uniform':>8} {'S full':>8} {'S top':>8} {'S ctrl':>8} {'kept':>6} "
+    print(f"{'comp':>4} {'energy':>8} {'uniform':>8} {'S full':>8} {'S top':>8} {'S ctrl':>8} {'kept':>6} "
           f"{'ctrl':>6}  top groups")  # fmt: skip
     for j in range(n):
         if j not in done:
@@ -148,7 +163,8 @@ def main(argv=None):
         s = {m: r[m].get("selectivity", math.nan) for m in ("full", "top", "control")}
         kept, ctrl = _ratio(r, "top"), _ratio(r, "control")
         groups = ", ".join(f"L{g[0]} {g[1]}" for g in r["top_groups"])
-        print(f"{j:>4} {r['top5pct']:>8.3f} {r['uniform']:>8.3f} {s['full']:>8.2f} {s['top']:>8.2f} "
+        energy = r.get("top_energy", r["top5pct"])
+        print(f"{j:>4} {energy:>8.3f} {r['uniform']:>8.3f} {s['full']:>8.2f} {s['top']:>8.2f} "
               f"{s['control']:>8.2f} {kept if kept is not None else math.nan:>6.2f} "
               f"{ctrl if ctrl is not None else math.nan:>6.2f}  {groups}")  # fmt: skip
     rows = [done[j] for j in range(n) if done[j]["status"] == "ok"]
@@ -170,8 +186,8 @@ def _summary(rows) -> dict:
 
     return {
         "n_measured": len(rows),
-        "top5pct_median": med([r["top5pct"] for r in rows]),
-        "top5pct_mean": statistics.fmean(r["top5pct"] for r in rows) if rows else None,
+        "top_energy_median": med([r.get("top_energy", r["top5pct"]) for r in rows]),
+        "top_energy_mean": statistics.fmean(r.get("top_energy", r["top5pct"]) for r in rows) if rows else None,
         "uniform_median": med([r["uniform"] for r in rows]),
         "selectivity_full_geomean": gm("full"),
         "selectivity_top_geomean": gm("top"),

@@ -601,7 +601,10 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
     """
     from .store import PEFStore
 
-    cfg = (config or CollectConfig()).replace(**options) if options else (config or CollectConfig())
+    cfg = config or CollectConfig()
+    if type(cfg) is not CollectConfig:  # a command: its inputs stay out of the store's resume key
+        cfg = cfg.narrow(CollectConfig)
+    cfg = cfg.replace(**options) if options else cfg
     adapter = model if isinstance(model, ModelAdapter) else adapt(model, tokenizer)
     adapter.eval()
     dataset, data_info = _dataset_rows(dataset, cfg)

@@ -126,6 +126,11 @@ def _storage_dtype(params: dict) -> torch.dtype:
     return _resolve_dtype(params["storage_dtype"], "storage_dtype")
 
 
+def _typed(params: dict) -> dict:
+    """Params with their types: ``3`` and ``3.0`` compare equal, but only one of them is a valid ``n_steps``."""
+    return {k: (type(v), v) for k, v in params.items()}
+
+
 class CorruptFileError(ValueError):
     """A checkpoint or a saved decomposition is damaged (unreadable, truncated, or its checksum differs)."""
 
@@ -713,15 +718,15 @@ class NPEFF:
         ``fit`` checks again only what is set after."""
         validate_params(params)
         est = cls(**{**config.estimator_params(), **params})
-        est._checked_params = est.get_params()
+        est._checked_params = _typed(est.get_params())
         return est
 
     def _validate(self) -> None:
         """Check the hyper-parameters (once per set of values: ``set_params`` or an assignment makes a new set)."""
         params = self.get_params()
-        if params != getattr(self, "_checked_params", None):
+        if _typed(params) != getattr(self, "_checked_params", None):
             validate_params(params)
-            self._checked_params = params
+            self._checked_params = _typed(params)
 
     def _shard(self, pefs) -> tuple[Any, _Shard, int]:
         """``(source, this rank's shard, number of valid examples over all ranks)``."""

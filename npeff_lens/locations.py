@@ -74,7 +74,9 @@ def _head_split(entry: Mapping[str, Any], kind: str, heads: Mapping[str, int] | 
     if not heads:
         return None
     n = heads.get("n_heads") if kind in ("q", "o") else heads.get("n_kv_heads") or heads.get("n_heads")
-    axis = 1 if kind == "o" else 0  # HF Linear weights are [out, in]: q/k/v rows per head, o columns per head
+    # HF Linear weights are [out, in]: q/k/v rows per head, o columns per head; GPT-2's Conv1D (c_proj) is
+    # [in, out]: o rows per head
+    axis = 1 if kind == "o" and not re.search(r"(?:^|\.)c_proj\.", entry["name"]) else 0
     if not n or shape[axis] % n:
         return None
     return n, axis

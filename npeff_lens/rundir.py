@@ -40,11 +40,14 @@ __all__ = [
 
 
 def resolve_config(cls, config, options: dict):
-    """``config`` (with ``options`` replaced), or ``cls(**options)``."""
+    """``config`` (with ``options`` replaced), or ``cls(**options)``. A config that extends ``cls`` (a command:
+    the step's config plus its inputs) is narrowed to ``cls``, so its inputs never reach a resume key."""
     if config is None:
         return cls(**options)
     if not isinstance(config, cls):
         raise TypeError(f"config must be a {cls.__name__}; got {type(config).__name__}")
+    if type(config) is not cls:
+        config = config.narrow(cls)
     return config.replace(**options) if options else config
 
 

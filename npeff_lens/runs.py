@@ -177,10 +177,9 @@ def locate(decomposition_dir, *, recovery: str = "adjoint", reject_threshold: fl
     the configuration of the model the store names (no weights read; no per-head split when it is not at hand).
     Written to ``DECOMPOSITION_DIR/locations.json`` and read back by a rerun with the same settings."""
     d = Path(decomposition_dir)
-    est, store = load_run(d, store)
-    manifest = est.manifest_ or {}
-    heads = _head_counts(adapter, manifest)
-    key = {"recovery": recovery, "reject_threshold": reject_threshold, "heads": heads is not None,
+    saved = read_json(d / "config.json") if (d / "config.json").exists() else {}  # no store needed for a reread
+    heads = _head_counts(adapter, saved.get("manifest") or {})
+    key = {"recovery": recovery, "reject_threshold": reject_threshold, "heads": heads,
            **to_jsonable(solver_options)}  # fmt: skip
     path = d / LOCATIONS_FILE
     if path.exists():
@@ -190,6 +189,8 @@ def locate(decomposition_dir, *, recovery: str = "adjoint", reject_threshold: fl
                 return stored
         except ValueError:
             pass  # damaged: computed again
+    est, store = load_run(d, store)
+    manifest = est.manifest_ or {}
     if not manifest.get("layout"):
         raise ValueError(f"the decomposition {d} records no parameter layout: was it fitted on a PEF store?")
     layout, comps = manifest["layout"], torch.as_tensor(est.components_).float()

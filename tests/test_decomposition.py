@@ -404,6 +404,10 @@ def test_an_estimator_from_a_config_checks_only_what_changed_after():
     est = NPEFF.from_config(DecomposeConfig(n_components=2, n_steps=3, n_warmup_steps=1), progress=False)
     x = torch.rand(6, 2, 5)
     est.fit(x)
+    est.n_steps = 3.0  # equal to the checked 3, but not an integer
+    with pytest.raises(ValueError, match=r"^n_steps must be"):
+        est.fit(x)
+    est.n_steps = 3
     est.set_params(lr=-1.0)
     with pytest.raises(ValueError, match=r"^lr must be a positive finite number"):
         est.fit(x)

@@ -122,3 +122,13 @@ def test_head_counts_come_from_a_configuration_alone(tmp_path):
     assert head_counts("tiny-gpt2") == {"n_heads": 4, "n_kv_heads": 4}
     assert head_counts("some-org/some-model") is None  # a hub id: nothing is fetched
     assert head_counts(str(tmp_path)) is None  # a directory without a config
+
+
+def test_gpt2_conv1d_output_projection_splits_by_its_rows():
+    """GPT-2's attn.c_proj is a Conv1D, [in, out]: a head's inputs are its rows (a Linear's are its columns)."""
+    layout = _layout("tiny-gpt2")  # 4 heads of 8 dims; c_proj [32, 32]
+    o = next(e for e in layout if e["name"] == "transformer.h.0.attn.c_proj.weight")
+    x = torch.zeros(sum(e["numel"] for e in layout))
+    x[o["offset"] : o["offset"] + o["numel"]].view(32, 32)[0:8] = 1.0  # the inputs of head 0
+    loc = component_locations(x, layout, heads={"n_heads": 4, "n_kv_heads": 4})
+    assert {(r["module"], r["head"]): r["fraction"] for r in loc["heads"] if r["energy"]} == {("o", 0): 1.0}

@@ -60,15 +60,18 @@ def load_model(
 
 
 def head_counts(name_or_path: str) -> dict | None:
-    """``{"n_heads", "n_kv_heads"}`` of a model from its configuration alone (no weights are read), or None when
-    the configuration cannot be found offline or names no attention heads."""
+    """``{"n_heads", "n_kv_heads"}`` of a model from its configuration alone (no weights are read, nothing is
+    converted or fetched), or None when the configuration is not at hand or names no attention heads."""
     from transformers import AutoConfig
 
     try:
         if name_or_path in TINY_MODELS:
             config = tiny_config(name_or_path)
-        elif name_or_path in BUILTIN_MODELS:
-            config = AutoConfig.from_pretrained(BUILTIN_MODELS[name_or_path][1]())
+        elif name_or_path in BUILTIN_MODELS:  # only a checkpoint already converted: converting is minutes
+            converted = assets.cache_dir() / "models" / name_or_path
+            if not (converted / "config.json").exists():
+                return None
+            config = AutoConfig.from_pretrained(converted)
         elif Path(name_or_path).expanduser().is_dir():
             config = AutoConfig.from_pretrained(Path(name_or_path).expanduser())
         else:  # a hub id: nothing is fetched for this
