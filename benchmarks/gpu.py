@@ -1,6 +1,6 @@
 """One prepared check of the project on one GPU (an NVIDIA H100 or H200), every result a Markdown table row.
 
-    python benchmarks/gpu.py                          # on the GPU machine: every section, about 2-4 minutes
+    python benchmarks/gpu.py                          # on the GPU machine: every section (sized for < 5 min)
     python benchmarks/gpu.py --out gpu-check.md       # also write the Markdown to a file (rewritten per section)
     python benchmarks/gpu.py --sections projection decomposition
     python benchmarks/gpu.py --smoke                  # the same code paths at tiny sizes on CPU (< 60 s, one core)

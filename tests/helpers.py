@@ -1,5 +1,6 @@
 """Test data shared by the test modules: the tiny review vocabulary, the texts drawn from it, the review task's
-template and labels, and a per-module cache of tiny models. Fixtures built on these live in ``conftest.py``.
+template and labels, a per-module cache of tiny models, and the repository's scripts as modules. Fixtures built
+on these live in ``conftest.py``.
 
 A plain module because test modules call these at import time and from their own helpers. ``tests/`` has no
 ``__init__.py``, so pytest's default import mode (``prepend``) puts it on ``sys.path``: ``from helpers import``."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 import random
 import warnings
@@ -17,6 +19,18 @@ WORDS = tuple("great dull moving boring fun sad happy awful wonderful terrible b
 WORDS_AND_ARTICLES = (*WORDS, "the", "a")
 TEMPLATE = "Review: {text} Sentiment:"
 LABELS = (" bad", " sad")  # one token each in the tiny tokenizer
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    """A script of the repository (``benchmarks/NAME.py``, ``tools/NAME.py``) as a module, by its path."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(f"_npeff_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_texts(n: int, seed: int, max_words: int, words=WORDS) -> list[str]:

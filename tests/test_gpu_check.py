@@ -3,26 +3,21 @@ script keeps working between GPU runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("_npeff_gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/gpu.py")
 
 
 def _sections(text: str) -> dict[str, list[str]]:

@@ -18,16 +18,13 @@ import zipfile
 
 import pytest
 import torch
+from helpers import ROOT, load_script
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "gpu_weights.py"
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("gpu_weights", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/gpu_weights.py")
 
 
 gw = _tool()

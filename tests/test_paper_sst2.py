@@ -1,14 +1,12 @@
 """benchmarks/paper_sst2.py end to end on tiny-llama at toy sizes: every stage and ablation runs, a rerun reads
 everything back (nothing recomputed), and the numbers it reports are the ones in its run directory."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 import torch
+from helpers import load_script
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--model", "tiny-llama", "--labels", " bad", " sad", "--n-train", "48", "--n-test", "24", "--proj-dim", "128",
         "--components", "4", "--steps", "20", "--n-baseline", "12", "--perturb-components", "2",
         "--recoveries", "minnorm", "adjoint", "--ablation-n", "24", "--ablation-components", "3", "--dims", "64", "128",
@@ -19,10 +17,7 @@ ARGS = ["--model", "tiny-llama", "--labels", " bad", " sad", "--n-train", "48", 
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("paper_sst2", ROOT / "benchmarks" / "paper_sst2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/paper_sst2.py")
 
 
 def test_every_stage_on_a_tiny_model_and_a_rerun_only_reads_back(tmp_path, capsys):

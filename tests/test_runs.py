@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import load_script
 
 from npeff_lens import commands as K
 from npeff_lens import config as C
@@ -843,12 +844,7 @@ def test_top_where_lists_where_each_component_lives_and_keeps_it_in_the_run(run,
 def test_the_location_benchmark_measures_and_resumes(run, tmp_path, monkeypatch, capsys):
     """benchmarks/locations.py on a small run: a top-groups direction holds top5pct of the energy, every
     selectivity is measured against the full direction's, and a rerun reads the results back."""
-    import importlib.util
-
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "locations.py"
-    spec = importlib.util.spec_from_file_location("locations_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/locations.py")
     root, _, _ = run
     out = tmp_path / "loc.json"
     argv = [str(root / "tree" / "npeff"), "--components", "2", "--k", "4", "--n-baseline", "8", "--out", str(out)]
