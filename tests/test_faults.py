@@ -19,7 +19,7 @@ import torch
 from helpers import LABELS, TEMPLATE, random_texts
 
 from npeff_lens.cli import main
-from npeff_lens.collect import PEFComputer, collect_pefs
+from npeff_lens.collect import PEFComputer, _Finishing, _Writer, collect_pefs
 from npeff_lens.decomposition import NPEFF, CorruptFileError
 from npeff_lens.runs import RUN_FILE, decompose_store, run_perturbation
 from npeff_lens.store import CorruptStoreError, MissingExamplesError, PEFStore
@@ -200,6 +200,44 @@ def test_collect_on_a_finished_store_names_a_damaged_shard(tmp_path, adapter, re
     collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW)
     assert sum(seen) == 8  # only the damaged shard's examples were recollected
     _same_store(PEFStore(path), ref)
+
+
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_a_failure_while_the_next_batch_computes_keeps_the_batch_computed_before_it(tmp_path, adapter, reference,
+                                                                                   monkeypatch, in_flight):  # fmt: skip
+    """On CUDA, collection queues batch k + 1 before it writes batch k (so that the write overlaps the device's
+    work; ``in_flight`` makes the CPU run that order too): an error in batch k + 1 must still leave batch k in the
+    store, committed, and the rerun completes it."""
+    _, ref, _, _ = reference
+    order = []
+    monkeypatch.setattr(_Finishing, "in_flight", property(lambda self: in_flight))
+    monkeypatch.setattr(_Writer, "write", lambda self, lo, *a, write=_Writer.write: order.append(("write", lo))
+                        or write(self, lo, *a))  # fmt: skip
+    compute, calls = PEFComputer.compute, [0]
+
+    def failing(self, prompts, **k):
+        calls[0] += 1
+        order.append(("compute", calls[0]))
+        if calls[0] == 4:  # batches 1-3 computed; in flight, batch 3 is waiting to be written
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return compute(self, prompts, **k)
+
+    monkeypatch.setattr(PEFComputer, "compute", failing)
+    path = tmp_path / "pefs"
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **{**KW, "flush_every": 1000})
+    s = PEFStore(path)
+    assert len(s) == s.manifest["count"] == 12  # batches 1-3 (in flight, the third written after the failure)
+    s.verify()
+    if in_flight:
+        expected = [("compute", 1), ("compute", 2), ("write", 0), ("compute", 3), ("write", 4), ("compute", 4),
+                    ("write", 8)]  # fmt: skip
+    else:
+        expected = [("compute", 1), ("write", 0), ("compute", 2), ("write", 4), ("compute", 3), ("write", 8),
+                    ("compute", 4)]  # fmt: skip
+    assert order == expected
+    monkeypatch.setattr(PEFComputer, "compute", compute)
+    _same_store(collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW), ref)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Collection's device path, as the collection loop runs it: each batch is finished where it was computed (flags,
+zeroed PEFs, norms, rank reduction), copied to the host once (on CUDA into pinned memory, behind an event), and
+read only after the next batch has been queued. Needs torch and transformers only, so benchmarks/gpu.py runs this
+file on a GPU machine, where the same batches computed on CUDA must give the CPU's PEFs and metadata."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import LABELS, TEMPLATE, random_texts
+
+from npeff_lens.collect import PEFComputer, _Finishing, finish_batch
+from npeff_lens.models import load_model, parameter_layout
+from npeff_lens.projection import KroneckerProjection, SparseProjection
+from npeff_lens.tasks import LabelTokens
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def _computer(device: str, projection: str):
+    adapter = load_model("tiny-llama", device=device)
+    task = LabelTokens(TEMPLATE, LABELS).bind(adapter)
+    named = adapter.named_parameters()
+    shapes = [tuple(e["shape"]) for e in parameter_layout(named)]
+    n = sum(p.numel() for _, p in named)
+    proj = SparseProjection(n, 64, seed=0, density=4) if projection == "sparse" else KroneckerProjection(shapes, 64)
+    return PEFComputer(adapter, task, named, proj), task
+
+
+def _spoiled(pefs, log_probs, k: int):
+    """Batch k with planted faults: batch 1 has a non-finite PEF entry (example 1) and non-finite logits
+    (example 2), batch 2 a PEF of zeros (example 0)."""
+    pefs, log_probs = pefs.clone(), log_probs.clone()
+    if k == 1:
+        pefs[1, 0, 3] = float("inf")
+        log_probs[2, 0] = float("nan")
+    if k == 2:
+        pefs[0] = 0
+    return pefs, log_probs
+
+
+@pytest.mark.parametrize("rank", [None, 1])
+@pytest.mark.parametrize("projection", ["sparse", "kron"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_batches_finished_in_collection_order_equal_the_cpu_s_one_at_a_time(device, projection, rank):
+    batches = [random_texts(4, seed=k, max_words=8) for k in range(3)]
+    ref_comp, ref_task = _computer("cpu", projection)
+    reference = []
+    for k, chunk in enumerate(batches):
+        raw = _spoiled(*ref_comp.compute(ref_task.prompts(chunk)), k)
+        reference.append(finish_batch(*raw, {"text": chunk}, 4 * k, ref_task, rank, 5))
+
+    comp, task = _computer(device, projection)
+    results, waiting = [], None
+    for k, chunk in enumerate(batches):  # the next batch is queued before the previous one is read
+        started = _Finishing(*_spoiled(*comp.compute(task.prompts(chunk)), k), {"text": chunk}, 4 * k, task, rank, 5)
+        if waiting is not None:
+            results.append(waiting.result())
+        waiting = started
+    results.append(waiting.result())
+
+    flags = [[m["flag"] for m in meta] for _, meta in results]
+    assert flags == [[None] * 4, [None, "nonfinite_grad", "nonfinite_logits", None], ["zero_pef", None, None, None]]
+    for (pefs, meta), (ref_pefs, ref_meta) in zip(results, reference):
+        assert pefs.device.type == "cpu" and pefs.shape == (4, rank or 2, 64)
+        assert torch.isfinite(pefs).all()
+        if device == "cpu":  # the same computation: the same bits
+            assert torch.equal(pefs, ref_pefs) and json.dumps(meta) == json.dumps(ref_meta)  # NaN as NaN
+            continue
+        torch.testing.assert_close(pefs, ref_pefs, rtol=1e-4, atol=1e-5)
+        for m, r in zip(meta, ref_meta):
+            assert {k: m[k] for k in ("index", "text", "prediction", "flag")} == {
+                k: r[k] for k in ("index", "text", "prediction", "flag")
+            }
+            assert m["pef_norm"] == pytest.approx(r["pef_norm"], rel=1e-4, abs=1e-6)
+            assert m["probs"] == pytest.approx(r["probs"], rel=1e-4, abs=1e-6, nan_ok=True)
+    assert results[1][0][1:3].abs().sum() == 0  # the flagged examples are stored as zeros
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_results_reach_pinned_host_memory_behind_an_event():
+    x = torch.randn(3, 2, 8, device="cuda")
+    batch = _Finishing(x, torch.randn(3, 2, device="cuda").log_softmax(-1), {"text": ["a", "b", "c"]}, 0,
+                       LabelTokens(TEMPLATE, LABELS), None, 5)  # fmt: skip
+    assert batch.event is not None and all(t.is_pinned() for t in batch.tensors)
+    pefs, meta = batch.result()
+    torch.testing.assert_close(pefs, x.cpu())
+    assert [m["index"] for m in meta] == [0, 1, 2]
