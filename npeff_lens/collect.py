@@ -22,6 +22,10 @@ row ``G[:, j]``. It is computed exactly, without materialising per-example gradi
 Peak memory: the model, the batch's activations (as for any backward), r x the hooked outputs'
 gradients for one row group, and one chunk of per-example gradients of at most ``chunk_elems`` floats.
 It does *not* grow with batch x rows x number of parameters.
+
+Each batch is then finished on its device (non-finite examples zeroed and flagged, norms, rank reduction) and
+copied to the host once; on CUDA the copy goes to pinned memory behind an event, and the collection loop writes
+the batch to the store after queueing the next one, so the store's write overlaps the device's work.
 """
 
 from __future__ import annotations
