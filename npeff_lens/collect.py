@@ -23,9 +23,10 @@ Peak memory: the model, the batch's activations (as for any backward), r x the h
 gradients for one row group, and one chunk of per-example gradients of at most ``chunk_elems`` floats.
 It does *not* grow with batch x rows x number of parameters.
 
-Each batch is then finished on its device (non-finite examples zeroed and flagged, norms, rank reduction) and
-copied to the host once; on CUDA the copy goes to pinned memory behind an event, and the collection loop writes
-the batch to the store after queueing the next one, so the store's write overlaps the device's work.
+Each batch is then finished on its device (non-finite examples zeroed and flagged, norms) and copied to the host
+once, where the rank reduction and the metadata follow. On CUDA the copy goes to pinned memory behind an event,
+and a single-process collection writes the batch to the store after queueing the next one, so the store's write
+overlaps the device's work (under torchrun each round's batches are gathered, then written).
 """
 
 from __future__ import annotations
@@ -794,36 +795,42 @@ def _collect_into(store, computer: PEFComputer, dataset, task: Task, cfg: Collec
         return 0
     bar = progress(total=sum(hi - lo for lo, hi, _ in plan), desc="collect", unit="ex", enabled=cfg.progress)
     writer = _Writer(store, cfg.flush_every)
-    waiting = None  # (lo, fill, the batch being finished): written once the next batch is queued
+    waiting = None  # (lo, fill, a batch in flight to the host): written once the next batch is queued
 
-    def write_waiting():
-        nonlocal waiting
-        (lo, fill, batch), waiting = waiting, None  # taken first: a failed write is not retried
-        with signals.writing():  # a signal meanwhile is raised once the batch is written
-            pefs, meta = batch.result()
-            writer.write(lo, fill, pefs, meta)
+    def write(item) -> None:
+        lo, fill, batch = item
+        pefs, meta = batch.result()
+        writer.write(lo, fill, pefs, meta)
         bar.update(len(meta))
 
     with _Interruptions() as signals:
         try:
             try:
                 for lo, hi, fill in plan:
-                    # A batch still in flight to the host (CUDA) is written once the next batch is queued, so the
-                    # store's write and the metadata overlap the device's work; others are written at once.
-                    started = _start_batch(computer, dataset, task, cfg, lo, hi)
-                    if waiting is not None:
-                        write_waiting()
-                    waiting = (lo, fill, started)
-                    if not started.in_flight:
-                        write_waiting()
-            finally:
-                try:
-                    if waiting is not None:  # computed before an interruption or a failure: kept
-                        write_waiting()
-                finally:
+                    started = (lo, fill, _start_batch(computer, dataset, task, cfg, lo, hi))
+                    # A signal meanwhile is raised once the batches are written, and the computed batch is never
+                    # out of reach of the finally below. A batch still in flight to the host (CUDA) is written
+                    # after the next one is queued, so the store's write overlaps the device's work.
                     with signals.writing():
+                        previous, waiting = waiting, started
+                        if previous is not None:
+                            try:
+                                write(previous)
+                            except BaseException:
+                                waiting = None  # nothing is written after a failed write
+                                raise
+                        if not started[2].in_flight:
+                            waiting = None
+                            write(started)
+            finally:
+                with signals.writing():
+                    try:
+                        if waiting is not None:  # computed before an interruption or a failure: kept
+                            item, waiting = waiting, None
+                            write(item)
+                    finally:
                         store.flush()
-                    bar.close()
+                bar.close()
         except Interrupted as e:
             kept = store.committed - sum(b - a for a, b in store.missing)
             raise Interrupted(
@@ -843,25 +850,28 @@ def finish_batch(pefs, log_probs, rows, lo, task, rank, top_k_probs):
 
 class _Finishing:
     """A batch being finished (:func:`finish_batch`) in two halves, so that the host can queue the next batch
-    while the device completes this one. Made at once: the tensor work, on the batch's device (zeroing, norms,
-    rank reduction), then one copy of its results to the host: on CUDA into pinned memory without blocking, and
-    an event marks the copy's end. ``result()`` waits for that event alone, not for the device, then builds the
-    metadata on the host from the copies (no per-example reads of device memory)."""
+    while the device completes this one. Made at once: the tensor work on the batch's device (zeroing, norms),
+    then one copy of its results to the host: on CUDA, up to ``PINNED_BYTES``, into pinned memory without
+    blocking, behind an event recorded on the copying device's stream. ``result()`` waits for that event alone,
+    not for the device, then does the host's half: the rank reduction (App. C; on the host, where its
+    eigendecomposition does not stall the device) and the metadata, from the copies (no per-example reads of
+    device memory)."""
+
+    PINNED_BYTES = 256 * 2**20  # a larger batch (unprojected PEFs) is copied synchronously: page-locked memory
+    # is cached by torch's host allocator, and two batches of it would be held at once
 
     def __init__(self, pefs, log_probs, rows, lo, task, rank, top_k_probs):
-        self.rows, self.lo, self.task, self.top_k_probs = rows, lo, task, top_k_probs
+        self.rows, self.lo, self.task, self.rank, self.top_k_probs = rows, lo, task, rank, top_k_probs
         finite_logits = torch.isfinite(log_probs).all(-1)
         finite_pef = torch.isfinite(pefs).flatten(1).all(-1)
         pefs = torch.where((finite_logits & finite_pef)[:, None, None], pefs, torch.zeros_like(pefs))
-        norms = pef_frobenius_norms(pefs)
-        if rank is not None:
-            pefs = reduce_rank(pefs, rank)
-        tensors = (pefs, log_probs.exp(), finite_logits, finite_pef, norms)
+        tensors = (pefs, log_probs.exp(), finite_logits, finite_pef, pef_frobenius_norms(pefs))
         self.event = None
-        if pefs.is_cuda:
-            self.tensors = tuple(_pinned_copy(t) for t in tensors)
-            self.event = torch.cuda.Event()
-            self.event.record()
+        if pefs.is_cuda and sum(t.numel() * t.element_size() for t in tensors) <= self.PINNED_BYTES:
+            with torch.cuda.device(pefs.device):  # the event on the stream that copies (not cuda:0's)
+                self.tensors = tuple(_pinned_copy(t) for t in tensors)
+                self.event = torch.cuda.Event()
+                self.event.record()
         else:
             self.tensors = tuple(t.cpu() for t in tensors)
 
@@ -875,6 +885,8 @@ class _Finishing:
             self.event.synchronize()
             self.event = None
         pefs, probs, finite_logits, finite_pef, norms = self.tensors
+        if self.rank is not None:
+            pefs = reduce_rank(pefs, self.rank)
         rows, names = self.rows, self.task.outcome_names()
         finite_logits, finite_pef, norms = finite_logits.tolist(), finite_pef.tolist(), norms.tolist()
         meta = []

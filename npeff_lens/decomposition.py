@@ -278,8 +278,9 @@ class _Shard:
             msg = f"{len(bad)} PEF(s) contain NaN/inf (examples {bad[:10].tolist()}{' ...' if len(bad) > 10 else ''})"
             fix = "fix the collection"
             if self.storage_dtype == torch.float16 and self.dtype != torch.float16:
-                msg += " as held in float16 (storage_dtype, --storage-dtype), whose largest value is 65504"
-                fix = "hold them in bfloat16, which has float32's range"
+                msg += " as held in float16 (storage_dtype, --storage-dtype)"
+                fix = "if they are finite in the store, float16 overflowed them (its largest value is 65504): "
+                fix += "hold them in bfloat16, which has float32's range; else fix the collection"
             if nonfinite == "raise":
                 raise ValueError(f"{msg}; {fix} or pass nonfinite='exclude' to drop them")
             warnings.warn(msg + "; they are excluded from the fit (coefficients 0)", RuntimeWarning, stacklevel=4)

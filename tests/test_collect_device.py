@@ -41,6 +41,22 @@ def _spoiled(pefs, log_probs, k: int):
     return pefs, log_probs
 
 
+def _expected(raw_pefs, raw_log_probs, rank):
+    """What finishing must give, from the raw batch on the CPU, by other means than the code under test: zeroed
+    rows of non-finite examples, ‖G Gᵀ‖_F, the argmax, exp of the log-probabilities, and for the rank reduction
+    the Gram's top eigenvalues (‖G'‖² = their sum)."""
+    ok = torch.isfinite(raw_log_probs).all(-1) & torch.isfinite(raw_pefs).flatten(1).all(-1)
+    g = torch.where(ok[:, None, None], raw_pefs, 0.0).double()
+    gram = g @ g.transpose(1, 2)
+    return {
+        "pefs": g.float(),
+        "norm": gram.flatten(1).norm(dim=1).tolist(),
+        "top": torch.linalg.eigvalsh(gram).flip(-1)[:, : rank or gram.shape[1]].sum(-1).tolist(),
+        "prediction": [int(p.argmax()) if torch.isfinite(p).all() else -1 for p in raw_log_probs],
+        "probs": raw_log_probs.exp().tolist(),
+    }
+
+
 @pytest.mark.parametrize("rank", [None, 1])
 @pytest.mark.parametrize("projection", ["sparse", "kron"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -50,7 +66,7 @@ def test_batches_finished_in_collection_order_equal_the_cpu_s_one_at_a_time(devi
     reference = []
     for k, chunk in enumerate(batches):
         raw = _spoiled(*ref_comp.compute(ref_task.prompts(chunk)), k)
-        reference.append(finish_batch(*raw, {"text": chunk}, 4 * k, ref_task, rank, 5))
+        reference.append((finish_batch(*raw, {"text": chunk}, 4 * k, ref_task, rank, 5), _expected(*raw, rank)))
 
     comp, task = _computer(device, projection)
     results, waiting = [], None
@@ -63,28 +79,40 @@ def test_batches_finished_in_collection_order_equal_the_cpu_s_one_at_a_time(devi
 
     flags = [[m["flag"] for m in meta] for _, meta in results]
     assert flags == [[None] * 4, [None, "nonfinite_grad", "nonfinite_logits", None], ["zero_pef", None, None, None]]
-    for (pefs, meta), (ref_pefs, ref_meta) in zip(results, reference):
+    for k, ((pefs, meta), ((ref_pefs, ref_meta), expected)) in enumerate(zip(results, reference)):
         assert pefs.device.type == "cpu" and pefs.shape == (4, rank or 2, 64)
         assert torch.isfinite(pefs).all()
-        if device == "cpu":  # the same computation: the same bits
+        assert [m["index"] for m in meta] == list(range(4 * k, 4 * k + 4))
+        assert [m["text"] for m in meta] == batches[k]
+        assert [m["prediction"] for m in meta] == expected["prediction"]
+        assert [m["pef_norm"] for m in meta] == pytest.approx(expected["norm"], rel=1e-4, abs=1e-6)
+        for m, probs in zip(meta, expected["probs"]):
+            assert m["probs"] == pytest.approx(probs, rel=1e-4, abs=1e-6, nan_ok=True)
+        if rank is None:
+            torch.testing.assert_close(pefs, expected["pefs"], rtol=1e-4, atol=1e-5)
+        else:  # the top eigenvalues' energy, whatever the eigenvectors' signs
+            got = pefs.double().square().sum((1, 2)).tolist()
+            assert got == pytest.approx(expected["top"], rel=1e-4, abs=1e-8)
+        if device == "cpu":  # the same computation: the same bits as finishing one batch at a time
             assert torch.equal(pefs, ref_pefs) and json.dumps(meta) == json.dumps(ref_meta)  # NaN as NaN
-            continue
-        torch.testing.assert_close(pefs, ref_pefs, rtol=1e-4, atol=1e-5)
-        for m, r in zip(meta, ref_meta):
-            assert {k: m[k] for k in ("index", "text", "prediction", "flag")} == {
-                k: r[k] for k in ("index", "text", "prediction", "flag")
-            }
-            assert m["pef_norm"] == pytest.approx(r["pef_norm"], rel=1e-4, abs=1e-6)
-            assert m["probs"] == pytest.approx(r["probs"], rel=1e-4, abs=1e-6, nan_ok=True)
+        elif rank is None:
+            torch.testing.assert_close(pefs, ref_pefs, rtol=1e-4, atol=1e-5)
+        else:  # sign-invariant: cuSOLVER and LAPACK may flip an eigenvector
+            gram = pefs.transpose(1, 2) @ pefs
+            torch.testing.assert_close(gram, ref_pefs.transpose(1, 2) @ ref_pefs, rtol=1e-4, atol=1e-5)
     assert results[1][0][1:3].abs().sum() == 0  # the flagged examples are stored as zeros
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_results_reach_pinned_host_memory_behind_an_event():
-    x = torch.randn(3, 2, 8, device="cuda")
+def test_results_are_read_after_the_copy_behind_a_busy_device():
+    """The device is kept busy before the batch is finished, so its copy is still queued when ``_Finishing``
+    returns: ``result()`` must wait for it (a missing or early event would read the pinned buffer too soon)."""
+    x = torch.randn(3, 2, 4096, device="cuda")
+    torch.cuda._sleep(2_000_000_000)  # about a second of device time ahead of the copy
     batch = _Finishing(x, torch.randn(3, 2, device="cuda").log_softmax(-1), {"text": ["a", "b", "c"]}, 0,
                        LabelTokens(TEMPLATE, LABELS), None, 5)  # fmt: skip
-    assert batch.event is not None and all(t.is_pinned() for t in batch.tensors)
+    assert batch.in_flight and not batch.event.query()  # returned before the device got to the copy
+    assert all(t.is_pinned() for t in batch.tensors)
     pefs, meta = batch.result()
     torch.testing.assert_close(pefs, x.cpu())
     assert [m["index"] for m in meta] == [0, 1, 2]

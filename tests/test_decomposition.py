@@ -512,7 +512,8 @@ def test_float16_storage_overflow_names_the_flag_and_bfloat16_holds_the_same_pef
     G, _, _ = planted(m=10, d=8)
     G = G.float()
     G[3] *= 1e5  # beyond float16's 65504
-    held = r"examples \[3\]\) as held in float16 \(storage_dtype, --storage-dtype\).*in bfloat16"
+    held = r"examples \[3\]\) as held in float16 \(storage_dtype, --storage-dtype\); if they are finite in the store, "
+    held += r"float16 overflowed them .*in bfloat16"
     with pytest.raises(ValueError, match=held):
         NPEFF(3, storage_dtype="float16", **FAST).fit(G)
     assert math.isfinite(NPEFF(3, storage_dtype="bfloat16", **FAST).fit(G).reconstruction_err_)

@@ -19,7 +19,7 @@ import torch
 from helpers import LABELS, TEMPLATE, random_texts
 
 from npeff_lens.cli import main
-from npeff_lens.collect import PEFComputer, _Finishing, _Writer, collect_pefs
+from npeff_lens.collect import Interrupted, PEFComputer, _Finishing, _Writer, collect_pefs
 from npeff_lens.decomposition import NPEFF, CorruptFileError
 from npeff_lens.runs import RUN_FILE, decompose_store, run_perturbation
 from npeff_lens.store import CorruptStoreError, MissingExamplesError, PEFStore
@@ -206,8 +206,9 @@ def test_collect_on_a_finished_store_names_a_damaged_shard(tmp_path, adapter, re
 def test_a_failure_while_the_next_batch_computes_keeps_the_batch_computed_before_it(tmp_path, adapter, reference,
                                                                                    monkeypatch, in_flight):  # fmt: skip
     """On CUDA, collection queues batch k + 1 before it writes batch k (so that the write overlaps the device's
-    work; ``in_flight`` makes the CPU run that order too): an error in batch k + 1 must still leave batch k in the
-    store, committed, and the rerun completes it."""
+    work; ``in_flight`` makes the CPU run that order too): an error in batch k + 1 (here out of memory; a sticky
+    CUDA error, which fails every later CUDA call, would also lose batch k) must still leave batch k in the store,
+    committed, and the rerun completes it."""
     _, ref, _, _ = reference
     order = []
     monkeypatch.setattr(_Finishing, "in_flight", property(lambda self: in_flight))
@@ -219,12 +220,12 @@ def test_a_failure_while_the_next_batch_computes_keeps_the_batch_computed_before
         calls[0] += 1
         order.append(("compute", calls[0]))
         if calls[0] == 4:  # batches 1-3 computed; in flight, batch 3 is waiting to be written
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return compute(self, prompts, **k)
 
     monkeypatch.setattr(PEFComputer, "compute", failing)
     path = tmp_path / "pefs"
-    with pytest.raises(RuntimeError, match="illegal memory access"):
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
         collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **{**KW, "flush_every": 1000})
     s = PEFStore(path)
     assert len(s) == s.manifest["count"] == 12  # batches 1-3 (in flight, the third written after the failure)
@@ -238,6 +239,27 @@ def test_a_failure_while_the_next_batch_computes_keeps_the_batch_computed_before
     assert order == expected
     monkeypatch.setattr(PEFComputer, "compute", compute)
     _same_store(collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW), ref)
+
+
+def test_a_signal_while_a_batch_is_written_keeps_the_batch_queued_meanwhile(tmp_path, adapter, monkeypatch):
+    """In flight (CUDA), batch k + 1 is computed while batch k waits: a SIGTERM during batch k's write is raised
+    once it is written, and batch k + 1, computed before the signal, is written too."""
+    monkeypatch.setattr(_Finishing, "in_flight", property(lambda self: True))
+    write, calls = _Writer.write, [0]
+
+    def signalling(self, lo, *a):
+        calls[0] += 1
+        if calls[0] == 2:  # writing examples [4, 8) while [8, 12) is computed and waiting
+            os.kill(os.getpid(), signal.SIGTERM)
+        return write(self, lo, *a)
+
+    monkeypatch.setattr(_Writer, "write", signalling)
+    path = tmp_path / "pefs"
+    with pytest.raises(Interrupted, match="keeps its 12 committed examples"):
+        collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **{**KW, "flush_every": 1000})
+    s = PEFStore(path)
+    assert len(s) == s.manifest["count"] == 12 and calls[0] == 3
+    s.verify()
 
 
 # --------------------------------------------------------------------------------------------------
