@@ -71,6 +71,20 @@ class FakeStore:
 FAST = dict(n_steps=150, n_warmup_steps=30, progress=False)
 
 
+class Stop(Exception):
+    """Raised by :func:`stop_at`'s callback: a fit interrupted at a chosen step."""
+
+
+def stop_at(n: int):
+    """A ``callback`` for ``NPEFF`` that stops the fit at step ``n``."""
+
+    def callback(step, loss):
+        if step == n:
+            raise Stop
+
+    return callback
+
+
 @pytest.fixture(scope="module")
 def planted_fit():
     G, W, H = planted()
@@ -213,15 +227,8 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     G = G.float()
     full = NPEFF(4, seed=5, **FAST).fit(G)
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_67(step, loss):
-        if step == 67:
-            raise Stop
-
     with pytest.raises(Stop):
-        NPEFF(4, seed=5, checkpoint_dir=tmp_path, checkpoint_every=20, callback=stop_at_67, **FAST).fit(G)
+        NPEFF(4, seed=5, checkpoint_dir=tmp_path, checkpoint_every=20, callback=stop_at(67), **FAST).fit(G)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000040", "step-00000060"]
     resumed = NPEFF(4, seed=5, checkpoint_dir=tmp_path, checkpoint_every=20, **FAST).fit(G)
     assert torch.equal(resumed.coefficients_, full.coefficients_)
@@ -537,16 +544,8 @@ def test_storage_dtype_params_repr_save_load_and_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="storage_dtype: not in the stored configuration"):
         NPEFF(3, checkpoint_dir=tmp_path / "a", storage_dtype="bfloat16", **kw).fit(G)
     NPEFF(3, checkpoint_dir=tmp_path / "a", storage_dtype="float32", **kw).fit(G)  # the same numerics: resumes
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_7(step, loss):
-        if step == 7:
-            raise Stop
-
     with pytest.raises(Stop):
-        NPEFF(3, storage_dtype="bfloat16", checkpoint_dir=tmp_path / "b", callback=stop_at_7, **kw).fit(G)
+        NPEFF(3, storage_dtype="bfloat16", checkpoint_dir=tmp_path / "b", callback=stop_at(7), **kw).fit(G)
     resumed = NPEFF(3, storage_dtype=torch.bfloat16, checkpoint_dir=tmp_path / "b", **kw).fit(G)
     assert torch.equal(resumed.components_, full.components_)
     assert torch.equal(resumed.coefficients_, full.coefficients_)
