@@ -53,7 +53,7 @@ def finding_sae_layers(args) -> dict:
 
     est, store = load_run(args.run)
     meta = store.metadata
-    labels, _ = label_columns(meta)
+    labels, _ = label_columns(store)
     preds = meta["prediction"]
     model = store.manifest["model"]
     adapter = load_model(model["name"], backend=model.get("backend", "hf"))
@@ -87,7 +87,8 @@ def _compare_at(run_dir: Path, components: int, args, adapter) -> dict:
 
     t0 = time.time()
     res = compare(
-        run_dir, methods=("npeff", "grad-cluster", "sae", "snmf"), components=components, k=args.k,
+        run_dir, methods=tuple(args.methods), components=components, k=args.k,
+        keep_constant_tokens=args.keep_constant_tokens,
         sae_hook=f"model.layers.{args.layer - 1}", snmf_layer=args.layer,
         **({"sae_tokens": args.sae_tokens} if args.sae_tokens else {}),  # default: compare's
         selectivity=True, target_kl=args.target_kl, n_baseline=args.n_baseline,
@@ -193,6 +194,18 @@ def main():
     c.add_argument("--n-baseline", type=int, default=32)
     c.add_argument("--selectivity-components", type=int, default=None, help="first N components measured")
     c.add_argument("--redecompose", action="store_true", help="decompose movie reviews at 16 too (else --run's)")
+    c.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["npeff", "grad-cluster", "sae", "snmf"],
+        default=["npeff", "grad-cluster", "sae", "snmf"],
+        help="methods compared (each method resumes on its own)",
+    )
+    c.add_argument(
+        "--keep-constant-tokens",
+        action="store_true",
+        help="SAE and SNMF read the prompts' common prefix too (compare's --keep-constant-tokens)",
+    )
     args = p.parse_args()
     t0 = time.time()
     finding = {"argmax": finding_argmax, "sae-layers": finding_sae_layers, "four-methods": finding_four_methods}

@@ -19,7 +19,7 @@ module) groups (:func:`npeff_lens.locations.component_locations`, as ``npeff top
     python benchmarks/locations.py runs/demo/npeff --components 16
 
 Writes ``DECOMPOSITION_DIR/locations-benchmark.json`` (``--out``) after each component and resumes from it
-when rerun with the same settings on the same fit. Components with fewer than ``--k`` positive coefficients are
+when rerun with the same settings on the same fit. Components with fewer than ``--k`` active examples are
 skipped, as in ``npeff compare --selectivity``.
 """
 
@@ -158,7 +158,7 @@ def main(argv=None):
             write_json(out, {"key": key, "components": [done[i] for i in sorted(done)]})
         r = done[j]
         if r["status"] != "ok":
-            print(f"{j:>4} excluded: {r['n_top']} positive coefficients < k")
+            print(f"{j:>4} excluded: {r['n_top']} active examples < k")
             continue
         s = {m: r[m].get("selectivity", math.nan) for m in ("full", "top", "control")}
         kept, ctrl = _ratio(r, "top"), _ratio(r, "control")

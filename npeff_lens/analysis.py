@@ -4,9 +4,16 @@ metrics that compare NPEFF with its baselines (§5).
 All functions take non-negative coefficients "example component" ``[m, C]`` (torch or numpy) and need torch
 alone. One set of metrics serves every method: NPEFF's ``coefficients_`` (dense), gradient clusters'
 ``coefficients_`` (one non-zero per example: closeness to its centroid, §5.1) and SAE latents (sparse, with
-dead columns, §5.2). A component's *top examples* are its ``k`` largest coefficients; only positive
-coefficients count (the order among zeros is arbitrary), and a component is *alive* when at least
-``min_examples`` examples have a positive coefficient (§5.2 discards SAE latents with fewer than 16).
+dead columns, §5.2). A component's *top examples* are its ``k`` largest coefficients; only *active* coefficients
+count (:func:`active`: above :data:`ACTIVE_FRACTION` of the component's maximum; the order among inactive ones is
+arbitrary), and a component is *alive* when at least ``min_examples`` examples are active on it (§5.2 discards SAE
+latents with fewer than 16).
+
+One meaning of *active* for every method and every page (compare's warnings, the report's share, tunings, top
+examples, ``npeff explain``): relative to each component's own scale, since NPEFF's coefficients (on unit-norm
+PEFs), cluster closeness (in (0, 1]) and SAE / SNMF activations (the hook's units) share none. NPEFF's
+multiplicative W updates (App. D.1) shrink a coefficient geometrically without ever reaching zero, leaving values
+like 1e-30 that are not loadings; any fixed threshold at or below the estimator's dead-column 1e-8 counts them.
 
 :func:`method_summary` is the row that ``npeff compare`` prints per method. The one causal test shared by every
 method, selectivity (a component's own top examples vs random ones under an intervention sized to a target KL),
@@ -22,6 +29,11 @@ from typing import Any
 import torch
 
 __all__ = [
+    "ACTIVE_FRACTION",
+    "ACTIVE_DEFINITION",
+    "active_threshold",
+    "active",
+    "active_share",
     "top_examples",
     "tunings",
     "tuned_fraction",
@@ -45,6 +57,44 @@ def _coefficients(coefficients) -> torch.Tensor:
     if not bool(torch.isfinite(c).all()):
         raise ValueError("coefficients contain NaN/inf")
     return c
+
+
+# A coefficient below this fraction of its component's maximum is a leftover, not a loading. NPEFF's leftovers sit
+# many decades below (1e-30 after the multiplicative updates), real loadings within a few of the maximum; 1e-3
+# also keeps a TopK SAE latent's small but selected activations, and every gradient-cluster member (>= 1/3 of 1).
+ACTIVE_FRACTION = 1e-3
+ACTIVE_DEFINITION = f"active = coefficient above {ACTIVE_FRACTION:.1%} of the component's maximum over the examples"
+
+
+def active_threshold(coefficients, fraction: float = ACTIVE_FRACTION) -> torch.Tensor:
+    """Per component ``[C]``, the value a coefficient must exceed to be active (:func:`active`): ``fraction`` of
+    the component's maximum over the examples, and at least ``fraction**2`` of the largest coefficient of all
+    components, so that a column of leftovers alone (a dead NPEFF component, max 1e-30) has no active example
+    (all-zero coefficients: thresholds 0, nothing exceeds them). Pass it to :func:`active` to judge new examples
+    (``npeff explain``'s inputs) by the run's scale."""
+    c = _coefficients(coefficients)
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1); got {fraction}")
+    if c.shape[0] == 0 or c.shape[1] == 0:
+        return torch.zeros(c.shape[1], dtype=c.dtype)
+    colmax = c.max(0).values.clamp_min(0)
+    return fraction * torch.maximum(colmax, fraction * colmax.max())
+
+
+def active(coefficients, threshold=None) -> torch.Tensor:
+    """Bool ``[m, C]``: the coefficient exceeds :func:`active_threshold` (of these coefficients, or the given
+    per-component ``threshold [C]``, e.g. a run's, for new examples)."""
+    c = _coefficients(coefficients)
+    t = active_threshold(c) if threshold is None else torch.as_tensor(threshold).to(c.dtype)
+    return c > t
+
+
+def active_share(coefficients, threshold=None) -> torch.Tensor:
+    """Float64 ``[C]``: the fraction of the examples active on each component (:func:`active`)."""
+    c = _coefficients(coefficients)
+    if c.shape[0] == 0:
+        return torch.zeros(c.shape[1], dtype=torch.float64)
+    return active(c, threshold).double().mean(0)
 
 
 def top_examples(coefficients, k: int = 16) -> torch.Tensor:
@@ -71,17 +121,18 @@ def tunings(coefficients, labels: Sequence[Any], k: int = 16, threshold: float =
     """Per component, the label (or prediction) shared by at least ``threshold`` of its top ``k``
     examples, else ``None`` (§3.1: tuned when >= 95% of the top 16 share it).
 
-    Only examples with a *positive* coefficient count as top examples: a component with fewer
+    Only *active* examples (:func:`active`) count as top examples: a component with fewer
     than ``k`` of them (a dead or very rare component) is reported as not tuned (``None``), since
-    the order among zero coefficients is arbitrary and would decide its tuning.
+    the order among inactive coefficients is arbitrary and would decide its tuning.
     """
     c = _coefficients(coefficients)
     labels = _as_list(labels, c.shape[0])
     top = top_examples(c, k)
+    on = active(c)
     out: list[Any] = []
     for j in range(c.shape[1]):
         idx = top[j]
-        if idx.numel() < k or not bool((c[idx, j] > 0).all()):
+        if idx.numel() < k or not bool(on[idx, j].all()):
             out.append(None)
             continue
         value, count = Counter(labels[i] for i in idx.tolist()).most_common(1)[0]
@@ -112,7 +163,7 @@ def tuning_summary(coefficients, labels=None, predictions=None, k: int = 16, thr
         either = [any(p[j] is not None for p in per.values()) for j in range(c.shape[1])]
         out["either"] = sum(either) / c.shape[1]
     out["tunings"] = per
-    out["not_enough_examples"] = int(((c > 0).sum(0) < k).sum())
+    out["not_enough_examples"] = int((active(c).sum(0) < k).sum())
     return out
 
 
@@ -135,7 +186,7 @@ def decomposition_similarity(coeffs_a, coeffs_b) -> float:
 
 
 def alive(coefficients, min_examples: int = 1) -> torch.Tensor:
-    """Bool ``[C]``: the components with a positive coefficient on at least ``min_examples`` examples.
+    """Bool ``[C]``: the components active (:func:`active`) on at least ``min_examples`` examples.
 
     ``min_examples=1`` drops only all-zero columns (an empty cluster, a dead NPEFF component); §5.2 uses
     ``min_examples=16`` (= k) for SAE latents, whose top 16 examples must all be real activations.
@@ -143,14 +194,14 @@ def alive(coefficients, min_examples: int = 1) -> torch.Tensor:
     c = _coefficients(coefficients)
     if min_examples < 1:
         raise ValueError(f"min_examples must be >= 1; got {min_examples}")
-    return (c > 0).sum(0) >= min_examples
+    return active(c).sum(0) >= min_examples
 
 
 def argmax_shared(coefficients, predictions: Sequence[Any], k: int = 16) -> torch.Tensor:
     """Bool ``[C]``: all ``k`` top examples of the component share the same prediction
     ``argmax p(y|x)`` (§5.1: 1690 of 2048 gradient clusters, 384 of 2048 NPEFF components on TriviaQA).
 
-    Only positive coefficients count: a component with fewer than ``k`` positive examples is ``False``.
+    Only active coefficients count: a component with fewer than ``k`` active examples is ``False``.
     This is :func:`tunings` to the prediction with ``threshold=1``.
     """
     return torch.tensor([t is not None for t in tunings(coefficients, predictions, k=k, threshold=1.0)])
@@ -168,7 +219,7 @@ def token_tunings(
     top_token_sets: Sequence[Sequence[Collection[Hashable]]], threshold: float = 0.95, k: int | None = None
 ) -> list[Hashable | None]:
     """§5.2 token tuning. ``top_token_sets[j]`` holds, for each top example of component j (its examples
-    with a positive coefficient, in rank order), the set of tokens (vocabulary ids, or any hashable) on which
+    that are active on it, in rank order), the set of tokens (vocabulary ids, or any hashable) on which
     the latent is non-zero. The component is tuned to token ``t`` when ``t`` lies in at least ``threshold``
     of those sets (at k = 16, threshold 0.95: all 16, as the paper's "greater than 95%").
 
@@ -198,26 +249,26 @@ def token_tuned(
 
 
 def coverage(coefficients, k: int = 16, min_examples: int = 1) -> float:
-    """Fraction of the m examples that are a top-``k`` example (with a positive coefficient) of at least
+    """Fraction of the m examples that are a top-``k`` example (active on it) of at least
     one alive component (:func:`alive` with ``min_examples``): how much of the data the components'
     top examples describe."""
     c = _coefficients(coefficients)
     if c.shape[0] == 0:
         return 0.0
     top = top_examples(c, k)  # [C, k']
-    positive = torch.gather(c.T, 1, top) > 0
-    positive &= alive(c, min_examples)[:, None]
-    return int(torch.unique(top[positive]).numel()) / c.shape[0]
+    on = torch.gather(active(c).T, 1, top)
+    on &= alive(c, min_examples)[:, None]
+    return int(torch.unique(top[on]).numel()) / c.shape[0]
 
 
 def degeneracy(coefficients, *, always_on: float = 0.99, duplicate_cosine: float = 0.99) -> dict[str, Any]:
     """Signs of a degenerate set of components (e.g. an SAE trained on too few tokens): ``n_always_on``, the
-    components with a positive coefficient on at least ``always_on`` of the examples; ``n_near_duplicate_pairs``,
+    components active (:func:`active`) on at least ``always_on`` of the examples; ``n_near_duplicate_pairs``,
     the pairs whose coefficient columns have cosine ``>= duplicate_cosine``; ``max_cosine`` over the pairs of
     components that are not all zero; and ``degenerate``, one line saying what was found (None when nothing)."""
     c = _coefficients(coefficients).double()
-    m, n = c.shape
-    on = (c > 0).double().mean(0) if m else torch.zeros(n, dtype=torch.float64)
+    n = c.shape[1]
+    on = active_share(c)
     n_on = int((on >= always_on).sum())
     norms = c.norm(dim=0)
     live = norms > 0
@@ -228,7 +279,7 @@ def degeneracy(coefficients, *, always_on: float = 0.99, duplicate_cosine: float
     max_cos = float(torch.triu(cos, diagonal=1).max()) if cos.shape[0] > 1 else None
     found = []
     if n_on:
-        found.append(f"{n_on} of {n} components active on >= {always_on:.0%} of the examples")
+        found.append(f"{n_on} of {n} components active on >= {always_on:.0%} of the examples ({ACTIVE_DEFINITION})")
     if n_pairs:
         found.append(f"{n_pairs} pair(s) of components at cosine >= {duplicate_cosine} (max {max_cos:.4f})")
     return {
@@ -256,7 +307,7 @@ def method_summary(
       ``alive_min_examples``: 1 for NPEFF and clusters, k for SAE latents as in §5.2);
     - fractions **over the alive components** (0.0 when none is alive): ``tuned_label`` / ``tuned_prediction``
       (:func:`tunings`: at least ``threshold`` of the top ``k`` share it; an alive component with fewer than
-      ``k`` positive examples counts as not tuned), ``argmax_shared`` (all ``k`` share the prediction),
+      ``k`` active examples counts as not tuned), ``argmax_shared`` (all ``k`` share the prediction),
       ``tuned_tokens`` (:func:`token_tuned`);
     - ``coverage``: fraction of the examples among the top ``k`` of some alive component (:func:`coverage`).
 

@@ -143,10 +143,12 @@ class TokenAttributor:
         self, pairs: Sequence[tuple[int, int]], texts: Sequence[str], batch_size: int = 8, progress: bool = False
     ) -> list[TokenAttribution]:
         """Attributions of (component, example) pairs, in their order (``texts[n]``: pair n's text). Batches
-        hold prompts of similar length (little padding), each example split along its own component."""
+        hold prompts of similar length (little padding), each example split along its own component. A text too
+        long for ``max_length`` is shortened as its collection shortened it
+        (:meth:`~npeff_lens.tasks.Task.fitted_prompts`)."""
         from .io import progress as bar
 
-        prompts = self.task.prompts(list(texts))
+        prompts, _ = self.task.fitted_prompts(self.adapter.tokenizer, list(texts), self.max_length)
         lengths = [len(ids) for ids in self.adapter.tokenizer(prompts)["input_ids"]]
         order = sorted(range(len(pairs)), key=lambda n: lengths[n])
         out: list[TokenAttribution | None] = [None] * len(pairs)
@@ -193,13 +195,15 @@ class TokenAttributor:
 def attribute_tokens(
     decomposition_dir, component: int, examples: Sequence[int] | None = None, *, store=None, adapter=None, k: int = 8
 ) -> list[TokenAttribution]:
-    """Attributions of ``examples`` (default: the top ``k`` by coefficient) on ``component`` of a saved run."""
-    from .analysis import top_examples
+    """Attributions of ``examples`` (default: the top ``k`` by coefficient, active ones only) on ``component`` of
+    a saved run."""
+    from .analysis import active, top_examples
     from .rundir import load_run
 
     est, store = load_run(decomposition_dir, store)
     if examples is None:
         coeffs = est.coefficients_
-        examples = [int(i) for i in top_examples(coeffs, k=k)[component] if coeffs[i, component] > 0]
+        on = active(coeffs)
+        examples = [int(i) for i in top_examples(coeffs, k=k)[component] if on[i, component]]
     texts = store.metadata.select(list(examples))["text"]
     return TokenAttributor.from_manifest(est.manifest_, est.components_, adapter).attribute(component, examples, texts)

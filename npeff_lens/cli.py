@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from . import commands as C
 from . import config
+from .io import library_progress_bars
 
 # ----------------------------------------------------------------------------------------------
 # The parser of a command, generated from its dataclass (npeff_lens.commands), and back.
@@ -177,7 +178,7 @@ def _unlearn(cmd: C.UnlearnCommand):
     from .applications.unlearning import format_table
     from .runs import unlearn
 
-    report = unlearn(cmd.decomposition, cmd, out=cmd.out)
+    report = unlearn(cmd.decomposition, cmd, out=cmd.out, store=cmd.store)
     print(format_table(report))
 
 
@@ -185,7 +186,9 @@ def _icl(cmd: C.IclCommand):
     from .applications.icl import format_table
     from .runs import icl
 
-    result = icl(cmd.decomposition, cmd, out=cmd.out)
+    result = icl(cmd.decomposition, cmd, out=cmd.out, store=cmd.store)
+    if result["icl"].get("shortened"):  # k-shot prompts fit the model's context: a query too long was shortened
+        print(f"[icl] {result['icl']['shortened']}", file=sys.stderr)
     h = result["held_in"]
     print(f"held-in ({h['n']} run examples): tuning classifier {h['classifier_accuracy']:.3f}, zero-shot "
           f"{h['zero_shot_accuracy']:.3f}, agreement {h['classifier_zero_shot_agreement']:.3f}")  # fmt: skip
@@ -226,6 +229,8 @@ def _zero_shot(cmd: C.ZeroShotCommand):
         f"(threshold {r['threshold']:+.3f} = median logit gap on {r['n_calibration']} calibration reviews; "
         f"{r['seconds']:.0f}s)"
     )
+    if r.get("shortened"):
+        print(f"[npeff_lens] {r['shortened']}", file=sys.stderr)
 
 
 #: name -> (config class or None, function, one-line help)
@@ -301,9 +306,10 @@ def main(argv=None) -> int:
         warnings.formatwarning = _one_line_warning
     try:
         target = from_args(args.config_class, args) if args.config_class is not None else args
-        if args.command in LONG_COMMANDS and getattr(target, "progress", True):  # progress output: --no-progress
+        if args.command in LONG_COMMANDS:  # informational, not a progress bar: shown with --no-progress too
             print(f"npeff {args.command}{_rank_tag()}: {_threads_line()}", file=sys.stderr, flush=True)
-        args.func(target)
+        with library_progress_bars(getattr(target, "progress", True)):  # --no-progress: every bar, model loading's too
+            args.func(target)
     except _user_errors() as e:
         if debug:
             raise

@@ -52,7 +52,7 @@ from .data import align_labels, load_dataset
 from .io import DeferredSignals, progress, read_json
 from .models import ModelAdapter, adapt, parameter_layout
 from .projection import KroneckerProjection, SparseProjection, start_numba_threads
-from .tasks import Task
+from .tasks import Task, shortened_note
 
 CHUNK_ELEMS = 1 << 25  # per-example-gradient floats materialised at once (128 MiB in fp32)
 
@@ -533,20 +533,27 @@ def _dataset_rows(dataset, cfg: CollectConfig):
         info["name"] = os.fspath(dataset)
         columns = {"text": cfg.text_column, "label": cfg.label_column}
         names = list(cfg.label_names) if cfg.label_names else None
-        dataset = load_dataset(dataset, split=cfg.split, seed=cfg.data_seed, columns=columns, label_names=names)
+        dataset, rows = load_dataset(dataset, split=cfg.split, seed=cfg.data_seed, columns=columns,
+                                     label_names=names, return_rows=True)  # fmt: skip
+        return _checked_text_column(dataset), info, rows
     else:
         info["name"] = getattr(dataset, "info", None) and dataset.info.dataset_name or "user"
+    return _checked_text_column(dataset), info, None
+
+
+def _checked_text_column(dataset):
     if "text" not in dataset.column_names:
         raise ValueError(
             f"the dataset needs a 'text' column (it has {dataset.column_names}); "
             "see npeff_lens.load_dataset(..., columns=)"
         )
-    return dataset, info
+    return dataset
 
 
-def _content_hash(dataset, n: int) -> str:
-    """A digest of the texts and labels of the ``n`` rows collected: the same data gives the same digest wherever
-    its file lies (a ``datasets`` fingerprint changes with the file's path and time)."""
+def dataset_digest(dataset, n: int) -> str:
+    """A digest of the texts and labels of the first ``n`` rows: the same data gives the same digest wherever
+    its file lies (a ``datasets`` fingerprint changes with the file's path and time). A store records it
+    (``manifest["dataset"]["sha256"]``) for the rows it collected."""
     rows = dataset[:n]
     digest = hashlib.sha256()
     for column in ("text", "label"):
@@ -591,8 +598,10 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
     :class:`~npeff_lens.config.CollectConfig` (``proj_dim``, ``density``, ``params``, ``n``, ...), or pass
     a ``config``. Rerunning the same call resumes where it stopped; another configuration into the same
     ``out`` is a ``StoreMismatchError`` naming the differing fields. Per example, the store also records the
-    prediction, the probabilities (top-k for ``NextToken``), the PEF's Frobenius norm and a flag
-    (``zero_pef``, ``nonfinite_logits``, ``nonfinite_grad``) for examples whose PEF is stored as zeros.
+    prediction, the probabilities (top-k for ``NextToken``), the PEF's Frobenius norm, a flag
+    (``zero_pef``, ``nonfinite_logits``, ``nonfinite_grad``) for examples whose PEF is stored as zeros, and
+    ``text_tokens_cut``: how many tokens were removed from the end of its text so that its prompt fits in
+    ``max_length`` tokens (:meth:`~npeff_lens.tasks.Task.fitted_prompts`: the template is never cut; 0 when none).
 
     Inside a ``torch.distributed`` process group of several ranks (or with ``WORLD_SIZE`` > 1 set, as under
     ``torchrun``: the group is then initialised here), every rank calls this with the same arguments; the ranks
@@ -612,18 +621,25 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
     cfg = cfg.replace(**options) if options else cfg
     adapter = model if isinstance(model, ModelAdapter) else adapt(model, tokenizer)
     adapter.eval()
-    dataset, data_info = _dataset_rows(dataset, cfg)
+    dataset, data_info, source_rows = _dataset_rows(dataset, cfg)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
     task.bind(adapter)
-    dataset, dropped = align_labels(dataset, task.outcome_names(), drop_invalid=cfg.drop_invalid,
-                                    source=f"the dataset {data_info['name']!r}")  # fmt: skip
-    if dropped:
-        print(f"[npeff_lens] --drop-invalid: left out {dropped} row(s) of {data_info['name']!r}", file=sys.stderr)
+    aligned = align_labels(dataset, task.outcome_names(), drop_invalid=cfg.drop_invalid,
+                           source=f"the dataset {data_info['name']!r}", rows=source_rows)  # fmt: skip
+    dataset = aligned.dataset
+    if aligned.dropped and distributed.rank() == 0:
+        rows_text = ", ".join(map(str, aligned.dropped[:8])) + (" ..." if len(aligned.dropped) > 8 else "")
+        print(f"[npeff_lens] --drop-invalid: left out {len(aligned.dropped)} row(s) of {data_info['name']!r} "
+              f"(rows {rows_text})", file=sys.stderr)  # fmt: skip
+    if aligned.by_position and distributed.rank() == 0:
+        mapping = ", ".join(f"{i} → {o!r}" for i, o in aligned.by_position.items())
+        print(f"[npeff_lens] integer labels map to the task's outcomes by position: label {mapping} "
+              "(--label-names maps them by name)", file=sys.stderr)  # fmt: skip
     n = len(dataset) if cfg.n is None else cfg.n
     if n > len(dataset):
         raise ValueError(f"n must be in [1, {len(dataset)}] (the dataset's size), got {n}")
-    data_info["sha256"] = _content_hash(dataset, n)
+    data_info["sha256"] = dataset_digest(dataset, n)
     named = adapter.named_parameters(include=cfg.params, exclude=cfg.exclude)
     layout = parameter_layout(named)
     n_params = sum(e["numel"] for e in layout)
@@ -645,18 +661,19 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
     if projection is None:
         _check_unprojected_fits(n_params, task.n_rows, cfg, n)
     _pin_cpu_threads()
+    make_writer = _Writers()
     if distributed.active():  # torchrun: the ranks share the examples, rank 0 writes (npeff_lens.distributed)
 
         def compute(lo, hi):
             return _start_batch(computer, dataset, task, cfg, lo, hi).result()
 
-        steps = distributed.Steps(plan=_plan, compute=compute, writer=_Writer)
+        steps = distributed.Steps(plan=_plan, compute=compute, writer=make_writer)
         store, flagged = distributed.collect(out, manifest, computer, dataset, task, cfg, n, rows=rows,
                                              dim=computer.dim, device=str(adapter.device), steps=steps)  # fmt: skip
     else:
         store = PEFStore.create(out, manifest, rows=rows, dim=computer.dim, dtype=cfg.dtype, shard_size=cfg.shard_size)
         try:
-            flagged = _collect_into(store, computer, dataset, task, cfg, n)
+            flagged = _collect_into(store, computer, dataset, task, cfg, n, make_writer)
         finally:
             store.close()  # releases the writer lock; the store stays readable
     if flagged:
@@ -665,7 +682,8 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
             "see the store's metadata 'flag' column",
             file=sys.stderr,
         )
-    if store is not None and cfg.progress and distributed.rank() == 0:
+    make_writer.say_shortened(cfg.max_length)
+    if store is not None and distributed.rank() == 0:  # informational, not a progress bar: shown with --no-progress
         balance = class_balance(store.metadata)
         print(f"[npeff_lens] {len(store)} examples in {store.path}" + (f"; labels: {balance}" if balance else ""),
               file=sys.stderr)  # fmt: skip
@@ -678,8 +696,8 @@ def class_balance(metadata) -> str | None:
     column = "label_name" if "label_name" in cols else ("label" if "label" in cols else None)
     if column is None or len(metadata) == 0:
         return None
-    counts = Counter(metadata[column])
-    return ", ".join(f"{name} {counts[name]}" for name in sorted(counts, key=str))
+    counts = Counter(metadata[column])  # label_name: the outcome each label was matched to
+    return ", ".join(f"{str(name).strip() or repr(name)} {counts[name]}" for name in sorted(counts, key=str))
 
 
 def _available_memory() -> int | None:
@@ -738,8 +756,9 @@ def _start_batch(computer: PEFComputer, dataset, task: Task, cfg: CollectConfig,
     """Examples ``[lo, hi)`` computed and on their way to the host: ``.result()`` is ``(pefs [b, rows, dim] on the
     CPU, metadata)``. On CUDA this returns once the host has queued the batch's work, before the device is done."""
     rows = dataset[lo:hi]
-    pefs, log_probs = computer.compute(task.prompts(rows["text"]), max_length=cfg.max_length)
-    return _Finishing(pefs, log_probs, rows, lo, task, cfg.rank, cfg.top_k_probs)
+    prompts, cut = task.fitted_prompts(computer.adapter.tokenizer, rows["text"], cfg.max_length)
+    pefs, log_probs = computer.compute(prompts, max_length=cfg.max_length)
+    return _Finishing(pefs, log_probs, rows, lo, task, cfg.rank, cfg.top_k_probs, text_tokens_cut=cut)
 
 
 class _Writer:
@@ -748,9 +767,11 @@ class _Writer:
 
     def __init__(self, store, flush_every: int):
         self.store, self.flush_every, self.since_flush, self.flagged = store, flush_every, 0, 0
+        self.text_tokens_cut: list[int] = []  # per example written: tokens removed from its text to fit max_length
 
     def write(self, lo: int, fill: bool, pefs, meta) -> None:
         self.flagged += sum(m["flag"] is not None for m in meta)
+        self.text_tokens_cut += [m.get("text_tokens_cut") or 0 for m in meta]
         if fill:
             self.store.fill(lo, pefs, meta)
             return
@@ -759,6 +780,25 @@ class _Writer:
         if self.since_flush >= self.flush_every:
             self.store.flush()
             self.since_flush = 0
+
+
+class _Writers:
+    """``Steps.writer``: makes the store's writer and keeps it (the one that writes: rank 0's under torchrun), to say
+    at the end what it wrote."""
+
+    def __init__(self):
+        self.made: list[_Writer] = []
+
+    def __call__(self, store, flush_every: int) -> _Writer:
+        self.made.append(_Writer(store, flush_every))
+        return self.made[-1]
+
+    def say_shortened(self, max_length: int | None) -> None:
+        """One line on the texts shortened to fit ``max_length`` (:meth:`~npeff_lens.tasks.Task.fitted_prompts`)."""
+        note = shortened_note(self.made[0].text_tokens_cut, max_length) if self.made else None
+        if note:
+            print(f"[npeff_lens] {note}; the store's metadata 'text_tokens_cut' column has the count per example",
+                  file=sys.stderr)  # fmt: skip
 
 
 class Interrupted(KeyboardInterrupt):
@@ -786,15 +826,17 @@ class _Interruptions(DeferredSignals):
         raise Interrupted(signum)
 
 
-def _collect_into(store, computer: PEFComputer, dataset, task: Task, cfg: CollectConfig, n: int) -> int:
+def _collect_into(store, computer: PEFComputer, dataset, task: Task, cfg: CollectConfig, n: int,
+                  make_writer=None) -> int:  # fmt: skip
     """Recollects the store's missing ranges (shards ``repair`` removed), then appends examples
-    ``[len(store), n)``, flushing every ``cfg.flush_every``; returns the number flagged. SIGINT or SIGTERM
-    commits what was computed, then raises :class:`Interrupted` naming the examples the store keeps."""
+    ``[len(store), n)``, flushing every ``cfg.flush_every`` (``make_writer``: makes the writer, e.g. a
+    :class:`_Writers` that keeps it to report what it wrote); returns the number flagged. SIGINT or SIGTERM commits
+    what was computed, then raises :class:`Interrupted` naming the examples the store keeps."""
     plan = _plan(store, n, cfg.batch_size)
     if not plan:
         return 0
     bar = progress(total=sum(hi - lo for lo, hi, _ in plan), desc="collect", unit="ex", enabled=cfg.progress)
-    writer = _Writer(store, cfg.flush_every)
+    writer = (make_writer or _Writer)(store, cfg.flush_every)
     waiting = None  # (lo, fill, a batch in flight to the host): written once the next batch is queued
 
     def write(item) -> None:
@@ -841,11 +883,13 @@ def _collect_into(store, computer: PEFComputer, dataset, task: Task, cfg: Collec
     return writer.flagged
 
 
-def finish_batch(pefs, log_probs, rows, lo, task, rank, top_k_probs):
+def finish_batch(pefs, log_probs, rows, lo, task, rank, top_k_probs, text_tokens_cut=None):
     """A computed batch as the store holds it: PEFs of non-finite examples zeroed and flagged, the rank reduction
-    (App. C), and one metadata row per example (its prediction, probabilities, norm, flag); ``npeff explain``
-    finishes its inputs' PEFs the same way. Returns ``(pefs on the CPU, metadata)``."""
-    return _Finishing(pefs, log_probs, rows, lo, task, rank, top_k_probs).result()
+    (App. C), and one metadata row per example (its prediction, probabilities, norm, flag, and with
+    ``text_tokens_cut``, the counts of :meth:`~npeff_lens.tasks.Task.fitted_prompts`, how many tokens of its text
+    were removed to fit ``max_length``); ``npeff explain`` finishes its inputs' PEFs the same way. Returns ``(pefs
+    on the CPU, metadata)``."""
+    return _Finishing(pefs, log_probs, rows, lo, task, rank, top_k_probs, text_tokens_cut).result()
 
 
 class _Finishing:
@@ -860,8 +904,9 @@ class _Finishing:
     PINNED_BYTES = 256 * 2**20  # a larger batch (unprojected PEFs) is copied synchronously: page-locked memory
     # is cached by torch's host allocator, and two batches of it would be held at once
 
-    def __init__(self, pefs, log_probs, rows, lo, task, rank, top_k_probs):
+    def __init__(self, pefs, log_probs, rows, lo, task, rank, top_k_probs, text_tokens_cut=None):
         self.rows, self.lo, self.task, self.rank, self.top_k_probs = rows, lo, task, rank, top_k_probs
+        self.text_tokens_cut = text_tokens_cut
         finite_logits = torch.isfinite(log_probs).all(-1)
         finite_pef = torch.isfinite(pefs).flatten(1).all(-1)
         pefs = torch.where((finite_logits & finite_pef)[:, None, None], pefs, torch.zeros_like(pefs))
@@ -901,6 +946,8 @@ class _Finishing:
             p = probs[i]
             pred = int(p.argmax()) if finite_logits[i] else -1
             m = {"index": self.lo + i, "text": rows["text"][i], "prediction": pred, "pef_norm": norms[i], "flag": flag}
+            if self.text_tokens_cut is not None:  # tokens removed from the text's end to fit max_length (0: none)
+                m["text_tokens_cut"] = int(self.text_tokens_cut[i])
             if names is not None:
                 m["prediction_name"] = names[pred] if pred >= 0 else None
             if len(p) <= 64:

@@ -150,6 +150,7 @@ class UnlearnCommand(UnlearnConfig):
         help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR", resume=False
     )
     out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/unlearn)", resume=False)
+    store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)", resume=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,6 +163,7 @@ class IclCommand(IclConfig):
         help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR", resume=False
     )
     out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/icl)", resume=False)
+    store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)", resume=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,6 +247,12 @@ class ZeroShotCommand(_Config):
 
     model: str = option("smollm2-135m", "model (npeff models)")
     n: int = option(300, "number of reviews (a third calibrates the threshold, the rest are scored)")
+    max_length: int | None = option(
+        256,
+        "prompts in at most this many tokens, as collect fits them: a longer review loses its last tokens, the "
+        "template is kept; none: every token",
+    )
 
     def validate(self):
         self._require("n", self.n >= 3, "must be >= 3")
+        self._require("max_length", self.max_length is None or self.max_length >= 1, "must be >= 1")

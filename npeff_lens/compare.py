@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import selectivity as sel
-from .analysis import degeneracy, method_summary, top_examples
+from .analysis import active, active_threshold, degeneracy, method_summary, top_examples
 from .baselines import REGISTRY, FitInputs, method
 from .baselines.activations import default_hook, hook_module, resolve_hook
 from .baselines.sae import TopKSAEBaseline
@@ -22,7 +22,7 @@ from .io import progress, read_json, to_jsonable, write_json
 from .models import load_model
 from .perturb import _Reference, check_adapter
 from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten
-from .rundir import RUN_FILE, begin, finish, label_columns, load_run, resolve_config, space_options
+from .rundir import RUN_FILE, begin, finish, label_columns, load_run, resolve_config, run_prompts, space_options
 from .selectivity import ActivationDirection, ParameterDirection
 from .tasks import task_from_config
 
@@ -34,22 +34,24 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
     examples, scored by one set of metrics. Writes ``decomposition_dir/compare/compare.json`` (per method:
     ``n_components, alive, tuned_label, tuned_prediction, tuned_tokens, argmax_shared, coverage, fit_seconds,
     peak_rss_mib``; with ``selectivity=True`` also ``selectivity`` (geometric mean), ``selectivity_per_component``,
-    ``target_kl``, ``n_baseline``: :mod:`npeff_lens.selectivity`) and returns it. Each method resumes on its own:
+    ``target_kl``, ``n_baseline``: :mod:`npeff_lens.selectivity`) and returns it; it lists exactly the methods of
+    this call (a method compared earlier and not named now is left out). Each method resumes on its own:
     a finished one is read back, a different configuration is a ``ConfigMismatchError``; so does each method's
     selectivity (``compare/<method>/selectivity/``, resumed component by component)."""
     cfg = resolve_config(CompareConfig, config, options)
     d = Path(decomposition_dir)
     est, store = load_run(d, store)
     root = d / "compare"
-    results = {"config": cfg.key(), "methods": _earlier_rows(root / "compare.json", cfg.methods)}
+    results = {"config": cfg.key(), "methods": {}}  # exactly this call's methods; each resumes from its folder
     context = _CompareContext(d, est, store, cfg, adapter)
     user_sae = None
     if "sae" in cfg.methods and cfg.sae_path is not None:  # the user's SAE and its hook, checked before writing
         options = dict(hook=cfg.sae_hook, k=cfg.sae_k, k_top=cfg.k, activation_batch_size=cfg.batch_size,
-                       show_progress=cfg.progress)  # fmt: skip
+                       show_progress=cfg.progress, constant_tokens=cfg.constant_tokens)  # fmt: skip
         user_sae = TopKSAEBaseline.from_sae_lens(cfg.sae_path, **options)
         user_sae.hook = resolve_hook(context.adapter, user_sae.hook)
         hook_module(context.adapter, user_sae.hook)
+        user_sae.check_width(user_sae.read_activations(context.adapter, context.prompts[:1]).d)
         context.user_sae = user_sae
     elif "sae" in cfg.methods and cfg.sae_hook is not None:  # a wrong hook stops here, before anything is written
         hook_module(context.adapter, resolve_hook(context.adapter, cfg.sae_hook))
@@ -62,8 +64,8 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
             key["sae_hook"] = user_sae.hook if user_sae is not None else default_hook(context.adapter)
         if "snmf_layer" in key and key["snmf_layer"] is None:
             key["snmf_layer"] = default_layer(context.adapter)
-        rec = begin(mdir, f"compare-{name}", _MethodKey(key, resolved=("components", "sae_hook", "snmf_layer")),
-                     context.identity(), d)  # fmt: skip
+        rec = begin(mdir, f"compare-{name}", _MethodKey(key, resolved=("components", "sae_hook", "snmf_layer"),
+                                                        older=_OLDER_KEYS), context.identity(), d)  # fmt: skip
         if rec["status"] == "done":  # fitted before: read back; the metrics are recomputed (k may differ)
             fitted = context.load(name, mdir)
         else:
@@ -86,8 +88,13 @@ def method_key(cfg: CompareConfig, name: str) -> dict:
     """The fields that change one method's result (a method resumes on its own key): the registry's
     ``key_fields``; an SAE the user brought (``--sae-path``) is keyed by its folder and where it reads."""
     if name == "sae" and cfg.sae_path is not None:
-        return {"sae_path": cfg.sae_path, "sae_hook": cfg.sae_hook, "sae_k": cfg.sae_k}
+        return {"sae_path": cfg.sae_path, "sae_hook": cfg.sae_hook, "sae_k": cfg.sae_k,
+                "keep_constant_tokens": cfg.keep_constant_tokens}  # fmt: skip
     return {k: getattr(cfg, k) for k in method(name).key_fields}
+
+
+# Key fields that runs made before they existed did not store, with the value those runs used.
+_OLDER_KEYS = {"keep_constant_tokens": True}
 
 
 def selectivity_key(cfg: CompareConfig, name: str) -> dict:
@@ -100,18 +107,6 @@ def selectivity_key(cfg: CompareConfig, name: str) -> dict:
     return key
 
 
-def _earlier_rows(path: Path, methods) -> dict:
-    """The rows of an earlier compare.json for methods not compared this time (each row carries its config):
-    comparing a subset of methods keeps the others' results."""
-    if not path.exists():
-        return {}
-    try:
-        rows = read_json(path).get("methods") or {}
-    except (ValueError, AttributeError):
-        return {}
-    return {m: row for m, row in rows.items() if m not in methods}
-
-
 @dataclass(frozen=True)
 class _MethodKey:
     """One method's resume key, in the shape ``begin`` expects of a config."""
@@ -119,11 +114,13 @@ class _MethodKey:
     fields: dict
     ignored: tuple = ()  # fields that older runs stored in the key and no longer change the result
     resolved: tuple = ()  # fields that older runs stored unresolved (None: the default this key resolves)
+    older: dict = field(default_factory=dict)  # fields older runs did not store: the value they used
 
     def key(self) -> dict:
         return to_jsonable(self.fields)
 
     def check_resume(self, stored: dict, where: str) -> None:
+        stored = {**{k: v for k, v in self.older.items() if k in self.fields}, **stored}
         stored = {k: self.fields[k] if v is None and k in self.resolved else v
                   for k, v in stored.items() if k not in self.ignored}  # fmt: skip
         check_same(stored, self.key(), where, hint="rerun with the stored values, or delete that method's folder")
@@ -139,7 +136,7 @@ class _CompareContext:
         self.meta = store.metadata
         self.manifest = store.manifest
         self.components = cfg.components or int(est.n_components)
-        labels, preds = label_columns(self.meta)
+        labels, preds = label_columns(self.store)
         self.labels, self.predictions = labels, self.meta["prediction"]
         for flag, value in (("--components", self.components), ("--k", cfg.k)):
             if value > len(store):
@@ -183,9 +180,9 @@ class _CompareContext:
         coeffs = torch.as_tensor(fitted.coefficients_)
         token_tuned = None
         if hasattr(fitted, "active_token_sets"):  # tuned to tokens: the tokens a latent is active on
-            top = top_examples(coeffs, k=cfg.k)
+            top, on = top_examples(coeffs, k=cfg.k), active(coeffs)
             token_tuned = [
-                fitted.active_token_sets(j, [int(i) for i in top[j].tolist() if coeffs[i, j] > 0])
+                fitted.active_token_sets(j, [int(i) for i in top[j].tolist() if on[i, j]])
                 for j in range(coeffs.shape[1])
             ]
         summary = method_summary(
@@ -213,6 +210,7 @@ class _CompareContext:
         if self._reference is None:
             self._reference = _Reference(self.adapter, self.task, self.prompts, cfg.batch_size)
         n = min(coeffs.shape[1], cfg.selectivity_components or coeffs.shape[1])
+        threshold = active_threshold(coeffs)
         bar = progress(range(n), desc=f"selectivity {name}", unit="component", enabled=cfg.progress)
         for j in bar:
             if j in done:
@@ -220,7 +218,7 @@ class _CompareContext:
             # Sizing starts from the previous measured component's size (a good guess: far fewer evaluations),
             # which is in the saved records, so a resumed run starts where the uninterrupted one did.
             start = next((done[i]["scale"] for i in range(j - 1, -1, -1) if done[i]["status"] == "ok"), 1.0)
-            done[j] = self._component_selectivity(j, sel.top_positive(coeffs, j, cfg.k), direction, start)
+            done[j] = self._component_selectivity(j, sel.top_positive(coeffs, j, cfg.k, threshold), direction, start)
             write_json(out / "selectivity.json", {"components": [done[i] for i in sorted(done)]})
         records = [done[j] for j in range(n)]
         unreachable = [r for r in records if r["status"] == "unreachable"]
@@ -251,7 +249,7 @@ class _CompareContext:
     @property
     def prompts(self) -> list[str]:
         if self._prompts is None:
-            self._prompts = self.task.prompts(list(self.meta["text"]))
+            self._prompts = run_prompts(self.manifest, self.adapter, self.task, self.meta["text"])
         return self._prompts
 
     def _directions(self, name: str, fitted):

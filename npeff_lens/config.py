@@ -104,7 +104,11 @@ class CollectConfig(_Config):
     label_names: tuple[str, ...] | None = option(
         None, "names of integer labels 0, 1, ... (default: a ClassLabel feature's names)"
     )
-    max_length: int | None = option(256, "truncate prompts to this many tokens; none: no truncation")
+    max_length: int | None = option(
+        256,
+        "most tokens of a prompt, special tokens included: a longer one loses tokens from the end of its text, never "
+        "the template's (the metadata column text_tokens_cut counts them); none: every token",
+    )
     dtype: Dtype = option("float16", "storage dtype of the PEFs")
     top_k_probs: int = option(5, "probabilities kept per example for large outcome sets (next-token)")
     engine: Literal["hooks", "loop"] = option(
@@ -331,6 +335,12 @@ class CompareConfig(_Config):
     snmf_tokens: int | None = option(
         65536, "tokens SNMF is fitted on (a seeded random subset; the others are encoded); none: all"
     )
+    keep_constant_tokens: bool = option(
+        False,
+        "let the SAE and SNMF read the tokens every prompt starts with (the BOS and the template's text before "
+        "{text}); by default they are left out of training and of each example's max, since a causal model's "
+        "activations there are the same for every example (bidirectional models always keep them)",
+    )
     selectivity: bool = option(
         False, "measure each component's selectivity: KL on its top examples / target KL on random ones"
     )
@@ -360,6 +370,11 @@ class CompareConfig(_Config):
             methods = tuple(p.strip() for m in methods for p in m.split(",") if p.strip())
         object.__setattr__(self, "methods", methods)
         super().__post_init__()
+
+    @property
+    def constant_tokens(self) -> str:
+        """The activation estimators' ``constant_tokens``: ``"keep"`` with ``keep_constant_tokens``, else ``"drop"``."""
+        return "keep" if self.keep_constant_tokens else "drop"
 
     def validate(self):
         bad = [m for m in self.methods if m not in METHODS]
@@ -440,6 +455,12 @@ class IclConfig(_Config):
     eval_split: Literal["train", "test"] | None = option("test", "its split (seeded by --data-seed)")
     data_seed: int | None = option(None, "seed of the split (default: the run's)")
     n_eval: int = option(200, "held-out examples (the first n of the split not in the run's store)")
+    accept_changed_dataset: bool = option(
+        False,
+        "use the run's dataset even when its file no longer holds the rows the run collected (edited since): by "
+        "default that is refused, as held-out examples and labels read from it would not be the run's",
+        resume=False,
+    )
     threshold: float = option(0.75, "fraction of a component's top k sharing a label for it to vote (§6.2: 0.75)")
     k: int = option(16, "top examples per component (§6.2: 16)")
     shots: int = option(6, "demonstrations per in-context prompt (§6.2: 6)")

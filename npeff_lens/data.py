@@ -41,8 +41,11 @@ import csv
 import gzip
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from . import assets
 
@@ -160,9 +163,12 @@ def load_dataset(
     test_fraction: float = TEST_FRACTION,
     columns: Mapping[str, str | None] | None = None,
     label_names: Sequence[str] | None = None,
+    return_rows: bool = False,
 ):
     """A ``datasets.Dataset`` with ``text``, ``label`` and ``label_name`` (``text`` and ``target``
-    for geo-facts; ``text`` only for user data without a label column).
+    for geo-facts; ``text`` only for user data without a label column). With ``return_rows``, the pair
+    ``(dataset, rows)``: ``rows[i]`` is the position of the dataset's row ``i`` in the source (its data row in a
+    file, counted from 0 without the header), or ``None`` where the rows are in the source's order.
 
     ``name`` is one of:
 
@@ -206,7 +212,7 @@ def load_dataset(
     else:
         if isinstance(name, (str, os.PathLike)):
             path = os.path.expanduser(os.fspath(name))
-            loaded, source = _read_path(path, name), f"the dataset at {path!r}"
+            loaded, source = _read_path(path, name, columns.get("text", "text")), f"the dataset at {path!r}"
         elif isinstance(name, (datasets.Dataset, datasets.DatasetDict)):
             loaded, source = name, "the dataset"
         else:
@@ -235,10 +241,13 @@ def load_dataset(
         ds = _adapt_user_dataset(loaded, columns, label_names, source)
     if len(ds) == 0:
         raise ValueError("the dataset is empty")
-    return ds if already_split else _split(ds, split, seed, test_fraction)
+    rows = None
+    if not already_split:
+        ds, rows = _split(ds, split, seed, test_fraction)
+    return (ds, rows) if return_rows else ds
 
 
-def _read_path(path: str, name):
+def _read_path(path: str, name, text_column: str = "text"):
     """A file or save_to_disk directory as an in-memory ``Dataset`` / ``DatasetDict``."""
     import datasets
 
@@ -267,31 +276,69 @@ def _read_path(path: str, name):
     kind = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".json": "JSON", ".parquet": "Parquet"}[suffix]
     with tempfile.TemporaryDirectory(prefix="npeff-data-") as cache_dir:
         kwargs = {"cache_dir": cache_dir, "keep_in_memory": True}
+        source = path
+        if suffix != ".parquet":
+            path = _as_utf8(path, cache_dir)
         try:
             if suffix in (".csv", ".tsv"):
                 # keep_default_na=False: texts such as "NA" or "null" stay texts
                 sep = "\t" if suffix == ".tsv" else ","
-                return datasets.Dataset.from_csv(path, sep=sep, keep_default_na=False, **kwargs)
+                # the text column as text: a text that looks like a number stays the text it is ("007")
+                converters = {text_column: str} if text_column in _header(path, sep) else None
+                return datasets.Dataset.from_csv(path, sep=sep, keep_default_na=False, converters=converters, **kwargs)
             if suffix in (".jsonl", ".json"):
                 return datasets.Dataset.from_json(path, **kwargs)
             return datasets.Dataset.from_parquet(path, **kwargs)
         except Exception as e:
             if "corresponds to no data" in str(e):  # datasets' words for a file without rows
-                raise ValueError(f"the dataset at {path!r} is empty") from e
+                raise ValueError(f"the dataset at {source!r} is empty") from e
             if suffix != ".parquet":
-                _check_text_file(path, kind)
+                _check_text_file(path, kind, source)
             cause = e
             while cause.__cause__ is not None or cause.__context__ is not None:  # datasets wraps the reader's error
                 cause = cause.__cause__ or cause.__context__
-            raise ValueError(f"cannot read {path!r} as a {kind} file: {type(cause).__name__}: {cause}") from e
+            raise ValueError(f"cannot read {source!r} as a {kind} file: {type(cause).__name__}: {cause}") from e
 
 
-def _check_text_file(path: str, kind: str) -> None:
+def _header(path: str, sep: str) -> list[str]:
+    """The column names of a CSV / TSV file (empty when its first line cannot be read so)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return next(csv.reader(f, delimiter=sep))
+    except (StopIteration, UnicodeDecodeError, csv.Error):
+        return []
+
+
+_BOMS = (  # longest first: the UTF-32 LE mark starts with the UTF-16 LE one
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def _as_utf8(path: str, directory: str) -> str:
+    """``path``, or a UTF-8 copy of it in ``directory`` when it is UTF-16 / UTF-32 text with a byte-order mark (as
+    spreadsheet programs save "Unicode text"); UTF-8 with or without a mark is read as it is."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    encoding = next((enc for bom, enc in _BOMS if head.startswith(bom)), None)
+    if encoding is None:
+        return path
+    copy = os.path.join(directory, "utf8" + os.path.splitext(path)[1])
+    with open(path, encoding=encoding, newline="") as src, open(copy, "w", encoding="utf-8", newline="") as dst:
+        for chunk in iter(lambda: src.read(1 << 20), ""):
+            dst.write(chunk)
+    return copy
+
+
+def _check_text_file(path: str, kind: str, source: str | None = None) -> None:
     """A one-line error for the text files a reader fails on without saying why: empty, or not UTF-8."""
     import codecs
 
+    source = path if source is None else source
     if os.path.getsize(path) == 0:
-        raise ValueError(f"the {kind} file {path!r} is empty (0 bytes)")
+        raise ValueError(f"the {kind} file {source!r} is empty (0 bytes)")
     decoder, offset, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -301,7 +348,7 @@ def _check_text_file(path: str, kind: str) -> None:
                 at = offset + e.start
                 line += chunk[: e.start].count(b"\n")
                 raise ValueError(
-                    f"the {kind} file {path!r} is not UTF-8 text: byte 0x{chunk[e.start]:02x} at offset {at} "
+                    f"the {kind} file {source!r} is not UTF-8 text: byte 0x{chunk[e.start]:02x} at offset {at} "
                     f"(line {line}); save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
                 ) from None
             offset += len(chunk)
@@ -342,6 +389,9 @@ def _adapt_user_dataset(ds, columns: Mapping[str, str], label_names, source="the
     return _adapt_labels(ds, label_names, source)
 
 
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+
+
 def _adapt_labels(ds, label_names, source):
     import datasets
 
@@ -358,9 +408,16 @@ def _adapt_labels(ds, label_names, source):
     feature = ds.features["label"]
     values = _column(ds, "label")
     if None in values:
-        raise ValueError(f"{values.count(None)} rows of {source} have no label")
+        missing = [i for i, v in enumerate(values) if v is None]
+        raise ValueError(f"{source}: {_rows_text(missing)} {'has' if len(missing) == 1 else 'have'} no label (rows "
+                         "counted from 0, a file's header not counted)")  # fmt: skip
     dtype = getattr(feature, "dtype", None)
     is_string = isinstance(feature, datasets.Value) and dtype in ("string", "large_string")
+    if is_string and all(_INTEGER.fullmatch(v) for v in values):
+        # a text file's integer labels (read as text): integers, as a typed column would give them
+        values, is_string, dtype = [int(v) for v in values], False, "int64"
+        feature = datasets.Value("int64")
+        ds = ds.remove_columns(["label"]).add_column("label", values, feature=feature)
     if is_string:
         if names is None:
             names = sorted(set(values))
@@ -418,37 +475,64 @@ def _rows_text(rows: list[int], limit: int = 8) -> str:
     return f"row{'s' if len(rows) > 1 else ''} {shown}{f' and {len(rows) - limit} more' if len(rows) > limit else ''}"
 
 
-def _label_key(name) -> str:
+def label_key(name) -> str:
+    """A label name as labels are matched: case and surrounding or repeated spaces aside."""
     return " ".join(str(name).split()).casefold()
 
 
-def align_labels(ds, outcomes: Sequence[str] | None, *, drop_invalid: bool = False, source: str = "the dataset"):
-    """The dataset with ``label`` numbered as the task's outcomes (``outcomes[label]`` is the example's label), and
-    the number of rows dropped: the one label mapping every step uses (tunings, in-context prompts, unlearning,
-    the report).
+@dataclass
+class LabelAlignment:
+    """What :func:`align_labels` did.
 
-    Labels are matched to outcomes by name, ignoring case and surrounding spaces (``"positive"`` is the outcome
-    ``" positive"``), whatever order either side lists them in. Integer labels without names (``label_name`` is
-    just the number) index the outcomes by position; so do a classifier head's generic ``LABEL_i`` outcomes.
-    Rows with an empty text, an empty label, or a label that names no outcome are errors naming the rows (rows
-    counted from 0 in the dataset's order), or, with ``drop_invalid``, dropped.
+    ``dataset``: the rows kept, ``label`` numbered as the task's outcomes and ``label_name`` the outcome's name;
+    ``dropped``: the source rows left out (``drop_invalid``); ``by_position``: ``{label value: outcome}`` when
+    integer labels without names were mapped to the outcomes by position (None when matched by name); ``rows``:
+    the source row of each kept row."""
+
+    dataset: Any
+    dropped: list[int]
+    by_position: dict[int, str] | None = None
+    rows: list[int] | None = None  # the source row of each kept row
+
+
+def align_labels(
+    ds,
+    outcomes: Sequence[str] | None,
+    *,
+    drop_invalid: bool = False,
+    source: str = "the dataset",
+    rows: Sequence[int] | None = None,
+) -> LabelAlignment:
+    """The dataset with ``label`` numbered as the task's outcomes (``outcomes[label]`` is the example's label and
+    ``label_name`` that outcome's name, so every later count is over outcomes, never over spellings): the one label
+    mapping every step uses (tunings, in-context prompts, unlearning, the report).
+
+    Labels are matched to outcomes by name, ignoring case and surrounding spaces (``"positive"`` and
+    ``" Positive "`` are the outcome ``" positive"``), whatever order either side lists them in; two outcomes that
+    are the same name this way are an error, as a label could name either. Integer labels without names
+    (``label_name`` is just the number) index the outcomes by position (``by_position`` says so); so do a
+    classifier head's generic ``LABEL_i`` outcomes. Rows with an empty text, an empty label, or a label that names
+    no outcome are errors naming the rows, or, with ``drop_invalid``, dropped. Rows are named by their position in
+    the source: ``rows[i]`` for the dataset's row ``i`` (``load_dataset(..., return_rows=True)``), else ``i``.
     """
+    import datasets
+
+    where = (lambda i: rows[i]) if rows is not None else (lambda i: i)  # noqa: E731
     bad: dict[str, list[int]] = {}
     texts = ds["text"]
-    bad_text = [i for i, t in enumerate(texts) if not str(t).strip()]
+    bad_text = [i for i, t in enumerate(texts) if t is None or not str(t).strip()]
     if bad_text:
         bad["empty text"] = bad_text
-    new_labels = None
+    new_labels, by_position = None, None
     if outcomes is not None and "label" in ds.column_names:
         labels = ds["label"]
         if "label_name" in ds.column_names:
             names = ds["label_name"]
         else:  # a dataset given as it is: string labels are names, integer labels are positions
             names = [str(v) if v is not None else None for v in labels]
-        generic = all(_label_key(o) == f"label_{i}" for i, o in enumerate(outcomes))
+        generic = all(label_key(o) == f"label_{i}" for i, o in enumerate(outcomes))
         strings = any(isinstance(v, str) for v in labels)
         unnamed = not strings and all(str(n) == str(v) for n, v in zip(names, labels))
-        by_name = {_label_key(o): i for i, o in enumerate(outcomes)}
         empty = {i for i, n in enumerate(names) if n is None or not str(n).strip()}
         if empty:
             bad["empty label"] = sorted(empty)
@@ -457,36 +541,54 @@ def align_labels(ds, outcomes: Sequence[str] | None, *, drop_invalid: bool = Fal
             out_of_range = [i for i, v in enumerate(new_labels) if v is not None and not 0 <= v < len(outcomes)]
             if out_of_range:
                 bad[f"a label outside 0..{len(outcomes) - 1} (the task's {len(outcomes)} outcomes)"] = out_of_range
+            if unnamed and not generic:
+                by_position = {i: str(o) for i, o in enumerate(outcomes)}
         else:
-            new_labels = [by_name.get(_label_key(n)) for n in names]
+            by_name: dict[str, int] = {}
+            for i, o in enumerate(outcomes):
+                if label_key(o) in by_name:
+                    raise ValueError(
+                        f"the task's outcomes {outcomes[by_name[label_key(o)]]!r} and {o!r} are the same label name "
+                        f"(case and spaces aside), so a dataset label {label_key(o)!r} could be either: give labels "
+                        "that differ by more than case and spaces"
+                    )
+                by_name[label_key(o)] = i
+            new_labels = [by_name.get(label_key(n)) if i not in empty else None for i, n in enumerate(names)]
             unknown = [i for i, v in enumerate(new_labels) if v is None and i not in empty]
             if unknown:
                 values = sorted({str(names[i]) for i in unknown})
                 bad[f"a label that names none of the task's outcomes {list(outcomes)}: {values[:10]}"] = unknown
     if bad and not drop_invalid:
-        what = "; ".join(f"{_rows_text(rows)} {'has' if len(rows) == 1 else 'have'} {why}" for why, rows in bad.items())
-        raise ValueError(
-            f"{source}: {what}. Labels are matched to the task's outcomes by name (case and spaces aside): fix the "
-            "rows or the label names (--labels; --label-names for integer labels), or pass --drop-invalid "
-            "(drop_invalid=True) to leave the rows out"
+        what = "; ".join(
+            f"{_rows_text(sorted(where(i) for i in found))} {'has' if len(found) == 1 else 'have'} {why}"
+            for why, found in bad.items()
         )
+        counted = "rows counted from 0 in the source's order, a file's header not counted"
+        raise ValueError(
+            f"{source}: {what} ({counted}). Labels are matched to the task's outcomes by name (case and spaces "
+            "aside): fix the rows or the label names (--labels; --label-names for integer labels), or pass "
+            "--drop-invalid (drop_invalid=True) to leave the rows out"
+        )
+    invalid = sorted({i for found in bad.values() for i in found})
+    skip = set(invalid)
+    kept_rows = [where(i) for i in range(len(ds)) if i not in skip]
     if new_labels is not None:
-        import datasets
-
         feature = datasets.ClassLabel(names=[str(o) for o in outcomes])
-        invalid = {i for rows in bad.values() for i in rows}
-        safe = [v if i not in invalid else 0 for i, v in enumerate(new_labels)]
+        safe = [v if i not in skip else 0 for i, v in enumerate(new_labels)]
         ds = ds.remove_columns(["label"]).add_column("label", safe, feature=feature)
-    dropped = sorted({i for rows in bad.values() for i in rows})
-    if dropped:
-        keep = sorted(set(range(len(ds))) - set(dropped))
+        if "label_name" in ds.column_names:
+            ds = ds.remove_columns(["label_name"])
+        ds = ds.add_column("label_name", [str(outcomes[v]) for v in safe])
+    if invalid:
+        keep = sorted(set(range(len(ds))) - set(invalid))
         ds = ds.select(keep)
-    return ds, len(dropped)
+    return LabelAlignment(ds, sorted(where(i) for i in invalid), by_position, kept_rows)
 
 
 def _split(ds, split, seed, test_fraction):
+    """``(rows of the split, their positions in ds)``; ``(ds, None)`` for ``split=None``."""
     if split is None:
-        return ds
+        return ds, None
     if split not in ("train", "test"):
         raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
     if not 0 < test_fraction < 1:
@@ -496,4 +598,4 @@ def _split(ds, split, seed, test_fraction):
     order = np.random.default_rng(seed).permutation(len(ds))
     n_test = int(round(len(ds) * test_fraction))
     idx = order[n_test:] if split == "train" else order[:n_test]
-    return ds.select(idx)  # shuffled order: the first n rows of a split are a random sample
+    return ds.select(idx), idx.tolist()  # shuffled order: the first n rows of a split are a random sample

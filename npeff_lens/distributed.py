@@ -247,8 +247,10 @@ class _Run:
         lo, hi, _ = item
         if not self.computer.checked:  # every rank checks the hooks on the example a single process checks
             first = self.plan_first
-            self.computer.self_check(self.task.prompts(self.dataset[first : first + 1]["text"])[0],
-                                     max_length=self.cfg.max_length)  # fmt: skip
+            prompts, _ = self.task.fitted_prompts(
+                self.computer.adapter.tokenizer, self.dataset[first : first + 1]["text"], self.cfg.max_length
+            )
+            self.computer.self_check(prompts[0], max_length=self.cfg.max_length)
         return self.steps.compute(lo, hi)
 
     def _rounds(self, plan) -> None:

@@ -9,8 +9,9 @@ For each text, on the run's model, task and prompt template (one model load for 
 - the prediction and p(y|x) over the task's outcomes;
 - its LRM-PEF ``G`` ("rank dim") computed as the run's collection computed its examples': the store's parameters
   and projection (:class:`~npeff_lens.collect.PEFComputer`, as :class:`~npeff_lens.attribution.TokenAttributor`
-  rebuilds it from the manifest), the run's truncation, then the collection's own finishing step (flags, SVD rank
-  reduction of App. C) and the store's dtype;
+  rebuilds it from the manifest), its prompt fitted to the run's ``max_length`` as the collection fits its examples'
+  (:meth:`~npeff_lens.tasks.Task.fitted_prompts`: the text's last tokens go, the template stays), then the
+  collection's own finishing step (flags, SVD rank reduction of App. C) and the store's dtype;
 - its coefficients ``w`` ("component") with the components fixed (:meth:`~npeff_lens.decomposition.NPEFF.transform`);
 - how much of its PEF they explain. With ``F̂ = GᵀG / ‖GᵀG‖_F``, the unit-norm PEF the fit reconstructs (§2.2)::
 
@@ -40,6 +41,7 @@ from typing import Any
 
 import torch
 
+from .analysis import ACTIVE_DEFINITION, active
 from .attribution import TokenAttributor
 from .collect import finish_batch
 from .config import ExplainConfig
@@ -105,7 +107,7 @@ class Explanation:
 
     text: str
     prompt: str
-    n_tokens: int  # the prompt's tokens (before the run's truncation, if any)
+    n_tokens: int  # the prompt's tokens, as the model reads it (its text shortened to the run's max_length, if it was)
     prediction: Any  # the outcome's name (a decoded token for a next-token task)
     probabilities: dict[str, float]  # outcome -> p(y|x) (the top few for a next-token task)
     coefficients: torch.Tensor  # "component"
@@ -117,6 +119,7 @@ class Explanation:
     run: dict  # decomposition, model, task, outcomes, n_examples, n_components, mean_explained, report
     notes: list[str] = field(default_factory=list)
     pef: torch.Tensor | None = field(default=None, repr=False)  # "rank dim", as the store would hold it
+    text_tokens_cut: int = 0  # tokens left out at the text's end so that the prompt fits the run's max_length
 
     @property
     def top_component(self) -> ComponentMatch | None:
@@ -160,22 +163,13 @@ def _check_texts(texts) -> list[str]:
     return texts
 
 
-def _context_length(adapter) -> int | None:
-    """The most tokens the model takes (its position embeddings), or None where it does not say."""
-    module = adapter.module
-    for cfg in (getattr(module, "config", None), getattr(module, "cfg", None)):
-        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
-
-def _check_lengths(adapter, prompts: list[str], max_length: int | None) -> tuple[list[int], list[list[str]]]:
-    """Tokens per prompt; a prompt longer than the model's context is an error, one longer than the run's
-    truncation gets a note (it is truncated as the collection truncated the run's examples)."""
+def _check_lengths(adapter, task, texts: list[str], max_length: int | None):
+    """``(prompts, text_tokens_cut, tokens per prompt, notes)``: the prompts the run's collection makes of the texts
+    (:meth:`~npeff_lens.tasks.Task.fitted_prompts`: a text too long for the run's ``max_length`` loses its last tokens,
+    the template kept), with a note on each shortened one; a prompt longer than the model's context is an error."""
+    prompts, cuts = task.fitted_prompts(adapter.tokenizer, texts, max_length)
     lengths = [len(ids) for ids in adapter.tokenizer(prompts)["input_ids"]]
-    context = _context_length(adapter)
+    context = adapter.context_length
     notes: list[list[str]] = []
     for i, n in enumerate(lengths):
         if context is not None and n > context:
@@ -183,10 +177,10 @@ def _check_lengths(adapter, prompts: list[str], max_length: int | None) -> tuple
                 f"text {i} is {n} tokens in the run's prompt template; {adapter.name} takes at most {context}: "
                 "shorten it"
             )
-        cut = max_length is not None and n > max_length
-        notes.append([f"the prompt's {n} tokens were truncated to the run's {max_length}, as its collection did"]
-                     if cut else [])  # fmt: skip
-    return lengths, notes
+        notes.append([f"the text's last {cuts[i]} token(s) were left out so that its prompt fits the run's "
+                      f"max_length={max_length} tokens, as its collection shortened its examples (the template "
+                      "kept)"] if cuts[i] else [])  # fmt: skip
+    return prompts, cuts, lengths, notes
 
 
 def _load(decomposition_dir, store, adapter, device):
@@ -205,17 +199,18 @@ def _load(decomposition_dir, store, adapter, device):
     return view, TokenAttributor.from_manifest(manifest, view.est.components_, adapter)
 
 
-def _pefs(attributor, texts: list[str], manifest: dict, batch_size: int):
-    """``(pefs "text rank dim" as the store would hold them, per-text metadata rows)``: the collection's batch
-    computation and finishing step (npeff_lens.collect: flags, norms, rank reduction), then the store's dtype."""
+def _pefs(attributor, texts: list[str], prompts: list[str], cuts: list[int], manifest: dict, batch_size: int):
+    """``(pefs "text rank dim" as the store would hold them, per-text metadata rows)`` of the texts' fitted
+    ``prompts`` (``cuts``: their ``text_tokens_cut``): the collection's batch computation and finishing step
+    (npeff_lens.collect: flags, norms, rank reduction), then the store's dtype."""
     cfg = manifest.get("config") or {}
     computer, task = attributor.computer, attributor.task
     parts, metas = [], []
     for lo in range(0, len(texts), batch_size):
         chunk = texts[lo : lo + batch_size]
-        raw, log_probs = computer.compute(task.prompts(chunk), max_length=cfg.get("max_length"))
+        raw, log_probs = computer.compute(prompts[lo : lo + batch_size], max_length=cfg.get("max_length"))
         pefs, meta = finish_batch(raw, log_probs, {"text": chunk}, lo, task, cfg.get("rank"),
-                                   cfg.get("top_k_probs", 5))  # fmt: skip
+                                   cfg.get("top_k_probs", 5), cuts[lo : lo + batch_size])  # fmt: skip
         parts.append(pefs.cpu())
         metas += meta
     pefs = torch.cat(parts)
@@ -256,9 +251,10 @@ def explain(
     **options,
 ) -> list[Explanation]:
     """One :class:`Explanation` per text: prediction, coefficients, explained share of its PEF, and its ``top``
-    components by coefficient (positive ones only), each with its tunings over the run's top ``k`` examples, its
-    ``n_examples`` top run examples and the exact token attribution of the text's loading on it (``config`` /
-    ``options``: :class:`~npeff_lens.config.ExplainConfig` fields).
+    components by coefficient (active ones only, :func:`~npeff_lens.analysis.active` at the run's scale), each
+    with its tunings over the run's top ``k`` examples, its ``n_examples`` top run examples and the exact token
+    attribution of the text's loading on it (``config`` / ``options``: :class:`~npeff_lens.config.ExplainConfig`
+    fields).
 
     ``store``: the run's PEF store (default: the one the decomposition's run.json names); ``adapter``: the run's
     model, already loaded (default: loaded once, by the name the manifest records, on ``device``).
@@ -269,18 +265,18 @@ def explain(
     texts = _check_texts(texts)
     view, attributor = _load(decomposition_dir, store, adapter, device)
     cfg = view.manifest.get("config") or {}
-    prompts = attributor.task.prompts(texts)
-    lengths, notes = _check_lengths(attributor.adapter, prompts, cfg.get("max_length"))
-    pefs, metas = _pefs(attributor, texts, view.manifest, batch_size)
+    prompts, cuts, lengths, notes = _check_lengths(attributor.adapter, attributor.task, texts, cfg.get("max_length"))
+    pefs, metas = _pefs(attributor, texts, prompts, cuts, view.manifest, batch_size)
     est = view.est
     coefficients = _coefficients(est, pefs)
     errors = relative_errors(pefs, est.components_, coefficients)
-    picks = [[j for j in torch.argsort(w, descending=True, stable=True)[:top].tolist() if w[j] > 0]
-             for w in coefficients]  # fmt: skip
+    stats = statistics(view, k)
+    on = active(coefficients, stats.threshold)  # judged by the run's scale: the same "active" as its report
+    picks = [[j for j in torch.argsort(w, descending=True, stable=True)[:top].tolist() if on[i, j]]
+             for i, w in enumerate(coefficients)]  # fmt: skip
     pairs = [(j, i) for i, js in enumerate(picks) for j in js]
     found = attributor.attribute_pairs(pairs, [texts[i] for _, i in pairs]) if pairs else []
     attributions = {(a.component, a.example): a for a in found}
-    stats = statistics(view, k)
     run = _run_info(view)
     out = []
     for i, text in enumerate(texts):
@@ -296,7 +292,7 @@ def explain(
             text=text, prompt=prompts[i], n_tokens=lengths[i], prediction=prediction, probabilities=probabilities,
             coefficients=coefficients[i], explained=explained, relative_error=None if explained is None else err,
             pef_norm=float(metas[i]["pef_norm"]), flag=metas[i]["flag"], components=matches, run=run,
-            notes=notes[i] + _notes(explained, metas[i]["flag"], run, matches), pef=pefs[i],
+            text_tokens_cut=cuts[i], notes=notes[i] + _notes(explained, metas[i]["flag"], run, matches), pef=pefs[i],
         )  # fmt: skip
         out.append(e)
     return out
@@ -347,7 +343,7 @@ def _notes(explained, flag, run: dict, matches) -> list[str]:
         notes.append(f"the components explain {explained:.0%} of this PEF against {mean:.0%} on average over the "
                      "run's examples: the input may lie outside the run's data")  # fmt: skip
     if flag is None and not matches:
-        notes.append("no component has a positive coefficient on this input")
+        notes.append(f"no component is active on this input ({ACTIVE_DEFINITION})")
     return notes
 
 
@@ -469,7 +465,7 @@ def _explanation_html(n: int, e: Explanation, pages: dict, out_dir: Path) -> str
     inner = "".join(f'<div class="stat"><b>{escape(v)}</b>{escape(k)}</div>' for k, v in cards)
     notes = "".join(f'<p class="note">{escape(x)}</p>' for x in e.notes)
     comps = "".join(_component_html(c, _href(pages.get(c.component), out_dir)) for c in e.components)
-    comps = comps or '<p class="muted">no component has a positive coefficient on this input</p>'
+    comps = comps or f'<p class="muted">no component is active on this input ({escape(ACTIVE_DEFINITION)})</p>'
     return (
         f'<section class="block explanation" id="input-{n}"><h2>Input {n + 1}</h2>'
         f'<div class="text input">{escape(e.text)}</div><p class="sub">p(y|x): {probs}</p>'

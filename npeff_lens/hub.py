@@ -58,8 +58,7 @@ def _tunings(directory: Path | None, k: int = 16) -> dict | None:
     except (OSError, ValueError):
         return None
     meta = store.read_metadata()
-    labels = [r.get("label_name", r.get("label")) for r in meta] if any("label" in r for r in meta) else None
-    preds = [r.get("prediction_name", r.get("prediction")) for r in meta]
+    labels, preds = store.example_labels(meta), store.example_predictions(meta)
     out = tuning_summary(est.coefficients_, labels=labels, predictions=preds, k=k)
     out.pop("tunings")
     return out

@@ -29,6 +29,7 @@ __all__ = [
     "read_json",
     "to_jsonable",
     "progress",
+    "library_progress_bars",
     "tmp_name",
     "lazy_exports",
 ]
@@ -189,6 +190,49 @@ def progress(iterable=None, *, enabled: bool = True, **kwargs):
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("smoothing", 0.1)
     return tqdm(iterable, **kwargs)
+
+
+# (module, is_on, enable, disable) of the libraries that draw their own bars: downloads, dataset loading,
+# transformers' "Loading weights" while a checkpoint loads
+_LIBRARY_BARS = (
+    ("huggingface_hub.utils", lambda m: not m.are_progress_bars_disabled(), "enable_progress_bars",
+     "disable_progress_bars"),
+    ("datasets.utils.tqdm", lambda m: not m.are_progress_bars_disabled(), "enable_progress_bars",
+     "disable_progress_bars"),
+    ("transformers.utils.logging", lambda m: m.is_progress_bar_enabled(), "enable_progress_bar",
+     "disable_progress_bar"),
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool = True):
+    """While the block runs, the progress bars that huggingface_hub, datasets and transformers draw themselves are
+    shown (``enabled``: left as they are) or hidden, so that hiding progress hides every bar, not only
+    :func:`progress`'s. Each library's setting is restored on exit; one not installed is skipped. transformers is
+    not imported for this (seconds): imported inside the block, it starts from huggingface_hub's setting, hidden."""
+    if enabled:
+        yield
+        return
+    import sys
+
+    before = {}
+    for name, is_on, _, off in _LIBRARY_BARS:
+        if name == "transformers.utils.logging" and name not in sys.modules:
+            continue
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        before[name] = is_on(module)
+        getattr(module, off)()
+    try:
+        yield
+    finally:
+        hub = before.get("huggingface_hub.utils", True)
+        for name, _, on, _ in _LIBRARY_BARS:
+            module = sys.modules.get(name)
+            if module is not None and before.get(name, hub):  # first imported here: as its import would set it
+                getattr(module, on)()
 
 
 class DeferredSignals:

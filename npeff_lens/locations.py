@@ -14,6 +14,10 @@ turns a flat direction over a store's layout into
   H_kv}``, e.g. from the model's config) and the weight's rows (q, k, v) or columns (o) split evenly by it;
 - ``top5pct``: the fraction of the energy in the top 5 % of groups (at least one), how concentrated it is.
 
+:func:`share_distance` measures a location against the guess that needs no component: energy spread over the
+groups by their share of the parameters (what a back-projected direction at large ``n/d`` carries); below
+:data:`CHANCE_DISTANCE` (:func:`at_chance`) the location says nothing about the component.
+
 :func:`restricted` keeps a direction on chosen groups only (zero elsewhere): perturbing along it tests whether
 the location is causal (``benchmarks/locations.py``).
 
@@ -30,7 +34,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["parameter_group", "component_locations", "top_groups", "top_group_keys", "restricted"]
+__all__ = [
+    "parameter_group",
+    "component_locations",
+    "top_groups",
+    "top_group_keys",
+    "restricted",
+    "share_distance",
+    "at_chance",
+    "chance_caution",
+    "CHANCE_DISTANCE",
+]
+
+# Total-variation distance from the parameter shares below which a location is at chance: the demo's sparse
+# projection (n/d ~ 1,000, every group x1.0) sits far below it, a Kronecker location whose top 5 % of groups hold
+# 3.5x their share (the README's) far above (that excess alone is > 0.1).
+CHANCE_DISTANCE = 0.05
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 # (module kind, patterns on the part of the name after the layer index), first match wins
@@ -139,6 +158,37 @@ def top_groups(location: Mapping[str, Any], k: int = 5) -> list[str]:
         where = f"layer {r['layer']} {r['module']}" if r["layer"] is not None else r["module"]
         out.append(f"{where} {r['fraction']:.0%} (x{r['enrichment']:.1f})")
     return out
+
+
+def share_distance(location: Mapping[str, Any]) -> float:
+    """Total-variation distance in [0, 1] between a location's energy fractions and its groups' shares of the
+    parameters, ``½ Σ_groups |fraction − share|`` (each share is ``fraction / enrichment``; the groups without
+    energy hold the rest of the shares). 0: the energy follows the parameter counts exactly."""
+    tv, known = 0.0, 0.0
+    for r in location["groups"]:
+        if r["enrichment"]:
+            share = r["fraction"] / r["enrichment"]
+            tv, known = tv + abs(r["fraction"] - share), known + share
+    return 0.5 * (tv + max(0.0, 1.0 - known))
+
+
+def at_chance(location: Mapping[str, Any], distance: float = CHANCE_DISTANCE) -> bool:
+    """Whether a location is indistinguishable from the parameter-share guess (:func:`share_distance` below
+    ``distance``): every group near x1.0 enrichment."""
+    return share_distance(location) < distance
+
+
+def chance_caution(location: Mapping[str, Any], projection: str | None = None, brief: bool = False) -> str:
+    """What a location at chance (:func:`at_chance`) means, in one line: ``projection`` is the run's kind
+    (``"sparse"``, ``"kron"``, None: unprojected); ``brief``: the number alone, for a second component at chance."""
+    head = f"at chance ({share_distance(location):.1%} in total variation from the parameter shares)"
+    if brief:
+        return f"{head}, as above"
+    if projection == "sparse":
+        return (f"{head}: under the sparse projection a component's recovered direction spreads over parameters by "
+                "their size, so these groups say nothing about it; use --projection kron (or --proj-dim 0 on a small "
+                "model) to locate components")  # fmt: skip
+    return f"{head}: the energy spreads over the groups by their share of the parameters; no group stands out"
 
 
 def top_group_keys(location: Mapping[str, Any], share: float = 0.05) -> list[tuple[int | None, str]]:

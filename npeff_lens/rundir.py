@@ -36,6 +36,7 @@ __all__ = [
     "load_with_model",
     "label_columns",
     "space_options",
+    "run_prompts",
 ]
 
 
@@ -117,9 +118,12 @@ def _source(run_dir: Path, given, what: str, flag: str) -> Path:
     if src:
         raise FileNotFoundError(
             f"the {what} of {run_dir} is not at {src.get('relative')} (relative to it) nor at "
-            f"{src.get('absolute')}: pass {flag} PATH"
+            f"{src.get('absolute')}: pass {flag} PATH ({flag[2:]}=PATH in Python)"
         )
-    raise FileNotFoundError(f"{run_dir} has no {RUN_FILE} naming its {what} (saved from Python?): pass {flag} PATH")
+    raise FileNotFoundError(
+        f"{run_dir} has no {RUN_FILE} naming its {what} (saved from Python?): pass {flag} PATH ({flag[2:]}=PATH in "
+        "Python)"
+    )
 
 
 def load_run(decomposition_dir, store=None):
@@ -139,6 +143,7 @@ def load_run(decomposition_dir, store=None):
                 f"the PEF store {getattr(store, 'path', '(given)')} (vs the decomposition {d})",
                 hint="the components live in another space: is this the store the decomposition was fitted on?",
             )
+    _check_store_identity(est.manifest_ or {}, store.manifest or {}, getattr(store, "path", "(given)"), d)
     if len(store) != est.coefficients_.shape[0]:
         raise ValueError(
             f"the PEF store {getattr(store, 'path', '(given)')} holds {len(store)} examples; "
@@ -147,10 +152,30 @@ def load_run(decomposition_dir, store=None):
     return est, store
 
 
-def load_with_model(decomposition_dir, adapter=None):
-    """``(npeff, store, adapter, task)`` of a decomposition directory."""
+def _check_store_identity(fitted: dict, manifest: dict, path, d: Path) -> None:
+    """A decomposition records its store's manifest: refuse a store of other examples (their digest), another
+    model, task or outcome set, in one line naming what differs."""
+    differs = []
+    for key, what in (("model", "model"), ("task", "task"), ("outcomes", "outcomes")):
+        if key in fitted and key in manifest and to_jsonable(fitted[key]) != to_jsonable(manifest[key]):
+            differs.append(f"{what} {manifest[key]!r}, fitted on {fitted[key]!r}")
+    a, b = fitted.get("dataset") or {}, manifest.get("dataset") or {}
+    if a.get("sha256") and b.get("sha256") and a["sha256"] != b["sha256"]:
+        differs.append(
+            f"examples of {b.get('name')!r} (digest {b['sha256']}), fitted on those of {a.get('name')!r} "
+            f"(digest {a['sha256']})"
+        )
+    if differs:
+        raise ValueError(
+            f"the PEF store {path} is not the one the decomposition {d} was fitted on: it holds {'; '.join(differs)}; "
+            "its coefficients belong to the fitted examples: pass that store, or decompose this one"
+        )
 
-    est, store = load_run(decomposition_dir)
+
+def load_with_model(decomposition_dir, adapter=None, store=None):
+    """``(npeff, store, adapter, task)`` of a decomposition directory (``store``: as :func:`load_run`'s)."""
+
+    est, store = load_run(decomposition_dir, store)
     if adapter is None:
         model = store.manifest["model"]
         adapter = load_model(model["name"], backend=model.get("backend") or "hf")
@@ -158,19 +183,25 @@ def load_with_model(decomposition_dir, adapter=None):
     return est, store, adapter, task_from_config(store.manifest["task"]).bind(adapter)
 
 
-def label_columns(meta):
-    """``(labels, predictions)`` of a store's metadata, by name where the names are recorded (labels: None
-    without a label column)."""
-    cols = meta.column_names
-    labels = meta["label_name"] if "label_name" in cols else (meta["label"] if "label" in cols else None)
-    preds = meta["prediction_name"] if "prediction_name" in cols else meta["prediction"]
-    return labels, preds
+def label_columns(store):
+    """``(labels, predictions)`` of a store's examples, by outcome name (labels: None without a label column);
+    see :meth:`~npeff_lens.store.PEFStore.example_labels`."""
+    meta = store.read_metadata()
+    return store.example_labels(meta), store.example_predictions(meta)
 
 
 def space_options(manifest: dict) -> dict:
     """``collect_pefs`` options that reproduce a store's PEF space: its projection, its parameters (by exact
-    name, in the layout's order), rank, truncation and storage dtype."""
+    name, in the layout's order), rank, prompt length (``max_length``) and storage dtype."""
     key, proj = manifest.get("config") or {}, manifest.get("projection") or {}
     options = {k: key[k] for k in ("rank", "max_length", "dtype", "engine") if k in key}
     options.update(proj_dim=proj.get("n_out"), density=proj.get("density", 32), seed=proj.get("seed", 0))
     return {**options, "params": [e["name"] for e in manifest["layout"]], "exclude": None}
+
+
+def run_prompts(manifest: dict, adapter, task, texts) -> list[str]:
+    """The prompts a store's collection made of ``texts``: :meth:`~npeff_lens.tasks.Task.fitted_prompts` at the
+    ``max_length`` its manifest records (a text too long lost its last tokens, the template kept). What the steps
+    that run the model on a run's examples (perturbation, selectivity, unlearning, the activation baselines) read."""
+    prompts, _ = task.fitted_prompts(adapter.tokenizer, list(texts), (manifest.get("config") or {}).get("max_length"))
+    return prompts

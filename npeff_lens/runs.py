@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from . import perturb
-from .analysis import top_examples, tuning_summary
+from . import perturb, rundir
+from .analysis import ACTIVE_DEFINITION, active, top_examples, tuning_summary
 from .applications.icl import TuningClassifier, agreement, icl_experiment
 from .applications.unlearning import unlearning_experiment
-from .collect import collect_pefs
+from .collect import collect_pefs, dataset_digest
 from .commands import CollectCommand, DemoCommand, TopCommand, ZeroShotCommand
 from .compare import compare, format_compare
 from .config import CollectConfig, DecomposeConfig, IclConfig, PerturbConfig, UnlearnConfig, check_same
@@ -40,7 +40,7 @@ from .data import align_labels, load_dataset
 from .decomposition import NPEFF, CorruptFileError
 from .distributed import local_device
 from .io import atomic_writer, progress, read_json, to_jsonable, write_json
-from .locations import component_locations, top_groups
+from .locations import at_chance, chance_caution, component_locations, top_groups
 from .models import head_counts, load_model
 from .perturb import COLUMNS, check_adapter, summarize
 from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten, validate_layout
@@ -64,6 +64,7 @@ __all__ = [
     "icl",
     "load_with_model",
     "held_out_coefficients",
+    "check_run_dataset",
     "held_out_examples",
     "demo",
     "zero_shot",
@@ -133,23 +134,28 @@ def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, w
 
     est, store = load_run(decomposition_dir, store)
     meta, coeffs = store.metadata, est.coefficients_
-    (m, C), support = coeffs.shape, int((coeffs > 0).sum(0).max()) if coeffs.numel() else 0
+    on = active(coeffs)
+    (m, C), support = coeffs.shape, int(on.sum(0).max()) if coeffs.numel() else 0
     if k > m:
         raise ValueError(f"--k {k} exceeds the {m} examples of the run: a tuning needs k top examples")
-    labels, preds = label_columns(meta)
+    labels, preds = label_columns(store)
     summary = tuning_summary(coeffs, labels=labels, predictions=preds, k=k)
     per = summary.pop("tunings")
     t_label, t_pred = per.get("label", [None] * C), per["prediction"]
     top, texts, lines = top_examples(coeffs, k=max(k, show)), meta["text"], []
     located = locate(decomposition_dir, store=store)["components"] if where else None
+    kind, said = ((est.manifest_ or {}).get("projection") or {}).get("kind"), False
     for j in range(C) if components is None else components:
         tag = [f"{what}={t[j]}" for what, t in (("label", t_label), ("prediction", t_pred)) if t[j] is not None]
         lines.append(f"component {j}  [{', '.join(tag) or 'not tuned'}]")
         if located is not None:
             lines.append(f"  where: {'; '.join(top_groups(located[j]))}; top 5% of groups: "
                          f"{located[j]['top5pct']:.0%} of the energy")  # fmt: skip
+            if at_chance(located[j]):  # said in full once
+                lines.append(f"  caution: {chance_caution(located[j], kind, brief=said)}")
+                said = True
         for i in top[j, :show].tolist():
-            if coeffs[i, j] <= 0:
+            if not on[i, j]:
                 break
             lab = labels[i] if labels is not None else "-"
             lines.append(
@@ -162,7 +168,7 @@ def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, w
         f"{summary.get('label', 0):.0%} to a label (top {k}, >= 95% agreement); {n_dead} dead"
     )
     if support < k:
-        summary_line += f"; note: no component has {k} examples with a positive coefficient (at most {support})"
+        summary_line += f"; note: no component has {k} active examples (at most {support}; {ACTIVE_DEFINITION})"
     return {"lines": lines, "summary": summary, "summary_line": summary_line}
 
 
@@ -290,7 +296,7 @@ def _perturbation_setup(decomposition_dir, cfg: PerturbConfig, store, adapter, f
         lam,
         adapter,
         task,
-        task.prompts(meta["text"]),
+        rundir.run_prompts(manifest, adapter, task, meta["text"]),
         norms,
         identity,
     )
@@ -327,7 +333,7 @@ def run_perturbation(
     except ValueError as e:
         raise ValueError(f"components {cfg.components!r}: {e}") from None
     records = _previous_records(Path(out), cfg, s.identity, decomposition_dir) if out is not None else {}
-    top, notes = top_examples(s.coeffs, k=cfg.top_k), []
+    top, on, notes = top_examples(s.coeffs, k=cfg.top_k), active(s.coeffs), []
     reference = perturb._Reference(s.adapter, s.task, s.prompts, cfg.batch_size)  # unperturbed p(y|x), cached
     deadline = None if cfg.time_budget is None else time.monotonic() + 60 * cfg.time_budget
     bar = progress(indices, desc="perturbing components", unit="component", enabled=cfg.progress)
@@ -340,9 +346,9 @@ def run_perturbation(
                          "measured; rerun the same command to continue")  # fmt: skip
             warnings.warn(notes[-1], RuntimeWarning, stacklevel=2)
             break
-        top_j = [int(i) for i in top[j].tolist() if s.coeffs[i, j] > 0]
+        top_j = [int(i) for i in top[j].tolist() if on[i, j]]
         if 0 < len(top_j) < cfg.top_k:
-            notes.append(f"component {j}: only {len(top_j)} examples with a positive coefficient (top_k={cfg.top_k})")
+            notes.append(f"component {j}: only {len(top_j)} active examples (top_k={cfg.top_k}; {ACTIVE_DEFINITION})")
         records[j] = _perturb_one(s, cfg, j, top_j, reference, fpc_options)
         bar.set_postfix(kl_ratio=perturb._fmt(records[j]["kl_ratio"]))
         if out is not None:
@@ -443,11 +449,56 @@ def _write_perturbation(out: Path, records: list[dict], cfg: PerturbConfig, note
 # ----------------------------------------------------------------------------------------------
 
 
-def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, text_column=None, label_column=None):
+def check_run_dataset(store, *, accept_changed: bool = False) -> None:
+    """Refuse the dataset a store was collected from when it no longer holds the rows the store collected (a file
+    edited since: other texts, other labels, rows added or removed before them), naming the first row that differs.
+    ``accept_changed`` turns the refusal into a warning. Only datasets that can be read again (a built-in name or a
+    path) are checked."""
+    m = store.manifest
+    info, cfg = m.get("dataset") or {}, m.get("config") or {}
+    name = info.get("name")
+    if name in (None, "texts", "user") or len(store) == 0:
+        return
+    data, rows = load_dataset(name, split=cfg.get("split"), seed=cfg.get("data_seed", 0),
+                              columns={"text": cfg.get("text_column"), "label": cfg.get("label_column")},
+                              label_names=cfg.get("label_names"), return_rows=True)  # fmt: skip
+    aligned = align_labels(data, m.get("outcomes"), drop_invalid=True, source=f"the dataset {name!r}", rows=rows)
+    data, rows = aligned.dataset, aligned.rows
+    n = cfg.get("n") or len(data)
+    stored = store.read_metadata()
+    difference = None
+    if len(data) < len(stored):
+        difference = f"it has {len(data)} valid rows, the store {len(stored)}"
+    head = data[: len(stored)]
+    for i, row in enumerate(stored if difference is None else ()):
+        changed = [c for c in ("text", "label") if c in row and c in head and row[c] != head[c][i]]
+        if changed:
+            c = changed[0]
+            outcomes = m.get("outcomes") if c == "label" else None
+            now, then = (outcomes[head[c][i]], outcomes[row[c]]) if outcomes else (head[c][i], row[c])
+            difference = f"example {i} (row {rows[i]} of the dataset) has {c} {now!r}, the store {then!r}"
+            break
+    expected = info.get("sha256")
+    if difference is None and expected is not None and n <= len(data) and dataset_digest(data, n) != expected:
+        difference = "the rows it collected no longer give the digest the store recorded (a row was added or changed)"
+    if difference is None:
+        return
+    message = (
+        f"the dataset {name!r} has changed since the run's store {store.path} was collected from it: {difference}; "
+        "examples and labels read from it now are not the run's"
+    )
+    if not accept_changed:
+        raise ValueError(message + ": restore it, give the data with --dataset, or pass --accept-changed-dataset")
+    warnings.warn(message + " (accepted: --accept-changed-dataset)", UserWarning, stacklevel=2)
+
+
+def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, text_column=None, label_column=None,
+                      accept_changed_dataset: bool = False):  # fmt: skip
     """``(rows, description)``: ``n`` examples none of which is in ``store`` (compared by a hash of the text), from
-    ``dataset`` (default: the dataset the store was collected from, with its columns, label names and seed), its
-    ``split``, labels numbered as the store's outcomes (:func:`~npeff_lens.data.align_labels`). Fewer than ``n``
-    such examples is an error that says how many there are."""
+    ``dataset`` (default: the dataset the store was collected from, with its columns, label names and seed, checked
+    to hold the store's rows still: :func:`check_run_dataset`), its ``split``, labels numbered as the store's
+    outcomes (:func:`~npeff_lens.data.align_labels`). Fewer than ``n`` such examples is an error that says how many
+    there are."""
     collected = (store.manifest.get("dataset") or {}).get("name")
     cfg = store.manifest.get("config") or {}
     own = dataset is None
@@ -458,6 +509,7 @@ def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, t
                 "pass the held-out data with --dataset NAME_OR_FILE"
             )
         dataset = collected
+        check_run_dataset(store, accept_changed=accept_changed_dataset)
     text_column = text_column or (cfg.get("text_column") if own else None) or "text"
     if label_column is None and own:
         label_column = cfg.get("label_column")
@@ -465,7 +517,9 @@ def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, t
     seed = seed if seed is not None else (cfg.get("data_seed", 0) if own else 0)
     data = load_dataset(dataset, split=split, seed=seed, columns={"text": text_column, "label": label_column},
                         label_names=label_names)  # fmt: skip
-    data, _ = align_labels(data, store.manifest.get("outcomes"), drop_invalid=True, source=f"the dataset {dataset!r}")
+    data = align_labels(
+        data, store.manifest.get("outcomes"), drop_invalid=True, source=f"the dataset {dataset!r}"
+    ).dataset
 
     def digest(text):
         return hashlib.sha1(str(text).encode()).digest()
@@ -494,7 +548,9 @@ def held_out_coefficients(est, store, adapter, task, texts, out, *, batch_size=8
     return est.transform(new)
 
 
-def unlearn(decomposition_dir, config: UnlearnConfig | None = None, *, out=None, adapter=None, **options) -> dict:
+def unlearn(
+    decomposition_dir, config: UnlearnConfig | None = None, *, out=None, adapter=None, store=None, **options
+) -> dict:
     """``npeff unlearn``: :func:`~npeff_lens.applications.unlearning.unlearning_experiment` on a run's model,
     task, examples and coefficients; ``out/unlearning.json`` (default ``decomposition_dir/unlearn``). A finished
     run with the same config is read back; another config is a ``ConfigMismatchError``."""
@@ -502,7 +558,7 @@ def unlearn(decomposition_dir, config: UnlearnConfig | None = None, *, out=None,
     cfg = resolve_config(UnlearnConfig, config, options)
     d = Path(decomposition_dir)
     out = Path(out) if out is not None else d / "unlearn"
-    est, store = load_run(d)
+    est, store = load_run(d, store)
     components = cfg.component_list(est.n_components)  # a wrong choice stops here, before anything is written
     n_random = cfg.n_random
     if n_random is None:  # 64, or what a small store leaves beside the top and control sets and a retain pool
@@ -510,12 +566,13 @@ def unlearn(decomposition_dir, config: UnlearnConfig | None = None, *, out=None,
     rec = begin(out, "unlearn", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
     if rec["status"] == "done" and (out / "unlearning.json").exists():
         return read_json(out / "unlearning.json")
-    est, store, adapter, task = load_with_model(d, adapter)
+    est, store, adapter, task = load_with_model(d, adapter, store)
     store_params = (store.manifest.get("config") or {}).get("params")
     params = {("store",): store_params, ("default",): None}.get(tuple(cfg.params), list(cfg.params))
     t0 = time.time()
+    prompts = rundir.run_prompts(store.manifest, adapter, task, store.metadata["text"])
     report = unlearning_experiment(
-        adapter, task, task.prompts(store.metadata["text"]), est.coefficients_, components,
+        adapter, task, prompts, est.coefficients_, components,
         k_eval=cfg.k_eval, k_mitigation=cfg.k_mitigation, n_random=n_random, kl_threshold=cfg.kl_threshold,
         seed=cfg.seed, progress=cfg.progress, batch_size=cfg.batch_size, n_batches=cfg.n_batches,
         retain_batch_size=cfg.retain_batch_size, forget_batch_size=cfg.forget_batch_size, lr=cfg.lr,
@@ -528,7 +585,7 @@ def unlearn(decomposition_dir, config: UnlearnConfig | None = None, *, out=None,
     return report
 
 
-def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter=None, **options) -> dict:
+def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter=None, store=None, **options) -> dict:
     """``npeff icl``: the tuning classifier fitted on the run's coefficients and labels, evaluated held-in and
     on ``n_eval`` held-out examples (coefficients by ``transform``) beside zero-shot and best-of-N in-context
     prompts (§6.2); ``out/icl.json`` (default ``decomposition_dir/icl``), resumable like every step."""
@@ -536,18 +593,19 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
     cfg = resolve_config(IclConfig, config, options)
     d = Path(decomposition_dir)
     out = Path(out) if out is not None else d / "icl"
-    est, store = load_run(d)
+    est, store = load_run(d, store)
     meta = store.metadata
     if "label" not in meta.column_names:
         raise ValueError(f"the run's store {store.path} has no 'label' column: the tuning classifier needs labels")
     data, source = held_out_examples(store, cfg.n_eval, dataset=cfg.dataset, split=cfg.eval_split,
                                      seed=cfg.data_seed, text_column=cfg.text_column,
-                                     label_column=cfg.label_column)  # fmt: skip
+                                     label_column=cfg.label_column,
+                                     accept_changed_dataset=cfg.accept_changed_dataset)  # fmt: skip
     rec = begin(out, "icl", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
     if rec["status"] == "done" and (out / "icl.json").exists():
         return read_json(out / "icl.json")
     print(f"[icl] held-out: {source}", file=sys.stderr, flush=True)
-    est, store, adapter, task = load_with_model(d, adapter)
+    est, store, adapter, task = load_with_model(d, adapter, store)
     texts, labels, coef, t0 = meta["text"], meta["label"], est.coefficients_, time.time()
     clf = TuningClassifier(threshold=cfg.threshold, k=cfg.k).fit(coef, labels)
     held_in = {"n": len(texts), "classifier_accuracy": clf.score(coef, labels), "n_unscored": clf.n_unscored_,
@@ -559,6 +617,7 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
         adapter, task, texts, labels, coef, data["text"], data["label"], eval_coef, threshold=cfg.threshold, k=cfg.k,
         shots=cfg.shots, n_prompts=cfg.n_prompts, n_select=min(cfg.n_select, len(texts) - cfg.shots),
         seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress,
+        max_length=space_options(store.manifest).get("max_length"), icl_max_length=adapter.context_length,
     )  # fmt: skip
     result.update(held_in=held_in, held_out_source=source, seconds=time.time() - t0)
     write_json(out / "icl.json", to_jsonable(result))
@@ -628,7 +687,7 @@ def zero_shot(cmd: ZeroShotCommand | None = None, **options) -> dict:
     """``npeff zero-shot``: the protocol of :func:`npeff_lens.zero_shot.held_out_accuracy` on movie reviews."""
 
     cmd = resolve_config(ZeroShotCommand, cmd, options)
-    return held_out_accuracy(load_model(cmd.model), n=cmd.n)
+    return held_out_accuracy(load_model(cmd.model), n=cmd.n, max_length=cmd.max_length)
 
 
 def top(cmd: TopCommand) -> dict:

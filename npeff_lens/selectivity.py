@@ -1,6 +1,6 @@
 """Selectivity: one causal test for every method's components, in parameter space and in activation space.
 
-For a component ``j`` with top examples ``T_j`` (its ``k`` largest coefficients, all positive), one intervention
+For a component ``j`` with top examples ``T_j`` (its ``k`` largest coefficients, all active), one intervention
 is applied identically to every example:
 
 - NPEFF components and gradient-cluster centroids: a parameter perturbation ``θ + s·ĥ_j`` along the component's
@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .analysis import active_threshold
 from .baselines.activations import hook_module, resolve_hook
 from .perturb import _Reference, baseline_examples, geometric_mean, kl_divergence, perturbed, task_log_probs
 
@@ -218,11 +219,15 @@ def calibrate(
 # --------------------------------------------------------------------------------------------------
 
 
-def top_positive(coefficients: torch.Tensor, j: int, k: int) -> list[int]:
-    """The component's top-``k`` examples with a positive coefficient (fewer when fewer are positive)."""
-    col = torch.as_tensor(coefficients)[:, j]
+def top_positive(coefficients: torch.Tensor, j: int, k: int, threshold=None) -> list[int]:
+    """The component's top-``k`` examples that are active on it (:func:`npeff_lens.analysis.active`; fewer when
+    fewer are). ``threshold``: :func:`~npeff_lens.analysis.active_threshold` of ``coefficients``, when the caller
+    asks for many components (computed here otherwise)."""
+    c = torch.as_tensor(coefficients)
+    t = float((active_threshold(c) if threshold is None else torch.as_tensor(threshold))[j])
+    col = c[:, j]
     order = torch.sort(col, descending=True, stable=True).indices[:k]
-    return [int(i) for i in order.tolist() if col[i] > 0]
+    return [int(i) for i in order.tolist() if col[i] > t]
 
 
 def component_selectivity(

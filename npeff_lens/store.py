@@ -864,12 +864,38 @@ class PEFStore:
             out.extend(self._pending_meta[max(start, self.committed) - self.committed : stop - self.committed])
         return out
 
+    def example_labels(self, meta: list[dict] | None = None) -> list | None:
+        """Each example's label as the task's outcome (``manifest["outcomes"][label]``), so that labels spelled
+        differently in the data (``POSITIVE``, `` positive ``) count as the one outcome they were matched to at
+        collection; the recorded ``label_name`` (else ``label``) where the task has no outcome names. None
+        without labels. ``meta``: the rows of :meth:`read_metadata`, when already read."""
+        meta = self.read_metadata() if meta is None else meta
+        if not any("label" in m or "label_name" in m for m in meta):
+            return None
+        outcomes = self.manifest.get("outcomes")
+
+        def label(m):
+            v = m.get("label")
+            if outcomes and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(outcomes):
+                return outcomes[v]
+            return m.get("label_name", v)
+
+        return [label(m) for m in meta]
+
+    def example_predictions(self, meta: list[dict] | None = None) -> list:
+        """Each example's prediction, by its outcome name where recorded."""
+        meta = self.read_metadata() if meta is None else meta
+        return [m.get("prediction_name", m.get("prediction")) for m in meta]
+
     @property
     def metadata(self):
         """A ``datasets.Dataset`` with one row per example, in order (columns from the metadata dicts)."""
         import datasets
 
         rows = self.read_metadata()
+        columns = dict.fromkeys(k for r in rows for k in r)
+        if any(len(r) != len(columns) for r in rows):  # a column a later version added (a resumed store): None before
+            rows = [{k: r.get(k) for k in columns} for r in rows]
         return datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({})
 
     def __repr__(self) -> str:

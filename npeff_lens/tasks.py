@@ -44,6 +44,50 @@ class Task:
     def prompts(self, texts: Sequence[str]) -> list[str]:
         return [self.format(t) for t in texts]
 
+    def fitted_prompts(
+        self, tokenizer, texts: Sequence[str], max_length: int | None, *, prefix: str = ""
+    ) -> tuple[list[str], list[int]]:
+        """``(prompts, text_tokens_cut)``: ``prefix + format(text)`` per text, in at most ``max_length`` tokens as
+        ``tokenizer`` counts them (special tokens such as a BOS included), and how many tokens of each text were
+        removed (0: none).
+
+        A prompt too long loses tokens from the end of its *text* (the text tokenised alone), never from the
+        template or ``prefix``: the template's tail, where the prediction is read, survives. The kept text is the
+        original's beginning up to its kept tokens (their character offsets with a fast tokenizer, else their
+        decoding); the prompt is tokenised again and shortened further while it still exceeds ``max_length``
+        (decoding and tokenising are not always a round trip). ``max_length=None`` keeps every token. A
+        ValueError when ``prefix`` and the template alone exceed ``max_length``."""
+        texts = list(texts)
+        prompts = [prefix + self.format(t) for t in texts]
+        cuts = [0] * len(texts)
+        if max_length is None or not texts:
+            return prompts, cuts
+        if tokenizer is None:
+            raise ValueError("fitting prompts in max_length tokens needs the model's tokenizer; pass one to "
+                             "npeff_lens.adapt(model, tokenizer)")  # fmt: skip
+        lengths = _token_counts(tokenizer, prompts)
+        over = [i for i, n in enumerate(lengths) if n > max_length]
+        if not over:
+            return prompts, cuts
+        frame = _token_counts(tokenizer, [prefix + self.format("")])[0]
+        if frame > max_length:
+            what = "the demonstrations and the prompt template" if prefix else f"the prompt template {self.template!r}"
+            raise ValueError(
+                f"{what} alone {'are' if prefix else 'is'} {frame} tokens (special tokens included), more than "
+                f"max_length={max_length}: no text fits; raise max_length or shorten the template"
+            )
+        for i in over:
+            ids, cut_at = _text_tokens(tokenizer, texts[i])
+            keep = max(0, len(ids) - (lengths[i] - max_length))
+            while True:
+                prompts[i] = prefix + self.format(cut_at(keep))
+                n = _token_counts(tokenizer, [prompts[i]])[0]
+                if n <= max_length or keep == 0:  # with no text left, the template alone fits (checked above)
+                    break
+                keep = max(0, keep - (n - max_length))
+            cuts[i] = len(ids) - keep
+        return prompts, cuts
+
     # --- distribution ----------------------------------------------------------------------
     def bind(self, adapter) -> Task:
         """Resolve anything model-specific (token ids); validates the task against the model."""
@@ -264,3 +308,35 @@ def task_from_config(config: dict) -> Task:
     if kind not in TASKS:
         raise ValueError(f"unknown task kind {kind!r}; valid: {', '.join(TASKS)}")
     return TASKS[kind](**config)
+
+
+def _token_counts(tokenizer, prompts: Sequence[str]) -> list[int]:
+    """Tokens per prompt, special tokens included (as ``ModelAdapter.tokenize`` adds them)."""
+    # verbose=False: no "longer than the model's maximum" note on prompts about to be shortened
+    return [len(ids) for ids in tokenizer(list(prompts), verbose=False)["input_ids"]]
+
+
+def _text_tokens(tokenizer, text: str):
+    """``(ids, cut_at)``: the text's tokens alone (no special tokens), and ``cut_at(keep)``, the text up to its first
+    ``keep`` tokens: the original characters up to their end offset (fast tokenizers), else their decoding."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        ends = [end for _, end in enc["offset_mapping"]]
+        return enc["input_ids"], lambda keep: text[: max(ends[:keep], default=0)]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return ids, lambda keep: tokenizer.decode(ids[:keep]) if keep else ""
+
+
+def shortened_note(text_tokens_cut: Sequence[int], max_length: int | None, what: str = "inputs") -> str | None:
+    """One line on the texts :meth:`Task.fitted_prompts` shortened (``text_tokens_cut``: its counts), None when it
+    shortened none."""
+    cut = [int(c) for c in text_tokens_cut if c]
+    if not cut:
+        return None
+    lo, hi = min(cut), max(cut)
+    by = f"{lo}" if lo == hi else f"{lo}–{hi}"
+    return (
+        f"{len(cut)} of {len(text_tokens_cut)} {what} {'was' if len(cut) == 1 else 'were'} longer than "
+        f"max_length={max_length} tokens: {'its' if len(cut) == 1 else 'their'} text was shortened by {by} "
+        f"token{'s' if hi > 1 else ''} (the template kept); max_length=None keeps every token"
+    )

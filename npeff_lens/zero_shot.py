@@ -12,14 +12,21 @@ LABELS = (" negative", " positive")
 
 
 @torch.no_grad()
-def label_token_scores(adapter, texts, template: str, labels, batch_size: int = 16):
-    """Label-token logits ``[n, len(labels)]`` for each text under ``template``."""
+def label_token_scores(adapter, texts, template: str, labels, batch_size: int = 16, max_length: int | None = None):
+    """Label-token logits ``[n, len(labels)]`` for each text under ``template``; a prompt longer than
+    ``max_length`` tokens loses tokens from its text's end, as the collection's do (the template kept)."""
     from .tasks import LabelTokens
 
     task = LabelTokens(template, labels).bind(adapter)  # first token of each label after the prompt
+    prompts, _ = task.fitted_prompts(adapter.tokenizer, list(texts), max_length)
+    return _scores(adapter, task, prompts, batch_size)
+
+
+@torch.no_grad()
+def _scores(adapter, task, prompts: list[str], batch_size: int) -> torch.Tensor:
     out = []
-    for i in range(0, len(texts), batch_size):
-        out.append(adapter.logits(task.prompts(texts[i : i + batch_size]))[:, task.token_ids].float().cpu())
+    for i in range(0, len(prompts), batch_size):
+        out.append(adapter.logits(prompts[i : i + batch_size])[:, task.token_ids].float().cpu())
     return torch.cat(out)
 
 
@@ -34,12 +41,22 @@ def median_threshold_accuracy(calib_scores, test_scores, test_labels) -> tuple[f
 
 
 def held_out_accuracy(
-    adapter, n: int = 300, *, n_calibration: int | None = None, template: str = TEMPLATE, labels=LABELS, seed: int = 0
+    adapter,
+    n: int = 300,
+    *,
+    n_calibration: int | None = None,
+    template: str = TEMPLATE,
+    labels=LABELS,
+    seed: int = 0,
+    max_length: int | None = None,
 ) -> dict:
     """The protocol: the threshold is the median logit gap over ``n_calibration`` (default ``n // 3``)
     *training* reviews of ``movie-reviews``; the accuracy is measured on the first ``n - n_calibration``
-    held-out (test-split) reviews. Returns ``accuracy``, ``threshold``, the two counts and ``seconds``."""
+    held-out (test-split) reviews, each prompt in at most ``max_length`` tokens as the collection fits them
+    (:meth:`~npeff_lens.tasks.Task.fitted_prompts`). Returns ``accuracy``, ``threshold``, the two counts,
+    ``shortened`` (a line on the reviews whose text was shortened, None if none was) and ``seconds``."""
     from .data import load_dataset
+    from .tasks import LabelTokens, shortened_note
 
     t0 = time.time()
     n_calibration = n // 3 if n_calibration is None else n_calibration
@@ -47,15 +64,18 @@ def held_out_accuracy(
         raise ValueError(f"need 1 <= n_calibration < n; got n_calibration={n_calibration}, n={n}")
     calib = load_dataset("movie-reviews", split="train", seed=seed).select(range(n_calibration))
     test = load_dataset("movie-reviews", split="test", seed=seed).select(range(n - n_calibration))
+    task = LabelTokens(template, labels).bind(adapter)
+    (calib_prompts, calib_cut), (test_prompts, test_cut) = (
+        task.fitted_prompts(adapter.tokenizer, list(part["text"]), max_length) for part in (calib, test)
+    )
     acc, thr = median_threshold_accuracy(
-        label_token_scores(adapter, calib["text"], template, labels),
-        label_token_scores(adapter, test["text"], template, labels),
-        test["label"],
+        _scores(adapter, task, calib_prompts, 16), _scores(adapter, task, test_prompts, 16), test["label"]
     )
     return {
         "accuracy": acc,
         "threshold": thr,
         "n_calibration": n_calibration,
         "n_test": len(test),
+        "shortened": shortened_note(calib_cut + test_cut, max_length, "reviews"),
         "seconds": time.time() - t0,
     }

@@ -250,3 +250,96 @@ def test_compare_prints_a_warning_for_degenerate_components():
     text = format_compare({"methods": {"npeff": {"n_components": 4, "degenerate": None}, "sae": row}})
     assert "sae: warning: degenerate components: 2 of 4" in text and "--sae-tokens" in text
     assert "npeff: warning" not in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# One meaning of "active" (analysis.active) for compare's warnings, the report and the top examples
+# ---------------------------------------------------------------------------------------------------
+
+
+def _leftovers(m=200, C=5, seed=0):
+    """NPEFF-like coefficients: each example loads on 2 of the first 4 components (0.05 to 1.05); the multiplicative
+    W updates leave 1e-30-sized values everywhere else; component 4 holds leftovers alone (dead)."""
+    g = torch.Generator().manual_seed(seed)
+    real = torch.zeros(m, C, dtype=torch.bool)
+    for i in range(m):
+        real[i, torch.randperm(C - 1, generator=g)[:2]] = True
+    left = 1e-30 * (0.01 + torch.rand(m, C, generator=g, dtype=torch.float64))
+    return torch.where(real, 0.05 + torch.rand(m, C, generator=g, dtype=torch.float64), left), real
+
+
+def test_npeff_leftovers_are_inactive_and_every_reader_agrees():
+    from types import SimpleNamespace
+
+    from npeff_lens.analysis import ACTIVE_DEFINITION, active, active_share, active_threshold, degeneracy
+    from npeff_lens.compare import _CompareContext, format_compare
+    from npeff_lens.config import CompareConfig
+    from npeff_lens.report.data import RunView, histogram, statistics, top_indices
+    from npeff_lens.selectivity import top_positive
+
+    c, real = _leftovers()
+    m, C, k = *c.shape, 16
+    assert bool((c > 0).all())  # what made every component "active on >= 99% of the examples"
+    assert torch.equal(active(c), real) and not real[:, 4].any()
+    share = real.double().mean(0)
+    torch.testing.assert_close(active_share(c), share)
+    # compare: no degeneracy warning, the dead component is not alive, its count is the report's
+    labels = ["a" if i % 2 else "b" for i in range(m)]
+    ctx = object.__new__(_CompareContext)
+    ctx.cfg, ctx.labels, ctx.predictions = CompareConfig(k=k), labels, labels
+    row = ctx.summarize("npeff", SimpleNamespace(coefficients_=c.float()))
+    assert row["n_always_on"] == 0 and row["degenerate"] is None and row["alive"] == 4
+    assert "warning" not in format_compare({"methods": {"npeff": row}})
+    # the report: the share of active examples, the histogram over them, the top examples
+    view = RunView(None, SimpleNamespace(dead_components_=torch.tensor([])), None, [], c, labels, labels, None)
+    stats = statistics(view, k)
+    torch.testing.assert_close(stats.frac_nonzero, share)
+    assert stats.dead == {4} == set(range(C)) - set(alive(c).nonzero().flatten().tolist())
+    threshold = active_threshold(c)
+    for j in range(C):
+        want = [i for i in top_examples(c, k)[j].tolist() if real[i, j]]
+        assert top_indices(view, stats, j) == want == top_positive(c, j, k) == top_positive(c, j, k, threshold)
+        assert sum(histogram(c[:, j], float(stats.threshold[j]))[1]) == int(real[:, j].sum())
+    assert tunings(c, labels, k=k)[4] is None and tuning_summary(c, labels, k=k)["not_enough_examples"] == 1
+    # still "active on every example" where that is true, and the warning says what active means
+    c[:, 0] = 0.5 + torch.rand(m, dtype=torch.float64)
+    found = degeneracy(c)
+    assert found["n_always_on"] == 1 and ACTIVE_DEFINITION in found["degenerate"] and "0.1%" in ACTIVE_DEFINITION
+
+
+def test_active_is_relative_to_each_components_scale():
+    from npeff_lens.analysis import ACTIVE_FRACTION, active, active_threshold
+
+    # a latent 400x smaller than the largest keeps its small activations (2e-3 of its maximum); 2e-5 is a leftover
+    c = torch.tensor([[200.0, 0.5, 0.0], [1.0, 0.01, 0.0], [0.1, 0.001, 0.0], [0.0, 1e-5, 0.0]])
+    assert active(c).tolist() == [[True, True, False], [True, True, False], [False, True, False],
+                                  [False, False, False]]  # fmt: skip
+    # a column whose maximum is below ACTIVE_FRACTION**2 of the method's largest coefficient is dead
+    c[:, 1] = torch.tensor([1e-5, 1e-6, 0.0, 0.0])
+    assert not active(c)[:, 1].any() and active_threshold(c)[1] == pytest.approx(ACTIVE_FRACTION**2 * 200)
+    # new examples are judged by the run's thresholds (a dead or all-zero column: ACTIVE_FRACTION**2 of the largest)
+    assert active(torch.tensor([[0.3, 1e-3, 1e-5]]), active_threshold(c)).tolist() == [[True, True, False]]
+    assert active(torch.zeros(0, 3)).shape == (0, 3) and active_threshold(torch.zeros(0, 3)).tolist() == [0.0] * 3
+
+
+def test_a_real_npeff_fit_is_active_where_the_components_were_planted():
+    """Each example's PEF is built from 2 of 6 planted directions: active (1e-3 of the maximum) finds those 2,
+    where "any positive coefficient" finds nearly all 6 (the multiplicative updates never reach 0)."""
+    from npeff_lens.analysis import active, degeneracy
+    from npeff_lens.decomposition import NPEFF
+
+    g = torch.Generator().manual_seed(0)
+    d, m, K = 64, 400, 6
+    H, truth, rows = torch.randn(K, d, generator=g), torch.zeros(m, K, dtype=torch.bool), []
+    for i in range(m):
+        js, u = torch.randperm(K, generator=g)[:2], torch.rand(2, generator=g)
+        truth[i, js] = True
+        rows.append(torch.stack([H[js[0]] * u[0], H[js[1]] * u[1], 0.02 * torch.randn(d, generator=g)]))
+    est = NPEFF(n_components=K, n_steps=1000, n_warmup_steps=100, seed=0, progress=False).fit(torch.stack(rows))
+    c = torch.as_tensor(est.coefficients_).double()
+    planted = truth.double() / truth.double().norm(dim=0)
+    t = truth[:, ((c / c.norm(dim=0)).T @ planted).argmax(1)]  # each component's planted direction
+    on = active(c)
+    precision, recall = float((on & t).sum() / on.sum()), float((on & t).sum() / t.sum())
+    assert precision > 0.95 and recall > 0.95, (precision, recall)
+    assert float((c > 0).double().mean()) > 0.9 and degeneracy(c)["n_always_on"] == 0

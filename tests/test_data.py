@@ -252,9 +252,11 @@ def test_string_labels_are_numbered_as_the_outcomes_in_any_order(tmp_path):
     path = _csv(tmp_path, [("good film", "positive"), ("bad film", "negative"), ("fine", "Positive ")])
     ds = nl.load_dataset(path)
     for outcomes in ([" negative", " positive"], [" positive", " negative"]):
-        aligned, dropped = align_labels(ds, outcomes)
-        assert dropped == 0 and aligned["label_name"] == ["positive", "negative", "Positive "]
-        assert [outcomes[y].strip() for y in aligned["label"]] == ["positive", "negative", "positive"]
+        found = align_labels(ds, outcomes)
+        aligned = found.dataset
+        assert found.dropped == [] and found.by_position is None
+        assert aligned["label_name"] == [" positive", " negative", " positive"]  # the outcome, not the spelling
+        assert [outcomes[y] for y in aligned["label"]] == [" positive", " negative", " positive"]
         assert aligned.features["label"].names == outcomes
 
 
@@ -268,21 +270,23 @@ def test_a_typo_an_empty_label_or_an_empty_text_names_the_rows(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "row 2 has a label that names none" in msg and "'postive'" in msg
     assert "row 3 has empty text" in msg and "row 4 has empty label" in msg and "--drop-invalid" in msg
-    kept, dropped = align_labels(ds, [" negative", " positive"], drop_invalid=True)
-    assert dropped == 3 and kept["text"] == ["good", "bad"] and kept["label"] == [1, 0]
+    found = align_labels(ds, [" negative", " positive"], drop_invalid=True)
+    kept = found.dataset
+    assert found.dropped == [2, 3, 4] and kept["text"] == ["good", "bad"] and kept["label"] == [1, 0]
+    assert found.rows == [0, 1]
 
 
 def test_integer_labels_without_names_index_the_outcomes():
     from npeff_lens.data import align_labels
 
     ds = nl.load_dataset(datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 0, 2]}))
-    aligned, _ = align_labels(ds, [" x", " y", " z"])
-    assert aligned["label"] == [1, 0, 2]
+    found = align_labels(ds, [" x", " y", " z"])
+    assert found.dataset["label"] == [1, 0, 2] and found.by_position == {0: " x", 1: " y", 2: " z"}
     with pytest.raises(ValueError, match="row 2 has a label outside 0..1"):
         align_labels(ds, [" x", " y"])
     # a classifier head's generic names are positions too
     named = nl.load_dataset(datasets.Dataset.from_dict({"text": ["a", "b"], "label": ["neg", "pos"]}))
-    assert align_labels(named, ["LABEL_0", "LABEL_1"])[0]["label"] == [0, 1]
+    assert align_labels(named, ["LABEL_0", "LABEL_1"]).dataset["label"] == [0, 1]
 
 
 def test_a_file_that_is_empty_or_not_utf8_says_so(tmp_path):

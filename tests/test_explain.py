@@ -16,7 +16,7 @@ import torch
 from helpers import CHROMIUM, HAS_CHROMIUM, offline_page
 
 import npeff_lens as nl
-from npeff_lens.analysis import top_examples, tunings
+from npeff_lens.analysis import active, active_threshold, top_examples, tunings
 from npeff_lens.attribution import stored_loadings
 from npeff_lens.cli import main
 from npeff_lens.collect import collect_pefs
@@ -103,13 +103,14 @@ def test_explained_is_one_minus_the_fits_per_example_loss(run):
 
 def test_top_components_tunings_and_examples_are_the_runs(run):
     est, store = load_run(run["root"] / "npeff")
-    labels, preds = label_columns(store.metadata)
+    labels, preds = label_columns(store)
     tuned_label, tuned_pred = tunings(est.coefficients_, labels, k=K), tunings(est.coefficients_, preds, k=K)
     top = top_examples(est.coefficients_, k=3)
     texts = run["texts"]
     for e in run["ex"]:
         order = torch.argsort(e.coefficients, descending=True).tolist()
-        want = [j for j in order[:3] if e.coefficients[j] > 0]
+        on = active(e.coefficients[None], active_threshold(est.coefficients_))[0]  # at the run's scale
+        want = [j for j in order[:3] if on[j]]
         assert [c.component for c in e.components] == want and e.top_component.component == want[0]
         assert [c.coefficient for c in e.components] == pytest.approx([float(e.coefficients[j]) for j in want])
         for c in e.components:
@@ -166,6 +167,22 @@ def test_a_zero_pef_is_answered_with_no_share_and_a_note(run, monkeypatch):
     assert kept.flag is None and kept.explained == pytest.approx(run["ex"][0].explained, abs=1e-6)
     assert json.loads(json.dumps(zero.to_dict()))["explained"] is None
     assert "explained: –" in format_explanation(zero)
+
+
+def test_components_not_active_on_an_input_are_left_out(run, monkeypatch):
+    """A coefficient of 0, or a leftover of the multiplicative updates (1e-30), is not listed among an input's top
+    components; an input with none active says so."""
+    import npeff_lens.explain as ex
+
+    scale = run["est"].coefficients_.double().max(0).values
+    rows = torch.zeros(2, C, dtype=torch.float64)
+    rows[0, 1], rows[0, 2] = 0.5 * scale[1], 1e-30  # component 1 active; 2 a leftover; 0 and 3 zero
+    rows[1, :] = 1e-30
+    monkeypatch.setattr(ex, "_coefficients", lambda est, pefs: rows[: pefs.shape[0]].clone())
+    one, none = explain(run["root"] / "npeff", [run["texts"][3], run["texts"][0]], top=C, k=K)
+    assert [c.component for c in one.components] == [1] and not any("active" in n for n in one.notes)
+    assert none.components == [] and any(n.startswith("no component is active on this input") for n in none.notes)
+    assert "note: no component is active on this input (active = coefficient above 0.1%" in format_explanation(none)
 
 
 def test_bad_inputs_are_one_line_errors_of_the_clis_kinds(run, tmp_path):

@@ -4,7 +4,16 @@ up, heads split as the weights are laid out, and a planted direction found where
 import pytest
 import torch
 
-from npeff_lens.locations import component_locations, parameter_group, restricted, top_group_keys, top_groups
+from npeff_lens.locations import (
+    CHANCE_DISTANCE,
+    at_chance,
+    component_locations,
+    parameter_group,
+    restricted,
+    share_distance,
+    top_group_keys,
+    top_groups,
+)
 from npeff_lens.models import load_model, parameter_layout
 
 
@@ -132,3 +141,28 @@ def test_gpt2_conv1d_output_projection_splits_by_its_rows():
     x[o["offset"] : o["offset"] + o["numel"]].view(32, 32)[0:8] = 1.0  # the inputs of head 0
     loc = component_locations(x, layout, heads={"n_heads": 4, "n_kv_heads": 4})
     assert {(r["module"], r["head"]): r["fraction"] for r in loc["heads"] if r["energy"]} == {("o", 0): 1.0}
+
+
+def test_a_planted_direction_back_projected_at_large_n_over_d_is_at_chance():
+    """Under the sparse projection the back-projection A·(xA) of a direction x planted in one group is x plus noise
+    spread over the parameters by their counts, with (n/d) times its energy: at n/d = 1152 every group reads x1.0
+    and the location is at chance; at n/d = 2.25 the planted group stands out."""
+    from npeff_lens.projection import SparseProjection
+
+    layout = _layout()
+    n = sum(e["numel"] for e in layout)
+    x = _planted(layout, lambda name: parameter_group(name) == (1, "q"))
+    assert share_distance(component_locations(x, layout)) > 0.9  # exact: all of it in 1/18 of the parameters
+    for d, chance in ((16, True), (8192, False)):
+        op = SparseProjection(n, d, seed=0, density=min(d, 32))
+        loc = component_locations(op.adjoint(op.project(x[None]))[0], layout)
+        assert at_chance(loc) == chance, (d, share_distance(loc))
+        top = loc["groups"][0]
+        if chance:
+            assert share_distance(loc) < CHANCE_DISTANCE / 2 and abs(top["enrichment"] - 1) < 0.1
+        else:
+            assert (top["layer"], top["module"]) == (1, "q") and top["enrichment"] > 4
+    # exact on hand-made rows: shares 1/2, 1/4, 1/4 (the last group without energy), fractions 3/4, 1/4, 0
+    rows = [{"fraction": 0.75, "enrichment": 1.5}, {"fraction": 0.25, "enrichment": 1.0},
+            {"fraction": 0.0, "enrichment": 0.0}]  # fmt: skip
+    assert share_distance({"groups": rows}) == pytest.approx(0.5 * (0.25 + 0 + 0.25))

@@ -119,6 +119,7 @@ SAMPLES = {  # non-default values for every field of every command
     K.UnlearnCommand: dict(
         decomposition="d",
         out="o",
+        store="s",
         components="0,2",
         k_eval=3,
         k_mitigation=4,
@@ -138,6 +139,8 @@ SAMPLES = {  # non-default values for every field of every command
     K.IclCommand: dict(
         decomposition="d",
         out="o",
+        store="s",
+        accept_changed_dataset=True,
         dataset="x.csv",
         text_column="t",
         label_column="l",
@@ -171,6 +174,7 @@ SAMPLES = {  # non-default values for every field of every command
         snmf_iterations=7,
         snmf_restarts=2,
         snmf_tokens=None,
+        keep_constant_tokens=True,
         selectivity=True,
         target_kl=0.02,
         n_baseline=9,
@@ -196,7 +200,7 @@ SAMPLES = {  # non-default values for every field of every command
         projection="kron",
         kron_k=8,
     ),  # fmt: skip
-    K.ZeroShotCommand: dict(model="m", n=9),
+    K.ZeroShotCommand: dict(model="m", n=9, max_length=64),
     K.ExplainCommand: dict(
         decomposition="d",
         text=("a b", "c\nd"),
@@ -425,7 +429,9 @@ def test_collected_from_a_csv_with_its_columns(run):
     reviews = [_reviews(40)[i] for i in order]
     assert len(store) == 32 and meta["text"] == [t for t, _ in reviews]
     # the CSV's labels "sad" / "bad" are matched to the task's labels " bad", " sad" by name
-    assert meta["label_name"] == [s for _, s in reviews] and meta["label"] == [int(s == "sad") for _, s in reviews]
+    assert meta["label_name"] == [" " + s for _, s in reviews] and meta["label"] == [
+        int(s == "sad") for _, s in reviews
+    ]
     key = store.manifest["config"]
     assert key["proj_dim"] == 256 and key["text_column"] == "review" and "batch_size" not in key
 
@@ -511,6 +517,80 @@ def test_top_report_load_run_and_a_moved_tree(run, tmp_path, capsys):
 
 
 def test_a_decomposition_saved_from_python_needs_store(run, tmp_path, capsys):
+    from npeff_lens.decomposition import NPEFF
+
+    root, _, _ = run
+    NPEFF.load(root / "tree" / "npeff").save(tmp_path / "py")
+    assert main(["top", str(tmp_path / "py")]) == 2
+    assert "pass --store" in capsys.readouterr().err
+    assert main(["top", str(tmp_path / "py"), "--store", str(root / "tree" / "pefs")]) == 0
+    # every step that says "pass --store" has one
+    for step in ("icl", "unlearn"):
+        assert main([step, str(tmp_path / "py"), "--no-progress"]) == 2
+        assert "pass --store PATH (store=PATH in Python)" in capsys.readouterr().err
+        args = build_parser().parse_args([step, "d", "--store", "s"])
+        assert args.store == "s"
+
+
+def test_compare_json_lists_exactly_the_methods_of_the_call(run, tmp_path):
+    from npeff_lens.runs import compare
+
+    root, _, _ = run
+    shutil.copytree(root / "tree", tmp_path / "tree")
+    d = tmp_path / "tree" / "npeff"
+    (d / "compare").mkdir(exist_ok=True)
+    stale = {"config": {}, "methods": {"sae": {"n_components": 3, "config": {}}, "npeff": {"n_components": 9}}}
+    (d / "compare" / "compare.json").write_text(json.dumps(stale))
+    first = compare(d, methods="npeff", k=4, progress=False)
+    table = json.loads((d / "compare" / "compare.json").read_text())
+    assert (
+        list(first["methods"]) == list(table["methods"]) == ["npeff"] and table["methods"]["npeff"]["n_components"] == 3
+    )
+    again = compare(d, methods="npeff", k=4, progress=False)  # named again: resumed from its folder
+    assert again["methods"] == first["methods"]
+
+
+def test_top_where_cautions_when_a_location_is_at_chance(run, monkeypatch):
+    import npeff_lens.runs as runs
+    from npeff_lens.locations import component_locations
+    from npeff_lens.models import load_model, parameter_layout
+
+    root, _, _ = run
+    layout = parameter_layout(load_model("tiny-llama").named_parameters())
+    n = sum(e["numel"] for e in layout)
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(n, generator=g)  # energy by parameter counts: every group x1.0
+    planted = torch.where(torch.arange(n) < layout[3]["offset"] + layout[3]["numel"], spread, spread * 1e-3)
+    located = [component_locations(x, layout) for x in (spread, planted, spread)]
+    monkeypatch.setattr(runs, "locate", lambda *a, **k: {"components": located})
+    lines = top_report(root / "tree" / "npeff", k=4, show=1, where=True)["lines"]
+    starts = [i for i, line in enumerate(lines) if line.startswith("component ")]
+    blocks = [lines[i:j] for i, j in zip(starts, [*starts[1:], len(lines)])]
+    caution = [[line for line in b if line.startswith("  caution: at chance")] for b in blocks]
+    assert [len(c) for c in caution] == [1, 0, 1]
+    assert "--projection kron" in caution[0][0] and "spreads over parameters by their size" in caution[0][0]
+    assert caution[2][0].endswith(", as above")  # said in full once
+
+
+def test_no_progress_hides_every_bar_and_keeps_the_informational_lines(run, tmp_path, capsys):
+    """--no-progress hides our bars and the libraries' (transformers' "Loading weights" for a checkpoint
+    directory, datasets'), never the thread line or the label counts; the next command shows bars again."""
+    from npeff_lens.models import tiny_model
+
+    root, collect, _ = run
+    model, tok = tiny_model("tiny-llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    capsys.readouterr()
+    argv = [*collect[: collect.index("--out")], "--n", "6"]
+    argv[argv.index("--model") + 1] = str(tmp_path / "ckpt")
+    for out, flag in (("quiet", ["--no-progress"]), ("bars", [])):
+        assert main([*argv, "--out", str(tmp_path / out), *flag]) == 0
+        err = capsys.readouterr().err
+        assert "npeff collect: " in err and "CPU thread(s)" in err, err
+        assert f"6 examples in {tmp_path / out}; labels: " in err, err
+        assert ("Loading weights" in err and "%|" in err) == (not flag), err
+
     from npeff_lens.decomposition import NPEFF
 
     root, _, _ = run
@@ -625,10 +705,10 @@ def test_compare_all_methods_end_to_end_resumes_and_names_a_changed_field(run, c
     # still patched: gc.GradientClustering.fit fails if called (it must read the fit back)
     again = compare(d, methods="grad-cluster", k=2, progress=False)  # components omitted: the decomposition's 3
     assert again["methods"]["grad-cluster"]["n_components"] == 3
-    # comparing one method keeps the other methods' rows, each with the configuration it was measured under
+    # compare.json lists exactly the methods of the call; the others' fits stay in their folders for a later call
     kept = json.loads((d / "compare" / "compare.json").read_text())["methods"]
-    assert set(kept) == {"npeff", "grad-cluster", "sae", "snmf"}
-    assert kept["sae"]["config"]["sae_tokens"] == 3000 and kept["grad-cluster"]["config"]["components"] == 3
+    assert list(kept) == ["grad-cluster"] and kept["grad-cluster"]["config"]["components"] == 3
+    assert json.loads((d / "compare" / "sae" / RUN_FILE).read_text())["status"] == "done"
     # a bad SAE hook stops before anything is written, and does not block the corrected command
     capsys.readouterr()
     before = sorted(p.name for p in (d / "compare").iterdir())
@@ -725,7 +805,7 @@ def test_a_csv_run_reports_the_same_whatever_order_the_labels_are_given_in(tmp_p
         meta = PEFStore(root / "pefs").metadata
         icl = json.loads((root / "npeff" / "icl" / "icl.json").read_text())
         names = [labels[y] for y in meta["label"]]
-        assert [n.strip() for n in names] == meta["label_name"]  # the label index names the example's label
+        assert names == meta["label_name"]  # the label index names the example's outcome
         results[labels] = {
             "zero_shot": sum(p == y for p, y in zip(meta["prediction"], meta["label"])) / len(meta),
             "predicted": [labels[p] for p in meta["prediction"]],
@@ -790,13 +870,13 @@ def test_collect_says_which_examples_and_the_report_shows_their_labels(run, tmp_
 
     assert main(argv) == 0
     meta = PEFStore(tmp_path / "pefs").metadata
-    counts = {name: meta["label_name"].count(name) for name in ("bad", "sad")}
+    counts = {name: meta["label_name"].count(" " + name) for name in ("bad", "sad")}  # outcome names
     err = capsys.readouterr().err
     assert f"10 examples in {tmp_path / 'pefs'}; labels: bad {counts['bad']}, sad {counts['sad']}" in err
     assert f"npeff collect: {torch.get_num_threads()} CPU thread(s)" in err and "OMP_NUM_THREADS=1" in err
     index = build(root / "tree" / "npeff", out=tmp_path / "report", n_attributed=0, progress=False)
     labels = PEFStore(root / "tree" / "pefs").metadata["label_name"]
-    assert f"32 examples (labels: bad {labels.count('bad')}, sad {labels.count('sad')})" in index.read_text()
+    assert f"32 examples (labels: bad {labels.count(' bad')}, sad {labels.count(' sad')})" in index.read_text()
     # unprojected PEFs that cannot fit in memory are refused, naming the estimate
     monkeypatch.setattr(collect_module, "_available_memory", lambda: 2**20)
     assert main([*argv[: argv.index("--proj-dim")], "--proj-dim", "0", "--out", str(tmp_path / "raw")]) == 2
@@ -887,3 +967,81 @@ def test_compare_uses_an_sae_the_user_already_has(run, tmp_path, capsys, monkeyp
     # a folder that holds no SAE: one line, nothing written
     assert main(["compare", str(out), "--methods", "sae", "--sae-path", str(tmp_path), "--no-progress"]) == 2
     assert "holds no sae-lens SAE" in capsys.readouterr().err
+    # an SAE of another width than its hook's activations: one line naming both widths and the hook
+    again = tmp_path / "npeff-again"
+    shutil.copytree(d, again, ignore=shutil.ignore_patterns("compare", "report", "locations.json"))
+    argv = ["compare", str(again), "--methods", "sae", "--sae-path", str(users), "--sae-hook", "mlp:0", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "reads activations of width 32, but hook 'model.layers.0.mlp.down_proj:input' gives width" in err
+    lines = [line for line in err.splitlines() if "CPU thread(s)" not in line]  # beside the threads line: one line
+    assert len(lines) == 1 and not (again / "compare").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# What a user reads comes from the run it claims: outcomes not spellings, the run's own store and data.
+# --------------------------------------------------------------------------------------------------
+
+
+def _collect_csv(csv, out, *extra):
+    return main(["collect", "--model", "tiny-llama", "--dataset", str(csv), "--text-column", "review",
+                 "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad", " sad",
+                 "--proj-dim", "256", "--dtype", "float32", "--out", str(out), "--no-progress", *extra])  # fmt: skip
+
+
+def _decompose(store, out):
+    return main(["decompose", "--store", str(store), "--components", "3", "--steps", "40", "--warmup-steps", "10",
+                 "--out", str(out), "--no-progress"])  # fmt: skip
+
+
+def _write_csv(path, rows):
+    path.write_text("review,sentiment\n" + "".join(f"{t},{s}\n" for t, s in rows))
+    return path
+
+
+def test_spellings_other_stores_and_edited_data_are_caught(tmp_path, capsys):
+    rows = _reviews(40)
+    spell = ("SAD", " sad ", "Sad", "sad"), ("Bad ", "BAD", " bad", "bad")
+    messy = [(t, spell[s == "bad"][i % 4]) for i, (t, s) in enumerate(rows)]
+    for name, data in (("clean", rows), ("messy", messy), ("other", _reviews(40, seed=5))):
+        assert _collect_csv(_write_csv(tmp_path / f"{name}.csv", data), tmp_path / name / "pefs") == 0
+        assert _decompose(tmp_path / name / "pefs", tmp_path / name / "npeff") == 0
+    capsys.readouterr()
+    # the same rows spelled differently: the same outcomes, the same tunings, outcome names in the output
+    clean, messy_store = PEFStore(tmp_path / "clean" / "pefs"), PEFStore(tmp_path / "messy" / "pefs")
+    assert clean.example_labels() == messy_store.example_labels()
+    assert set(messy_store.example_labels()) == {" bad", " sad"}
+    reports = [top_report(tmp_path / name / "npeff", k=4, show=3) for name in ("clean", "messy")]
+    assert reports[0]["summary"] == reports[1]["summary"] and reports[0]["lines"] == reports[1]["lines"]
+    # another run's store (same size, other texts) is refused in one line naming what differs
+    assert main(["top", str(tmp_path / "messy" / "npeff"), "--store", str(tmp_path / "other" / "pefs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is not the one the decomposition" in err and "examples of" in err
+    # the same examples collected from another file are the same examples
+    assert main(["top", str(tmp_path / "messy" / "npeff"), "--store", str(tmp_path / "clean" / "pefs")]) == 0
+    # an edited dataset is refused by the steps that read it again, naming the first changed example
+    flipped = [(t, {"sad": "bad", "bad": "sad"}[s]) for t, s in rows]
+    _write_csv(tmp_path / "clean.csv", flipped)
+    capsys.readouterr()
+    icl = ["icl", str(tmp_path / "clean" / "npeff"), "--n-eval", "4", "--shots", "1", "--n-prompts", "1",
+           "--n-select", "4", "--threshold", "0.5", "--k", "4", "--no-progress"]  # fmt: skip
+    assert main(icl) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "has changed since the run's store" in err and "has label ' sad', the store ' bad'" in err
+    assert "--accept-changed-dataset" in err and not (tmp_path / "clean" / "npeff" / "icl").exists()
+    assert main([*icl, "--accept-changed-dataset"]) == 0
+
+
+def test_integer_labels_say_how_they_map_and_globs_that_match_nothing_are_named(tmp_path, capsys):
+    rows = [(t, int(s == "sad")) for t, s in _reviews(12)]
+    csv = _write_csv(tmp_path / "ints.csv", rows)
+    assert _collect_csv(csv, tmp_path / "pefs") == 0
+    assert "label 0 → ' bad', 1 → ' sad'" in capsys.readouterr().err
+    assert _collect_csv(csv, tmp_path / "named", "--label-names", "sad", "bad") == 0
+    assert "by position" not in capsys.readouterr().err
+    named, meant = PEFStore(tmp_path / "named").metadata, {t: (" sad", " bad")[y] for t, y in rows}
+    assert named["label_name"] == [meant[t] for t in named["text"]]  # label 0 is "sad" by name, not " bad"
+    with pytest.warns(UserWarning, match=r"\['model.layerz.\*'\] match no parameter of the model"):
+        assert _collect_csv(csv, tmp_path / "glob", "--params", "model.layers.0.*", "model.layerz.*") == 0
+    # two labels that are the same name up to case are refused in one line
+    assert _collect_csv(_write_csv(tmp_path / "s.csv", _reviews(12)), tmp_path / "dup", "--labels", " sad", " Sad") == 2

@@ -10,6 +10,8 @@ import torch
 
 pytest.importorskip("sae_lens")
 
+from helpers import TEMPLATE, random_texts  # noqa: E402
+
 from npeff_lens.baselines.activations import Activations, activations  # noqa: E402
 from npeff_lens.baselines.sae import SAE_LENS_INSTALL, TopKSAEBaseline, unit_normalise  # noqa: E402
 from npeff_lens.models import load_model  # noqa: E402
@@ -103,8 +105,10 @@ def test_coefficients_are_per_example_max_of_encode(planted_fit):
         rows = example_index == e
         assert got == frozenset(token_ids[rows][z[rows, latent] > 0].tolist())
     assert sets[0]  # the latent's top example has it active somewhere
-    # Dead latents: non-zero on fewer than k_top examples.
-    n_active = (brute > 0).sum(0)
+    # Dead latents: active (analysis.active) on fewer than k_top examples.
+    from npeff_lens.analysis import active
+
+    n_active = active(brute).sum(0)
     assert torch.equal(sae.alive_, n_active >= sae.k_top)
     assert set(sae.dead_latents_.tolist()) == set(torch.nonzero(n_active < sae.k_top).flatten().tolist())
     # Transforming the same activations again gives the same coefficients.
@@ -129,7 +133,8 @@ def test_saved_layout_is_unchanged(planted_fit, tmp_path):
     sae.save(tmp_path)
     names = ["cfg.json", "npeff_sae.json", "npeff_sae_codes.safetensors", "sae_weights.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == names
-    keys = ("coefficients", "example_index", "token_ids", "positions", "code_latents", "code_values")
+    keys = ("coefficients", "example_index", "token_ids", "positions", "code_latents", "code_values",
+            "constant_prefix")  # fmt: skip
     codes = save({k: getattr(sae, f"{k}_").contiguous() for k in keys})
     assert (tmp_path / "npeff_sae_codes.safetensors").read_bytes() == codes
     meta = json.loads((tmp_path / "npeff_sae.json").read_text())
@@ -203,7 +208,8 @@ def test_fit_save_load_round_trip(adapter, tmp_path):
     sae = TopKSAEBaseline(48, 4, hook=hook, batch_size=64, n_epochs=3, k_top=2, show_progress=False)
     sae.fit(adapter, PROMPTS)
     n_tokens = int(adapter.tokenize(PROMPTS)["attention_mask"].sum())
-    assert sae.coefficients_.shape == (len(PROMPTS), 48) and sae.n_tokens_ == n_tokens
+    n_constant = len(PROMPTS) * sae.constant_prefix_.numel()  # the prompts' common prefix is not read
+    assert sae.coefficients_.shape == (len(PROMPTS), 48) and sae.n_tokens_ == n_tokens - n_constant
     assert sae.fit_seconds_ > 0 and set(sae.timings_) >= {"activations", "train", "encode"}
     assert sae.sae_.cfg.metadata.hook_name == hook
 
@@ -224,6 +230,104 @@ def test_fit_save_load_round_trip(adapter, tmp_path):
     latent = int(sae.coefficients_.sum(0).argmax())
     assert back.active_token_sets(latent, range(len(PROMPTS))) == sae.active_token_sets(latent, range(len(PROMPTS)))
     torch.testing.assert_close(back.transform(adapter, PROMPTS), sae.coefficients_, rtol=0, atol=1e-6)
+
+
+TEMPLATED = [TEMPLATE.format(text=t) for t in random_texts(24, seed=3, max_words=5)]
+
+
+def test_constant_prefix_is_left_out_of_training_and_maxima(adapter, monkeypatch):
+    """A causal model's activations on the tokens that every prompt starts with (the template's text before
+    ``{text}``) are the same in every example: by default they are neither trained on nor any example's max, the
+    prefix is recorded for new prompts, and reading them back adds one row, the same for every example."""
+    import copy
+
+    hook = "model.layers.0"
+    ids = [adapter.tokenize([p])["input_ids"][0].tolist() for p in TEMPLATED]
+    n = next(i for i in range(min(map(len, ids))) if len({s[i] for s in ids}) > 1)  # the common prefix, brute force
+    assert n >= 2
+    acts = activations(adapter, TEMPLATED, hook, show_progress=False)
+    assert acts.causal is True
+    trained = []
+    original = TopKSAEBaseline._train
+    monkeypatch.setattr(TopKSAEBaseline, "_train", lambda self, x: trained.append(x) or original(self, x))
+    kw = dict(hook=hook, batch_size=32, n_epochs=2, k_top=2, show_progress=False)
+    drop = TopKSAEBaseline(16, 2, **kw).fit_activations(acts)
+    assert drop.constant_prefix_.tolist() == ids[0][:n]
+    assert torch.equal(trained[0], acts.acts[acts.positions >= n])  # no training token inside the prefix
+    assert int(drop.positions_.min()) == n and drop.n_tokens_ == len(acts) - n * len(TEMPLATED)
+    z = drop.encode(acts.acts)
+    for i in range(len(TEMPLATED)):  # each example's max comes from a token after the prefix
+        s, t = drop._token_range(i)
+        assert (drop.positions_[s:t] >= n).all()
+        own = (acts.example_index == i) & (acts.positions >= n)
+        torch.testing.assert_close(drop.coefficients_[i], z[own].amax(0), rtol=0, atol=1e-6)
+
+    keep = TopKSAEBaseline(16, 2, constant_tokens="keep", **kw).fit_activations(acts)
+    assert torch.equal(trained[1], acts.acts) and keep.constant_prefix_.numel() == 0
+    assert int(keep.positions_.min()) == 0 and keep.n_tokens_ == len(acts)
+    # The same SAE reading every token: each example's max is its own max or the prefix's, one row for all.
+    prefix = z[acts.positions < n].reshape(len(TEMPLATED), n, -1)
+    torch.testing.assert_close(prefix, prefix[:1].expand_as(prefix), rtol=0, atol=1e-5)
+    every = copy.copy(drop)
+    every.constant_prefix_ = torch.zeros(0, dtype=torch.long)
+    expected = torch.maximum(drop.coefficients_, prefix[0].amax(0))
+    torch.testing.assert_close(every.transform_activations(acts), expected, rtol=0, atol=1e-5)
+
+    # New prompts lose the positions they share with the recorded prefix: one prompt alone, a prompt that
+    # starts otherwise (nothing dropped), a prompt that is the prefix (its last token kept).
+    torch.testing.assert_close(drop.transform(adapter, [TEMPLATED[5]])[0], drop.coefficients_[5], rtol=0, atol=1e-6)
+    other, bare = "Question: dull film", adapter.tokenizer.decode(ids[0][:n])
+    alone = activations(adapter, [other, bare], hook, show_progress=False)
+    codes = drop.encode(alone.acts)
+    expected = torch.stack([codes[alone.example_index == 0].amax(0), codes[-1]])
+    torch.testing.assert_close(drop.transform(adapter, [other, bare]), expected, rtol=0, atol=1e-6)
+
+
+def test_a_bidirectional_model_keeps_every_token():
+    """In a bidirectional encoder a shared prefix's activations depend on the rest of the prompt: nothing is
+    dropped there."""
+    bert = load_model("tiny-bert-classifier")
+    acts = activations(bert, TEMPLATED[:6], "bert.encoder.layer.0", show_progress=False)
+    assert acts.causal is False
+    sae = TopKSAEBaseline(8, 2, batch_size=32, k_top=1, show_progress=False).fit_activations(acts)
+    assert sae.constant_prefix_.numel() == 0 and sae.n_tokens_ == len(acts)
+
+
+def test_an_sae_saved_before_constant_tokens_loads_as_it_was(adapter, tmp_path):
+    """A folder saved before the constant prefix was recorded (no ``constant_tokens`` parameter, no
+    ``constant_prefix`` tensor) loads as what it was: an SAE that read every token."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    sae = TopKSAEBaseline(8, 2, hook="model.layers.0", batch_size=32, k_top=1, constant_tokens="keep",
+                          show_progress=False).fit(adapter, TEMPLATED[:8])  # fmt: skip
+    sae.save(tmp_path)
+    meta = json.loads((tmp_path / "npeff_sae.json").read_text())
+    del meta["params"]["constant_tokens"]
+    (tmp_path / "npeff_sae.json").write_text(json.dumps(meta))
+    codes = load_file(tmp_path / "npeff_sae_codes.safetensors")
+    del codes["constant_prefix"]
+    save_file(codes, tmp_path / "npeff_sae_codes.safetensors")
+    back = TopKSAEBaseline.load(tmp_path)
+    assert back.constant_tokens == "keep" and back.constant_prefix_.numel() == 0
+    assert torch.equal(back.coefficients_, sae.coefficients_)
+    torch.testing.assert_close(back.transform(adapter, TEMPLATED[:8]), sae.coefficients_, rtol=0, atol=1e-6)
+
+
+def test_a_users_sae_of_another_width_is_one_line(adapter, tmp_path):
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    d = activations(adapter, PROMPTS[:1], "mlp:0", show_progress=False).d
+    cfg = sae_lens.TopKSAEConfig(d_in=d + 3, d_sae=8, k=2, metadata=SAEMetadata(hook_name="mlp:0"))
+    sae_lens.TopKSAE(cfg).save_model(tmp_path)
+    sae = TopKSAEBaseline.from_sae_lens(tmp_path, show_progress=False)
+    with pytest.raises(
+        ValueError, match=rf"width {d + 3}, but hook 'model.layers.0.mlp.down_proj:input' gives width {d}"
+    ) as e:
+        sae.fit(adapter, PROMPTS)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("backend, resolved", [("hf", "model.layers.1.self_attn.o_proj:input"),

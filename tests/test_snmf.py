@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from npeff_lens.baselines.activations import activations, attention_output_hook, mlp_hidden_hook
+from npeff_lens.baselines.activations import Activations, activations, attention_output_hook, mlp_hidden_hook
 from npeff_lens.baselines.snmf import SNMFBaseline, encode, semi_nmf, winner_take_all
 from npeff_lens.models import load_model
 
@@ -82,6 +82,102 @@ def test_encode_and_a_token_subset_agree_with_the_full_fit():
     rel = (again - full.token_coefficients_[:500]).norm() / full.token_coefficients_[:500].norm()
     assert rel < 0.05, rel
     assert (full.transform_activations(acts[:20]) >= 0).all()
+
+
+def _with_a_constant_prefix(m=300, n_text=4):
+    """``(activations, y)``: ``m`` examples of two prefix tokens (ids 1, 2: activations ``3 Σ z`` and ``2.7 Σ z``,
+    above every text token on every planted feature, as a causal model gives a shared prefix) and ``n_text``
+    planted text tokens; ``y [m * n_text, k]`` the text tokens' planted coefficients."""
+    z, y, acts = planted(n=m * n_text)
+    big = 3 * z.sum(1)
+    x = torch.cat([torch.cat([torch.stack([big, 0.9 * big]), acts[n_text * i : n_text * (i + 1)]]) for i in range(m)])
+    length = n_text + 2
+    pos = torch.arange(length).repeat(m)
+    text_ids = torch.randint(10, 50, (m * length,), generator=torch.Generator().manual_seed(0))
+    data = Activations(x, torch.arange(m).repeat_interleave(length), torch.where(pos < 2, pos + 1, text_ids), pos,
+                       "planted", m, causal=True)  # fmt: skip
+    return z, y, data
+
+
+def _best_cosine(truth: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """Per column of ``truth [m, k]``, the cosine of the closest column of ``coefficients [m, k']``."""
+    a, b = torch.nn.functional.normalize(truth.T, dim=1), torch.nn.functional.normalize(coefficients.T, dim=1)
+    return (a @ b.T).max(1).values
+
+
+def test_a_constant_prefix_that_wins_every_max_is_left_out():
+    """Planted: two prefix tokens that every example shares and that load on every feature more than any text
+    token. Read, they win every feature's max in every example (coefficients equal for all examples); left out
+    (the default), the coefficients are the planted per-example maxima of the text tokens."""
+    import copy
+
+    z, y, data = _with_a_constant_prefix()
+    truth = y.reshape(300, 4, -1).amax(1)
+    kw = dict(sparsity=0.25, n_iter=100, n_init=1, show_progress=False)
+    drop = SNMFBaseline(8, **kw).fit_activations(data)
+    assert drop.constant_prefix_.tolist() == [1, 2] and int(drop.positions_.min()) == 2
+    assert drop.token_coefficients_.shape[0] == 300 * 4
+    assert _matched(z, drop.features_).min() >= 0.99
+    assert _best_cosine(truth, drop.coefficients_).min() >= 0.99
+    spread = lambda c: (c.max(0).values - c.min(0).values) / c.max(0).values.clamp_min(1e-12)  # noqa: E731
+    assert spread(drop.coefficients_).min() > 0.5
+    every = copy.copy(drop)  # the same features reading every token: the prefix is every example's max
+    every.constant_prefix_ = torch.zeros(0, dtype=torch.long)
+    assert spread(every.transform_activations(data)).max() < 1e-5
+    keep = SNMFBaseline(8, constant_tokens="keep", **kw).fit_activations(data)
+    assert keep.constant_prefix_.numel() == 0 and keep.token_coefficients_.shape[0] == 300 * 6
+    assert (spread(keep.coefficients_) < 1e-5).sum() >= 4  # most features: one value for every example
+    assert _best_cosine(truth, keep.coefficients_).max() < 0.9
+
+
+def test_constant_prefix_edge_cases():
+    """The common prefix and what is left of each prompt: a template "{text}" with a BOS, no BOS, a prompt that is
+    the prefix (its last token kept), one prompt, new prompts against a recorded prefix, a bidirectional model."""
+    from npeff_lens.baselines.activations import constant_prefix, without_constant_prefix
+
+    def data(*prompts, causal=True):
+        ids = torch.tensor([t for p in prompts for t in p])
+        ex = torch.cat([torch.full((len(p),), i) for i, p in enumerate(prompts)])
+        pos = torch.cat([torch.arange(len(p)) for p in prompts])
+        return Activations(ids[:, None].float(), ex, ids, pos, "h", len(prompts), causal)
+
+    def left(acts, prefix):
+        out = without_constant_prefix(acts, torch.tensor(prefix, dtype=torch.long))
+        return [out.token_ids[out.example_index == i].tolist() for i in range(acts.n_examples)]
+
+    assert constant_prefix(data([1, 4, 5], [1, 7])).tolist() == [1]  # "{text}": only the BOS
+    assert constant_prefix(data([4, 5], [7])).tolist() == []  # no BOS, nothing shared
+    both = data([5, 6], [5, 6, 7], [5, 6, 8, 9])
+    assert constant_prefix(both).tolist() == [5, 6]
+    assert left(both, [5, 6]) == [[6], [7], [8, 9]]  # a prompt that is the prefix keeps its last token
+    one = data([3, 1, 4])
+    assert constant_prefix(one).tolist() == [3, 1, 4] and left(one, [3, 1, 4]) == [[4]]
+    new = data([5, 6, 9], [5, 1], [2], [5, 6, 7, 8])
+    assert left(new, [5, 6, 7]) == [[9], [1], [2], [8]]
+    assert left(new, []) == [[5, 6, 9], [5, 1], [2], [5, 6, 7, 8]]
+    assert constant_prefix(data([1, 4], [1, 7], causal=False)).tolist() == []  # bidirectional: not constant
+    assert constant_prefix(data([1, 4], [1, 7], causal=None)).tolist() == []  # unknown model: every token kept
+
+
+def test_an_snmf_saved_before_constant_tokens_loads_as_it_was(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _, _, data = _with_a_constant_prefix(m=40)
+    snmf = SNMFBaseline(4, n_iter=10, n_init=1, constant_tokens="keep", show_progress=False).fit_activations(data)
+    snmf.save(tmp_path)
+    meta = json.loads((tmp_path / "npeff_snmf.json").read_text())
+    del meta["params"]["constant_tokens"]
+    (tmp_path / "npeff_snmf.json").write_text(json.dumps(meta))
+    tensors = load_file(tmp_path / "npeff_snmf.safetensors")
+    del tensors["constant_prefix"]
+    save_file(tensors, tmp_path / "npeff_snmf.safetensors")
+    back = SNMFBaseline.load(tmp_path)
+    assert back.constant_tokens == "keep" and back.constant_prefix_.numel() == 0
+    assert torch.equal(back.coefficients_, snmf.coefficients_)
+    every = encode(data.acts, back.features_, n_iter=back.encode_iter).reshape(40, 6, -1).amax(1)
+    torch.testing.assert_close(back.transform_activations(data), every, rtol=0, atol=1e-5)  # every token read
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +264,8 @@ def test_saved_layout_is_unchanged_and_a_foreign_folder_is_one_line(tmp_path):
     snmf = SNMFBaseline(4, n_iter=10, n_init=1, show_progress=False).fit_activations(acts, torch.arange(400) // 4)
     snmf.save(tmp_path / "s")
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["npeff_snmf.json", "npeff_snmf.safetensors"]
-    keys = ("features", "coefficients", "token_coefficients", "example_index", "token_ids", "positions")
+    keys = ("features", "coefficients", "token_coefficients", "example_index", "token_ids", "positions",
+            "constant_prefix")  # fmt: skip
     tensors = save({k: getattr(snmf, f"{k}_").contiguous() for k in keys})
     assert (tmp_path / "s" / "npeff_snmf.safetensors").read_bytes() == tensors
     meta = json.loads((tmp_path / "s" / "npeff_snmf.json").read_text())

@@ -151,7 +151,7 @@ def _planted_coefficients(m=60, seed=0):
     g = torch.Generator().manual_seed(seed)
     c = torch.rand(m, 3, generator=g)
     c[:, 2] = 0.0
-    c[:5, 2] = 1.0  # too few positive coefficients for 1 + 3 + 3 top examples
+    c[:5, 2] = 1.0  # too few active examples for 1 + 3 + 3 top examples
     return c
 
 
@@ -164,7 +164,7 @@ def test_experiment_sets_partition(prompts):
     assert sorted(sum(groups, [])) == list(range(60))  # a partition of the examples
     assert [len(x) for x in groups[:5]] == [1, 3, 3, 3, 10]
     assert s == experiment_sets(c, 1, k_eval=3, k_mitigation=3, n_random=10, seed=4)
-    with pytest.raises(ValueError, match="positive coefficient"):
+    with pytest.raises(ValueError, match="active examples"):
         experiment_sets(c, 2, k_eval=3, k_mitigation=3, n_random=10)
     with pytest.raises(ValueError, match="cannot hold"):
         experiment_sets(c, 0, k_eval=3, k_mitigation=3, n_random=60)
@@ -201,7 +201,7 @@ def test_experiment_report(report):
     assert set(report) == {"per_component", "summary", "config"}
     assert [r["component"] for r in report["per_component"]] == [0, 2, 1]
     skipped = report["per_component"][1]
-    assert "positive coefficient" in skipped["status"] and "runs" not in skipped
+    assert "active examples" in skipped["status"] and "runs" not in skipped
     s = report["summary"]
     assert (s["n_components"], s["n_evaluated"], s["kl_threshold"]) == (3, 2, 0.01)
     ok = [r for r in report["per_component"] if r["status"] == "ok"]

@@ -36,6 +36,7 @@ from ..analysis import tunings
 from ..io import progress as progress_bar
 from ..io import to_jsonable
 from ..perturb import task_log_probs
+from ..tasks import shortened_note
 
 __all__ = [
     "TuningClassifier",
@@ -91,8 +92,8 @@ class TuningClassifier:
     threshold : float, default 0.75
         A component is tuned to a label when at least this fraction of its top ``k`` examples have it.
     k : int, default 16
-        Top examples per component. Only positive coefficients count: a component with fewer than ``k``
-        examples with a positive coefficient is not tuned (see :func:`npeff_lens.analysis.tunings`).
+        Top examples per component. Only active coefficients count: a component with fewer than ``k``
+        active examples is not tuned (see :func:`npeff_lens.analysis.tunings`).
 
     Attributes
     ----------
@@ -149,7 +150,7 @@ class TuningClassifier:
         if not tuned:
             raise ValueError(
                 f"no component is tuned to a label: none of the {c.shape[1]} components has >= {self.threshold:.0%} "
-                f"of its top {self.k} examples (with positive coefficients) sharing one; lower threshold or k, or use "
+                f"of its top {self.k} examples (active ones) sharing one; lower threshold or k, or use "
                 "a decomposition with more components"
             )
         index = {v: i for i, v in enumerate(classes.tolist())}
@@ -245,10 +246,14 @@ def icl_prompts(
     return [prefix + task.format(t) for t in texts]
 
 
-def zero_shot_predictions(adapter, task, texts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
-    """``[n]`` outcome indices ``argmax_y p(y|x)`` of the prompts ``task.prompts(texts)``."""
+def zero_shot_predictions(
+    adapter, task, texts: Sequence[str], *, batch_size: int = 32, max_length: int | None = None
+) -> torch.Tensor:
+    """``[n]`` outcome indices ``argmax_y p(y|x)`` of the prompts ``task.prompts(texts)``, each in at most
+    ``max_length`` tokens as the collection fits them (:meth:`~npeff_lens.tasks.Task.fitted_prompts`)."""
     task.bind(adapter)
-    return task_log_probs(adapter, task, task.prompts(list(texts)), batch_size=batch_size).argmax(-1)
+    prompts, _ = task.fitted_prompts(adapter.tokenizer, list(texts), max_length)
+    return task_log_probs(adapter, task, prompts, batch_size=batch_size).argmax(-1)
 
 
 def agreement(a, b) -> float:
@@ -274,7 +279,9 @@ class ICLResult:
     ``prefix``: the chosen demonstrations (:func:`icl_prefix`); ``demonstrations``: their indices in the training
     examples; ``selection``: the selection subset's indices; ``selection_accuracies``: ``[n_prompts]`` accuracy
     of each drawn prefix on it; ``best``: the chosen prefix's draw; ``predictions``: ``[n_eval]`` outcome indices;
-    ``log_probs``: ``[n_eval, outcomes]``; ``accuracy``: on the evaluation examples (``None`` without labels).
+    ``log_probs``: ``[n_eval, outcomes]``; ``accuracy``: on the evaluation examples (``None`` without labels);
+    ``text_tokens_cut``: per evaluation example, the tokens its text lost so that the prompt fits ``max_length``
+    (:meth:`~npeff_lens.tasks.Task.fitted_prompts`); ``shortened``: a line saying so (None when none lost any).
     """
 
     prefix: str
@@ -285,10 +292,13 @@ class ICLResult:
     predictions: torch.Tensor
     log_probs: torch.Tensor
     accuracy: float | None = None
+    text_tokens_cut: list[int] | None = None
+    shortened: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able, without the log-probs."""
-        d = {k: getattr(self, k) for k in ("prefix", "demonstrations", "selection_accuracies", "best", "accuracy")}
+        keys = ("prefix", "demonstrations", "selection_accuracies", "best", "accuracy", "shortened")
+        d = {k: getattr(self, k) for k in keys}
         d["selection_accuracy"] = self.selection_accuracies[self.best]
         d["n_selection"] = len(self.selection)
         d["predictions"] = self.predictions.tolist()
@@ -315,6 +325,7 @@ def best_of_n_icl(
     batch_size: int = 16,
     separator: str = "\n",
     progress: bool = False,
+    max_length: int | None = None,
 ) -> ICLResult:
     """The best of ``n_prompts`` random ``shots``-shot prefixes (§6.2, Zhang et al. 2022), and its predictions.
 
@@ -322,7 +333,10 @@ def best_of_n_icl(
     drawn at random from the other training examples. The prefix with the highest accuracy on the selection
     subset wins (the earliest draw on a tie) and predicts ``eval_texts``. ``train_labels`` / ``eval_labels``:
     outcome indices; ``label_words``: the word appended after each demonstration per label (``None``: the task's
-    outcome names). Deterministic given ``seed``. See the module docstring for the prompt format.
+    outcome names). Deterministic given ``seed``. See the module docstring for the prompt format. ``max_length``:
+    the most tokens of a prompt, the demonstrations and the query together (e.g. the model's context length): a
+    query too long loses tokens from its text's end (:meth:`~npeff_lens.tasks.Task.fitted_prompts`, the
+    demonstrations and the template kept), and demonstrations that alone exceed it are an error; None: no limit.
     """
     words = _label_words(task, label_words)
     train_texts, eval_texts = list(train_texts), list(eval_texts)
@@ -345,23 +359,24 @@ def best_of_n_icl(
     draws = [[pool[i] for i in torch.randperm(len(pool), generator=gen)[:shots].tolist()] for _ in range(n_prompts)]
     accuracies = []
     for demos in progress_bar(draws, desc="icl prompts", unit="prompt", enabled=progress):
-        prompts = icl_prompts(
-            task, [train_texts[i] for i in selection], [train_texts[i] for i in demos], [y[i] for i in demos], words,
-            separator=separator,
-        )  # fmt: skip
+        prefix = icl_prefix(task, [train_texts[i] for i in demos], [y[i] for i in demos], words, separator=separator)
+        prompts, _ = task.fitted_prompts(adapter.tokenizer, [train_texts[i] for i in selection], max_length,
+                                         prefix=prefix)  # fmt: skip
         lp = task_log_probs(adapter, task, prompts, batch_size=batch_size)
         accuracies.append(_accuracy(lp, [y[i] for i in selection]))
     best = int(np.argmax(accuracies))  # the first maximum
     demos = draws[best]
     prefix = icl_prefix(task, [train_texts[i] for i in demos], [y[i] for i in demos], words, separator=separator)
-    lp = task_log_probs(adapter, task, [prefix + task.format(t) for t in eval_texts], batch_size=batch_size)
+    prompts, cut = task.fitted_prompts(adapter.tokenizer, eval_texts, max_length, prefix=prefix)
+    lp = task_log_probs(adapter, task, prompts, batch_size=batch_size)
     acc = None
     if eval_labels is not None:
         ey = _label_indices(eval_labels, len(words), "eval_labels")
         if len(ey) != len(eval_texts):
             raise ValueError(f"{len(eval_texts)} evaluation texts but {len(ey)} labels")
         acc = _accuracy(lp, ey)
-    return ICLResult(prefix, demos, selection, accuracies, best, lp.argmax(-1), lp, acc)
+    shortened = shortened_note(cut, max_length, "in-context queries")
+    return ICLResult(prefix, demos, selection, accuracies, best, lp.argmax(-1), lp, acc, cut, shortened)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,6 +403,8 @@ def icl_experiment(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    max_length: int | None = None,
+    icl_max_length: int | None = None,
 ) -> dict[str, Any]:
     """Tuning classifier vs zero-shot vs best-of-N ICL on the evaluation examples (§6.2), JSON-able.
 
@@ -397,7 +414,8 @@ def icl_experiment(
     ``accuracy`` (``classifier``, ``zero_shot``, ``icl``), ``agreement`` (``classifier_icl``, ``zero_shot_icl``,
     ``classifier_zero_shot``), ``classifier`` (``n_tuned``, ``tuned_components``, ``component_labels``,
     ``n_unscored``), ``icl`` (:meth:`ICLResult.as_dict` without predictions), ``predictions`` per method, and the
-    sizes and settings.
+    sizes and settings. ``max_length``: the zero-shot prompts' (the collection's, so that they read what it read);
+    ``icl_max_length``: the in-context prompts' (demonstrations and query, :func:`best_of_n_icl`).
     """
     eval_texts = list(eval_texts)
     ey = _label_indices(eval_labels, len(_label_words(task.bind(adapter), label_words)), "eval_labels")
@@ -409,10 +427,12 @@ def icl_experiment(
         raise ValueError(f"{len(eval_texts)} evaluation texts but {ec.shape[0]} rows of eval_coefficients")
     pred = {"classifier": clf.predict(ec).tolist()}
     n_unscored = clf.n_unscored_
-    pred["zero_shot"] = zero_shot_predictions(adapter, task, eval_texts, batch_size=batch_size).tolist()
+    pred["zero_shot"] = zero_shot_predictions(adapter, task, eval_texts, batch_size=batch_size,
+                                              max_length=max_length).tolist()  # fmt: skip
     icl = best_of_n_icl(
         adapter, task, train_texts, train_labels, label_words, eval_texts, ey,
         shots=shots, n_prompts=n_prompts, n_select=n_select, seed=seed, batch_size=batch_size, progress=progress,
+        max_length=icl_max_length,
     )  # fmt: skip
     pred["icl"] = icl.predictions.tolist()
     icl_info = icl.as_dict()

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..analysis import top_examples
+from ..analysis import ACTIVE_DEFINITION, active, top_examples
 from ..io import progress as progress_bar
 from ..io import to_jsonable
 from ..perturb import kl_divergence, task_log_probs
@@ -308,7 +308,8 @@ _SIZES = ("n_batches", "retain_batch_size", "forget_batch_size")
 
 
 class TooFewTopExamplesError(ValueError):
-    """A component has fewer positive coefficients than the experiment needs top examples."""
+    """A component has fewer active examples (:func:`~npeff_lens.analysis.active`) than the experiment needs
+    top examples."""
 
 
 def _generator(seed: int, component: int) -> torch.Generator:
@@ -323,7 +324,7 @@ def experiment_sets(
     examples split at random), ``control`` (``k_mitigation`` random examples outside those), ``random`` (the
     random evaluation set, disjoint from all of them) and ``pool`` (the rest: where retain batches are drawn).
     Seeded by ``(seed, component)``. :class:`TooFewTopExamplesError` when the component has fewer than
-    ``1 + k_eval + k_mitigation`` positive coefficients; a ValueError when the examples do not suffice."""
+    ``1 + k_eval + k_mitigation`` active examples; a ValueError when the examples do not suffice."""
     c = torch.as_tensor(coefficients)
     m = c.shape[0]
     n_top = 1 + k_eval + k_mitigation
@@ -333,9 +334,9 @@ def experiment_sets(
             "retain pool: lower k_eval / k_mitigation / n_random"
         )
     top = top_examples(c, k=n_top)[component].tolist()
-    if not bool((c[top, component] > 0).all()):
+    if not bool(active(c)[top, component].all()):
         raise TooFewTopExamplesError(
-            f"component {component} has fewer than {n_top} examples with a positive coefficient"
+            f"component {component} has fewer than {n_top} active examples ({ACTIVE_DEFINITION})"
         )
     gen = _generator(seed, component)
     rest = [top[1 + i] for i in torch.randperm(n_top - 1, generator=gen).tolist()]

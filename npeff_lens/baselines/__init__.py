@@ -121,25 +121,33 @@ def _fit_snmf(x: FitInputs):
     snmf = SNMFBaseline(
         x.components, layer=cfg.snmf_layer, sparsity=cfg.snmf_sparsity, n_iter=cfg.snmf_iterations,
         n_init=cfg.snmf_restarts, max_tokens=cfg.snmf_tokens, seed=cfg.seed, k_top=cfg.k,
-        activation_batch_size=cfg.batch_size, show_progress=cfg.progress,
+        activation_batch_size=cfg.batch_size, show_progress=cfg.progress, constant_tokens=cfg.constant_tokens,
+        max_length=x.space.get("max_length"),
     )  # fmt: skip
-    return snmf.fit(x.adapter, x.task.prompts(x.texts))
+    return snmf.fit(x.adapter, _prompts(x))
 
 
 def _fit_sae(x: FitInputs):
     from .activations import default_hook, resolve_hook
     from .sae import TopKSAEBaseline
 
-    cfg, prompts = x.config, x.task.prompts(x.texts)
+    cfg, prompts = x.config, _prompts(x)
     if x.given is not None:  # the user's SAE: read and encoded, not trained
         return x.given.fit(x.adapter, prompts)
     hook = resolve_hook(x.adapter, cfg.sae_hook or default_hook(x.adapter))
     k = cfg.sae_k or max(1, min(32, x.components // 4))
     sae = TopKSAEBaseline(
         x.components, k, hook=hook, seed=cfg.seed, lr=cfg.sae_lr, total_tokens=cfg.sae_tokens,
-        activation_batch_size=cfg.batch_size, show_progress=cfg.progress,
+        activation_batch_size=cfg.batch_size, show_progress=cfg.progress, constant_tokens=cfg.constant_tokens,
+        max_length=x.space.get("max_length"),
     )  # fmt: skip
     return sae.fit(x.adapter, prompts)
+
+
+def _prompts(x: FitInputs) -> list[str]:
+    """The run's prompts, as its collection made them (:meth:`~npeff_lens.tasks.Task.fitted_prompts` at its
+    ``max_length``: a text too long lost its last tokens, the template kept)."""
+    return x.task.fitted_prompts(x.adapter.tokenizer, x.texts, x.space.get("max_length"))[0]
 
 
 _ACTIVATION_VALUES = "the {what} on each token of the prompt, divided by its max over the example's tokens"
@@ -160,7 +168,7 @@ REGISTRY: dict[str, Method] = {
         Method(
             "sae", "TopK SAE latents", "latent", "sae", "npeff_lens.baselines.sae:TopKSAEBaseline", "activations",
             _fit_sae, directions=lambda sae: sae.sae_.W_dec.detach(),
-            key_fields=("components", "seed", "sae_hook", "sae_k", "sae_tokens", "sae_lr"),
+            key_fields=("components", "seed", "sae_hook", "sae_k", "sae_tokens", "sae_lr", "keep_constant_tokens"),
             describe=lambda sae: {"hook": sae.hook, "sae_k": sae.k},
             token_values=_ACTIVATION_VALUES.format(what="latent's activation (its SAE code)"),
             remedy="train on more tokens (--sae-tokens) or with fewer latents (--components)",
@@ -169,7 +177,7 @@ REGISTRY: dict[str, Method] = {
             "snmf", "SNMF features (MLP activations)", "feature", "snmf", "npeff_lens.baselines.snmf:SNMFBaseline",
             "activations", _fit_snmf, directions=lambda snmf: snmf.features_,
             key_fields=("components", "seed", "snmf_layer", "snmf_sparsity", "snmf_iterations", "snmf_restarts",
-                        "snmf_tokens"),
+                        "snmf_tokens", "keep_constant_tokens"),
             describe=lambda snmf: {"hook": snmf.hook},
             token_values=_ACTIVATION_VALUES.format(what="feature's non-negative SNMF coefficient"),
             remedy="use more tokens (--snmf-tokens) or fewer features (--components)",

@@ -9,6 +9,11 @@
   down-projection's input) for any backend; :func:`hook_module` finds the module a hook reads.
 - :func:`activations` reads them through our model adapters: padding is dropped, the forward stops at the hook.
   :func:`as_activations` checks precomputed ones (an :class:`Activations`, or a tensor and its token bookkeeping).
+- Constant tokens: in a causal model position ``p``'s activation depends on tokens ``0..p`` only, so the leading
+  tokens that every prompt shares (:func:`constant_prefix`: the BOS and the template's text before ``{text}``) have
+  the same activation in every example and say nothing about it. :func:`without_constant_prefix` leaves them out;
+  the estimators do so by default (``constant_tokens="drop"``), recording the prefix at fit so that new prompts
+  lose the same positions. Only for causal models (:func:`is_causal`); a bidirectional encoder keeps every token.
 - :class:`ActivationEstimator`: what the estimators share once fitted: coefficients of new prompts, each example's
   token range, and which components are alive.
 - :class:`SavedFormat`: a fitted estimator's tensors (safetensors) and its ``*.json`` (parameters and fitted
@@ -28,9 +33,11 @@ from typing import ClassVar
 
 import torch
 
+from ..analysis import active
 from ..io import atomic_write, progress, read_json, write_json
 
 __all__ = [
+    "CONSTANT_TOKENS",
     "INPUT_SUFFIX",
     "Activations",
     "ActivationEstimator",
@@ -39,15 +46,19 @@ __all__ = [
     "as_activations",
     "attention_output_hook",
     "check_positive_int",
+    "constant_prefix",
     "default_hook",
     "hook_module",
     "hook_names",
+    "is_causal",
     "mlp_hidden_hook",
     "n_layers",
     "resolve_hook",
+    "without_constant_prefix",
 ]
 
 INPUT_SUFFIX = ":input"  # a module path + this suffix: the module's input (its first positional argument)
+CONSTANT_TOKENS = ("drop", "keep")  # an estimator's choice for the prompts' common prefix (see constant_prefix)
 
 
 @dataclass
@@ -56,7 +67,8 @@ class Activations:
 
     ``acts [n_tokens, d]`` (float32, CPU), ``example_index [n_tokens]`` (which prompt each row comes
     from, non-decreasing), ``token_ids [n_tokens]`` and ``positions [n_tokens]`` (the token and its
-    position within its prompt), ``n_examples`` prompts in all.
+    position within its prompt), ``n_examples`` prompts in all. ``causal``: whether the model that produced
+    them is causal (:func:`is_causal`; ``None``: unknown), which makes a common token prefix constant.
     """
 
     acts: torch.Tensor
@@ -65,6 +77,7 @@ class Activations:
     positions: torch.Tensor
     hook: str | None
     n_examples: int
+    causal: bool | None = None
 
     def __len__(self) -> int:
         return self.acts.shape[0]
@@ -80,6 +93,20 @@ class _StopForward(Exception):
 
 def _is_tl(adapter) -> bool:
     return getattr(adapter, "backend", None) in ("hooked", "bridge")
+
+
+def is_causal(adapter) -> bool:
+    """Whether each position's activations depend only on the tokens up to it: TransformerLens models with
+    causal attention (``cfg.attention_dir``), HF models that are decoders (``config.is_decoder``, or a
+    ``*ForCausalLM`` / ``*LMHeadModel`` class) and not encoder-decoders. Anything else (a BERT classifier, an
+    encoder) is taken as bidirectional: there a shared prefix's activations depend on the rest of the prompt."""
+    if _is_tl(adapter):
+        return getattr(adapter.model.cfg, "attention_dir", "causal") == "causal"
+    config = getattr(adapter.module, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    names = [type(adapter.module).__name__, *(getattr(config, "architectures", None) or [])]
+    return bool(getattr(config, "is_decoder", False)) or any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
 
 
 def hook_names(adapter) -> list[str]:
@@ -300,7 +327,8 @@ def activations(
     acts = torch.cat(rows)
     if acts.shape[0] == 0:
         raise ValueError("the prompts have no tokens")
-    return Activations(acts, torch.cat(examples), torch.cat(tokens), torch.cat(positions), hook, len(prompts))
+    causal = is_causal(adapter)
+    return Activations(acts, torch.cat(examples), torch.cat(tokens), torch.cat(positions), hook, len(prompts), causal)
 
 
 def as_activations(acts, example_index=None, token_ids=None, n_examples=None, hook=None) -> Activations:
@@ -311,7 +339,7 @@ def as_activations(acts, example_index=None, token_ids=None, n_examples=None, ho
         if example_index is not None or token_ids is not None:
             raise ValueError("pass either an Activations object or acts with example_index/token_ids, not both")
         x, ex, ids, pos = acts.acts, acts.example_index, acts.token_ids, acts.positions
-        hook, n_examples = acts.hook if hook is None else hook, acts.n_examples
+        hook, n_examples, causal = acts.hook if hook is None else hook, acts.n_examples, acts.causal
     else:
         x = torch.as_tensor(acts)
         if x.ndim != 2:
@@ -319,7 +347,7 @@ def as_activations(acts, example_index=None, token_ids=None, n_examples=None, ho
         n = x.shape[0]
         ex = torch.arange(n) if example_index is None else torch.as_tensor(example_index).long().reshape(-1)
         ids = torch.full((n,), -1, dtype=torch.long) if token_ids is None else torch.as_tensor(token_ids).long()
-        ids, pos = ids.reshape(-1), None
+        ids, pos, causal = ids.reshape(-1), None, None
         if ex.shape[0] != n or ids.shape[0] != n:
             raise ValueError(f"example_index and token_ids need one entry per token ({n})")
     if x.shape[0] == 0:
@@ -334,7 +362,7 @@ def as_activations(acts, example_index=None, token_ids=None, n_examples=None, ho
         x, ex, ids, pos = x[order], ex[order], ids[order], None
     if not bool(torch.isfinite(x).all()):
         raise ValueError("activations contain NaN/inf")
-    return Activations(x.float(), ex, ids, _positions(ex) if pos is None else pos, hook, m)
+    return Activations(x.float(), ex, ids, _positions(ex) if pos is None else pos, hook, m, causal)
 
 
 def _positions(sorted_example_index: torch.Tensor) -> torch.Tensor:
@@ -346,6 +374,43 @@ def _positions(sorted_example_index: torch.Tensor) -> torch.Tensor:
     first[1:] = sorted_example_index[1:] != sorted_example_index[:-1]
     starts = torch.cummax(torch.where(first, torch.arange(n), torch.zeros(n, dtype=torch.long)), 0).values
     return torch.arange(n) - starts
+
+
+def constant_prefix(data: Activations) -> torch.Tensor:
+    """The token ids ``[P]`` that every example starts with (the longest common prefix of the examples' token
+    sequences: the BOS and the template's text before ``{text}``). For a causal model the activations at these
+    positions are the same in every example. Empty unless ``data.causal`` and every token id is known."""
+    ex, ids = data.example_index, data.token_ids
+    counts = torch.bincount(ex, minlength=data.n_examples)
+    if data.causal is not True or len(data) == 0 or bool((ids < 0).any()) or int(counts.min()) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    rank, length = _positions(ex), int(counts.min())
+    first = ids[: int(counts[int(ex[0])])]  # the first example's tokens (grouped by example)
+    inside = rank < length
+    differ = inside & (ids != first[rank.clamp(max=length - 1)])
+    if bool(differ.any()):
+        length = min(length, int(rank[differ].min()))
+    return first[:length].clone().long()
+
+
+def without_constant_prefix(data: Activations, prefix: torch.Tensor) -> Activations:
+    """``data`` without each example's leading tokens that equal ``prefix`` (its common prefix with it: positions
+    ``< P_e``), keeping at least each example's last token. ``prefix`` comes from :func:`constant_prefix` at
+    fit, so new prompts lose exactly the positions whose activations the fitted prompts all shared."""
+    prefix = torch.as_tensor(prefix).long().reshape(-1)
+    if prefix.numel() == 0 or len(data) == 0:
+        return data
+    ex, ids, rank = data.example_index, data.token_ids, _positions(data.example_index)
+    counts = torch.bincount(ex, minlength=data.n_examples)
+    match = (rank < prefix.numel()) & (ids == prefix[rank.clamp(max=prefix.numel() - 1)])
+    shared = counts.clone()  # per example: the rank of its first token off the prefix
+    shared.scatter_reduce_(0, ex[~match], rank[~match], "amin", include_self=True)
+    cut = torch.minimum(shared, (counts - 1).clamp_min(0))
+    keep = rank >= cut[ex]
+    if bool(keep.all()):
+        return data
+    return Activations(data.acts[keep], ex[keep], ids[keep], data.positions[keep], data.hook, data.n_examples,
+                       data.causal)  # fmt: skip
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> None:
@@ -362,9 +427,30 @@ def check_positive_int(name: str, value, minimum: int = 1) -> None:
 class ActivationEstimator:
     """Base of the activation-space estimators: per-example coefficients are the max over an example's tokens.
     A subclass sets ``_fitted_attribute`` (present once fitted) and has ``hook``, ``k_top``, ``d_in_``,
-    ``read_activations`` and ``transform_activations``."""
+    ``constant_tokens``, ``read_activations`` and ``transform_activations``.
+
+    ``constant_tokens="drop"`` (the default): the prompts' common token prefix (:func:`constant_prefix`, recorded
+    at fit as ``constant_prefix_``) is left out of the fitted tokens, the coefficients and the token views, and
+    new prompts lose the same positions; ``"keep"``: every token is read."""
 
     _fitted_attribute: ClassVar[str]
+
+    @staticmethod
+    def _check_constant_tokens(value) -> None:
+        if value not in CONSTANT_TOKENS:
+            raise ValueError(f"constant_tokens must be one of {', '.join(CONSTANT_TOKENS)}; got {value!r}")
+
+    @staticmethod
+    def _saved_params(meta: dict) -> dict:
+        """The saved parameters; an estimator saved before ``constant_tokens`` existed kept every token."""
+        return {"constant_tokens": "keep", **meta["params"]}
+
+    def _fitted_tokens(self, data: Activations) -> Activations:
+        """The tokens to fit on: with ``constant_tokens="drop"``, ``data`` without its constant prefix, which is
+        recorded (``constant_prefix_``) for new prompts."""
+        drop = self.constant_tokens == "drop"
+        self.constant_prefix_ = constant_prefix(data) if drop else torch.zeros(0, dtype=torch.long)
+        return without_constant_prefix(data, self.constant_prefix_)
 
     def _fit_prompts(self, adapter, prompts: Sequence[str]):
         """Read the activations of ``prompts`` through ``adapter`` and fit on them, timing both."""
@@ -391,7 +477,7 @@ class ActivationEstimator:
         data = as_activations(acts, example_index, None, n_examples, self.hook)
         if data.d != self.d_in_:
             raise ValueError(f"activations have d={data.d}; this {type(self).__name__} was fitted on d={self.d_in_}")
-        return data
+        return without_constant_prefix(data, self.constant_prefix_)
 
     def _set_example_statistics(self, coefficients: torch.Tensor, example_index: torch.Tensor) -> None:
         """``coefficients_``, each example's token range, and the components active on at least ``k_top``
@@ -401,14 +487,14 @@ class ActivationEstimator:
         self.coefficients_ = coefficients
         bounds = torch.searchsorted(example_index, torch.arange(coefficients.shape[0] + 1))
         self._starts, self._ends = bounds[:-1], bounds[1:]
-        self.n_active_examples_ = (coefficients > 0).sum(0)
+        self.n_active_examples_ = active(coefficients).sum(0)  # the one meaning of "active" (analysis.active)
         self.alive_ = self.n_active_examples_ >= self.k_top
         self.dead_latents_ = torch.nonzero(~self.alive_).flatten()
 
     def _saved(self, tensors: dict, meta: dict) -> tuple[dict, dict]:
         """``(tensors, meta)`` to save: these plus the token bookkeeping, the parameters and the fit's record."""
         tensors = {**tensors, "example_index": self.example_index_, "token_ids": self.token_ids_,
-                   "positions": self.positions_}  # fmt: skip
+                   "positions": self.positions_, "constant_prefix": self.constant_prefix_}  # fmt: skip
         fit = {"fit_seconds": getattr(self, "fit_seconds_", None), "timings": getattr(self, "timings_", {})}
         meta = {"params": self.get_params(), "model_name": self.model_name_, "d_in": self.d_in_, **meta, **fit}
         return tensors, meta
@@ -418,6 +504,7 @@ class ActivationEstimator:
         self.example_index_, self.token_ids_ = tensors["example_index"], tensors["token_ids"]
         self.positions_, self.model_name_, self.d_in_ = tensors["positions"], meta.get("model_name"), int(meta["d_in"])
         self.fit_seconds_, self.timings_ = meta.get("fit_seconds"), meta.get("timings", {})
+        self.constant_prefix_ = tensors.get("constant_prefix", torch.zeros(0, dtype=torch.long)).long()
 
     def _token_range(self, example: int) -> tuple[int, int]:
         """``(start, end)`` of one example's rows among the fitted tokens."""

@@ -122,6 +122,9 @@ class TopKSAEBaseline(ActivationEstimator):
     the AuxK loss takes a latent as dead; default a tenth of the run, at most 1000) and
     ``aux_loss_coefficient`` are sae-lens's. ``k_top``: top examples per latent (16), also the
     dead-latent threshold. ``activation_batch_size`` and ``max_length`` apply when reading activations.
+    ``constant_tokens``: ``"drop"`` leaves the prompts' common token prefix out of training, coefficients and codes
+    (its activations are the same in every example of a causal model; ``constant_prefix_`` records it), ``"keep"``
+    reads every token (:class:`~npeff_lens.baselines.activations.ActivationEstimator`).
 
     After ``fit``: ``sae_`` (sae-lens ``TopKSAE``), ``coefficients_ [m, n_latents]`` (each latent's max
     activation over each example's tokens), ``example_index_``, ``token_ids_``, ``positions_``
@@ -149,8 +152,10 @@ class TopKSAEBaseline(ActivationEstimator):
         activation_batch_size: int = 8,
         max_length: int | None = 256,
         show_progress: bool = True,
+        constant_tokens: str = "drop",
     ):
         check_positive_int("n_latents", n_latents)
+        self._check_constant_tokens(constant_tokens)
         check_positive_int("k", k)
         if k > n_latents:
             raise ValueError(f"k ({k}) must not exceed n_latents ({n_latents})")
@@ -177,7 +182,7 @@ class TopKSAEBaseline(ActivationEstimator):
             dead_feature_window,
         )
         self.device, self.activation_batch_size, self.max_length = device, activation_batch_size, max_length
-        self.show_progress = show_progress
+        self.show_progress, self.constant_tokens = show_progress, constant_tokens
         self.model_name_: str | None = None
 
     # --- parameters, as saved ---------------------------------------------------------------------
@@ -197,6 +202,7 @@ class TopKSAEBaseline(ActivationEstimator):
             "device": self.device,
             "activation_batch_size": self.activation_batch_size,
             "max_length": self.max_length,
+            "constant_tokens": self.constant_tokens,
         }
 
     def __repr__(self):
@@ -214,12 +220,13 @@ class TopKSAEBaseline(ActivationEstimator):
     @classmethod
     def from_sae_lens(cls, directory, *, hook: str | None = None, k: int | None = None, device: str = "cpu",
                       k_top: int = 16, activation_batch_size: int = 8, max_length: int | None = 256,
-                      show_progress: bool = True) -> TopKSAEBaseline:  # fmt: skip
+                      show_progress: bool = True, constant_tokens: str = "drop") -> TopKSAEBaseline:  # fmt: skip
         """An SAE the user already has, in sae-lens's saved format (``SAE.load_from_disk``: ``cfg.json`` +
         ``sae_weights.safetensors``; any architecture), to be read like a trained one: :meth:`fit` then only
         reads the activations at its hook (``hook``, else the one it records) and encodes them, without training.
         It reads the raw activations (its own normalisation, if any, applies); per token the ``k`` largest latent
-        values are kept (default: the SAE's own k for a TopK SAE, else 64), exact for a TopK SAE."""
+        values are kept (default: the SAE's own k for a TopK SAE, else 64), exact for a TopK SAE. Activations whose
+        width is not the SAE's ``d_in`` are a one-line ValueError naming both and the hook."""
         sae_lens = _sae_lens()
         directory = Path(directory)
         if not (directory / "cfg.json").is_file():
@@ -231,7 +238,7 @@ class TopKSAEBaseline(ActivationEstimator):
         d_sae = int(sae.cfg.d_sae)
         self = cls(d_sae, min(d_sae, int(k or getattr(sae.cfg, "k", None) or 64)), hook=hook, device=device,
                    k_top=k_top, activation_batch_size=activation_batch_size, max_length=max_length,
-                   show_progress=show_progress)  # fmt: skip
+                   show_progress=show_progress, constant_tokens=constant_tokens)  # fmt: skip
         self.sae_, self.pretrained_ = sae, str(directory.resolve())
         return self
 
@@ -253,6 +260,9 @@ class TopKSAEBaseline(ActivationEstimator):
         data = as_activations(acts, example_index, token_ids, n_examples, self.hook)
         if self.hook is None:
             self.hook = data.hook
+        if self.pretrained_:
+            self.check_width(data.d)
+        data = self._fitted_tokens(data)
         t1 = time.perf_counter()
         if not self.pretrained_:  # a user's SAE (from_sae_lens) is read, not trained
             self.sae_ = self._train(data.acts)
@@ -265,6 +275,14 @@ class TopKSAEBaseline(ActivationEstimator):
         self.timings_ = {"train": t2 - t1, "encode": time.perf_counter() - t2}
         self.fit_seconds_ = time.perf_counter() - t0
         return self
+
+    def check_width(self, d: int) -> None:
+        """A ValueError naming both widths and the hook unless activations of width ``d`` fit the SAE's ``d_in``."""
+        d_in = int(self.sae_.cfg.d_in)
+        if int(d) != d_in:
+            where = f"the SAE in {self.pretrained_}" if self.pretrained_ else "this SAE"
+            raise ValueError(f"{where} reads activations of width {d_in}, but hook {self.hook!r} gives width {d}: "
+                             "choose the hook the SAE was trained at")  # fmt: skip
 
     def _training_schedule(self, n_tokens: int) -> tuple[int, int, int]:
         batch = min(self.batch_size, n_tokens)
@@ -412,7 +430,7 @@ class TopKSAEBaseline(ActivationEstimator):
         meta, tensors = SAVED.load(directory)
         if meta.get("normalisation") not in (NORMALISATION, "none"):
             raise ValueError(f"{directory}: unsupported normalisation {meta.get('normalisation')!r}")
-        params = dict(meta["params"])
+        params = cls._saved_params(meta)
         if device is not None:
             params["device"] = device
         self = cls(**params)

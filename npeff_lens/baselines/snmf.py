@@ -176,7 +176,10 @@ class SNMFBaseline(ActivationEstimator):
     the remaining tokens' coefficients come from :func:`encode` (``encode_iter`` updates). ``sparsity``: fraction
     of the ``d_mlp`` neurons each feature keeps (winner-take-all; ``None``: dense). ``layer`` (default the middle
     one) names the MLP, or ``hook`` gives the hook directly. ``k_top``: top examples per feature, also the
-    dead-feature threshold.
+    dead-feature threshold. ``constant_tokens``: ``"drop"`` leaves the prompts' common token prefix out of the
+    factorised tokens and the coefficients (the same activations in every example of a causal model;
+    ``constant_prefix_`` records it), ``"keep"`` reads every token
+    (:class:`~npeff_lens.baselines.activations.ActivationEstimator`).
 
     After ``fit``: ``features_ [n_features, d]`` (unit rows), ``token_coefficients_ [n_tokens, n_features] ≥ 0``
     (scaled so that ``acts ≈ token_coefficients_ @ features_``), ``coefficients_ [m, n_features]`` (per example
@@ -203,7 +206,9 @@ class SNMFBaseline(ActivationEstimator):
         activation_batch_size: int = 8,
         max_length: int | None = 256,
         show_progress: bool = True,
+        constant_tokens: str = "drop",
     ):
+        self._check_constant_tokens(constant_tokens)
         for name, value in (("n_features", n_features), ("n_iter", n_iter), ("n_init", n_init), ("k_top", k_top),
                             ("activation_batch_size", activation_batch_size)):  # fmt: skip
             check_positive_int(name, value)
@@ -218,12 +223,12 @@ class SNMFBaseline(ActivationEstimator):
         self.n_iter, self.n_init, self.encode_iter = n_iter, n_init, encode_iter
         self.max_tokens, self.seed = max_tokens, seed
         self.k_top, self.activation_batch_size, self.max_length = k_top, activation_batch_size, max_length
-        self.show_progress = show_progress
+        self.show_progress, self.constant_tokens = show_progress, constant_tokens
         self.model_name_: str | None = None
 
     def get_params(self) -> dict:
         names = ("n_features", "layer", "hook", "sparsity", "n_iter", "n_init", "encode_iter", "max_tokens", "seed",
-                 "k_top", "activation_batch_size", "max_length")  # fmt: skip
+                 "k_top", "activation_batch_size", "max_length", "constant_tokens")  # fmt: skip
         return {k: getattr(self, k) for k in names}
 
     def __repr__(self):
@@ -253,6 +258,7 @@ class SNMFBaseline(ActivationEstimator):
         data = as_activations(acts, example_index, token_ids, n_examples, self.hook)
         if self.hook is None:
             self.hook = data.hook
+        data = self._fitted_tokens(data)
         n = len(data)
         if n < self.n_features:
             raise ValueError(f"{n} tokens cannot be factorised into {self.n_features} features")
@@ -325,7 +331,7 @@ class SNMFBaseline(ActivationEstimator):
     @classmethod
     def load(cls, directory) -> SNMFBaseline:
         meta, t = SAVED.load(directory)
-        self = cls(**meta["params"])
+        self = cls(**cls._saved_params(meta))
         self._restore(t, meta)
         self.features_, self.token_coefficients_ = t["features"], t["token_coefficients"].float()
         self.n_examples_, self.reconstruction_err_, self.errors_ = (meta["n_examples"], meta["reconstruction_err"],

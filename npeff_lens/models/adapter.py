@@ -60,13 +60,26 @@ class ModelAdapter:
     def is_classifier(self) -> bool:
         return False
 
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens the model takes (its position embeddings), or None where its config does not say."""
+        for cfg in (getattr(self.module, "config", None), getattr(self.module, "cfg", None)):
+            for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+                value = getattr(cfg, key, None)
+                if isinstance(value, int) and value > 0:
+                    return value
+        return None
+
     def eval(self):
         self.module.eval()
         return self
 
     # --- tokenisation ----------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        """Right-padded ``input_ids`` and ``attention_mask`` on the model's device."""
+        """Right-padded ``input_ids`` and ``attention_mask`` on the model's device.
+
+        ``max_length`` is a safety net: a prompt longer than it loses its last tokens, the template's tail with them,
+        with a warning. Prompts made by :meth:`~npeff_lens.tasks.Task.fitted_prompts` fit, their text shortened."""
         if self.tokenizer is None:
             raise ValueError("this adapter has no tokenizer; pass one to npeff_lens.adapt(model, tokenizer)")
         if isinstance(prompts, str):
@@ -74,9 +87,19 @@ class ModelAdapter:
         if len(prompts) == 0:
             raise ValueError("no prompts to tokenise")
         self.tokenizer.padding_side = "right"
-        enc = self.tokenizer(
-            list(prompts), return_tensors="pt", padding=True, truncation=max_length is not None, max_length=max_length
-        )
+        # with a max_length, the tokenizer's "longer than the model's maximum" note is moot: the prompt is cut below
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, verbose=max_length is None)
+        if max_length is not None and enc["input_ids"].shape[1] > max_length:
+            n = int((enc["attention_mask"].sum(-1) > max_length).sum())
+            warnings.warn(
+                f"{n} prompt(s) longer than max_length={max_length} tokens lost their last tokens (a template's tail "
+                "with them); Task.fitted_prompts shortens the text instead and keeps the template",
+                UserWarning,
+                stacklevel=2,
+            )
+            enc = self.tokenizer(
+                list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=max_length
+            )
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 
     def continuation_token_ids(self, prompt: str, continuation: str) -> list[int]:
@@ -150,6 +173,7 @@ class ModelAdapter:
         exclude = [exclude] if isinstance(exclude, str) else exclude
         params = self.all_named_parameters()
         if include:
+            unmatched = [pat for pat in include if not any(fnmatch.fnmatchcase(n, pat) for n, _ in params)]
             chosen = [(n, p) for n, p in params if any(fnmatch.fnmatchcase(n, pat) for pat in include)]
         else:
             skip = self.default_excluded()
@@ -160,6 +184,17 @@ class ModelAdapter:
             raise ValueError(
                 f"no parameters selected (include={include}, exclude={exclude}); "
                 f"some names: {[n for n, _ in params[:6]]}"
+            )
+        if include and unmatched:  # a typo beside a pattern that matches would otherwise go unnoticed
+            import difflib
+            import warnings
+
+            close = difflib.get_close_matches(unmatched[0], [n for n, _ in params], n=2, cutoff=0.6)
+            warnings.warn(
+                f"the parameter pattern(s) {unmatched} match no parameter of the model, so only the others select "
+                f"parameters ({len(chosen)} tensors){'; close names: ' + str(close) if close else ''}",
+                UserWarning,
+                stacklevel=2,
             )
         return chosen
 

@@ -40,9 +40,9 @@ Field names follow SAEDashboard's Neuronpedia export where a counterpart exists 
         layer's share of the parameters, the module with most of it), max_mean_enrichment}
     components: [row]       row = {feature_index, alive, tuned_label, tuned_prediction,
                                    top_labels: [[value, count]], top_predictions: [[value, count]], n_top,
-                                   coefficient_mass (share of all coefficients), max_coefficient, frac_nonzero,
-                                   kl_ratio, pef_norm_ratio, top5pct, top_group (locations.json's, else null),
-                                   page, data}
+                                   coefficient_mass (share of all coefficients), max_coefficient,
+                                   frac_nonzero (share of the examples active on it: analysis.active), kl_ratio,
+                                   pef_norm_ratio, top5pct, top_group (locations.json's, else null), page, data}
 
 ``data/component_XXXXX.json`` (``kind: "component"``): the row's fields, and::
 
@@ -50,9 +50,9 @@ Field names follow SAEDashboard's Neuronpedia export where a counterpart exists 
     location: null | {top5pct, energy, n_groups, mean_enrichment (Σ fraction × enrichment over the groups),
                       top_groups (["layer 1 down 62% (x4.1)", ...]), groups (locations.json's rows), heads (the
                       top 8), grid: {layers, modules, fraction [layer][module], enrichment [layer][module]}}
-    freq_hist_data_bar_values / freq_hist_data_bar_heights / freq_hist_bin_edges   histogram of the non-zero
-                                                          coefficients (> 1e-8), 40 linear bins from 0 to the max
-    label_prediction_counts: [{label, prediction, count}]  over the top-k examples with a positive coefficient
+    freq_hist_data_bar_values / freq_hist_data_bar_heights / freq_hist_bin_edges   histogram of the active
+                                                          coefficients, 40 linear bins from 0 to the max
+    label_prediction_counts: [{label, prediction, count}]  over the top-k examples active on the component
     correlated_features_indices / correlated_features_cosine   nearest components (cosine of coefficient columns)
     perturbation: the component's perturbation.json record | null   (kl_top_plus, kl_base_plus, kl_top_minus,
                                                                      kl_base_minus, kl_ratio, sign, pef_norm_ratio, ...)

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
+from ..analysis import active, active_threshold
 from ..baselines import REGISTRY
 from ..io import read_json
 from ..locations import top_groups
 
 FORMAT = "npeff_lens.report"
 FORMAT_VERSION = 1
-NONZERO = 1e-8  # a coefficient above this counts as non-zero (the estimator's dead-component threshold)
 N_BINS = 40
 N_NEAREST = 5
 
@@ -69,9 +69,7 @@ def load_view(decomposition_dir, store=None) -> RunView:
 
     est, store = load_run(decomposition_dir, store)
     meta = store.read_metadata()
-    has_label = any("label_name" in m or "label" in m for m in meta)
-    labels = [m.get("label_name", m.get("label")) for m in meta] if has_label else None
-    preds = [m.get("prediction_name", m.get("prediction")) for m in meta]
+    labels, preds = store.example_labels(meta), store.example_predictions(meta)
     outcomes = (est.manifest_ or {}).get("outcomes") or store.manifest.get("outcomes")
     coeffs = torch.as_tensor(est.coefficients_).double()
     template = (((est.manifest_ or {}).get("task") or store.manifest.get("task")) or {}).get("template")
@@ -310,7 +308,7 @@ def method_view(view: RunView, method: str, fitted) -> tuple[RunView, set]:
     if hasattr(fitted, "dead_latents_"):
         dead = {int(j) for j in fitted.dead_latents_.tolist()}
     else:
-        dead = {int(j) for j in torch.nonzero((coeffs > NONZERO).sum(0) == 0).flatten().tolist()}
+        dead = {int(j) for j in torch.nonzero(active(coeffs).sum(0) == 0).flatten().tolist()}
     return replace(view, est=fitted, coeffs=coeffs, method=method), dead
 
 
@@ -361,8 +359,9 @@ class Stats:
     tuned_prediction: list
     cosine: torch.Tensor  # "component component" cosine of coefficient columns
     mass: torch.Tensor  # "component": share of the total coefficient mass
-    frac_nonzero: torch.Tensor
+    frac_nonzero: torch.Tensor  # "component": share of the examples active on it (analysis.active)
     dead: set
+    threshold: torch.Tensor  # "component": analysis.active_threshold of the coefficients
 
 
 def statistics(view: RunView, k: int, dead: set | None = None) -> Stats:
@@ -376,6 +375,9 @@ def statistics(view: RunView, k: int, dead: set | None = None) -> Stats:
     total = float(c.sum()) or 1.0
     if dead is None:
         dead = set(int(j) for j in getattr(view.est, "dead_components_", torch.zeros(0)).tolist())
+    threshold = active_threshold(c)
+    on = active(c, threshold)
+    dead = set(dead) | {int(j) for j in (on.sum(0) == 0).nonzero().flatten().tolist()}  # no active example: dead
     return Stats(
         k=k,
         top=top_examples(c, k=k),
@@ -383,14 +385,16 @@ def statistics(view: RunView, k: int, dead: set | None = None) -> Stats:
         tuned_prediction=tuned_prediction,
         cosine=unit.T @ unit,
         mass=c.sum(0) / total,
-        frac_nonzero=(c > NONZERO).double().mean(0),
+        frac_nonzero=on.double().mean(0) if c.shape[0] else torch.zeros(C, dtype=torch.float64),
         dead=dead,
+        threshold=threshold,
     )
 
 
 def top_indices(view: RunView, stats: Stats, j: int, n: int | None = None) -> list[int]:
-    """The component's top examples with a positive coefficient (at most ``n``)."""
-    idx = [int(i) for i in stats.top[j].tolist() if view.coeffs[i, j] > NONZERO]
+    """The component's top examples that are active on it (at most ``n``; :func:`~npeff_lens.analysis.active`)."""
+    t = float(stats.threshold[j])
+    idx = [int(i) for i in stats.top[j].tolist() if view.coeffs[i, j] > t]
     return idx if n is None else idx[:n]
 
 
@@ -424,9 +428,12 @@ def summary_row(view: RunView, stats: Stats, j: int, perturbation: dict | None, 
     }
 
 
-def histogram(values: torch.Tensor, n_bins: int = N_BINS) -> tuple[list[float], list[int], list[float]]:
-    """``(bin centres, counts, edges)`` of the non-zero coefficients (linear bins from 0 to the max)."""
-    nz = values[values > NONZERO].double()
+def histogram(
+    values: torch.Tensor, threshold: float, n_bins: int = N_BINS
+) -> tuple[list[float], list[int], list[float]]:
+    """``(bin centres, counts, edges)`` of the active coefficients, those above ``threshold`` (the component's
+    :func:`~npeff_lens.analysis.active_threshold`; linear bins from 0 to the max)."""
+    nz = values[values > threshold].double()
     if nz.numel() == 0:
         return [], [], []
     hi = float(nz.max())
@@ -459,7 +466,8 @@ def input_token_mask(tokens: list[str], text: str | None, template: str | None) 
     """Per token of a prompt, ``True`` when it holds a character of the example's own text, ``False`` for the
     template's tokens (and special tokens such as a BOS, which are not in the prompt string).
 
-    The prompt is ``template`` with ``{text}`` replaced by ``text``; the decoded tokens, joined, are aligned with
+    The prompt is ``template`` with ``{text}`` replaced by ``text`` (by the beginning of it the tokens hold, when
+    its prompt was shortened to fit a max_length); the decoded tokens, joined, are aligned with
     it character by character (directly when the prompt is a substring of the join, else by
     :class:`difflib.SequenceMatcher`, for tokenizers whose single-token decoding drops spaces or splits a
     character's bytes). A token straddling the boundary (``" great"`` after ``"Review:"``) counts as input; a
@@ -469,8 +477,21 @@ def input_token_mask(tokens: list[str], text: str | None, template: str | None) 
     text's characters the tokens reach (a tokenizer that rewrites the text)."""
     if template is None or text is None or "{text}" not in template or not tokens:
         return None
+    text = _kept_text(tokens, text, template)
     mask = _input_token_mask(tuple(tokens), text, template)  # an example is shown on several components' pages
     return None if mask is None else list(mask)
+
+
+def _kept_text(tokens: list[str], text: str, template: str) -> str:
+    """The beginning of ``text`` that the tokens hold when its prompt was fitted to a max_length
+    (:meth:`.Task.fitted_prompts`: the text's last tokens left out, the template kept), else ``text``."""
+    head, _, tail = template.partition("{text}")
+    joined = "".join(tokens)
+    if "{text}" in tail or template.replace("{text}", text) in joined or not joined.endswith(tail):
+        return text
+    start = joined.find(head)
+    kept = joined[start + len(head) : len(joined) - len(tail)] if start >= 0 else None
+    return kept if kept and text.startswith(kept) else text
 
 
 @lru_cache(maxsize=4096)
@@ -582,7 +603,7 @@ def component_record(
             example_record(view, j, i, rank, None, token_values=token_values(j, i) if token_values else None)
             for rank, i in enumerate(top_indices(view, stats, j, stats.k))
         ]
-    centres, heights, edges = histogram(view.coeffs[:, j])
+    centres, heights, edges = histogram(view.coeffs[:, j], float(stats.threshold[j]))
     others = [o for o in torch.argsort(stats.cosine[j], descending=True).tolist() if o != j][:N_NEAREST]
     pairs = Counter((view.labels[i] if view.labels is not None else None, view.predictions[i]) for i in top)
     if examples:  # one "top examples" bin, as Neuronpedia groups its activations

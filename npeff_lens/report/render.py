@@ -10,8 +10,9 @@ import json
 import math
 from html import escape
 
+from ..analysis import ACTIVE_DEFINITION
 from ..baselines import REGISTRY
-from .data import N_BINS, NONZERO, component_name
+from .data import N_BINS, component_name
 
 SPREAD_EVENLY = 1.5  # below this energy-weighted mean enrichment a map is read as "spread evenly"
 _COMPARE_COLUMNS = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared",
@@ -242,7 +243,7 @@ def _run_line(run: dict) -> str:
     if outcomes:
         parts.append(f"outcomes {escape(outcomes)}")
     balance = run.get("label_counts")
-    labels = f" (labels: {escape(', '.join(f'{k} {v}' for k, v in balance.items()))})" if balance else ""
+    labels = f" (labels: {escape(', '.join(f'{name(k)} {v}' for k, v in balance.items()))})" if balance else ""
     parts.append(f"{run['n_examples']} examples{labels}")
     parts.append(f"{run['n_components']} components")
     if run.get("projection_dim"):
@@ -357,7 +358,7 @@ def render_index(index: dict) -> str:
     columns = [
         (what, "num"), ("status", "num"), ("tuned label", "str"), ("tuned prediction", "str"),
         (f"labels of top {k}", "str"), (f"predictions of top {k}", "str"), ("coefficient mass", "num"),
-        ("non-zero", "num"), ("KL ratio", "num"), ("PEF-norm ratio", "num"),
+        ("active", "num"), ("KL ratio", "num"), ("PEF-norm ratio", "num"),
     ] + ([("top 5% of groups", "num"), ("most energy", "str")] if where else [])  # fmt: skip
     head = "".join(f'<th data-sort="{t}"{" class=num" if t == "num" else ""}>{escape(h)}</th>' for h, t in columns)
     rows = "\n".join(_index_row(r, where) for r in index["components"])
@@ -372,7 +373,8 @@ def render_index(index: dict) -> str:
         f'<div class="scroll"><table id="components" class="sortable"><thead><tr>{head}</tr></thead>'
         f"<tbody>\n{rows}\n</tbody></table></div>"
         f'<p class="note">Tuned: at least 95% of the top {k} examples share the label (prediction), §3.1. '
-        f"Coefficient mass: the component's share of all coefficients. Non-zero: coefficient &gt; {NONZERO:g}. "
+        f"Coefficient mass: the component's share of all coefficients. Active: the share of the examples with "
+        f"{escape(ACTIVE_DEFINITION)}. "
         f"{legend}{' ' + escape(note) if note else ''}"
         f"{' ' + _where_legend() if where else ''}{' ' + _attributed_note(index) if method is None else ''}"
         f"</p></section>{_where_index(index)}</main>"
@@ -480,7 +482,7 @@ def _example_html(e: dict) -> str:
 def _breakdown(c: dict) -> str:
     counts = c["label_prediction_counts"]
     if not counts:
-        return '<p class="muted">no example with a positive coefficient</p>'
+        return '<p class="muted">no active example</p>'
     labels = sorted({name(x["label"]) for x in counts})
     preds = sorted({name(x["prediction"]) for x in counts})
     cell = {(name(x["label"]), name(x["prediction"])): x["count"] for x in counts}
@@ -493,7 +495,7 @@ def _breakdown(c: dict) -> str:
     )
     return (
         f'<table id="breakdown"><thead><tr><th>label ↓ / prediction →</th>{head}</tr></thead><tbody>{rows}'
-        f'</tbody></table><p class="note">Top {c["n_top"]} examples with a positive coefficient.</p>'
+        f'</tbody></table><p class="note">Top {c["n_top"]} active examples ({escape(ACTIVE_DEFINITION)}).</p>'
     )
 
 
@@ -581,7 +583,7 @@ def render_component(c: dict, rows: list[dict]) -> str:
     """A component's page from its record (:func:`.data.component_record`) and the index rows."""
     stats = (
         f'<table id="stats"><tbody><tr><th>coefficient mass</th><td class="num">{pct(c["coefficient_mass"])}</td></tr>'
-        f'<tr><th>non-zero</th><td class="num">{pct(c["frac_nonzero"])} of {c["n_prompts_total"]}</td></tr>'
+        f'<tr><th>active</th><td class="num">{pct(c["frac_nonzero"])} of {c["n_prompts_total"]}</td></tr>'
         f'<tr><th>max coefficient</th><td class="num">{fmt(c["max_coefficient"])}</td></tr>'
         f"<tr><th>labels of top {c['k']}</th><td>{_counts(c['top_labels'])}</td></tr>"
         f"<tr><th>predictions of top {c['k']}</th><td>{_counts(c['top_predictions'])}</td></tr></tbody></table>"
@@ -598,7 +600,7 @@ def render_component(c: dict, rows: list[dict]) -> str:
         f'{_component_header(c, len(rows))}<main><div class="grid">'
         f'<div class="card"><h2>Summary</h2>{stats}</div>'
         f'<div class="card"><h2>Coefficients</h2><div id="hist" class="plot"></div><p class="note">'
-        f"{pct(c['frac_nonzero'])} of the examples have a non-zero coefficient (&gt; {NONZERO:g}); "
+        f"{pct(c['frac_nonzero'])} of the examples are active ({escape(ACTIVE_DEFINITION)}); "
         f"{N_BINS} bins over those.</p></div>"
         f'<div class="card"><h2>Top {c["k"]}: label × prediction</h2>{_breakdown(c)}</div>'
         f'<div class="card"><h2>Nearest {what}s</h2>{_nearest(c, rows)}</div>'

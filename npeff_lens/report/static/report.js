@@ -60,7 +60,7 @@
     if (!data || !div) { return; }
     var h = JSON.parse(data.textContent);
     if (!window.Plotly || !h.x.length) {
-      div.textContent = h.x.length ? "(plotly.js did not load)" : "no non-zero coefficients";
+      div.textContent = h.x.length ? "(plotly.js did not load)" : "no active coefficients";
       return;
     }
     window.Plotly.newPlot(div, [{
@@ -68,7 +68,7 @@
       hovertemplate: "coefficient %{x:.3g}<br>%{y} examples<extra></extra>"
     }], {
       margin: { l: 50, r: 10, t: 10, b: 40 }, height: 220, bargap: 0.05,
-      xaxis: { title: { text: "coefficient (non-zero)" } }, yaxis: { title: { text: "examples" } },
+      xaxis: { title: { text: "coefficient (active)" } }, yaxis: { title: { text: "examples" } },
       paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)"
     }, { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["toImage"] });
   }
