@@ -37,6 +37,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -672,6 +673,7 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
                                              dim=computer.dim, device=str(adapter.device), steps=steps)  # fmt: skip
     else:
         store = PEFStore.create(out, manifest, rows=rows, dim=computer.dim, dtype=cfg.dtype, shard_size=cfg.shard_size)
+        _warn_if_resumed_from_right_truncation(store, cfg.max_length, n)
         try:
             flagged = _collect_into(store, computer, dataset, task, cfg, n, make_writer)
         finally:
@@ -688,6 +690,21 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
         print(f"[npeff_lens] {len(store)} examples in {store.path}" + (f"; labels: {balance}" if balance else ""),
               file=sys.stderr)  # fmt: skip
     return store
+
+
+def _warn_if_resumed_from_right_truncation(store, max_length: int | None, n: int) -> None:
+    """A store begun by a version that cut over-long prompts from the right (its rows have no ``text_tokens_cut``)
+    and resumed now: its earlier examples longer than ``max_length`` were read without the template's tail."""
+    if max_length is None or not 0 < len(store) < n or "text_tokens_cut" in store.read_metadata(0, 1)[0]:
+        return
+    warnings.warn(
+        f"the store {store.path} holds {len(store)} examples collected by an earlier version, which cut prompts longer "
+        f"than max_length={max_length} tokens from the right (losing the template's tail) instead of shortening "
+        "their text; the examples collected now are shortened. Collect into a new directory to read every example "
+        "after the template",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def class_balance(metadata) -> str | None:

@@ -208,3 +208,36 @@ def test_icl_and_zero_shot_shorten_the_query(adapter, task):
     scores = label_token_scores(adapter, [LONG], TEMPLATE, LABELS, max_length=MAX)
     prompt = task.fitted_prompts(tok, [LONG], MAX)[0][0]
     torch.testing.assert_close(scores[0], adapter.logits([prompt])[0, task.token_ids].float().detach())
+
+
+def test_resuming_a_store_begun_by_right_truncation_warns(tmp_path, adapter, task, monkeypatch):
+    """A store whose rows lack text_tokens_cut (an earlier version cut prompts from the right), resumed: one warning
+    that its earlier examples were read without the template's tail."""
+    from npeff_lens import collect as collect_module
+
+    data = [*SHORT, LONG]
+    write = collect_module._Writer.write
+
+    def as_before(self, lo, fill, pefs, meta):  # the rows as the earlier version wrote them
+        return write(self, lo, fill, pefs, [{k: v for k, v in m.items() if k != "text_tokens_cut"} for m in meta])
+
+    compute, calls = collect_module.PEFComputer.compute, []
+
+    def fails_second(self, *args, **kwargs):  # the first batch is committed, the second never computed
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped")
+        return compute(self, *args, **kwargs)
+
+    options = dict(proj_dim=32, max_length=MAX, batch_size=2, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(collect_module._Writer, "write", as_before)
+        m.setattr(collect_module.PEFComputer, "compute", fails_second)
+        with pytest.raises(RuntimeError, match="stopped"):
+            collect_pefs(adapter, data, task, tmp_path / "s", n=5, **options)
+    with pytest.warns(UserWarning, match=r"holds 2 examples collected by an earlier version, which cut prompts longer"):
+        store = collect_pefs(adapter, data, task, tmp_path / "s", n=5, **options)
+    assert store.metadata["text_tokens_cut"][2:] == [0, 0, store.metadata["text_tokens_cut"][4]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # complete: nothing is collected, nothing to say
+        collect_pefs(adapter, data, task, tmp_path / "s", n=5, **options)
