@@ -686,7 +686,7 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
         )
     make_writer.say_shortened(cfg.max_length)
     if store is not None and distributed.rank() == 0:  # informational, not a progress bar: shown with --no-progress
-        balance = class_balance(store.metadata)
+        balance = class_balance(store)
         print(f"[npeff_lens] {len(store)} examples in {store.path}" + (f"; labels: {balance}" if balance else ""),
               file=sys.stderr)  # fmt: skip
     return store
@@ -695,7 +695,13 @@ def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | Non
 def _warn_if_resumed_from_right_truncation(store, max_length: int | None, n: int) -> None:
     """A store begun by a version that cut over-long prompts from the right (its rows have no ``text_tokens_cut``)
     and resumed now: its earlier examples longer than ``max_length`` were read without the template's tail."""
-    if max_length is None or not 0 < len(store) < n or "text_tokens_cut" in store.read_metadata(0, 1)[0]:
+    first = 0  # the first example the store holds (a repaired store may miss its first shard)
+    for a, b in sorted(store.missing):
+        if a <= first < b:
+            first = b
+    if max_length is None or not 0 < len(store) < n or first >= len(store):
+        return
+    if "text_tokens_cut" in store.read_metadata(first, first + 1)[0]:
         return
     warnings.warn(
         f"the store {store.path} holds {len(store)} examples collected by an earlier version, which cut prompts longer "
@@ -707,13 +713,15 @@ def _warn_if_resumed_from_right_truncation(store, max_length: int | None, n: int
     )
 
 
-def class_balance(metadata) -> str | None:
-    """``"negative 98, positive 102"``: the examples per label of a store's metadata (None without labels)."""
-    cols = metadata.column_names
-    column = "label_name" if "label_name" in cols else ("label" if "label" in cols else None)
-    if column is None or len(metadata) == 0:
+def class_balance(store) -> str | None:
+    """``"negative 98, positive 102"``: the examples per label of a store, by the outcome each label was matched to
+    (:meth:`~npeff_lens.store.PEFStore.example_labels`; None without labels)."""
+    if len(store) == 0 or store.missing:
         return None
-    counts = Counter(metadata[column])  # label_name: the outcome each label was matched to
+    labels = store.example_labels()
+    if labels is None:
+        return None
+    counts = Counter(labels)
     return ", ".join(f"{str(name).strip() or repr(name)} {counts[name]}" for name in sorted(counts, key=str))
 
 

@@ -41,7 +41,6 @@ import csv
 import gzip
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -389,9 +388,6 @@ def _adapt_user_dataset(ds, columns: Mapping[str, str], label_names, source="the
     return _adapt_labels(ds, label_names, source)
 
 
-_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
-
-
 def _adapt_labels(ds, label_names, source):
     import datasets
 
@@ -413,11 +409,6 @@ def _adapt_labels(ds, label_names, source):
                          "counted from 0, a file's header not counted)")  # fmt: skip
     dtype = getattr(feature, "dtype", None)
     is_string = isinstance(feature, datasets.Value) and dtype in ("string", "large_string")
-    if is_string and all(_INTEGER.fullmatch(v) for v in values):
-        # a text file's integer labels (read as text): integers, as a typed column would give them
-        values, is_string, dtype = [int(v) for v in values], False, "int64"
-        feature = datasets.Value("int64")
-        ds = ds.remove_columns(["label"]).add_column("label", values, feature=feature)
     if is_string:
         if names is None:
             names = sorted(set(values))
@@ -528,7 +519,12 @@ def align_labels(
         labels = ds["label"]
         if "label_name" in ds.column_names:
             names = ds["label_name"]
-        else:  # a dataset given as it is: string labels are names, integer labels are positions
+        else:  # a dataset given as it is: string labels and a ClassLabel's names are names, else integers positions
+            feature = ds.features["label"]
+            if isinstance(feature, datasets.ClassLabel):
+                named = [feature.names[v] if v is not None and 0 <= v < feature.num_classes else None for v in labels]
+                if any(label_key(n) in {label_key(o) for o in outcomes} for n in named if n is not None):
+                    labels = named  # names that match the outcomes: by name, whatever the order of either
             names = [str(v) if v is not None else None for v in labels]
         generic = all(label_key(o) == f"label_{i}" for i, o in enumerate(outcomes))
         strings = any(isinstance(v, str) for v in labels)

@@ -72,9 +72,10 @@ class Task:
         frame = _token_counts(tokenizer, [prefix + self.format("")])[0]
         if frame > max_length:
             what = "the demonstrations and the prompt template" if prefix else f"the prompt template {self.template!r}"
+            remedy = "use fewer or shorter demonstrations" if prefix else "raise max_length or shorten the template"
             raise ValueError(
                 f"{what} alone {'are' if prefix else 'is'} {frame} tokens (special tokens included), more than "
-                f"max_length={max_length}: no text fits; raise max_length or shorten the template"
+                f"max_length={max_length}: no text fits; {remedy}"
             )
         for i in over:
             ids, cut_at = _text_tokens(tokenizer, texts[i])

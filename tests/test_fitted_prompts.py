@@ -241,3 +241,21 @@ def test_resuming_a_store_begun_by_right_truncation_warns(tmp_path, adapter, tas
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # complete: nothing is collected, nothing to say
         collect_pefs(adapter, data, task, tmp_path / "s", n=5, **options)
+
+
+def test_the_resume_check_reads_an_example_the_store_holds():
+    """A store whose first shard was removed by repair: the check reads past the missing range, never into it."""
+    from npeff_lens.collect import _warn_if_resumed_from_right_truncation
+
+    class Repaired:  # examples [0, 2) missing, [2, 4) held without the column
+        path, missing = "s", [(0, 2)]
+
+        def __len__(self):
+            return 4
+
+        def read_metadata(self, start, stop):
+            assert start >= 2, "read a missing example"
+            return [{"index": start}]
+
+    with pytest.warns(UserWarning, match="holds 4 examples collected by an earlier version"):
+        _warn_if_resumed_from_right_truncation(Repaired(), 24, 10)

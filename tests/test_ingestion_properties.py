@@ -152,3 +152,15 @@ def test_bad_rows_are_named_by_their_row_in_the_file_not_in_the_split(tmp_path):
     if 7 in source_rows:
         with pytest.raises(ValueError, match=r"row 7 has a label that names none"):
             align_labels(ds, [" positive", " negative"], rows=source_rows)
+
+
+def test_string_labels_that_look_like_integers_are_names_and_a_classlabel_maps_by_name():
+    import datasets
+
+    digits = nl.load_dataset(datasets.Dataset.from_dict({"text": list("abcd"), "label": ["1", "2", "3", "3"]}))
+    found = align_labels(digits, [" 1", " 2", " 3", " 4"])
+    assert found.dataset["label_name"] == [" 1", " 2", " 3", " 3"] and found.by_position is None
+    feature = datasets.ClassLabel(names=["pos", "neg"])
+    given = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 0]}).cast_column("label", feature)
+    found = align_labels(given, [" neg", " pos"])  # a Dataset given as it is: its ClassLabel's names, by name
+    assert found.dataset["label_name"] == [" pos", " neg", " pos"] and found.by_position is None
