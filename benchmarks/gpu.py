@@ -1,6 +1,6 @@
 """One prepared check of the project on one GPU (an NVIDIA H100 or H200), every result a Markdown table row.
 
-    python benchmarks/gpu.py                          # on the GPU machine: every section (sized for < 5 min)
+    python benchmarks/gpu.py                          # on a CUDA host: every section (sized for < 5 min)
     python benchmarks/gpu.py --out gpu-check.md       # also write the Markdown to a file (rewritten per section)
     python benchmarks/gpu.py --sections projection decomposition
     python benchmarks/gpu.py --smoke                  # the same code paths at tiny sizes on CPU (< 60 s, one core)
@@ -139,7 +139,8 @@ SIZES = {
         "gemm_n": 256,
     },
 }
-FORBIDDEN = ("datasets", "transformer_lens", "nnsight", "sae_lens")  # absent on the GPU machine
+# absent on a GPU host that has only torch and triton
+FORBIDDEN = ("datasets", "transformer_lens", "nnsight", "sae_lens")
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -901,7 +902,7 @@ def main(argv=None) -> int:
     rep.table(["section", "seconds", "status"], "lrl")
     for name, seconds, status in timings:
         rep.row([name, f"{seconds:.1f}", status])
-    rep.row(["modules absent on the GPU machine, imported", "—", ", ".join(loaded) or "none"])
+    rep.row(["modules a torch + triton host lacks, imported", "—", ", ".join(loaded) or "none"])
     rep.flush()
     return 0 if ok and not loaded else 1
 

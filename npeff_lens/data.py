@@ -523,7 +523,8 @@ def align_labels(
             feature = ds.features["label"]
             if isinstance(feature, datasets.ClassLabel):
                 named = [feature.names[v] if v is not None and 0 <= v < feature.num_classes else None for v in labels]
-                if any(label_key(n) in {label_key(o) for o in outcomes} for n in named if n is not None):
+                keys = {label_key(o) for o in outcomes}
+                if any(label_key(n) in keys for n in named if n is not None):
                     labels = named  # names that match the outcomes: by name, whatever the order of either
             names = [str(v) if v is not None else None for v in labels]
         generic = all(label_key(o) == f"label_{i}" for i, o in enumerate(outcomes))

@@ -97,3 +97,18 @@ def offline_page(width: int = 1280, height: int = 900):
             yield page, requests, errors
         finally:
             browser.close()
+
+
+def saved_without(directory: Path, json_name: str, tensors_name: str, *, param: str, tensor: str) -> None:
+    """Rewrite an estimator saved in ``directory`` as an earlier version wrote it: its ``json_name`` without the
+    parameter ``param``, its ``tensors_name`` (safetensors) without ``tensor``."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    meta = json.loads((directory / json_name).read_text())
+    del meta["params"][param]
+    (directory / json_name).write_text(json.dumps(meta))
+    tensors = load_file(directory / tensors_name)
+    del tensors[tensor]
+    save_file(tensors, directory / tensors_name)

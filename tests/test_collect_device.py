@@ -1,7 +1,7 @@
 """Collection's device path, as the collection loop runs it: each batch is finished where it was computed (flags,
 zeroed PEFs, norms, rank reduction), copied to the host once (on CUDA into pinned memory, behind an event), and
 read only after the next batch has been queued. Needs torch and transformers only, so benchmarks/gpu.py runs this
-file on a GPU machine, where the same batches computed on CUDA must give the CPU's PEFs and metadata."""
+file on a CUDA host, where the same batches computed on CUDA must give the CPU's PEFs and metadata."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("sae_lens")
 
-from helpers import TEMPLATE, random_texts  # noqa: E402
+from helpers import TEMPLATE, random_texts, saved_without  # noqa: E402
 
 from npeff_lens.baselines.activations import Activations, activations  # noqa: E402
 from npeff_lens.baselines.sae import SAE_LENS_INSTALL, TopKSAEBaseline, unit_normalise  # noqa: E402
@@ -296,19 +296,11 @@ def test_a_bidirectional_model_keeps_every_token():
 def test_an_sae_saved_before_constant_tokens_loads_as_it_was(adapter, tmp_path):
     """A folder saved before the constant prefix was recorded (no ``constant_tokens`` parameter, no
     ``constant_prefix`` tensor) loads as what it was: an SAE that read every token."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
     sae = TopKSAEBaseline(8, 2, hook="model.layers.0", batch_size=32, k_top=1, constant_tokens="keep",
                           show_progress=False).fit(adapter, TEMPLATED[:8])  # fmt: skip
     sae.save(tmp_path)
-    meta = json.loads((tmp_path / "npeff_sae.json").read_text())
-    del meta["params"]["constant_tokens"]
-    (tmp_path / "npeff_sae.json").write_text(json.dumps(meta))
-    codes = load_file(tmp_path / "npeff_sae_codes.safetensors")
-    del codes["constant_prefix"]
-    save_file(codes, tmp_path / "npeff_sae_codes.safetensors")
+    saved_without(tmp_path, "npeff_sae.json", "npeff_sae_codes.safetensors", param="constant_tokens",
+                  tensor="constant_prefix")  # fmt: skip
     back = TopKSAEBaseline.load(tmp_path)
     assert back.constant_tokens == "keep" and back.constant_prefix_.numel() == 0
     assert torch.equal(back.coefficients_, sae.coefficients_)

