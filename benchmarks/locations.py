@@ -1,26 +1,35 @@
-"""Benchmark: how concentrated NPEFF's components are in the model, and whether where they live is causal.
+"""Benchmark: where NPEFF's components live, against the exact answer, and whether the location is causal.
 
-For each component of a decomposition run, its direction is recovered in parameter space as ``npeff compare
---selectivity`` recovers it (``--recovery``, rejection at ``--reject-threshold``), and located over (layer,
-module) groups (:func:`npeff_lens.locations.component_locations`, as ``npeff top --where`` does):
+**truth** measures locations against ground truth. With unprojected PEFs (``proj_dim 0``, a few layers of a real
+model) the components *are* parameter-space directions, and their energy per (layer, module) group and per
+attention head is exact. The same examples are collected again under the sparse and the Kronecker projection and
+decomposed with the same settings; each projected fit's components are paired with the exact fit's by the cosine
+of their coefficient columns (Hungarian), and each way of locating a projected component is scored by the
+total-variation distance (TV, 0 to 1) of its energy fractions from the exact component's:
 
-- **concentration**: ``top_energy``, the fraction of the direction's energy in its top ``--share`` of groups
-  (5 %: ``top5pct`` of ``npeff top --where``), beside ``uniform``, the share of the parameters those groups hold
-  (what a direction spread evenly would put there);
-- **causality**: the selectivity (:mod:`npeff_lens.selectivity`: the perturbation is sized so that the mean KL
-  on ``--n-baseline`` random examples equals ``--target-kl``, then the mean KL on the component's top ``--k``
-  examples is divided by it) of three perturbations: the **full** direction (the baseline every ratio is
-  against, measured in the same run), the direction **restricted to its top groups**
-  (:func:`npeff_lens.locations.restricted`), and a **control** restricted to as many groups drawn at random
-  from the others that hold any of its energy (their parameter share: ``control_uniform``).
-  ``kept = selectivity(top groups) / selectivity(full)``, and the same for the control; ``excess kept``
-  compares the parts above 1 (a selectivity of 1 moves top examples no more than random ones).
+- ``span`` (:class:`npeff_lens.locations.GradientSpan`): the direction in the span of the component's top ``--k``
+  examples' exact PEF rows whose projection best reproduces it, rebuilt in parameter space by one backward pass;
+- ``attribution``: the component's loadings on its top ``--k`` examples, ``Σ_rows c_row (g_row · Φᵀh)``, split
+  exactly over parameters (``c_row = Φg_row · h``) and summed per group, negative group sums set to 0;
+- ``adjoint`` / ``minnorm`` / ``fpc`` / ``sparsa``: a direction recovered from the ``d`` numbers of the component
+  alone (:func:`npeff_lens.recovery.recover_direction`, rejection off);
+- ``shares``: the parameter-share guess, what a direction with no location gives (each group's share of the
+  parameters); a method worth its cost is far below it.
 
-    python benchmarks/locations.py runs/demo/npeff --components 16
+The exact run's own components located by ``span`` measure how well ``--k`` examples' gradients describe a
+component at all (the floor of that method).
 
-Writes ``DECOMPOSITION_DIR/locations-benchmark.json`` (``--out``) after each component and resumes from it
-when rerun with the same settings on the same fit. Components with fewer than ``--k`` active examples are
-skipped, as in ``npeff compare --selectivity``.
+    python benchmarks/locations.py truth --dataset movie-reviews --out runs/locations-truth
+    python benchmarks/locations.py truth --dataset geo-facts --out runs/locations-truth
+
+Writes ``OUT/truth-DATASET.json``; the runs it collects and fits stay in ``OUT/DATASET-{exact,sparse,kron}`` and
+are read back by a rerun.
+
+**causal** perturbs along each component's recovered direction restricted to where it lives
+(:func:`npeff_lens.runs.locate` with ``causal=True``: located on its top ``--k`` examples, selectivity measured on
+its next ``--k``), against random groups of equal parameter count:
+
+    python benchmarks/locations.py causal runs/demo/npeff --components 16
 """
 
 from __future__ import annotations
@@ -28,182 +37,319 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from npeff_lens import selectivity as sel
-from npeff_lens.io import read_json, write_json
-from npeff_lens.locations import component_locations, parameter_group, restricted, top_group_keys
-from npeff_lens.perturb import _Reference, geometric_mean
-from npeff_lens.recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten
-from npeff_lens.rundir import load_with_model
+import npeff_lens as nl
+from npeff_lens.decomposition import NPEFF
+from npeff_lens.io import write_json
+from npeff_lens.locations import GradientSpan, component_locations
+from npeff_lens.models import head_counts
+from npeff_lens.recovery import estimate_lambda_max, projection_from_config, recover_direction
+from npeff_lens.rundir import run_prompts
+from npeff_lens.runs import decompose_store, locate
+from npeff_lens.selectivity import top_positive
+from npeff_lens.tasks import LabelTokens, NextToken, task_from_config
+
+DATASETS = {  # name: (split, data seed, task); every projection is collected with the same settings
+    "movie-reviews": ("test", 3, lambda: LabelTokens("Review: {text}\nSentiment:", [" negative", " positive"])),
+    "geo-facts": ("train", 0, lambda: NextToken("{text}", expectation_projections=4, seed=0)),
+}
+PROJECTIONS = {"exact": {"proj_dim": 0}, "sparse": {"projection": "sparse"}, "kron": {"projection": "kron"}}
+LEVELS = ("groups", "heads", "neurons")
+RECOVERED = ("adjoint", "minnorm", "fpc", "sparsa")
+METHODS = ("span", "attribution", *RECOVERED)
+
+
+def _prepare(a, adapter) -> dict:
+    """One collected and fitted run per projection (each resumes, or is read back when finished); the unprojected
+    run is fitted in its row space (:func:`_exact_fit`)."""
+    split, seed, make_task = DATASETS[a.dataset]
+    data = nl.load_dataset(a.dataset, split=split, seed=seed)
+    runs = {}
+    for proj, kw in PROJECTIONS.items():
+        root = Path(a.out) / f"{a.dataset}-{proj}"
+        t0 = time.time()
+        store = nl.collect_pefs(adapter, data, make_task(), root / "pefs", n=a.n, params=a.params,
+                                batch_size=a.batch_size, progress=False, **kw)  # fmt: skip
+        t1 = time.time()
+        if proj == "exact":
+            W, H = _exact_fit(store, a.components)
+        else:
+            est = decompose_store(store, root / "npeff", n_components=a.components, progress=False)
+            W, H = torch.as_tensor(est.coefficients_).double(), torch.as_tensor(est.components_).double()
+        runs[proj] = {"W": W, "H": H, "store": store, "seconds": {"collect": t1 - t0, "decompose": time.time() - t1}}
+    return runs
+
+
+def _exact_fit(store, n_components: int, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """NPEFF on unprojected PEFs ``G`` (``m·r`` rows of ``n`` parameters), fitted in their row space.
+
+    NPEFF's loss reads the PEFs only through ``G Hᵀ`` and ``H Hᵀ``, and a component's part outside the span of the
+    rows only adds to it, so the fit is the same problem in the orthonormal basis ``V = Λ^(-1/2) Qᵀ G`` of that span
+    (``G Gᵀ = Q Λ Qᵀ``): the rows become ``G Vᵀ = Q Λ^(1/2)`` (``m·r`` numbers each, an isometry), and a component
+    ``h'`` found there is ``h' V`` in parameter space. The same estimator and defaults as ``npeff decompose``, in
+    ``m·r`` instead of ``n`` dimensions (at ``n`` = 4.4 M one step of the direct fit reads every PEF twice, and
+    its 1,100 steps take hours on a CPU)."""
+    m, r = len(store), store.rows
+    gram = torch.zeros(m * r, m * r, dtype=torch.float64)
+    chunks = [(lo, G.reshape(-1, G.shape[-1]).float()) for lo, G in store.iter_batches(batch)]
+    for i, (lo_i, Gi) in enumerate(chunks):
+        for lo_j, Gj in chunks[i:]:
+            block = Gi.double() @ Gj.double().T
+            gram[lo_i * r : lo_i * r + Gi.shape[0], lo_j * r : lo_j * r + Gj.shape[0]] = block
+            gram[lo_j * r : lo_j * r + Gj.shape[0], lo_i * r : lo_i * r + Gi.shape[0]] = block.T
+    evals, Q = torch.linalg.eigh(gram)
+    keep = evals > 1e-10 * float(evals.max())
+    evals, Q = evals[keep], Q[:, keep]
+    reduced = (Q * evals.sqrt()).reshape(m, r, -1).float()  # G Vᵀ, example by example
+    est = NPEFF(n_components=n_components, progress=False).fit(reduced)
+    basis = torch.as_tensor(est.components_).double() @ (Q / evals.sqrt()).T  # h' Λ^(-1/2) Qᵀ: [C, m·r]
+    H = torch.zeros(n_components, chunks[0][1].shape[1], dtype=torch.float64)
+    for lo, G in chunks:
+        H += basis[:, lo * r : lo * r + G.shape[0]] @ G.double()
+    return torch.as_tensor(est.coefficients_).double(), H
+
+
+def _locate(direction, layout, heads, **kw) -> dict:
+    """Every neuron kept: the neuron level is scored over all of them."""
+    return component_locations(direction, layout, heads, n_neurons=None, **kw)
+
+
+def _match(exact_w: torch.Tensor, other_w: torch.Tensor) -> list[tuple[int, int, float]]:
+    """``(exact component, other component, coefficient cosine)`` pairs, Hungarian on the cosines."""
+    from scipy.optimize import linear_sum_assignment
+
+    a = exact_w / exact_w.norm(dim=0).clamp_min(1e-30)
+    b = other_w / other_w.norm(dim=0).clamp_min(1e-30)
+    cos = (a.T @ b).numpy()
+    rows, cols = linear_sum_assignment(-cos)
+    return [(int(i), int(j), float(cos[i, j])) for i, j in zip(rows, cols)]
+
+
+def _fractions(loc: dict) -> dict:
+    """Energy fractions per (layer, module) group and per (layer, module, head), each level summing to 1 (a
+    negative sum, possible for ``attribution``'s signed terms, counts as 0)."""
+    out = {}
+    for level, keys in (("groups", ("layer", "module")), ("heads", ("layer", "module", "head")),
+                        ("neurons", ("layer", "neuron"))):  # fmt: skip
+        mass = {tuple(r[k] for k in keys): max(r["energy"], 0.0) for r in loc[level]}
+        total = sum(mass.values()) or 1.0
+        out[level] = {k: v / total for k, v in mass.items()}
+    return out
+
+
+def _tv(p: dict, q: dict) -> float:
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+
+
+def _scores(found: dict, truth: dict) -> dict:
+    return {level: _tv(found[level], truth[level]) for level in LEVELS}
+
+
+def truth(a) -> dict:
+    adapter = nl.load_model(a.model)
+    heads = head_counts(a.model) if a.model else None
+    t0 = time.time()
+    runs = _prepare(a, adapter)
+    layout = runs["exact"]["store"].manifest["layout"]
+    exact_w, exact_h = runs["exact"]["W"], runs["exact"]["H"]
+    shares = _fractions(_locate(torch.ones(exact_h.shape[1], dtype=torch.float64), layout, heads))
+    truths = [_fractions(_locate(exact_h[j], layout, heads)) for j in range(exact_h.shape[0])]
+    manifest = runs["exact"]["store"].manifest
+    task = task_from_config(manifest["task"]).bind(adapter)
+    texts = list(runs["exact"]["store"].metadata["text"])
+    prompts = run_prompts(manifest, adapter, task, texts)
+    result = {
+        "dataset": a.dataset,
+        "model": a.model,
+        "n": a.n,
+        "params": a.params,
+        "components": a.components,
+        "k": a.k,
+        "n_params": exact_h.shape[1],
+        "runs": {},
+        "rows": [],
+    }
+    for proj, run in runs.items():
+        W, H = run["W"], run["H"]
+        pairs = _match(exact_w, W)
+        op = projection_from_config(run["store"].manifest["projection"]) if proj != "exact" else None
+        span = GradientSpan(
+            adapter, task, layout, op, max_length=manifest["config"].get("max_length"), batch_size=a.batch_size
+        )
+        lam = estimate_lambda_max(op) * 1.1 if op is not None else None
+        result["runs"][proj] = {**run["seconds"], "pairs": pairs}
+        for i, j, cos in pairs:
+            top = top_positive(W, j, a.k)
+            rows = [{"method": "shares", "tv": _scores(shares, truths[i]), "seconds": 0.0}]
+            t1 = time.time()
+            got = span.direction(H[j], [prompts[t] for t in top])
+            rows.append(
+                {
+                    "method": "span",
+                    "fit": got.fit,
+                    "seconds": time.time() - t1,
+                    "tv": _scores(_fractions(_locate(got.direction, layout, heads)), truths[i]),
+                }
+            )
+            if proj != "exact":
+                t1 = time.time()
+                P = span.rows([prompts[t] for t in top]).double()  # [k, r, d]
+                c = torch.einsum("krd,d->kr", P, H[j])
+                terms = span.combine([prompts[t] for t in top], W[top, j, None] * c)
+                terms = terms * op.adjoint(H[j].float()).double()
+                loc = _locate(terms, layout, heads, terms=True)
+                rows.append(
+                    {"method": "attribution", "seconds": time.time() - t1, "tv": _scores(_fractions(loc), truths[i])}
+                )
+                for method in RECOVERED:
+                    if method not in a.methods:
+                        continue
+                    t1 = time.time()
+                    flat, _ = recover_direction(H.float(), j, op, method=method, reject_threshold=None, lambda_max=lam)
+                    rows.append(
+                        {
+                            "method": method,
+                            "seconds": time.time() - t1,
+                            "tv": _scores(_fractions(_locate(flat, layout, heads)), truths[i]),
+                        }
+                    )
+            for r in rows:
+                if r["method"] in ("shares", *a.methods):
+                    result["rows"].append(
+                        {"projection": proj, "exact_component": i, "component": j, "coefficient_cosine": cos, **r}
+                    )
+                    print(
+                        f"{a.dataset:>14} {proj:>6} c{i}~{j} cos {cos:.2f} {r['method']:>11}: "
+                        f"TV groups {r['tv']['groups']:.3f} heads {r['tv']['heads']:.3f} "
+                        f"neurons {r['tv']['neurons']:.3f}"
+                        + (f" (fit {r['fit']:.2f})" if "fit" in r else "")
+                        + f" {r['seconds']:.1f}s",
+                        flush=True,
+                    )
+    result["summary"] = _truth_summary(result["rows"])
+    result["seconds"] = time.time() - t0
+    out = Path(a.out) / f"truth-{a.dataset}.json"
+    write_json(out, result)
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {out}")
+    return result
+
+
+def _truth_summary(rows) -> dict:
+    """Per projection and method: the median and the worst TV over the paired components, per level."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["projection"], {}).setdefault(r["method"], []).append(r)
+    return {
+        proj: {
+            method: {
+                **{f"{level}_median": statistics.median(x["tv"][level] for x in rs) for level in LEVELS},
+                **{f"{level}_max": max(x["tv"][level] for x in rs) for level in LEVELS},
+                "seconds_median": statistics.median(x["seconds"] for x in rs),
+            }
+            for method, rs in methods.items()
+        }
+        for proj, methods in out.items()
+    }
+
+
+def causal(a) -> dict:
+    """Each component's location (``--method``) and its causal check, printed as a table; the summary is written
+    to ``DECOMPOSITION_DIR/locations-causal.json`` (the per-component records are in locations.json)."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.time()
+    res = locate(
+        a.decomposition,
+        method=a.method,
+        k=a.k,
+        causal=True,
+        seed=a.seed,
+        n_baseline=a.n_baseline,
+        target_kl=a.target_kl,
+        recovery=a.recovery,
+    )
+    rows = [c for c in res["components"] if (c.get("causal") or {}).get("status") == "ok"]
+    if a.components:
+        rows = [c for c in rows if c["component"] < a.components]
+    print(
+        f"{'comp':>4} {'fit':>5} {'S full':>7} {'S top':>7} {'S ctrl':>7} {'kept':>6} {'ctrl':>6} {'params':>7}  "
+        "top groups"
+    )
+    for c in rows:
+        r = c["causal"]
+        s = {m: r[m].get("selectivity", math.nan) for m in ("full", "top", "control")}
+        kept = {m: math.nan if r[m] is None else r[m] for m in ("kept", "control_kept")}
+        print(
+            f"{c['component']:>4} {c.get('fit', math.nan):>5.2f} {s['full']:>7.2f} {s['top']:>7.2f} "
+            f"{s['control']:>7.2f} {kept['kept']:>6.2f} {kept['control_kept']:>6.2f} "
+            f"{r['top_params'] / max(1, r['control_params']):>7.2f}  "
+            + ", ".join(f"L{g[0]} {g[1]}" for g in r["top_groups"])
+        )
+
+    def med(name):
+        v = [c["causal"][name] for c in rows if c["causal"][name] is not None]
+        return statistics.median(v) if v else None
+
+    summary = {
+        "decomposition": str(a.decomposition),
+        "method": a.method,
+        "k": a.k,
+        "n_measured": len(rows),
+        "n_excluded": sum((c.get("causal") or {}).get("status") != "ok" for c in res["components"]),
+        "kept_median": med("kept"),
+        "control_kept_median": med("control_kept"),
+        "top_beats_control": sum((c["causal"]["kept"] or 0) > (c["causal"]["control_kept"] or 0) for c in rows),
+        "seconds": time.time() - t0,
+    }
+    write_json(Path(a.decomposition) / "locations-causal.json", summary)
+    print(json.dumps(summary, indent=1))
+    return summary
 
 
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("decomposition", metavar="DECOMPOSITION_DIR", help="directory written by `npeff decompose`")
-    p.add_argument("--components", type=int, default=None, help="the first N components (default: all)")
-    p.add_argument("--k", type=int, default=16, help="top examples per component (npeff compare's default)")
-    p.add_argument("--n-baseline", type=int, default=32, help="random baseline examples that size a perturbation")
-    p.add_argument("--target-kl", type=float, default=0.01, help="mean KL (nats) on the baseline examples")
-    p.add_argument("--share", type=float, default=0.05, help="share of the groups kept (0.05: the top 5 %%)")
-    p.add_argument("--recovery", default="adjoint", help="how a direction is recovered (npeff compare --recovery)")
-    p.add_argument("--reject-threshold", type=float, default=0.5, help="npeff compare --reject-threshold")
-    p.add_argument("--seed", type=int, default=0, help="seed of the baseline examples and the control's groups")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=None, help="JSON results (default: DECOMPOSITION_DIR/locations-benchmark.json)")
+    sub = p.add_subparsers(dest="mode", required=True)
+    t = sub.add_parser("truth", help="locations against the exact answer of unprojected PEFs")
+    t.add_argument("--dataset", choices=sorted(DATASETS), default="movie-reviews", help="built-in dataset")
+    t.add_argument("--model", default="smollm2-135m", help="built-in model name")
+    t.add_argument(
+        "--params",
+        nargs="+",
+        default=["model.layers.2[89].self_attn.*", "model.layers.29.mlp.*"],
+        help="parameters collected (small enough to collect unprojected)",
+    )
+    t.add_argument("--n", type=int, default=96, help="examples")
+    t.add_argument("--components", type=int, default=4, help="components of each fit")
+    t.add_argument("--k", type=int, default=16, help="top examples per component that span and attribution read")
+    t.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="ways of locating")
+    t.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
+    t.add_argument("--out", default="runs/locations-truth", help="directory of the runs and the results")
+    c = sub.add_parser("causal", help="selectivity kept by a component's located groups (npeff_lens.runs.locate)")
+    c.add_argument("decomposition", metavar="DECOMPOSITION_DIR", help="directory written by `npeff decompose`")
+    c.add_argument("--components", type=int, default=None, help="the first N components (default: all)")
+    c.add_argument("--k", type=int, default=16, help="top examples that locate; the next k measure selectivity")
+    c.add_argument("--method", default="span", help="how a component is located (npeff top --where-method)")
+    c.add_argument("--recovery", default="adjoint", help="the direction perturbed (npeff perturb --recovery)")
+    c.add_argument("--n-baseline", type=int, default=32, help="random examples that size each perturbation")
+    c.add_argument("--target-kl", type=float, default=0.01, help="mean KL (nats) on the baseline examples")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    for q in (t, c):
+        q.add_argument("--seed", type=int, default=0, help="seed of the baseline examples and the controls")
     return p.parse_args(argv)
-
-
-def _selectivity(adapter, task, prompts, layout, flat, top, reference, a) -> dict:
-    try:
-        direction = sel.ParameterDirection(adapter, unflatten(flat.float(), layout))
-    except ValueError as e:  # nothing of the direction on these groups
-        return {"status": "zero", "error": str(e)}
-    try:
-        r = sel.component_selectivity(adapter, task, prompts, direction, top, target_kl=a.target_kl,
-                                      n_baseline=a.n_baseline, seed=a.seed, reference=reference,
-                                      batch_size=a.batch_size)  # fmt: skip
-    except sel.UnreachableTargetError as e:
-        return {"status": "unreachable", "error": str(e)}
-    return {"status": "ok", **r}
-
-
-def _component(j, est, layout, op, lam, adapter, task, prompts, reference, a) -> dict:
-    top = sel.top_positive(torch.as_tensor(est.coefficients_), j, a.k)
-    if len(top) < a.k:
-        return {"component": j, "status": "excluded", "n_top": len(top)}
-    comps = torch.as_tensor(est.components_).float()
-    flat, _ = recover_direction(comps, j, op, method=a.recovery, reject_threshold=a.reject_threshold, lambda_max=lam)
-    flat = flat.double()
-    loc = component_locations(flat, layout)
-    keys = top_group_keys(loc, a.share)
-    # the control: as many other groups, drawn among those the direction reaches at all
-    others = [(r["layer"], r["module"]) for r in loc["groups"][len(keys) :] if r["energy"] > 0]
-    control = random.Random(a.seed * 100_003 + j).sample(others, min(len(keys), len(others)))
-    numel = {}
-    for e in layout:
-        g = parameter_group(e["name"])
-        numel[g] = numel.get(g, 0) + int(e["numel"])
-    total = sum(numel.values())
-    rec = {
-        "component": j,
-        "status": "ok",
-        "n_groups": loc["n_groups"],
-        "top_groups": [list(k) for k in keys],
-        "control_groups": [list(k) for k in control],
-        "top5pct": loc["top5pct"],
-        "top_energy": sum(r["fraction"] for r in loc["groups"] if (r["layer"], r["module"]) in set(keys)),
-        "uniform": sum(numel[k] for k in keys) / total,
-        "control_energy": sum(r["fraction"] for r in loc["groups"] if (r["layer"], r["module"]) in set(control)),
-        "control_uniform": sum(numel[k] for k in control) / total,
-    }
-    for name, kept in (("full", None), ("top", keys), ("control", control)):
-        if kept is not None and not kept:
-            rec[name] = {"status": "no-control", "error": "no other group holds any of the direction's energy"}
-            continue
-        v = flat if kept is None else restricted(flat, layout, kept)
-        rec[name] = _selectivity(adapter, task, prompts, layout, v, top, reference, a)
-    return rec
-
-
-def _ratio(rec, name, excess=False):
-    full, part = rec["full"], rec[name]
-    if rec["status"] != "ok" or full["status"] != "ok" or part["status"] != "ok":
-        return None
-    if excess:
-        return (part["selectivity"] - 1) / (full["selectivity"] - 1) if full["selectivity"] > 1 else None
-    return part["selectivity"] / full["selectivity"]
 
 
 def main(argv=None):
     a = _args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    d = Path(a.decomposition)
-    out = Path(a.out) if a.out else d / "locations-benchmark.json"
-    t0 = time.time()
-    est, store, adapter, task = load_with_model(d)
-    key = {k: v for k, v in vars(a).items() if k not in ("threads", "out", "components", "batch_size")}
-    # the decomposition itself, not only where it lies: a refit into the same directory is measured again
-    key.update(decomposition=str(d.resolve()), n_components=int(est.n_components),
-               reconstruction_err=float(est.reconstruction_err_), n_examples=len(store))  # fmt: skip
-    done = {}
-    if out.exists():
-        stored = read_json(out)
-        if stored.get("key") == key:
-            done = {r["component"]: r for r in stored["components"]}
-        else:
-            print(f"{out} holds results for other settings or another fit: measuring again (it is overwritten)")
-    manifest = est.manifest_
-    layout = manifest["layout"]
-    op = projection_from_config(manifest["projection"]) if manifest.get("projection") else None
-    lam = estimate_lambda_max(op) * 1.1 if op is not None and a.recovery not in ("adjoint", "minnorm") else None
-    prompts = task.prompts(list(store.metadata["text"]))
-    reference = _Reference(adapter, task, prompts, a.batch_size)
-    n = min(a.components or est.n_components, est.n_components)
-    print(f"{d}: {n} of {est.n_components} components, {len(prompts)} examples, {len(layout)} tensors")
-    print(f"{'comp':>4} {'energy':>8} {'uniform':>8} {'S full':>8} {'S top':>8} {'S ctrl':>8} {'kept':>6} "
-          f"{'ctrl':>6}  top groups")  # fmt: skip
-    for j in range(n):
-        if j not in done:
-            t1 = time.time()
-            done[j] = {**_component(j, est, layout, op, lam, adapter, task, prompts, reference, a),
-                       "seconds": time.time() - t1}  # fmt: skip
-            write_json(out, {"key": key, "components": [done[i] for i in sorted(done)]})
-        r = done[j]
-        if r["status"] != "ok":
-            print(f"{j:>4} excluded: {r['n_top']} active examples < k")
-            continue
-        s = {m: r[m].get("selectivity", math.nan) for m in ("full", "top", "control")}
-        kept, ctrl = _ratio(r, "top"), _ratio(r, "control")
-        groups = ", ".join(f"L{g[0]} {g[1]}" for g in r["top_groups"])
-        energy = r.get("top_energy", r["top5pct"])
-        print(f"{j:>4} {energy:>8.3f} {r['uniform']:>8.3f} {s['full']:>8.2f} {s['top']:>8.2f} "
-              f"{s['control']:>8.2f} {kept if kept is not None else math.nan:>6.2f} "
-              f"{ctrl if ctrl is not None else math.nan:>6.2f}  {groups}")  # fmt: skip
-    rows = [done[j] for j in range(n) if done[j]["status"] == "ok"]
-    summary = _summary(rows)
-    summary["seconds"] = time.time() - t0  # this run, loading included; "seconds" of a component: measuring it
-    write_json(out, {"key": key, "components": [done[i] for i in sorted(done)], "summary": summary})
-    print(json.dumps(summary, indent=1))
-    print(f"wrote {out}")
-
-
-def _summary(rows) -> dict:
-    def gm(name):
-        v = [r[name]["selectivity"] for r in rows if r[name]["status"] == "ok"]
-        return geometric_mean(v) if v else None
-
-    def med(values):
-        v = [x for x in values if x is not None]
-        return statistics.median(v) if v else None
-
-    return {
-        "n_measured": len(rows),
-        "top_energy_median": med([r.get("top_energy", r["top5pct"]) for r in rows]),
-        "top_energy_mean": statistics.fmean(r.get("top_energy", r["top5pct"]) for r in rows) if rows else None,
-        "uniform_median": med([r["uniform"] for r in rows]),
-        "selectivity_full_geomean": gm("full"),
-        "selectivity_top_geomean": gm("top"),
-        "selectivity_control_geomean": gm("control"),
-        "kept_median": med([_ratio(r, "top") for r in rows]),
-        "control_kept_median": med([_ratio(r, "control") for r in rows]),
-        "excess_kept_median": med([_ratio(r, "top", excess=True) for r in rows]),
-        "control_excess_kept_median": med([_ratio(r, "control", excess=True) for r in rows]),
-        "top_beats_control": sum(
-            r["top"]["status"] == "ok"
-            and r["control"]["status"] == "ok"
-            and r["top"]["selectivity"] > r["control"]["selectivity"]
-            for r in rows
-        ),
-        "n_unreachable": {m: sum(r[m]["status"] == "unreachable" for r in rows) for m in ("full", "top", "control")},
-    }
+    if a.mode == "truth":
+        truth(a)
+    else:
+        causal(a)
 
 
 if __name__ == "__main__":

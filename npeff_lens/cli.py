@@ -233,6 +233,14 @@ def _zero_shot(cmd: C.ZeroShotCommand):
         print(f"[npeff_lens] {r['shortened']}", file=sys.stderr)
 
 
+def _trace(cmd: C.TraceCommand):
+    from .trace_run import TRACE_FILE, format_trace, trace_run
+
+    result = trace_run(cmd)
+    print(format_trace(result))
+    print(f"wrote {Path(cmd.out) / TRACE_FILE} ({result['seconds']:.0f}s)")
+
+
 #: name -> (config class or None, function, one-line help)
 COMMANDS = {
     "models": (None, _cmd_models, "list built-in models and backends"),
@@ -257,6 +265,7 @@ COMMANDS = {
     "repair": (C.RepairCommand, _repair, "remove only the damaged shards of a PEF store (collect then refills them)"),
     "demo": (C.DemoCommand, _demo, "the end-to-end demo: SmolLM2-135M on movie reviews"),
     "zero-shot": (C.ZeroShotCommand, _zero_shot, "zero-shot label-token accuracy on held-out movie reviews"),
+    "trace": (C.TraceCommand, _trace, "causal tracing: which layers' MLP / attention outputs carry a fact (ROME)"),
 }
 
 
@@ -328,7 +337,7 @@ def main(argv=None) -> int:
     return 0
 
 
-LONG_COMMANDS = ("collect", "decompose", "perturb", "compare", "unlearn", "icl", "report", "demo")
+LONG_COMMANDS = ("collect", "decompose", "perturb", "compare", "unlearn", "icl", "report", "demo", "trace")
 
 
 def _threads_line() -> str:

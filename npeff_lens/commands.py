@@ -33,6 +33,7 @@ __all__ = [
     "RepairCommand",
     "DemoCommand",
     "ZeroShotCommand",
+    "TraceCommand",
 ]
 
 Backend = Literal["hf", "bridge", "hooked", "nnsight"]
@@ -118,14 +119,22 @@ class TopCommand(_Config):
     store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)")
     where: bool = option(
         False,
-        "also where each component lives: the 5 (layer, module) groups with the most energy of its direction "
-        "recovered by back-projection (x: enrichment over the group's share of parameters); saved in "
+        "also where each component lives: the 5 (layer, module) groups, attention heads and MLP neurons with the "
+        "most of its energy (x: enrichment over their share of the parameters); saved in "
         "DECOMPOSITION_DIR/locations.json",
     )
+    where_method: Literal["span", "recovered"] = option(
+        "span",
+        "how --where locates a component: span rebuilds its direction from its top examples' exact gradients "
+        "(runs the model on them again); recovered back-projects its projected numbers (no model, but at chance "
+        "under the sparse projection)",
+    )
+    where_k: int = option(16, "top examples whose gradients locate a component (--where-method span)")
 
     def validate(self):
         self._require("k", self.k >= 1, "must be >= 1")
         self._require("show", self.show >= 0, "must be >= 0")
+        self._require("where_k", self.where_k >= 1, "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,3 +265,60 @@ class ZeroShotCommand(_Config):
     def validate(self):
         self._require("n", self.n >= 3, "must be >= 3")
         self._require("max_length", self.max_length is None or self.max_length >= 1, "must be >= 1")
+
+
+TRACE_KINDS = ("hidden", "mlp", "attn")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceCommand(_Config):
+    """``npeff trace``: causal tracing (Meng et al. 2022, §2.1), a localisation independent of NPEFF: the subject's
+    input embeddings are noised, then each layer's MLP or attention output is restored to its clean value at the last
+    subject token; the indirect effect is the answer's probability regained. Writes OUT/trace.json (every fact's
+    effects and the average profile) and prints the average per layer."""
+
+    model: str = option("smollm2-135m", "built-in model name (npeff models), local checkpoint directory or HF repo id")
+    backend: Backend = option("hf", "model backend")
+    device: str = option("cpu", "device of the model")
+    dataset: str = option(
+        "geo-facts",
+        "built-in dataset name, or a CSV / JSON Lines / Parquet file or datasets.save_to_disk directory, with "
+        "columns text (the prompt), subject (a substring of it) and target (the answer; a space is put before it "
+        "unless it starts with one)",
+    )
+    n: int = option(8, "facts traced: the first n of the split, which is in seeded random order")
+    split: Literal["train", "test"] | None = option(
+        "train",
+        "split of the dataset: a seeded shuffle (--data-seed) of 80%% (train) or the other 20%% (test) of its rows; "
+        "none: every row in file order",
+    )
+    data_seed: int = option(0, "seed of the train/test split")
+    known_only: bool = option(
+        False,
+        "trace only facts the model knows, as the paper does: the first n rows of the split whose answer's first "
+        "token is the model's top prediction",
+    )
+    kinds: tuple[str, ...] = option(
+        ("mlp", "attn"), "outputs restored: mlp, attn, hidden (the layer's output, the residual stream)", metavar="KIND"
+    )
+    positions: Literal["last_subject", "all"] = option(
+        "last_subject", "restore at the last subject token, or at every token of the prompt in turn"
+    )
+    window: int = option(
+        1, "restore MLP and attention outputs over this many consecutive layers around each layer (the paper: 10)"
+    )
+    noise: float = option(
+        3.0, "noise standard deviation, in standard deviations of the subject tokens' input embeddings (the paper: 3)"
+    )
+    samples: int = option(10, "noise draws per fact")
+    seed: int = option(0, "seed of the noise draws")
+    batch_size: int = option(64, "rows (noise draws x restorations) per forward pass")
+    out: str = option("runs/trace", "directory for trace.json")
+    progress: bool = option(True, "show a progress bar")
+
+    def validate(self):
+        for name in ("n", "samples", "window", "batch_size"):
+            self._require(name, getattr(self, name) >= 1, "must be >= 1")
+        self._require("noise", self.noise >= 0 and self.noise != float("inf"), "must be a finite number >= 0")
+        kinds_ok = bool(self.kinds) and set(self.kinds) <= set(TRACE_KINDS) and len(set(self.kinds)) == len(self.kinds)
+        self._require("kinds", kinds_ok, f"must be distinct names among {', '.join(TRACE_KINDS)}")

@@ -20,7 +20,7 @@ from .baselines.snmf import default_layer
 from .config import CompareConfig, check_same
 from .io import progress, read_json, to_jsonable, write_json
 from .models import load_model
-from .perturb import _Reference, check_adapter
+from .perturb import Reference, check_adapter
 from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten
 from .rundir import RUN_FILE, begin, finish, label_columns, load_run, resolve_config, run_prompts, space_options
 from .selectivity import ActivationDirection, ParameterDirection
@@ -208,7 +208,7 @@ class _CompareContext:
         coeffs = torch.as_tensor(fitted.coefficients_)
         direction = self._directions(name, fitted)
         if self._reference is None:
-            self._reference = _Reference(self.adapter, self.task, self.prompts, cfg.batch_size)
+            self._reference = Reference(self.adapter, self.task, self.prompts, cfg.batch_size)
         n = min(coeffs.shape[1], cfg.selectivity_components or coeffs.shape[1])
         threshold = active_threshold(coeffs)
         bar = progress(range(n), desc=f"selectivity {name}", unit="component", enabled=cfg.progress)

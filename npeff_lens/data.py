@@ -8,7 +8,8 @@ Built-ins (all read from files shipped in PyPI packages; see ``npeff_lens.assets
 - ``geo-facts``: 39,564 factual completions about places from GeoNames (CC BY 4.0), e.g. ``"Lyon is a city in
   the country of"`` → ``"France"``: the country of each world city of 15,000 people or more, the state of each
   US place, each country's capital and continent (column ``relation``); ``text`` = prompt, ``target`` = the
-  answer, ``targets`` = all answers (the stand-in for TriviaQA with a ``NextToken`` task).
+  answer, ``targets`` = all answers, ``subject`` = the place the prompt names (the stand-in for TriviaQA with a
+  ``NextToken`` task).
 
 Splits are deterministic from ``seed``: ``split="train"`` / ``"test"`` take the last
 ``1 - test_fraction`` / first ``test_fraction`` of a seeded permutation, in that permuted order (so
@@ -127,12 +128,13 @@ def _geo_facts():
     unambiguous("us-place-state", places)
     unambiguous("country-capital", ((c["name"], c["capital"]) for c in countries.values() if c["capital"]))
     unambiguous("country-continent", ((c["name"], CONTINENTS[c["continentcode"]]) for c in countries.values()))
-    rows = {"text": [], "target": [], "targets": [], "relation": []}
+    rows = {"text": [], "target": [], "targets": [], "relation": [], "subject": []}
     for relation, subject, answer in facts:
         rows["text"].append(GEO_RELATIONS[relation].format(subject))
         rows["target"].append(answer)
         rows["targets"].append([answer])
         rows["relation"].append(relation)
+        rows["subject"].append(subject)  # the place the prompt is about (what causal tracing corrupts)
     return rows
 
 

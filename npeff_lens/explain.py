@@ -24,9 +24,11 @@ For each text, on the run's model, task and prompt template (one model load for 
   answered all the same, and a share well below that mean says so (``notes``). A zero PEF (a one-hot prediction has
   zero Fisher) has no share: ``explained`` is ``None``;
 - its top components by coefficient, each with its tunings (§3.1: the label / prediction shared by >= 95% of the
-  component's top ``k`` run examples, as the report computes them), its top run examples, and the exact split of the
+  component's top ``k`` run examples, as the report computes them), its top run examples, the exact split of the
   text's loading ``Σ_rows ((G_row A)·h_j)²`` over the prompt's tokens (:mod:`npeff_lens.attribution`; shares plus
-  the labelled remainder sum to the loading).
+  the labelled remainder sum to the loading), and where it lives when the run has ``locations.json``
+  (:func:`npeff_lens.runs.locate`, ``npeff top DECOMPOSITION_DIR --where``; read, never computed here): its top
+  groups, attention heads and MLP neurons in the words of :func:`npeff_lens.locations.location_words`.
 """
 
 from __future__ import annotations
@@ -46,12 +48,17 @@ from .attribution import TokenAttributor
 from .collect import finish_batch
 from .config import ExplainConfig
 from .io import atomic_write
+from .locations import location_words
 from .models import load_model
 from .report.data import (
+    LOCATIONS_FILE,
     clean,
     component_name,
+    how_to_locate,
     input_token_mask,
     load_view,
+    located_k,
+    read_locations,
     statistics,
     summary_row,
     top_indices,
@@ -62,6 +69,7 @@ from .rundir import resolve_config
 __all__ = ["Explanation", "ComponentMatch", "explain", "relative_errors", "format_explanation", "write_page"]
 
 LOW_SHARE = 0.5  # a text whose explained share is below this fraction of the run's mean gets a note
+WHERE_SHOWN = ("where", "heads", "caution")  # the lines of a location the terminal view prints (the page: all)
 
 
 @dataclass
@@ -83,6 +91,7 @@ class ComponentMatch:
     remainder: dict[str, float]  # label -> fraction of the loading (attribution.REMAINDER_LABELS)
     loading: float  # Σ_rows ((G_row A) · h_j)² of the raw (not rank-reduced, not normalised) PEF
     page: str | None = None  # the component's report page, when the run has a report
+    location: dict | None = None  # where it lives (locations.location_words), when the run has locations.json
     attribution: Any = field(default=None, repr=False)  # the TokenAttribution
 
     def top_tokens(self, n: int = 3, text_only: bool = False) -> list[tuple[str, float]]:
@@ -116,7 +125,8 @@ class Explanation:
     pef_norm: float  # ‖GᵀG‖_F of the raw PEF
     flag: str | None  # the collection's flag: zero_pef, nonfinite_logits, nonfinite_grad
     components: list[ComponentMatch]
-    run: dict  # decomposition, model, task, outcomes, n_examples, n_components, mean_explained, report
+    run: dict  # decomposition, model, task, outcomes, n_examples, n_components, mean_explained, report, locations,
+    # locations_note (why components are not located, or that locations.json is older than the fit), locate
     notes: list[str] = field(default_factory=list)
     pef: torch.Tensor | None = field(default=None, repr=False)  # "rank dim", as the store would hold it
     text_tokens_cut: int = 0  # tokens left out at the text's end so that the prompt fits the run's max_length
@@ -278,6 +288,7 @@ def explain(
     found = attributor.attribute_pairs(pairs, [texts[i] for _, i in pairs]) if pairs else []
     attributions = {(a.component, a.example): a for a in found}
     run = _run_info(view)
+    entries, key = _read_locations(view, run)
     out = []
     for i, text in enumerate(texts):
         prediction, probabilities = _outcome(metas[i], view.outcomes, attributor.adapter.tokenizer)
@@ -288,6 +299,7 @@ def explain(
         for c in matches:
             mask = input_token_mask(c.tokens, text, attributor.task.template)
             c.from_text = mask if mask is not None else [True] * len(c.tokens)  # unknown: every token the input's
+        _locate(matches, entries, key, (view.manifest.get("projection") or {}).get("kind"))
         e = Explanation(
             text=text, prompt=prompts[i], n_tokens=lengths[i], prediction=prediction, probabilities=probabilities,
             coefficients=coefficients[i], explained=explained, relative_error=None if explained is None else err,
@@ -312,6 +324,32 @@ def _run_info(view) -> dict:
         "mean_explained": None if err is None else 1.0 - float(err),
         "report": str(report.resolve()) if (report / "index.html").is_file() else None,
     }
+
+
+def _read_locations(view, run: dict) -> tuple[dict[int, dict], dict | None]:
+    """``({component: entry}, key)`` of the run's ``locations.json`` (the report's reader: never computed here);
+    sets ``run``'s ``locations`` (its path, or None), ``locations_note`` and ``locate`` (the command that writes
+    it)."""
+    d = view.decomposition_dir
+    located, note = read_locations(d, int(view.coeffs.shape[1]))
+    cli = how_to_locate(d)["cli"]
+    run["locate"] = cli
+    run["locations"] = located["path"] if located else None
+    if located is None and not (Path(d) / LOCATIONS_FILE).is_file():
+        note = f"components not located for this run: `{cli}` writes {Path(d) / LOCATIONS_FILE}"
+    elif located is None:
+        note = f"{note} `{cli}` writes it again"
+    run["locations_note"] = note.rstrip(".") if note else None
+    return (located["components"], located["key"]) if located else ({}, None)
+
+
+def _locate(matches: list[ComponentMatch], entries: dict[int, dict], key: dict | None, projection) -> None:
+    """Each match's ``location`` in words; a location at chance explained in full once per input."""
+    said = False
+    for c in matches:
+        if c.component in entries:
+            c.location = location_words(entries[c.component], projection, said=said, k=located_k(key))
+            said = said or c.location["at_chance"]
 
 
 def _match(view, stats, j: int, coefficient: float, attribution, n_examples: int, run: dict) -> ComponentMatch:
@@ -369,7 +407,8 @@ def _short(text: str, width: int) -> str:
 
 def format_explanation(e: Explanation, width: int = 100) -> str:
     """A short terminal view: the prediction, the explained share, and per top component its tuning, coefficient,
-    top attributed tokens and its top run example."""
+    where it lives (its top groups and attention heads, when the run has ``locations.json``; else one line on how to
+    write it), top attributed tokens and its top run example."""
     probs = " · ".join(f"{name(o)} {p:.2f}" for o, p in e.probabilities.items())
     mean = e.run.get("mean_explained")
     share = "–" if e.explained is None else f"{e.explained:.1%}"
@@ -381,6 +420,8 @@ def format_explanation(e: Explanation, width: int = 100) -> str:
     ]
     for c in e.components:
         lines.append(f"  component {c.component:<4} coefficient {c.coefficient:.4g}   {_tuning(c)}")
+        if c.location is not None:
+            lines += [f"    {what}: {text}" for what, text in c.location["lines"] if what in WHERE_SHOWN]
         toks = " · ".join(f"{t.strip() or repr(t)} {s:+.0%}" for t, s in c.top_tokens(3, text_only=True))
         rest = sum(c.remainder.values())
         extra = [f"prompt template {c.template_share:+.0%}"] + (
@@ -392,6 +433,8 @@ def format_explanation(e: Explanation, width: int = 100) -> str:
             tag = f"[{name(x['label'])} → {name(x['prediction'])}]" if x["label"] is not None else \
                 f"[→ {name(x['prediction'])}]"  # fmt: skip
             lines.append(f"    e.g. {x['coefficient']:.4g} {tag} {_short(x['text'], max(20, width - 30))}")
+    if e.run.get("locations_note"):
+        lines.append(f"  where: {e.run['locations_note']}")
     lines += [f"  note: {n}" for n in e.notes]
     return "\n".join(lines)
 
@@ -446,9 +489,13 @@ def _component_html(c: ComponentMatch, href: str | None) -> str:
         f"<b>{escape(name(x['prediction']))}</b> · {escape(_short(x['text'] or '', 300))}</li>"
         for x in c.examples
     )
+    where = "".join(
+        f'<div class="meta where" data-what="{what}">{what}: {escape(text)}</div>'
+        for what, text in (c.location or {}).get("lines", [])
+    )
     return (
         f'<div class="example component" data-component="{c.component}"><h3 class="component-head">{title} '
-        f'{" ".join(badges)}</h3><div class="meta">{meta}</div>'
+        f'{" ".join(badges)}</h3><div class="meta">{meta}</div>{where}'
         f'<div class="tokens">{tokens_html(c.tokens, c.shares)}</div>'
         f'<div class="meta">Top examples of the run on this component:</div><ol class="examples">{examples}</ol></div>'
     )
@@ -496,12 +543,14 @@ def write_page(explanations: Sequence[Explanation], out_path, report_dir=None) -
         "PEF F̂ (the fit's per-example loss). Tuned: ≥ 95% of the component's top run examples share the label "
         "(prediction), §3.1."
     )
+    note = run.get("locations_note")
+    where = f' <span id="where-note">Where: {escape(note)}.</span>' if note else ""
     html = (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1"><title>NPEFF: which components were '
         f'at work</title><link rel="icon" href="data:,"><style>{css}{_EXTRA_CSS}</style></head>\n<body>\n'
         f'<header><h1>Which components were at work</h1><p class="sub">{sub}</p></header><main>'
-        f'<p class="legend note">{legend}</p>{sections}</main>\n'
+        f'<p class="legend note">{legend}{where}</p>{sections}</main>\n'
         "<footer>npeff_lens explain · NPEFF (Matena &amp; Raffel): components are rank-1 pseudo-Fisher matrices "
         "h hᵀ with non-negative per-example coefficients.</footer>\n</body></html>\n"
     )

@@ -27,12 +27,20 @@ and TransformerLens (``blocks.3.attn.W_Q``) layouts both parse.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .collect import PEFComputer
+from .perturb import check_adapter
+from .recovery import projection_from_config, unflatten
+from .selectivity import ParameterDirection, UnreachableTargetError, component_selectivity
 
 __all__ = [
     "parameter_group",
@@ -44,12 +52,22 @@ __all__ = [
     "at_chance",
     "chance_caution",
     "CHANCE_DISTANCE",
+    "GradientSpan",
+    "SpanDirection",
+    "group_numels",
+    "equal_size_control",
+    "located_selectivity",
+    "location_words",
+    "FIT_CAUTION",
 ]
 
 # Total-variation distance from the parameter shares below which a location is at chance: the demo's sparse
 # projection (n/d ~ 1,000, every group x1.0) sits far below it, a Kronecker location whose top 5 % of groups hold
 # 3.5x their share (the README's) far above (that excess alone is > 0.1).
 CHANCE_DISTANCE = 0.05
+# Below this share of a component reproduced by its top examples' gradients (GradientSpan's fit), a location
+# describes only part of the component and says so.
+FIT_CAUTION = 0.5
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 # (module kind, patterns on the part of the name after the layer index), first match wins
@@ -101,46 +119,88 @@ def _head_split(entry: Mapping[str, Any], kind: str, heads: Mapping[str, int] | 
     return n, axis
 
 
+# weights laid out [in, out] (GPT-2's Conv1D, TransformerLens' W_in / W_out) rather than torch's Linear [out, in]
+_IN_OUT = re.compile(r"(?:^|\.)(?:c_fc|c_proj)\.|W_in$|W_out$")
+N_NEURONS = 32  # the neurons kept per component, by energy
+
+
+def _neuron_axis(entry: Mapping[str, Any], kind: str) -> int | None:
+    """The axis of an MLP weight (or bias) that indexes the hidden neurons, or None: rows of gate / up and
+    columns of down for Linear weights ([out, in]), the other way round for [in, out] layouts; a gate / up bias
+    has one entry per neuron, a down bias none."""
+    shape = list(entry["shape"])
+    if kind not in ("gate", "up", "down") or not shape or len(shape) > 2:
+        return None
+    if len(shape) == 1:
+        return 0 if kind in ("gate", "up") else None
+    in_out = bool(_IN_OUT.search(entry["name"]))
+    return (1 if in_out else 0) if kind in ("gate", "up") else (0 if in_out else 1)
+
+
 def component_locations(
-    direction: torch.Tensor, layout: Sequence[Mapping[str, Any]], heads: Mapping[str, int] | None = None
+    direction: torch.Tensor,
+    layout: Sequence[Mapping[str, Any]],
+    heads: Mapping[str, int] | None = None,
+    *,
+    terms: bool = False,
+    n_neurons: int | None = N_NEURONS,
 ) -> dict[str, Any]:
     """The location of one flat direction ``[n]`` over ``layout`` (``name, shape, offset, numel`` entries):
-    ``groups`` and ``heads`` sorted by energy, ``top5pct``, ``energy`` (total). See the module docstring."""
+    ``groups`` and ``heads`` sorted by energy, ``top5pct``, ``energy`` (total). See the module docstring.
+
+    ``neurons``: the top ``n_neurons`` MLP neurons by energy (None: all of them).
+    ``terms=True``: ``direction`` already holds each parameter's (possibly signed) share of a total, such as a
+    loading split over parameters; groups sum the shares instead of the squares, and a fraction may be negative."""
     flat = direction.detach().double().flatten()
     total_numel = sum(int(e["numel"]) for e in layout)
     if flat.shape[0] != total_numel:
         raise ValueError(f"the direction has {flat.shape[0]} entries; the layout covers {total_numel}")
-    total = float(flat.square().sum())
+    mass = flat if terms else flat.square()
+    total = float(mass.sum())
     if not (math.isfinite(total) and total > 0):
         raise ValueError(f"the direction has energy {total}: no location")
     groups: dict[tuple, list[float]] = {}  # (layer, kind) -> [energy, numel]
     head_rows: dict[tuple, list[float]] = {}
+    neuron_energy: dict[tuple, torch.Tensor] = {}  # (layer, n_neurons) -> [energy per neuron, numel per neuron]
     for e in layout:
         lo, n = int(e["offset"]), int(e["numel"])
-        part = flat[lo : lo + n]
+        part = mass[lo : lo + n]
         layer, kind = parameter_group(e["name"])
         g = groups.setdefault((layer, kind), [0.0, 0])
-        g[0] += float(part.square().sum())
+        g[0] += float(part.sum())
         g[1] += n
         split = _head_split(e, kind, heads)
         if split is not None:
             n_heads, axis = split
             # the head axis first: [H, ...] (TransformerLens) or [H * d_head, ...] in head-major blocks (HF)
-            per_head = part.view(*e["shape"]).square().movedim(axis, 0).reshape(n_heads, -1).sum(1)
+            per_head = part.view(*e["shape"]).movedim(axis, 0).reshape(n_heads, -1).sum(1)
             for h, v in enumerate(per_head.tolist()):
                 r = head_rows.setdefault((layer, kind, h), [0.0, 0])
                 r[0] += v
                 r[1] += n // n_heads
+        axis = _neuron_axis(e, kind)
+        if axis is not None:
+            per = part.view(*e["shape"]).movedim(axis, 0).reshape(e["shape"][axis], -1)
+            acc = neuron_energy.setdefault((layer, per.shape[0]), torch.zeros(2, per.shape[0], dtype=torch.float64))
+            acc[0] += per.sum(1)
+            acc[1] += per.shape[1]
 
     def row(key, energy, numel, names):
         frac = energy / total
-        return {**dict(zip(names, key)), "energy": energy, "fraction": frac,
-                "enrichment": frac / (numel / total_numel)}  # fmt: skip
+        return {**dict(zip(names, key)), "energy": energy, "fraction": frac, "enrichment": frac / (numel / total_numel)}
 
-    group_rows = sorted((row(k, v[0], v[1], ("layer", "module")) for k, v in groups.items()),
-                        key=lambda r: -r["energy"])  # fmt: skip
-    head_list = sorted((row(k, v[0], v[1], ("layer", "module", "head")) for k, v in head_rows.items()),
-                       key=lambda r: -r["energy"])  # fmt: skip
+    group_rows = sorted(
+        (row(k, v[0], v[1], ("layer", "module")) for k, v in groups.items()), key=lambda r: -r["energy"]
+    )
+    head_list = sorted(
+        (row(k, v[0], v[1], ("layer", "module", "head")) for k, v in head_rows.items()), key=lambda r: -r["energy"]
+    )
+    neurons = [
+        (layer, i, float(v), float(c))
+        for (layer, _), acc in neuron_energy.items()
+        for i, (v, c) in enumerate(zip(acc[0].tolist(), acc[1].tolist()))
+    ]
+    neurons.sort(key=lambda t: -t[2])
     top = max(1, math.ceil(0.05 * len(group_rows)))
     return {
         "energy": total,
@@ -148,7 +208,41 @@ def component_locations(
         "n_groups": len(group_rows),
         "groups": group_rows,
         "heads": head_list,
+        "attention_heads": _attention_heads(head_rows, total, total_numel),
+        "n_neurons": len(neurons),
+        "neurons": [row((layer, i), v, c, ("layer", "neuron")) for layer, i, v, c in neurons[:n_neurons]],
     }
+
+
+def _attention_heads(head_rows: Mapping[tuple, list[float]], total: float, total_numel: int) -> list[dict]:
+    """Per (layer, query head): its q and o rows plus its share of the key / value head it reads (grouped-query
+    attention: a key / value head serves n_heads / n_kv_heads query heads, and its energy and parameters are split
+    evenly among them), sorted by energy. Empty where the weights were not split by head."""
+    by_layer: dict = {}
+    for (layer, module, head), (energy, numel) in head_rows.items():
+        by_layer.setdefault(layer, {}).setdefault(module, {})[head] = (energy, numel)
+    out = []
+    for layer, mods in by_layer.items():
+        n_q = len(mods.get("q") or mods.get("o") or {})
+        if not n_q:
+            continue
+        group = max(1, n_q // (len(mods.get("k") or mods.get("v") or {}) or n_q))
+        for h in range(n_q):
+            parts = [mods.get(m, {}).get(h, (0.0, 0)) for m in ("q", "o")]
+            parts += [tuple(x / group for x in mods.get(m, {}).get(h // group, (0.0, 0))) for m in ("k", "v")]
+            energy, numel = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            frac = energy / total
+            out.append(
+                {
+                    "layer": layer,
+                    "head": h,
+                    "kv_head": h // group,
+                    "energy": energy,
+                    "fraction": frac,
+                    "enrichment": frac / (numel / total_numel) if numel else 0.0,
+                }
+            )
+    return sorted(out, key=lambda r: -r["energy"])
 
 
 def top_groups(location: Mapping[str, Any], k: int = 5) -> list[str]:
@@ -178,16 +272,22 @@ def at_chance(location: Mapping[str, Any], distance: float = CHANCE_DISTANCE) ->
     return share_distance(location) < distance
 
 
-def chance_caution(location: Mapping[str, Any], projection: str | None = None, brief: bool = False) -> str:
+def chance_caution(
+    location: Mapping[str, Any], projection: str | None = None, brief: bool = False, method: str | None = None
+) -> str:
     """What a location at chance (:func:`at_chance`) means, in one line: ``projection`` is the run's kind
-    (``"sparse"``, ``"kron"``, None: unprojected); ``brief``: the number alone, for a second component at chance."""
+    (``"sparse"``, ``"kron"``, None: unprojected); ``method``: how it was located (``"span"``, ``"recovered"``;
+    None: recovered, as before locations recorded it); ``brief``: the number alone, for a second component at
+    chance."""
     head = f"at chance ({share_distance(location):.1%} in total variation from the parameter shares)"
     if brief:
         return f"{head}, as above"
-    if projection == "sparse":
-        return (f"{head}: under the sparse projection a component's recovered direction spreads over parameters by "
-                "their size, so these groups say nothing about it; use --projection kron (or --proj-dim 0 on a small "
-                "model) to locate components")  # fmt: skip
+    if projection == "sparse" and method in (None, "recovered"):
+        return (
+            f"{head}: under the sparse projection a component's recovered direction spreads over parameters by "
+            "their size, so these groups say nothing about it; locate it from its top examples' gradients "
+            "(the span method, the default) instead"
+        )
     return f"{head}: the energy spreads over the groups by their share of the parameters; no group stands out"
 
 
@@ -212,3 +312,316 @@ def restricted(direction: torch.Tensor, layout: Sequence[Mapping[str, Any]], gro
     if not found:
         raise ValueError(f"none of the groups {sorted(keep, key=str)} is in the layout")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating a component from its top examples' exact gradients.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpanDirection:
+    """A component's parameter-space direction rebuilt from its top examples' exact gradients
+    (:meth:`GradientSpan.direction`).
+
+    ``direction``: flat ``[n]`` over the layout, ``Σ_rows α_row g_row`` (``g_row``: an example's LRM-PEF row, the
+    gradient of one of the task's per-example scalars); ``fit``: the share of the component's squared norm that
+    the projected rows reproduce, ``1 − ‖Φ Gᵀα − h‖² / ‖h‖²`` (1: the component lies in their span; low: the top
+    examples do not make it up, and the location says little); ``coefficients``: ``α`` ``[examples, rows]``."""
+
+    direction: torch.Tensor
+    fit: float
+    coefficients: torch.Tensor
+    examples: list[int] = field(default_factory=list)
+
+
+class GradientSpan:
+    """Where a component lives, read from the exact gradients of the examples that load on it most.
+
+    NPEFF fits each component ``h`` (in the projected space, ``d`` numbers) to the PEFs of the examples that load
+    on it, so ``h`` lies (nearly) in the span of those examples' projected PEF rows ``Φ g_row``. This class
+    recomputes the rows of a few top examples, solves ``min_α ‖Σ α_row Φ g_row − h‖`` (``d`` equations, as many
+    unknowns as rows), and returns ``Σ α_row g_row`` in parameter space: one backward pass of the weighted sum of
+    the task's per-example scalars (no per-example gradient of the whole model is kept). Unlike recovering ``h``
+    from ``d`` numbers alone (back-projection, :mod:`npeff_lens.recovery`), whose energy spreads over the
+    parameters by their size under the sparse projection, the rebuilt direction carries the examples' own
+    structure: which layers, modules, heads and neurons their gradients use.
+
+    ``adapter`` / ``task``: the model and task the PEFs were collected with; ``layout``: the store's parameter
+    layout; ``projection``: the store's projection (an operator, its config dict, or None for unprojected PEFs);
+    ``max_length``: the collection's. Cost per component: the top examples' PEF rows again (one forward and one
+    backward per row group, as in collection) and one more backward pass for the direction.
+
+    >>> span = GradientSpan(adapter, task, manifest["layout"], manifest["projection"])  # doctest: +SKIP
+    >>> loc = component_locations(span.direction(est.components_[3], prompts[:16]).direction, layout)  # doctest: +SKIP
+    """
+
+    def __init__(self, adapter, task, layout, projection, *, max_length: int | None = None, batch_size: int = 8):
+        check_adapter(adapter, layout)
+        params = dict(adapter.all_named_parameters())
+        self.named = [(e["name"], params[e["name"]]) for e in layout]
+        if isinstance(projection, Mapping):
+            projection = projection_from_config(projection)
+        self.adapter, self.task = adapter, task.bind(adapter)
+        self.layout, self.projection = list(layout), projection
+        self.computer = PEFComputer(adapter, self.task, self.named, projection)
+        self.max_length, self.batch_size = max_length, batch_size
+
+    @property
+    def dim(self) -> int:
+        """The projected dimension ``d`` (the number of parameters for unprojected PEFs)."""
+        return self.computer.dim
+
+    def rows(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The projected PEF rows ``[len(prompts), r, d]`` of ``prompts``, as collection computes them (full rank)."""
+        out = []
+        for lo in range(0, len(prompts), self.batch_size):
+            pefs, _ = self.computer.compute(list(prompts[lo : lo + self.batch_size]), max_length=self.max_length)
+            out.append(pefs.detach().cpu())
+        return torch.cat(out)
+
+    def combine(self, prompts: Sequence[str], weights: torch.Tensor) -> torch.Tensor:
+        """``Σ_i Σ_row weights[i, row] · g_(i, row)``: the flat ``[n]`` (float64) gradient of the weighted sum of the
+        task's per-example scalars, one backward pass per batch. An example with non-finite logits adds nothing."""
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        params = [p for _, p in self.named]
+        total = [torch.zeros(p.numel(), dtype=torch.float64) for p in params]
+        with _requiring_grad(params), torch.enable_grad():
+            for lo in range(0, len(prompts), self.batch_size):
+                batch = self.adapter.tokenize(list(prompts[lo : lo + self.batch_size]), max_length=self.max_length)
+                log_probs = self.task.log_probs(self.adapter, batch)
+                ok = torch.isfinite(log_probs).all(-1)
+                safe = torch.where(ok[:, None], log_probs, torch.zeros_like(log_probs).detach())
+                rows = self.task.pef_rows(safe)
+                w = weights[lo : lo + rows.shape[0]].to(rows.device) * ok[:, None].to(rows.dtype)
+                grads = torch.autograd.grad((rows * w).sum(), params, allow_unused=True)
+                for acc, g in zip(total, grads):
+                    if g is not None:
+                        acc += g.detach().reshape(-1).double().cpu()
+        return torch.cat(total)
+
+    def direction(self, component: torch.Tensor, prompts: Sequence[str], rcond: float = 1e-10) -> SpanDirection:
+        """The direction in the span of ``prompts``' PEF rows whose projection best reproduces ``component``
+        (``[d]``, one row of ``NPEFF.components_``). See :class:`SpanDirection`."""
+        h = torch.as_tensor(component).double().flatten().cpu()
+        if h.shape[0] != self.dim:
+            raise ValueError(f"the component has {h.shape[0]} dims; the PEFs have {self.dim}")
+        rows = self.rows(prompts)  # [m, r, d]
+        m, r, _ = rows.shape
+        P = rows.reshape(m * r, -1).double()
+        # least squares through the Gram matrix (m·r unknowns, d equations): cheap for any d
+        gram, b = P @ P.T, P @ h
+        evals, evecs = torch.linalg.eigh(gram)
+        keep = evals > rcond * max(float(evals.max()), 0.0)
+        alpha = evecs[:, keep] @ ((evecs[:, keep].T @ b) / evals[keep]) if bool(keep.any()) else torch.zeros_like(b)
+        hh = float(h @ h)
+        fit = float(b @ alpha) / hh if hh > 0 else 0.0
+        coefficients = alpha.reshape(m, r)
+        return SpanDirection(self.combine(prompts, coefficients), min(1.0, max(0.0, fit)), coefficients)
+
+
+@contextlib.contextmanager
+def _requiring_grad(params):
+    saved = [(p, p.requires_grad) for p in params]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whether a location is causal.
+# ----------------------------------------------------------------------------------------------
+
+
+def group_numels(layout: Sequence[Mapping[str, Any]]) -> dict[tuple, int]:
+    """``{(layer, module): number of parameters}`` over ``layout``, in the layout's order."""
+    out: dict[tuple, int] = {}
+    for e in layout:
+        g = parameter_group(e["name"])
+        out[g] = out.get(g, 0) + int(e["numel"])
+    return out
+
+
+def equal_size_control(layout: Sequence[Mapping[str, Any]], groups, seed: int = 0) -> list[tuple]:
+    """Groups drawn at random from those not in ``groups`` whose parameter count is as close as the draw allows
+    to that of ``groups``: the groups are shuffled (``seed``) and taken in order while the count gets closer."""
+    numel = group_numels(layout)
+    keep = {tuple(g) for g in groups}
+    target = sum(numel[g] for g in keep if g in numel)
+    others = [g for g in numel if g not in keep]
+    random.Random(seed).shuffle(others)
+    out, count = [], 0
+    for g in others:
+        if abs(count + numel[g] - target) >= abs(count - target) and out:
+            continue
+        out.append(g)
+        count += numel[g]
+        if count >= target:
+            break
+    return out
+
+
+def located_selectivity(
+    adapter,
+    task,
+    prompts: Sequence[str],
+    layout: Sequence[Mapping[str, Any]],
+    direction: torch.Tensor,
+    groups,
+    measure: Sequence[int],
+    *,
+    seed: int = 0,
+    target_kl: float = 0.01,
+    n_baseline: int = 32,
+    reference=None,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Whether a location is causal: the selectivity (:func:`npeff_lens.selectivity.component_selectivity`: the
+    mean KL on the ``measure`` examples at the perturbation size that moves ``n_baseline`` random examples by
+    ``target_kl``) of the flat parameter-space ``direction`` perturbed whole (``full``), restricted to ``groups``
+    (``top``: (layer, module) pairs, :func:`restricted`) and restricted to random other groups of about the same
+    parameter count (``control``, :func:`equal_size_control`).
+
+    Returns ``{full, top, control}`` (each ``{status, selectivity, ...}``; status ``unreachable`` when no size
+    reaches ``target_kl``), ``top_groups``, ``control_groups``, ``top_params``, ``control_params``, and ``kept`` /
+    ``control_kept``: the selectivity of the restricted direction over the full one's (None when not measured).
+    Locate with one set of a component's examples and measure on others: a direction built from the measured
+    examples' own gradients moves them by construction."""
+    groups = [tuple(g) for g in groups]
+    control = equal_size_control(layout, groups, seed=seed)
+    numel = group_numels(layout)
+    out: dict[str, Any] = {
+        "top_groups": [list(g) for g in groups],
+        "control_groups": [list(g) for g in control],
+        "top_params": sum(numel.get(g, 0) for g in groups),
+        "control_params": sum(numel.get(g, 0) for g in control),
+    }
+    for name, kept in (("full", None), ("top", groups), ("control", control)):
+        if kept is not None and not kept:
+            out[name] = {"status": "none", "error": "no other group to draw a control from"}
+            continue
+        flat = direction if kept is None else restricted(direction, layout, kept)
+        try:
+            pd = ParameterDirection(adapter, unflatten(flat.float(), layout))
+            r = component_selectivity(
+                adapter,
+                task,
+                prompts,
+                pd,
+                list(measure),
+                target_kl=target_kl,
+                n_baseline=n_baseline,
+                seed=seed,
+                reference=reference,
+                batch_size=batch_size,
+            )
+            out[name] = {"status": "ok", **r}
+        except UnreachableTargetError as e:
+            out[name] = {"status": "unreachable", "error": str(e)}
+        except ValueError as e:  # a zero direction on these groups
+            out[name] = {"status": "zero", "error": str(e)}
+    full = out["full"].get("selectivity")
+    for name in ("top", "control"):
+        part = out[name].get("selectivity")
+        out[f"{name}_kept" if name == "control" else "kept"] = part / full if full and part is not None else None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# A location in words.
+# ----------------------------------------------------------------------------------------------
+
+
+def location_words(
+    location: Mapping[str, Any],
+    projection: str | None = None,
+    *,
+    said: bool = False,
+    fit_caution: float | None = None,
+    k: int | None = None,
+    n: int = 5,
+) -> dict[str, Any]:
+    """A component's entry of ``locations.json`` in the words ``npeff top --where``, the report and ``npeff explain``
+    all show: ``{located, method, where, groups, heads, neurons, fit, fit_caution, at_chance, chance, causal,
+    cautions, lines}``.
+
+    ``where``: its top ``n`` groups and the share of the energy in its top 5 % of groups (without groups: the entry's
+    note); ``groups`` / ``heads`` / ``neurons``: the top ``n`` of each, ``"layer 1 down 62% (x4.1)"``, ``"layer 0
+    head 3 31% (x2.0)"`` (per query head, q and o with its share of its key / value head; per module and head in
+    files written before that), ``"layer 1 neuron 17 1.2% (x9.3)"``; ``fit``: the share of the component its top
+    examples' gradients reproduce (span only, else None), with ``fit_caution`` (text) when below ``fit_caution``
+    (default :data:`FIT_CAUTION`);
+    ``at_chance`` (:func:`at_chance`) with ``chance`` (:func:`chance_caution`; ``projection``: the run's kind,
+    ``said``: one at chance was already explained in full); ``causal``: the causal check in a sentence, if recorded;
+    ``cautions``: the two cautions that apply; ``lines``: ``(label, text)`` in the order ``npeff top --where``
+    prints them. ``k``: how many top examples located it, for the ranks the causal check
+    measured on (default: the entry's examples)."""
+    method = location.get("method") or "recovered"  # files written before the span method record none
+    examples = list(location.get("examples") or [])
+    out: dict[str, Any] = {"located": "groups" in location, "method": method, "groups": [], "heads": []}
+    out.update(neurons=[], fit=location.get("fit"), fit_caution=None, at_chance=False, chance=None, causal=None)
+    out["cautions"] = []
+    if "groups" not in location:
+        out["where"] = str(location.get("note") or location.get("status") or "not located")
+        out["lines"] = [("where", out["where"])]
+        return out
+    out["groups"] = top_groups(location, n)
+    neurons = location.get("neurons") or []
+    out["where"] = f"{'; '.join(out['groups'])}; top 5% of groups: {location['top5pct']:.0%} of the energy"
+    heads = location.get("attention_heads") or location.get("heads") or []
+    out["heads"] = [_head_words(r) for r in heads[:n]]
+    out["neurons"] = [_row_words(r, f"layer {r['layer']} neuron {r['neuron']}", ".1%") for r in neurons[:n]]
+    fit = out["fit"]
+    if fit is not None and fit < (FIT_CAUTION if fit_caution is None else fit_caution):
+        out["fit_caution"] = (
+            f"its top examples' gradients reproduce {fit:.0%} of the component; the location describes that part only"
+        )
+    out["at_chance"] = at_chance(location)
+    if out["at_chance"]:
+        out["chance"] = chance_caution(location, projection, brief=said, method=method)
+    out["cautions"] = [c for c in (out["fit_caution"], out["chance"]) if c]
+    if location.get("causal"):
+        out["causal"] = _causal_words(location["causal"], k if k is not None else len(examples))
+    lines = [("where", out["where"])]
+    lines += [(what, "; ".join(out[what])) for what in ("heads", "neurons") if out[what]]
+    lines += [("causal", out["causal"])] if out["causal"] else []
+    out["lines"] = lines + [("caution", c) for c in out["cautions"]]
+    return out
+
+
+def _causal_words(causal: Mapping[str, Any], k: int) -> str:
+    """:func:`located_selectivity`'s record (``runs.locate(causal=True)``) in a sentence; ``k``: how many top
+    examples located the component (0: unknown)."""
+    if causal.get("status") != "ok":
+        return f"not measured: {causal.get('note') or causal.get('status')}"
+    m = len(causal.get("measured_on") or [])
+    on = f"examples ranked {k + 1} to {k + m}" if k else f"{m} examples other than those that located it"
+    full = causal.get("full") or {}
+    if full.get("status") != "ok":
+        return f"not measured: the whole direction is {full.get('status')} on {on}"
+
+    def kept(name: str, key: str) -> str:
+        value = causal.get(key)
+        return f"{value:.0%}" if value is not None else f"none ({(causal.get(name) or {}).get('status')})"
+
+    return (
+        f"its top {len(causal.get('top_groups') or [])} group(s) alone ({causal.get('top_params', 0):,} parameters) "
+        f"keep {kept('top', 'kept')} of the whole direction's selectivity ({full['selectivity']:.3g}), random groups "
+        f"of as many parameters ({causal.get('control_params', 0):,}) {kept('control', 'control_kept')}; measured on "
+        f"{on}"
+    )
+
+
+def _row_words(r: Mapping[str, Any], what: str, frac: str = ".0%") -> str:
+    return f"{what} {r['fraction']:{frac}} (x{r['enrichment']:.1f})"
+
+
+def _head_words(r: Mapping[str, Any]) -> str:
+    """A query head (``attention_heads``: q and o with its share of its key / value head) or, in files written
+    before those, one module's head (``heads``)."""
+    module = f" {r['module']}" if "module" in r else ""
+    return _row_words(r, f"layer {r['layer']}{module} head {r['head']}")

@@ -47,6 +47,7 @@ __all__ = [
     "summarize",
     "baseline_examples",
     "check_adapter",
+    "Reference",
     "format_table",
 ]
 
@@ -322,8 +323,12 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Reference:
-    """Unperturbed log-probs of prompts by index, computed on first use (θ must be unperturbed then)."""
+class Reference:
+    """Unperturbed log-probs of prompts by index, computed on first use (θ must be unperturbed then) and kept: one
+    instance shared by many perturbations of the same model runs each prompt unperturbed once.
+
+    ``get(indices)`` returns ``[len(indices), outcomes]`` log-probs, computed in whole fixed blocks of
+    ``batch_size`` prompts so that an example's numbers do not depend on which were asked for before."""
 
     def __init__(self, adapter, task, prompts, batch_size):
         self.adapter, self.task, self.prompts, self.batch_size = adapter, task, prompts, batch_size
@@ -351,7 +356,7 @@ def perturb_component(
     top: Sequence[int],
     baseline: Sequence[int],
     pef_norms=None,
-    reference: torch.Tensor | _Reference | None = None,
+    reference: torch.Tensor | Reference | None = None,
     batch_size: int = 32,
     component: int | None = None,
 ) -> dict[str, Any]:
@@ -370,12 +375,12 @@ def perturb_component(
     if overlap:
         raise ValueError(f"baseline examples must be disjoint from the top examples; shared: {sorted(overlap)[:5]}")
     idx = top + baseline
-    if isinstance(reference, _Reference):
+    if isinstance(reference, Reference):
         ref = reference.get(idx)
     elif reference is not None:
         ref = torch.as_tensor(reference)[idx]
     else:
-        ref = _Reference(adapter, task, prompts, batch_size).get(idx)
+        ref = Reference(adapter, task, prompts, batch_size).get(idx)
     try:
         kl = perturbation_kl(
             adapter, task, [prompts[i] for i in idx], direction, magnitude, reference=ref, batch_size=batch_size

@@ -40,11 +40,11 @@ from .data import align_labels, load_dataset
 from .decomposition import NPEFF, CorruptFileError
 from .distributed import local_device
 from .io import atomic_writer, progress, read_json, to_jsonable, write_json
-from .locations import at_chance, chance_caution, component_locations, top_groups
-from .models import head_counts, load_model
+from .models import load_model
 from .perturb import COLUMNS, check_adapter, summarize
 from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten, validate_layout
 from .report import build
+from .run_locations import locate, location_lines
 from .rundir import RUN_FILE, begin, finish, label_columns, load_run, load_with_model, resolve_config, space_options
 from .store import PEFStore
 from .tasks import LabelTokens, task_from_config
@@ -127,10 +127,21 @@ def decompose_store(store, out, config: DecomposeConfig | None = None, **options
     return est
 
 
-def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, width: int = 100, store=None,
-               where: bool = False) -> dict:  # fmt: skip
+def top_report(
+    decomposition_dir,
+    k: int = 16,
+    show: int = 5,
+    components=None,
+    width: int = 100,
+    store=None,
+    where: bool = False,
+    where_method: str = "span",
+    where_k: int = 16,
+    adapter=None,
+) -> dict:
     """Top examples per component (label, prediction, coefficient) and the tuning summary (§3.1); with ``where``,
-    also the groups of parameters where each component lives (:func:`locate`)."""
+    also where each component lives (:func:`locate` with ``method=where_method``, ``k=where_k``): its top
+    (layer, module) groups, attention heads and MLP neurons."""
 
     est, store = load_run(decomposition_dir, store)
     meta, coeffs = store.metadata, est.coefficients_
@@ -143,17 +154,17 @@ def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, w
     per = summary.pop("tunings")
     t_label, t_pred = per.get("label", [None] * C), per["prediction"]
     top, texts, lines = top_examples(coeffs, k=max(k, show)), meta["text"], []
-    located = locate(decomposition_dir, store=store)["components"] if where else None
+    located = None
+    if where:
+        located = locate(decomposition_dir, store=store, method=where_method, k=where_k, adapter=adapter)["components"]
     kind, said = ((est.manifest_ or {}).get("projection") or {}).get("kind"), False
     for j in range(C) if components is None else components:
         tag = [f"{what}={t[j]}" for what, t in (("label", t_label), ("prediction", t_pred)) if t[j] is not None]
         lines.append(f"component {j}  [{', '.join(tag) or 'not tuned'}]")
         if located is not None:
-            lines.append(f"  where: {'; '.join(top_groups(located[j]))}; top 5% of groups: "
-                         f"{located[j]['top5pct']:.0%} of the energy")  # fmt: skip
-            if at_chance(located[j]):  # said in full once
-                lines.append(f"  caution: {chance_caution(located[j], kind, brief=said)}")
-                said = True
+            where_lines, chance = location_lines(located[j], kind, said)
+            lines += where_lines
+            said = said or chance
         for i in top[j, :show].tolist():
             if not on[i, j]:
                 break
@@ -170,60 +181,6 @@ def top_report(decomposition_dir, k: int = 16, show: int = 5, components=None, w
     if support < k:
         summary_line += f"; note: no component has {k} active examples (at most {support}; {ACTIVE_DEFINITION})"
     return {"lines": lines, "summary": summary, "summary_line": summary_line}
-
-
-LOCATIONS_FILE = "locations.json"
-
-
-def locate(decomposition_dir, *, recovery: str = "adjoint", reject_threshold: float | None = 0.5, adapter=None,
-           store=None, **solver_options) -> dict:  # fmt: skip
-    """Where each component lives (:mod:`npeff_lens.locations`): its direction recovered in parameter space as
-    ``npeff perturb`` recovers it (``recovery``, rejection of dissimilar components at ``reject_threshold``), its
-    energy per (layer, module) and per attention head, with the head counts from ``adapter``'s config or else from
-    the configuration of the model the store names (no weights read; no per-head split when it is not at hand).
-    Written to ``DECOMPOSITION_DIR/locations.json`` and read back by a rerun with the same settings."""
-    d = Path(decomposition_dir)
-    saved = read_json(d / "config.json") if (d / "config.json").exists() else {}  # no store needed for a reread
-    heads = _head_counts(adapter, saved.get("manifest") or {})
-    key = {"recovery": recovery, "reject_threshold": reject_threshold, "heads": heads,
-           **to_jsonable(solver_options)}  # fmt: skip
-    path = d / LOCATIONS_FILE
-    if path.exists():
-        try:
-            stored = read_json(path)
-            if stored.get("key") == key:
-                return stored
-        except ValueError:
-            pass  # damaged: computed again
-    est, store = load_run(d, store)
-    manifest = est.manifest_ or {}
-    if not manifest.get("layout"):
-        raise ValueError(f"the decomposition {d} records no parameter layout: was it fitted on a PEF store?")
-    layout, comps = manifest["layout"], torch.as_tensor(est.components_).float()
-    validate_layout(layout)
-    op = projection_from_config(manifest["projection"]) if manifest.get("projection") is not None else None
-    lam = estimate_lambda_max(op) if op is not None and recovery not in ("adjoint", "minnorm") else None
-    components = []
-    for j in progress(range(comps.shape[0]), desc="locating components", unit="component"):
-        flat, _ = recover_direction(comps, j, op, method=recovery, reject_threshold=reject_threshold,
-                                    lambda_max=lam, **solver_options)  # fmt: skip
-        components.append({"component": j, **component_locations(flat, layout, heads)})
-    result = {"key": key, "components": components}
-    write_json(path, result)
-    return result
-
-
-def _head_counts(adapter, manifest: dict) -> dict | None:
-    """``{"n_heads", "n_kv_heads"}`` from ``adapter``'s config, else from the configuration of the model the
-    manifest names; None when neither gives them."""
-    if adapter is None:
-        name = (manifest.get("model") or {}).get("name")
-        return head_counts(name) if name else None
-    config = getattr(getattr(adapter, "model", None), "config", None)
-    n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-    if not n_heads:
-        return None
-    return {"n_heads": n_heads, "n_kv_heads": getattr(config, "num_key_value_heads", None) or n_heads}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +291,7 @@ def run_perturbation(
         raise ValueError(f"components {cfg.components!r}: {e}") from None
     records = _previous_records(Path(out), cfg, s.identity, decomposition_dir) if out is not None else {}
     top, on, notes = top_examples(s.coeffs, k=cfg.top_k), active(s.coeffs), []
-    reference = perturb._Reference(s.adapter, s.task, s.prompts, cfg.batch_size)  # unperturbed p(y|x), cached
+    reference = perturb.Reference(s.adapter, s.task, s.prompts, cfg.batch_size)  # unperturbed p(y|x), cached
     deadline = None if cfg.time_budget is None else time.monotonic() + 60 * cfg.time_budget
     bar = progress(indices, desc="perturbing components", unit="component", enabled=cfg.progress)
     for j in bar:
@@ -691,4 +648,12 @@ def zero_shot(cmd: ZeroShotCommand | None = None, **options) -> dict:
 
 
 def top(cmd: TopCommand) -> dict:
-    return top_report(cmd.decomposition, k=cmd.k, show=cmd.show, store=cmd.store, where=cmd.where)
+    return top_report(
+        cmd.decomposition,
+        k=cmd.k,
+        show=cmd.show,
+        store=cmd.store,
+        where=cmd.where,
+        where_method=cmd.where_method,
+        where_k=cmd.where_k,
+    )

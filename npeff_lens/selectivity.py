@@ -38,7 +38,7 @@ import torch
 
 from .analysis import active_threshold
 from .baselines.activations import hook_module, resolve_hook
-from .perturb import _Reference, baseline_examples, geometric_mean, kl_divergence, perturbed, task_log_probs
+from .perturb import Reference, baseline_examples, geometric_mean, kl_divergence, perturbed, task_log_probs
 
 __all__ = [
     "UnreachableTargetError",
@@ -240,7 +240,7 @@ def component_selectivity(
     target_kl: float = 0.01,
     n_baseline: int = 32,
     seed: int = 0,
-    reference: _Reference | None = None,
+    reference: Reference | None = None,
     batch_size: int = 32,
     start: float = 1.0,
     rtol: float = 0.02,
@@ -258,7 +258,7 @@ def component_selectivity(
             f"fewer baseline examples than asked: {len(prompts)} examples less {len(top)} top ones leave "
             f"{len(base)}, but {n_baseline} were asked for (--n-baseline)"
         )
-    reference = reference or _Reference(adapter, task, list(prompts), batch_size)
+    reference = reference or Reference(adapter, task, list(prompts), batch_size)
     reference.get(top + base)  # unintervened log-probs first
     measure = lambda s: float(_mean_kl(adapter, task, prompts, base, intervention, s, reference, batch_size).mean())  # noqa: E731
     cal = calibrate(measure, target_kl, start=start, rtol=rtol)

@@ -254,6 +254,50 @@ def test_page_in_headless_chromium_offline(run, tmp_path):
     assert requests and all(u.startswith("file:") for u in requests), [u for u in requests if not u.startswith("file:")]
 
 
+def test_an_unlocated_run_says_in_one_line_how_to_locate_it(run, tmp_path):
+    d = run["root"] / "npeff"
+    e = run["ex"][0]
+    assert e.run["locations"] is None and all(c.location is None for c in e.components)
+    lines = [line for line in format_explanation(e).splitlines() if "where:" in line]
+    assert lines == [f"  where: components not located for this run: `npeff top {d} --where` writes {d}/locations.json"]
+    html = write_page([e], tmp_path / "page.html", report_dir=tmp_path).read_text()
+    assert f"npeff top {d} --where" in html and 'data-what="where"' not in html
+
+
+def test_a_located_run_says_where_each_top_component_lives(run, tmp_path, monkeypatch):
+    """With DECOMPOSITION_DIR/locations.json (as `npeff top --where` writes it) the text and the page say where
+    each of the input's top components lives, in `npeff top --where`'s words; explain reads the file, never
+    locates."""
+    import shutil
+    from html import escape
+
+    import npeff_lens.locations as locations
+    from npeff_lens.locations import location_words
+    from npeff_lens.runs import locate
+
+    d = tmp_path / "npeff"
+    shutil.copytree(run["root"] / "npeff", d, ignore=shutil.ignore_patterns("report"))
+    adapter = nl.load_model("tiny-llama")
+    entries = locate(d, store=run["store"], adapter=adapter, k=4, progress_bar=False)["components"]
+    monkeypatch.setattr(locations, "component_locations", lambda *a, **k: pytest.fail("located again"))
+    [e] = explain(d, run["texts"][3], store=run["store"], adapter=adapter, top=3, k=K)
+    assert e.run["locations"] == str(d / "locations.json") and e.run["locations_note"] is None and e.components
+    text = format_explanation(e).splitlines()
+    html = write_page([e], tmp_path / "page.html").read_text()
+    for c in e.components:
+        words = location_words(entries[c.component])
+        assert c.location["where"] == words["where"] and c.location["heads"] == words["heads"]
+        assert words["heads"] and "top 5% of groups" in words["where"]
+        at = text.index(next(line for line in text if line.startswith(f"  component {c.component} ")))
+        assert text[at + 1] == f"    where: {words['where']}"
+        assert text[at + 2] == f"    heads: {'; '.join(words['heads'])}"
+        assert f'data-what="where">where: {escape(words["where"])}</div>' in html
+        assert f'data-what="heads">heads: {escape("; ".join(words["heads"]))}</div>' in html
+    assert "not located" not in "\n".join(text) and 'id="where-note"' not in html
+    saved = json.loads(json.dumps(e.to_dict()))
+    assert saved["components"][0]["location"]["where"] == e.components[0].location["where"]
+
+
 @pytest.mark.parametrize("rank", [1, 3])  # App. C: fewer rows than the task's 2, or zero rows padded to 3
 def test_a_rank_reduced_run_reproduces_its_stored_rows(tmp_path, rank):
     texts, _ = _reviews(12, seed=1)

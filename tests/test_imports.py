@@ -21,11 +21,13 @@ LAYERS = {
     "commands": 1,
     "rundir": 3,
     "runs": 3,
+    "run_locations": 3,
     "compare": 3,
     "hub": 3,
     "attribution": 3,
     "explain": 3,
     "report": 3,
+    "trace_run": 3,
     "cli": 4,
 }
 CORE = 2

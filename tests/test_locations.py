@@ -166,3 +166,122 @@ def test_a_planted_direction_back_projected_at_large_n_over_d_is_at_chance():
     rows = [{"fraction": 0.75, "enrichment": 1.5}, {"fraction": 0.25, "enrichment": 1.0},
             {"fraction": 0.0, "enrichment": 0.0}]  # fmt: skip
     assert share_distance({"groups": rows}) == pytest.approx(0.5 * (0.25 + 0 + 0.25))
+
+
+# --- locating from the top examples' exact gradients (GradientSpan) -----------------------------------------------
+
+SPAN_TEMPLATE, SPAN_LABELS = "Review: {text}\nSentiment:", [" sad", " bad", " awful"]
+SPAN_TEXTS = ["a great film .", "bad", "yes no maybe good fun", "the movie is awful and sad", "fun fun", "dull"]
+
+
+def _span_setup(projection_kind, params=("model.layers.*",)):
+    import warnings
+
+    from npeff_lens.projection import KroneckerProjection, SparseProjection
+    from npeff_lens.tasks import LabelTokens
+
+    adapter = load_model("tiny-llama")
+    named = adapter.named_parameters(include=list(params))
+    layout = parameter_layout(named)
+    n = sum(e["numel"] for e in layout)
+    op = {
+        None: None,
+        "sparse": SparseProjection(n, 512, seed=0, density=8),
+        "kron": KroneckerProjection([tuple(e["shape"]) for e in layout], 512, seed=0, k=8),
+    }[projection_kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task = LabelTokens(SPAN_TEMPLATE, SPAN_LABELS).bind(adapter)
+    return adapter, task, layout, op
+
+
+@pytest.mark.filterwarnings("ignore:label .* tokens after the prompt")
+@pytest.mark.parametrize("projection_kind", [None, "sparse", "kron"])
+def test_a_component_in_the_span_of_examples_gradients_is_located_exactly(projection_kind):
+    """A component made of three examples' PEF rows (weights planted) is rebuilt in parameter space exactly from its
+    projection alone, so its location equals the exact location of the planted parameter-space direction; the
+    back-projection of the same component under the sparse projection does not come close."""
+    from npeff_lens.locations import GradientSpan
+
+    adapter, task, layout, op = _span_setup(projection_kind)
+    prompts = [task.format(t) for t in SPAN_TEXTS[:3]]
+    span = GradientSpan(adapter, task, layout, op, batch_size=2)
+    beta = torch.tensor([[1.0, -0.5, 0.25], [0.0, 2.0, 0.0], [0.3, 0.3, -1.0]])
+    exact = span.combine(prompts, beta)  # the planted parameter-space direction, Σ β g
+    rows = span.rows(prompts)  # projected rows [3, 3, d]
+    h = torch.einsum("mr,mrd->d", beta.double(), rows.double())  # its projection: what NPEFF would hold
+    got = span.direction(h, prompts)
+    assert got.fit == pytest.approx(1.0, abs=1e-6)
+    cos = float(got.direction @ exact / (got.direction.norm() * exact.norm()))
+    assert cos == pytest.approx(1.0, abs=1e-5)
+    truth, found = component_locations(exact, layout), component_locations(got.direction, layout)
+    fractions = {(r["layer"], r["module"]): r["fraction"] for r in truth["groups"]}
+    assert max(abs(fractions[(r["layer"], r["module"])] - r["fraction"]) for r in found["groups"]) < 1e-5
+    if projection_kind == "sparse":  # back-projection: the parameter-share guess, far from the truth
+        back = component_locations(op.adjoint(h.float()), layout)
+        tv = 0.5 * sum(abs(fractions[(r["layer"], r["module"])] - r["fraction"]) for r in back["groups"])
+        assert tv > 0.1
+
+
+@pytest.mark.filterwarnings("ignore:label .* tokens after the prompt")
+def test_the_combined_gradient_is_the_weighted_sum_of_per_example_rows():
+    """combine() is Σ w·g: equal to the unprojected rows that collection computes, weighted and summed."""
+    from npeff_lens.locations import GradientSpan
+
+    adapter, task, layout, _ = _span_setup(None)
+    prompts = [task.format(t) for t in SPAN_TEXTS]
+    span = GradientSpan(adapter, task, layout, None, batch_size=4)
+    w = torch.randn(len(prompts), 3, generator=torch.Generator().manual_seed(1))
+    want = torch.einsum("mr,mrn->n", w.double(), span.rows(prompts).double())
+    got = span.combine(prompts, w)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.filterwarnings("ignore:label .* tokens after the prompt")
+def test_a_component_outside_the_examples_span_says_so_in_its_fit():
+    from npeff_lens.locations import GradientSpan
+
+    adapter, task, layout, op = _span_setup("sparse")
+    span = GradientSpan(adapter, task, layout, op)
+    h = torch.randn(span.dim, generator=torch.Generator().manual_seed(0))
+    assert span.direction(h, [task.format(t) for t in SPAN_TEXTS[:2]]).fit < 0.05
+    with pytest.raises(ValueError, match="dims"):
+        span.direction(torch.ones(7), [task.format(SPAN_TEXTS[0])])
+
+
+def test_neurons_split_rows_of_gate_and_up_and_columns_of_down():
+    """A direction planted on one MLP neuron of tiny-llama (row 5 of gate and up, column 5 of down, layer 1) puts
+    all its energy on that neuron; in tiny-gpt2 (Conv1D: [in, out]) the neuron is column 5 of c_fc and row 5 of
+    c_proj."""
+    for model, planted in (
+        ("tiny-llama", {"mlp.gate_proj.weight": (0, 5), "mlp.up_proj.weight": (0, 5), "mlp.down_proj.weight": (1, 5)}),
+        ("tiny-gpt2", {"mlp.c_fc.weight": (1, 5), "mlp.c_fc.bias": (0, 5), "mlp.c_proj.weight": (0, 5)}),
+    ):
+        layout = _layout(model)
+        x = torch.zeros(sum(e["numel"] for e in layout))
+        for e in layout:
+            for suffix, (axis, i) in planted.items():
+                if e["name"].endswith(suffix) and parameter_group(e["name"])[0] == 1:
+                    view = x[e["offset"] : e["offset"] + e["numel"]].view(*e["shape"])
+                    view.select(axis, i).fill_(1.0) if view.dim() > 1 else view.__setitem__(i, 1.0)
+        loc = component_locations(x, layout)
+        top = loc["neurons"][0]
+        assert (top["layer"], top["neuron"], top["fraction"]) == (1, 5, pytest.approx(1.0)), model
+        assert loc["neurons"][1]["energy"] == 0 and loc["n_neurons"] >= 2 * 32
+        assert top["enrichment"] > 10
+
+
+def test_attention_heads_add_q_and_o_to_their_share_of_the_key_value_head():
+    """tiny-llama: 4 query heads, 2 key/value heads. Energy 1 on q head 1 and 2 on k head 0 (which query heads 0 and
+    1 read) gives query head 1 1 + 2/2 = 2, query head 0 1, heads 2 and 3 nothing."""
+    layout = _layout("tiny-llama")
+    x = torch.zeros(sum(e["numel"] for e in layout))
+    for e in layout:
+        if e["name"] == "model.layers.0.self_attn.q_proj.weight":
+            x[e["offset"] : e["offset"] + e["numel"]].view(32, 32)[8, 0] = 1.0  # head 1's first row
+        if e["name"] == "model.layers.0.self_attn.k_proj.weight":
+            x[e["offset"] : e["offset"] + e["numel"]].view(16, 32)[0, 0] = 2.0**0.5  # kv head 0
+    loc = component_locations(x, layout, heads={"n_heads": 4, "n_kv_heads": 2})
+    got = {(r["layer"], r["head"]): r["energy"] for r in loc["attention_heads"]}
+    assert got[(0, 1)] == pytest.approx(2.0) and got[(0, 0)] == pytest.approx(1.0)
+    assert got[(0, 2)] == got[(0, 3)] == 0 and loc["attention_heads"][0]["kv_head"] == 0

@@ -340,9 +340,10 @@ def test_locations_json_is_shown_as_written(run):
     assert 'id="where-mean"' in html and 'id="where-components"' in html
 
 
-def _planted_locations():
+def _planted_locations(heads=None):
     """locations.json of 4 components over a 3-layer llama layout: 0 in layer 1's MLP (down most), 1 in layer
-    0's q, 2 in layer 2's o, 3 spread evenly (enrichment about 1 everywhere)."""
+    0's q, 2 in layer 2's o, 3 spread evenly (enrichment about 1 everywhere: at chance); per head with ``heads``
+    (``{n_heads, n_kv_heads}``). Written as before the span method: no ``method`` in the key or the entries."""
     import torch
 
     from npeff_lens.locations import component_locations
@@ -369,8 +370,8 @@ def _planted_locations():
 
     plans = [{"layers.1.mlp.down": 300.0, "layers.1.mlp.up": 80.0}, {"layers.0.self_attn.q": 200.0},
              {"layers.2.self_attn.o": 200.0}, {}]  # fmt: skip
-    comps = [{"component": j, **component_locations(direction(w), layout)} for j, w in enumerate(plans)]
-    return {"key": {"recovery": "adjoint", "reject_threshold": 0.5, "heads": False}, "components": comps}
+    comps = [{"component": j, **component_locations(direction(w), layout, heads)} for j, w in enumerate(plans)]
+    return {"key": {"recovery": "adjoint", "reject_threshold": 0.5, "heads": heads or False}, "components": comps}
 
 
 def test_a_locations_json_of_another_decomposition_is_not_shown(tmp_path):
@@ -390,6 +391,170 @@ def test_a_locations_json_of_another_decomposition_is_not_shown(tmp_path):
     (tmp_path / "npeff.safetensors").write_bytes(b"refit")  # a decomposition written after the file
     located, note = read_locations(tmp_path, 4)
     assert located is not None and "older than the decomposition" in note
+
+
+def _paragraph(html: str, tag: str) -> str | None:
+    """The text of the element with id ``tag`` (tags dropped, entities decoded); None when absent."""
+    import html as html_lib
+    import re
+
+    m = re.search(rf'<(\w+)[^>]* id="{tag}"[^>]*>(.*?)</\1>', html, flags=re.S)
+    return None if m is None else html_lib.unescape(re.sub(r"<[^>]+>", "", m.group(2)))
+
+
+def test_a_located_components_page_shows_its_heads_neurons_and_fit(run):
+    """`locate` (the span method) on the tiny model: each page names the file's top 5 attention heads (per query
+    head, by energy) and MLP neurons, and the share of the component its top examples' gradients reproduce; the map
+    is drawn exactly when the location is not at chance."""
+    from npeff_lens.locations import at_chance
+
+    root, index_html = run
+    site = index_html.parent
+    table = json.loads((root / "tree" / "npeff" / "locations.json").read_text())
+    assert table["key"]["method"] == "span" and all("groups" in e for e in table["components"])
+    for entry in table["components"]:
+        j = entry["component"]
+        html = (site / "components" / f"component_{j:05d}.html").read_text()
+        loc = _strict(site / "data" / f"component_{j:05d}.json")["location"]
+        assert loc["method"] == "span" and loc["examples"] == entry["examples"] and loc["fit"] == entry["fit"]
+        assert loc["attention_heads"] == entry["attention_heads"][:8] and loc["neurons"] == entry["neurons"][:8]
+        heads = entry["attention_heads"][:5]
+        assert len(heads) == 5 and [r["energy"] for r in heads] == sorted((r["energy"] for r in heads), reverse=True)
+        want = "; ".join(
+            f"layer {r['layer']} head {r['head']} {r['fraction']:.0%} (x{r['enrichment']:.1f})" for r in heads
+        )
+        assert _paragraph(html, "where-heads") == f"Top attention heads: {want}."
+        neurons = entry["neurons"][:5]
+        want = "; ".join(
+            f"layer {r['layer']} neuron {r['neuron']} {r['fraction']:.1%} (x{r['enrichment']:.1f})" for r in neurons
+        )
+        assert _paragraph(html, "where-neurons") == f"Top MLP neurons (of {entry['n_neurons']:,}): {want}."
+        fit = _paragraph(html, "where-fit")
+        n = len(entry["examples"])
+        said = f"Located from the exact gradients of its top {n} examples, which reproduce {100 * entry['fit']:.1f}%"
+        assert fit.startswith(f"{said} of the component.")
+        assert ("Caution: its top examples' gradients reproduce" in fit) == (entry["fit"] < 0.5)
+        assert ('id="where-grid"' in html) != at_chance(entry)
+        assert ('id="where-chance"' in html) == at_chance(entry)
+    assert "each component's direction rebuilt from the exact gradients of its top 16 examples" in (
+        index_html.read_text()
+    )
+
+
+CAUSAL = {
+    "status": "ok",
+    "measured_on": [20, 21, 22, 23],
+    "top_groups": [[1, "down"]],
+    "control_groups": [[0, "up"], [2, "gate"]],
+    "top_params": 512,
+    "control_params": 1024,
+    "full": {"status": "ok", "selectivity": 4.0, "kl_top": 0.04, "kl_baseline": 0.01},
+    "top": {"status": "ok", "selectivity": 3.0, "kl_top": 0.03, "kl_baseline": 0.0101},
+    "control": {"status": "unreachable", "error": "target KL 0.01 not reached"},
+    "kept": 0.75,
+    "control_kept": None,
+}
+DEAD = {
+    "component": 1,
+    "method": "span",
+    "examples": [],
+    "status": "dead",
+    "note": "no example loads on this component: nothing to locate",
+}
+
+
+def _site_with(run, tmp_path, table: dict) -> Path:
+    """The run's report over a copy of its decomposition that holds ``table`` as its locations.json."""
+    root, _ = run
+    d = tmp_path / "npeff"
+    shutil.copytree(root / "tree" / "npeff", d, ignore=shutil.ignore_patterns("compare", "report", "locations.json"))
+    (d / "locations.json").write_text(json.dumps(table))
+    return build(d, tmp_path / "site", store=root / "tree" / "pefs", attribute=False, progress=False)
+
+
+def test_a_hand_written_locations_json_shows_its_causal_check_dead_entry_and_chance(run, tmp_path):
+    """Component 0 located by the span method with a poor fit and a causal record, 1 dead, 2 written before the
+    span method (no method, per-module heads only), 3 at chance."""
+    import re
+
+    from npeff_lens.locations import chance_caution
+
+    heads = {"n_heads": 4, "n_kv_heads": 2}
+    planted = _planted_locations(heads)["components"]
+    old = {k: v for k, v in planted[2].items() if k not in ("attention_heads", "neurons", "n_neurons")}
+    comps = [
+        {**planted[0], "method": "span", "examples": [3, 1, 4, 0], "fit": 0.3, "causal": CAUSAL},
+        DEAD,
+        old,
+        {**planted[3], "method": "span", "examples": [5, 6, 7, 8], "fit": 0.9},
+    ]
+    key = {"method": "span", "heads": heads, "fit": "0" * 16, "k": 4, "causal": {"k": 4, "target_kl": 0.01}}
+    index_html = _site_with(run, tmp_path, {"key": key, "components": comps})
+    site = index_html.parent
+    page = [(site / "components" / f"component_{j:05d}.html").read_text() for j in range(4)]
+    data = [_strict(site / "data" / f"component_{j:05d}.json")["location"] for j in range(4)]
+
+    # 0: the causal table, its sentence naming the examples measured on (ranks k+1..2k), the caution on the fit
+    rows = re.findall(r'<tr data-part="([^"]+)">(.*?)</tr>', page[0], flags=re.S)
+    cells = {part: [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)] for part, row in rows}
+    assert list(cells) == ["the whole direction", "its top groups only", "random groups, as many parameters"]
+    assert cells["the whole direction"][3:] == ["4", "0.04", "0.01", "100.0%"]
+    assert cells["its top groups only"][1:] == ["1", "512", "3", "0.03", "0.0101", "75.0%"]
+    control = cells["random groups, as many parameters"]
+    assert control == ["random groups, as many parameters (unreachable)", "2", "1024", "–", "–", "–", "–"]
+    sentence = _paragraph(page[0], "where-causal")
+    assert "keep 75% of the whole direction's selectivity (4)" in sentence
+    assert "random groups of as many parameters (1,024) none (unreachable)" in sentence
+    assert sentence.endswith("measured on examples ranked 5 to 8.")
+    assert "Measured on examples 20, 21, 22, 23" in page[0]
+    assert "Caution: its top examples' gradients reproduce 30% of the component" in _paragraph(page[0], "where-fit")
+    assert 'id="where-grid"' in page[0] and data[0]["causal"] == CAUSAL
+
+    # 1: dead, in words, with nothing drawn; the index keeps its row with the note
+    assert _paragraph(page[1], "where-top") == f"Dead: {DEAD['note']}."
+    assert 'id="where-grid"' not in page[1] and 'id="where-heads"' not in page[1]
+    assert data[1]["located"] is False and data[1]["status"] == "dead" and data[1].get("grid") is None
+    index = index_html.read_text()
+    assert re.search(rf'<tr class="unlocated" data-component="1">.*?dead: {DEAD["note"]}</td>', index)
+    assert 'data-location="dead">dead</td>' in index
+
+    # 2: written before: recovered, its heads per module and head, no neurons, its map drawn
+    assert _paragraph(page[2], "where-fit") == "Located from its direction recovered from its projected numbers alone."
+    assert _paragraph(page[2], "where-heads").startswith("Top attention heads: layer 2 o head ")
+    assert 'id="where-neurons"' not in page[2] and 'id="where-grid"' in page[2]
+
+    # 3: at chance: the caution in words instead of the map, in the page and in the index
+    words = chance_caution(planted[3], "sparse", method="span")
+    assert words.startswith("at chance (") and f"it is {words}. Its layer × module map is not drawn." in (
+        _paragraph(page[3], "where-chance")
+    )
+    assert 'id="where-grid"' not in page[3] and 'class="heatmap"' not in page[3]
+    assert page[3].index('id="where-chance"') < page[3].index('id="where-top"')  # said before the numbers
+    assert data[3]["at_chance"] is True and data[3]["chance"] == words
+    assert f"Component(s) 3: {words}." in _paragraph(index, "where-chance")
+    assert re.search(r'<tr class="[^"]*chance[^"]*" data-component="3">', index)
+    assert index.count('class="chance-mark"') == 2  # its map row and its line in the components table
+    summary = _strict(site / "data" / "index.json")["locations"]
+    assert summary["at_chance"] == [3] and not summary["live_at_chance"]
+    assert summary["not_located"] == [{"component": 1, "status": "dead", "note": DEAD["note"]}]
+
+
+def test_a_locations_json_written_before_the_span_method_still_renders(run, tmp_path):
+    """No method, no attention_heads, neurons or fit: recovered, as then; per-module heads; no fit line."""
+    planted = _planted_locations({"n_heads": 4, "n_kv_heads": 2})
+    for c in planted["components"]:
+        for k in ("attention_heads", "neurons", "n_neurons"):
+            c.pop(k)
+    index_html = _site_with(run, tmp_path, planted)
+    index = index_html.read_text()
+    assert "direction recovered by back-projection A h; per attention head too" in index
+    for j, c in enumerate(planted["components"]):
+        html = (index_html.parent / "components" / f"component_{j:05d}.html").read_text()
+        heads = _paragraph(html, "where-heads")
+        top = c["heads"][0]
+        assert heads.startswith(f"Top attention heads: layer {top['layer']} {top['module']} head {top['head']} ")
+        assert "recovered from its projected numbers alone" in _paragraph(html, "where-fit")
+        assert 'id="where-neurons"' not in html and ('id="where-grid"' in html) == (j != 3)
 
 
 def _alpha(style: str) -> float:
@@ -466,9 +631,18 @@ def test_where_heatmaps_and_input_scaled_tokens_in_headless_chromium_offline(run
         assert f"(x{top['enrichment']:.1f} its share of the parameters)" in hot[5]
         assert page.inner_text("#where-top").startswith("Most energy: layer 1 down")
         assert len(grid) == sum(1 for g in planted["components"][0]["groups"])
-        assert "does not say where" not in page.inner_text("#where")
+        assert page.locator("#where-chance").count() == 0
+        # component 3 is at chance: its row is kept and marked, the index says so in words
+        page.goto(index_html.as_uri())
+        assert page.locator('#where-components tr.chance[data-component="3"] .chance-mark').count() == 1
+        assert page.locator("#where-components tr.chance").count() == 1
+        assert "Component(s) 3: at chance (" in page.inner_text("#where-chance")
+        assert page.locator('#components td[data-location="at chance"]').count() == 1
         page.goto((index_html.parent / "components" / "component_00003.html").as_uri())  # spread evenly
-        assert "does not say where the component lives" in page.inner_text("#where")
+        assert page.locator("#where-grid").count() == 0 and page.locator("#where table.heatmap").count() == 0
+        words = page.inner_text("#where-chance")
+        assert words.startswith("This location says nothing about the component: it is at chance (")
+        assert page.locator("#where-chance").is_visible()
 
         # planted tokens: the input's largest |share| (-0.06) at full colour, the template's 0.55 uncoloured
         page.goto(planted_tokens.as_uri())

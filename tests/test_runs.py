@@ -502,6 +502,9 @@ def test_top_report_load_run_and_a_moved_tree(run, tmp_path, capsys):
     root, _, _ = run
     report = top_report(root / "tree" / "npeff", k=4, show=2)
     assert len([line for line in report["lines"] if line.startswith("component")]) == 3
+    # every component lists its own examples under its header (two each: --show 2)
+    blocks = "\n".join(report["lines"]).split("component ")[1:]
+    assert [sum(line.startswith("  ") and "label=" in line for line in b.splitlines()) for b in blocks] == [2, 2, 2]
     assert report["summary_line"].startswith("3 components:")
     moved = tmp_path / "elsewhere"
     shutil.copytree(root / "tree", moved)  # the original stays: the relative path must win
@@ -568,7 +571,7 @@ def test_top_where_cautions_when_a_location_is_at_chance(run, monkeypatch):
     blocks = [lines[i:j] for i, j in zip(starts, [*starts[1:], len(lines)])]
     caution = [[line for line in b if line.startswith("  caution: at chance")] for b in blocks]
     assert [len(c) for c in caution] == [1, 0, 1]
-    assert "--projection kron" in caution[0][0] and "spreads over parameters by their size" in caution[0][0]
+    assert "top examples' gradients" in caution[0][0] and "spreads over parameters by their size" in caution[0][0]
     assert caution[2][0].endswith(", as above")  # said in full once
 
 
@@ -897,6 +900,7 @@ def test_unlearn_with_its_defaults_runs_on_a_64_example_store(tmp_path):
 
 
 def test_top_where_lists_where_each_component_lives_and_keeps_it_in_the_run(run, capsys, monkeypatch):
+    import npeff_lens.run_locations as run_locations
     import npeff_lens.runs as runs
 
     root, _, _ = run
@@ -906,7 +910,8 @@ def test_top_where_lists_where_each_component_lives_and_keeps_it_in_the_run(run,
     where = [line for line in out.splitlines() if line.startswith("  where: ")]
     assert len(where) == 3 and all("layer " in line and "top 5% of groups" in line for line in where)
     located = json.loads((d / "locations.json").read_text())
-    assert located["key"]["recovery"] == "adjoint" and len(located["components"]) == 3
+    assert located["key"]["method"] == "span" and located["key"]["k"] == 16 and len(located["components"]) == 3
+    assert all(c["method"] == "span" and 0 <= c["fit"] <= 1 and c["examples"] for c in located["components"])
     # per head from tiny-llama's configuration alone (4 query heads, 2 key/value heads, 2 layers)
     assert located["key"]["heads"] == {"n_heads": 4, "n_kv_heads": 2}
     heads = located["components"][0]["heads"]
@@ -916,32 +921,83 @@ def test_top_where_lists_where_each_component_lives_and_keeps_it_in_the_run(run,
         assert sum(r["fraction"] for r in c["groups"]) == pytest.approx(1.0)
         assert 0 < c["top5pct"] <= 1
     # a rerun reads the file back
-    monkeypatch.setattr(runs, "recover_direction", lambda *a, **k: pytest.fail("located again"))
+    monkeypatch.setattr(run_locations, "GradientSpan", lambda *a, **k: pytest.fail("located again"))
     assert main(["top", str(d), "--where", "--show", "1"]) == 0
     assert runs.locate(d, store=root / "nowhere") == located  # read back without opening the store
 
 
-def test_the_location_benchmark_measures_and_resumes(run, tmp_path, monkeypatch, capsys):
-    """benchmarks/locations.py on a small run: a top-groups direction holds top5pct of the energy, every
-    selectivity is measured against the full direction's, and a rerun reads the results back."""
+def test_an_interrupted_locate_keeps_the_components_it_finished(run, tmp_path, monkeypatch):
+    import npeff_lens.run_locations as run_locations
+
+    root, _, _ = run
+    d = tmp_path / "npeff"
+    shutil.copytree(root / "tree" / "npeff", d, ignore=shutil.ignore_patterns("locations.json", "report", "compare"))
+    real, calls = run_locations._Locator.component, []
+
+    def once_then_stop(self, j):
+        calls.append(j)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, j)
+
+    monkeypatch.setattr(run_locations._Locator, "component", once_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_locations.locate(d, k=4, progress_bar=False)
+    assert [c["component"] for c in json.loads((d / "locations.json").read_text())["components"]] == [0]
+    monkeypatch.setattr(run_locations._Locator, "component", lambda self, j: calls.append(j) or real(self, j))
+    done = run_locations.locate(d, k=4, progress_bar=False)
+    assert calls == [0, 1, 1, 2] and [c["component"] for c in done["components"]] == [0, 1, 2]
+
+
+def test_the_causal_location_check_measures_on_other_examples_and_resumes(run, monkeypatch, capsys):
+    """benchmarks/locations.py causal (runs.locate(causal=True)) on a small run: each component is located on its top
+    k examples and measured on its next k, its top groups against random groups of about the same parameter count,
+    every perturbation sized to the same baseline KL; a rerun reads locations.json back."""
+    import npeff_lens.run_locations as run_locations
+
     bench = load_script("benchmarks/locations.py")
     root, _, _ = run
-    out = tmp_path / "loc.json"
-    argv = [str(root / "tree" / "npeff"), "--components", "2", "--k", "4", "--n-baseline", "8", "--out", str(out)]
+    d = root / "tree" / "npeff"
+    argv = ["causal", str(d), "--k", "4", "--n-baseline", "8"]
     bench.main(argv)
-    result = json.loads(out.read_text())
-    assert [c["component"] for c in result["components"]] == [0, 1]
-    for c in result["components"]:
-        assert c["status"] == "ok" and 0 < c["top5pct"] <= 1 and 0 < c["uniform"] < 1
-        assert not set(map(tuple, c["top_groups"])) & set(map(tuple, c["control_groups"]))
+    located = json.loads((d / "locations.json").read_text())
+    assert located["key"]["causal"]["k"] == 4
+    measured = 0
+    for c in located["components"]:
+        r = c["causal"]
+        if r["status"] != "ok":
+            continue
+        measured += 1
+        assert not set(r["measured_on"]) & set(c["examples"]) and len(c["examples"]) == 4
+        assert not set(map(tuple, r["top_groups"])) & set(map(tuple, r["control_groups"]))
+        assert r["control_params"] > 0 and r["top_params"] > 0
         for m in ("full", "top", "control"):
-            assert c[m]["status"] in ("ok", "unreachable", "zero", "no-control")
-            if c[m]["status"] == "ok":
-                assert c[m]["kl_baseline"] == pytest.approx(0.01, rel=0.05)
-    assert result["summary"]["n_measured"] == 2
-    monkeypatch.setattr(bench, "_component", lambda *a, **k: pytest.fail("measured again"))
+            assert r[m]["status"] in ("ok", "unreachable", "zero", "none")
+            if r[m]["status"] == "ok":
+                assert r[m]["kl_baseline"] == pytest.approx(0.01, rel=0.05)
+        if r["full"]["status"] == r["top"]["status"] == "ok":
+            assert r["kept"] == pytest.approx(r["top"]["selectivity"] / r["full"]["selectivity"])
+    assert measured >= 1
+    summary = json.loads((d / "locations-causal.json").read_text())
+    assert summary["n_measured"] == measured
+    monkeypatch.setattr(run_locations, "located_selectivity", lambda *a, **k: pytest.fail("measured again"))
     bench.main(argv)
-    assert "excluded" not in capsys.readouterr().out
+    assert "comp" in capsys.readouterr().out
+
+
+def test_equal_size_controls_avoid_the_located_groups():
+    from npeff_lens.locations import equal_size_control, group_numels
+    from npeff_lens.models import load_model, parameter_layout
+
+    layout = parameter_layout(load_model("tiny-llama").named_parameters())
+    numel = group_numels(layout)
+    top = [(1, "down"), (0, "q")]
+    for seed in range(5):
+        ctrl = equal_size_control(layout, top, seed=seed)
+        assert ctrl and not set(ctrl) & set(top)
+        target = sum(numel[g] for g in top)
+        # as close as the shuffled order allows: within the largest group's size
+        assert abs(sum(numel[g] for g in ctrl) - target) <= max(numel.values())
 
 
 def test_compare_uses_an_sae_the_user_already_has(run, tmp_path, capsys, monkeypatch):

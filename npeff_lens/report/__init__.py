@@ -9,7 +9,10 @@ example's tokens are highlighted by their exact share of the example's loading o
 (:mod:`npeff_lens.attribution`), on a colour scale set by the input's own tokens: the prompt template's tokens
 (:func:`.data.input_token_mask`) are shown uncoloured, their total share stated per example. Where
 ``locations.json`` exists (:func:`npeff_lens.runs.locate`, ``npeff top --where``), each component's energy per
-layer × module is a heatmap on its page and the index summarises all of them; the report never computes it.
+layer × module is a heatmap on its page, with its top attention heads and MLP neurons, how well its top examples'
+gradients reproduce it (``fit``) and, when measured, whether its top groups carry its effect (``causal``); a
+location at chance (:func:`npeff_lens.locations.at_chance`) is said in words instead of drawn. The index summarises
+all of them; the report never computes them.
 
 Layout::
 
@@ -35,21 +38,30 @@ Field names follow SAEDashboard's Neuronpedia export where a counterpart exists 
     n_attributed: int | null      top examples per component with token attributions (``n_attributed``)
     locations: {note, how: {cli, python}} without a usable DECOMPOSITION_DIR/locations.json (how: the commands
         that write it), else {path, key, note, how, layers (ints; null: outside the layers), modules,
-        mean_fraction [layer][module] (over the alive components; null: no such group), by_layer: [{component,
-        fraction, enrichment, module}] (per layer: the component's share of its energy there, that over the
-        layer's share of the parameters, the module with most of it), max_mean_enrichment}
+        mean_fraction [layer][module] (over the alive located components; null: no such group), by_layer:
+        [{component, status (located / dead / none), note, at_chance, fraction, enrichment, module}] (per layer:
+        the component's share of its energy there, that over the layer's share of the parameters, the module with
+        most of it; null when not located), max_mean_enrichment, at_chance (components), live_at_chance (every
+        alive located one is), chance (the caution, in words), not_located: [{component, status, note}]}
     components: [row]       row = {feature_index, alive, tuned_label, tuned_prediction,
                                    top_labels: [[value, count]], top_predictions: [[value, count]], n_top,
                                    coefficient_mass (share of all coefficients), max_coefficient,
                                    frac_nonzero (share of the examples active on it: analysis.active), kl_ratio,
-                                   pef_norm_ratio, top5pct, top_group (locations.json's, else null), page, data}
+                                   pef_norm_ratio, top5pct, top_group (locations.json's, else null),
+                                   location_status (located / at chance / dead / none, else null), page, data}
 
 ``data/component_XXXXX.json`` (``kind: "component"``): the row's fields, and::
 
     k, n_prompts_total, n_attributed
-    location: null | {top5pct, energy, n_groups, mean_enrichment (Σ fraction × enrichment over the groups),
-                      top_groups (["layer 1 down 62% (x4.1)", ...]), groups (locations.json's rows), heads (the
-                      top 8), grid: {layers, modules, fraction [layer][module], enrichment [layer][module]}}
+    location: null | {located, method (span / recovered), status (located / dead / none), note, examples (the
+                      top examples that located it, span), fit (the share of the component their gradients
+                      reproduce, span; else null), fit_caution, at_chance, chance (the caution, in words), words
+                      ({where, groups, heads, neurons, causal}: locations.location_words), causal (locations.json's
+                      record, if measured), and when located: share_distance, top5pct, energy, n_groups,
+                      mean_enrichment (Σ fraction × enrichment over the groups), top_groups (["layer 1 down 62%
+                      (x4.1)", ...]), groups (locations.json's rows), heads (per module and head, the top 8),
+                      attention_heads (per query head, the top 8), n_neurons, neurons (the top 8 MLP neurons),
+                      grid: {layers, modules, fraction [layer][module], enrichment [layer][module]}}
     freq_hist_data_bar_values / freq_hist_data_bar_heights / freq_hist_bin_edges   histogram of the active
                                                           coefficients, 40 linear bins from 0 to the max
     label_prediction_counts: [{label, prediction, count}]  over the top-k examples active on the component
@@ -157,7 +169,7 @@ def _report(decomposition_dir, cfg: ReportConfig, *, store, adapter):
     stats = _data.statistics(view, k)
     summary, records = _data.read_perturbation(_data.find_perturbation(decomposition_dir, cfg.perturbation))
     located, location_note = _data.read_locations(decomposition_dir, C)
-    where = located["components"] if located else {}
+    where, key = (located["components"], located["key"]) if located else ({}, None)
     rows = [_data.summary_row(view, stats, j, records.get(j), where.get(j)) for j in range(C)]
     stored = _stored_loadings(view, stats, k)
     attributions, note, attributor = _attributions(view, stats, n_attributed, adapter, cfg.attributions, cfg.progress)
@@ -169,13 +181,14 @@ def _report(decomposition_dir, cfg: ReportConfig, *, store, adapter):
             for rank, i in enumerate(_data.top_indices(view, stats, j, k))
         ]
         rec = _data.component_record(view, stats, j, perturbation=records.get(j), examples=examples, note=note,
-                                     location=where.get(j), n_attributed=shown)  # fmt: skip
+                                     location=where.get(j), location_key=key, n_attributed=shown)  # fmt: skip
         components.append(_data.clean(rec))
     alive = [j for j in range(C) if j not in stats.dead]
     how = _data.how_to_locate(decomposition_dir, (view.manifest.get("model") or {}).get("name"))
+    kind = (view.manifest.get("projection") or {}).get("kind")
     index = _data.index_record(
         view, stats, rows, perturbation=summary, compare=_data.read_compare(decomposition_dir), note=note,
-        locations=_data.locations_summary(located, alive, location_note, how), n_attributed=shown,
+        locations=_data.locations_summary(located, alive, location_note, how, kind), n_attributed=shown,
     )  # fmt: skip
     return view, _data.clean(index), components, attributor
 

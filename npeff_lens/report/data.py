@@ -16,7 +16,7 @@ import torch
 from ..analysis import active, active_threshold
 from ..baselines import REGISTRY
 from ..io import read_json
-from ..locations import top_groups
+from ..locations import at_chance, chance_caution, location_words, share_distance, top_groups
 
 FORMAT = "npeff_lens.report"
 FORMAT_VERSION = 1
@@ -143,6 +143,7 @@ def read_compare(decomposition_dir) -> dict | None:
 LOCATIONS_FILE = "locations.json"
 MODULES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "attn_norm", "mlp_norm", "other")
 N_HEADS_SHOWN = 8
+N_NEURONS_SHOWN = 8
 
 
 def how_to_locate(decomposition_dir, model: str | None = None) -> dict:
@@ -176,12 +177,25 @@ def read_locations(decomposition_dir, n_components: int) -> tuple[dict | None, s
     return {"path": str(path), "key": table.get("key"), "components": comps}, note
 
 
+def is_located(location: dict | None) -> bool:
+    """Whether an entry of ``locations.json`` has a location (a component with nothing to locate, ``status``
+    ``"dead"`` or ``"none"``, has only its ``note``)."""
+    return location is not None and "groups" in location
+
+
+def located_k(key: dict | None) -> int | None:
+    """How many top examples located each component (``key``: ``locations.json``'s), for the ranks its causal
+    check measured on; None when not recorded."""
+    key = key or {}
+    return (key.get("causal") or {}).get("k") or key.get("k")
+
+
 def parameter_shares(locations: dict[int, dict]) -> dict[tuple, float]:
     """``{(layer, module): share of the parameters}``, read off ``fraction / enrichment`` (the same layout for
-    every component)."""
+    every located component)."""
     shares: dict[tuple, float] = {}
     for loc in locations.values():
-        for g in loc["groups"]:
+        for g in loc.get("groups") or []:
             key = (g["layer"], g["module"])
             if key not in shares and g.get("enrichment"):
                 shares[key] = g["fraction"] / g["enrichment"]
@@ -191,7 +205,7 @@ def parameter_shares(locations: dict[int, dict]) -> dict[tuple, float]:
 def _axes(locations: list[dict]) -> tuple[list, list[str]]:
     """``(layers, modules)`` present: layers ascending (``None``, outside the layers, last), modules in
     :data:`MODULES` order."""
-    keys = {(g["layer"], g["module"]) for loc in locations for g in loc["groups"]}
+    keys = {(g["layer"], g["module"]) for loc in locations for g in loc.get("groups") or []}
     layers = sorted({k[0] for k in keys}, key=lambda x: (x is None, x if x is not None else 0))
     modules = [m for m in MODULES if any(k[1] == m for k in keys)]
     modules += sorted({k[1] for k in keys} - set(modules))
@@ -219,12 +233,31 @@ def mean_enrichment(location: dict) -> float:
     return sum(g["fraction"] * (g.get("enrichment") or 0.0) for g in location["groups"])
 
 
-def component_location(location: dict | None) -> dict | None:
-    """A component record's ``location``: ``top5pct``, ``energy``, ``n_groups``, ``top_groups`` (text),
-    ``mean_enrichment``, ``groups``, the top :data:`N_HEADS_SHOWN` ``heads`` and the layers × modules ``grid``."""
+def component_location(location: dict | None, projection: str | None = None, key: dict | None = None) -> dict | None:
+    """A component record's ``location`` (the package docstring's schema) from its entry of ``locations.json``
+    (``projection``: the run's kind, for the caution at chance; ``key``: the file's). An entry with nothing to
+    locate keeps its ``status`` and ``note`` and has no groups, heads, neurons or grid."""
     if location is None:
         return None
+    words = location_words(location, projection, k=located_k(key))
+    out = {
+        "located": is_located(location),
+        "method": words["method"],
+        "status": location.get("status") or ("located" if is_located(location) else "none"),
+        "note": location.get("note"),
+        "examples": location.get("examples"),
+        "fit": location.get("fit"),
+        "fit_caution": words["fit_caution"],
+        "at_chance": words["at_chance"],
+        "chance": words["chance"],
+        "words": {k: words[k] for k in ("where", "groups", "heads", "neurons", "causal")},
+        "causal": location.get("causal"),
+    }
+    if not is_located(location):
+        return out
     return {
+        **out,
+        "share_distance": share_distance(location),
         "top5pct": location.get("top5pct"),
         "energy": location.get("energy"),
         "n_groups": location.get("n_groups", len(location["groups"])),
@@ -232,44 +265,63 @@ def component_location(location: dict | None) -> dict | None:
         "top_groups": top_groups(location, 5),
         "groups": location["groups"],
         "heads": (location.get("heads") or [])[:N_HEADS_SHOWN],
+        "attention_heads": (location.get("attention_heads") or [])[:N_HEADS_SHOWN],
+        "n_neurons": location.get("n_neurons"),
+        "neurons": (location.get("neurons") or [])[:N_NEURONS_SHOWN],
         "grid": location_grid(location),
     }
 
 
-def locations_summary(located: dict | None, alive: list[int], note: str | None, how: dict) -> dict:
+def _by_layer(j: int, location: dict, layers: list, shares: dict) -> dict:
+    """A component's row of the index's components × layers map (``fraction`` etc. all ``None`` when not
+    located)."""
+    li = {ly: n for n, ly in enumerate(layers)}
+    frac, share, best = [0.0] * len(layers), [0.0] * len(layers), [None] * len(layers)
+    for g in location.get("groups") or []:
+        n = li[g["layer"]]
+        frac[n] += g["fraction"]
+        share[n] += shares.get((g["layer"], g["module"]), 0.0)
+        if best[n] is None or g["fraction"] > best[n][1]:
+            best[n] = (g["module"], g["fraction"])
+    if not is_located(location):
+        frac = share = [None] * len(layers)
+    return {
+        "component": j,
+        "status": location.get("status") or ("located" if is_located(location) else "none"),
+        "note": location.get("note"),
+        "at_chance": is_located(location) and at_chance(location),
+        "fraction": frac,
+        "enrichment": [f / s if s else None for f, s in zip(frac, share)],
+        "module": [b[0] if b else None for b in best],
+    }
+
+
+def locations_summary(
+    located: dict | None, alive: list[int], note: str | None, how: dict, projection: str | None = None
+) -> dict:
     """The index's ``locations``: ``{path, key, note, how, layers, modules, mean_fraction (over the alive located
-    components, layers × modules), by_layer: [{component, fraction, enrichment, module}] (per layer: the
-    component's energy there, its enrichment, the module holding most of it), max_mean_enrichment (the largest
-    :func:`mean_enrichment` of a component)}``; only ``{note, how}`` without ``locations.json`` (``how``:
-    :func:`how_to_locate`)."""
+    components, layers × modules), by_layer: [{component, status, note, at_chance, fraction, enrichment, module}]
+    (per layer: the component's energy there, its enrichment, the module holding most of it), max_mean_enrichment
+    (the largest :func:`mean_enrichment` of a component), at_chance (the components whose location is at chance,
+    :func:`~npeff_lens.locations.at_chance`), chance (what that means, in words), not_located: [{component,
+    status, note}]}``; only ``{note, how}`` without ``locations.json`` (``how``: :func:`how_to_locate`)."""
     if located is None:
         return {"note": note, "how": how}
     comps = located["components"]
-    shares = parameter_shares(comps)
-    layers, modules = _axes(list(comps.values()))
-    live = [j for j in alive if j in comps] or sorted(comps)
+    placed = {j: loc for j, loc in comps.items() if is_located(loc)}
+    shares = parameter_shares(placed)
+    layers, modules = _axes(list(placed.values()))
+    live = [j for j in alive if j in placed] or sorted(placed)
     mean = [[0.0] * len(modules) for _ in layers]
     present = [[False] * len(modules) for _ in layers]
     li, mi = {ly: n for n, ly in enumerate(layers)}, {m: n for n, m in enumerate(modules)}
     for j in live:
-        for g in comps[j]["groups"]:
+        for g in placed[j]["groups"]:
             mean[li[g["layer"]]][mi[g["module"]]] += g["fraction"] / len(live)
             present[li[g["layer"]]][mi[g["module"]]] = True
-    by_layer = []
-    for j in sorted(comps):
-        frac, share, best = [0.0] * len(layers), [0.0] * len(layers), [None] * len(layers)
-        for g in comps[j]["groups"]:
-            n = li[g["layer"]]
-            frac[n] += g["fraction"]
-            share[n] += shares.get((g["layer"], g["module"]), 0.0)
-            if best[n] is None or g["fraction"] > best[n][1]:
-                best[n] = (g["module"], g["fraction"])
-        by_layer.append({
-            "component": j,
-            "fraction": frac,
-            "enrichment": [f / s if s > 0 else None for f, s in zip(frac, share)],
-            "module": [b[0] if b else None for b in best],
-        })  # fmt: skip
+    by_layer = [_by_layer(j, comps[j], layers, shares) for j in sorted(comps)]
+    chance = [r["component"] for r in by_layer if r["at_chance"]]
+    first = placed[chance[0]] if chance else None
     return {
         "path": located["path"],
         "key": located["key"],
@@ -279,7 +331,13 @@ def locations_summary(located: dict | None, alive: list[int], note: str | None, 
         "modules": modules,
         "mean_fraction": [[v if p else None for v, p in zip(r, q)] for r, q in zip(mean, present)],
         "by_layer": by_layer,
-        "max_mean_enrichment": max((mean_enrichment(loc) for loc in comps.values()), default=None),
+        "max_mean_enrichment": max((mean_enrichment(loc) for loc in placed.values()), default=None),
+        "at_chance": chance,
+        "live_at_chance": bool(live) and all(j in chance for j in live),
+        "chance": chance_caution(first, projection, method=first.get("method")) if first else None,
+        "not_located": [
+            {k: r[k] for k in ("component", "status", "note")} for r in by_layer if r["status"] != "located"
+        ],
     }
 
 
@@ -420,12 +478,23 @@ def summary_row(view: RunView, stats: Stats, j: int, perturbation: dict | None, 
         "kl_ratio": p.get("kl_ratio"),
         "pef_norm_ratio": p.get("pef_norm_ratio"),
         "top5pct": location.get("top5pct") if location else None,
-        "top_group": top_groups(location, 1)[0] if location and location.get("groups") else None,
+        "top_group": top_groups(location, 1)[0] if is_located(location) else None,
+        "location_status": _location_status(location),
         "page": f"components/{component_name(j)}.html",
         "data": f"data/{component_name(j)}.json"
         if view.method is None
         else f"data/methods/{view.method}/{component_name(j)}.json",
     }
+
+
+def _location_status(location: dict | None) -> str | None:
+    """``"located"``, ``"at chance"`` (:func:`~npeff_lens.locations.at_chance`), the entry's ``status``
+    (``"dead"``, ``"none"``) without a location, or None without an entry."""
+    if location is None:
+        return None
+    if not is_located(location):
+        return location.get("status") or "none"
+    return "at chance" if at_chance(location) else "located"
 
 
 def histogram(
@@ -590,13 +659,14 @@ def component_record(
     note: str | None = None,
     token_values=None,
     location: dict | None = None,
+    location_key: dict | None = None,
     n_attributed: int | None = None,
 ) -> dict:
     """A component's JSON (the package docstring's ``component`` schema) over ``view.coeffs`` (NPEFF's or a
     baseline's, :func:`method_view`). ``examples``: the top examples' records; by default built here, with
     ``token_values(j, example)`` (a per-example token-value provider, e.g. :class:`SAETokenValues`) if given;
-    ``location``: the component's entry of ``locations.json``; ``n_attributed``: how many examples were
-    attributed (``None``: not NPEFF's token attributions)."""
+    ``location``: the component's entry of ``locations.json`` (``location_key``: the file's ``key``);
+    ``n_attributed``: how many examples were attributed (``None``: not NPEFF's token attributions)."""
     top = top_indices(view, stats, j)
     if examples is None:
         examples = [
@@ -629,8 +699,13 @@ def component_record(
         "perturbation": perturbation,
         "activations": examples,
         "attribution_note": note,
-        "location": component_location(location),
+        "location": component_location(location, _projection_kind(view) if location else None, location_key),
     }
+
+
+def _projection_kind(view: RunView) -> str | None:
+    """The run's projection kind (``"sparse"``, ``"kron"``; None: unprojected)."""
+    return (view.manifest.get("projection") or {}).get("kind")
 
 
 def _summary(view: RunView, stats: Stats) -> dict:

@@ -14,7 +14,6 @@ from ..analysis import ACTIVE_DEFINITION
 from ..baselines import REGISTRY
 from .data import N_BINS, component_name
 
-SPREAD_EVENLY = 1.5  # below this energy-weighted mean enrichment a map is read as "spread evenly"
 _COMPARE_COLUMNS = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared",
                     "coverage", "selectivity", "fit_seconds")  # fmt: skip
 
@@ -115,23 +114,99 @@ def _grid_table(grid: dict, table_id: str, what: str) -> str:
 
 
 def _location_key(key: dict | None) -> str:
+    """How ``locations.json`` located the components (its ``key``; a file without ``method`` was recovered)."""
     key = key or {}
-    how = {"adjoint": "back-projection A h", "minnorm": "minimum-norm recovery"}.get(key.get("recovery"))
-    how = how or f"{key.get('recovery', '?')} recovery"
+    if key.get("method") == "span":
+        how = f"each component's direction rebuilt from the exact gradients of its top {key.get('k', '?')} examples"
+    else:
+        how = {"adjoint": "back-projection A h", "minnorm": "minimum-norm recovery"}.get(key.get("recovery"))
+        how = "direction recovered by " + escape(how or f"{key.get('recovery', '?')} recovery")
     heads = "per attention head too" if key.get("heads") else "no per-head split (no model configuration at hand)"
-    return f"direction recovered by {escape(how)}; {heads}"
+    return f"{how}; {heads}"
 
 
-_ENERGY_NOTE = (
-    "Energy: the squared L2 norm of the component's direction recovered in parameter space (App. F), summed per "
-    "layer × module; colour and number: the group's percentage of it; hover: its enrichment, that percentage over "
-    "the group's share of the parameters (x1.0: no more than a random direction puts there; read it before the "
-    "percentages)."
-)
+def _energy_note(method: str | None) -> str:
+    """What the maps show, for a location made by ``method`` (``"span"``, ``"recovered"``)."""
+    direction = (
+        "the component's direction rebuilt from its top examples' exact gradients"
+        if method == "span"
+        else "the component's direction recovered in parameter space (App. F)"
+    )
+    return (
+        f"Energy: the squared L2 norm of {direction}, summed per layer × module; colour and number: the group's "
+        "percentage of it; hover: its enrichment, that percentage over the group's share of the parameters (x1.0: no "
+        "more than a random direction puts there; read it before the percentages)."
+    )
+
+
+def _located_from(loc: dict) -> str:
+    """How a component was located, and how much of it its top examples' gradients reproduce (span)."""
+    if loc["method"] != "span":
+        return "Located from its direction recovered from its projected numbers alone."
+    n = len(loc.get("examples") or [])
+    fit = "" if loc.get("fit") is None else f", which reproduce <b>{pct(loc['fit'])}</b> of the component"
+    caution = f' <span class="caution">Caution: {escape(loc["fit_caution"])}.</span>' if loc.get("fit_caution") else ""
+    return f"Located from the exact gradients of its top {n} examples{fit}.{caution}"
+
+
+def _causal_part(label: str, groups, params, part: dict, kept) -> str:
+    sel = part.get("selectivity") if part.get("status") == "ok" else None
+    status = "" if part.get("status") == "ok" else f" ({escape(str(part.get('status')))})"
+    return (
+        f'<tr data-part="{escape(label)}"><td>{escape(label)}{status}</td><td class="num">{fmt(groups)}</td>'
+        f'<td class="num">{fmt(params)}</td><td class="num" data-value="{_num(sel)}">{fmt(sel)}</td>'
+        f'<td class="num">{fmt(part.get("kl_top"))}</td><td class="num">{fmt(part.get("kl_baseline"))}</td>'
+        f'<td class="num" data-value="{_num(kept)}">{pct(kept)}</td></tr>'
+    )
+
+
+def _causal(loc: dict) -> str:
+    """The causal check (``locate(causal=True)``): a sentence and, when measured, a small table."""
+    causal = loc.get("causal")
+    if not causal:
+        return ""
+    sentence = f'<p id="where-causal">Causal check: {escape(loc["words"]["causal"] or "")}.</p>'
+    if causal.get("status") != "ok":
+        return sentence
+    full = causal.get("full") or {}
+    parts = [
+        ("the whole direction", None, None, full, 1.0 if full.get("status") == "ok" else None),
+        ("its top groups only", "top_groups", "top_params", causal.get("top") or {}, causal.get("kept")),
+        (
+            "random groups, as many parameters",
+            "control_groups",
+            "control_params",
+            causal.get("control") or {},
+            causal.get("control_kept"),
+        ),
+    ]
+    rows = "".join(
+        _causal_part(label, len(causal.get(groups) or []) if groups else None, causal.get(params), part, kept)
+        for label, groups, params, part, kept in parts
+    )
+    measured = ", ".join(str(i) for i in causal.get("measured_on") or [])
+    return (
+        f'{sentence}<table id="causal"><thead><tr><th>perturbed along</th><th class="num">groups</th>'
+        '<th class="num">parameters</th><th class="num">selectivity</th><th class="num">KL on them</th>'
+        f'<th class="num">KL random</th><th class="num">kept</th></tr></thead><tbody>{rows}</tbody></table>'
+        '<p class="note">Perturbed along the component\'s parameter-space direction: whole, on its top '
+        "groups only, on random other groups of about as many parameters. Selectivity: the mean KL on the "
+        "examples measured over the KL of random examples, each perturbation sized to move the random ones by the "
+        "same KL; kept: over the whole direction's. Measured on "
+        f"examples {escape(measured)} (the component's next top examples, not those that located it).</p>"
+    )
+
+
+def _list(what: str, items: list[str], tag: str, total=None) -> str:
+    if not items:
+        return ""
+    of = f" (of {total:,})" if total else ""
+    return f'<p id="{tag}">{what}{of}: {escape("; ".join(items))}.</p>'
 
 
 def _where_component(c: dict) -> str:
-    """The component page's heatmap of its energy per layer × module, its top groups and heads in words."""
+    """The component page's location: how it was located and its fit, its top groups, attention heads and MLP
+    neurons in words, its layer × module heatmap (in words instead when at chance) and the causal check."""
     loc = c.get("location")
     if c.get("method") is not None:
         return ""
@@ -140,35 +215,46 @@ def _where_component(c: dict) -> str:
             '<section class="block" id="where"><h2>Where it lives</h2><p class="muted">Not computed for this run '
             '(<a href="../index.html#where">how</a>).</p></section>'
         )
-    heads = loc.get("heads") or []
-    head_text = ""
-    if heads:
-        items = [f"{_layer_name(h['layer'])} {escape(h['module'])} head {h['head']} {pct(h['fraction'])} "
-                 f"({_enrichment(h.get('enrichment'))})" for h in heads[:5]]  # fmt: skip
-        head_text = f"<p>Top heads: {'; '.join(items)}.</p>"
-    caution = ""
-    if loc.get("mean_enrichment") is not None and loc["mean_enrichment"] < SPREAD_EVENLY:
-        caution = (
-            f" Its energy-weighted mean enrichment is only x{loc['mean_enrichment']:.2f}: the direction spreads over "
-            "the parameters about in proportion to their sizes, so this map does not say where the component lives."
+    head = '<section class="block" id="where"><h2>Where it lives</h2>'
+    if not loc.get("located"):
+        what = "dead" if loc.get("status") == "dead" else "not located"
+        return (
+            f'{head}<p id="where-top" class="muted">{what.capitalize()}: {escape(loc["words"]["where"])}.</p></section>'
         )
-    return (
-        '<section class="block" id="where"><h2>Where it lives</h2>'
-        f'<p id="where-top">Most energy: {escape("; ".join(loc["top_groups"]))}. The top 5% of its '
-        f"{loc['n_groups']} groups hold <b>{pct(loc['top5pct'])}</b> of the energy.{caution}</p>{head_text}"
-        f'{_grid_table(loc["grid"], "where-grid", "the energy")}<p class="note">{_ENERGY_NOTE}</p></section>'
+    words = loc["words"]
+    text = (
+        f'<p id="where-top">Most energy: {escape("; ".join(loc["top_groups"]))}. The top 5% of its {loc["n_groups"]} '
+        f"groups hold <b>{pct(loc['top5pct'])}</b> of the energy.</p>"
+        f'<p id="where-fit">{_located_from(loc)}</p>'
+        + _list("Top attention heads", words["heads"], "where-heads")
+        + _list("Top MLP neurons", words["neurons"], "where-neurons", loc.get("n_neurons"))
     )
+    if loc.get("at_chance"):  # said first, instead of the map (and of the note on reading it)
+        chance = (
+            f'<p id="where-chance" class="caution">This location says nothing about the component: it is '
+            f"{escape(loc['chance'])}. Its layer × module map is not drawn.</p>"
+        )
+        return f"{head}{chance}{text}{_causal(loc)}</section>"
+    drawn = _grid_table(loc["grid"], "where-grid", "the energy")
+    return f'{head}{text}{drawn}{_causal(loc)}<p class="note">{_energy_note(loc["method"])}</p></section>'
 
 
 def _components_by_layer(loc: dict, rows: list[dict]) -> str:
-    """Components × layers: each component's share of its energy per layer."""
+    """Components × layers: each component's share of its energy per layer; a row at chance is marked, one not
+    located holds its note."""
     layers = loc["layers"]
-    vmax = max((v for r in loc["by_layer"] for v in r["fraction"]), default=0.0)
+    vmax = max((v for r in loc["by_layer"] for v in r["fraction"] if v is not None), default=0.0)
     head = "".join(f'<th class="num" title="{escape(_layer_name(ly))}">{"–" if ly is None else ly}</th>'
                    for ly in layers)  # fmt: skip
     out = []
     for r in loc["by_layer"]:
         j = r["component"]
+        link = f'<a href="{rows[j]["page"]}">{j}</a>'
+        if r.get("status", "located") != "located":
+            note = escape(f"{r['status']}: {r.get('note') or 'not located'}")
+            cell = f'<td class="muted" colspan="{max(1, len(layers))}">{note}</td>'
+            out.append(f'<tr class="unlocated" data-component="{j}"><th>{link}</th>{cell}</tr>')
+            continue
         cells = []
         for ly, f, e, m in zip(layers, r["fraction"], r["enrichment"], r["module"]):
             title = (f"component {j}, {_layer_name(ly)}: {pct(f)} of its energy ({_enrichment(e)} the layer's "
@@ -177,24 +263,47 @@ def _components_by_layer(loc: dict, rows: list[dict]) -> str:
             if e is not None:
                 attrs += f' data-enrichment="{e!r}"'
             cells.append(_heat_cell(f, vmax, title, attrs))
-        dead = "" if rows[j]["alive"] else ' class="dead"'
-        out.append(f'<tr{dead}><th><a href="{rows[j]["page"]}">{j}</a></th>{"".join(cells)}</tr>')
+        cls = " ".join(c for c, on in (("dead", not rows[j]["alive"]), ("chance", r.get("at_chance"))) if on)
+        attrs = f' class="{cls}"' if cls else ""
+        mark = _CHANCE_MARK if r.get("at_chance") else ""
+        out.append(f'<tr{attrs} data-component="{j}"><th>{link}{mark}</th>{"".join(cells)}</tr>')
     return (
         f'<div class="scroll"><table class="heatmap" id="where-components"><thead><tr><th>component ↓ / layer →</th>'
         f"{head}</tr></thead><tbody>{''.join(out)}</tbody></table></div>"
     )
 
 
+_CHANCE_MARK = ' <span class="chance-mark" title="at chance: this row says nothing">≈ chance</span>'
+
+
 def _how_to_locate(how: dict | None) -> str:
     if not how:
         return ""
     return (
-        f"Write it with <code>{escape(how['cli'])}</code> (each component's direction recovered by back-projection; "
-        f"saved as locations.json in the decomposition's directory) or, in Python, <code>{escape(how['python'])}"
-        '</code> (with the model, per attention head too; <code>recovery="sparsa"</code> for compressed '
-        "sensing), then run <code>npeff report</code> again; the report reads the file and never computes it "
-        "(recovery can be slow)."
+        f"Write it with <code>{escape(how['cli'])}</code> (each component's direction rebuilt from the exact "
+        "gradients of its top examples, the model run again on them; saved as locations.json in the decomposition's "
+        f"directory) or, in Python, <code>{escape(how['python'])}</code> (<code>causal=True</code> also measures "
+        'whether its top groups carry its effect; <code>method="recovered"</code> for the direction recovered from '
+        "its projected numbers alone), then run <code>npeff report</code> again; the report reads the file and never "
+        "computes it."
     )
+
+
+def _chance_words(loc: dict) -> str:
+    """The index's words on the components whose location is at chance, and on those not located."""
+    out = ""
+    chance = loc.get("at_chance") or []
+    if chance:
+        which = ", ".join(str(j) for j in chance)
+        out += (
+            f' <span class="caution" id="where-chance">Component(s) {which}: {escape(loc.get("chance") or "")}. '
+            "Their rows below are marked ≈ chance and their pages draw no map.</span>"
+        )
+    missing = loc.get("not_located") or []
+    if missing:
+        out += " Not located: " + escape("; ".join(f"{r['component']} ({r['note'] or r['status']})" for r in missing))
+        out += "."
+    return out
 
 
 def _where_index(index: dict) -> str:
@@ -204,29 +313,35 @@ def _where_index(index: dict) -> str:
     if loc.get("layers") is None:
         note = f"{escape(loc.get('note') or '')} {_how_to_locate(loc.get('how'))}"
         return f'<section class="block" id="where"><h2>Where components live</h2><p class="note">{note}</p></section>'
-    mean = {"layers": loc["layers"], "modules": loc["modules"], "fraction": loc["mean_fraction"]}
-    flat = [(v, ly, m) for ly, row in zip(loc["layers"], loc["mean_fraction"]) for v, m in zip(row, loc["modules"])
-            if v is not None]  # fmt: skip
-    hottest = ""
-    if flat:
-        v, ly, m = max(flat, key=lambda t: t[0])
-        hottest = f" Hottest on average: <b>{escape(_layer_name(ly))} {escape(m)}</b> ({pct(v)})."
-    caution = ""
-    if loc.get("max_mean_enrichment") is not None and loc["max_mean_enrichment"] < SPREAD_EVENLY:
-        caution = (
-            f" No component's energy-weighted mean enrichment exceeds x{loc['max_mean_enrichment']:.2f}: the "
-            "recovered directions spread over the parameters about in proportion to their sizes, so these maps do "
-            "not say where components live (a large n/d; see the README)."
-        )
     note = f" {escape(loc['note'])} {_how_to_locate(loc.get('how'))}" if loc.get("note") else ""
-    return (
+    method = (loc.get("key") or {}).get("method")
+    out = (
         '<section class="block" id="where"><h2>Where components live</h2>'
-        f'<p class="note">From {escape(loc["path"])}: {_location_key(loc.get("key"))}.{note}{caution}</p>'
-        f"<h3>Mean over the alive components, layer × module</h3>{_grid_table(mean, 'where-mean', 'the energy')}"
-        f'<p class="note">{hottest}</p>'
-        f"<h3>Each component, per layer</h3>{_components_by_layer(loc, index['components'])}"
-        f'<p class="note">{_ENERGY_NOTE} Per layer: the sum over its modules (hover: the module with the most).</p>'
-        "</section>"
+        f'<p class="note">From {escape(loc["path"])}: {_location_key(loc.get("key"))}.{note}{_chance_words(loc)}</p>'
+    )
+    if not loc["layers"]:
+        return out + "</section>"
+    if loc.get("live_at_chance"):
+        mean = (
+            '<p class="note" id="where-mean-chance">Every alive component\'s location is at chance, so their mean '
+            "over layer × module is too: not drawn.</p>"
+        )
+    else:
+        grid = {"layers": loc["layers"], "modules": loc["modules"], "fraction": loc["mean_fraction"]}
+        flat = [(v, ly, m) for ly, row in zip(loc["layers"], loc["mean_fraction"])
+                for v, m in zip(row, loc["modules"]) if v is not None]  # fmt: skip
+        hottest = ""
+        if flat:
+            v, ly, m = max(flat, key=lambda t: t[0])
+            hottest = f" Hottest on average: <b>{escape(_layer_name(ly))} {escape(m)}</b> ({pct(v)})."
+        mean = (
+            f"<h3>Mean over the alive components, layer × module</h3>{_grid_table(grid, 'where-mean', 'the energy')}"
+            f'<p class="note">{hottest}</p>'
+        )
+    return (
+        f"{out}{mean}<h3>Each component, per layer</h3>{_components_by_layer(loc, index['components'])}"
+        f'<p class="note">{_energy_note(method)} Per layer: the sum over its modules (hover: the module with the '
+        "most).</p></section>"
     )
 
 
@@ -332,9 +447,12 @@ def _index_row(r: dict, where: bool = False) -> str:
         f'<td class="num" data-value="{_num(r["pef_norm_ratio"])}">{fmt(r["pef_norm_ratio"])}</td>',
     ]
     if where:
+        status = r.get("location_status")
+        top = r.get("top_group") or (status if status not in (None, "located") else None)
+        mark = _CHANCE_MARK if status == "at chance" else ""
         cells += [
             f'<td class="num" data-value="{_num(r.get("top5pct"))}">{pct(r.get("top5pct"))}</td>',
-            f"<td>{escape(r.get('top_group') or '–')}</td>",
+            f'<td data-location="{escape(status or "")}">{escape(top or "–")}{mark}</td>',
         ]
     cls = "" if r["alive"] else ' class="dead"'
     return (
@@ -385,7 +503,8 @@ def render_index(index: dict) -> str:
 def _where_legend() -> str:
     return (
         "Top 5% of groups: the share of the component's energy in its top 5% of (layer, module) groups; most "
-        "energy: its first group, with its enrichment (below: the maps)."
+        "energy: its first group, with its enrichment (below: the maps; ≈ chance: a location that says nothing, its "
+        "energy spread over the groups by their share of the parameters)."
     )
 
 
