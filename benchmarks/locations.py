@@ -46,7 +46,7 @@ import torch
 import npeff_lens as nl
 from npeff_lens.decomposition import NPEFF
 from npeff_lens.io import write_json
-from npeff_lens.locations import GradientSpan, component_locations
+from npeff_lens.locations import GradientSpan, component_locations, top_groups
 from npeff_lens.models import head_counts
 from npeff_lens.recovery import estimate_lambda_max, projection_from_config, recover_direction
 from npeff_lens.rundir import run_prompts
@@ -89,29 +89,39 @@ def _exact_fit(store, n_components: int, batch: int = 8) -> tuple[torch.Tensor, 
     """NPEFF on unprojected PEFs ``G`` (``m·r`` rows of ``n`` parameters), fitted in their row space.
 
     NPEFF's loss reads the PEFs only through ``G Hᵀ`` and ``H Hᵀ``, and a component's part outside the span of the
-    rows only adds to it, so the fit is the same problem in the orthonormal basis ``V = Λ^(-1/2) Qᵀ G`` of that span
-    (``G Gᵀ = Q Λ Qᵀ``): the rows become ``G Vᵀ = Q Λ^(1/2)`` (``m·r`` numbers each, an isometry), and a component
-    ``h'`` found there is ``h' V`` in parameter space. The same estimator and defaults as ``npeff decompose``, in
-    ``m·r`` instead of ``n`` dimensions (at ``n`` = 4.4 M one step of the direct fit reads every PEF twice, and
-    its 1,100 steps take hours on a CPU)."""
-    m, r = len(store), store.rows
+    rows only adds to it, so the fit is the same problem in an orthonormal basis of that span (:func:`_row_space`):
+    the same estimator and defaults as ``npeff decompose``, in ``m·r`` instead of ``n`` dimensions (at ``n`` = 4.4 M
+    one step of the direct fit reads every PEF twice, and its 1,100 steps take hours on a CPU)."""
+    reduced, lift = _row_space([G for _, G in store.iter_batches(batch)])
+    est = NPEFF(n_components=n_components, progress=False).fit(reduced.float())
+    return torch.as_tensor(est.coefficients_).double(), lift(torch.as_tensor(est.components_).double())
+
+
+def _row_space(chunks: list[torch.Tensor], rtol: float = 1e-10):
+    """``(rows, lift)`` for PEFs given as example chunks ``[b, r, n]``: ``rows`` ``[m, r, q]`` are the PEFs in an
+    orthonormal basis ``V = Λ^(-1/2) Qᵀ G`` of their row space (``G Gᵀ = Q Λ Qᵀ``, ``q`` its rank), i.e.
+    ``G Vᵀ = Q Λ^(1/2)``; ``lift(x)`` maps ``[C, q]`` to ``x V`` ``[C, n]``. An isometry on the span:
+    ``lift(x) Gᵀ = x rowsᵀ`` and ``lift(x) lift(y)ᵀ = x yᵀ``."""
+    m, r = sum(G.shape[0] for G in chunks), chunks[0].shape[1]
+    flat = [G.reshape(-1, G.shape[-1]).float() for G in chunks]
+    starts = [0]
+    for F in flat:
+        starts.append(starts[-1] + F.shape[0])
     gram = torch.zeros(m * r, m * r, dtype=torch.float64)
-    chunks = [(lo, G.reshape(-1, G.shape[-1]).float()) for lo, G in store.iter_batches(batch)]
-    for i, (lo_i, Gi) in enumerate(chunks):
-        for lo_j, Gj in chunks[i:]:
-            block = Gi.double() @ Gj.double().T
-            gram[lo_i * r : lo_i * r + Gi.shape[0], lo_j * r : lo_j * r + Gj.shape[0]] = block
-            gram[lo_j * r : lo_j * r + Gj.shape[0], lo_i * r : lo_i * r + Gi.shape[0]] = block.T
+    for i, Fi in enumerate(flat):
+        for j in range(i, len(flat)):
+            block = Fi.double() @ flat[j].double().T
+            gram[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = block
+            gram[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] = block.T
     evals, Q = torch.linalg.eigh(gram)
-    keep = evals > 1e-10 * float(evals.max())
+    keep = evals > rtol * float(evals.max())
     evals, Q = evals[keep], Q[:, keep]
-    reduced = (Q * evals.sqrt()).reshape(m, r, -1).float()  # G Vᵀ, example by example
-    est = NPEFF(n_components=n_components, progress=False).fit(reduced)
-    basis = torch.as_tensor(est.components_).double() @ (Q / evals.sqrt()).T  # h' Λ^(-1/2) Qᵀ: [C, m·r]
-    H = torch.zeros(n_components, chunks[0][1].shape[1], dtype=torch.float64)
-    for lo, G in chunks:
-        H += basis[:, lo * r : lo * r + G.shape[0]] @ G.double()
-    return torch.as_tensor(est.coefficients_).double(), H
+
+    def lift(x: torch.Tensor) -> torch.Tensor:
+        coef = x.double() @ (Q / evals.sqrt()).T  # x Λ^(-1/2) Qᵀ: [C, m·r]
+        return sum(coef[:, starts[i] : starts[i + 1]] @ F.double() for i, F in enumerate(flat))
+
+    return (Q * evals.sqrt()).reshape(m, r, -1), lift
 
 
 def _locate(direction, layout, heads, **kw) -> dict:
@@ -173,6 +183,8 @@ def truth(a) -> dict:
         "n_params": exact_h.shape[1],
         "runs": {},
         "rows": [],
+        # where the exact components live: their top groups, "layer 29 down 55% (x2.7)"
+        "exact_top_groups": [top_groups(_locate(exact_h[j], layout, heads), 3) for j in range(exact_h.shape[0])],
     }
     for proj, run in runs.items():
         W, H = run["W"], run["H"]
@@ -210,7 +222,10 @@ def truth(a) -> dict:
                     if method not in a.methods:
                         continue
                     t1 = time.time()
-                    flat, _ = recover_direction(H.float(), j, op, method=method, reject_threshold=None, lambda_max=lam)
+                    options = {} if method in ("adjoint", "minnorm") else {"max_iter": a.l1_max_iter}
+                    flat, _ = recover_direction(
+                        H.float(), j, op, method=method, reject_threshold=None, lambda_max=lam, **options
+                    )
                     rows.append(
                         {
                             "method": method,
@@ -231,7 +246,7 @@ def truth(a) -> dict:
                         + f" {r['seconds']:.1f}s",
                         flush=True,
                     )
-    result["summary"] = _truth_summary(result["rows"])
+    result["summary"] = _truth_summary(result["rows"], a.min_cosine)
     result["seconds"] = time.time() - t0
     out = Path(a.out) / f"truth-{a.dataset}.json"
     write_json(out, result)
@@ -240,22 +255,26 @@ def truth(a) -> dict:
     return result
 
 
-def _truth_summary(rows) -> dict:
-    """Per projection and method: the median and the worst TV over the paired components, per level."""
-    out = {}
+def _truth_summary(rows, min_cosine: float = 0.9) -> dict:
+    """Per projection and method: the median and the worst TV per level over the components paired with an exact one
+    at coefficient cosine >= ``min_cosine`` (a pair below it is another component, not another location of the same
+    one: counted in ``n_unmatched``, not scored)."""
+    out: dict = {}
     for r in rows:
         out.setdefault(r["projection"], {}).setdefault(r["method"], []).append(r)
-    return {
-        proj: {
-            method: {
-                **{f"{level}_median": statistics.median(x["tv"][level] for x in rs) for level in LEVELS},
-                **{f"{level}_max": max(x["tv"][level] for x in rs) for level in LEVELS},
-                "seconds_median": statistics.median(x["seconds"] for x in rs),
-            }
-            for method, rs in methods.items()
-        }
-        for proj, methods in out.items()
-    }
+    summary: dict = {}
+    for proj, methods in out.items():
+        summary[proj] = {}
+        for method, rs in methods.items():
+            kept = [x for x in rs if x["coefficient_cosine"] >= min_cosine]
+            entry: dict = {"n_matched": len(kept), "n_unmatched": len(rs) - len(kept)}
+            for level in LEVELS:
+                values = [x["tv"][level] for x in kept]
+                entry[f"{level}_median"] = statistics.median(values) if values else None
+                entry[f"{level}_max"] = max(values) if values else None
+            entry["seconds_median"] = statistics.median(x["seconds"] for x in rs)
+            summary[proj][method] = entry
+    return summary
 
 
 def causal(a) -> dict:
@@ -328,6 +347,8 @@ def _args(argv):
     t.add_argument("--components", type=int, default=4, help="components of each fit")
     t.add_argument("--k", type=int, default=16, help="top examples per component that span and attribution read")
     t.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="ways of locating")
+    t.add_argument("--min-cosine", type=float, default=0.9, help="pairs below this coefficient cosine are not scored")
+    t.add_argument("--l1-max-iter", type=int, default=300, help="iterations of the L1 solvers (fpc, sparsa)")
     t.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
     t.add_argument("--out", default="runs/locations-truth", help="directory of the runs and the results")
     c = sub.add_parser("causal", help="selectivity kept by a component's located groups (npeff_lens.runs.locate)")

@@ -599,8 +599,9 @@ def demo(cmd: DemoCommand | None = None, **options) -> dict:
     )
     task = LabelTokens("Review: {text}\nSentiment:", [" negative", " positive"])
     data = load_dataset("movie-reviews", split="train", seed=0)
+    adapter = load_model(cmd.model)
     collect_pefs(
-        load_model(cmd.model),
+        adapter,
         data,
         task,
         out / "pefs",
@@ -624,7 +625,8 @@ def demo(cmd: DemoCommand | None = None, **options) -> dict:
     )
     decompose_store(out / "pefs", out / "npeff", n_components=cmd.components, n_steps=cmd.steps, progress=cmd.progress)
     print(f"[demo] decomposed into {cmd.components} components in {time.time() - t1:.0f}s", flush=True)
-    report = top_report(out / "npeff", show=cmd.show, where=True)  # where: locations.json, the report's maps
+    # where: locations.json (from the top examples' gradients, the model already loaded), the report's maps
+    report = top_report(out / "npeff", show=cmd.show, where=True, adapter=adapter)
     print("\n".join(report["lines"]))
     print(f"[demo] {report['summary_line']}")
 

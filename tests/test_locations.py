@@ -285,3 +285,21 @@ def test_attention_heads_add_q_and_o_to_their_share_of_the_key_value_head():
     got = {(r["layer"], r["head"]): r["energy"] for r in loc["attention_heads"]}
     assert got[(0, 1)] == pytest.approx(2.0) and got[(0, 0)] == pytest.approx(1.0)
     assert got[(0, 2)] == got[(0, 3)] == 0 and loc["attention_heads"][0]["kv_head"] == 0
+
+
+def test_the_location_benchmarks_row_space_is_an_isometry_on_the_span():
+    """benchmarks/locations.py fits unprojected PEFs in their row space: the reduced rows have the PEFs' Gram matrix,
+    and a lifted component has the same products with the PEFs and with other lifted components, so NPEFF's loss
+    (which reads G Hᵀ and H Hᵀ only) is the same in both spaces."""
+    from helpers import load_script
+
+    bench = load_script("benchmarks/locations.py")
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(7, 2, 300, generator=g)
+    chunks = [G[:3], G[3:5], G[5:]]
+    rows, lift = bench._row_space(chunks)
+    F, R = G.reshape(14, 300).double(), rows.reshape(14, -1)
+    assert torch.allclose(R @ R.T, F @ F.T, atol=1e-8 * float((F @ F.T).abs().max()))
+    x, y = torch.randn(3, R.shape[1], generator=g).double(), torch.randn(2, R.shape[1], generator=g).double()
+    assert torch.allclose(lift(x) @ F.T, x @ R.T, atol=1e-8)
+    assert torch.allclose(lift(x) @ lift(y).T, x @ y.T, atol=1e-8)

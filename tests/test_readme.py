@@ -67,6 +67,7 @@ SUBSTITUTIONS = [
     ),
     ("npeff unlearn runs/movie/npeff ", f"npeff unlearn runs/movie/npeff {UNLEARN} ", "2 unlearning batches"),
     ("npeff icl runs/movie/npeff ", f"npeff icl runs/movie/npeff {ICL} ", "8 held-out examples, 2 prompts of 2 shots"),
+    ("--n 16 --out runs/trace", "--n 1 --samples 2 --out runs/trace", "one fact, two noise draws"),
     # Multi-process collection
     ("--nproc-per-node 4 ", "--nproc-per-node 2 ", "2 ranks on the 2-core machine"),
     ("--n 2000 ", "--n 16 ", "16 examples instead of 2000"),
