@@ -279,12 +279,13 @@ def _truth_summary(rows, min_cosine: float = 0.9) -> dict:
 
 def causal(a) -> dict:
     """Each component's location (``--method``) and its causal check, printed as a table; the summary is written
-    to ``DECOMPOSITION_DIR/locations-causal.json`` (the per-component records are in locations.json)."""
+    to ``DECOMPOSITION_DIR/locations-causal-DIRECTION.json`` (the per-component records are in locations.json)."""
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
     res = locate(
         a.decomposition,
+        causal_direction=a.direction,
         method=a.method,
         k=a.k,
         causal=True,
@@ -318,6 +319,7 @@ def causal(a) -> dict:
     summary = {
         "decomposition": str(a.decomposition),
         "method": a.method,
+        "direction": a.direction,
         "k": a.k,
         "n_measured": len(rows),
         "n_excluded": sum((c.get("causal") or {}).get("status") != "ok" for c in res["components"]),
@@ -326,7 +328,7 @@ def causal(a) -> dict:
         "top_beats_control": sum((c["causal"]["kept"] or 0) > (c["causal"]["control_kept"] or 0) for c in rows),
         "seconds": time.time() - t0,
     }
-    write_json(Path(a.decomposition) / "locations-causal.json", summary)
+    write_json(Path(a.decomposition) / f"locations-causal-{a.direction}.json", summary)
     print(json.dumps(summary, indent=1))
     return summary
 
@@ -356,7 +358,14 @@ def _args(argv):
     c.add_argument("--components", type=int, default=None, help="the first N components (default: all)")
     c.add_argument("--k", type=int, default=16, help="top examples that locate; the next k measure selectivity")
     c.add_argument("--method", default="span", help="how a component is located (npeff top --where-method)")
-    c.add_argument("--recovery", default="adjoint", help="the direction perturbed (npeff perturb --recovery)")
+    c.add_argument(
+        "--direction",
+        choices=("recovered", "span"),
+        default="recovered",
+        help="the direction perturbed: recovered from the component (--recovery) or rebuilt from its top k "
+        "examples' gradients (span)",
+    )
+    c.add_argument("--recovery", default="adjoint", help="how the direction is recovered (npeff perturb --recovery)")
     c.add_argument("--n-baseline", type=int, default=32, help="random examples that size each perturbation")
     c.add_argument("--target-kl", type=float, default=0.01, help="mean KL (nats) on the baseline examples")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

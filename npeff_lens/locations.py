@@ -32,7 +32,7 @@ import math
 import random
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -332,7 +332,6 @@ class SpanDirection:
     direction: torch.Tensor
     fit: float
     coefficients: torch.Tensor
-    examples: list[int] = field(default_factory=list)
 
 
 class GradientSpan:
@@ -447,21 +446,19 @@ def group_numels(layout: Sequence[Mapping[str, Any]]) -> dict[tuple, int]:
 
 
 def equal_size_control(layout: Sequence[Mapping[str, Any]], groups, seed: int = 0) -> list[tuple]:
-    """Groups drawn at random from those not in ``groups`` whose parameter count is as close as the draw allows
-    to that of ``groups``: the groups are shuffled (``seed``) and taken in order while the count gets closer."""
+    """Groups drawn at random from those not in ``groups``, one per group of ``groups`` and of the same parameter
+    count where one is left (another layer's matrix of the same shape, whatever its module), else the closest in
+    size: a control with the located groups' parameter count, exactly when the model's shapes allow."""
     numel = group_numels(layout)
-    keep = {tuple(g) for g in groups}
-    target = sum(numel[g] for g in keep if g in numel)
-    others = [g for g in numel if g not in keep]
+    keep = [tuple(g) for g in groups if tuple(g) in numel]
+    others = [g for g in numel if g not in set(keep)]
     random.Random(seed).shuffle(others)
-    out, count = [], 0
-    for g in others:
-        if abs(count + numel[g] - target) >= abs(count - target) and out:
-            continue
-        out.append(g)
-        count += numel[g]
-        if count >= target:
+    out: list[tuple] = []
+    for g in sorted(keep, key=lambda g: -numel[g]):  # the largest first: they have the fewest matches
+        left = [o for o in others if o not in out]
+        if not left:
             break
+        out.append(min(left, key=lambda o: abs(numel[o] - numel[g])))  # the first of the closest size, at random
     return out
 
 

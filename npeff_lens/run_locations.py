@@ -34,6 +34,7 @@ def locate(
     recovery: str = "adjoint",
     reject_threshold: float | None = 0.5,
     causal: bool = False,
+    causal_direction: str = "recovered",
     target_kl: float = 0.01,
     n_baseline: int = 32,
     seed: int = 0,
@@ -58,10 +59,16 @@ def locate(
     loads the manifest's model otherwise).
 
     ``causal=True`` also measures whether each location is causal
-    (:func:`~npeff_lens.locations.located_selectivity`): the component's recovered direction (``recovery``)
-    perturbed whole, on its top 5 % of groups only, and on random groups of the same parameter count, each sized to
-    move ``n_baseline`` random examples by ``target_kl``, with the selectivity measured on the component's next
-    ``k`` examples (ranks k+1 to 2k, not those that located it); stored as each component's ``causal``."""
+    (:func:`~npeff_lens.locations.located_selectivity`): a direction of the component perturbed whole, on its top
+    5 % of groups only, and on random groups of the same parameter count, each sized to move ``n_baseline`` random
+    examples by ``target_kl``, with the selectivity measured on the component's next ``k`` examples (ranks k+1 to
+    2k, not those that located it); stored as each component's ``causal``. ``causal_direction``: ``"recovered"``
+    (its direction recovered from its projected numbers, ``recovery``, as ``npeff perturb`` perturbs it) or
+    ``"span"`` (the direction rebuilt from its top ``k`` examples' gradients, the one ``method="span"`` locates)."""
+    if causal_direction not in ("recovered", "span") or (causal_direction == "span" and method != "span"):
+        raise ValueError(
+            f"causal_direction must be 'recovered' or (with method='span') 'span', got {causal_direction!r}"
+        )
     if method not in LOCATE_METHODS:
         raise ValueError(f"method must be one of {LOCATE_METHODS}, got {method!r}")
     if k < 1:
@@ -77,6 +84,7 @@ def locate(
         key.update(recovery=recovery, reject_threshold=reject_threshold, **to_jsonable(solver_options))
     if causal:
         key["causal"] = {
+            "direction": causal_direction,
             "k": k,
             "recovery": recovery,
             "reject_threshold": reject_threshold,
@@ -91,7 +99,12 @@ def locate(
     est, store = load_run(d, store)
     where = _Locator(est, store, adapter, method, k, heads, batch_size, causal)
     where.recovery = {"method": recovery, "reject_threshold": reject_threshold, **solver_options}
-    where.causal_options = {"target_kl": target_kl, "n_baseline": n_baseline, "seed": seed}
+    where.causal_options = {
+        "target_kl": target_kl,
+        "n_baseline": n_baseline,
+        "seed": seed,
+        "direction": causal_direction,
+    }
     components = list(components or [])  # an interrupted run's components are kept
     todo = range(len(components), where.n_components)
     for j in progress(todo, desc="locating components", unit="component", enabled=progress_bar):
@@ -157,7 +170,8 @@ class _Locator:
         ranked = top_positive(self.coeffs, j, 2 * self.k)
         top = ranked[: self.k]
         entry: dict[str, Any] = {"component": j, "method": self.method}
-        recovered = self.recovered(j) if self.method == "recovered" or self.causal else None
+        by_span = self.causal_options.get("direction") == "span"
+        recovered = self.recovered(j) if self.method == "recovered" or (self.causal and not by_span) else None
         if self.method == "recovered":
             entry.update(component_locations(recovered, self.layout, self.heads))
         elif not top:
@@ -165,6 +179,8 @@ class _Locator:
         else:
             got = self.span.direction(self.comps[j], [self.prompts[i] for i in top])
             entry.update(examples=top, fit=got.fit)
+            if by_span:
+                recovered = got.direction
             try:
                 entry.update(component_locations(got.direction, self.layout, self.heads))
             except ValueError as e:  # the examples' rows are all zero (non-finite logits) or orthogonal to it
@@ -190,7 +206,12 @@ class _Locator:
             n_baseline=opts.get("n_baseline", 32),
             reference=self.reference,
         )
-        return {"status": "ok", "measured_on": measure, **res}
+        return {
+            "status": "ok",
+            "direction": self.causal_options.get("direction", "recovered"),
+            "measured_on": measure,
+            **res,
+        }
 
 
 def _head_counts(adapter, manifest: dict) -> dict | None:
