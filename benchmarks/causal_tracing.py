@@ -30,7 +30,11 @@ examples than with the random ones, and a mismatched-pairing null: each componen
 ``rho mlp rnd`` or ``rho mlp other`` says that both methods find the same general layer trend, not that a
 component's location is specific to its examples. NPEFF's energy is where the gradient of the whole next-token
 distribution lies; tracing measures where the subject's information reaches the answer's probability: the two
-need not agree even where both are right.
+need not agree even where both are right. Attention in particular: at the last subject token its indirect effect
+is small (the paper finds attention's effect at the last token), while NPEFF's attention energy counts every
+position's gradient, so ``rho attn`` compares against a profile that is mostly noise. Tracing a fact the model does
+not know measures little (its answer's probability is near 0 with and without the noise); ``known`` counts the
+traced facts whose answer is the model's top prediction, and ``--known-only`` traces those alone.
 
     OMP_NUM_THREADS=2 python benchmarks/causal_tracing.py --out runs/causal-tracing
     python benchmarks/causal_tracing.py --out runs/causal-tracing --known-only --window 5
@@ -253,6 +257,7 @@ def _trace(a, adapter, facts: list[dict], examples: list[int], std: float, path:
         seed=a.seed,
         batch_size=a.trace_batch_size,
         embedding_std=std,
+        show_progress=not a.quiet,
     ).to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"key": key, "trace": trace})
