@@ -37,6 +37,7 @@ not know measures little (its answer's probability is near 0 with and without th
 traced facts whose answer is the model's top prediction, and ``--known-only`` traces those alone.
 
     OMP_NUM_THREADS=2 python benchmarks/causal_tracing.py --out runs/causal-tracing
+    python benchmarks/causal_tracing.py --out runs/causal-tracing-d8 --density 8 --k 8  # cheaper: collect, locate
     python benchmarks/causal_tracing.py --out runs/causal-tracing --known-only --window 5
 
 Writes ``OUT/causal-tracing.json`` (every profile, every correlation, the summary and the seconds of each phase;
