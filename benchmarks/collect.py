@@ -9,7 +9,7 @@ interleaved:
            ``KroneckerProjection(shapes, proj_dim, k, density)``; the sparse projection's ``project`` calls (for
            kron: its Kronecker sketches and its second stage) are timed by wrapping, so ``grad = total -
            projection``. The gradient part is further split (wrapped methods): forward (``task.log_probs``),
-           dL/dy backward (``autograd.grad``), per-example rebuild (``PEFComputer._per_example``), rest (stack,
+           dL/dy backward (``autograd.grad``), per-example rebuild (``PEFComputer.per_example``), rest (stack,
            accumulator adds, Python).
   minimal  one forward and r backward passes of the same batch without per-example gradients:
            ``autograd.grad(rows[:, j].sum(), selected params)`` for each row j (same requires_grad restriction).
@@ -51,7 +51,7 @@ def _status_kib(key):
     return -1
 
 
-def _reset_peak():
+def reset_peak():
     """Give freed heap back to the OS, then reset VmHWM to the current RSS. Returns the RSS in MiB."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -62,12 +62,15 @@ def _reset_peak():
     return _status_kib("VmRSS") / 1024
 
 
-def _peak():
+def peak_rss():
+    """The process's peak RSS (VmHWM) in MiB since the last :func:`reset_peak`."""
     return _status_kib("VmHWM") / 1024
 
 
 # ------------------------------------------------------------------------------------------------ worker
-class _Timer:
+class Timer:
+    """Accumulates the time of wrapped functions per key (``t``) while ``on``."""
+
     def __init__(self):
         self.t = {}
         self.on = False
@@ -92,7 +95,7 @@ def worker(cfg):
         torch.set_num_threads(cfg["threads"])
         os.environ.setdefault("NUMBA_NUM_THREADS", str(cfg["threads"]))
     import npeff_lens
-    from npeff_lens import collect as C
+    from npeff_lens.pef import PEFComputer
     from npeff_lens.projection import KroneckerProjection, SparseProjection
     from npeff_lens.tasks import LabelTokens
 
@@ -108,18 +111,18 @@ def worker(cfg):
         proj = KroneckerProjection(shapes, cfg["proj_dim"], seed=0, k=cfg["kron_k"], density=cfg["density"])
     else:
         proj = SparseProjection(n_params, cfg["proj_dim"], seed=0, density=cfg["density"])
-    comp = C.PEFComputer(adapter, task, named, proj)
+    comp = PEFComputer(adapter, task, named, proj)
     R = task.n_rows
     ml = cfg["max_length"]
 
-    tm = _Timer()
+    tm = Timer()
     if isinstance(proj, KroneckerProjection):
         proj.inner.project = tm.wrap("projection", proj.inner.project)
         proj.sketch_outer = tm.wrap("projection", proj.sketch_outer)
         proj.sketch = tm.wrap("projection", proj.sketch)
     else:
         proj.project = tm.wrap("projection", proj.project)
-    comp._per_example = tm.wrap("per_example", comp._per_example)
+    comp.per_example = tm.wrap("per_example", comp.per_example)
     task.log_probs = tm.wrap("forward", task.log_probs)
     grad_fn = torch.autograd.grad
     timed_dy, timed_fb = tm.wrap("backward_dy", grad_fn), tm.wrap("fallback", grad_fn)
@@ -132,7 +135,7 @@ def worker(cfg):
     torch.autograd.grad = grad_split
 
     def minimal(ps):
-        with comp._only_selected_require_grad(), torch.enable_grad():
+        with comp.only_selected_require_grad(), torch.enable_grad():
             batch = adapter.tokenize(ps, max_length=ml)
             rows = task.pef_rows(task.log_probs(adapter, batch))
             for j in range(R):
@@ -141,7 +144,7 @@ def worker(cfg):
     # warm-up: self-check (2 backward passes), numba (cached) compile, allocator
     comp.compute(prompts[:1], max_length=ml)
     minimal(prompts[:1])
-    ready = _reset_peak()
+    ready = reset_peak()
     b = cfg["batch"]
     res = {
         "pef_s": 0.0,
@@ -156,7 +159,7 @@ def worker(cfg):
     for lo in range(0, cfg["n"], b):
         ps = prompts[lo : lo + b]
         res["tokens"] += int(adapter.tokenize(ps, max_length=ml)["input_ids"].numel())
-        res["pef_start"] = max(res["pef_start"], _reset_peak())
+        res["pef_start"] = max(res["pef_start"], reset_peak())
         tm.t, tm.on = {}, True
         t0 = time.perf_counter()
         comp.compute(ps, max_length=ml)
@@ -164,12 +167,12 @@ def worker(cfg):
         tm.on = False
         for k, v in tm.t.items():
             parts[k] = parts.get(k, 0.0) + v
-        res["pef_peak"] = max(res["pef_peak"], _peak())
-        res["min_start"] = max(res["min_start"], _reset_peak())
+        res["pef_peak"] = max(res["pef_peak"], peak_rss())
+        res["min_start"] = max(res["min_start"], reset_peak())
         t0 = time.perf_counter()
         minimal(ps)
         res["min_s"] += time.perf_counter() - t0
-        res["min_peak"] = max(res["min_peak"], _peak())
+        res["min_peak"] = max(res["min_peak"], peak_rss())
     res.update(
         parts=parts,
         ready=ready,

@@ -34,13 +34,29 @@ def finding_argmax(args) -> dict:
     data = nl.load_dataset("geo-facts", split="train", seed=0)
     task = NextToken("{text}", expectation_projections=args.expectation_projections, seed=0)  # factual completions
     t0 = time.time()
-    nl.collect_pefs(adapter, data, task, root / "pefs", n=args.n, proj_dim=args.proj_dim, density=args.density,
-                    params=args.params, batch_size=args.batch_size, progress=not args.quiet)  # fmt: skip
+    nl.collect_pefs(
+        adapter,
+        data,
+        task,
+        root / "pefs",
+        n=args.n,
+        proj_dim=args.proj_dim,
+        density=args.density,
+        params=args.params,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     t1 = time.time()
     decompose_store(root / "pefs", root / "npeff", n_components=args.components, progress=not args.quiet)
     t2 = time.time()
-    res = compare(root / "npeff", methods=("npeff", "grad-cluster"), components=args.components, k=args.k,
-                  adapter=adapter, progress=not args.quiet)  # fmt: skip
+    res = compare(
+        root / "npeff",
+        methods=("npeff", "grad-cluster"),
+        components=args.components,
+        k=args.k,
+        adapter=adapter,
+        progress=not args.quiet,
+    )
     return {"collect_seconds": t1 - t0, "decompose_seconds": t2 - t1, **res}
 
 
@@ -65,18 +81,26 @@ def finding_sae_layers(args) -> dict:
         if (path / "npeff_sae.json").exists():
             sae = TopKSAEBaseline.load(path)
         else:
-            sae = TopKSAEBaseline(args.latents, args.sae_k, hook=hook, seed=0, total_tokens=args.sae_tokens or 200_000,
-                                  show_progress=not args.quiet)  # fmt: skip
+            sae = TopKSAEBaseline(
+                args.latents,
+                args.sae_k,
+                hook=hook,
+                seed=0,
+                total_tokens=args.sae_tokens or 200_000,
+                show_progress=not args.quiet,
+            )
             sae.fit(adapter, prompts)
             sae.save(path)
         coeffs = sae.coefficients_
         top = top_examples(coeffs, k=args.k)
-        sets = [sae.active_token_sets(j, [int(i) for i in top[j].tolist() if coeffs[i, j] > 0])
-                for j in range(coeffs.shape[1])]  # fmt: skip
+        sets = [
+            sae.active_token_sets(j, [int(i) for i in top[j].tolist() if coeffs[i, j] > 0])
+            for j in range(coeffs.shape[1])
+        ]
         out[f"sae@{hook}"] = {
             **method_summary(
                 coeffs, labels=labels, predictions=preds, k=args.k, alive_min_examples=args.k, token_sets=sets
-            ),  # fmt: skip
+            ),
             "fit_seconds": sae.fit_seconds_,
         }
     return {"methods": out}
@@ -87,13 +111,21 @@ def _compare_at(run_dir: Path, components: int, args, adapter) -> dict:
 
     t0 = time.time()
     res = compare(
-        run_dir, methods=tuple(args.methods), components=components, k=args.k,
+        run_dir,
+        methods=tuple(args.methods),
+        components=components,
+        k=args.k,
         keep_constant_tokens=args.keep_constant_tokens,
-        sae_hook=f"model.layers.{args.layer - 1}", snmf_layer=args.layer,
+        sae_hook=f"model.layers.{args.layer - 1}",
+        snmf_layer=args.layer,
         **({"sae_tokens": args.sae_tokens} if args.sae_tokens else {}),  # default: compare's
-        selectivity=True, target_kl=args.target_kl, n_baseline=args.n_baseline,
-        selectivity_components=args.selectivity_components, adapter=adapter, progress=not args.quiet,
-    )  # fmt: skip
+        selectivity=True,
+        target_kl=args.target_kl,
+        n_baseline=args.n_baseline,
+        selectivity_components=args.selectivity_components,
+        adapter=adapter,
+        progress=not args.quiet,
+    )
     return {**res, "seconds": time.time() - t0}
 
 
@@ -121,9 +153,18 @@ def finding_four_methods(args) -> dict:
         data = nl.load_dataset("geo-facts", split="train", seed=0)
         task = NextToken("{text}", expectation_projections=args.expectation_projections, seed=0)
         t0 = time.time()
-        nl.collect_pefs(adapter, data, task, out / "geo" / "pefs", n=args.geo_n, proj_dim=args.proj_dim,
-                        density=args.density, params=args.params, batch_size=args.batch_size,
-                        progress=not args.quiet)  # fmt: skip
+        nl.collect_pefs(
+            adapter,
+            data,
+            task,
+            out / "geo" / "pefs",
+            n=args.geo_n,
+            proj_dim=args.proj_dim,
+            density=args.density,
+            params=args.params,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
         results["geo collect seconds"] = time.time() - t0
         for c in args.sizes:
             d = _decomposed(out / "geo" / "pefs", out / "geo" / f"c{c}", c, args)
@@ -153,8 +194,10 @@ def _print_four(res: dict) -> None:
         if not isinstance(table, dict) or "methods" not in table:
             continue
         print(f"\n{title} ({table['seconds']:.0f} s)")
-        print("| method | components | alive | label | prediction | argmax-shared | coverage | selectivity | measured "
-              "| fit s |")  # fmt: skip
+        print(
+            "| method | components | alive | label | prediction | argmax-shared | coverage | selectivity | measured "
+            "| fit s |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, r in table["methods"].items():
             print(_four_row(name, r))

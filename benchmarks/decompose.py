@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from npeff_lens.decomposition import NPEFF, _init_H, _init_W, _sweep
+from npeff_lens.nmf import init_H, init_W, sweep
+from npeff_lens.sources import open_shard
 
 
 def _time(fn, repeats: int, sync) -> float:
@@ -37,13 +38,13 @@ def bench(m: int, r: int, d: int, C: int, device: str, dtype, repeats: int) -> d
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     g = torch.Generator().manual_seed(0)
     G = torch.randn(m, r, d, generator=g, dtype=dtype).to(device)
-    est = NPEFF(C, device=device, dtype=dtype, progress=False)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    source, shard, n_valid = est._shard(G)
-    W = _init_W(est.seed, 0, m, C, dtype).to(device)
-    H = _init_H(est.seed, C, d, dtype).to(device)
-    step = _time(lambda: _sweep(shard, W, H, n_valid, eps=est.eps, update_W=True, grad=True), repeats, sync)
+    seed, eps = 0, 1e-12  # NPEFF's defaults
+    _, shard, n_valid = open_shard(G, C, device=device, dtype=dtype)  # the shard NPEFF(C, ...) reads
+    W = init_W(seed, 0, m, C, dtype).to(device)
+    H = init_H(seed, C, d, dtype).to(device)
+    step = _time(lambda: sweep(shard, W, H, n_valid, eps=eps, update_W=True, grad=True), repeats, sync)
     # Roofline: the two dominant GEMMs alone, same shapes, same dtype/device.
     G2 = G.reshape(m * r, d)
     B = torch.randn(m * r, C, dtype=dtype, device=device)

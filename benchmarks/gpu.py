@@ -25,7 +25,7 @@ collection     PEFs as collection makes them (``PEFComputer.compute``, then each
                ids through a word-level tokenizer built in-process, ``LabelTokens`` (r = 2): sparse density 8 and
                32 and the Kronecker projection at batch 8 and 32, each against the minimal work (one forward + r
                backward passes over the same parameters), with peak memory.
-decomposition  one NPEFF step (``_sweep`` with the W update and the H gradient, then the H step) at three sizes
+decomposition  one NPEFF step (``nmf.sweep`` with the W update and the H gradient, then the H step) at three sizes
                (m = 50k / 200k / 500k, r = 3, d = 8192, C = 8192), fp32, TF32 and (where NPEFF has
                ``storage_dtype``) bf16 storage, each against its GEMM roofline: the FLOPs of the step's matmuls
                divided by a square GEMM's throughput measured in the same run. A size that does not fit the
@@ -414,7 +414,7 @@ def section_projection(rep: Report, ctx: Context) -> bool:
         P = SparseProjection(n_in, n_out, seed=0, density=density)
         x = torch.randn(rows, L, device=ctx.device, generator=gen)
         y = torch.randn(rows, n_out, device=ctx.device, generator=gen)
-        name = SparseProjection._backend(x, backend)
+        name = SparseProjection.resolve_backend(x, backend)
         if name == "triton" and not ctx.cuda:
             name = "triton (interpreter)"
         reps = 3 if backend == "auto" else 1
@@ -476,8 +476,9 @@ def build_model(config: dict, device):
 def section_collection(rep: Report, ctx: Context) -> bool:
     import torch
 
-    from npeff_lens.collect import PEFComputer, _Finishing
+    from npeff_lens.collect import PendingBatch
     from npeff_lens.models import adapt
+    from npeff_lens.pef import PEFComputer
     from npeff_lens.projection import KroneckerProjection, SparseProjection
     from npeff_lens.tasks import LabelTokens
 
@@ -551,7 +552,7 @@ def section_collection(rep: Report, ctx: Context) -> bool:
             torch.cuda.reset_peak_memory_stats()
             return
         try:
-            cb._reset_peak()
+            cb.reset_peak()
         except OSError:
             pass
 
@@ -559,7 +560,7 @@ def section_collection(rep: Report, ctx: Context) -> bool:
         if ctx.cuda:
             return torch.cuda.max_memory_allocated() / 2**30
         try:
-            return cb._peak() / 1024
+            return cb.peak_rss() / 1024
         except OSError:
             return math.nan
 
@@ -590,7 +591,7 @@ def section_collection(rep: Report, ctx: Context) -> bool:
             else:
                 proj = KroneckerProjection(shapes, d, seed=0, k=sz["kron_k"], density=density)
             comp = PEFComputer(adapter, task, named, proj)
-            tm = cb._Timer()
+            tm = cb.Timer()
             if isinstance(proj, KroneckerProjection):  # as in benchmarks/collect.py
                 proj.inner.project = timed(tm, "projection", proj.inner.project)
                 proj.sketch_outer = timed(tm, "projection", proj.sketch_outer)
@@ -599,7 +600,7 @@ def section_collection(rep: Report, ctx: Context) -> bool:
                 proj.project = timed(tm, "projection", proj.project)
 
             def minimal(ps, comp=comp):
-                with comp._only_selected_require_grad(), torch.enable_grad():
+                with comp.only_selected_require_grad(), torch.enable_grad():
                     rows = task.pef_rows(task.log_probs(adapter, adapter.tokenize(ps)))
                     for j in range(R):
                         torch.autograd.grad(rows[:, j].sum(), comp.params, retain_graph=j < R - 1, allow_unused=True)
@@ -609,7 +610,7 @@ def section_collection(rep: Report, ctx: Context) -> bool:
                 host, and read once the next batch is queued."""
                 waiting = None
                 for ps in chunks:
-                    started = _Finishing(*comp.compute(ps), {"text": ps}, 0, task, None, 5)
+                    started = PendingBatch(*comp.compute(ps), {"text": ps}, 0, task, None, 5)
                     if waiting is not None:
                         waiting.result()
                     waiting = started
@@ -651,7 +652,7 @@ def section_collection(rep: Report, ctx: Context) -> bool:
 
 # ------------------------------------------------------------------------------------------------ 4. decomposition
 def step_flops(m: int, r: int, d: int, C: int) -> float:
-    """FLOPs of the matmuls of one NPEFF step (``decomposition._sweep`` with the W update and the H gradient):
+    """FLOPs of the matmuls of one NPEFF step (``nmf.sweep`` with the W update and the H gradient):
     ``B = G Hᵀ`` and the gradient term ``coefᵀ G`` (2 · 2 m r d C), ``W S2`` and ``Wᵀ W`` (2 · 2 m C²),
     ``H Hᵀ`` and ``((Wᵀ W) ⊙ S) H`` (2 · 2 C² d); as in benchmarks/decompose.py."""
     return 4.0 * m * r * d * C + 4.0 * m * C * C + 4.0 * C * C * d
@@ -661,10 +662,10 @@ def memory_plan(m: int, r: int, d: int, C: int, storage_bytes: int) -> dict:
     """Bytes one step holds on the device: G (m r d, storage dtype), W (m C fp32), the H-sized fp32 buffers (H,
     the packed accumulator of the gradient and Wᵀ W and its all-reduced copy, the gradient and lr · gradient; S = H
     Hᵀ, S², (Wᵀ W) ⊙ S) and the per-chunk temporaries (B = G Hᵀ, its weighted copies, the W rows, the chunk cast
-    to fp32 and fp64 for the norms); chunks as decomposition._TEMP_BUDGET makes them."""
-    from npeff_lens import decomposition
+    to fp32 and fp64 for the norms); chunks as sources.TEMP_BUDGET makes them."""
+    from npeff_lens.sources import TEMP_BUDGET
 
-    budget = getattr(decomposition, "_TEMP_BUDGET", 256 * 2**20)
+    budget = TEMP_BUDGET
     chunk = min(m, max(1, budget // (r * C * 2 * 4)))
     G, W = m * r * d * storage_bytes, m * C * 4
     fixed = 4 * (6 * C * d + 6 * C * C)
@@ -709,7 +710,7 @@ def section_decomposition(rep: Report, ctx: Context) -> bool:
     a = bm = None
     rep(
         f"Square fp32 GEMM {n:,}×{n:,}×{n:,}: {rate['highest'] / 1e12:.1f} TFLOP/s (fp32), "
-        f"{rate['high'] / 1e12:.1f} TFLOP/s (TF32). One step = `decomposition._sweep(update_W=True, grad=True)` and "
+        f"{rate['high'] / 1e12:.1f} TFLOP/s (TF32). One step = `nmf.sweep(update_W=True, grad=True)` and "
         f"H -= lr·g on in-memory random PEFs (G ~ N(0, 1), W ~ U[0, 1], H ~ N(0, 2/(C d))); matmul FLOPs "
         f"4mrdC + 4mC² + 4C²d; roofline = those FLOPs ÷ the square GEMM's rate at the same precision."
         + ("" if has_storage else " (NPEFF has no storage_dtype here: no bf16-storage rows.)")
@@ -789,6 +790,9 @@ def _decomposition_rows(ctx, D, m, target, r, d, C, storage, labels, rate, has_s
     """Yields the table rows of one size (and its extrapolation) for each variant stored in ``storage``."""
     import torch
 
+    from npeff_lens.nmf import sweep
+    from npeff_lens.sources import open_shard
+
     dev = ctx.device
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -796,13 +800,13 @@ def _decomposition_rows(ctx, D, m, target, r, d, C, storage, labels, rate, has_s
     extra = {"storage_dtype": storage} if has_storage and storage != torch.float32 else {}
     budget = m * r * d * G.element_size() + 1  # resident, never streamed
     est = D.NPEFF(C, device=dev, dtype=torch.float32, memory_budget=budget, progress=False, **extra)
-    _, shard, n_valid = est._shard(G)
+    _, shard, n_valid = open_shard(G, C, device=dev, dtype=torch.float32, memory_budget=budget, **extra)
     assert shard.in_memory
     W = torch.rand(m, C, device=dev, generator=gen)
     H = torch.randn(C, d, device=dev, generator=gen) * math.sqrt(2.0 / (C * d))
 
     def step():
-        _, _, g = D._sweep(shard, W, H, n_valid, eps=est.eps, update_W=True, grad=True)
+        _, _, g = sweep(shard, W, H, n_valid, eps=est.eps, update_W=True, grad=True)
         H.sub_(est.lr * g)
 
     for label, prec, _ in labels:

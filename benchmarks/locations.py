@@ -48,10 +48,12 @@ from npeff_lens.decomposition import NPEFF
 from npeff_lens.io import write_json
 from npeff_lens.locations import GradientSpan, component_locations, top_groups
 from npeff_lens.models import head_counts
-from npeff_lens.recovery import estimate_lambda_max, projection_from_config, recover_direction
+from npeff_lens.projection import projection_from_config
+from npeff_lens.recovery import recover_direction
 from npeff_lens.rundir import run_prompts
 from npeff_lens.runs import decompose_store, locate
 from npeff_lens.selectivity import top_positive
+from npeff_lens.sensing import estimate_lambda_max
 from npeff_lens.tasks import LabelTokens, NextToken, task_from_config
 
 DATASETS = {  # name: (split, data seed, task); every projection is collected with the same settings
@@ -73,8 +75,17 @@ def _prepare(a, adapter) -> dict:
     for proj, kw in PROJECTIONS.items():
         root = Path(a.out) / f"{a.dataset}-{proj}"
         t0 = time.time()
-        store = nl.collect_pefs(adapter, data, make_task(), root / "pefs", n=a.n, params=a.params,
-                                batch_size=a.batch_size, progress=False, **kw)  # fmt: skip
+        store = nl.collect_pefs(
+            adapter,
+            data,
+            make_task(),
+            root / "pefs",
+            n=a.n,
+            params=a.params,
+            batch_size=a.batch_size,
+            progress=False,
+            **kw,
+        )
         t1 = time.time()
         if proj == "exact":
             W, H = _exact_fit(store, a.components)
@@ -144,8 +155,11 @@ def _fractions(loc: dict) -> dict:
     """Energy fractions per (layer, module) group and per (layer, module, head), each level summing to 1 (a
     negative sum, possible for ``attribution``'s signed terms, counts as 0)."""
     out = {}
-    for level, keys in (("groups", ("layer", "module")), ("heads", ("layer", "module", "head")),
-                        ("neurons", ("layer", "neuron"))):  # fmt: skip
+    for level, keys in (
+        ("groups", ("layer", "module")),
+        ("heads", ("layer", "module", "head")),
+        ("neurons", ("layer", "neuron")),
+    ):
         mass = {tuple(r[k] for k in keys): max(r["energy"], 0.0) for r in loc[level]}
         total = sum(mass.values()) or 1.0
         out[level] = {k: v / total for k, v in mass.items()}

@@ -59,8 +59,14 @@ from pathlib import Path
 TEMPLATE, LABELS = "Review: {text}\nSentiment:", [" negative", " positive"]
 STAGES = ["collect", "decompose", "tunings", "held-out", "perturb"]
 ABLATIONS = ["ablate-d", "ablate-components", "ablate-eps", "convergence"]
-PAPER = {"prediction": 0.561, "label": 0.392, "held_out_prediction": 0.860, "held_out_label": 0.818,
-         "kl_ratio": 10.94, "norm_ratio": 1.02}  # fmt: skip
+PAPER = {
+    "prediction": 0.561,
+    "label": 0.392,
+    "held_out_prediction": 0.860,
+    "held_out_label": 0.818,
+    "kl_ratio": 10.94,
+    "norm_ratio": 1.02,
+}
 
 
 class Run:
@@ -106,8 +112,15 @@ class Run:
         import npeff_lens as nl
 
         a = self.args
-        space = dict(proj_dim=a.proj_dim, projection=a.projection, density=a.density, kron_k=a.kron_k,
-                     params=a.params, batch_size=a.batch_size, seed=0)  # fmt: skip
+        space = dict(
+            proj_dim=a.proj_dim,
+            projection=a.projection,
+            density=a.density,
+            kron_k=a.kron_k,
+            params=a.params,
+            batch_size=a.batch_size,
+            seed=0,
+        )
         done = (path / "manifest.json").exists() and len(nl.PEFStore(path)) >= n
         data = nl.load_dataset(dataset, split=split, seed=0)
         if task is None:  # the reviews' labels 0/1 are the label tokens given in that order (negative, positive)
@@ -123,7 +136,7 @@ class Run:
                 split=split,
                 progress=not a.quiet,
                 **{**space, **options},
-            ),  # fmt: skip
+            ),
             done,
         )
 
@@ -184,9 +197,15 @@ def reproduction(run: Run, stages: list[str]) -> dict:
     components = a.components or components_for(a.n_train)
     train = run.collect(run.out / "train" / "pefs", a.n_train, "train")
     labels, preds = _labels(train)
-    res["setup"] = {"n_train": len(train), "n_test": a.n_test, "n_params": train.manifest["n_params"],
-                    "proj_dim": a.proj_dim, "projection": a.projection, "components": components,
-                    "zero_shot_accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels)}  # fmt: skip
+    res["setup"] = {
+        "n_train": len(train),
+        "n_test": a.n_test,
+        "n_params": train.manifest["n_params"],
+        "proj_dim": a.proj_dim,
+        "projection": a.projection,
+        "components": components,
+        "zero_shot_accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels),
+    }
     if not set(stages) & {"decompose", "tunings", "held-out", "perturb"}:
         return res
     est = run.decompose(train, run.out / "train" / "npeff", components)
@@ -196,8 +215,9 @@ def reproduction(run: Run, stages: list[str]) -> dict:
     if "held-out" in stages:
         res["held_out"] = held_out(run, est, train)
     if "perturb" in stages:
-        res["perturb"] = {r if a.n_baseline == 1000 else f"{r}-b{a.n_baseline}": perturb(run, r, components)
-                          for r in a.recoveries}  # fmt: skip
+        res["perturb"] = {
+            r if a.n_baseline == 1000 else f"{r}-b{a.n_baseline}": perturb(run, r, components) for r in a.recoveries
+        }
     return res
 
 
@@ -245,12 +265,20 @@ def perturb(run: Run, recovery: str, components: int) -> dict:
     spent = run.times.get(name, {}).get("seconds", 0.0)
     before, t0 = _measured(out), time.time()
     summary = run_perturbation(
-        run.out / "train" / "npeff", ",".join(map(str, order)) + ("," if len(order) == 1 else ""), out=out,
+        run.out / "train" / "npeff",
+        ",".join(map(str, order)) + ("," if len(order) == 1 else ""),
+        out=out,
         adapter=run.adapter,
-        magnitude=a.magnitude, top_k=16, n_baseline=a.n_baseline, recovery=recovery, reject_threshold=0.5,
-        batch_size=a.perturb_batch_size, progress=not a.quiet, time_budget=max(0.0, a.perturb_minutes - spent / 60),
+        magnitude=a.magnitude,
+        top_k=16,
+        n_baseline=a.n_baseline,
+        recovery=recovery,
+        reject_threshold=0.5,
+        batch_size=a.perturb_batch_size,
+        progress=not a.quiet,
+        time_budget=max(0.0, a.perturb_minutes - spent / 60),
         **run.device_option(),
-    )  # fmt: skip
+    )
     if _measured(out) != before:
         run.record(name, spent + time.time() - t0)
     recs = [r for r in summary["records"] if r.get("status") == "ok"]
@@ -264,12 +292,17 @@ def perturb(run: Run, recovery: str, components: int) -> dict:
         values = [r[key] for r in recs if r.get(key) is not None]
         return sum(values) / len(values) if values else None
 
-    return {"n_components": len(recs), "components": [r["component"] for r in summary["records"]],
-            "kl_ratio": gmean("kl_ratio"), "norm_ratio": gmean("pef_norm_ratio"),
-            "n_baseline": min((r["n_base"] for r in recs), default=None),
-            "nonzero_fraction": mean("recovery_nonzero_fraction"), "recovery_seconds": mean("recovery_seconds"),
-            "seconds_per_component": seconds / len(recs) if recs and seconds else None,
-            "summary": {k: v for k, v in summary.items() if k != "records"}}  # fmt: skip
+    return {
+        "n_components": len(recs),
+        "components": [r["component"] for r in summary["records"]],
+        "kl_ratio": gmean("kl_ratio"),
+        "norm_ratio": gmean("pef_norm_ratio"),
+        "n_baseline": min((r["n_base"] for r in recs), default=None),
+        "nonzero_fraction": mean("recovery_nonzero_fraction"),
+        "recovery_seconds": mean("recovery_seconds"),
+        "seconds_per_component": seconds / len(recs) if recs and seconds else None,
+        "summary": {k: v for k, v in summary.items() if k != "records"},
+    }
 
 
 def _measured(out: Path) -> set[int]:
@@ -297,9 +330,12 @@ def ablate_d(run: Run) -> dict:
         store = run.collect(root / "pefs", a.ablation_n, "train", proj_dim=d)
         (fit0, _), sim = two_seeds(run, store, root, components)
         fits[d] = fit0
-        rows[d] = {"components": components, **_tunings(fit0, store), "seed_similarity": sim,
-                   "collect_s_per_example": run.times.get(f"collect ablate-d/d{d}/pefs", {}).get("seconds", 0)
-                   / a.ablation_n}  # fmt: skip
+        rows[d] = {
+            "components": components,
+            **_tunings(fit0, store),
+            "seed_similarity": sim,
+            "collect_s_per_example": run.times.get(f"collect ablate-d/d{d}/pefs", {}).get("seconds", 0) / a.ablation_n,
+        }
     top = max(a.dims)
     for d in a.dims:
         rows[d][f"similarity_to_d{top}"] = _similarity(fits[d], fits[top])
@@ -341,8 +377,8 @@ def ablate_eps(run: Run) -> dict:
     import torch
 
     import npeff_lens as nl
-    from npeff_lens.collect import reduce_rank
     from npeff_lens.decomposition import NPEFF
+    from npeff_lens.pef import reduce_rank
     from npeff_lens.tasks import NextToken
 
     a = run.args
@@ -361,8 +397,11 @@ def ablate_eps(run: Run) -> dict:
         file = root / f"eps{top}" / f"svd{rank}.pt"
         if not file.exists():
             reduced = reduce_rank(pefs, rank)
-            est = run.timed(f"decompose ablate-eps/eps{top}/svd{rank}", lambda x=reduced: NPEFF(
-                components, n_steps=a.steps, seed=0, device=a.device).fit(x), False)  # fmt: skip
+            est = run.timed(
+                f"decompose ablate-eps/eps{top}/svd{rank}",
+                lambda x=reduced: NPEFF(components, n_steps=a.steps, seed=0, device=a.device).fit(x),
+                False,
+            )
             torch.save(est.coefficients_, file)
         fits[(top, rank)] = torch.load(file)
     reference = fits[(top, top)]
@@ -405,8 +444,10 @@ def convergence(run: Run) -> dict:
         proj = SparseProjection(p, d, seed=0, density=a.density)
         projected = proj.project(exact.reshape(n * r, p)).reshape(n, r, d)
         wd = fit(projected, 0)
-        rows[str(d)] = {"similarity_to_unprojected": _similarity(wd, w0),
-                        "coefficient_cosine_same_seed": _aligned_cosine(wd, w0)}  # fmt: skip
+        rows[str(d)] = {
+            "similarity_to_unprojected": _similarity(wd, w0),
+            "coefficient_cosine_same_seed": _aligned_cosine(wd, w0),
+        }
         file.write_text(json.dumps(rows, indent=1))
     file.write_text(json.dumps(rows, indent=1))
     return rows
@@ -465,11 +506,15 @@ def _num(v, fmt=".2f"):
 def print_tables(res: dict, times: dict) -> None:
     s = res.get("setup")
     if s:
-        print(f"\nSmolLM2-135M, movie reviews: {s['n_train']} train / {s['n_test']} held-out reviews, "
-              f"{s['n_params'] / 1e6:.1f}M parameters, {s['projection']} projection to d = {s['proj_dim']}, "
-              f"{s['components']} components; zero-shot accuracy {s['zero_shot_accuracy']:.3f}")  # fmt: skip
-    rows = [("prediction-tuned (§3.1)", res.get("tunings", {}).get("prediction"), PAPER["prediction"]),
-            ("label-tuned (§3.1)", res.get("tunings", {}).get("label"), PAPER["label"])]  # fmt: skip
+        print(
+            f"\nSmolLM2-135M, movie reviews: {s['n_train']} train / {s['n_test']} held-out reviews, "
+            f"{s['n_params'] / 1e6:.1f}M parameters, {s['projection']} projection to d = {s['proj_dim']}, "
+            f"{s['components']} components; zero-shot accuracy {s['zero_shot_accuracy']:.3f}"
+        )
+    rows = [
+        ("prediction-tuned (§3.1)", res.get("tunings", {}).get("prediction"), PAPER["prediction"]),
+        ("label-tuned (§3.1)", res.get("tunings", {}).get("label"), PAPER["label"]),
+    ]
     h = res.get("held_out")
     if h:
         rows += [
@@ -495,24 +540,30 @@ def print_tables(res: dict, times: dict) -> None:
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for d, r in res["ablate-d"].items():
             sim = next(v for k, v in r.items() if k.startswith("similarity_to_d"))
-            print(f"| {d} | {r['components']} | {_pct(r['label'])} | {_pct(r['prediction'])} | "
-                  f"{r['seed_similarity']:.3f} | {sim:.3f} | {r['collect_s_per_example']:.2f} |")  # fmt: skip
+            print(
+                f"| {d} | {r['components']} | {_pct(r['label'])} | {_pct(r['prediction'])} | "
+                f"{r['seed_similarity']:.3f} | {sim:.3f} | {r['collect_s_per_example']:.2f} |"
+            )
     if "ablate-components" in res:
         print("\n| components | label | prediction | seed-to-seed | splits keep prediction tuning |")
         print("|---:|---:|---:|---:|---:|")
         for c, r in res["ablate-components"]["sizes"].items():
             keep = next((v for k, v in r.items() if k.startswith("splits_keep")), None)
             print(f"| {c} | {_pct(r['label'])} | {_pct(r['prediction'])} | {r['seed_similarity']:.3f} | {_pct(keep)} |")
-        print(f"splits keep the prediction tuning overall: {_pct(res['ablate-components']['splits_keep_prediction'])}"
-              " (paper, SST-2: 76.1%)")  # fmt: skip
+        print(
+            f"splits keep the prediction tuning overall: {_pct(res['ablate-components']['splits_keep_prediction'])}"
+            " (paper, SST-2: 76.1%)"
+        )
     if "ablate-eps" in res:
         print("\n| geo-facts (next token) | similarity to the largest EPS at full rank |\n|---|---:|")
         for name, r in res["ablate-eps"].items():
             print(f"| {name} | {r['similarity']:.3f} |")
     if "convergence" in res:
         c = res["convergence"]
-        print(f"\nD.6 on {c['unprojected']['n_params']} parameters: unprojected seed-to-seed similarity "
-              f"{c['unprojected']['seed_similarity']:.3f}")  # fmt: skip
+        print(
+            f"\nD.6 on {c['unprojected']['n_params']} parameters: unprojected seed-to-seed similarity "
+            f"{c['unprojected']['seed_similarity']:.3f}"
+        )
         print("| d | similarity to unprojected | matched coefficient cosine |\n|---:|---:|---:|")
         for d, r in c.items():
             if d != "unprojected":
@@ -527,13 +578,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run directory (resumable)")
     p.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES + ABLATIONS)
-    p.add_argument("--model", default="smollm2-135m",
-                   help="a built-in model name or a local HuggingFace checkpoint directory (e.g. one written by "
-                        "tools/gpu_weights.py convert)")  # fmt: skip
-    p.add_argument("--device", default=None,
-                   help="where the model (collection, perturbations, D.6's exact PEFs) and every decomposition run: "
-                        "cpu, cuda, cuda:1, ...; default: the model on the CPU and each decomposition on NPEFF's "
-                        "default device (CUDA when available)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a built-in model name or a local HuggingFace checkpoint directory (e.g. one written by "
+        "tools/gpu_weights.py convert)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where the model (collection, perturbations, D.6's exact PEFs) and every decomposition run: "
+        "cpu, cuda, cuda:1, ...; default: the model on the CPU and each decomposition on NPEFF's "
+        "default device (CUDA when available)",
+    )
     p.add_argument("--labels", nargs=2, default=LABELS, help="label tokens: negative, positive (App. E.1)")
     p.add_argument("--n-train", type=int, default=4096, help="training reviews (the split has 8,454)")
     p.add_argument("--n-test", type=int, default=1024, help="held-out reviews of the test split (it has 2,114)")
@@ -550,17 +607,25 @@ def main(argv=None):
     p.add_argument("--recoveries", nargs="+", default=["minnorm"], help="recovery solvers, each measured")
     p.add_argument("--perturb-minutes", type=float, default=30.0, help="time budget per solver")
     p.add_argument("--perturb-components", type=int, default=None, help="at most this many components")
-    p.add_argument("--perturb-batch-size", type=int, default=32,
-                   help="prompts per forward pass; the unperturbed reference is computed in whole batches, so a "
-                        "small baseline set costs fewer forwards with a smaller batch")  # fmt: skip
+    p.add_argument(
+        "--perturb-batch-size",
+        type=int,
+        default=32,
+        help="prompts per forward pass; the unperturbed reference is computed in whole batches, so a "
+        "small baseline set costs fewer forwards with a smaller batch",
+    )
     p.add_argument("--ablation-n", type=int, default=512, help="examples per ablation collection")
     p.add_argument("--ablation-components", type=int, default=None, help="default: ablation_n // 128, >= 16")
     p.add_argument("--dims", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="ablate-d sizes")
     p.add_argument("--component-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--eps", type=int, nargs="+", default=[1, 4, 16], help="ablate-eps: expectation projections")
     p.add_argument("--svd-ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="ablate-eps: SVD ranks")
-    p.add_argument("--convergence-params", nargs="+", default=["model.layers.29.self_attn.v_proj.weight"],
-                   help="D.6's parameter subset (exact PEFs are held in memory: n x r x params floats)")  # fmt: skip
+    p.add_argument(
+        "--convergence-params",
+        nargs="+",
+        default=["model.layers.29.self_attn.v_proj.weight"],
+        help="D.6's parameter subset (exact PEFs are held in memory: n x r x params floats)",
+    )
     p.add_argument("--convergence-n", type=int, default=256)
     p.add_argument("--convergence-components", type=int, default=16)
     p.add_argument("--convergence-dims", type=int, nargs="+", default=[512, 2048, 8192, 32768])
@@ -569,8 +634,12 @@ def main(argv=None):
     run = Run(args)
     t0 = time.time()
     res = reproduction(run, args.stages) if set(args.stages) & set(STAGES) else {}
-    for name, fn in (("ablate-d", ablate_d), ("ablate-components", ablate_components),
-                     ("ablate-eps", ablate_eps), ("convergence", convergence)):  # fmt: skip
+    for name, fn in (
+        ("ablate-d", ablate_d),
+        ("ablate-components", ablate_components),
+        ("ablate-eps", ablate_eps),
+        ("convergence", convergence),
+    ):
         if name in args.stages:
             res[name] = fn(run)
     res["seconds"] = time.time() - t0

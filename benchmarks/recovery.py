@@ -1,8 +1,8 @@
 """Compressed-sensing solvers for App. F eq. 6 on planted sparse vectors: operator products to convergence.
 
 Each solver needs only ``Φx`` (project) and ``Φᵀy`` (adjoint); at scale those products are the whole cost
-(≈ 0.6 s each for 8.8 M parameters, d = 8192, on the 2-core CPU), so the table counts them, with the
-relative error against the planted vector. FPC runs to its stopping rule (capped at ``--max-iter``) and at
+(``benchmarks/projection.py`` times them), so the table counts them, with the relative error against the
+planted vector. FPC runs to its stopping rule (capped at ``--max-iter``) and at
 the paper's one inner iteration per stage; SpaRSA and FISTA at their defaults.
 
     python benchmarks/recovery.py
@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from npeff_lens.projection import KroneckerProjection, SparseProjection
-from npeff_lens.recovery import estimate_lambda_max, fpc, solve_l1
+from npeff_lens.sensing import estimate_lambda_max, fpc, solve_l1
 
 
 def planted(n: int, k: int, seed: int) -> torch.Tensor:

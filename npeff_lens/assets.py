@@ -12,11 +12,14 @@ once under ``$NPEFF_CACHE`` (default ``~/.cache/npeff_lens``).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class MissingAssetError(RuntimeError):
@@ -62,7 +65,7 @@ def smollm2_checkpoint() -> Path:
         return final
     module, requirement, gguf_file = SMOLLM2_PACKAGE
     src = package_dir(module, requirement)
-    return _convert_gguf(src, gguf_file, final)
+    return convert_gguf(src, gguf_file, final)
 
 
 def gemma3_checkpoint() -> Path:
@@ -78,10 +81,10 @@ def gemma3_checkpoint() -> Path:
         pkg = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(pkg)  # its assemble() joins the chunks and checks sha256
         pkg.assemble(str(gguf_path))
-    return _convert_gguf(gguf_path.parent, gguf_path.name, final)
+    return convert_gguf(gguf_path.parent, gguf_path.name, final)
 
 
-def _convert_gguf(src_dir: Path, gguf_file: str, final: Path) -> Path:
+def convert_gguf(src_dir: Path, gguf_file: str, final: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,7 +93,7 @@ def _convert_gguf(src_dir: Path, gguf_file: str, final: Path) -> Path:
             "converting the GGUF checkpoint needs the 'gguf' package; install it with:\n"
             f"    {sys.executable} -m pip install 'gguf>=0.10'"
         )
-    print(f"[npeff_lens] converting {gguf_file} into {final} (once)...", file=sys.stderr)
+    log.info("converting %s into %s (once)...", gguf_file, final)
     tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
@@ -155,6 +158,8 @@ def setup_all() -> None:
 
 
 def main(what: str = "all") -> None:
+    """``python -m npeff_lens.assets [all|smollm2|gemma3]``: prepare the offline assets, one line per file."""
+    logging.basicConfig(level=logging.INFO, format="[npeff_lens] %(message)s", stream=sys.stderr)
     steps = {
         "all": setup_all,
         "smollm2": lambda: print(smollm2_checkpoint()),

@@ -13,7 +13,7 @@ exactly over tokens:
     c_row,t = g_row,t · (A h_j) = δ_tᵀ M a_t     (M: the back-projection A h_j reshaped to the weight),
 
 ``δ_t · m_b`` for a bias and ``δ_t · M[id_t]`` for an embedding
-(:meth:`npeff_lens.collect.PEFComputer.token_contributions`: one forward and one backward per row, no
+(:meth:`npeff_lens.pef.PEFComputer.token_contributions`: one forward and one backward per row, no
 per-token projection). Token t's share of the loading is ``Σ_rows c_row c_row,t``; the parameters the hooks
 do not cover (einsum weights of a ``HookedTransformer``, a weight tied across modules) and
 hooked modules whose output has no token axis enter two labelled remainder terms, each exact:
@@ -27,10 +27,20 @@ unchanged by it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from .analysis import active, top_examples
+from .io import progress as bar
+from .models import load_model
+from .pef import PEFComputer
+from .perturb import check_adapter
+from .projection import Projection, projection_from_config
+from .rundir import load_run
+from .tasks import task_from_config
 
 __all__ = ["TokenAttribution", "TokenAttributor", "attribute_tokens", "stored_loadings"]
 
@@ -73,7 +83,7 @@ def stored_loadings(pefs: torch.Tensor, component: torch.Tensor) -> torch.Tensor
 
 
 def _rank_rotation(raw: torch.Tensor, rank: int) -> torch.Tensor:
-    """``U_k`` "b r k" of :func:`npeff_lens.collect.reduce_rank` (zero columns pad k > r)."""
+    """``U_k`` "b r k" of :func:`npeff_lens.pef.reduce_rank` (zero columns pad k > r)."""
     b, r, _ = raw.shape
     gram = raw.double() @ raw.double().transpose(1, 2)
     _, evecs = torch.linalg.eigh(gram)
@@ -88,18 +98,25 @@ class TokenAttributor:
     """Token attributions for a decomposition's components, on the model and task its PEFs came from.
 
     ``components``: "component dim" (``NPEFF.components_``); ``layout`` / ``projection`` (a manifest's
-    projection config, a ``SparseProjection`` or ``None``) / ``max_length`` / ``rank``: as collected.
+    projection config, a :class:`~npeff_lens.projection.Projection` or ``None``) / ``max_length`` / ``rank``: as
+    collected.
     """
 
-    def __init__(self, adapter, task, layout, projection, components, *, max_length=None, rank=None):
-        from .collect import PEFComputer
-        from .perturb import check_adapter
-        from .recovery import projection_from_config
-
+    def __init__(
+        self,
+        adapter,
+        task,
+        layout: Sequence[Mapping[str, Any]],
+        projection: Projection | Mapping[str, Any] | None,
+        components,
+        *,
+        max_length=None,
+        rank=None,
+    ):
         check_adapter(adapter, layout)
         params = dict(adapter.all_named_parameters())
         named = [(e["name"], params[e["name"]]) for e in layout]
-        if isinstance(projection, dict):
+        if isinstance(projection, Mapping):
             projection = projection_from_config(projection)
         adapter.eval()
         self.adapter, self.task = adapter, task.bind(adapter)
@@ -112,9 +129,6 @@ class TokenAttributor:
     @classmethod
     def from_manifest(cls, manifest: dict, components, adapter=None) -> TokenAttributor:
         """From a PEF store's manifest (``NPEFF.manifest_``): loads the model by name unless ``adapter``."""
-        from .models import load_model
-        from .tasks import task_from_config
-
         for key in ("layout", "task", "model"):
             if not manifest.get(key):
                 raise ValueError(f"the manifest records no {key!r}; was the decomposition fitted on a PEF store?")
@@ -146,8 +160,6 @@ class TokenAttributor:
         hold prompts of similar length (little padding), each example split along its own component. A text too
         long for ``max_length`` is shortened as its collection shortened it
         (:meth:`~npeff_lens.tasks.Task.fitted_prompts`)."""
-        from .io import progress as bar
-
         prompts, _ = self.task.fitted_prompts(self.adapter.tokenizer, list(texts), self.max_length)
         lengths = [len(ids) for ids in self.adapter.tokenizer(prompts)["input_ids"]]
         order = sorted(range(len(pairs)), key=lambda n: lengths[n])
@@ -197,9 +209,6 @@ def attribute_tokens(
 ) -> list[TokenAttribution]:
     """Attributions of ``examples`` (default: the top ``k`` by coefficient, active ones only) on ``component`` of
     a saved run."""
-    from .analysis import active, top_examples
-    from .rundir import load_run
-
     est, store = load_run(decomposition_dir, store)
     if examples is None:
         coeffs = est.coefficients_

@@ -1,11 +1,13 @@
 """The ``npeff`` command line: every subcommand's parser in one place, generated from its command
 (``npeff_lens.commands``: a step's config plus its inputs), and a thin call that hands the step its command as its
-config (the run layer: ``npeff_lens.runs``, ``.compare``, ``.report``, ``.explain``) and prints the result."""
+config (the run layer: ``npeff_lens.runs``, ``.comparison``, ``.report``, ``.explain``) and prints the result."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -17,6 +19,7 @@ from typing import Any, Literal
 
 from . import commands as C
 from . import config
+from .errors import SettingError, as_flag
 from .io import library_progress_bars
 
 # ----------------------------------------------------------------------------------------------
@@ -85,6 +88,22 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         else:
             flag = meta.get("flag") or "--" + f.name.replace("_", "-")
             parser.add_argument(flag, dest=f.name, required=required and tp is not bool, **kw)
+
+
+def flag_speller(cls):
+    """``spell(field)``: how the command line writes a setting of ``cls`` (its flag, or its positional's name), for
+    :meth:`npeff_lens.errors.SettingError.render`; a field ``cls`` lacks is spelled ``--field-name``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+
+    def spell(name: str) -> str:
+        f = fields.get(name)
+        if f is None:
+            return as_flag(name)
+        if f.metadata.get("positional"):
+            return name.upper()
+        return f.metadata.get("flag") or as_flag(name)
+
+    return spell
 
 
 def from_args(cls, args: argparse.Namespace):
@@ -169,9 +188,14 @@ def _repair(cmd: C.RepairCommand):
 
     report = PEFStore.repair(cmd.store)
     missing = ", ".join(f"[{a}, {b})" for a, b in report["missing"])
-    print(f"{cmd.store}: {report['kept']} examples intact; removed {len(report['removed'])} damaged shard(s)"
-          + (f"; missing examples {missing}: rerun `npeff collect` with the same arguments to recollect them"
-             if missing else ""))  # fmt: skip
+    print(
+        f"{cmd.store}: {report['kept']} examples intact; removed {len(report['removed'])} damaged shard(s)"
+        + (
+            f"; missing examples {missing}: rerun `npeff collect` with the same arguments to recollect them"
+            if missing
+            else ""
+        )
+    )
 
 
 def _unlearn(cmd: C.UnlearnCommand):
@@ -190,8 +214,10 @@ def _icl(cmd: C.IclCommand):
     if result["icl"].get("shortened"):  # k-shot prompts fit the model's context: a query too long was shortened
         print(f"[icl] {result['icl']['shortened']}", file=sys.stderr)
     h = result["held_in"]
-    print(f"held-in ({h['n']} run examples): tuning classifier {h['classifier_accuracy']:.3f}, zero-shot "
-          f"{h['zero_shot_accuracy']:.3f}, agreement {h['classifier_zero_shot_agreement']:.3f}")  # fmt: skip
+    print(
+        f"held-in ({h['n']} run examples): tuning classifier {h['classifier_accuracy']:.3f}, zero-shot "
+        f"{h['zero_shot_accuracy']:.3f}, agreement {h['classifier_zero_shot_agreement']:.3f}"
+    )
     print(format_table(result))
 
 
@@ -292,8 +318,15 @@ def _user_errors() -> tuple:
     from .models import ModelNotFoundError
     from .store import StoreLockedError
 
-    return (MissingAssetError, ModelNotFoundError, StoreLockedError, RankFailedError, ValueError, FileNotFoundError,
-            ImportError)  # fmt: skip
+    return (
+        MissingAssetError,
+        ModelNotFoundError,
+        StoreLockedError,
+        RankFailedError,
+        ValueError,
+        FileNotFoundError,
+        ImportError,
+    )
 
 
 def _rank_tag() -> str:
@@ -317,14 +350,15 @@ def main(argv=None) -> int:
         target = from_args(args.config_class, args) if args.config_class is not None else args
         if args.command in LONG_COMMANDS:  # informational, not a progress bar: shown with --no-progress too
             print(f"npeff {args.command}{_rank_tag()}: {_threads_line()}", file=sys.stderr, flush=True)
-        with library_progress_bars(getattr(target, "progress", True)):  # --no-progress: every bar, model loading's too
+        with library_progress_bars(getattr(target, "progress", True)), library_messages():  # --no-progress: every bar
             args.func(target)
     except _user_errors() as e:
         if debug:
             raise
         if getattr(e, "quiet", False):  # a multi-process run: another rank reports it
             return 2
-        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        text = e.render(flag_speller(args.config_class)) if isinstance(e, SettingError) else str(e)
+        message = "; ".join(line.strip() for line in text.splitlines() if line.strip())
         print(f"npeff {args.command}{_rank_tag()}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C; a collection also turns SIGTERM into this, after committing
@@ -338,6 +372,25 @@ def main(argv=None) -> int:
 
 
 LONG_COMMANDS = ("collect", "decompose", "perturb", "compare", "unlearn", "icl", "report", "demo", "trace")
+
+
+@contextlib.contextmanager
+def library_messages():
+    """The library's informational log records (logger ``npeff_lens``, level INFO and up) as ``[npeff_lens] ...``
+    lines on stderr while a command runs; the library itself prints nothing."""
+    logger = logging.getLogger("npeff_lens")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[npeff_lens] %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # a root handler configured elsewhere would print each line twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _threads_line() -> str:

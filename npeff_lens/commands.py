@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .config import (
+    BaseConfig,
     CollectConfig,
     CompareConfig,
     DecomposeConfig,
@@ -16,7 +17,6 @@ from .config import (
     PerturbConfig,
     ReportConfig,
     UnlearnConfig,
-    _Config,
     option,
 )
 
@@ -108,7 +108,7 @@ class PerturbCommand(PerturbConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TopCommand(_Config):
+class TopCommand(BaseConfig):
     """``npeff top``: top examples per component and the tuning summary (§3.1)."""
 
     decomposition: str = option(
@@ -180,8 +180,9 @@ class ReportCommand(ReportConfig):
     """``npeff report``: a static component dashboard (index, per-component pages with exact token attributions,
     plots, perturbation and comparison results when the run has them) that opens from disk with no network."""
 
-    decomposition: str = option(help="directory written by `npeff decompose`", positional=True,
-                                metavar="DECOMPOSITION_DIR")  # fmt: skip
+    decomposition: str = option(
+        help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR"
+    )
     out: str | None = option(None, "output directory (default: DECOMPOSITION_DIR/report)")
     store: str | None = option(None, "the PEF store (default: the one the decomposition was fitted on)")
 
@@ -196,9 +197,12 @@ class ExplainCommand(ExplainConfig):
         help="directory written by `npeff decompose`", positional=True, metavar="DECOMPOSITION_DIR"
     )
     text: tuple[str, ...] | None = option(
-        None, "input(s) to explain, put into the run's prompt template (\\n is a newline); repeat the flag for more",
-        metavar="TEXT", repeat=True, escapes=True,
-    )  # fmt: skip
+        None,
+        "input(s) to explain, put into the run's prompt template (\\n is a newline); repeat the flag for more",
+        metavar="TEXT",
+        repeat=True,
+        escapes=True,
+    )
     dataset: str | None = option(
         None, "also explain the first --n texts of a dataset (a built-in name, or a CSV / JSON Lines / Parquet file)"
     )
@@ -219,7 +223,7 @@ class ExplainCommand(ExplainConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class RepairCommand(_Config):
+class RepairCommand(BaseConfig):
     """``npeff repair``: remove only the damaged shards of a PEF store; their examples become missing ranges,
     which rerunning `npeff collect` with the same arguments recollects."""
 
@@ -227,7 +231,7 @@ class RepairCommand(_Config):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DemoCommand(_Config):
+class DemoCommand(BaseConfig):
     """``npeff demo``: SmolLM2-135M on movie reviews, collect -> decompose -> top examples and tunings.
 
     Sized for a 2-core CPU in a few minutes: the attention weights of the last ten layers (8.8M of the
@@ -251,7 +255,7 @@ class DemoCommand(_Config):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ZeroShotCommand(_Config):
+class ZeroShotCommand(BaseConfig):
     """``npeff zero-shot``: zero-shot label-token accuracy on held-out movie reviews."""
 
     model: str = option("smollm2-135m", "model (npeff models)")
@@ -271,7 +275,7 @@ TRACE_KINDS = ("hidden", "mlp", "attn")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TraceCommand(_Config):
+class TraceCommand(BaseConfig):
     """``npeff trace``: causal tracing (Meng et al. 2022, §2.1), a localisation independent of NPEFF: the subject's
     input embeddings are noised, then each layer's MLP or attention output is restored to its clean value at the last
     subject token; the indirect effect is the answer's probability regained. Writes OUT/trace.json (every fact's

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from .constraints import ParameterError, validate_params
-from .schema import ConfigError, ConfigMismatchError, _Config, check_same, diff, option, plain, unwrap_optional
+from .schema import BaseConfig, ConfigError, ConfigMismatchError, check_same, diff, option, plain, unwrap_optional
 
 __all__ = [
     "ConfigError",
@@ -57,7 +57,7 @@ Dtype = Literal["float16", "bfloat16", "float32"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class CollectConfig(_Config):
+class CollectConfig(BaseConfig):
     """How PEFs are collected (§2.1): what ``collect_pefs`` takes besides the model, data and task.
 
     ``split``, ``data_seed`` and the column fields apply when the dataset is given by name or path."""
@@ -143,7 +143,7 @@ class CollectConfig(_Config):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DecomposeConfig(_Config):
+class DecomposeConfig(BaseConfig):
     """The NPEFF fit (§2.2, App. D); the fields are :class:`~npeff_lens.decomposition.NPEFF`'s, with its defaults
     (a test keeps the two equal)."""
 
@@ -207,7 +207,7 @@ class _ComponentSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PerturbConfig(_ComponentSpec, _Config):
+class PerturbConfig(_ComponentSpec, BaseConfig):
     """The perturbation experiment (§3.3, App. F)."""
 
     step: ClassVar[str] = "perturb"
@@ -295,7 +295,7 @@ METHODS = ("npeff", "grad-cluster", "sae", "snmf")  # npeff_lens.baselines.REGIS
 
 
 @dataclass(frozen=True, kw_only=True)
-class CompareConfig(_Config):
+class CompareConfig(BaseConfig):
     """NPEFF beside gradient clustering (§5.1), TopK SAEs (§5.2) and SNMF of MLP activations on the same
     examples, with one set of metrics (``analysis.method_summary``) and, optionally, one causal test
     (``selectivity``)."""
@@ -399,7 +399,7 @@ class CompareConfig(_Config):
 
 
 @dataclass(frozen=True, kw_only=True)
-class UnlearnConfig(_ComponentSpec, _Config):
+class UnlearnConfig(_ComponentSpec, BaseConfig):
     """NPEFF-guided unlearning with collateral-damage mitigation (§6.1, App. I.1-I.2)."""
 
     step: ClassVar[str] = "unlearn"
@@ -418,10 +418,17 @@ class UnlearnConfig(_ComponentSpec, _Config):
     lr: float = option(1e-4, "Adam learning rate (App. I.2: 1e-4)")
     epsilon_forget: float = option(0.1, "weight of the forget term, gradient ascent on its KL (App. I.2: 0.1)")
     epsilon_retain: float = option(10.0, "weight of the retain KL (App. I.2: 10)")
-    kl_threshold: float = option(10.0, "forget KL (nats) for a run to count as unlearned (the paper's 10 is for a "
-                                 "whole vocabulary; a two-label task's KL is bounded by -log min p)")  # fmt: skip
-    params: tuple[str, ...] = option(("store",), "parameters trained: 'store' (those the PEFs cover), 'default' "
-                                     "(all but embeddings and norms), or glob patterns", metavar="GLOB")  # fmt: skip
+    kl_threshold: float = option(
+        10.0,
+        "forget KL (nats) for a run to count as unlearned (the paper's 10 is for a "
+        "whole vocabulary; a two-label task's KL is bounded by -log min p)",
+    )
+    params: tuple[str, ...] = option(
+        ("store",),
+        "parameters trained: 'store' (those the PEFs cover), 'default' "
+        "(all but embeddings and norms), or glob patterns",
+        metavar="GLOB",
+    )
     seed: int = option(0, "seed of the evaluation/mitigation split, the random sets and the retain batches")
     batch_size: int = option(32, "prompts per forward when evaluating", resume=False)
     progress: bool = option(True, "show progress bars", resume=False)
@@ -440,7 +447,7 @@ class UnlearnConfig(_ComponentSpec, _Config):
 
 
 @dataclass(frozen=True, kw_only=True)
-class IclConfig(_Config):
+class IclConfig(BaseConfig):
     """The tuning classifier against zero-shot and in-context prompts (§6.2)."""
 
     step: ClassVar[str] = "icl"
@@ -479,7 +486,7 @@ class IclConfig(_Config):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReportConfig(_Config):
+class ReportConfig(BaseConfig):
     """The static component dashboard (nothing of it is resumed: a rerun rewrites the pages)."""
 
     k: int = option(16, "top examples shown per component (§3.1)")
@@ -496,7 +503,7 @@ class ReportConfig(_Config):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExplainConfig(_Config):
+class ExplainConfig(BaseConfig):
     """Which components were at work on an input: how much of it is shown."""
 
     top: int = option(3, "components shown per input, by coefficient")

@@ -38,6 +38,7 @@ feature carrying them. ``columns`` and ``label_names`` do not apply to the built
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import json
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import assets
+from .errors import SettingError, literal
 
 TEST_FRACTION = 0.2
 
@@ -184,12 +186,12 @@ def load_dataset(
     a key; otherwise its ``"train"`` split is used, and an error lists the keys when there is none.
 
     ``columns`` maps our column names to yours, e.g. ``{"text": "sentence", "label": "y"}`` (entries
-    whose value is ``None`` are ignored; the command line's ``--text-column`` / ``--label-column``). The
-    text column is required, the label column optional. Integer labels keep their values; their
-    ``label_name`` comes from ``label_names`` (which must name every label), else a ``ClassLabel``
-    feature's names, else ``str(label)``. String labels become ``label_name``; ``label`` is then the
-    string's index in ``label_names`` (an error names any value not in it), else in the sorted distinct
-    values. When the names are known, ``label`` gets a ``ClassLabel`` feature with them.
+    whose value is ``None`` are ignored). The text column is required, the label column optional. Integer
+    labels keep their values; their ``label_name`` comes from ``label_names`` (which must name every
+    label), else a ``ClassLabel`` feature's names, else ``str(label)``. String labels become
+    ``label_name``; ``label`` is then the string's index in ``label_names`` (an error names any value not
+    in it), else in the sorted distinct values. When the names are known, ``label`` gets a ``ClassLabel``
+    feature with them.
 
     ``split="train"`` / ``"test"`` and ``seed`` / ``test_fraction`` split built-ins, files and
     datasets alike (see the module docstring); ``split=None`` returns every row.
@@ -201,13 +203,17 @@ def load_dataset(
     if isinstance(name, str) and name in DATASETS:
         overridden = {ours: theirs for ours, theirs in columns.items() if theirs != ours}
         if overridden or label_names is not None:
-            given = ", ".join(
-                ([f"columns={overridden}"] if overridden else [])
-                + ([f"label_names={list(label_names)}"] if label_names is not None else [])
+            given, settings = _column_settings(
+                {ours: f"columns={ {ours: theirs} }" for ours, theirs in overridden.items()}
             )
-            raise ValueError(
-                f"{given} cannot be used with the built-in dataset {name!r}: columns and label_names "
-                "only apply to your own data (a datasets.Dataset or a file or directory)"
+            if label_names is not None:
+                settings["label_names"] = f"label_names={list(label_names)}"
+                given.append("{label_names}")
+            given = ", ".join(given)
+            raise SettingError(
+                f"{given} cannot be used with the built-in dataset {literal(repr(name))}: column names and label "
+                "names only apply to your own data (a datasets.Dataset or a file or directory)",
+                **settings,
             )
         ds = datasets.Dataset.from_dict(DATASETS[name]())
     else:
@@ -233,9 +239,10 @@ def load_dataset(
                     lacks = f"a {split!r} split or a 'train' split to split"
                 else:
                     lacks = f"a {split!r} split"
-                raise ValueError(
-                    f"{source} is a DatasetDict without {lacks}; its splits are {list(loaded)}: "
-                    "pass split=<one of them>"
+                raise SettingError(
+                    f"{literal(source)} is a DatasetDict without {literal(lacks)}; its splits are "
+                    f"{literal(str(list(loaded)))}: pass one of them as {{split}}",
+                    split="",
                 )
         if len(loaded) == 0:
             raise ValueError(f"{source} is empty")
@@ -335,8 +342,6 @@ def _as_utf8(path: str, directory: str) -> str:
 
 def _check_text_file(path: str, kind: str, source: str | None = None) -> None:
     """A one-line error for the text files a reader fails on without saying why: empty, or not UTF-8."""
-    import codecs
-
     source = path if source is None else source
     if os.path.getsize(path) == 0:
         raise ValueError(f"the {kind} file {source!r} is empty (0 bytes)")
@@ -365,21 +370,29 @@ def _adapt_user_dataset(ds, columns: Mapping[str, str], label_names, source="the
 
     rename = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
     if len(rename) < len({ours for ours, theirs in columns.items() if theirs != ours}):
-        raise ValueError(f"columns={dict(columns)} maps two of our columns to the same column")
+        given, settings = _column_settings(
+            {ours: f"columns={ {ours: theirs} }" for ours, theirs in columns.items() if theirs != ours}
+        )
+        raise SettingError(f"{', '.join(given)} map two of our columns to the same column", **settings)
     missing = [theirs for theirs in rename if theirs not in ds.column_names]
     if missing:
-        raise ValueError(
-            f"columns {missing} not in {source} (it has columns "
-            f"{ds.column_names}); fix columns= (on the command line --text-column / --label-column)"
+        given, settings = _column_settings(
+            {rename[theirs]: f"columns={ {rename[theirs]: theirs} }" for theirs in missing}
+        )
+        raise SettingError(
+            f"columns {literal(str(missing))} not in {literal(source)} (it has columns "
+            f"{literal(str(ds.column_names))}); fix {' and '.join(given)}",
+            **settings,
         )
     clash = [ours for ours in rename.values() if ours in ds.column_names and ours not in rename]
     if clash:
         ds = ds.remove_columns(clash)
     ds = ds.rename_columns(rename)
     if "text" not in ds.column_names:
-        raise ValueError(
-            f"{source} has no 'text' column (it has columns {ds.column_names}); pass "
-            "columns={'text': '<your column>'} (on the command line --text-column <your column>)"
+        raise SettingError(
+            f"{literal(source)} has no 'text' column (it has columns {literal(str(ds.column_names))}); name yours "
+            "with {text_column}",
+            text_column="columns={'text': '<your column>'}",
         )
     text_feature = ds.features["text"]
     if not (isinstance(text_feature, datasets.Value) and text_feature.dtype in ("string", "large_string")):
@@ -395,20 +408,24 @@ def _adapt_labels(ds, label_names, source):
 
     if "label" not in ds.column_names:
         if label_names is not None:
-            raise ValueError(
-                f"label_names was given but {source} has no 'label' column (it has columns {ds.column_names}); "
-                "pass columns={'label': '<your column>'} (on the command line --label-column)"
+            raise SettingError(
+                f"{{label_names}} was given but {literal(source)} has no 'label' column (it has columns "
+                f"{literal(str(ds.column_names))}); name yours with {{label_column}}",
+                label_names="",
+                label_column="columns={'label': '<your column>'}",
             )
         return ds
     names = list(label_names) if label_names is not None else None
     if names is not None and len(set(names)) < len(names):
-        raise ValueError(f"label_names {names} has duplicates")
+        raise SettingError(f"{{label_names}} {literal(str(names))} has duplicates", label_names="")
     feature = ds.features["label"]
     values = _column(ds, "label")
     if None in values:
         missing = [i for i, v in enumerate(values) if v is None]
-        raise ValueError(f"{source}: {_rows_text(missing)} {'has' if len(missing) == 1 else 'have'} no label (rows "
-                         "counted from 0, a file's header not counted)")  # fmt: skip
+        raise ValueError(
+            f"{source}: {_rows_text(missing)} {'has' if len(missing) == 1 else 'have'} no label (rows counted from 0, "
+            "a file's header not counted)"
+        )
     dtype = getattr(feature, "dtype", None)
     is_string = isinstance(feature, datasets.Value) and dtype in ("string", "large_string")
     if is_string:
@@ -417,9 +434,10 @@ def _adapt_labels(ds, label_names, source):
         index = {n: i for i, n in enumerate(names)}
         unknown = sorted(set(values) - index.keys())
         if unknown:
-            raise ValueError(
-                f"{source} has labels {unknown[:20]}{' ...' if len(unknown) > 20 else ''} that are not in "
-                f"label_names {names}"
+            raise SettingError(
+                f"{literal(source)} has labels {literal(str(unknown[:20]))}{' ...' if len(unknown) > 20 else ''} "
+                f"that are not in {{label_names}} {literal(str(names))}",
+                label_names="",
             )
         label_name, labels = values, [index[v] for v in values]
     else:
@@ -461,6 +479,20 @@ def _adapt_labels(ds, label_names, source):
             ds = ds.remove_columns(["label_name"])
         ds = ds.add_column("label_name", label_name)
     return ds
+
+
+def _column_settings(spelled: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The column mappings ``{ours: their Python spelling}`` as a :class:`~npeff_lens.errors.SettingError` names them:
+    ``text`` and ``label`` are the settings ``text_column`` and ``label_column`` (placeholders), any other column
+    stays as it is written. Returns the pieces of the message and the settings."""
+    given, settings = [], {}
+    for ours, spelling in spelled.items():
+        if ours in ("text", "label"):
+            settings[f"{ours}_column"] = spelling
+            given.append(f"{{{ours}_column}}")
+        else:
+            given.append(literal(spelling))
+    return given, settings
 
 
 def _rows_text(rows: list[int], limit: int = 8) -> str:
@@ -563,10 +595,13 @@ def align_labels(
             for why, found in bad.items()
         )
         counted = "rows counted from 0 in the source's order, a file's header not counted"
-        raise ValueError(
-            f"{source}: {what} ({counted}). Labels are matched to the task's outcomes by name (case and spaces "
-            "aside): fix the rows or the label names (--labels; --label-names for integer labels), or pass "
-            "--drop-invalid (drop_invalid=True) to leave the rows out"
+        raise SettingError(
+            f"{literal(source)}: {literal(what)} ({counted}). Labels are matched to the task's outcomes by name "
+            "(case and spaces aside): fix the rows or the label names ({labels}; {label_names} for integer labels), "
+            "or pass {drop_invalid} to leave the rows out",
+            labels="the task's labels",
+            label_names="",
+            drop_invalid="drop_invalid=True",
         )
     invalid = sorted({i for found in bad.values() for i in found})
     skip = set(invalid)

@@ -225,14 +225,16 @@ class _Run:
                 for r, peer in enumerate(self.peers[1:], 1):
                     lines = diff(given, peer["given"])
                     if lines:
-                        fields = "; ".join(x.replace(": stored ", ": rank 0 ").replace(", now ", f", rank {r} ")
-                                           for x in lines[:5])  # fmt: skip
+                        fields = "; ".join(
+                            x.replace(": stored ", ": rank 0 ").replace(", now ", f", rank {r} ") for x in lines[:5]
+                        )
                         raise ConfigMismatchError(
                             f"rank {r} was given another collection than rank 0 ({fields}): every rank must run "
                             "the same command on the same model and data"
                         )
-                self.store = PEFStore.create(self.out, self.manifest, rows=self.rows, dim=self.dim, dtype=cfg.dtype,
-                                             shard_size=cfg.shard_size)  # fmt: skip
+                self.store = PEFStore.create(
+                    self.out, self.manifest, rows=self.rows, dim=self.dim, dtype=cfg.dtype, shard_size=cfg.shard_size
+                )
                 plan = self.steps.plan(self.store, self.n, cfg.batch_size)
             except Exception as e:
                 error = e
@@ -259,8 +261,12 @@ class _Run:
             return
         self.plan_first = plan[0][0]
         lead = self.rank == 0
-        bar = progress(total=sum(hi - lo for lo, hi, _ in plan), desc=f"collect ({self.world} ranks)", unit="ex",
-                       enabled=self.cfg.progress and lead)  # fmt: skip
+        bar = progress(
+            total=sum(hi - lo for lo, hi, _ in plan),
+            desc=f"collect ({self.world} ranks)",
+            unit="ex",
+            enabled=self.cfg.progress and lead,
+        )
         writer = self.steps.writer(self.store, self.cfg.flush_every) if lead else None
         try:
             for k in range(0, len(plan), self.world):
@@ -323,7 +329,9 @@ class _Run:
         elif isinstance(cause, _Stopped):
             what = f"torchrun stopped rank {self.rank}{where} (another rank failed: see torchrun's report)"
         else:
-            what = f"rank {self.rank} lost its peers{where} ({cause}; see --dist-timeout)"
+            what = (
+                f"rank {self.rank} lost its peers{where} ({cause}; the ranks wait dist_timeout seconds for each other)"
+            )
         # one report: from the lowest rank still alive on this host (all ranks when the others are elsewhere)
         quiet = any(r < self.rank and r not in dead for r in local)
         return RankFailedError(f"{what}; " + self._resume_hint(), quiet=quiet)
@@ -341,8 +349,9 @@ class Steps:
     writer: Callable
 
 
-def collect(out, manifest: dict, computer, dataset, task, cfg, n: int, *, rows: int, dim: int, device: str,
-            steps: Steps):  # fmt: skip
+def collect(
+    out, manifest: dict, computer, dataset, task, cfg, n: int, *, rows: int, dim: int, device: str, steps: Steps
+):
     """Collects examples ``[0, n)`` into the store at ``out`` over the ranks of the process group (initialised
     here from torchrun's environment if need be), with the single-process ``steps``. Returns ``(store,
     flagged)`` on rank 0; on the other ranks a read-only view of the store when its directory is visible to them

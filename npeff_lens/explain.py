@@ -8,7 +8,7 @@ For each text, on the run's model, task and prompt template (one model load for 
 
 - the prediction and p(y|x) over the task's outcomes;
 - its LRM-PEF ``G`` ("rank dim") computed as the run's collection computed its examples': the store's parameters
-  and projection (:class:`~npeff_lens.collect.PEFComputer`, as :class:`~npeff_lens.attribution.TokenAttributor`
+  and projection (:class:`~npeff_lens.pef.PEFComputer`, as :class:`~npeff_lens.attribution.TokenAttributor`
   rebuilds it from the manifest), its prompt fitted to the run's ``max_length`` as the collection fits its examples'
   (:meth:`~npeff_lens.tasks.Task.fitted_prompts`: the text's last tokens go, the template stays), then the
   collection's own finishing step (flags, SVD rank reduction of App. C) and the store's dtype;
@@ -47,12 +47,12 @@ from .analysis import ACTIVE_DEFINITION, active
 from .attribution import TokenAttributor
 from .collect import finish_batch
 from .config import ExplainConfig
-from .io import atomic_write
+from .formatting import MISSING, fmt, pct
+from .io import atomic_write, to_jsonable
 from .locations import location_words
 from .models import load_model
 from .report.data import (
     LOCATIONS_FILE,
-    clean,
     component_name,
     how_to_locate,
     input_token_mask,
@@ -63,7 +63,7 @@ from .report.data import (
     summary_row,
     top_indices,
 )
-from .report.render import fmt, name, pct, tokens_html
+from .report.render import name, tokens_html
 from .rundir import resolve_config
 
 __all__ = ["Explanation", "ComponentMatch", "explain", "relative_errors", "format_explanation", "write_page"]
@@ -139,7 +139,7 @@ class Explanation:
         """Strict JSON (NaN as null); the PEF and the attribution objects are left out."""
         out = {k: v for k, v in self.__dict__.items() if k not in ("pef", "components")}
         out["components"] = [c.to_dict() for c in self.components]
-        return clean(out)
+        return to_jsonable(out, "the explanation")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,9 +187,11 @@ def _check_lengths(adapter, task, texts: list[str], max_length: int | None):
                 f"text {i} is {n} tokens in the run's prompt template; {adapter.name} takes at most {context}: "
                 "shorten it"
             )
-        notes.append([f"the text's last {cuts[i]} token(s) were left out so that its prompt fits the run's "
-                      f"max_length={max_length} tokens, as its collection shortened its examples (the template "
-                      "kept)"] if cuts[i] else [])  # fmt: skip
+        cut = (
+            f"the text's last {cuts[i]} token(s) were left out so that its prompt fits the run's "
+            f"max_length={max_length} tokens, as its collection shortened its examples (the template kept)"
+        )
+        notes.append([cut] if cuts[i] else [])
     return prompts, cuts, lengths, notes
 
 
@@ -219,8 +221,16 @@ def _pefs(attributor, texts: list[str], prompts: list[str], cuts: list[int], man
     for lo in range(0, len(texts), batch_size):
         chunk = texts[lo : lo + batch_size]
         raw, log_probs = computer.compute(prompts[lo : lo + batch_size], max_length=cfg.get("max_length"))
-        pefs, meta = finish_batch(raw, log_probs, {"text": chunk}, lo, task, cfg.get("rank"),
-                                   cfg.get("top_k_probs", 5), cuts[lo : lo + batch_size])  # fmt: skip
+        pefs, meta = finish_batch(
+            raw,
+            log_probs,
+            {"text": chunk},
+            lo,
+            task,
+            cfg.get("rank"),
+            cfg.get("top_k_probs", 5),
+            cuts[lo : lo + batch_size],
+        )
         parts.append(pefs.cpu())
         metas += meta
     pefs = torch.cat(parts)
@@ -282,8 +292,10 @@ def explain(
     errors = relative_errors(pefs, est.components_, coefficients)
     stats = statistics(view, k)
     on = active(coefficients, stats.threshold)  # judged by the run's scale: the same "active" as its report
-    picks = [[j for j in torch.argsort(w, descending=True, stable=True)[:top].tolist() if on[i, j]]
-             for i, w in enumerate(coefficients)]  # fmt: skip
+    picks = [
+        [j for j in torch.argsort(w, descending=True, stable=True)[:top].tolist() if on[i, j]]
+        for i, w in enumerate(coefficients)
+    ]
     pairs = [(j, i) for i, js in enumerate(picks) for j in js]
     found = attributor.attribute_pairs(pairs, [texts[i] for _, i in pairs]) if pairs else []
     attributions = {(a.component, a.example): a for a in found}
@@ -294,18 +306,30 @@ def explain(
         prediction, probabilities = _outcome(metas[i], view.outcomes, attributor.adapter.tokenizer)
         err = float(errors[i])
         explained = None if err != err else 1.0 - err
-        matches = [_match(view, stats, j, float(coefficients[i, j]), attributions[(j, i)], n_examples, run)
-                   for j in picks[i]]  # fmt: skip
+        matches = [
+            _match(view, stats, j, float(coefficients[i, j]), attributions[(j, i)], n_examples, run) for j in picks[i]
+        ]
         for c in matches:
             mask = input_token_mask(c.tokens, text, attributor.task.template)
             c.from_text = mask if mask is not None else [True] * len(c.tokens)  # unknown: every token the input's
         _locate(matches, entries, key, (view.manifest.get("projection") or {}).get("kind"))
         e = Explanation(
-            text=text, prompt=prompts[i], n_tokens=lengths[i], prediction=prediction, probabilities=probabilities,
-            coefficients=coefficients[i], explained=explained, relative_error=None if explained is None else err,
-            pef_norm=float(metas[i]["pef_norm"]), flag=metas[i]["flag"], components=matches, run=run,
-            text_tokens_cut=cuts[i], notes=notes[i] + _notes(explained, metas[i]["flag"], run, matches), pef=pefs[i],
-        )  # fmt: skip
+            text=text,
+            prompt=prompts[i],
+            n_tokens=lengths[i],
+            prediction=prediction,
+            probabilities=probabilities,
+            coefficients=coefficients[i],
+            explained=explained,
+            relative_error=None if explained is None else err,
+            pef_norm=float(metas[i]["pef_norm"]),
+            flag=metas[i]["flag"],
+            components=matches,
+            run=run,
+            text_tokens_cut=cuts[i],
+            notes=notes[i] + _notes(explained, metas[i]["flag"], run, matches),
+            pef=pefs[i],
+        )
         out.append(e)
     return out
 
@@ -355,31 +379,49 @@ def _locate(matches: list[ComponentMatch], entries: dict[int, dict], key: dict |
 def _match(view, stats, j: int, coefficient: float, attribution, n_examples: int, run: dict) -> ComponentMatch:
     row = summary_row(view, stats, j, None)
     examples = [
-        {"example": i, "text": view.meta[i].get("text"), "coefficient": float(view.coeffs[i, j]),
-         "label": view.labels[i] if view.labels is not None else None, "prediction": view.predictions[i]}
+        {
+            "example": i,
+            "text": view.meta[i].get("text"),
+            "coefficient": float(view.coeffs[i, j]),
+            "label": view.labels[i] if view.labels is not None else None,
+            "prediction": view.predictions[i],
+        }
         for i in top_indices(view, stats, j, n_examples)
-    ]  # fmt: skip
+    ]
     total = attribution.loading
     page = _report_page(run["report"], j)
     return ComponentMatch(
-        component=j, coefficient=coefficient, alive=row["alive"], tuned_label=row["tuned_label"],
-        tuned_prediction=row["tuned_prediction"], top_labels=row["top_labels"], top_predictions=row["top_predictions"],
-        examples=examples, tokens=list(attribution.tokens), token_ids=list(attribution.token_ids),
-        from_text=[True] * len(attribution.tokens), shares=attribution.fractions(),
+        component=j,
+        coefficient=coefficient,
+        alive=row["alive"],
+        tuned_label=row["tuned_label"],
+        tuned_prediction=row["tuned_prediction"],
+        top_labels=row["top_labels"],
+        top_predictions=row["top_predictions"],
+        examples=examples,
+        tokens=list(attribution.tokens),
+        token_ids=list(attribution.token_ids),
+        from_text=[True] * len(attribution.tokens),
+        shares=attribution.fractions(),
         remainder={key: (v / total if total > 0 else 0.0) for key, v in attribution.remainder.items()},
-        loading=total, page=page, attribution=attribution,
-    )  # fmt: skip
+        loading=total,
+        page=page,
+        attribution=attribution,
+    )
 
 
 def _notes(explained, flag, run: dict, matches) -> list[str]:
     notes = []
     if flag is not None:
-        notes.append(f"the collection would flag this input ({flag}): its PEF is zero or not finite, so no "
-                     "component explains it")  # fmt: skip
+        notes.append(
+            f"the collection would flag this input ({flag}): its PEF is zero or not finite, so no component explains it"
+        )
     mean = run.get("mean_explained")
     if explained is not None and mean is not None and mean > 0 and explained < LOW_SHARE * mean:
-        notes.append(f"the components explain {explained:.0%} of this PEF against {mean:.0%} on average over the "
-                     "run's examples: the input may lie outside the run's data")  # fmt: skip
+        notes.append(
+            f"the components explain {explained:.0%} of this PEF against {mean:.0%} on average over the "
+            "run's examples: the input may lie outside the run's data"
+        )
     if flag is None and not matches:
         notes.append(f"no component is active on this input ({ACTIVE_DEFINITION})")
     return notes
@@ -391,8 +433,11 @@ def _notes(explained, flag, run: dict, matches) -> list[str]:
 
 
 def _tuning(c: ComponentMatch) -> str:
-    tuned = [f"{what} {name(v)}" for what, v in (("label", c.tuned_label), ("prediction", c.tuned_prediction))
-             if v is not None]  # fmt: skip
+    tuned = [
+        f"{what} {name(v)}"
+        for what, v in (("label", c.tuned_label), ("prediction", c.tuned_prediction))
+        if v is not None
+    ]
     if tuned:
         return "tuned to " + ", ".join(tuned)
     counts = c.top_predictions or c.top_labels
@@ -411,15 +456,14 @@ def format_explanation(e: Explanation, width: int = 100) -> str:
     write it), top attributed tokens and its top run example."""
     probs = " · ".join(f"{name(o)} {p:.2f}" for o, p in e.probabilities.items())
     mean = e.run.get("mean_explained")
-    share = "–" if e.explained is None else f"{e.explained:.1%}"
     lines = [
         f"{_short(repr(e.text), width)}",
         f"  prediction: {name(e.prediction)}   ({probs})",
-        f"  explained: {share} of its PEF by the run's {e.run['n_components']} components"
-        + (f" (run mean {mean:.1%})" if mean is not None else ""),
+        f"  explained: {pct(e.explained)} of its PEF by the run's {e.run['n_components']} components"
+        + (f" (run mean {pct(mean)})" if mean is not None else ""),
     ]
     for c in e.components:
-        lines.append(f"  component {c.component:<4} coefficient {c.coefficient:.4g}   {_tuning(c)}")
+        lines.append(f"  component {c.component:<4} coefficient {fmt(c.coefficient, 4)}   {_tuning(c)}")
         if c.location is not None:
             lines += [f"    {what}: {text}" for what, text in c.location["lines"] if what in WHERE_SHOWN]
         toks = " · ".join(f"{t.strip() or repr(t)} {s:+.0%}" for t, s in c.top_tokens(3, text_only=True))
@@ -430,9 +474,12 @@ def format_explanation(e: Explanation, width: int = 100) -> str:
         lines.append(f"    input tokens: {toks}   ({', '.join(extra)})")
         if c.examples:
             x = c.examples[0]
-            tag = f"[{name(x['label'])} → {name(x['prediction'])}]" if x["label"] is not None else \
-                f"[→ {name(x['prediction'])}]"  # fmt: skip
-            lines.append(f"    e.g. {x['coefficient']:.4g} {tag} {_short(x['text'], max(20, width - 30))}")
+            tag = (
+                f"[{name(x['label'])} → {name(x['prediction'])}]"
+                if x["label"] is not None
+                else f"[→ {name(x['prediction'])}]"
+            )
+            lines.append(f"    e.g. {fmt(x['coefficient'], 4)} {tag} {_short(x['text'], max(20, width - 30))}")
     if e.run.get("locations_note"):
         lines.append(f"  where: {e.run['locations_note']}")
     lines += [f"  note: {n}" for n in e.notes]
@@ -478,7 +525,7 @@ def _component_html(c: ComponentMatch, href: str | None) -> str:
     if not c.alive:
         badges.append('<span class="badge dead">dead in the run</span>')
     rest = sum(c.remainder.values())
-    seen = ", ".join(f"{name(v)} ×{n}" for v, n in c.top_predictions) or "–"
+    seen = ", ".join(f"{name(v)} ×{n}" for v, n in c.top_predictions) or MISSING
     meta = (
         f"coefficient <b>{fmt(c.coefficient)}</b> · loading {fmt(c.loading)} (prompt template "
         f"{pct(c.template_share)}, remainder {pct(rest)}) · "
@@ -530,11 +577,14 @@ def write_page(explanations: Sequence[Explanation], out_path, report_dir=None) -
     run = explanations[0].run if explanations else {}
     task = run.get("task") or {}
     outcomes = ", ".join(name(o) for o in (run.get("outcomes") or [])[:8])
-    sub = (f"model <b>{escape(str(run.get('model')))}</b> · task {escape(str(task.get('kind', '?')))}"
-           f"{' · outcomes ' + escape(outcomes) if outcomes else ''} · {fmt(run.get('n_examples'))} run examples · "
-           f"{fmt(run.get('n_components'))} components · {escape(str(run.get('decomposition', '')))}")  # fmt: skip
-    sections = "".join(_explanation_html(n, e, _component_pages(e, report_dir), out_dir)
-                       for n, e in enumerate(explanations))  # fmt: skip
+    sub = (
+        f"model <b>{escape(str(run.get('model')))}</b> · task {escape(str(task.get('kind', '?')))}"
+        f"{' · outcomes ' + escape(outcomes) if outcomes else ''} · {fmt(run.get('n_examples'))} run examples · "
+        f"{fmt(run.get('n_components'))} components · {escape(str(run.get('decomposition', '')))}"
+    )
+    sections = "".join(
+        _explanation_html(n, e, _component_pages(e, report_dir), out_dir) for n, e in enumerate(explanations)
+    )
     legend = (
         "Token highlighting: each token's exact share of the input's loading Σ<sub>rows</sub>((G<sub>row</sub>A)·h)²"
         ' on the component (<span class="tok" style="background-color: rgba(230,110,20,0.6)">adds</span> '

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -213,8 +214,6 @@ def library_progress_bars(enabled: bool = True):
     if enabled:
         yield
         return
-    import sys
-
     before = {}
     for name, is_on, _, off in _LIBRARY_BARS:
         if name == "transformers.utils.logging" and name not in sys.modules:

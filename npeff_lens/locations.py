@@ -37,9 +37,10 @@ from typing import Any
 
 import torch
 
-from .collect import PEFComputer
+from .layout import unflatten
+from .pef import PEFComputer
 from .perturb import check_adapter
-from .recovery import projection_from_config, unflatten
+from .projection import Projection, projection_from_config
 from .selectivity import ParameterDirection, UnreachableTargetError, component_selectivity
 
 __all__ = [
@@ -355,7 +356,16 @@ class GradientSpan:
     >>> loc = component_locations(span.direction(est.components_[3], prompts[:16]).direction, layout)  # doctest: +SKIP
     """
 
-    def __init__(self, adapter, task, layout, projection, *, max_length: int | None = None, batch_size: int = 8):
+    def __init__(
+        self,
+        adapter,
+        task,
+        layout: Sequence[Mapping[str, Any]],
+        projection: Projection | Mapping[str, Any] | None,
+        *,
+        max_length: int | None = None,
+        batch_size: int = 8,
+    ):
         check_adapter(adapter, layout)
         params = dict(adapter.all_named_parameters())
         self.named = [(e["name"], params[e["name"]]) for e in layout]

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .formatting import fmt
+
 __all__ = [
     "NonFiniteLogitsError",
     "unit_direction",
@@ -453,19 +455,14 @@ def format_table(summary: Mapping[str, Any]) -> str:
         "n_top",
         "n_base",
     )
-    rows = [[_fmt(r.get(c)) for c in cols] for r in summary["records"]]
+    rows = [[fmt(r.get(c), 4, missing="") for c in cols] for r in summary["records"]]  # an undefined ratio: blank
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+    kl, pef = (fmt(summary[k], 4, missing="nan") for k in ("kl_ratio_geomean", "pef_norm_ratio_geomean"))
     lines.append(
-        f"geometric mean over {summary['n_evaluated']} components: KL ratio {_fmt(summary['kl_ratio_geomean'])}, "
-        f"PEF-norm ratio {_fmt(summary['pef_norm_ratio_geomean'])} (magnitude {summary.get('magnitude')})"
+        f"geometric mean over {summary['n_evaluated']} components: KL ratio {kl}, PEF-norm ratio {pef} "
+        f"(magnitude {summary.get('magnitude')})"
     )
     lines += [f"note: {n}" for n in summary.get("notes", [])]
     return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)

@@ -26,18 +26,31 @@ contribution; the projection is linear and separable over the flat index, so pro
 partition and summing gives the projection of the whole (the collector projects each parameter block as soon
 as its per-example gradient exists). ``adjoint(y, offset, length)`` returns rows [offset, offset + length) of
 A y. Both accumulate in fp32 and stream over bounded chunks, so n_in may be in the hundreds of millions.
+
+:class:`Projection` is the interface this projection and :class:`KroneckerProjection` implement, and the one the
+collector, the store, NPEFF, recovery and perturbation use; :func:`projection_from_config` rebuilds either from
+its ``state_dict()``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-__all__ = ["KroneckerProjection", "SparseProjection", "project_entries", "projection_from_config"]
+__all__ = [
+    "HAVE_NUMBA",
+    "KroneckerProjection",
+    "Projection",
+    "SparseProjection",
+    "project_entries",
+    "projection_from_config",
+    "start_numba_threads",
+]
 
 _MASK = 0xFFFFFFFF
 _M1, _M2 = 0x2C1B3C6D, 0x297A2D39
@@ -49,6 +62,37 @@ _CPU_CHUNK_ELEMS = 1 << 22
 # "tile rows" (L1-sized); tests shrink them to hit the chunk and tile edges.
 _CPU_CHUNK_BYTES = 1 << 16
 _CPU_TILE_BYTES = 1 << 14
+
+
+@runtime_checkable
+class Projection(Protocol):
+    """A linear map ``x ↦ x A`` (``A``: ``n_in × n_out``) applied block by block over the flat input index.
+
+    Recovery reads it as the sensing matrix ``Φ = Aᵀ``: ``Φ x = project(x)``, ``Φᵀ y = adjoint(y)``.
+    """
+
+    n_in: int
+    n_out: int
+
+    def project(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x ``"... L"`` holding flat inputs [offset, offset + L) -> their contribution ``x A[offset:offset+L]``,
+        ``"... n_out"`` fp32 (the projection is separable over the flat index: the blocks' contributions sum)."""
+        ...
+
+    def adjoint(self, y: torch.Tensor, offset: int = 0, length: int | None = None) -> torch.Tensor:
+        """y ``"... n_out"`` -> rows [offset, offset + length) of ``A y``, ``"... length"`` fp32 (``length``
+        defaults to the rest)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The JSON-able definition (``kind``, ``n_in``, ``n_out``, ...) that :func:`projection_from_config`
+        rebuilds the same matrix from; stores record it in their manifest."""
+        ...
+
+    def dense(self, offset: int = 0, length: int | None = None) -> torch.Tensor:
+        """Rows [offset, offset + length) of ``A`` as a dense fp32 tensor ``[length, n_out]`` (tests, small
+        cases)."""
+        ...
 
 
 def _mix_int(x: int) -> int:
@@ -80,7 +124,7 @@ def start_numba_threads() -> None:
     another thread count than those before it, and differ in low bits, so the same computation would give other
     bits depending on whether a projection ran before it in the process. Every numba call goes through here."""
     global _numba_started
-    if _numba_started or not _HAVE_NUMBA:
+    if _numba_started or not HAVE_NUMBA:
         return
     _numba_started = True
     threads = torch.get_num_threads()
@@ -94,11 +138,11 @@ try:  # numba is optional: without it the CPU path is vectorised torch (slower, 
     import numba
     from numba import njit, prange
 
-    _HAVE_NUMBA = True
+    HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised when numba is absent
-    _HAVE_NUMBA = False
+    HAVE_NUMBA = False
 
-if _HAVE_NUMBA:
+if HAVE_NUMBA:
 
     @njit(inline="always", cache=True)
     def _mix_nb(x):
@@ -233,7 +277,7 @@ def project_entries(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and signs of the nonzeros of regions [k0, k1): (row [k1-k0, n_out] int64, sign same shape, +-1 int64).
 
-    The vectorised-torch form of the definition (the torch CPU path, ``to_dense``, and the index structure the
+    The vectorised-torch form of the definition (the torch CPU path, ``dense``, and the index structure the
     GPU tests compare against)."""
     col_base, reg_base = _mix_int(seed ^ _COL_SALT), _mix_int(seed ^ _REG_SALT)
     j = torch.arange(n_out, dtype=torch.int64, device=device)
@@ -248,7 +292,7 @@ def project_entries(
     return row, sign
 
 
-class SparseProjection:
+class SparseProjection(Projection):
     """n_in x n_out sparse random projection (App. A); see the module docstring for the exact definition.
 
     >>> P = SparseProjection(1_000_003, 8192, seed=3)
@@ -314,7 +358,9 @@ class SparseProjection:
             raise ValueError(f"{what} covers inputs [{offset}, {offset + length}), outside [0, n_in={self.n_in})")
 
     @staticmethod
-    def _backend(t: torch.Tensor, backend: str) -> str:
+    def resolve_backend(t: torch.Tensor, backend: str) -> str:
+        """The backend a call on ``t`` runs on: ``backend``, or for ``"auto"`` Triton on CUDA and numba (else torch)
+        on CPU; raises where it cannot run on ``t``'s device."""
         if backend not in ("auto", "triton", "numba", "torch"):
             raise ValueError(f"backend must be 'auto', 'triton', 'numba' or 'torch', got {backend!r}")
         if t.device.type not in ("cpu", "cuda"):
@@ -322,8 +368,8 @@ class SparseProjection:
         if backend == "auto":
             if t.device.type == "cuda":
                 return "triton"
-            backend = "numba" if _HAVE_NUMBA else "torch"
-        if backend == "numba" and not _HAVE_NUMBA:
+            backend = "numba" if HAVE_NUMBA else "torch"
+        if backend == "numba" and not HAVE_NUMBA:
             raise ValueError("backend='numba' requested but numba is not installed")
         if backend == "numba":
             start_numba_threads()
@@ -349,7 +395,7 @@ class SparseProjection:
             raise ValueError("x must have at least one dimension (the flat input block)")
         L = x.shape[-1]
         self._check_range(offset, L, "x")
-        backend = self._backend(x, backend)
+        backend = self.resolve_backend(x, backend)
         lead = x.shape[:-1]
         if x.numel() == 0:
             return torch.zeros(*lead, self.n_out, dtype=torch.float32, device=x.device)
@@ -437,7 +483,7 @@ class SparseProjection:
             raise ValueError(f"length must be a non-negative int, got {length!r}")
         self._check_range(offset, int(length), "adjoint")
         length = int(length)
-        backend = self._backend(y, backend)
+        backend = self.resolve_backend(y, backend)
         lead = y.shape[:-1]
         y2 = (y.reshape(-1, self.n_out).to(torch.float32) * self.scale).contiguous()
         rows = y2.shape[0]
@@ -489,11 +535,11 @@ class SparseProjection:
         return out
 
     # ------------------------------------------------------------------------------------------- dense
-    def to_dense(self, offset: int = 0, length: int | None = None) -> torch.Tensor:
+    def dense(self, offset: int = 0, length: int | None = None) -> torch.Tensor:
         """Rows [offset, offset + length) of A as a dense fp32 tensor [length, n_out] (tests, small cases)."""
         if length is None:
             length = self.n_in - offset
-        self._check_range(offset, length, "to_dense")
+        self._check_range(offset, length, "dense")
         dense = torch.zeros(length, self.n_out, dtype=torch.float32)
         if length == 0:
             return dense
@@ -512,7 +558,7 @@ def _factor_seed(seed: int, index: int, side: int) -> int:
     return _mix_int(_mix_int(seed ^ 0x3C6EF372) ^ _mix_int((2 * index + side) & _MASK))
 
 
-class KroneckerProjection:
+class KroneckerProjection(Projection):
     """A two-stage projection for per-example gradients that never forms a weight gradient (LoGra's factored
     first stage, FactGraSS's global second stage; ``../notes/projection-at-scale.md``).
 
@@ -726,14 +772,15 @@ class KroneckerProjection:
         z[..., m0:m1] = self.inner.adjoint(y, offset=m0, length=m1 - m0, **kwargs)
         return self.unsketch(z, offset, length)
 
-    def to_dense(self, offset: int = 0, length: int | None = None) -> torch.Tensor:
+    def dense(self, offset: int = 0, length: int | None = None) -> torch.Tensor:
         """Rows [offset, offset + length) of A, ``[length, n_out]`` fp32 (tests, small cases)."""
         length = self.n_in - offset if length is None else length
         return self.project(torch.eye(length), offset)
 
 
-def projection_from_config(config: dict[str, Any]) -> SparseProjection | KroneckerProjection:
-    """The projection a manifest's ``projection`` entry describes (``kind``: ``sparse`` or ``kron``)."""
+def projection_from_config(config: Mapping[str, Any]) -> Projection:
+    """The projection a manifest's ``projection`` entry (a :meth:`Projection.state_dict`) describes (``kind``:
+    ``sparse`` or ``kron``)."""
     missing = [k for k in ("n_in", "n_out") if k not in config]
     if missing:
         raise ValueError(f"projection config lacks {missing}: {dict(config)}")

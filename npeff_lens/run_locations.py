@@ -12,12 +12,15 @@ import torch
 
 from . import rundir
 from .io import progress, read_json, to_jsonable, write_json
+from .layout import validate_layout
 from .locations import GradientSpan, component_locations, located_selectivity, location_words, top_group_keys
 from .models import head_counts, load_model
 from .perturb import Reference
-from .recovery import estimate_lambda_max, projection_from_config, recover_direction, validate_layout
+from .projection import projection_from_config
+from .recovery import recover_direction
 from .rundir import load_run
 from .selectivity import top_positive
+from .sensing import estimate_lambda_max
 from .tasks import task_from_config
 
 __all__ = ["locate", "location_lines", "LOCATIONS_FILE", "LOCATE_METHODS"]

@@ -1,6 +1,7 @@
-"""The steps that own run directories: collect, decompose, top, perturb, unlearn, icl, the demo (and, from
-:mod:`npeff_lens.compare`, the comparison with the baselines). ``run.json`` handling and loading a finished run
-are :mod:`npeff_lens.rundir`'s.
+"""The steps that own run directories: collect, decompose, top, perturb, unlearn, icl, the demo, one import
+away. Perturbation's step lives in :mod:`npeff_lens.run_perturbation`, locating components in
+:mod:`npeff_lens.run_locations` and the comparison with the baselines in :mod:`npeff_lens.comparison`; ``run.json``
+handling and loading a finished run are :mod:`npeff_lens.rundir`'s.
 
 Library modules (``collect``, ``decomposition``, ``recovery``, ``perturb``) take tensors and objects; the steps
 take configs and directories::
@@ -16,35 +17,29 @@ take configs and directories::
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from . import perturb, rundir
+from . import rundir
 from .analysis import ACTIVE_DEFINITION, active, top_examples, tuning_summary
 from .applications.icl import TuningClassifier, agreement, icl_experiment
 from .applications.unlearning import unlearning_experiment
 from .collect import collect_pefs, dataset_digest
 from .commands import CollectCommand, DemoCommand, TopCommand, ZeroShotCommand
-from .compare import compare, format_compare
-from .config import CollectConfig, DecomposeConfig, IclConfig, PerturbConfig, UnlearnConfig, check_same
+from .comparison import compare, format_compare
+from .config import CollectConfig, DecomposeConfig, IclConfig, UnlearnConfig, check_same
 from .data import align_labels, load_dataset
-from .decomposition import NPEFF, CorruptFileError
+from .decomposition import NPEFF
 from .distributed import local_device
-from .io import atomic_writer, progress, read_json, to_jsonable, write_json
+from .errors import CorruptFileError, SettingError
+from .io import read_json, to_jsonable, write_json
 from .models import load_model
-from .perturb import COLUMNS, check_adapter, summarize
-from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten, validate_layout
 from .report import build
 from .run_locations import locate, location_lines
+from .run_perturbation import run_perturbation
 from .rundir import RUN_FILE, begin, finish, label_columns, load_run, load_with_model, resolve_config, space_options
 from .store import PEFStore
 from .tasks import LabelTokens, task_from_config
@@ -69,11 +64,6 @@ __all__ = [
     "demo",
     "zero_shot",
 ]
-
-
-# ----------------------------------------------------------------------------------------------
-# run.json: begin (or resume) a step, finish it.
-# ----------------------------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,8 +102,11 @@ def decompose_store(store, out, config: DecomposeConfig | None = None, **options
     if len(store) == 0:
         raise ValueError(f"the PEF store {store.path} is empty: run `npeff collect` first")
     if cfg.n_components > len(store):
-        raise ValueError(f"--components {cfg.n_components} exceeds the {len(store)} examples of {store.path}: "
-                         "each component needs examples to load on; use fewer components or collect more")  # fmt: skip
+        raise SettingError(
+            f"{{n_components}} ({cfg.n_components}) exceeds the {len(store)} examples of {store.path}: each component "
+            "needs examples to load on; use fewer components or collect more",
+            n_components="n_components",
+        )
     out = Path(out)
     rec = begin(out, "decompose", cfg, _store_identity(store), store.path)
     if rec["status"] == "done" and (out / "npeff.safetensors").exists():
@@ -184,224 +177,6 @@ def top_report(
 
 
 # ----------------------------------------------------------------------------------------------
-# Perturbation (§3.3).
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Setup:
-    """Everything the perturbation loop needs, loaded and checked once."""
-
-    coeffs: torch.Tensor
-    components: torch.Tensor
-    layout: list
-    projection: Any
-    lambda_max: float | None
-    adapter: Any
-    task: Any
-    prompts: list
-    pef_norms: torch.Tensor | None
-    identity: dict
-
-
-def _perturbation_setup(decomposition_dir, cfg: PerturbConfig, store, adapter, fpc_options: dict) -> _Setup:
-
-    est, store = load_run(decomposition_dir, store)
-    manifest = est.manifest_ or {}
-    for key in ("layout", "task", "model"):
-        if not manifest.get(key):
-            raise ValueError(f"the decomposition's manifest records no {key!r}; was it fitted on a PEF store?")
-    layout, comps = manifest["layout"], torch.as_tensor(est.components_).float()
-    n_params = validate_layout(layout)
-    meta = store.metadata
-    if "text" not in meta.column_names:
-        raise ValueError("the store's metadata has no 'text' column")
-    norms = meta["pef_norm"] if "pef_norm" in meta.column_names else est.pef_norms_.tolist()
-    norms = torch.tensor([math.nan if v is None else v for v in norms], dtype=torch.float64)
-    if adapter is None:
-        model = manifest["model"]
-        adapter = load_model(model["name"], backend=cfg.backend or model.get("backend") or "hf", device=cfg.device)
-    adapter.eval()
-    check_adapter(adapter, layout)
-    task = task_from_config(manifest["task"]).bind(adapter)
-    op, lam = None, None
-    if manifest.get("projection") is not None:
-        op = projection_from_config(manifest["projection"])
-        if (op.n_in, op.n_out) != (n_params, comps.shape[1]):
-            raise ValueError(
-                f"the projection maps {op.n_in} -> {op.n_out}; the layout covers {n_params} parameters "
-                f"and the components have {comps.shape[1]} dims"
-            )
-        needs_lambda = cfg.recovery not in ("adjoint", "minnorm")  # the step sizes of fpc / sparsa / fista
-        if needs_lambda and "lambda_max" not in fpc_options:  # one estimate for all components
-            lam = estimate_lambda_max(op, n_iter=fpc_options.pop("power_iterations", 30))
-            lam *= fpc_options.pop("lambda_safety", 1.1)  # an estimate is from below
-    elif comps.shape[1] != n_params:
-        raise ValueError(f"no projection recorded, yet the components have {comps.shape[1]} dims for {n_params} params")
-    identity = {
-        "n_examples": len(store),
-        "n_components": comps.shape[0],
-        "fit_loss": est.reconstruction_err_,
-        "model": manifest["model"],
-        "fpc_options": to_jsonable(fpc_options),
-    }
-    return _Setup(
-        torch.as_tensor(est.coefficients_).double(),
-        comps,
-        layout,
-        op,
-        lam,
-        adapter,
-        task,
-        rundir.run_prompts(manifest, adapter, task, meta["text"]),
-        norms,
-        identity,
-    )
-
-
-def run_perturbation(
-    decomposition_dir,
-    components=None,
-    *,
-    config: PerturbConfig | None = None,
-    out=None,
-    store=None,
-    adapter=None,
-    fpc_options: dict | None = None,
-    **options,
-) -> dict:
-    """The perturbation experiment of §3.3 on a saved decomposition: the summary, with ``records``.
-
-    ``components`` / ``options``: :class:`~npeff_lens.config.PerturbConfig` fields (or pass ``config``).
-    ``out``: where ``perturbation.json`` / ``.csv`` are rewritten after each component; a rerun with the same
-    config resumes after the components already there. ``store``: the PEF store (default: the fitted one);
-    ``adapter``: the manifest's model, already loaded; ``fpc_options``: more :func:`~npeff_lens.recovery.fpc`
-    arguments (``inner_iterations``, ``max_iter``, ...).
-    """
-
-    cfg = resolve_config(
-        PerturbConfig, config, {**options, **({} if components is None else {"components": components})}
-    )
-    fpc_options = dict(fpc_options or {})
-    s = _perturbation_setup(decomposition_dir, cfg, store, adapter, fpc_options)
-    m, n_comp = s.coeffs.shape
-    try:
-        indices = cfg.component_list(n_comp)
-    except ValueError as e:
-        raise ValueError(f"components {cfg.components!r}: {e}") from None
-    records = _previous_records(Path(out), cfg, s.identity, decomposition_dir) if out is not None else {}
-    top, on, notes = top_examples(s.coeffs, k=cfg.top_k), active(s.coeffs), []
-    reference = perturb.Reference(s.adapter, s.task, s.prompts, cfg.batch_size)  # unperturbed p(y|x), cached
-    deadline = None if cfg.time_budget is None else time.monotonic() + 60 * cfg.time_budget
-    bar = progress(indices, desc="perturbing components", unit="component", enabled=cfg.progress)
-    for j in bar:
-        if j in records:
-            continue
-        if deadline is not None and time.monotonic() >= deadline:
-            done = sum(i in records for i in indices)
-            notes.append(f"time budget of {cfg.time_budget:g} min spent: {done} of {len(indices)} components "
-                         "measured; rerun the same command to continue")  # fmt: skip
-            warnings.warn(notes[-1], RuntimeWarning, stacklevel=2)
-            break
-        top_j = [int(i) for i in top[j].tolist() if on[i, j]]
-        if 0 < len(top_j) < cfg.top_k:
-            notes.append(f"component {j}: only {len(top_j)} active examples (top_k={cfg.top_k}; {ACTIVE_DEFINITION})")
-        records[j] = _perturb_one(s, cfg, j, top_j, reference, fpc_options)
-        bar.set_postfix(kl_ratio=perturb._fmt(records[j]["kl_ratio"]))
-        if out is not None:
-            _write_perturbation(Path(out), [records[i] for i in indices if i in records], cfg, notes)
-    ordered = [records[i] for i in indices if i in records]  # all of them unless the time budget was spent
-    short = [r["n_base"] for r in ordered if r.get("status") == "ok" and r["n_base"] < cfg.n_baseline]
-    if short:
-        notes.append(
-            f"the store holds {m} examples: {len(short)} baseline set(s) have only {min(short)} to "
-            f"{max(short)} examples (asked for {cfg.n_baseline})"
-        )
-        warnings.warn(notes[-1], RuntimeWarning, stacklevel=2)
-    if out is not None:
-        _write_perturbation(Path(out), ordered, cfg, notes)
-        if len(ordered) == len(indices):
-            finish(Path(out), read_json(Path(out) / RUN_FILE))
-    ordered = to_jsonable(ordered)  # as stored: an undefined ratio is None
-    return {**_perturbation_summary(ordered, cfg, notes), "records": ordered}
-
-
-def _perturb_one(s: _Setup, cfg: PerturbConfig, j: int, top_j: list[int], reference, fpc_options: dict) -> dict:
-    """One component: reject and recover its direction once, perturb ±, and the record (§3.3)."""
-
-    if not top_j:
-        return {"component": j, "status": "dead", "sign": None, "kl_ratio": math.nan, "pef_norm_ratio": math.nan,
-                "n_top": 0, "n_base": 0}  # fmt: skip
-    m = s.coeffs.shape[0]
-    base_j = perturb.baseline_examples(m, cfg.n_baseline, top_j, seed=cfg.seed)
-    if not base_j:
-        raise ValueError(f"no baseline examples left: the store holds {m} examples, all among the top {cfg.top_k}")
-    t0 = time.perf_counter()
-    capped = {"max_iter": cfg.max_iter} if cfg.recovery in ("sparsa", "fista", "minnorm") else {}
-    flat, info = recover_direction(
-        s.components, j, s.projection, method=cfg.recovery, mu=cfg.mu, reject_threshold=cfg.reject_threshold,
-        lambda_max=s.lambda_max, **{**capped, **fpc_options},
-    )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    norm = float(flat.norm())
-    if not (math.isfinite(norm) and norm > 0):
-        raise ValueError(f"component {j}: the recovered pseudo-Fisher vector has norm {norm}; cannot perturb")
-    direction = unflatten(flat.float(), s.layout)
-    rec = perturb.perturb_component(
-        s.adapter, s.task, s.prompts, direction, cfg.magnitude, top=top_j, baseline=base_j, pef_norms=s.pef_norms,
-        reference=reference, batch_size=cfg.batch_size, component=j,
-    )  # fmt: skip
-    rec.update(
-        recovery_norm=norm, recovery_relative_residual=info["relative_residual"], recovery_n_iter=info["n_iter"],
-        recovery_n_rejected=info["n_rejected"], recovery_nonzero_fraction=float((flat != 0).double().mean()),
-        recovery_seconds=seconds,
-    )  # fmt: skip
-    return rec
-
-
-def _perturbation_summary(records, cfg: PerturbConfig, notes) -> dict:
-
-    return {
-        **summarize(records),
-        "magnitude": cfg.magnitude,
-        "top_k": cfg.top_k,
-        "n_baseline": cfg.n_baseline,
-        "notes": list(notes),
-    }
-
-
-def _previous_records(out: Path, cfg: PerturbConfig, identity: dict, decomposition_dir) -> dict[int, dict]:
-    """The records already in ``out`` (same config and decomposition), by component."""
-    begin(out, "perturb", cfg, identity, Path(decomposition_dir))
-    table = out / "perturbation.json"
-    if not table.exists():
-        return {}
-    try:
-        return {int(r["component"]): r for r in read_json(table).get("components", [])}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # a results cache: recompute what it held
-        warnings.warn(f"{table} is damaged ({e}); its components are perturbed again", RuntimeWarning, stacklevel=3)
-        return {}
-
-
-def _write_perturbation(out: Path, records: list[dict], cfg: PerturbConfig, notes) -> None:
-
-    records = to_jsonable(records)
-    write_json(
-        out / "perturbation.json",
-        {"summary": to_jsonable(_perturbation_summary(records, cfg, notes)), "components": records},
-    )
-    with atomic_writer(out / "perturbation.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
-        w.writeheader()
-        w.writerows({k: r.get(k) for k in COLUMNS} for r in records)
-
-
-# ----------------------------------------------------------------------------------------------
-# Comparison with the baselines (§5).
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
 # Applications (§6).
 # ----------------------------------------------------------------------------------------------
 
@@ -416,9 +191,14 @@ def check_run_dataset(store, *, accept_changed: bool = False) -> None:
     name = info.get("name")
     if name in (None, "texts", "user") or len(store) == 0:
         return
-    data, rows = load_dataset(name, split=cfg.get("split"), seed=cfg.get("data_seed", 0),
-                              columns={"text": cfg.get("text_column"), "label": cfg.get("label_column")},
-                              label_names=cfg.get("label_names"), return_rows=True)  # fmt: skip
+    data, rows = load_dataset(
+        name,
+        split=cfg.get("split"),
+        seed=cfg.get("data_seed", 0),
+        columns={"text": cfg.get("text_column"), "label": cfg.get("label_column")},
+        label_names=cfg.get("label_names"),
+        return_rows=True,
+    )
     aligned = align_labels(data, m.get("outcomes"), drop_invalid=True, source=f"the dataset {name!r}", rows=rows)
     data, rows = aligned.dataset, aligned.rows
     n = cfg.get("n") or len(data)
@@ -445,12 +225,25 @@ def check_run_dataset(store, *, accept_changed: bool = False) -> None:
         "examples and labels read from it now are not the run's"
     )
     if not accept_changed:
-        raise ValueError(message + ": restore it, give the data with --dataset, or pass --accept-changed-dataset")
-    warnings.warn(message + " (accepted: --accept-changed-dataset)", UserWarning, stacklevel=2)
+        raise SettingError(
+            message + ": restore it, give the data with {dataset}, or pass {accept_changed_dataset}",
+            dataset="dataset=",
+            accept_changed_dataset="accept_changed_dataset=True",
+        )
+    warnings.warn(message + " (accepted as it is)", UserWarning, stacklevel=2)
 
 
-def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, text_column=None, label_column=None,
-                      accept_changed_dataset: bool = False):  # fmt: skip
+def held_out_examples(
+    store,
+    n: int,
+    *,
+    dataset=None,
+    split="test",
+    seed=None,
+    text_column=None,
+    label_column=None,
+    accept_changed_dataset: bool = False,
+):
     """``(rows, description)``: ``n`` examples none of which is in ``store`` (compared by a hash of the text), from
     ``dataset`` (default: the dataset the store was collected from, with its columns, label names and seed, checked
     to hold the store's rows still: :func:`check_run_dataset`), its ``split``, labels numbered as the store's
@@ -461,9 +254,10 @@ def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, t
     own = dataset is None
     if own:
         if collected in (None, "texts", "user"):
-            raise ValueError(
+            raise SettingError(
                 f"the run's store {store.path} was collected from an in-memory dataset, which cannot be read again: "
-                "pass the held-out data with --dataset NAME_OR_FILE"
+                "pass the held-out data with {dataset}",
+                dataset="dataset=",
             )
         dataset = collected
         check_run_dataset(store, accept_changed=accept_changed_dataset)
@@ -472,8 +266,9 @@ def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, t
         label_column = cfg.get("label_column")
     label_names = cfg.get("label_names") if own else None
     seed = seed if seed is not None else (cfg.get("data_seed", 0) if own else 0)
-    data = load_dataset(dataset, split=split, seed=seed, columns={"text": text_column, "label": label_column},
-                        label_names=label_names)  # fmt: skip
+    data = load_dataset(
+        dataset, split=split, seed=seed, columns={"text": text_column, "label": label_column}, label_names=label_names
+    )
     data = align_labels(
         data, store.manifest.get("outcomes"), drop_invalid=True, source=f"the dataset {dataset!r}"
     ).dataset
@@ -485,10 +280,13 @@ def held_out_examples(store, n: int, *, dataset=None, split="test", seed=None, t
     fresh = [i for i, t in enumerate(data["text"]) if digest(t) not in seen]
     where = f"{dataset!r} ({split or 'all'} split, seed {seed})"
     if len(fresh) < n:
-        raise ValueError(
+        raise SettingError(
             f"{len(fresh)} examples of {where} are not in the run's store ({len(data) - len(fresh)} of its "
-            f"{len(data)} valid rows are); {n} were asked for: lower --n-eval to {len(fresh)} or less, or give "
-            "another --dataset / --eval-split"
+            f"{len(data)} valid rows are); {n} were asked for: lower {{n_eval}} to {len(fresh)} or less, or give "
+            "another {dataset} / {eval_split}",
+            n_eval="n_eval",
+            dataset="dataset",
+            eval_split="eval_split",
         )
     return data.select(fresh[:n]), f"{n} examples of {where}, none in the run's store"
 
@@ -500,8 +298,11 @@ def held_out_coefficients(est, store, adapter, task, texts, out, *, batch_size=8
     options = space_options(store.manifest)
     new = collect_pefs(adapter, list(texts), task, out, batch_size=batch_size, progress=progress, **options)
     space = ("projection", "layout")
-    check_same({k: store.manifest.get(k) for k in space}, {k: new.manifest.get(k) for k in space},
-               f"the held-out PEFs in {out}")  # fmt: skip
+    check_same(
+        {k: store.manifest.get(k) for k in space},
+        {k: new.manifest.get(k) for k in space},
+        f"the held-out PEFs in {out}",
+    )
     return est.transform(new)
 
 
@@ -529,14 +330,30 @@ def unlearn(
     t0 = time.time()
     prompts = rundir.run_prompts(store.manifest, adapter, task, store.metadata["text"])
     report = unlearning_experiment(
-        adapter, task, prompts, est.coefficients_, components,
-        k_eval=cfg.k_eval, k_mitigation=cfg.k_mitigation, n_random=n_random, kl_threshold=cfg.kl_threshold,
-        seed=cfg.seed, progress=cfg.progress, batch_size=cfg.batch_size, n_batches=cfg.n_batches,
-        retain_batch_size=cfg.retain_batch_size, forget_batch_size=cfg.forget_batch_size, lr=cfg.lr,
-        epsilon_forget=cfg.epsilon_forget, epsilon_retain=cfg.epsilon_retain, params=params,
-    )  # fmt: skip
-    report.update(n_trained_parameters=sum(p.numel() for _, p in adapter.named_parameters(include=params)),
-                  seconds=time.time() - t0)  # fmt: skip
+        adapter,
+        task,
+        prompts,
+        est.coefficients_,
+        components,
+        k_eval=cfg.k_eval,
+        k_mitigation=cfg.k_mitigation,
+        n_random=n_random,
+        kl_threshold=cfg.kl_threshold,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        batch_size=cfg.batch_size,
+        n_batches=cfg.n_batches,
+        retain_batch_size=cfg.retain_batch_size,
+        forget_batch_size=cfg.forget_batch_size,
+        lr=cfg.lr,
+        epsilon_forget=cfg.epsilon_forget,
+        epsilon_retain=cfg.epsilon_retain,
+        params=params,
+    )
+    report.update(
+        n_trained_parameters=sum(p.numel() for _, p in adapter.named_parameters(include=params)),
+        seconds=time.time() - t0,
+    )
     write_json(out / "unlearning.json", to_jsonable(report))
     finish(out, rec)
     return report
@@ -554,10 +371,16 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
     meta = store.metadata
     if "label" not in meta.column_names:
         raise ValueError(f"the run's store {store.path} has no 'label' column: the tuning classifier needs labels")
-    data, source = held_out_examples(store, cfg.n_eval, dataset=cfg.dataset, split=cfg.eval_split,
-                                     seed=cfg.data_seed, text_column=cfg.text_column,
-                                     label_column=cfg.label_column,
-                                     accept_changed_dataset=cfg.accept_changed_dataset)  # fmt: skip
+    data, source = held_out_examples(
+        store,
+        cfg.n_eval,
+        dataset=cfg.dataset,
+        split=cfg.eval_split,
+        seed=cfg.data_seed,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        accept_changed_dataset=cfg.accept_changed_dataset,
+    )
     rec = begin(out, "icl", cfg, {"n_examples": len(store), "fit_loss": est.reconstruction_err_}, d)
     if rec["status"] == "done" and (out / "icl.json").exists():
         return read_json(out / "icl.json")
@@ -565,17 +388,36 @@ def icl(decomposition_dir, config: IclConfig | None = None, *, out=None, adapter
     est, store, adapter, task = load_with_model(d, adapter, store)
     texts, labels, coef, t0 = meta["text"], meta["label"], est.coefficients_, time.time()
     clf = TuningClassifier(threshold=cfg.threshold, k=cfg.k).fit(coef, labels)
-    held_in = {"n": len(texts), "classifier_accuracy": clf.score(coef, labels), "n_unscored": clf.n_unscored_,
-               "zero_shot_accuracy": agreement(meta["prediction"], labels),
-               "classifier_zero_shot_agreement": agreement(clf.predict(coef), meta["prediction"])}  # fmt: skip
-    eval_coef = held_out_coefficients(est, store, adapter, task, data["text"], out / "eval-pefs",
-                                      batch_size=cfg.batch_size, progress=cfg.progress)  # fmt: skip
+    held_in = {
+        "n": len(texts),
+        "classifier_accuracy": clf.score(coef, labels),
+        "n_unscored": clf.n_unscored_,
+        "zero_shot_accuracy": agreement(meta["prediction"], labels),
+        "classifier_zero_shot_agreement": agreement(clf.predict(coef), meta["prediction"]),
+    }
+    eval_coef = held_out_coefficients(
+        est, store, adapter, task, data["text"], out / "eval-pefs", batch_size=cfg.batch_size, progress=cfg.progress
+    )
     result = icl_experiment(
-        adapter, task, texts, labels, coef, data["text"], data["label"], eval_coef, threshold=cfg.threshold, k=cfg.k,
-        shots=cfg.shots, n_prompts=cfg.n_prompts, n_select=min(cfg.n_select, len(texts) - cfg.shots),
-        seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress,
-        max_length=space_options(store.manifest).get("max_length"), icl_max_length=adapter.context_length,
-    )  # fmt: skip
+        adapter,
+        task,
+        texts,
+        labels,
+        coef,
+        data["text"],
+        data["label"],
+        eval_coef,
+        threshold=cfg.threshold,
+        k=cfg.k,
+        shots=cfg.shots,
+        n_prompts=cfg.n_prompts,
+        n_select=min(cfg.n_select, len(texts) - cfg.shots),
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        progress=cfg.progress,
+        max_length=space_options(store.manifest).get("max_length"),
+        icl_max_length=adapter.context_length,
+    )
     result.update(held_in=held_in, held_out_source=source, seconds=time.time() - t0)
     write_json(out / "icl.json", to_jsonable(result))
     finish(out, rec)

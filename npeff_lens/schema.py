@@ -19,6 +19,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any, ClassVar, Literal
 
 __all__ = [
+    "BaseConfig",
     "ConfigError",
     "ConfigMismatchError",
     "diff",
@@ -111,7 +112,7 @@ def option(
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Config:
+class BaseConfig:
     """Base of every config: validation hooks, JSON round trip, resume key."""
 
     step: ClassVar[str] = ""

@@ -38,7 +38,16 @@ import torch
 
 from .analysis import active_threshold
 from .baselines.activations import hook_module, resolve_hook
-from .perturb import Reference, baseline_examples, geometric_mean, kl_divergence, perturbed, task_log_probs
+from .errors import SettingError, literal
+from .perturb import (
+    Reference,
+    baseline_examples,
+    geometric_mean,
+    kl_divergence,
+    perturbed,
+    task_log_probs,
+    unit_direction,
+)
 
 __all__ = [
     "UnreachableTargetError",
@@ -52,8 +61,16 @@ __all__ = [
 ]
 
 
-class UnreachableTargetError(ValueError):
-    """No intervention size brings the baseline set's mean KL to the target."""
+class UnreachableTargetError(SettingError):
+    """No intervention size brings the baseline set's mean KL to the target. ``what``: what was tried, without the
+    remedy (lowering the target KL) that the message adds."""
+
+    def __init__(self, what: str):
+        self.what = what
+        super().__init__(literal(what) + "; lower the target KL ({target_kl})", target_kl="target_kl")
+
+    def __reduce__(self):
+        return type(self), (self.what,)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,8 +86,6 @@ class ParameterDirection:
     direction: Mapping[str, torch.Tensor]
 
     def __post_init__(self):
-        from .perturb import unit_direction
-
         self.direction = unit_direction(self.direction)
 
     @contextmanager
@@ -112,8 +127,10 @@ def steered(adapter, hook: str, vector: torch.Tensor):
     def add(x: torch.Tensor) -> torch.Tensor:
         trailing = x.shape[2:]
         if vector.numel() != math.prod(trailing):
-            raise ValueError(f"steering vector has {vector.numel()} entries; the activation at {hook!r} has "
-                             f"{math.prod(trailing)} per token")  # fmt: skip
+            raise ValueError(
+                f"steering vector has {vector.numel()} entries; the activation at {hook!r} has "
+                f"{math.prod(trailing)} per token"
+            )
         return x + vector.to(x.device, x.dtype).reshape(trailing)
 
     def pre(_module, args, kwargs):
@@ -208,7 +225,7 @@ def calibrate(
         at = max(tried, key=lambda t: t[1] if math.isfinite(t[1]) else -1.0)[0]
         raise UnreachableTargetError(
             f"target KL {target:g} not reached: the largest mean KL on the baseline examples was {best:.3g} "
-            f"(size {at:.3g}; sizes up to {max(t[0] for t in tried):.3g} tried); lower the target KL (--target-kl)"
+            f"(size {at:.3g}; sizes up to {max(t[0] for t in tried):.3g} tried)"
         )
     s, kl = min(tried, key=lambda t: abs(math.log(t[1] / target)) if 0 < t[1] < math.inf else math.inf)
     return {"scale": s, "kl": kl, "n_evals": len(tried)}
@@ -254,17 +271,25 @@ def component_selectivity(
         raise ValueError("no top examples: selectivity needs the component's top examples")
     base = baseline_examples(len(prompts), n_baseline, top, seed=seed)
     if len(base) < n_baseline:
-        raise ValueError(
+        raise SettingError(
             f"fewer baseline examples than asked: {len(prompts)} examples less {len(top)} top ones leave "
-            f"{len(base)}, but {n_baseline} were asked for (--n-baseline)"
+            f"{len(base)}, but {n_baseline} were asked for ({{n_baseline}})",
+            n_baseline="n_baseline",
         )
     reference = reference or Reference(adapter, task, list(prompts), batch_size)
     reference.get(top + base)  # unintervened log-probs first
     measure = lambda s: float(_mean_kl(adapter, task, prompts, base, intervention, s, reference, batch_size).mean())  # noqa: E731
     cal = calibrate(measure, target_kl, start=start, rtol=rtol)
     kl_top = float(_mean_kl(adapter, task, prompts, top, intervention, cal["scale"], reference, batch_size).mean())
-    return {"selectivity": kl_top / target_kl, "scale": cal["scale"], "kl_top": kl_top, "kl_baseline": cal["kl"],
-            "n_evals": cal["n_evals"], "n_top": len(top), "n_base": len(base)}  # fmt: skip
+    return {
+        "selectivity": kl_top / target_kl,
+        "scale": cal["scale"],
+        "kl_top": kl_top,
+        "kl_baseline": cal["kl"],
+        "n_evals": cal["n_evals"],
+        "n_top": len(top),
+        "n_base": len(base),
+    }
 
 
 def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

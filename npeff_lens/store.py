@@ -1,7 +1,7 @@
 """The on-disk PEF store: per-example low-rank Fishers ``G_i`` ("example rank dim"), in shards.
 
 Written in example order by the collector (``append`` / ``flush``), read memory-mapped by the estimator
-(``iter_batches`` / ``load_pefs``, the protocol of ``npeff_lens.decomposition``). It knows which examples
+(``iter_batches`` / ``load_pefs``: the :class:`~npeff_lens.sources.PEFSource` protocol). It knows which examples
 are done: a rerun of the collection with the same manifest reopens it (``PEFStore.create``) and carries on
 from ``len(store)`` without losing or duplicating an example, whatever point a ``kill -9`` hit.
 
@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import __version__
 from .config import ConfigMismatchError, check_same
 from .io import atomic_writer, to_jsonable
 from .io import fsync_dir as _fsync_dir
@@ -314,8 +315,6 @@ class PEFStore:
                 f"cannot create a PEF store at {path}: the directory is not empty and is not a store "
                 f"(it holds {sorted(leftovers)[:5]}{' ...' if len(leftovers) > 5 else ''})"
             )
-        from npeff_lens import __version__
-
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         full = dict(user)
         full.update(
@@ -714,8 +713,6 @@ class PEFStore:
         self._index_bytes += len(line)
 
     def _write_manifest(self) -> None:
-        from npeff_lens import __version__
-
         m = dict(self._manifest)
         m.update(
             count=self.committed,

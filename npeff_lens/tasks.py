@@ -18,9 +18,12 @@ clustering's ``log p(argmax | x)``, ``rows="prediction"``) plug in the same way.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
+
+from .errors import SettingError, literal
 
 
 class Task:
@@ -63,8 +66,10 @@ class Task:
         if max_length is None or not texts:
             return prompts, cuts
         if tokenizer is None:
-            raise ValueError("fitting prompts in max_length tokens needs the model's tokenizer; pass one to "
-                             "npeff_lens.adapt(model, tokenizer)")  # fmt: skip
+            raise ValueError(
+                "fitting prompts in max_length tokens needs the model's tokenizer; pass one to "
+                "npeff_lens.adapt(model, tokenizer)"
+            )
         lengths = _token_counts(tokenizer, prompts)
         over = [i for i, n in enumerate(lengths) if n > max_length]
         if not over:
@@ -144,8 +149,6 @@ class LabelTokens(Task):
         self.token_ids: list[int] | None = None
 
     def bind(self, adapter):
-        import warnings
-
         probe = self.format("x")
         ids = []
         for label in self.labels:
@@ -159,9 +162,10 @@ class LabelTokens(Task):
                     f"not one logit"
                 )
                 if self.multi_token == "error":
-                    raise ValueError(
-                        message + "; use a single-token label, or multi_token='first' (--label-first-token) to let "
-                        f"its first token {pieces[0]!r} stand for it as in the paper's App. E.1"
+                    raise SettingError(
+                        literal(message) + "; use a single-token label, or {label_first_token} to let its first "
+                        f"token {literal(repr(pieces[0]))} stand for it as in the paper's App. E.1",
+                        label_first_token="multi_token='first'",
                     )
                 warnings.warn(
                     message + f"; its first token {pieces[0]!r} stands for it (App. E.1); use single-token labels "

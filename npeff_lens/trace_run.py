@@ -43,13 +43,16 @@ def _facts(cmd: TraceCommand, adapter) -> tuple[list[str], list[str], list[str],
         rows = data.select(range(scanned, min(scanned + _SCAN_BATCH, len(data))))
         scanned += len(rows)
         chunk = [_answer(t) for t in rows["target"]]
-        for keep, text, subject, answer in zip(known_facts(adapter, rows["text"], chunk), rows["text"],
-                                                rows["subject"], chunk):  # fmt: skip
+        for keep, text, subject, answer in zip(
+            known_facts(adapter, rows["text"], chunk), rows["text"], rows["subject"], chunk
+        ):
             if keep and len(prompts) < cmd.n:
                 prompts.append(text), subjects.append(subject), answers.append(answer)
     if not prompts:
-        raise ValueError(f"the model predicts the answer of none of the {scanned} facts of {cmd.dataset!r}: "
-                         "nothing to trace with --known-only")  # fmt: skip
+        raise ValueError(
+            f"the model predicts the answer of none of the {scanned} facts of {cmd.dataset!r}: "
+            "nothing to trace with --known-only"
+        )
     return prompts, subjects, answers, scanned
 
 
@@ -59,10 +62,19 @@ def trace_run(cmd: TraceCommand) -> dict:
     adapter = load_model(cmd.model, backend=cmd.backend, device=cmd.device)
     prompts, subjects, answers, scanned = _facts(cmd, adapter)
     trace = causal_trace(
-        adapter, prompts, subjects, answers, noise=cmd.noise, n_samples=cmd.samples, kinds=cmd.kinds,
-        positions=cmd.positions, window=cmd.window, seed=cmd.seed, batch_size=cmd.batch_size,
+        adapter,
+        prompts,
+        subjects,
+        answers,
+        noise=cmd.noise,
+        n_samples=cmd.samples,
+        kinds=cmd.kinds,
+        positions=cmd.positions,
+        window=cmd.window,
+        seed=cmd.seed,
+        batch_size=cmd.batch_size,
         show_progress=cmd.progress,
-    )  # fmt: skip
+    )
     result = {
         "config": cmd.to_dict(),
         "model": cmd.model,
@@ -90,8 +102,11 @@ def format_trace(result: dict) -> str:
     )
     if result["positions"] == "all":
         groups = (POSITION_GROUPS.index("last subject token"), POSITION_GROUPS.index("last token"))
-        columns = [(f"{k}@{('last subj', 'last tok')[g == groups[1]]}", [row[g] for row in average[k]])
-                   for k in kinds for g in groups]  # fmt: skip
+        columns = [
+            (f"{k}@{('last subj', 'last tok')[g == groups[1]]}", [row[g] for row in average[k]])
+            for k in kinds
+            for g in groups
+        ]
         what = "average indirect effect at the last subject token and at the last token"
     else:
         columns = [(k, average[k]) for k in kinds]

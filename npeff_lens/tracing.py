@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -64,8 +65,18 @@ POSITION_GROUPS = (
     "last token",
 )
 
-_LAYER_LISTS = ("model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h",
-                "transformer.layers", "transformer.blocks", "gpt_neox.layers", "layers", "h", "blocks")  # fmt: skip
+_LAYER_LISTS = (
+    "model.layers",
+    "model.decoder.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "transformer.layers",
+    "transformer.blocks",
+    "gpt_neox.layers",
+    "layers",
+    "h",
+    "blocks",
+)
 _MODULE_NAMES = {
     "mlp": ("mlp", "feed_forward", "ffn", "mlp_block"),
     "attn": ("self_attn", "attn", "attention", "self_attention"),
@@ -261,8 +272,9 @@ def _fact(adapter, index: int, prompt: str, subject: str, answer: str) -> _Fact:
     if not answer_tokens:  # None: no answer is measured (the embeddings' scale only)
         raise ValueError(f"{where}: the answer {answer!r} has no token after {prompt!r}")
     ids = batch["input_ids"][0].tolist()
-    return _Fact(index, prompt, subject, answer, batch, positions, answer_tokens[0],
-                 adapter.tokenizer.convert_ids_to_tokens(ids))  # fmt: skip
+    return _Fact(
+        index, prompt, subject, answer, batch, positions, answer_tokens[0], adapter.tokenizer.convert_ids_to_tokens(ids)
+    )
 
 
 def _facts(adapter, prompts, subjects, answers) -> list[_Fact]:
@@ -395,15 +407,14 @@ def _probabilities(adapter, batch: dict[str, torch.Tensor], answer_token: int) -
 
 
 def _noise_draws(fact: _Fact, seed: int, n_samples: int, d: int, std: float) -> torch.Tensor:
-    import numpy as np
-
     state = int(np.random.SeedSequence([seed, fact.index]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(state)
     return torch.randn(n_samples, len(fact.subject_positions), d, generator=generator) * std
 
 
-def _trace_fact(adapter, modules, fact: _Fact, jobs: Sequence[_Job], *, noise_std: float, n_samples: int,
-                seed: int, batch_size: int) -> tuple[float, torch.Tensor]:  # fmt: skip
+def _trace_fact(
+    adapter, modules, fact: _Fact, jobs: Sequence[_Job], *, noise_std: float, n_samples: int, seed: int, batch_size: int
+) -> tuple[float, torch.Tensor]:
     """``(p_clean, p [job])``: the clean probability and each job's probability averaged over the noise draws."""
     sites = sorted({site for job in jobs for site, _ in job})
     with _Patcher(modules, sites) as patcher, torch.no_grad():
@@ -524,8 +535,14 @@ class CausalTrace:
         """Fact ``i``'s token positions in each of :data:`POSITION_GROUPS` (a group may be empty)."""
         subject, n = self.subject_positions[i], len(self.tokens[i])
         first, last = subject[0], subject[-1]
-        return [[first], subject[1:-1], [last], [last + 1] if last + 1 < n else [], list(range(last + 2, n - 1)),
-                [n - 1]]  # fmt: skip
+        return [
+            [first],
+            subject[1:-1],
+            [last],
+            [last + 1] if last + 1 < n else [],
+            list(range(last + 2, n - 1)),
+            [n - 1],
+        ]
 
     def average_indirect_effect(self) -> torch.Tensor:
         """The indirect effect averaged over the facts: ``[kind, layer]`` for ``positions="last_subject"``;
@@ -536,8 +553,10 @@ class CausalTrace:
             return torch.stack(effects).mean(dim=0)
         per_fact = []
         for i, effect in enumerate(effects):
-            groups = [effect[..., g].mean(dim=-1) if g else torch.full(effect.shape[:2], math.nan)
-                      for g in self.position_groups(i)]  # fmt: skip
+            groups = [
+                effect[..., g].mean(dim=-1) if g else torch.full(effect.shape[:2], math.nan)
+                for g in self.position_groups(i)
+            ]
             per_fact.append(torch.stack(groups, dim=-1))
         return torch.stack(per_fact).nanmean(dim=0)
 
@@ -546,23 +565,37 @@ class CausalTrace:
         average = self.average_indirect_effect()
         facts = []
         for i, effect in enumerate(self.indirect_effects):
-            facts.append({
-                "prompt": self.prompts[i], "subject": self.subjects[i], "answer": self.answers[i],
-                "answer_token": self.answer_tokens[i], "tokens": self.tokens[i],
-                "subject_positions": self.subject_positions[i], "p_clean": float(self.p_clean[i]),
-                "p_corrupted": float(self.p_corrupted[i]),
-                "indirect_effect": {k: effect[j].tolist() for j, k in enumerate(self.kinds)},
-            })  # fmt: skip
+            facts.append(
+                {
+                    "prompt": self.prompts[i],
+                    "subject": self.subjects[i],
+                    "answer": self.answers[i],
+                    "answer_token": self.answer_tokens[i],
+                    "tokens": self.tokens[i],
+                    "subject_positions": self.subject_positions[i],
+                    "p_clean": float(self.p_clean[i]),
+                    "p_corrupted": float(self.p_corrupted[i]),
+                    "indirect_effect": {k: effect[j].tolist() for j, k in enumerate(self.kinds)},
+                }
+            )
         return {
-            "kinds": list(self.kinds), "n_layers": self.n_layers, "positions": self.positions, "window": self.window,
-            "noise": self.noise, "embedding_std": self.embedding_std, "noise_std": self.noise_std,
-            "n_samples": self.n_samples, "seed": self.seed, "n_facts": len(self.prompts),
+            "kinds": list(self.kinds),
+            "n_layers": self.n_layers,
+            "positions": self.positions,
+            "window": self.window,
+            "noise": self.noise,
+            "embedding_std": self.embedding_std,
+            "noise_std": self.noise_std,
+            "n_samples": self.n_samples,
+            "seed": self.seed,
+            "n_facts": len(self.prompts),
             "position_groups": list(POSITION_GROUPS) if self.positions == "all" else None,
             "modules": {k: self.module_names.get((k, 0)) for k in self.kinds},
-            "average_p_clean": float(self.p_clean.mean()), "average_p_corrupted": float(self.p_corrupted.mean()),
+            "average_p_clean": float(self.p_clean.mean()),
+            "average_p_corrupted": float(self.p_corrupted.mean()),
             "average_indirect_effect": {k: average[j].tolist() for j, k in enumerate(self.kinds)},
             "facts": facts,
-        }  # fmt: skip
+        }
 
 
 def causal_trace(
@@ -614,20 +647,39 @@ def causal_trace(
         for fact in progress(facts, enabled=show_progress, desc="causal trace", unit="fact"):
             spots = range(fact.n_tokens) if positions == "all" else [fact.subject_positions[-1]]
             jobs = [()] + [_window(k, layer, window, n, p) for k in kinds for layer in range(n) for p in spots]
-            clean, p = _trace_fact(adapter, modules, fact, jobs, noise_std=noise * std, n_samples=n_samples,
-                                   seed=seed, batch_size=batch_size)  # fmt: skip
+            clean, p = _trace_fact(
+                adapter,
+                modules,
+                fact,
+                jobs,
+                noise_std=noise * std,
+                n_samples=n_samples,
+                seed=seed,
+                batch_size=batch_size,
+            )
             p_clean.append(clean)
             p_corrupted.append(float(p[0]))
             restored = p[1:].view(len(kinds), n, len(spots))
             p_restored.append(restored if positions == "all" else restored[..., 0])
     return CausalTrace(
-        prompts=[f.prompt for f in facts], subjects=[f.subject for f in facts], answers=[f.answer for f in facts],
-        answer_tokens=[f.answer_token for f in facts], tokens=[f.tokens for f in facts],
-        subject_positions=[f.subject_positions for f in facts], p_clean=torch.tensor(p_clean, dtype=torch.float64),
-        p_corrupted=torch.tensor(p_corrupted, dtype=torch.float64), p_restored=[r.double() for r in p_restored],
-        kinds=kinds, positions=positions, window=window, noise=float(noise), embedding_std=std, n_samples=n_samples,
-        seed=seed, module_names=dict(modules.names),
-    )  # fmt: skip
+        prompts=[f.prompt for f in facts],
+        subjects=[f.subject for f in facts],
+        answers=[f.answer for f in facts],
+        answer_tokens=[f.answer_token for f in facts],
+        tokens=[f.tokens for f in facts],
+        subject_positions=[f.subject_positions for f in facts],
+        p_clean=torch.tensor(p_clean, dtype=torch.float64),
+        p_corrupted=torch.tensor(p_corrupted, dtype=torch.float64),
+        p_restored=[r.double() for r in p_restored],
+        kinds=kinds,
+        positions=positions,
+        window=window,
+        noise=float(noise),
+        embedding_std=std,
+        n_samples=n_samples,
+        seed=seed,
+        module_names=dict(modules.names),
+    )
 
 
 def restored_probability(
@@ -663,16 +715,26 @@ def restored_probability(
     job = []
     for kind, layer, positions in restore:
         if (kind, layer) not in modules.sites:
-            raise ValueError(f"no {kind!r} module at layer {layer!r} (the model has {modules.n_layers} layers; "
-                             f"kinds {', '.join(modules.kinds())})")  # fmt: skip
+            raise ValueError(
+                f"no {kind!r} module at layer {layer!r} (the model has {modules.n_layers} layers; "
+                f"kinds {', '.join(modules.kinds())})"
+            )
         spots = tuple(range(fact.n_tokens)) if positions is None else tuple(int(p) for p in positions)
         if any(not 0 <= p < fact.n_tokens for p in spots):
             raise ValueError(f"positions {spots} outside the prompt's {fact.n_tokens} tokens")
         job.append(((kind, layer), spots))
     with _evaluating(adapter.module):
         std = _embedding_std(adapter, modules, [fact]) if embedding_std is None else float(embedding_std)
-        clean, p = _trace_fact(adapter, modules, fact, [(), tuple(job)], noise_std=noise * std, n_samples=n_samples,
-                               seed=seed, batch_size=batch_size)  # fmt: skip
+        clean, p = _trace_fact(
+            adapter,
+            modules,
+            fact,
+            [(), tuple(job)],
+            noise_std=noise * std,
+            n_samples=n_samples,
+            seed=seed,
+            batch_size=batch_size,
+        )
     return {"p_clean": clean, "p_corrupted": float(p[0]), "p_restored": float(p[1])}
 
 

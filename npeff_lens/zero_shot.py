@@ -7,6 +7,9 @@ import time
 
 import torch
 
+from .data import load_dataset
+from .tasks import LabelTokens, shortened_note
+
 TEMPLATE = "Review: {text}\nSentiment:"
 LABELS = (" negative", " positive")
 
@@ -15,8 +18,6 @@ LABELS = (" negative", " positive")
 def label_token_scores(adapter, texts, template: str, labels, batch_size: int = 16, max_length: int | None = None):
     """Label-token logits ``[n, len(labels)]`` for each text under ``template``; a prompt longer than
     ``max_length`` tokens loses tokens from its text's end, as the collection's do (the template kept)."""
-    from .tasks import LabelTokens
-
     task = LabelTokens(template, labels).bind(adapter)  # first token of each label after the prompt
     prompts, _ = task.fitted_prompts(adapter.tokenizer, list(texts), max_length)
     return _scores(adapter, task, prompts, batch_size)
@@ -55,9 +56,6 @@ def held_out_accuracy(
     held-out (test-split) reviews, each prompt in at most ``max_length`` tokens as the collection fits them
     (:meth:`~npeff_lens.tasks.Task.fitted_prompts`). Returns ``accuracy``, ``threshold``, the two counts,
     ``shortened`` (a line on the reviews whose text was shortened, None if none was) and ``seconds``."""
-    from .data import load_dataset
-    from .tasks import LabelTokens, shortened_note
-
     t0 = time.time()
     n_calibration = n // 3 if n_calibration is None else n_calibration
     if not 1 <= n_calibration < n:

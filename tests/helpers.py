@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import os
 import random
+import shlex
 import warnings
 from pathlib import Path
 
@@ -53,6 +54,19 @@ def write_reviews_csv(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def reviews_collect_argv(dataset, out, *extra: str, labels=LABELS, proj_dim: int = 256) -> list[str]:
+    """`npeff collect` of tiny-llama on a ``write_reviews_csv`` file into ``out`` (float32 PEFs), then ``extra``."""
+    task = shlex.split("--text-column review --label-column sentiment --template 'Review: {text} Sentiment:'")
+    argv = ["collect", "--model", "tiny-llama", "--dataset", str(dataset), *task, "--labels", *labels]
+    return [*argv, "--proj-dim", str(proj_dim), "--dtype", "float32", "--out", str(out), "--no-progress", *extra]
+
+
+def decompose_argv(store, out, *extra: str) -> list[str]:
+    """`npeff decompose` of ``store`` into ``out``: 3 components, 40 steps of which 10 warm up, then ``extra``."""
+    argv = shlex.split("decompose --components 3 --steps 40 --warmup-steps 10")
+    return [*argv, "--store", str(store), "--out", str(out), "--no-progress", *extra]
+
+
 def model_cache(quiet: bool = True):
     """``load(arch, backend="hf")``: ``load_model`` once per (arch, backend) for the module that calls this (each
     module its own cache, so that one that changes a model cannot reach another); ``quiet`` silences load warnings."""
@@ -70,8 +84,16 @@ def model_cache(quiet: bool = True):
 
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 HAS_CHROMIUM = os.path.exists(CHROMIUM)
 
 

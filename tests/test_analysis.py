@@ -244,7 +244,7 @@ def test_degeneracy_names_always_on_and_near_duplicate_components():
 
 
 def test_compare_prints_a_warning_for_degenerate_components():
-    from npeff_lens.compare import format_compare
+    from npeff_lens.comparison import format_compare
 
     row = {"n_components": 4, "degenerate": "2 of 4 components active on >= 99% of the examples"}
     text = format_compare({"methods": {"npeff": {"n_components": 4, "degenerate": None}, "sae": row}})
@@ -272,7 +272,7 @@ def test_npeff_leftovers_are_inactive_and_every_reader_agrees():
     from types import SimpleNamespace
 
     from npeff_lens.analysis import ACTIVE_DEFINITION, active, active_share, active_threshold, degeneracy
-    from npeff_lens.compare import _CompareContext, format_compare
+    from npeff_lens.comparison import _CompareContext, format_compare
     from npeff_lens.config import CompareConfig
     from npeff_lens.report.data import RunView, histogram, statistics, top_indices
     from npeff_lens.selectivity import top_positive
@@ -286,7 +286,7 @@ def test_npeff_leftovers_are_inactive_and_every_reader_agrees():
     # compare: no degeneracy warning, the dead component is not alive, its count is the report's
     labels = ["a" if i % 2 else "b" for i in range(m)]
     ctx = object.__new__(_CompareContext)
-    ctx.cfg, ctx.labels, ctx.predictions = CompareConfig(k=k), labels, labels
+    ctx.config, ctx.labels, ctx.predictions = CompareConfig(k=k), labels, labels
     row = ctx.summarize("npeff", SimpleNamespace(coefficients_=c.float()))
     assert row["n_always_on"] == 0 and row["degenerate"] is None and row["alive"] == 4
     assert "warning" not in format_compare({"methods": {"npeff": row}})

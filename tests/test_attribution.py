@@ -12,7 +12,8 @@ import torch
 from helpers import model_cache
 
 from npeff_lens.attribution import TokenAttributor, attribute_tokens, stored_loadings
-from npeff_lens.collect import PEFComputer, collect_pefs
+from npeff_lens.collect import collect_pefs
+from npeff_lens.pef import PEFComputer
 from npeff_lens.projection import SparseProjection
 from npeff_lens.tasks import LabelTokens
 

@@ -9,6 +9,7 @@ block, so that no n x n matrix of the default parameter selection is ever materi
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import signal
@@ -21,8 +22,10 @@ import pytest
 import torch
 from helpers import model_cache
 
-from npeff_lens.collect import PEFComputer, collect_pefs
+from npeff_lens.collect import collect_pefs
+from npeff_lens.errors import SettingError, as_flag
 from npeff_lens.models import adapt, tiny_model
+from npeff_lens.pef import PEFComputer
 from npeff_lens.projection import SparseProjection
 from npeff_lens.store import PEFStore, StoreMismatchError
 from npeff_lens.tasks import ClassifierHead, LabelTokens, NextToken
@@ -394,11 +397,47 @@ def test_bad_input(tmp_path):
         collect(adapter, TEXTS, LabelTokens(TEMPLATE, [" bad", ""]), tmp_path / "c")
     # " bad" and " badly" both start with the token " bad" in the tiny tokenizer
     assert adapter.continuation_token_ids("x:", " badly")[0] == adapter.continuation_token_ids("x:", " bad")[0]
-    named = r"label ' badly' is 3 tokens after the prompt \(\[' bad', 'l', 'y'\]\).*--label-first-token"
-    with pytest.raises(ValueError, match=named):
+    named = r"label ' badly' is 3 tokens after the prompt \(\[' bad', 'l', 'y'\]\).*multi_token='first'"
+    with pytest.raises(SettingError, match=named) as e:
         collect(adapter, TEXTS, LabelTokens(TEMPLATE, [" bad", " badly"]), tmp_path / "d")
+    assert "or --label-first-token to let its first token ' bad' stand for it" in e.value.render(as_flag)
     with pytest.raises(ValueError, match="share a first token"):
         collect(adapter, TEXTS, LabelTokens(TEMPLATE, [" bad", " badly"], multi_token="first"), tmp_path / "d")
+
+
+def test_collection_logs_what_it_did_and_its_errors_name_settings(tmp_path, caplog, capsys, monkeypatch):
+    """collect_pefs prints nothing: rows left out, labels mapped by position, flagged examples and the store's size
+    are INFO records of the ``npeff_lens.collect`` logger, naming no flag; its errors name the settings in Python
+    words and render as the command line's flags."""
+    import datasets
+
+    from npeff_lens import collect as collect_module
+
+    adapter = model("tiny-llama")
+    data = datasets.Dataset.from_dict({"text": TEXTS, "label": [0, 2, 7, 1]})  # 7: no outcome of three
+    kw = dict(params=MLP_DOWN, proj_dim=None, batch_size=2, progress=False, drop_invalid=True)
+    with caplog.at_level(logging.INFO, logger="npeff_lens"):
+        store = collect_pefs(adapter, data, _OneHot(TEMPLATE, LABELS), tmp_path / "s", **kw)
+    said = [r.getMessage() for r in caplog.records if r.name == "npeff_lens.collect"]
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "npeff_lens.collect")
+    assert said == [
+        "left out 1 invalid row(s) of 'user' (rows 2)",
+        "integer labels map to the task's outcomes by position: label 0 → ' sad', 1 → ' bad', 2 → ' awful' "
+        "(label names map them by name)",
+        "3 example(s) flagged (zero or non-finite PEF, stored as zeros); see the store's metadata 'flag' column",
+        f"3 examples in {store.path}; labels: awful 1, bad 1, sad 1",
+    ]
+    assert not any("--" in m for m in said) and capsys.readouterr().err == ""
+
+    with pytest.raises(SettingError) as e:
+        collect(adapter, TEXTS, LabelTokens(TEMPLATE, LABELS), tmp_path / "n", n=len(TEXTS) + 1)
+    assert str(e.value).startswith("n must be in [1, 4]") and e.value.render(as_flag).startswith("--n must be in")
+    monkeypatch.setattr(collect_module, "_available_memory", lambda: 2**12)  # less than two batches of PEFs
+    with pytest.raises(SettingError) as e:
+        collect(adapter, TEXTS, LabelTokens(TEMPLATE, LABELS), tmp_path / "raw", params=MLP_DOWN)
+    assert "unprojected PEFs (proj_dim 0) of 2,048 parameters" in str(e.value) and "--" not in str(e.value)
+    flags = e.value.render(as_flag)
+    assert "unprojected PEFs (--proj-dim 0) of 2,048" in flags and flags.endswith("select fewer parameters (--params)")
 
 
 class _NaNForSecond(LabelTokens):

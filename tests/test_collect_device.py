@@ -11,8 +11,10 @@ import pytest
 import torch
 from helpers import LABELS, TEMPLATE, random_texts
 
-from npeff_lens.collect import PEFComputer, _Finishing, finish_batch
-from npeff_lens.models import load_model, parameter_layout
+from npeff_lens.collect import PendingBatch, finish_batch
+from npeff_lens.layout import parameter_layout
+from npeff_lens.models import load_model
+from npeff_lens.pef import PEFComputer
 from npeff_lens.projection import KroneckerProjection, SparseProjection
 from npeff_lens.tasks import LabelTokens
 
@@ -71,7 +73,7 @@ def test_batches_finished_in_collection_order_equal_the_cpu_s_one_at_a_time(devi
     comp, task = _computer(device, projection)
     results, waiting = [], None
     for k, chunk in enumerate(batches):  # the next batch is queued before the previous one is read
-        started = _Finishing(*_spoiled(*comp.compute(task.prompts(chunk)), k), {"text": chunk}, 4 * k, task, rank, 5)
+        started = PendingBatch(*_spoiled(*comp.compute(task.prompts(chunk)), k), {"text": chunk}, 4 * k, task, rank, 5)
         if waiting is not None:
             results.append(waiting.result())
         waiting = started
@@ -105,12 +107,12 @@ def test_batches_finished_in_collection_order_equal_the_cpu_s_one_at_a_time(devi
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_results_are_read_after_the_copy_behind_a_busy_device():
-    """The device is kept busy before the batch is finished, so its copy is still queued when ``_Finishing``
+    """The device is kept busy before the batch is finished, so its copy is still queued when ``PendingBatch``
     returns: ``result()`` must wait for it (a missing or early event would read the pinned buffer too soon)."""
     x = torch.randn(3, 2, 4096, device="cuda")
     torch.cuda._sleep(2_000_000_000)  # about a second of device time ahead of the copy
-    batch = _Finishing(x, torch.randn(3, 2, device="cuda").log_softmax(-1), {"text": ["a", "b", "c"]}, 0,
-                       LabelTokens(TEMPLATE, LABELS), None, 5)  # fmt: skip
+    log_probs = torch.randn(3, 2, device="cuda").log_softmax(-1)
+    batch = PendingBatch(x, log_probs, {"text": ["a", "b", "c"]}, 0, LabelTokens(TEMPLATE, LABELS), None, 5)
     assert batch.in_flight and not batch.event.query()  # returned before the device got to the copy
     assert all(t.is_pinned() for t in batch.tensors)
     pefs, meta = batch.result()

@@ -5,6 +5,7 @@ import datasets
 import pytest
 
 import npeff_lens as nl
+from npeff_lens.errors import SettingError, as_flag
 
 
 def test_movie_reviews():
@@ -208,8 +209,10 @@ def test_file_errors(tmp_path):
     with pytest.raises(ValueError, match="not written by datasets' save_to_disk"):
         nl.load_dataset(tmp_path / "plain_dir")
     (tmp_path / "d.csv").write_text("sentence,label\nhi,1\n")
-    with pytest.raises(ValueError, match=r"no 'text' column \(it has columns \['sentence', 'label'\]\).*--text-column"):
+    with pytest.raises(ValueError, match=r"no 'text' column \(it has columns \['sentence', 'label'\]\)") as e:
         nl.load_dataset(tmp_path / "d.csv")
+    assert "columns={'text': '<your column>'}" in str(e.value) and "--" not in str(e.value)
+    assert e.value.render(as_flag).endswith("name yours with --text-column")
     with pytest.raises(ValueError, match=r"columns \['body'\] not in the dataset at"):
         nl.load_dataset(tmp_path / "d.csv", columns={"text": "body"})
     (tmp_path / "e.csv").write_text("text,label\nhi,pos\nho,maybe\n")
@@ -228,8 +231,12 @@ def test_file_errors(tmp_path):
 def test_builtin_rejects_columns_and_label_names():
     with pytest.raises(ValueError, match="cannot be used with the built-in dataset 'trec'"):
         nl.load_dataset("trec", columns={"text": "question"})
-    with pytest.raises(ValueError, match=r"label_names=\['a', 'b'\] cannot be used"):
+    with pytest.raises(ValueError, match=r"label_names=\['a', 'b'\] cannot be used") as e:
         nl.load_dataset("trec", label_names=["a", "b"])
+    assert e.value.render(as_flag).startswith("--label-names cannot be used with the built-in dataset 'trec'")
+    with pytest.raises(SettingError, match=r"columns=\{'text': 'q'\}, columns=\{'label': 'y'\} cannot") as e:
+        nl.load_dataset("trec", columns={"text": "q", "label": "y"})
+    assert e.value.render(as_flag).startswith("--text-column, --label-column cannot be used")
     # no-op mappings (what the command line passes by default) are fine
     ds = nl.load_dataset("trec", "test", columns={"text": "text", "label": None})
     assert len(ds) == round(0.2 * 5_452) and ds["text"] == nl.load_dataset("trec", "test")["text"]
@@ -269,11 +276,42 @@ def test_a_typo_an_empty_label_or_an_empty_text_names_the_rows(tmp_path):
         align_labels(ds, [" negative", " positive"])
     msg = str(e.value)
     assert "\n" not in msg and "row 2 has a label that names none" in msg and "'postive'" in msg
-    assert "row 3 has empty text" in msg and "row 4 has empty label" in msg and "--drop-invalid" in msg
+    assert "row 3 has empty text" in msg and "row 4 has empty label" in msg and "pass drop_invalid=True" in msg
+    assert "--" not in msg and e.value.fields == ("labels", "label_names", "drop_invalid")
+    flags = e.value.render(as_flag)  # the command line's words: the same message with flags
+    assert "(--labels; --label-names for integer labels), or pass --drop-invalid to leave the rows out" in flags
+    assert flags.split(":")[0] == msg.split(":")[0] and "row 2 has a label that names none" in flags
     found = align_labels(ds, [" negative", " positive"], drop_invalid=True)
     kept = found.dataset
     assert found.dropped == [2, 3, 4] and kept["text"] == ["good", "bad"] and kept["label"] == [1, 0]
     assert found.rows == [0, 1]
+
+
+def test_errors_name_settings_in_python_words_and_render_them_as_flags(tmp_path):
+    """Column and label errors are SettingErrors: ``str`` names the keyword arguments, ``render(as_flag)`` the
+    command line's flags, and text from the data (braces included) is quoted as it is, never read as a setting."""
+    path = tmp_path / "d.csv"
+    path.write_text("body,y\n{x},{pos}\nb,neg\n")
+    with pytest.raises(SettingError) as e:
+        nl.load_dataset(path, columns={"text": "body", "label": "why"})
+    assert str(e.value).endswith("fix columns={'label': 'why'}")
+    assert e.value.render(as_flag).endswith("fix --label-column") and e.value.fields == ("label_column",)
+    with pytest.raises(SettingError, match="map two of our columns to the same column") as e:
+        nl.load_dataset(path, columns={"text": "body", "label": "body"})
+    assert e.value.render(as_flag).startswith("--text-column, --label-column map two")
+    with pytest.raises(SettingError, match=r"label_names \['a', 'a'\] has duplicates") as e:
+        nl.load_dataset(path, columns={"text": "body", "label": "y"}, label_names=["a", "a"])
+    assert e.value.render(as_flag) == "--label-names ['a', 'a'] has duplicates"
+
+    from npeff_lens.data import align_labels
+
+    ds = nl.load_dataset(path, columns={"text": "body", "label": "y"})
+    assert ds["text"] == ["{x}", "b"]
+    with pytest.raises(SettingError) as e:
+        align_labels(ds, [" neg", " {ok}"], source="the dataset '{d}'")
+    for text in (str(e.value), e.value.render(as_flag)):
+        assert text.startswith("the dataset '{d}': row 0 has a label that names none of the task's outcomes")
+        assert "[' neg', ' {ok}']: ['{pos}']" in text
 
 
 def test_integer_labels_without_names_index_the_outcomes():

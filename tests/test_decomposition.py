@@ -10,9 +10,13 @@ import warnings
 import pytest
 import torch
 
+from npeff_lens.checkpoints import fingerprint
 from npeff_lens.config import DecomposeConfig
 from npeff_lens.constraints import _PARAMETER_CONSTRAINTS
 from npeff_lens.decomposition import NPEFF, validate_params
+from npeff_lens.errors import CorruptFileError, NotFittedError, SettingError
+from npeff_lens.nmf import npeff_factorization
+from npeff_lens.sources import PEFSource, open_shard
 
 
 def planted(m=240, C=6, d=48, max_active=3, seed=0, dtype=torch.float64):
@@ -315,7 +319,7 @@ def test_rank_one_2d_input_and_validation():
         NPEFF(3, **FAST).fit(G.float(), H=torch.zeros(3, 12))
     with pytest.raises(ValueError, match="0 examples"):
         NPEFF(3, **FAST).fit(torch.zeros(0, 1, 12))
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         NPEFF(3).transform(G.float())
 
 
@@ -406,8 +410,8 @@ def test_the_decompose_step_has_the_estimators_defaults():
     assert str(signature["dtype"].default) == f"torch.{DecomposeConfig.__dataclass_fields__['dtype'].default}"
 
 
-def test_an_estimator_from_a_config_checks_only_what_changed_after():
-    """A config's values were checked when it was built; fit checks again only values set since, and new ones."""
+def test_an_estimator_from_a_config_checks_what_changed_after():
+    """A config's values were checked when it was built, and new ones when they are given; fit checks them all."""
     est = NPEFF.from_config(DecomposeConfig(n_components=2, n_steps=3, n_warmup_steps=1), progress=False)
     x = torch.rand(6, 2, 5)
     est.fit(x)
@@ -476,14 +480,14 @@ def test_bf16_storage_keeps_the_working_dtype(storage_fits):
     assert half.transform(G, n_steps=5).dtype == torch.float32
     full_bytes = G.numel() * 4
     # A budget between the bf16 and the fp32 size: bf16 storage holds G, fp32 storage streams it.
-    est = NPEFF(6, storage_dtype="bfloat16", memory_budget=full_bytes * 3 // 4, progress=False)
-    _, shard, _ = est._shard(G)
+    kw = dict(storage_dtype="bfloat16", memory_budget=full_bytes * 3 // 4)
+    _, shard, _ = open_shard(G, 6, **kw)
     assert shard.in_memory and shard.G.dtype == torch.bfloat16 and shard.resident_bytes == full_bytes // 2
     assert shard.scale.dtype == torch.float32 and shard.dtype == torch.float32
     blocks = list(shard.blocks())
     assert all(b.dtype == torch.float32 and sc.dtype == torch.float32 for _, b, sc in blocks)
     assert torch.equal(torch.cat([b for _, b, _ in blocks]), G.bfloat16().float())
-    _, shard32, _ = est.set_params(storage_dtype=None)._shard(G)
+    _, shard32, _ = open_shard(G, 6, **{**kw, "storage_dtype": None})
     assert not shard32.in_memory and shard32.G is None and shard32.resident_bytes == full_bytes
 
 
@@ -519,23 +523,24 @@ def test_float16_storage_overflow_names_the_flag_and_bfloat16_holds_the_same_pef
     G, _, _ = planted(m=10, d=8)
     G = G.float()
     G[3] *= 1e5  # beyond float16's 65504
-    held = r"examples \[3\]\) as held in float16 \(storage_dtype, --storage-dtype\); if they are finite in the store, "
-    held += r"float16 overflowed them .*in bfloat16"
-    with pytest.raises(ValueError, match=held):
+    held = r"examples \[3\]\) as held in float16 \(storage_dtype\); if they are finite in the store, "
+    held += r"float16 overflowed them .*in bfloat16.* or pass nonfinite='exclude' to drop them"
+    with pytest.raises(SettingError, match=held) as err:
         NPEFF(3, storage_dtype="float16", **FAST).fit(G)
+    assert err.value.fields == ("storage_dtype", "nonfinite")
+    flags = err.value.render(lambda field: "--" + field.replace("_", "-"))
+    assert "float16 (--storage-dtype)" in flags and "pass --nonfinite='exclude'" in flags
     assert math.isfinite(NPEFF(3, storage_dtype="bfloat16", **FAST).fit(G).reconstruction_err_)
 
 
 def test_storage_dtype_params_repr_save_load_and_checkpoints(tmp_path):
-    from npeff_lens.decomposition import _fingerprint
-
     assert "storage_dtype" not in repr(NPEFF(3))
     assert "storage_dtype=torch.bfloat16" in repr(NPEFF(3, storage_dtype=torch.bfloat16))
     assert NPEFF(3).get_params()["storage_dtype"] is None
     # Fingerprints of checkpoints written before storage_dtype existed had no such key: still equal.
     old = {"n_components", "m", "rows", "dim", "seed", "lr", "warmup_lr", "n_warmup_steps", "eps", "dtype", "init"}
-    assert set(_fingerprint(NPEFF(3).get_params(), 1, 1, 1)) == old
-    assert set(_fingerprint(NPEFF(3, storage_dtype="float32").get_params(), 1, 1, 1)) == old
+    assert set(fingerprint(NPEFF(3).get_params(), 1, 1, 1)) == old
+    assert set(fingerprint(NPEFF(3, storage_dtype="float32").get_params(), 1, 1, 1)) == old
     G, _, _ = planted(m=30, d=12)
     G = G.float()
     kw = dict(seed=1, checkpoint_every=5, n_steps=10, n_warmup_steps=5, progress=False)
@@ -554,3 +559,93 @@ def test_storage_dtype_params_repr_save_load_and_checkpoints(tmp_path):
     assert loaded.storage_dtype == "bfloat16"
     assert loaded.get_params() == {**full.get_params(), "dtype": "float32", "storage_dtype": "bfloat16"}
     assert torch.equal(loaded.components_, full.components_)
+
+
+# ----------------------------------------------------------------------------------------------
+# The functional solver, the input interface, saving and the estimator's errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_the_functional_solver_is_the_estimators_fit_bit_for_bit(tmp_path):
+    G, _, _ = planted(m=70, d=20)
+    G = G.float()
+    G[5] = 0  # an excluded example
+    kw = dict(seed=4, n_steps=40, n_warmup_steps=10, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = NPEFF(5, **kw).fit(G)
+        W, H, n_iter = npeff_factorization(G, 5, **kw)
+        fitted = npeff_factorization(FakeStore(G, batch=9), 5, memory_budget=0, batch_size=9, **kw)
+    assert torch.equal(W, est.coefficients_) and torch.equal(H, est.components_) and n_iter == est.n_iter_ == 50
+    streamed = NPEFF(5, memory_budget=0, batch_size=9, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        streamed.fit(FakeStore(G, batch=9))
+    assert torch.equal(fitted.W, streamed.coefficients_) and torch.equal(fitted.H, streamed.components_)
+    assert torch.equal(fitted.loss_history, streamed.loss_history_) and fitted.excluded.nonzero().tolist() == [[5]]
+    # transform is the solver with the components fixed
+    with pytest.warns(RuntimeWarning, match="zero or non-finite Frobenius norm") as seen:
+        again = npeff_factorization(G, H=est.components_, update_H=False, n_steps=60, seed=4, progress=False)
+    assert seen[0].filename == __file__  # the warning points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(again.W, est.transform(G, n_steps=60)) and again.n_iter == 60
+    with pytest.raises(ValueError, match="pass H"):
+        npeff_factorization(G, 5, update_H=False)
+
+
+def test_a_pef_store_is_a_pef_source(tmp_path):
+    from npeff_lens.store import PEFStore
+
+    G, _, _ = planted(m=12, d=8)
+    store = PEFStore.create(tmp_path / "pefs", {"model": "m"}, rows=G.shape[1], dim=8, dtype="float32")
+    store.append(G.float(), [{}] * 12)
+    store.flush()
+    assert isinstance(store, PEFSource) and isinstance(FakeStore(G), PEFSource)
+    assert not isinstance(G, PEFSource)
+    with pytest.raises(TypeError, match="lacks"):
+        NPEFF(2, **FAST).fit([[1.0]])
+
+
+def _flip(path, offset=-3):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_saved_decomposition_is_a_corrupt_file_error(tmp_path, planted_fit):
+    _, _, _, est = planted_fit
+    est.save(tmp_path / "dec")
+    assert torch.equal(NPEFF.load(tmp_path / "dec").components_, est.components_)
+    _flip(tmp_path / "dec" / "npeff.safetensors")
+    with pytest.raises(CorruptFileError, match=r"npeff\.safetensors is damaged"):
+        NPEFF.load(tmp_path / "dec")
+    with pytest.raises(ValueError, match="does not hold an NPEFF decomposition"):
+        (tmp_path / "dec" / "config.json").write_text('{"class": "GradientClustering"}')
+        NPEFF.load(tmp_path / "dec")
+
+
+def test_a_decomposition_saved_without_a_checksum_still_loads(tmp_path, planted_fit):
+    from safetensors.torch import load_file, save_file
+
+    _, _, _, est = planted_fit
+    est.save(tmp_path / "dec")
+    path = tmp_path / "dec" / "npeff.safetensors"
+    save_file(load_file(path), path)  # as written before files carried a checksum
+    assert torch.equal(NPEFF.load(tmp_path / "dec").coefficients_, est.coefficients_)
+
+
+def test_not_fitted_is_one_error_that_is_also_a_value_and_an_attribute_error():
+    assert issubclass(NotFittedError, ValueError) and issubclass(NotFittedError, AttributeError)
+    est = NPEFF(3)
+    with pytest.raises(NotFittedError, match="not fitted"):
+        est.save("unused")
+    assert not hasattr(est, "components_")
+
+
+def test_verbose_logs_a_summary_and_prints_nothing(capsys, caplog):
+    G, _, _ = planted(m=30, d=12)
+    with caplog.at_level("INFO", logger="npeff_lens.decomposition"):
+        NPEFF(3, verbose=1, **FAST).fit(G.float())
+    assert capsys.readouterr() == ("", "")
+    assert any("NPEFF: 180 steps, loss" in r.getMessage() and r.levelname == "INFO" for r in caplog.records)

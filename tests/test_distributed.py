@@ -22,9 +22,14 @@ from npeff_lens.store import PEFStore
 pytestmark = pytest.mark.distributed
 
 N = 40  # 10 batches of 4: 5 rounds of two ranks
-ARGS = ["--model", "tiny-llama", "--template", "Review: {text} Sentiment:", "--labels", " bad", " sad",
-        "--proj-dim", "128", "--dtype", "float32", "--batch-size", "4", "--shard-size", "8", "--flush-every", "8",
-        "--split", "none", "--no-progress"]  # fmt: skip
+ARGS = [
+    *"--model tiny-llama --template".split(),
+    "Review: {text} Sentiment:",
+    "--labels",
+    " bad",
+    " sad",
+    *"--proj-dim 128 --dtype float32 --batch-size 4 --shard-size 8 --flush-every 8 --split none --no-progress".split(),
+]
 
 # Runs the command line on each rank; on rank KILL, SIGKILL at its AT-th batch; on rank SEED_RANK, another --seed.
 LAUNCH = textwrap.dedent(
@@ -33,7 +38,7 @@ LAUNCH = textwrap.dedent(
     rank, kill, at, seed_rank = int(os.environ["RANK"]), int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     argv = sys.argv[4:] + (["--seed", "1"] if rank == seed_rank else [])
     if rank == kill:
-        from npeff_lens.collect import PEFComputer
+        from npeff_lens.pef import PEFComputer
         original, calls = PEFComputer.compute, [0]
         def wrapped(*a, **k):
             calls[0] += 1
@@ -59,8 +64,8 @@ def _torchrun(tmp_path, out, kill=-1, at=0, seed_rank=-1):
     script = tmp_path / "launch.py"
     script.write_text(LAUNCH)
     data = str(tmp_path.parent / "data.jsonl")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(script),
-           str(kill), str(at), str(seed_rank), "collect", *ARGS, "--dataset", data, "--out", str(out)]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(script)]
+    cmd = [*launcher, str(kill), str(at), str(seed_rank), "collect", *ARGS, "--dataset", data, "--out", str(out)]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
 
 

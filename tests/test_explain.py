@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import warnings
 
 import pytest
@@ -55,9 +56,15 @@ def run(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         adapter = nl.load_model("tiny-llama")
-        store = collect_pefs(adapter, datasets.Dataset.from_dict({"text": texts, "label": labels}),
-                             LabelTokens(TEMPLATE, LABELS), root / "pefs", proj_dim=256, batch_size=8,
-                             progress=False)  # fmt: skip
+        store = collect_pefs(
+            adapter,
+            datasets.Dataset.from_dict({"text": texts, "label": labels}),
+            LabelTokens(TEMPLATE, LABELS),
+            root / "pefs",
+            proj_dim=256,
+            batch_size=8,
+            progress=False,
+        )
         est = decompose_store(store, root / "npeff", n_components=C, n_steps=300, n_warmup_steps=10, progress=False)
         build(root / "npeff", k=K, attribute=False, progress=False)
         asked = [3, 0, 17, 30]
@@ -150,7 +157,7 @@ def test_an_input_from_outside_the_runs_data_is_answered(run):
 
 
 def test_a_zero_pef_is_answered_with_no_share_and_a_note(run, monkeypatch):
-    from npeff_lens.collect import PEFComputer
+    from npeff_lens.pef import PEFComputer
 
     compute = PEFComputer.compute
 
@@ -304,8 +311,16 @@ def test_a_rank_reduced_run_reproduces_its_stored_rows(tmp_path, rank):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         adapter = nl.load_model("tiny-llama")
-        store = collect_pefs(adapter, texts, LabelTokens(TEMPLATE, LABELS), tmp_path / "pefs", proj_dim=128,
-                             rank=rank, dtype="float32", progress=False)  # fmt: skip
+        store = collect_pefs(
+            adapter,
+            texts,
+            LabelTokens(TEMPLATE, LABELS),
+            tmp_path / "pefs",
+            proj_dim=128,
+            rank=rank,
+            dtype="float32",
+            progress=False,
+        )
         est = decompose_store(store, tmp_path / "npeff", n_components=2, n_steps=40, n_warmup_steps=5, progress=False)
         [e] = explain(tmp_path / "npeff", texts[5], adapter=adapter, top=2, k=4)
     G = store.load_pefs([5])
@@ -324,18 +339,9 @@ def test_the_command_prints_the_top_components_and_writes_the_page_and_json(run,
     are written into --out."""
     d = run["root"] / "npeff"
     out = tmp_path / "explained"
-    argv = [
-        "explain",
-        str(d),
-        "--text",
-        "great fun film",
-        "--text",
-        "awful dull movie",
-        "--top",
-        "2",
-        "--out",
-        str(out),
-    ]
+    argv = ["explain", str(d), "--out", str(out)] + shlex.split(
+        "--text 'great fun film' --text 'awful dull movie' --top 2"
+    )
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.index("great fun film") < printed.index("awful dull movie")

@@ -7,6 +7,7 @@ error, never just "no exception"."""
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -19,8 +20,10 @@ import torch
 from helpers import LABELS, TEMPLATE, random_texts
 
 from npeff_lens.cli import main
-from npeff_lens.collect import Interrupted, PEFComputer, _Finishing, _Writer, collect_pefs
-from npeff_lens.decomposition import NPEFF, CorruptFileError
+from npeff_lens.collect import Interrupted, PendingBatch, _Writer, collect_pefs
+from npeff_lens.decomposition import NPEFF
+from npeff_lens.errors import CorruptFileError
+from npeff_lens.pef import PEFComputer
 from npeff_lens.runs import RUN_FILE, decompose_store, run_perturbation
 from npeff_lens.store import CorruptStoreError, MissingExamplesError, PEFStore
 from npeff_lens.tasks import LabelTokens
@@ -39,8 +42,9 @@ def reference(tmp_path_factory, adapter):
     root = tmp_path_factory.mktemp("faults_ref")
     store = collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), root / "pefs", **KW)
     est = decompose_store(root / "pefs", root / "npeff", **FIT)
-    perturb = run_perturbation(root / "npeff", 2, magnitude=0.5, top_k=4, n_baseline=8, out=root / "p",
-                               adapter=adapter, progress=False)  # fmt: skip
+    perturb = run_perturbation(
+        root / "npeff", 2, magnitude=0.5, top_k=4, n_baseline=8, out=root / "p", adapter=adapter, progress=False
+    )
     return root, store, est, perturb
 
 
@@ -203,17 +207,19 @@ def test_collect_on_a_finished_store_names_a_damaged_shard(tmp_path, adapter, re
 
 
 @pytest.mark.parametrize("in_flight", [False, True])
-def test_a_failure_while_the_next_batch_computes_keeps_the_batch_computed_before_it(tmp_path, adapter, reference,
-                                                                                   monkeypatch, in_flight):  # fmt: skip
+def test_a_failure_while_the_next_batch_computes_keeps_the_batch_computed_before_it(
+    tmp_path, adapter, reference, monkeypatch, in_flight
+):
     """On CUDA, collection queues batch k + 1 before it writes batch k (so that the write overlaps the device's
     work; ``in_flight`` makes the CPU run that order too): an error in batch k + 1 (here out of memory; a sticky
     CUDA error, which fails every later CUDA call, would also lose batch k) must still leave batch k in the store,
     committed, and the rerun completes it."""
     _, ref, _, _ = reference
     order = []
-    monkeypatch.setattr(_Finishing, "in_flight", property(lambda self: in_flight))
-    monkeypatch.setattr(_Writer, "write", lambda self, lo, *a, write=_Writer.write: order.append(("write", lo))
-                        or write(self, lo, *a))  # fmt: skip
+    monkeypatch.setattr(PendingBatch, "in_flight", property(lambda self: in_flight))
+    monkeypatch.setattr(
+        _Writer, "write", lambda self, lo, *a, write=_Writer.write: order.append(("write", lo)) or write(self, lo, *a)
+    )
     compute, calls = PEFComputer.compute, [0]
 
     def failing(self, prompts, **k):
@@ -231,11 +237,25 @@ def test_a_failure_while_the_next_batch_computes_keeps_the_batch_computed_before
     assert len(s) == s.manifest["count"] == 12  # batches 1-3 (in flight, the third written after the failure)
     s.verify()
     if in_flight:
-        expected = [("compute", 1), ("compute", 2), ("write", 0), ("compute", 3), ("write", 4), ("compute", 4),
-                    ("write", 8)]  # fmt: skip
+        expected = [
+            ("compute", 1),
+            ("compute", 2),
+            ("write", 0),
+            ("compute", 3),
+            ("write", 4),
+            ("compute", 4),
+            ("write", 8),
+        ]
     else:
-        expected = [("compute", 1), ("write", 0), ("compute", 2), ("write", 4), ("compute", 3), ("write", 8),
-                    ("compute", 4)]  # fmt: skip
+        expected = [
+            ("compute", 1),
+            ("write", 0),
+            ("compute", 2),
+            ("write", 4),
+            ("compute", 3),
+            ("write", 8),
+            ("compute", 4),
+        ]
     assert order == expected
     monkeypatch.setattr(PEFComputer, "compute", compute)
     _same_store(collect_pefs(adapter, _texts(), LabelTokens(TEMPLATE, LABELS), path, **KW), ref)
@@ -244,7 +264,7 @@ def test_a_failure_while_the_next_batch_computes_keeps_the_batch_computed_before
 def test_a_signal_while_a_batch_is_written_keeps_the_batch_queued_meanwhile(tmp_path, adapter, monkeypatch):
     """In flight (CUDA), batch k + 1 is computed while batch k waits: a SIGTERM during batch k's write is raised
     once it is written, and batch k + 1, computed before the signal, is written too."""
-    monkeypatch.setattr(_Finishing, "in_flight", property(lambda self: True))
+    monkeypatch.setattr(PendingBatch, "in_flight", property(lambda self: True))
     write, calls = _Writer.write, [0]
 
     def signalling(self, lo, *a):
@@ -272,7 +292,7 @@ PAUSING_COLLECT = textwrap.dedent(
     """
     import os, sys, time
     from npeff_lens.cli import main
-    from npeff_lens.collect import PEFComputer
+    from npeff_lens.pef import PEFComputer
     pause, outs, argv = int(sys.argv[1]), sys.argv[2].split(os.pathsep), sys.argv[3:]
     compute, calls = PEFComputer.compute, [0]
     def wrapped(*a, **k):
@@ -293,15 +313,22 @@ PAUSING_COLLECT = textwrap.dedent(
 def test_sigterm_mid_collection_commits_what_was_computed_and_the_rerun_completes_it(tmp_path):
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(24)))
-    argv = ["collect", "--model", "tiny-llama", "--template", TEMPLATE, "--labels", *LABELS, "--proj-dim", "128",
-            "--dtype", "float32", "--batch-size", "4", "--shard-size", "1000", "--flush-every", "1000",
-            "--no-progress", "--dataset", str(data)]  # fmt: skip
+    argv = shlex.split(
+        "collect --model tiny-llama --template 'Review: {text} Sentiment:' --labels ' bad' ' sad' --proj-dim 128"
+        " --dtype float32 --batch-size 4 --shard-size 1000 --flush-every 1000 --no-progress"
+    )
+    argv += ["--dataset", str(data)]
     script = tmp_path / "collect.py"
     script.write_text(PAUSING_COLLECT)
     env = dict(_env(), OMP_NUM_THREADS="1")  # both processes run the same numerics
     out, ref = tmp_path / "pefs", tmp_path / "ref"
-    proc = subprocess.Popen([sys.executable, str(script), "3", str(out), *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "3", str(out), *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stdout:
             if line.strip() == "paused":  # 8 examples appended, none committed by count
@@ -321,8 +348,13 @@ def test_sigterm_mid_collection_commits_what_was_computed_and_the_rerun_complete
     assert len(s) == s.manifest["count"] == 8
     s.verify()
     # the rerun completes it; then an uninterrupted collection in the same process, for reference
-    done = subprocess.run([sys.executable, str(script), "0", os.pathsep.join([str(out), str(ref)]), *argv], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), "0", os.pathsep.join([str(out), str(ref)]), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(PEFStore(ref)) > 8
     _same_store(PEFStore(out), PEFStore(ref))
@@ -363,11 +395,11 @@ def test_sigterm_is_raised_like_sigint_never_inside_a_store_write_and_the_handle
 KILL_DECOMPOSE = textwrap.dedent(
     """
     import os, sys
-    import npeff_lens.decomposition as D
+    import npeff_lens.nmf as D
     import npeff_lens.io as io
     from npeff_lens.runs import decompose_store
     store, out, where, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    target = (D, "_sweep") if where == "sweep" else (io.os, "replace")
+    target = (D, "sweep") if where == "sweep" else (io.os, "replace")
     original, calls = getattr(*target), [0]
     def wrapped(*a, **k):
         calls[0] += 1
@@ -401,13 +433,16 @@ KILL_DECOMPOSE = textwrap.dedent(
         "result-rename",
         "config",
         "final-record",
-    ],  # fmt: skip
+    ],
 )
 def test_decompose_killed_anywhere_then_rerun_equals_uninterrupted(tmp_path, reference, where, n):
     root, _, ref, _ = reference
     out = tmp_path / "npeff"
-    proc = subprocess.run([sys.executable, "-c", KILL_DECOMPOSE, str(root / "pefs"), str(out), where, str(n)],
-                          env=_env(), capture_output=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DECOMPOSE, str(root / "pefs"), str(out), where, str(n)],
+        env=_env(),
+        capture_output=True,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     again = decompose_store(root / "pefs", out, **FIT)
     assert torch.equal(again.components_, ref.components_) and torch.equal(again.coefficients_, ref.coefficients_)
@@ -479,12 +514,14 @@ def _records(summary):
 def test_perturb_killed_between_components_resumes_to_the_same_table(tmp_path, reference, adapter):
     root, _, _, ref = reference
     out = tmp_path / "p"
-    proc = subprocess.run([sys.executable, "-c", KILL_PERTURB, str(root / "npeff"), str(out)], env=_env(),
-                          capture_output=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_PERTURB, str(root / "npeff"), str(out)], env=_env(), capture_output=True
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert [r["component"] for r in json.loads((out / "perturbation.json").read_text())["components"]] == [0]
-    again = run_perturbation(root / "npeff", 2, magnitude=0.5, top_k=4, n_baseline=8, out=out, adapter=adapter,
-                             progress=False)  # fmt: skip
+    again = run_perturbation(
+        root / "npeff", 2, magnitude=0.5, top_k=4, n_baseline=8, out=out, adapter=adapter, progress=False
+    )
     assert _records(again) == _records(ref)
 
 
@@ -495,8 +532,9 @@ def test_a_damaged_perturbation_table_is_recomputed(tmp_path, reference, adapter
     table = out / "perturbation.json"
     table.write_bytes(table.read_bytes()[:50])
     with pytest.warns(RuntimeWarning, match=r"perturbation\.json is damaged"):
-        again = run_perturbation(root / "npeff", 2, magnitude=0.5, top_k=4, n_baseline=8, out=out, adapter=adapter,
-                                 progress=False)  # fmt: skip
+        again = run_perturbation(
+            root / "npeff", 2, magnitude=0.5, top_k=4, n_baseline=8, out=out, adapter=adapter, progress=False
+        )
     assert _records(again) == _records(ref)
 
 
@@ -548,8 +586,9 @@ KILL_STEP = textwrap.dedent(
 
 
 def _kill(module, name, n, argv):
-    proc = subprocess.run([sys.executable, "-c", KILL_STEP, module, name, str(n), "x", *argv], env=_env(),
-                          capture_output=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_STEP, module, name, str(n), "x", *argv], env=_env(), capture_output=True
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
 
 
@@ -582,8 +621,10 @@ def test_compare_killed_in_the_sae_fit_reruns_only_the_sae_and_equals_uninterrup
 
 def test_compare_killed_in_selectivity_resumes_after_the_measured_components(tmp_path, reference):
     root, _, _, _ = reference
-    args = ["--methods", "npeff,snmf", "--components", "3", "--k", "4", "--snmf-iterations", "20", "--selectivity",
-            "--target-kl", "0.0002", "--n-baseline", "8", "--no-progress"]  # fmt: skip
+    args = shlex.split(
+        "--methods npeff,snmf --components 3 --k 4 --snmf-iterations 20 --selectivity --target-kl 0.0002"
+        " --n-baseline 8 --no-progress"
+    )
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     for d in (ref_dir, run_dir):
         shutil.copytree(root / "npeff", d / "npeff", ignore=shutil.ignore_patterns("compare", "report"))
@@ -620,11 +661,16 @@ def test_compare_killed_in_selectivity_resumes_after_the_measured_components(tmp
 
 def test_unlearn_killed_mid_run_reruns_to_the_same_report(tmp_path, reference):
     root, _, _, _ = reference
-    args = ["--components", "0", "--n-batches", "2", "--retain-batch-size", "4", "--n-random", "4", "--k-eval", "2",
-            "--k-mitigation", "2", "--no-progress"]  # fmt: skip
+    args = shlex.split(
+        "--components 0 --n-batches 2 --retain-batch-size 4 --n-random 4 --k-eval 2 --k-mitigation 2 --no-progress"
+    )
     assert main(["unlearn", str(root / "npeff"), "--out", str(tmp_path / "ref"), *args]) == 0
-    _kill("npeff_lens.applications.unlearning", "unlearning_objective", 3, ["unlearn", str(root / "npeff"), "--out",
-                                                               str(tmp_path / "run"), *args])  # fmt: skip
+    _kill(
+        "npeff_lens.applications.unlearning",
+        "unlearning_objective",
+        3,
+        ["unlearn", str(root / "npeff"), "--out", str(tmp_path / "run"), *args],
+    )
     assert not (tmp_path / "run" / "unlearning.json").exists()
     assert main(["unlearn", str(root / "npeff"), "--out", str(tmp_path / "run"), *args]) == 0
     a = json.loads((tmp_path / "ref" / "unlearning.json").read_text())

@@ -6,6 +6,7 @@ and says so in one line; ``max_length=None`` keeps every token; a template longe
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import datasets
@@ -59,8 +60,17 @@ def collected(tmp_path_factory, adapter, task):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the adapter's truncation (a safety net) must not fire
         warnings.filterwarnings("ignore", "label .* tokens after the prompt")
-        store = collect_pefs(adapter, data, task, root / "pefs", proj_dim=64, batch_size=5, max_length=MAX,
-                             dtype="float32", progress=False)  # fmt: skip
+        store = collect_pefs(
+            adapter,
+            data,
+            task,
+            root / "pefs",
+            proj_dim=64,
+            batch_size=5,
+            max_length=MAX,
+            dtype="float32",
+            progress=False,
+        )
     return {"root": root, "store": store, "texts": texts}
 
 
@@ -86,8 +96,9 @@ def test_special_tokens_count(adapter):
 
     tok = adapter.tokenizer.__class__.from_pretrained(adapter.tokenizer.name_or_path)
     bos = tok.convert_tokens_to_ids("<|endoftext|>")
-    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
-                                                                  special_tokens=[("<|endoftext|>", bos)])  # fmt: skip
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
     task = LabelTokens(TEMPLATE, LABELS)
     prompts, cuts = task.fitted_prompts(tok, [LONG], 16)
     ids = tok(prompts[0])["input_ids"]
@@ -115,31 +126,42 @@ def test_collect_reads_the_prediction_after_the_template(collected, adapter, tas
     assert store.metadata["text_tokens_cut"] == [m["text_tokens_cut"] for m in meta]
 
     # its PEF is the fitted prompt's: collected alone, by hand, into another store
-    alone = collect_pefs(adapter, [_kept(tok, LONG, meta[1]["text_tokens_cut"])], task, collected["root"] / "alone",
-                         proj_dim=64, max_length=None, dtype="float32", progress=False)  # fmt: skip
+    alone = collect_pefs(
+        adapter,
+        [_kept(tok, LONG, meta[1]["text_tokens_cut"])],
+        task,
+        collected["root"] / "alone",
+        proj_dim=64,
+        max_length=None,
+        dtype="float32",
+        progress=False,
+    )
     torch.testing.assert_close(store.load_pefs([1])[0], alone.load_pefs([0])[0], rtol=1e-4, atol=1e-6)
 
 
-def test_collect_ends_with_one_line_and_none_keeps_every_token(tmp_path, adapter, task, capsys):
+def test_collect_ends_with_one_line_and_none_keeps_every_token(tmp_path, adapter, task, caplog):
     data = [SHORT[0], LONG, SHORT[1], LONG + "sad and awful "]
-    collect_pefs(adapter, data, task, tmp_path / "a", proj_dim=32, max_length=MAX, progress=False)
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if "longer than" in x]
+    with caplog.at_level(logging.INFO, logger="npeff_lens"):
+        collect_pefs(adapter, data, task, tmp_path / "a", proj_dim=32, max_length=MAX, progress=False)
+    lines = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
     assert len(lines) == 1
-    assert lines[0].startswith("[npeff_lens] 2 of 4 inputs were longer than max_length=24 tokens")
+    assert lines[0].startswith("2 of 4 inputs were longer than max_length=24 tokens")
     cuts = task.fitted_prompts(adapter.tokenizer, data, MAX)[1]
     assert (
-        lines[0] == f"[npeff_lens] {shortened_note(cuts, MAX)}; the store's metadata 'text_tokens_cut' column "
+        lines[0] == f"{shortened_note(cuts, MAX)}; the store's metadata 'text_tokens_cut' column "
         "has the count per example"
     )
     assert f"shortened by {min(c for c in cuts if c)}–{max(cuts)} tokens (the template kept)" in lines[0]
 
-    full = collect_pefs(adapter, data, task, tmp_path / "b", proj_dim=32, max_length=None, progress=False)
-    assert "longer than" not in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="npeff_lens"):
+        full = collect_pefs(adapter, data, task, tmp_path / "b", proj_dim=32, max_length=None, progress=False)
+    assert not any("longer than" in r.getMessage() for r in caplog.records)
     meta = full.read_metadata()
     assert [m["text_tokens_cut"] for m in meta] == [0, 0, 0, 0]
-    torch.testing.assert_close(torch.tensor(meta[1]["probs"]), _label_probs(adapter, task, task.format(LONG)),
-                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(meta[1]["probs"]), _label_probs(adapter, task, task.format(LONG)), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_a_template_longer_than_max_length_is_one_clear_error(tmp_path, adapter, task):
@@ -196,8 +218,9 @@ def test_icl_and_zero_shot_shorten_the_query(adapter, task):
     tok = adapter.tokenizer
     train = SHORT * 3
     labels = [0, 1] * 6
-    r = best_of_n_icl(adapter, task, train, labels, None, [LONG, SHORT[0]], shots=2, n_prompts=2, n_select=4,
-                      max_length=40)  # fmt: skip
+    r = best_of_n_icl(
+        adapter, task, train, labels, None, [LONG, SHORT[0]], shots=2, n_prompts=2, n_select=4, max_length=40
+    )
     assert r.text_tokens_cut[0] > 0 and r.text_tokens_cut[1] == 0
     assert r.shortened.startswith("1 of 2 in-context queries was longer than max_length=40 tokens")
     query, _ = task.fitted_prompts(tok, [LONG], 40, prefix=r.prefix)
@@ -214,6 +237,7 @@ def test_resuming_a_store_begun_by_right_truncation_warns(tmp_path, adapter, tas
     """A store whose rows lack text_tokens_cut (an earlier version cut prompts from the right), resumed: one warning
     that its earlier examples were read without the template's tail."""
     from npeff_lens import collect as collect_module
+    from npeff_lens.pef import PEFComputer
 
     data = [*SHORT, LONG]
     write = collect_module._Writer.write
@@ -221,7 +245,7 @@ def test_resuming_a_store_begun_by_right_truncation_warns(tmp_path, adapter, tas
     def as_before(self, lo, fill, pefs, meta):  # the rows as the earlier version wrote them
         return write(self, lo, fill, pefs, [{k: v for k, v in m.items() if k != "text_tokens_cut"} for m in meta])
 
-    compute, calls = collect_module.PEFComputer.compute, []
+    compute, calls = PEFComputer.compute, []
 
     def fails_second(self, *args, **kwargs):  # the first batch is committed, the second never computed
         calls.append(1)
@@ -232,7 +256,7 @@ def test_resuming_a_store_begun_by_right_truncation_warns(tmp_path, adapter, tas
     options = dict(proj_dim=32, max_length=MAX, batch_size=2, progress=False)
     with monkeypatch.context() as m:
         m.setattr(collect_module._Writer, "write", as_before)
-        m.setattr(collect_module.PEFComputer, "compute", fails_second)
+        m.setattr(PEFComputer, "compute", fails_second)
         with pytest.raises(RuntimeError, match="stopped"):
             collect_pefs(adapter, data, task, tmp_path / "s", n=5, **options)
     with pytest.warns(UserWarning, match=r"holds 2 examples collected by an earlier version, which cut prompts longer"):

@@ -191,8 +191,18 @@ def test_every_flag_is_documented_and_the_help_gives_the_device_calls():
         for action in sub._actions:
             assert action.help, (name, action.dest)
     text = parser.format_help()
-    for needle in ("call 1:", "part-000", "call 2:", "part-001", "call 3:", "part-002", "site-packages",
-                   "paper_sst2.py --device cuda --model runs/smollm2-135m", "join", "convert"):  # fmt: skip
+    for needle in (
+        "call 1:",
+        "part-000",
+        "call 2:",
+        "part-001",
+        "call 3:",
+        "part-002",
+        "site-packages",
+        "paper_sst2.py --device cuda --model runs/smollm2-135m",
+        "join",
+        "convert",
+    ):
         assert needle in text, needle
     r = subprocess.run([sys.executable, str(TOOL), "split", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--chunk-bytes" in r.stdout and "--with-datasets" in r.stdout

@@ -22,6 +22,7 @@ from npeff_lens.baselines.gradient_clustering import (
     collect_prediction_gradients,
     prediction_task,
 )
+from npeff_lens.errors import CorruptFileError, NotFittedError
 from npeff_lens.models import adapt, tiny_model
 from npeff_lens.projection import SparseProjection
 from npeff_lens.store import PEFStore
@@ -211,8 +212,11 @@ def test_bad_parameters_and_inputs():
         GradientClustering(2, algorithm="elkan").fit(X)
     with pytest.raises(ValueError, match="one gradient per example"):
         GradientClustering(2).fit(torch.randn(6, 3, 8))
-    with pytest.raises(AttributeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         _ = GradientClustering(2).coefficients_
+    assert not hasattr(GradientClustering(2), "coefficients_")  # NotFittedError is an AttributeError
+    with pytest.raises(AttributeError, match="not fitted"):
+        GradientClustering(2).predict(X)
     # the automatic choice: mini-batch once m x C exceeds 2**27
     assert MINIBATCH_ABOVE == 2**27
     assert GradientClustering(2048).resolve_algorithm(65_536) == "full"
@@ -232,11 +236,38 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(getattr(back, name), getattr(gc, name)), name
     for name in ("inertia_", "n_iter_", "algorithm_", "fit_seconds_", "n_features_in_", "manifest_"):
         assert getattr(back, name) == getattr(gc, name), name
-    assert back.get_params() == gc.get_params() == {
-        "n_clusters": 4, "seed": 2, "batch_size": None, "n_init": 3, "max_iter": 50, "tol": 1e-4, "algorithm": "auto"
-    }  # fmt: skip
+    assert (
+        back.get_params()
+        == gc.get_params()
+        == {
+            "n_clusters": 4,
+            "seed": 2,
+            "batch_size": None,
+            "n_init": 3,
+            "max_iter": 50,
+            "tol": 1e-4,
+            "algorithm": "auto",
+        }
+    )
     assert torch.equal(back.predict(X), gc.predict(X))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"class": "NPEFF"}')
     with pytest.raises(ValueError, match="does not hold a GradientClustering"):
         GradientClustering.load(tmp_path / "other")
+
+
+def test_a_damaged_saved_clustering_is_a_corrupt_file_error_and_an_unchecked_one_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    X, _, _ = planted(m=40)
+    gc = GradientClustering(4, seed=2).fit(X)
+    gc.manifest_ = {}
+    path = gc.save(tmp_path / "gc") / "gradient_clustering.safetensors"
+    save_file(load_file(path), path)  # as written before files carried a checksum: trusted
+    assert torch.equal(GradientClustering.load(tmp_path / "gc").cluster_centers_, gc.cluster_centers_)
+    gc.save(tmp_path / "gc")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=r"gradient_clustering\.safetensors is damaged"):
+        GradientClustering.load(tmp_path / "gc")

@@ -5,10 +5,11 @@ repo id is a one-line error."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 import torch
-from helpers import write_reviews_csv
+from helpers import reviews_collect_argv, write_reviews_csv
 
 from npeff_lens.cli import main
 from npeff_lens.decomposition import NPEFF
@@ -36,12 +37,9 @@ def _assert_same(a: NPEFF, b: NPEFF) -> None:
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     write_reviews_csv(root / "reviews.csv", 20)
-    assert main(["collect", "--model", "tiny-llama", "--dataset", str(root / "reviews.csv"), "--text-column", "review",
-                 "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad",
-                 " sad", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
-                 "--split", "none", "--no-progress"]) == 0  # fmt: skip
-    assert main(["decompose", "--store", str(root / "tree" / "pefs"), "--components", "3", "--steps", "30",
-                 "--warmup-steps", "5", "--out", str(root / "tree" / "npeff"), "--no-progress"]) == 0  # fmt: skip
+    assert main(reviews_collect_argv(root / "reviews.csv", root / "tree" / "pefs", "--split", "none")) == 0
+    decompose = shlex.split("decompose --components 3 --steps 30 --warmup-steps 5 --no-progress")
+    assert main([*decompose, "--store", str(root / "tree" / "pefs"), "--out", str(root / "tree" / "npeff")]) == 0
     return root
 
 
@@ -82,8 +80,16 @@ def test_run_directory_to_a_hub_folder_with_a_model_card(run, tmp_path):
     assert data["datasets"] == ["reviews"]
     assert {"npeff", "interpretability", "label-tokens"} <= set(data["tags"])
     text = card.text
-    for fact in ("tiny-llama", "label-tokens", "d = 256", "| examples | 20", "| components | 3 (", "tuned to a label",
-                 'from_pretrained("me/tiny-npeff")', "Review: {text} Sentiment:"):  # fmt: skip
+    for fact in (
+        "tiny-llama",
+        "label-tokens",
+        "d = 256",
+        "| examples | 20",
+        "| components | 3 (",
+        "tuned to a label",
+        'from_pretrained("me/tiny-npeff")',
+        "Review: {text} Sentiment:",
+    ):
         assert fact in text, fact
     configs = json.loads((out / "run_configs.json").read_text())
     assert configs["decompose"]["step"] == "decompose" and configs["collect"]["config"]["proj_dim"] == 256

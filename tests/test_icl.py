@@ -94,14 +94,13 @@ def test_predict_matches_brute_force():
         best = max(scores.values())
         expected.append("c" if best == 0 else next(cls for cls in "abc" if scores[cls] == best))
     assert clf.predict(new).tolist() == expected
-    assert clf.n_unscored_ == sum(
-        all(row[j] == 0 for j in clf.tuned_components_.tolist()) for row in new
-    )  # fmt: skip
+    assert clf.n_unscored_ == sum(all(row[j] == 0 for j in clf.tuned_components_.tolist()) for row in new)
 
 
 def test_sklearn_conventions():
     from sklearn.base import clone
-    from sklearn.exceptions import NotFittedError
+
+    from npeff_lens.errors import NotFittedError
 
     coef, y = _planted(labels=(0, 1, 2))
     clf = TuningClassifier(threshold=0.6, k=16)
@@ -212,9 +211,20 @@ def test_icl_experiment_report(adapter, task, data):
     train_coef[:, 1] += 1 - torch.tensor(train_labels)  # component 1 tuned to label 0
     eval_coef = torch.rand(20, 6, generator=torch.Generator().manual_seed(0))
     out = icl_experiment(
-        adapter, task, train_texts, train_labels, train_coef, eval_texts, eval_labels, eval_coef,
-        shots=2, n_prompts=3, n_select=10, seed=0, progress=False,
-    )  # fmt: skip
+        adapter,
+        task,
+        train_texts,
+        train_labels,
+        train_coef,
+        eval_texts,
+        eval_labels,
+        eval_coef,
+        shots=2,
+        n_prompts=3,
+        n_select=10,
+        seed=0,
+        progress=False,
+    )
     assert json.loads(json.dumps(out, allow_nan=False)) == out
     assert set(out["accuracy"]) == {"classifier", "zero_shot", "icl"}
     pred = out["predictions"]

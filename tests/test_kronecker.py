@@ -33,7 +33,7 @@ def dense_reference(P: KroneckerProjection) -> torch.Tensor:
         blocks.append(torch.kron(pr, pc))
     S = torch.block_diag(*blocks)  # [sketch_dim, n_in]
     assert S.shape == (P.sketch_dim, P.n_in)
-    return S.T @ SparseProjection(P.sketch_dim, P.n_out, seed=P.seed, density=P.density).to_dense()
+    return S.T @ SparseProjection(P.sketch_dim, P.n_out, seed=P.seed, density=P.density).dense()
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_matches_independent_dense_matrix(proj):
     x, y = torch.randn(3, proj.n_in), torch.randn(3, proj.n_out)
     torch.testing.assert_close(proj.project(x), x @ A, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(proj.adjoint(y), y @ A.T, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(proj.to_dense(), A, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(proj.dense(), A, rtol=1e-4, atol=1e-5)
     # identity factors where k covers the axis, Gaussian ones otherwise
     assert proj.factor(4, 0) is None and proj.factor(2, 0) is None and proj.factor(3, 1).shape == (4, 33)
 

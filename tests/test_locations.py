@@ -4,6 +4,7 @@ up, heads split as the weights are laid out, and a planted direction found where
 import pytest
 import torch
 
+from npeff_lens.layout import parameter_layout
 from npeff_lens.locations import (
     CHANCE_DISTANCE,
     at_chance,
@@ -14,7 +15,7 @@ from npeff_lens.locations import (
     top_group_keys,
     top_groups,
 )
-from npeff_lens.models import load_model, parameter_layout
+from npeff_lens.models import load_model
 
 
 @pytest.mark.parametrize(
@@ -163,8 +164,11 @@ def test_a_planted_direction_back_projected_at_large_n_over_d_is_at_chance():
         else:
             assert (top["layer"], top["module"]) == (1, "q") and top["enrichment"] > 4
     # exact on hand-made rows: shares 1/2, 1/4, 1/4 (the last group without energy), fractions 3/4, 1/4, 0
-    rows = [{"fraction": 0.75, "enrichment": 1.5}, {"fraction": 0.25, "enrichment": 1.0},
-            {"fraction": 0.0, "enrichment": 0.0}]  # fmt: skip
+    rows = [
+        {"fraction": 0.75, "enrichment": 1.5},
+        {"fraction": 0.25, "enrichment": 1.0},
+        {"fraction": 0.0, "enrichment": 0.0},
+    ]
     assert share_distance({"groups": rows}) == pytest.approx(0.5 * (0.25 + 0 + 0.25))
 
 

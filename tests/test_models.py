@@ -6,7 +6,8 @@ import torch
 from helpers import model_cache
 
 import npeff_lens as nl
-from npeff_lens.models import ModelNotFoundError, last_token_positions, parameter_layout
+from npeff_lens.layout import parameter_layout
+from npeff_lens.models import ModelNotFoundError, last_token_positions
 
 PROMPTS = ["Review: a great and moving film . Sentiment:", "Review: bad", "yes no maybe good"]
 BACKENDS = ["hf", "bridge", "hooked", "nnsight"]

@@ -4,14 +4,16 @@ from its step-30 checkpoint and ends where the earlier version ended, and `npeff
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import reviews_collect_argv
 from safetensors.torch import load_file
 
-from npeff_lens import decomposition
+from npeff_lens import checkpoints
 from npeff_lens.cli import main
 from npeff_lens.store import PEFStore
 
@@ -27,10 +29,7 @@ def test_a_run_written_by_an_earlier_version_resumes(tmp_path, monkeypatch, caps
     kept = {p.name: p.read_bytes() for p in (root / "run" / "pefs" / "shards").iterdir()}
     assert len(kept) == 4  # two shards of three
 
-    assert main(["collect", "--model", "tiny-llama", "--dataset", "reviews.csv", "--text-column", "review",
-                 "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad",
-                 " sad", "--proj-dim", "256", "--dtype", "float32", "--out", "run/pefs", "--split", "none",
-                 "--shard-size", "8", "--no-progress"]) == 0  # fmt: skip
+    assert main(reviews_collect_argv("reviews.csv", "run/pefs", "--split", "none", "--shard-size", "8")) == 0
     store = PEFStore("run/pefs")
     assert len(store) == 24
     shards = root / "run" / "pefs" / "shards"
@@ -38,12 +37,13 @@ def test_a_run_written_by_an_earlier_version_resumes(tmp_path, monkeypatch, caps
     store.verify()
 
     loaded = []
-    load = decomposition._Checkpoints.load
-    monkeypatch.setattr(
-        decomposition._Checkpoints, "load", lambda self, *a: loaded.append(load(self, *a)) or loaded[-1]
+    load = checkpoints.Checkpoints.load
+    monkeypatch.setattr(checkpoints.Checkpoints, "load", lambda self, *a: loaded.append(load(self, *a)) or loaded[-1])
+    decompose = shlex.split(
+        "decompose --store run/pefs --components 3 --steps 30 --warmup-steps 5 --checkpoint-every 10"
+        " --out run/npeff --no-progress"
     )
-    assert main(["decompose", "--store", "run/pefs", "--components", "3", "--steps", "30", "--warmup-steps", "5",
-                 "--checkpoint-every", "10", "--out", "run/npeff", "--no-progress"]) == 0  # fmt: skip
+    assert main(decompose) == 0
     assert loaded and loaded[0] is not None and loaded[0][0] == 30  # resumed at the step-30 checkpoint
     got, want = (
         load_file(root / "run" / "npeff" / "npeff.safetensors"),
@@ -66,10 +66,7 @@ def test_a_store_resumes_after_its_data_file_moves_and_refuses_other_data(tmp_pa
         (tmp_path / folder).mkdir(exist_ok=True)
         (tmp_path / folder / "reviews.csv").write_text(text)
         monkeypatch.chdir(tmp_path / folder)
-        return main(["collect", "--model", "tiny-llama", "--dataset", "reviews.csv", "--text-column", "review",
-                     "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad",
-                     " sad", "--proj-dim", "64", "--dtype", "float32", "--out", str(tmp_path / "pefs"), "--n", "4",
-                     "--split", "none", "--no-progress"])  # fmt: skip
+        return main(reviews_collect_argv("reviews.csv", tmp_path / "pefs", "--n", "4", "--split", "none", proj_dim=64))
 
     assert collect("a", rows) == 0
     assert collect("b", rows) == 0  # the same rows in another folder: resumes (nothing left to do)

@@ -2,18 +2,19 @@
 everything back (nothing recomputed), and the numbers it reports are the ones in its run directory."""
 
 import json
+import shlex
 
 import pytest
 import torch
 from helpers import load_script
 
-ARGS = ["--model", "tiny-llama", "--labels", " bad", " sad", "--n-train", "48", "--n-test", "24", "--proj-dim", "128",
-        "--components", "4", "--steps", "20", "--n-baseline", "12", "--perturb-components", "2",
-        "--recoveries", "minnorm", "adjoint", "--ablation-n", "24", "--ablation-components", "3", "--dims", "64", "128",
-        "--component-sizes", "3", "6", "--eps", "1", "2", "--svd-ranks", "1", "--convergence-n", "12",
-        "--convergence-params", "model.layers.0.self_attn.q_proj.weight", "--convergence-dims", "64", "256",
-        "--convergence-components", "3", "--quiet", "--stages", "collect", "decompose", "tunings", "held-out",
-        "perturb", "ablate-d", "ablate-components", "ablate-eps", "convergence"]  # fmt: skip
+ARGS = shlex.split(
+    "--model tiny-llama --labels ' bad' ' sad' --n-train 48 --n-test 24 --proj-dim 128 --components 4 --steps 20"
+    " --n-baseline 12 --perturb-components 2 --recoveries minnorm adjoint --ablation-n 24 --ablation-components 3"
+    " --dims 64 128 --component-sizes 3 6 --eps 1 2 --svd-ranks 1 --convergence-n 12"
+    " --convergence-params model.layers.0.self_attn.q_proj.weight --convergence-dims 64 256 --convergence-components 3"
+    " --quiet --stages collect decompose tunings held-out perturb ablate-d ablate-components ablate-eps convergence"
+)
 
 
 def _script():
@@ -56,7 +57,7 @@ def test_a_two_label_pef_has_rank_one():
     """Why the SVD-rank ablation runs on a next-token task: with two label tokens (normalised over the labels,
     App. E.1) the rows sqrt(p_y) grad log p_y sum to grad (p_0 + p_1) = 0."""
     import npeff_lens as nl
-    from npeff_lens.collect import PEFComputer
+    from npeff_lens.pef import PEFComputer
     from npeff_lens.projection import SparseProjection
     from npeff_lens.tasks import LabelTokens
 

@@ -297,9 +297,12 @@ def test_run_perturbation_end_to_end(decomposition, adapter, task):
     top = [i for i in top_examples(est.coefficients_, 4)[j].tolist() if est.coefficients_[i, j] > 0]
     base = baseline_examples(len(prompts), 8, top, seed=0)
     direction = recover(
-        est.components_, j, projection=est.manifest_["projection"], layout=est.manifest_["layout"],
+        est.components_,
+        j,
+        projection=est.manifest_["projection"],
+        layout=est.manifest_["layout"],
         method=PerturbConfig().recovery,
-    )[j]  # fmt: skip
+    )[j]
     rec = perturb_component(adapter, task, prompts, direction, 0.5, top=top, baseline=base, pef_norms=meta["pef_norm"])
     for key in ("kl_ratio_plus", "kl_ratio_minus", "pef_norm_ratio", "n_top", "n_base"):
         assert rec[key] == pytest.approx(records[0][key], rel=1e-3), key

@@ -1,7 +1,9 @@
-"""SparseProjection (App. A): every backend against an independent slow reference of the written definition."""
+"""SparseProjection (App. A): every backend against an independent slow reference of the written definition; the
+Projection interface both projections implement."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -11,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from npeff_lens.projection import SparseProjection, project_entries
+from npeff_lens.projection import (
+    KroneckerProjection,
+    Projection,
+    SparseProjection,
+    project_entries,
+    projection_from_config,
+)
 
 
 def _backends():
@@ -63,16 +71,16 @@ SHAPES = [(103, 64, 8), (5, 64, 4), (37, 16, 16), (50, 24, 1), (130, 48, 32 // 2
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_to_dense_matches_reference(shape):
+def test_dense_matches_reference(shape):
     n_in, n_out, density = shape
     P = SparseProjection(n_in, n_out, seed=7, density=density)
     A = reference_dense(n_in, n_out, 7, density)
-    assert torch.equal(P.to_dense(), A.float())
+    assert torch.equal(P.dense(), A.float())
     # every column has exactly one nonzero per region
     s = n_out // density
     assert torch.equal((A != 0).sum(0), torch.full((n_out,), -(-n_in // s)))
     if n_in > 11:
-        assert torch.equal(P.to_dense(11, min(20, n_in - 11)), A[11 : 11 + min(20, n_in - 11)].float())
+        assert torch.equal(P.dense(11, min(20, n_in - 11)), A[11 : 11 + min(20, n_in - 11)].float())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,7 +108,7 @@ def test_identity_rows_give_the_exact_entries(backend):
     """project(eye) is the matrix itself, bit for bit: same index and sign structure on every backend."""
     P = SparseProjection(70, 32, seed=11, density=4)
     got = P.project(torch.eye(40).to(_dev(backend)), offset=25, backend=backend).cpu()
-    assert torch.equal(got, P.to_dense(25, 40))
+    assert torch.equal(got, P.dense(25, 40))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -112,10 +120,10 @@ def test_half_inputs_accumulate_in_fp32(backend, dtype):
     x = torch.randn(4, 90).to(dtype)
     got = P.project(x.to(_dev(backend)), backend=backend).cpu()
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, x.float() @ P.to_dense(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, x.float() @ P.dense(), rtol=1e-5, atol=1e-5)
     y = torch.randn(2, 32).to(dtype)
     got = P.adjoint(y.to(_dev(backend)), backend=backend).cpu()
-    torch.testing.assert_close(got, y.float() @ P.to_dense().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, y.float() @ P.dense().T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -154,7 +162,7 @@ def test_block_additivity_and_chunking(backend, monkeypatch):
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17, 32])
 @pytest.mark.parametrize("tiny", [False, True])
 def test_numba_tiles_chunks_and_partial_regions_match_dense(rows, tiny, monkeypatch):
-    """The numba kernels' column tiles, region chunks and row padding (rows % 8 != 0) against x @ to_dense, for
+    """The numba kernels' column tiles, region chunks and row padding (rows % 8 != 0) against x @ dense, for
     blocks that start/end inside a region, lie inside one region, or end in the partial last region."""
     import npeff_lens.projection as proj
 
@@ -166,7 +174,7 @@ def test_numba_tiles_chunks_and_partial_regions_match_dense(rows, tiny, monkeypa
     x = torch.randn(rows, 1003, generator=g)
     y = torch.randn(rows, 100, generator=g)
     for lo, hi in [(0, 1003), (7, 8), (3, 20), (24, 26), (30, 991), (975, 1003), (1001, 1003)]:
-        A = P.to_dense(lo, hi - lo).double()
+        A = P.dense(lo, hi - lo).double()
         got = P.project(x[:, lo:hi], lo, backend="numba")  # a strided view for rows > 1
         torch.testing.assert_close(got.double(), x[:, lo:hi].double() @ A, rtol=1e-5, atol=1e-5)
         got = P.adjoint(y, lo, hi - lo, backend="numba")
@@ -176,7 +184,7 @@ def test_numba_tiles_chunks_and_partial_regions_match_dense(rows, tiny, monkeypa
     xh = x.half()
     torch.testing.assert_close(
         P.project(xh[:, 5:1000], 5, backend="numba").double(),
-        xh[:, 5:1000].double() @ P.to_dense(5, 995).double(),
+        xh[:, 5:1000].double() @ P.dense(5, 995).double(),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -225,7 +233,7 @@ def test_triton_row_major_and_rows_minor_inputs_match_cpu(rows):
     xd = x.to(dev)
     x_minor = xd.t().contiguous().t()
     for lo, hi in [(0, 203), (5, 198), (9, 14), (196, 203)]:
-        A = P.to_dense(lo, hi - lo).double()
+        A = P.dense(lo, hi - lo).double()
         views = {"row-major": xd[:, lo:hi], "rows-minor": x_minor[:, lo:hi]}
         assert (rows == 1 or views["rows-minor"].stride(0) == 1) and views["row-major"].stride(-1) == 1
         got = {k: P.project(v, lo, backend="triton").cpu() for k, v in views.items()}
@@ -262,13 +270,13 @@ def test_triton_row_blocks_and_region_chunks_give_the_exact_entries(monkeypatch)
     lo, L = 3, 11  # starts inside a region and ends inside another
     eye = torch.eye(L, device=dev)
     got = P.project(eye.t(), lo, backend="triton").cpu()
-    assert torch.equal(got, P.to_dense(lo, L))
+    assert torch.equal(got, P.dense(lo, L))
     # 8 rows-minor rows: two row blocks of 4 read as aligned runs of 4
     got = P.project(eye[:8].t().contiguous().t(), lo, backend="triton").cpu()
-    assert torch.equal(got, P.to_dense(lo, L)[:8])
+    assert torch.equal(got, P.dense(lo, L)[:8])
     cols = torch.tensor([0, 5, 17, 63, 31, 8, 40, 2, 9, 60, 33])
     unit = torch.eye(64)[cols]
-    A = P.to_dense(0, 203)
+    A = P.dense(0, 203)
     assert torch.equal(P.adjoint(unit.to(dev), backend="triton").cpu(), A.T[cols])
     assert torch.equal(P.adjoint(unit.to(dev), lo, 190, backend="triton").cpu(), A[lo : lo + 190].T[cols])
     assert torch.equal(P.adjoint(unit[:8].to(dev), lo, 190, backend="triton").cpu(), A[lo : lo + 190].T[cols[:8]])
@@ -287,9 +295,9 @@ def test_deterministic_across_processes_and_seeds():
     hexed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert hexed == out.numpy().tobytes().hex()
     other = SparseProjection(10_007, 512, seed=43)
-    assert not torch.equal(other.to_dense(0, 300), P.to_dense(0, 300))
+    assert not torch.equal(other.dense(0, 300), P.dense(0, 300))
     # the hash is not shift-invariant: column 0 of seed 42 is not column 1 of seed 42
-    D = P.to_dense(0, 2000)
+    D = P.dense(0, 2000)
     assert not torch.equal(D[:, 0], D[:, 1])
 
 
@@ -365,12 +373,47 @@ def test_config_roundtrip_and_repr():
     cfg = P.state_dict()
     assert cfg == {"kind": "sparse", "n_in": 1000, "n_out": 128, "seed": 4, "density": 128}
     Q = SparseProjection.from_config(cfg)
-    assert Q == P and torch.equal(Q.to_dense(0, 50), P.to_dense(0, 50))
+    assert Q == P and torch.equal(Q.dense(0, 50), P.dense(0, 50))
     assert repr(P) == "SparseProjection(n_in=1000, n_out=128, seed=4, density=128)"
     with pytest.raises(ValueError, match="kind"):
         SparseProjection.from_config({**cfg, "kind": "dense"})
     # dense mode has every entry +-1/sqrt(n_out)
-    assert torch.equal(P.to_dense(0, 10).abs(), torch.full((10, 128), 1 / math.sqrt(128)))
+    assert torch.equal(P.dense(0, 10).abs(), torch.full((10, 128), 1 / math.sqrt(128)))
+
+
+# ------------------------------------------------------------------------------------------------ the interface
+PROJECTIONS = {
+    "sparse": lambda: SparseProjection(1000, 64, seed=5, density=8),
+    "sparse-dense-mode": lambda: SparseProjection(37, 16, seed=1, density=None),
+    "kron": lambda: KroneckerProjection([(12, 9), (20,), (6, 4, 5), (7, 3)], 48, seed=2, k=4, density=8),
+}
+
+
+@pytest.mark.parametrize("name", list(PROJECTIONS))
+def test_projections_implement_the_interface(name):
+    """Both projections are a ``Projection``; ``dense()`` is the matrix ``project`` and ``adjoint`` apply, block by
+    block at random offsets and lengths, and ``⟨Φx, y⟩ = ⟨x, Φᵀy⟩``; the state dict rebuilds the same matrix."""
+    P = PROJECTIONS[name]()
+    assert isinstance(P, Projection) and not isinstance(object(), Projection)
+    A = P.dense().double()
+    assert A.shape == (P.n_in, P.n_out)
+    again = projection_from_config(json.loads(json.dumps(P.state_dict())))
+    assert type(again) is type(P) and again == P
+    torch.testing.assert_close(again.dense().double(), A, rtol=0, atol=0)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(3, P.n_out, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(P.adjoint(y.float()).double(), y @ A.T, rtol=1e-5, atol=1e-5)
+    for _ in range(8):
+        off = int(torch.randint(0, P.n_in, (1,), generator=g))
+        L = int(torch.randint(1, P.n_in - off + 1, (1,), generator=g))
+        block = A[off : off + L]
+        x = torch.randn(3, L, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(P.dense(off, L).double(), block, rtol=0, atol=0)
+        px = P.project(x.float(), offset=off).double()
+        aty = P.adjoint(y.float(), offset=off, length=L).double()
+        torch.testing.assert_close(px, x @ block, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(aty, y @ block.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close((px * y).sum(-1), (x * aty).sum(-1), rtol=1e-5, atol=1e-5)
 
 
 def test_acceptance_million_inputs_8192_outputs():
@@ -399,7 +442,7 @@ def test_gpu_compiled_kernel_matches_cpu_structure_bit_for_bit():
     P = SparseProjection(1_000_003, 8192, seed=3)
     for off in [0, 123_457, 1_000_003 - 700]:
         eye = torch.eye(700, device="cuda")
-        assert torch.equal(P.project(eye, off).cpu(), P.to_dense(off, 700))
+        assert torch.equal(P.project(eye, off).cpu(), P.dense(off, 700))
     row, sign = project_entries(P.n_in, 8192, P.region_size, 3, 1000, 1010, device="cuda")
     row_c, sign_c = project_entries(P.n_in, 8192, P.region_size, 3, 1000, 1010)
     assert torch.equal(row.cpu(), row_c) and torch.equal(sign.cpu(), sign_c)

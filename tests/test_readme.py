@@ -193,8 +193,7 @@ def run_npeff(argv: list[str]) -> None:
 def run_torchrun(argv: list[str], cwd: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PET_MASTER_PORT=str(_free_port()))  # torchrun reads PET_<FLAG>
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([str(BIN / "torchrun"), *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run([str(BIN / "torchrun"), *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun {shlex.join(argv)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.stdout.count("PEFStore(") == 1, proc.stdout  # rank 0 reports the one store
 

@@ -1,5 +1,7 @@
 """Real offline weights (SmolLM2-135M). Cheap enough to run in CI; they can fail."""
 
+import shlex
+
 import pytest
 import torch
 
@@ -53,17 +55,20 @@ def test_smollm2_cli_counts_outcomes_keeps_the_template_and_refuses_another_stor
     rows = [
         (t * (12 if i in (1, 4) else 1), spell[y][i % 4]) for i, (t, y) in enumerate(zip(data["text"], data["label"]))
     ]
-    collect = ["collect", "--model", "smollm2-135m", "--text-column", "review", "--label-column", "sentiment",
-               "--template", "Review: {text}\\nSentiment:", "--labels", " negative", " positive", "--split", "none",
-               "--params", "model.layers.29.self_attn.o_proj.weight", "--proj-dim", "512", "--max-length", "96",
-               "--dtype", "float32", "--no-progress"]  # fmt: skip
+    collect = shlex.split(
+        "collect --model smollm2-135m --text-column review --label-column sentiment"
+        " --template 'Review: {text}\\nSentiment:' --labels ' negative' ' positive' --split none"
+        " --params model.layers.29.self_attn.o_proj.weight --proj-dim 512 --max-length 96 --dtype float32 --no-progress"
+    )
+    decompose = shlex.split("decompose --components 2 --steps 30 --warmup-steps 5 --no-progress")
     runs = {}
     for name, table in (("mine", rows[:12]), ("other", rows[12:])):
         csv = _write_csv(tmp_path / f"{name}.csv", table)
         assert main([*collect, "--dataset", str(csv), "--out", str(tmp_path / name / "pefs")]) == 0
         runs[name] = capsys.readouterr().err
-        assert main(["decompose", "--store", str(tmp_path / name / "pefs"), "--components", "2", "--steps", "30",
-                     "--warmup-steps", "5", "--out", str(tmp_path / name / "npeff"), "--no-progress"]) == 0  # fmt: skip
+        assert (
+            main([*decompose, "--store", str(tmp_path / name / "pefs"), "--out", str(tmp_path / name / "npeff")]) == 0
+        )
     store = PEFStore(tmp_path / "mine" / "pefs")
     meta = store.read_metadata()
     # 1. outcomes, never spellings

@@ -1,4 +1,4 @@
-"""Compressed-sensing recovery (FPC), orthogonal rejection and flat ↔ named parameters (App. F, §3.3)."""
+"""Compressed-sensing recovery (FPC), orthogonal rejection and the parameter layout (App. F, §3.3)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,10 @@ import types
 import pytest
 import torch
 
-from npeff_lens import recovery
-from npeff_lens.recovery import (
-    estimate_lambda_max,
-    flatten,
-    fpc,
-    fpc_step_size,
-    fpc_tau,
-    recover,
-    reject,
-    save_pseudo_fisher,
-    unflatten,
-    validate_layout,
-)
+from npeff_lens.layout import flatten, parameter_layout, unflatten, validate_layout
+from npeff_lens.projection import SparseProjection, projection_from_config
+from npeff_lens.recovery import recover, reject, save_pseudo_fisher
+from npeff_lens.sensing import estimate_lambda_max, fpc, fpc_step_size, fpc_tau
 
 
 class DenseOperator:
@@ -38,8 +29,9 @@ class DenseOperator:
         length = self.n_in - offset if length is None else length
         return y @ self.a[offset : offset + length].T
 
-    def to_dense(self):
-        return self.a
+    def dense(self, offset=0, length=None):
+        length = self.n_in - offset if length is None else length
+        return self.a[offset : offset + length]
 
 
 def gaussian_operator(n_in=2000, n_out=400, seed=0):
@@ -221,6 +213,16 @@ def test_flatten_unflatten_round_trip():
     assert validate_layout(LAYOUT) == 50
 
 
+def test_parameter_layout_is_the_inverse_of_unflatten():
+    """The layout of named parameters is valid, and flattening them and splitting again gives them back."""
+    g = torch.Generator().manual_seed(0)
+    named = [(e["name"], torch.randn(*e["shape"], generator=g)) for e in LAYOUT]
+    layout = parameter_layout(named)
+    assert layout == LAYOUT and validate_layout(layout) == 50
+    flat = torch.cat([t.reshape(-1) for _, t in named])
+    assert all(torch.equal(unflatten(flat, layout)[n], t) for n, t in named)
+
+
 def test_layout_errors():
     with pytest.raises(ValueError, match="50"):
         unflatten(torch.randn(49), LAYOUT)
@@ -364,34 +366,24 @@ def test_recover_reads_projection_and_layout_from_store_manifest(monkeypatch):
 # ------------------------------------------------------------------------------- real SparseProjection
 
 
-def _sparse_projection_cls():
-    try:
-        from npeff_lens.projection import SparseProjection
-    except ImportError as exc:  # written concurrently by another engineer
-        pytest.skip(f"npeff_lens.projection.SparseProjection not available: {exc}")
-    return SparseProjection
-
-
 def test_fpc_with_real_sparse_projection():
-    SparseProjection = _sparse_projection_cls()
     proj = SparseProjection(4000, 256, seed=0, density=32)
     x_true = planted(proj.n_in, 4, seed=11)
     b = proj.project(x_true)
     res = fpc(proj, b, inner_iterations=None)
     assert rel_err(res.x, x_true) < 5e-2
     # The chunked power iteration agrees with the dense matrix's λ_max(ΦᵀΦ) = σ_max(A)².
-    lam_true = lambda_max_dense(proj.to_dense())
+    lam_true = lambda_max_dense(proj.dense())
     assert 0.9 * lam_true <= res.lambda_max <= lam_true * (1 + 1e-4)
     assert res.tau * lam_true < 2.0
 
 
 def test_recover_with_real_sparse_projection_manifest():
-    _sparse_projection_cls()
     manifest = {
         "projection": {"kind": "sparse", "n_in": 3000, "n_out": 256, "seed": 3, "density": 32},
         "layout": [{"name": "w", "shape": [30, 100], "offset": 0, "numel": 3000}],
     }
-    proj = recovery.projection_from_config(manifest["projection"])
+    proj = projection_from_config(manifest["projection"])
     assert (proj.n_in, proj.n_out, proj.seed, proj.density) == (3000, 256, 3, 32)
     x_true = planted(3000, 4, seed=12)
     comps = torch.stack([proj.project(x_true), proj.project(planted(3000, 4, seed=13))])

@@ -10,7 +10,8 @@ import torch
 from npeff_lens.config import PerturbConfig
 from npeff_lens.decomposition import NPEFF
 from npeff_lens.projection import KroneckerProjection, SparseProjection
-from npeff_lens.recovery import estimate_lambda_max, fpc, min_norm, recover_direction, solve_l1
+from npeff_lens.recovery import recover_direction
+from npeff_lens.sensing import estimate_lambda_max, fpc, min_norm, solve_l1
 
 
 def planted(n, k, seed):
@@ -126,7 +127,7 @@ def test_recover_direction_dispatches_to_the_solver():
 def test_min_norm_is_the_least_norm_exact_fit(problem):
     op, _, b, _ = problem
     x, figures = min_norm(op, b, rtol=1e-6)
-    a = op.to_dense().double()  # [n_in, n_out]: Φ = Aᵀ
+    a = op.dense().double()  # [n_in, n_out]: Φ = Aᵀ
     expected = torch.linalg.lstsq(a.T, b.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
     assert figures["converged"] and figures["n_project"] < 60
     assert rel_err(x.double(), expected) < 1e-4

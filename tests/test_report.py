@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
-from helpers import CHROMIUM, HAS_CHROMIUM, offline_page
+from helpers import CHROMIUM, HAS_CHROMIUM, offline_page, reviews_collect_argv
 
 from npeff_lens.cli import main
 from npeff_lens.report import build, report_data
@@ -49,19 +50,23 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     csv = root / "reviews.csv"
     csv.write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in _reviews(32)) + "\n")
-    collect = ["collect", "--model", "tiny-llama", "--dataset", str(csv), "--text-column", "review",
-               "--label-column", "sentiment", "--template", TEMPLATE, "--labels", " bad",
-               " sad", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
-               "--split", "none", "--no-progress"]  # fmt: skip
+    collect = reviews_collect_argv(csv, root / "tree" / "pefs", "--split", "none")
     assert main(collect) == 0
-    decompose = ["decompose", "--store", str(root / "tree" / "pefs"), "--components", str(N_COMPONENTS),
-                 "--steps", "60", "--warmup-steps", "10", "--out", str(root / "tree" / "npeff"),
-                 "--no-progress"]  # fmt: skip
+    decompose = shlex.split(f"decompose --components {N_COMPONENTS} --steps 60 --warmup-steps 10 --no-progress")
+    decompose += ["--store", str(root / "tree" / "pefs"), "--out", str(root / "tree" / "npeff")]
     assert main(decompose) == 0
-    run_perturbation(root / "tree" / "npeff", magnitude=0.5, top_k=4, n_baseline=8, recovery="adjoint",
-                     out=root / "tree" / "perturb", progress=False)  # fmt: skip
-    compare = ["compare", str(root / "tree" / "npeff"), "--components", str(N_METHOD), "--k", "4",
-               "--sae-tokens", "2000", "--no-progress"]  # fmt: skip
+    run_perturbation(
+        root / "tree" / "npeff",
+        magnitude=0.5,
+        top_k=4,
+        n_baseline=8,
+        recovery="adjoint",
+        out=root / "tree" / "perturb",
+        progress=False,
+    )
+    compare = ["compare", str(root / "tree" / "npeff")] + shlex.split(
+        f"--components {N_METHOD} --k 4 --sae-tokens 2000 --no-progress"
+    )
     assert main(compare) == 0
     locate(root / "tree" / "npeff")  # locations.json, as `npeff top --where` writes it
     index = build(root / "tree" / "npeff", root / "site", k=6, n_attributed=4, progress=False)
@@ -287,12 +292,14 @@ def _spans(html: str) -> list[dict]:
     out = []
     for attrs in re.findall(r"<span ([^>]*)>", html):
         alpha = re.search(r"rgba\([^)]*,([0-9.]+)\)", attrs)
-        out.append({
-            "value": float(re.search(r'data-value="([^"]+)"', attrs).group(1)),
-            "template": "tmpl" in re.search(r'class="([^"]+)"', attrs).group(1),
-            "alpha": float(alpha.group(1)) if alpha else None,
-            "title": re.search(r'title="([^"]+)"', attrs).group(1),
-        })  # fmt: skip
+        out.append(
+            {
+                "value": float(re.search(r'data-value="([^"]+)"', attrs).group(1)),
+                "template": "tmpl" in re.search(r'class="([^"]+)"', attrs).group(1),
+                "alpha": float(alpha.group(1)) if alpha else None,
+                "title": re.search(r'title="([^"]+)"', attrs).group(1),
+            }
+        )
     return out
 
 
@@ -349,9 +356,17 @@ def _planted_locations(heads=None):
     from npeff_lens.locations import component_locations
 
     layout, offset = [], 0
-    shapes = {"self_attn.q_proj": (16, 16), "self_attn.k_proj": (8, 16), "self_attn.v_proj": (8, 16),
-              "self_attn.o_proj": (16, 16), "mlp.gate_proj": (32, 16), "mlp.up_proj": (32, 16),
-              "mlp.down_proj": (16, 32), "input_layernorm": (16,), "post_attention_layernorm": (16,)}  # fmt: skip
+    shapes = {
+        "self_attn.q_proj": (16, 16),
+        "self_attn.k_proj": (8, 16),
+        "self_attn.v_proj": (8, 16),
+        "self_attn.o_proj": (16, 16),
+        "mlp.gate_proj": (32, 16),
+        "mlp.up_proj": (32, 16),
+        "mlp.down_proj": (16, 32),
+        "input_layernorm": (16,),
+        "post_attention_layernorm": (16,),
+    }
     names = [f"model.layers.{i}.{m}.weight" for i in range(3) for m in shapes] + ["model.norm.weight"]
     for name in names:
         shape = next((v for k, v in shapes.items() if f".{k}." in name), (16,))
@@ -368,8 +383,12 @@ def _planted_locations(heads=None):
                     x[e["offset"] : e["offset"] + e["numel"]] *= w
         return x
 
-    plans = [{"layers.1.mlp.down": 300.0, "layers.1.mlp.up": 80.0}, {"layers.0.self_attn.q": 200.0},
-             {"layers.2.self_attn.o": 200.0}, {}]  # fmt: skip
+    plans = [
+        {"layers.1.mlp.down": 300.0, "layers.1.mlp.up": 80.0},
+        {"layers.0.self_attn.q": 200.0},
+        {"layers.2.self_attn.o": 200.0},
+        {},
+    ]
     comps = [{"component": j, **component_locations(direction(w), layout, heads)} for j, w in enumerate(plans)]
     return {"key": {"recovery": "adjoint", "reject_threshold": 0.5, "heads": heads or False}, "components": comps}
 
@@ -597,8 +616,10 @@ def test_where_heatmaps_and_input_scaled_tokens_in_headless_chromium_offline(run
         f'<div class="tokens">{tokens_html(tokens, values, input_mask=mask)}</div></body></html>'
     )
 
-    cells = "els => els.map(e => [e.dataset.layer, e.dataset.module, e.dataset.component, e.dataset.fraction, " \
-            "getComputedStyle(e).backgroundColor, e.title])"  # fmt: skip
+    cells = (
+        "els => els.map(e => [e.dataset.layer, e.dataset.module, e.dataset.component, e.dataset.fraction, "
+        "getComputedStyle(e).backgroundColor, e.title])"
+    )
     with offline_page() as (page, requests, errors):
         page.goto(index_html.as_uri())
         # the mean layer × module map: every cell the mean over the alive components, the hottest one darkest

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import pathlib
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import load_script
+from helpers import decompose_argv, load_script, reviews_collect_argv
 
 from npeff_lens import commands as K
 from npeff_lens import config as C
@@ -134,7 +135,7 @@ SAMPLES = {  # non-default values for every field of every command
     K.RepairCommand: dict(store="s"),
     K.ReportCommand: dict(
         decomposition="d", out="o", store="s", k=4, n_attributed=2, perturbation="p", attributions=False, progress=False
-    ),  # fmt: skip
+    ),
     K.UnlearnCommand: dict(
         decomposition="d",
         out="o",
@@ -218,7 +219,7 @@ SAMPLES = {  # non-default values for every field of every command
         progress=False,
         projection="kron",
         kron_k=8,
-    ),  # fmt: skip
+    ),
     K.ZeroShotCommand: dict(model="m", n=9, max_length=64),
     K.ExplainCommand: dict(
         decomposition="d",
@@ -232,7 +233,7 @@ SAMPLES = {  # non-default values for every field of every command
         out="o",
         report="r",
         store="s",
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -366,7 +367,7 @@ def test_every_step_receives_its_command_as_its_config(argv, module, function, m
     handed = []
 
     def step(*args, **kwargs):
-        handed.extend(a for a in (*args, *kwargs.values()) if isinstance(a, C._Config))
+        handed.extend(a for a in (*args, *kwargs.values()) if isinstance(a, C.BaseConfig))
         raise _Handed
 
     monkeypatch.setattr(importlib.import_module(module), function, step)
@@ -426,13 +427,9 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     csv = root / "reviews.csv"
     csv.write_text("review,sentiment\n" + "\n".join(f"{t},{s}" for t, s in _reviews(40)) + "\n")
-    collect = ["collect", "--model", "tiny-llama", "--dataset", str(csv), "--text-column", "review",
-               "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad",
-               " sad", "--proj-dim", "256", "--dtype", "float32", "--out", str(root / "tree" / "pefs"),
-               "--no-progress"]  # fmt: skip
+    collect = reviews_collect_argv(csv, root / "tree" / "pefs")
     assert main(collect) == 0
-    decompose = ["decompose", "--store", str(root / "tree" / "pefs"), "--components", "3", "--steps", "40",
-                 "--warmup-steps", "10", "--out", str(root / "tree" / "npeff"), "--no-progress"]  # fmt: skip
+    decompose = decompose_argv(root / "tree" / "pefs", root / "tree" / "npeff")
     assert main(decompose) == 0
     return root, collect, decompose
 
@@ -472,9 +469,11 @@ def test_decompose_with_another_lr_exits_nonzero_naming_lr(run, capsys):
     assert rec["step"] == "decompose" and rec["status"] == "done" and rec["config"]["n_components"] == 3
     assert rec["source"]["relative"] == "../pefs"
     weights = (out / "npeff.safetensors").read_bytes()
-    for flag, value, line in (("--lr", "0.1", "lr: stored 0.5, now 0.1"),
-                              ("--warmup-steps", "5", "n_warmup_steps: stored 10, now 5"),
-                              ("--seed", "1", "seed: stored 0, now 1")):  # fmt: skip
+    for flag, value, line in (
+        ("--lr", "0.1", "lr: stored 0.5, now 0.1"),
+        ("--warmup-steps", "5", "n_warmup_steps: stored 10, now 5"),
+        ("--seed", "1", "seed: stored 0, now 1"),
+    ):
         assert main([*decompose, flag, value]) == 2
         err = capsys.readouterr().err
         assert line in err and "choose another output directory" in err
@@ -484,12 +483,13 @@ def test_decompose_with_another_lr_exits_nonzero_naming_lr(run, capsys):
 
 def test_an_interrupted_decomposition_resumes_to_the_same_fit(run, tmp_path, monkeypatch):
     import npeff_lens.decomposition as decomposition
+    import npeff_lens.nmf as nmf
 
     root, _, _ = run
     store, out = root / "tree" / "pefs", tmp_path / "d"
     ref = decomposition.NPEFF.load(root / "tree" / "npeff")
     kw = dict(n_components=3, n_steps=40, n_warmup_steps=10, checkpoint_every=10, progress=False)
-    calls, sweep = [], decomposition._sweep
+    calls, sweep = [], nmf.sweep
 
     def interrupted(*args, **kwargs):  # a kill during step 26: checkpoints up to step 20 exist
         calls.append(1)
@@ -497,11 +497,11 @@ def test_an_interrupted_decomposition_resumes_to_the_same_fit(run, tmp_path, mon
             raise KeyboardInterrupt
         return sweep(*args, **kwargs)
 
-    monkeypatch.setattr(decomposition, "_sweep", interrupted)
+    monkeypatch.setattr(nmf, "sweep", interrupted)
     with pytest.raises(KeyboardInterrupt):
         decompose_store(store, out, **kw)
     assert json.loads((out / RUN_FILE).read_text())["status"] == "running"
-    monkeypatch.setattr(decomposition, "_sweep", sweep)
+    monkeypatch.setattr(nmf, "sweep", sweep)
     resumed = decompose_store(store, out, **kw)
     assert json.loads((out / RUN_FILE).read_text())["status"] == "done"
     torch.testing.assert_close(resumed.components_, ref.components_, rtol=0, atol=0)
@@ -574,8 +574,9 @@ def test_compare_json_lists_exactly_the_methods_of_the_call(run, tmp_path):
 
 def test_top_where_cautions_when_a_location_is_at_chance(run, monkeypatch):
     import npeff_lens.runs as runs
+    from npeff_lens.layout import parameter_layout
     from npeff_lens.locations import component_locations
-    from npeff_lens.models import load_model, parameter_layout
+    from npeff_lens.models import load_model
 
     root, _, _ = run
     layout = parameter_layout(load_model("tiny-llama").named_parameters())
@@ -636,7 +637,7 @@ def test_perturb_resumes_and_another_magnitude_is_an_error(run, tmp_path, capsys
 
 
 def test_perturb_time_budget_stops_between_components_and_a_rerun_continues(run, tmp_path, monkeypatch):
-    import npeff_lens.runs as runs
+    import npeff_lens.run_perturbation as runs
 
     root, _, _ = run
     args = dict(magnitude=0.5, top_k=4, n_baseline=8, progress=False)
@@ -656,8 +657,10 @@ def test_perturb_time_budget_stops_between_components_and_a_rerun_continues(run,
     assert json.loads((out / RUN_FILE).read_text())["status"] == "running"
     monkeypatch.undo()
     rest = run_perturbation(root / "tree" / "npeff", 3, out=out, **args)  # continues: measures component 2 only
-    untimed = [[{k: v for k, v in r.items() if "seconds" not in k} for r in json.loads(json.dumps(x["records"]))]
-               for x in (rest, full)]  # fmt: skip
+    untimed = [
+        [{k: v for k, v in r.items() if "seconds" not in k} for r in json.loads(json.dumps(x["records"]))]
+        for x in (rest, full)
+    ]
     assert untimed[0] == untimed[1]
     assert json.loads((out / RUN_FILE).read_text())["status"] == "done"
 
@@ -683,9 +686,10 @@ def test_compare_all_methods_end_to_end_resumes_and_names_a_changed_field(run, c
 
     root, _, _ = run
     d = root / "tree" / "npeff"
-    argv = ["compare", str(d), "--methods", "npeff,grad-cluster,sae,snmf", "--components", "3", "--k", "4",
-            "--sae-tokens", "3000", "--snmf-iterations", "30", "--selectivity", "--target-kl", "0.0002",
-            "--n-baseline", "8", "--no-progress"]  # fmt: skip
+    argv = ["compare", str(d)] + shlex.split(
+        "--methods npeff,grad-cluster,sae,snmf --components 3 --k 4 --sae-tokens 3000 --snmf-iterations 30"
+        " --selectivity --target-kl 0.0002 --n-baseline 8 --no-progress"
+    )
     assert main(argv) == 0
     out = capsys.readouterr().out
     table = json.loads((d / "compare" / "compare.json").read_text())
@@ -693,8 +697,18 @@ def test_compare_all_methods_end_to_end_resumes_and_names_a_changed_field(run, c
     assert "selectivity" in out.splitlines()[0]
     for name, row in table["methods"].items():
         assert row["n_components"] == 3 and name in out
-        for key in ("alive", "tuned_label", "tuned_prediction", "argmax_shared", "coverage", "fit_seconds",
-                    "n_always_on", "n_near_duplicate_pairs", "max_cosine", "degenerate"):  # fmt: skip
+        for key in (
+            "alive",
+            "tuned_label",
+            "tuned_prediction",
+            "argmax_shared",
+            "coverage",
+            "fit_seconds",
+            "n_always_on",
+            "n_near_duplicate_pairs",
+            "max_cosine",
+            "degenerate",
+        ):
             assert key in row, (name, key)
         assert row["target_kl"] == 0.0002 and row["n_baseline"] == 8 and len(row["selectivity_per_component"]) == 3
         n = row["selectivity_n_evaluated"]
@@ -720,8 +734,9 @@ def test_compare_all_methods_end_to_end_resumes_and_names_a_changed_field(run, c
         m: {**table["methods"][m], **{k: again["methods"][m][k] for k in ("fit_seconds", "peak_rss_mib")}}
         for m in table["methods"]
     }
-    again = compare(d, methods="npeff,grad-cluster,sae,snmf", components=3, k=2, sae_tokens=3000,
-                    snmf_iterations=30, progress=False)  # fmt: skip
+    again = compare(
+        d, methods="npeff,grad-cluster,sae,snmf", components=3, k=2, sae_tokens=3000, snmf_iterations=30, progress=False
+    )
     assert again["methods"]["snmf"]["n_components"] == 3 and again["config"]["k"] == 2
     assert "selectivity" not in again["methods"]["snmf"]
     # still patched: gc.GradientClustering.fit fails if called (it must read the fit back)
@@ -749,14 +764,18 @@ def test_compare_all_methods_end_to_end_resumes_and_names_a_changed_field(run, c
 def test_unlearn_and_icl_commands_on_a_tiny_run(run, capsys):
     root, _, _ = run
     d = root / "tree" / "npeff"
-    assert main(["unlearn", str(d), "--components", "0", "--n-batches", "2", "--retain-batch-size", "4",
-                 "--n-random", "4", "--k-eval", "2", "--k-mitigation", "2", "--no-progress"]) == 0  # fmt: skip
+    unlearn = ["unlearn", str(d)] + shlex.split(
+        "--components 0 --n-batches 2 --retain-batch-size 4 --n-random 4 --k-eval 2 --k-mitigation 2 --no-progress"
+    )
+    assert main(unlearn) == 0
     report = json.loads((d / "unlearn" / "unlearning.json").read_text())
     assert {"per_component", "summary"} <= set(report) and "mitigation" in capsys.readouterr().out
     assert json.loads((d / "unlearn" / RUN_FILE).read_text())["status"] == "done"
     # held-out examples come from the run's own CSV (its columns), none of them in the store
-    assert main(["icl", str(d), "--n-eval", "6", "--shots", "1", "--n-prompts", "2", "--n-select", "4",
-                 "--threshold", "0.5", "--k", "4", "--no-progress"]) == 0  # fmt: skip
+    icl = ["icl", str(d)] + shlex.split(
+        "--n-eval 6 --shots 1 --n-prompts 2 --n-select 4 --threshold 0.5 --k 4 --no-progress"
+    )
+    assert main(icl) == 0
     result = json.loads((d / "icl" / "icl.json").read_text())
     assert result["held_in"]["n"] == 32 and "tuning classifier" in capsys.readouterr().out
     assert (
@@ -776,54 +795,12 @@ def test_a_csv_run_reports_the_same_whatever_order_the_labels_are_given_in(tmp_p
     results = {}
     for labels in ((" bad", " sad"), (" sad", " bad")):
         root = tmp_path / labels[0].strip()
-        assert (
-            main(
-                [
-                    "collect",
-                    "--model",
-                    "tiny-llama",
-                    "--dataset",
-                    str(csv),
-                    "--text-column",
-                    "review",
-                    "--label-column",
-                    "sentiment",
-                    "--template",
-                    "Review: {text} Sentiment:",
-                    "--labels",
-                    *labels,
-                    "--proj-dim",
-                    "256",
-                    "--dtype",
-                    "float32",
-                    "--out",
-                    str(root / "pefs"),
-                    "--no-progress",
-                ]
-            )
-            == 0
+        assert main(reviews_collect_argv(csv, root / "pefs", labels=labels)) == 0
+        assert main(decompose_argv(root / "pefs", root / "npeff")) == 0
+        argv = ["icl", str(root / "npeff")] + shlex.split(
+            "--n-eval 6 --shots 2 --n-prompts 3 --n-select 8 --threshold 0.5 --k 4 --no-progress"
         )
-        assert (
-            main(
-                [
-                    "decompose",
-                    "--store",
-                    str(root / "pefs"),
-                    "--components",
-                    "3",
-                    "--steps",
-                    "40",
-                    "--warmup-steps",
-                    "10",
-                    "--out",
-                    str(root / "npeff"),
-                    "--no-progress",
-                ]
-            )
-            == 0
-        )
-        assert main(["icl", str(root / "npeff"), "--n-eval", "6", "--shots", "2", "--n-prompts", "3",
-                     "--n-select", "8", "--threshold", "0.5", "--k", "4", "--no-progress"]) == 0  # fmt: skip
+        assert main(argv) == 0
         meta = PEFStore(root / "pefs").metadata
         icl = json.loads((root / "npeff" / "icl" / "icl.json").read_text())
         names = [labels[y] for y in meta["label"]]
@@ -847,16 +824,18 @@ def test_a_step_that_failed_before_writing_results_does_not_block_its_fix(run, t
     root, _, _ = run
     d = root / "tree" / "npeff"
     out = tmp_path / "icl"
-    icl = ["icl", str(d), "--n-eval", "4", "--shots", "1", "--n-prompts", "2", "--n-select", "4", "--threshold",
-           "0.5", "--k", "4", "--out", str(out), "--no-progress"]  # fmt: skip
+    icl = ["icl", str(d), "--out", str(out)] + shlex.split(
+        "--n-eval 4 --shots 1 --n-prompts 2 --n-select 4 --threshold 0.5 --k 4 --no-progress"
+    )
     assert main([*icl, "--dataset", str(root / "reviewz.csv")]) == 2
     assert "reviewz.csv" in capsys.readouterr().err and not out.exists()
     # a step that stopped after its record was written (here: the model fails to load) blocks nothing either
     out.mkdir()
     (out / RUN_FILE).write_text(json.dumps({"step": "icl", "status": "running", "config": {"dataset": "x.csv"}}))
     assert main(icl) == 0 and json.loads((out / RUN_FILE).read_text())["status"] == "done"
-    unlearn = ["unlearn", str(d), "--n-batches", "1", "--retain-batch-size", "4", "--n-random", "4", "--k-eval",
-               "2", "--k-mitigation", "2", "--out", str(tmp_path / "unlearn"), "--no-progress"]  # fmt: skip
+    unlearn = ["unlearn", str(d), "--out", str(tmp_path / "unlearn")] + shlex.split(
+        "--n-batches 1 --retain-batch-size 4 --n-random 4 --k-eval 2 --k-mitigation 2 --no-progress"
+    )
     assert main([*unlearn, "--components", "50"]) == 2
     assert "component index 50 out of range" in capsys.readouterr().err and not (tmp_path / "unlearn").exists()
     assert main([*unlearn, "--components", "1"]) == 0
@@ -864,8 +843,9 @@ def test_a_step_that_failed_before_writing_results_does_not_block_its_fix(run, t
 
 def test_warnings_at_the_command_line_are_one_line(run, tmp_path, capsys):
     root, _, _ = run
-    argv = ["perturb", str(root / "tree" / "npeff"), "--components", "1", "--top-k", "4", "--n-baseline", "64",
-            "--magnitude", "0.5", "--out", str(tmp_path / "p"), "--no-progress"]  # fmt: skip
+    argv = ["perturb", str(root / "tree" / "npeff"), "--out", str(tmp_path / "p")] + shlex.split(
+        "--components 1 --top-k 4 --n-baseline 64 --magnitude 0.5 --no-progress"
+    )
     proc = subprocess.run([sys.executable, "-m", "npeff_lens.cli", *argv], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr
@@ -879,8 +859,10 @@ def test_json_results_are_standard_json(tmp_path):
 
     write_json(tmp_path / "x.json", {"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}})
     assert json.loads((tmp_path / "x.json").read_text(), parse_constant=pytest.fail) == {
-        "a": None, "b": [1.5, None], "c": {"d": None}
-    }  # fmt: skip
+        "a": None,
+        "b": [1.5, None],
+        "c": {"d": None},
+    }
 
 
 def test_collect_says_which_examples_and_the_report_shows_their_labels(run, tmp_path, capsys, monkeypatch):
@@ -908,11 +890,13 @@ def test_collect_says_which_examples_and_the_report_shows_their_labels(run, tmp_
 
 def test_unlearn_with_its_defaults_runs_on_a_64_example_store(tmp_path):
     root = tmp_path
-    assert main(["collect", "--model", "tiny-llama", "--dataset", "movie-reviews", "--template", "Review: {text}",
-                 "--labels", " negative", " positive", "--label-first-token", "--proj-dim", "128", "--n", "64",
-                 "--out", str(root / "pefs"), "--no-progress"]) == 0  # fmt: skip
-    assert main(["decompose", "--store", str(root / "pefs"), "--components", "2", "--steps", "30", "--warmup-steps",
-                 "5", "--out", str(root / "npeff"), "--no-progress"]) == 0  # fmt: skip
+    collect = shlex.split(
+        "collect --model tiny-llama --dataset movie-reviews --template 'Review: {text}'"
+        " --labels ' negative' ' positive' --label-first-token --proj-dim 128 --n 64 --no-progress"
+    )
+    assert main([*collect, "--out", str(root / "pefs")]) == 0
+    decompose = shlex.split("decompose --components 2 --steps 30 --warmup-steps 5 --no-progress")
+    assert main([*decompose, "--store", str(root / "pefs"), "--out", str(root / "npeff")]) == 0
     assert main(["unlearn", str(root / "npeff"), "--components", "0", "--n-batches", "1", "--no-progress"]) == 0
     report = json.loads((root / "npeff" / "unlearn" / "unlearning.json").read_text())
     assert report["config"]["n_random"] == 64 - 25 - 12 - 16
@@ -1011,8 +995,9 @@ def test_the_causal_location_check_measures_on_other_examples_and_resumes(run, m
 
 
 def test_equal_size_controls_avoid_the_located_groups():
+    from npeff_lens.layout import parameter_layout
     from npeff_lens.locations import equal_size_control, group_numels
-    from npeff_lens.models import load_model, parameter_layout
+    from npeff_lens.models import load_model
 
     layout = parameter_layout(load_model("tiny-llama").named_parameters())
     numel = group_numels(layout)
@@ -1066,14 +1051,11 @@ def test_compare_uses_an_sae_the_user_already_has(run, tmp_path, capsys, monkeyp
 
 
 def _collect_csv(csv, out, *extra):
-    return main(["collect", "--model", "tiny-llama", "--dataset", str(csv), "--text-column", "review",
-                 "--label-column", "sentiment", "--template", "Review: {text} Sentiment:", "--labels", " bad", " sad",
-                 "--proj-dim", "256", "--dtype", "float32", "--out", str(out), "--no-progress", *extra])  # fmt: skip
+    return main(reviews_collect_argv(csv, out, *extra))
 
 
 def _decompose(store, out):
-    return main(["decompose", "--store", str(store), "--components", "3", "--steps", "40", "--warmup-steps", "10",
-                 "--out", str(out), "--no-progress"])  # fmt: skip
+    return main(decompose_argv(store, out))
 
 
 def _write_csv(path, rows):
@@ -1105,8 +1087,9 @@ def test_spellings_other_stores_and_edited_data_are_caught(tmp_path, capsys):
     flipped = [(t, {"sad": "bad", "bad": "sad"}[s]) for t, s in rows]
     _write_csv(tmp_path / "clean.csv", flipped)
     capsys.readouterr()
-    icl = ["icl", str(tmp_path / "clean" / "npeff"), "--n-eval", "4", "--shots", "1", "--n-prompts", "1",
-           "--n-select", "4", "--threshold", "0.5", "--k", "4", "--no-progress"]  # fmt: skip
+    icl = ["icl", str(tmp_path / "clean" / "npeff")] + shlex.split(
+        "--n-eval 4 --shots 1 --n-prompts 1 --n-select 4 --threshold 0.5 --k 4 --no-progress"
+    )
     assert main(icl) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "has changed since the run's store" in err and "has label ' sad', the store ' bad'" in err

@@ -14,6 +14,7 @@ from helpers import TEMPLATE, random_texts, saved_without  # noqa: E402
 
 from npeff_lens.baselines.activations import Activations, activations  # noqa: E402
 from npeff_lens.baselines.sae import SAE_LENS_INSTALL, TopKSAEBaseline, unit_normalise  # noqa: E402
+from npeff_lens.errors import CorruptFileError, NotFittedError, SettingError  # noqa: E402
 from npeff_lens.models import load_model  # noqa: E402
 
 PROMPTS = [
@@ -123,26 +124,44 @@ def test_unsorted_example_index_is_grouped(planted_fit):
 
 
 def test_saved_layout_is_unchanged(planted_fit, tmp_path):
-    """The saved folder is a format that existing runs hold: its file names, the codes file byte for byte, the
-    JSON's keys; it loads back exactly."""
+    """The saved folder is a format that existing runs hold: its file names, the codes file byte for byte (with
+    the checksum of its tensors), the JSON's keys; it loads back exactly."""
     import json
 
     from safetensors.torch import save
+
+    from npeff_lens.saving import checksum
 
     sae = planted_fit[-1]
     sae.save(tmp_path)
     names = ["cfg.json", "npeff_sae.json", "npeff_sae_codes.safetensors", "sae_weights.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == names
-    keys = ("coefficients", "example_index", "token_ids", "positions", "code_latents", "code_values",
-            "constant_prefix")  # fmt: skip
-    codes = save({k: getattr(sae, f"{k}_").contiguous() for k in keys})
+    keys = ("coefficients", "example_index", "token_ids", "positions", "code_latents", "code_values", "constant_prefix")
+    tensors = {k: getattr(sae, f"{k}_").contiguous() for k in keys}
+    codes = save(tensors, metadata={"crc32": str(checksum(tensors))})
     assert (tmp_path / "npeff_sae_codes.safetensors").read_bytes() == codes
     meta = json.loads((tmp_path / "npeff_sae.json").read_text())
     assert list(meta)[:2] == ["format", "format_version"]  # a JSON object's other keys may come in any order
-    assert sorted(meta) == sorted(["format", "format_version", "params", "normalisation", "pretrained", "model_name",
-                                   "d_in", "n_tokens", "dead_latents", "fit_seconds", "timings"])  # fmt: skip
+    assert sorted(meta) == sorted(
+        [
+            "format",
+            "format_version",
+            "params",
+            "normalisation",
+            "pretrained",
+            "model_name",
+            "d_in",
+            "n_tokens",
+            "dead_latents",
+            "fit_seconds",
+            "timings",
+        ]
+    )
     assert (meta["format"], meta["format_version"], meta["normalisation"]) == (
-        "npeff_lens.TopKSAEBaseline", 1, "unit_l2_per_token")  # fmt: skip
+        "npeff_lens.TopKSAEBaseline",
+        1,
+        "unit_l2_per_token",
+    )
     back = TopKSAEBaseline.load(tmp_path)
     for k in keys:
         assert torch.equal(getattr(back, f"{k}_"), getattr(sae, f"{k}_")), k
@@ -257,7 +276,7 @@ def test_constant_prefix_is_left_out_of_training_and_maxima(adapter, monkeypatch
     assert int(drop.positions_.min()) == n and drop.n_tokens_ == len(acts) - n * len(TEMPLATED)
     z = drop.encode(acts.acts)
     for i in range(len(TEMPLATED)):  # each example's max comes from a token after the prefix
-        s, t = drop._token_range(i)
+        s, t = drop.token_range(i)
         assert (drop.positions_[s:t] >= n).all()
         own = (acts.example_index == i) & (acts.positions >= n)
         torch.testing.assert_close(drop.coefficients_[i], z[own].amax(0), rtol=0, atol=1e-6)
@@ -296,11 +315,13 @@ def test_a_bidirectional_model_keeps_every_token():
 def test_an_sae_saved_before_constant_tokens_loads_as_it_was(adapter, tmp_path):
     """A folder saved before the constant prefix was recorded (no ``constant_tokens`` parameter, no
     ``constant_prefix`` tensor) loads as what it was: an SAE that read every token."""
-    sae = TopKSAEBaseline(8, 2, hook="model.layers.0", batch_size=32, k_top=1, constant_tokens="keep",
-                          show_progress=False).fit(adapter, TEMPLATED[:8])  # fmt: skip
+    sae = TopKSAEBaseline(
+        8, 2, hook="model.layers.0", batch_size=32, k_top=1, constant_tokens="keep", show_progress=False
+    ).fit(adapter, TEMPLATED[:8])
     sae.save(tmp_path)
-    saved_without(tmp_path, "npeff_sae.json", "npeff_sae_codes.safetensors", param="constant_tokens",
-                  tensor="constant_prefix")  # fmt: skip
+    saved_without(
+        tmp_path, "npeff_sae.json", "npeff_sae_codes.safetensors", param="constant_tokens", tensor="constant_prefix"
+    )
     back = TopKSAEBaseline.load(tmp_path)
     assert back.constant_tokens == "keep" and back.constant_prefix_.numel() == 0
     assert torch.equal(back.coefficients_, sae.coefficients_)
@@ -322,9 +343,35 @@ def test_a_users_sae_of_another_width_is_one_line(adapter, tmp_path):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("backend, resolved", [("hf", "model.layers.1.self_attn.o_proj:input"),
-                                               ("hooked", "blocks.1.attn.hook_z"),
-                                               ("bridge", "blocks.1.attn.hook_z")])  # fmt: skip
+def test_a_damaged_saved_sae_is_a_corrupt_file_error(planted_fit, tmp_path):
+    sae = planted_fit[-1]
+    sae.save(tmp_path)
+    path = tmp_path / "npeff_sae_codes.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=r"npeff_sae_codes\.safetensors is damaged"):
+        TopKSAEBaseline.load(tmp_path)
+
+
+def test_a_users_sae_without_a_hook_names_the_setting(tmp_path):
+    import sae_lens
+
+    sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=4, d_sae=8, k=2)).save_model(tmp_path)
+    with pytest.raises(SettingError, match=r"records no hook name: pass hook=\.\.\.$") as e:
+        TopKSAEBaseline.from_sae_lens(tmp_path, show_progress=False)
+    assert e.value.fields == ("sae_hook",)
+    assert e.value.render(lambda field: "--" + field.replace("_", "-")).endswith("pass --sae-hook")
+
+
+@pytest.mark.parametrize(
+    "backend, resolved",
+    [
+        ("hf", "model.layers.1.self_attn.o_proj:input"),
+        ("hooked", "blocks.1.attn.hook_z"),
+        ("bridge", "blocks.1.attn.hook_z"),
+    ],
+)
 def test_attention_output_sae(backend, resolved, adapter, tmp_path):
     """An SAE at layer 1's attention output (heads concatenated, before the output projection): ``attn:1``
     resolves to ``hook_z`` (hooked/bridge) or the out-projection's input (hf); it trains, saves, loads, encodes
@@ -377,8 +424,10 @@ def test_no_tokens_and_bad_inputs():
         sae.fit_activations(torch.full((4, 4), float("nan")))
     with pytest.raises(ValueError, match="hook"):
         sae.fit(None, PROMPTS)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         sae.token_activations(0)
+    with pytest.raises(AttributeError, match="not fitted"):
+        sae.summary()
 
 
 def test_missing_sae_lens_names_the_install_command(monkeypatch):

@@ -5,12 +5,14 @@ random direction, interventions leave the model as it was, and bad input is one 
 from __future__ import annotations
 
 import math
+import pickle
 import random
 
 import pytest
 import torch
 from helpers import LABELS
 
+from npeff_lens.errors import as_flag
 from npeff_lens.models import load_model
 from npeff_lens.perturb import task_log_probs
 from npeff_lens.selectivity import (
@@ -66,7 +68,9 @@ def test_calibrate_on_a_known_curve_and_an_unreachable_target():
     assert abs(out["kl"] / 0.01 - 1) <= 0.01 and out["n_evals"] == len(calls) <= 12
     with pytest.raises(UnreachableTargetError, match=r"largest mean KL on the baseline examples was 0\.005") as e:
         calibrate(lambda s: 0.005 * (1 - math.exp(-s)), 0.01)
-    assert "\n" not in str(e.value) and "--target-kl" in str(e.value)
+    assert "\n" not in str(e.value) and str(e.value).endswith("; lower the target KL (target_kl)")
+    assert e.value.render(as_flag).endswith("; lower the target KL (--target-kl)")
+    assert pickle.loads(pickle.dumps(e.value)).render(as_flag) == e.value.render(as_flag)
     with pytest.raises(UnreachableTargetError, match="was 0 "):
         calibrate(lambda s: 0.0, 0.01)  # a direction the model ignores
 
@@ -102,8 +106,9 @@ def test_a_planted_component_is_selective_and_a_random_direction_is_not(setup):
     kw = dict(target_kl=0.002, n_baseline=48, seed=0)
     r = component_selectivity(adapter, task, prompts, planted, top, **kw)
     assert r["selectivity"] > 2.5, r  # 16 of the baseline's 64 candidates are users too: about 4 expected
-    rand = component_selectivity(adapter, task, prompts, ParameterDirection(adapter, _random_parameters(adapter, 3)),
-                                 top, **kw)  # fmt: skip
+    rand = component_selectivity(
+        adapter, task, prompts, ParameterDirection(adapter, _random_parameters(adapter, 3)), top, **kw
+    )
     assert 0.4 < rand["selectivity"] < 2.5, rand
     assert r["selectivity"] > 2 * rand["selectivity"]
     summary = summarize([{"status": "ok", **r}, {"status": "ok", **rand}, {"status": "excluded", "n_top": 3}])
@@ -118,8 +123,10 @@ def _hooks(adapter):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in adapter.module.modules())
 
 
-@pytest.mark.parametrize("backend, hook", [("hf", "mlp:1"), ("hf", "model.layers.0"), ("hooked", "attn:1"),
-                                           ("hooked", "blocks.0.hook_resid_post")])  # fmt: skip
+@pytest.mark.parametrize(
+    "backend, hook",
+    [("hf", "mlp:1"), ("hf", "model.layers.0"), ("hooked", "attn:1"), ("hooked", "blocks.0.hook_resid_post")],
+)
 def test_activation_interventions_leave_the_model_unchanged(backend, hook):
     adapter = load_model("tiny-llama", backend=backend)
     task = LabelTokens(TEMPLATE, LABELS).bind(adapter)
@@ -141,8 +148,10 @@ def test_selectivity_leaves_parameters_and_hooks_as_they_were(setup):
     before = task_log_probs(adapter, task, prompts)
     params = {n: p.detach().clone() for n, p in adapter.named_parameters()}
     steer = torch.randn(64, generator=torch.Generator().manual_seed(1))
-    for intervention in (ParameterDirection(adapter, _random_parameters(adapter)),
-                         ActivationDirection(adapter, "mlp:1", steer)):  # fmt: skip
+    for intervention in (
+        ParameterDirection(adapter, _random_parameters(adapter)),
+        ActivationDirection(adapter, "mlp:1", steer),
+    ):
         component_selectivity(adapter, task, prompts, intervention, list(range(8)), n_baseline=16, target_kl=0.002)
     assert _hooks(adapter) == 0
     assert all(torch.equal(p, params[n]) for n, p in adapter.named_parameters())
@@ -155,10 +164,13 @@ def test_selectivity_leaves_parameters_and_hooks_as_they_were(setup):
 def test_bad_input_is_one_clear_line(setup):
     adapter, task, prompts, _ = setup
     steer = ActivationDirection(adapter, "mlp:1", torch.ones(64))
-    with pytest.raises(ValueError, match=r"fewer baseline examples than asked: 80 examples less 16 top ones leave "
-                                         r"64, but 100 were asked for \(--n-baseline\)") as e:  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"fewer baseline examples than asked: 80 examples less 16 top ones leave "
+        r"64, but 100 were asked for \(n_baseline\)",
+    ) as e:
         component_selectivity(adapter, task, prompts, steer, list(range(16)), n_baseline=100)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and e.value.render(as_flag).endswith("(--n-baseline)")
     # Two label tokens: the KL is bounded, so 50 nats is out of reach whatever the size.
     with pytest.raises(UnreachableTargetError, match="target KL 50 not reached: the largest mean KL") as e:
         component_selectivity(adapter, task, prompts, steer, list(range(16)), n_baseline=16, target_kl=50.0)

@@ -10,6 +10,7 @@ from helpers import saved_without
 
 from npeff_lens.baselines.activations import Activations, activations, attention_output_hook, mlp_hidden_hook
 from npeff_lens.baselines.snmf import SNMFBaseline, encode, semi_nmf, winner_take_all
+from npeff_lens.errors import CorruptFileError, NotFittedError
 from npeff_lens.models import load_model
 
 PROMPTS = [
@@ -95,8 +96,15 @@ def _with_a_constant_prefix(m=300, n_text=4):
     length = n_text + 2
     pos = torch.arange(length).repeat(m)
     text_ids = torch.randint(10, 50, (m * length,), generator=torch.Generator().manual_seed(0))
-    data = Activations(x, torch.arange(m).repeat_interleave(length), torch.where(pos < 2, pos + 1, text_ids), pos,
-                       "planted", m, causal=True)  # fmt: skip
+    data = Activations(
+        x,
+        torch.arange(m).repeat_interleave(length),
+        torch.where(pos < 2, pos + 1, text_ids),
+        pos,
+        "planted",
+        m,
+        causal=True,
+    )
     return z, y, data
 
 
@@ -164,8 +172,9 @@ def test_an_snmf_saved_before_constant_tokens_loads_as_it_was(tmp_path):
     _, _, data = _with_a_constant_prefix(m=40)
     snmf = SNMFBaseline(4, n_iter=10, n_init=1, constant_tokens="keep", show_progress=False).fit_activations(data)
     snmf.save(tmp_path)
-    saved_without(tmp_path, "npeff_snmf.json", "npeff_snmf.safetensors", param="constant_tokens",
-                  tensor="constant_prefix")  # fmt: skip
+    saved_without(
+        tmp_path, "npeff_snmf.json", "npeff_snmf.safetensors", param="constant_tokens", tensor="constant_prefix"
+    )
     back = SNMFBaseline.load(tmp_path)
     assert back.constant_tokens == "keep" and back.constant_prefix_.numel() == 0
     assert torch.equal(back.coefficients_, snmf.coefficients_)
@@ -247,23 +256,44 @@ def test_fit_on_a_tiny_model_save_and_load(adapter, tmp_path):
 
 
 def test_saved_layout_is_unchanged_and_a_foreign_folder_is_one_line(tmp_path):
-    """The saved folder is a format that existing runs hold: its file names, the tensors file byte for byte, the
-    JSON's keys in order; it loads back exactly, and a folder of another format is refused in one line."""
+    """The saved folder is a format that existing runs hold: its file names, the tensors file byte for byte (with
+    the checksum of its tensors), the JSON's keys in order; it loads back exactly, and a folder of another format is
+    refused in one line."""
     import json
 
     from safetensors.torch import save
+
+    from npeff_lens.saving import checksum
 
     _, _, acts = planted(n=400)
     snmf = SNMFBaseline(4, n_iter=10, n_init=1, show_progress=False).fit_activations(acts, torch.arange(400) // 4)
     snmf.save(tmp_path / "s")
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["npeff_snmf.json", "npeff_snmf.safetensors"]
-    keys = ("features", "coefficients", "token_coefficients", "example_index", "token_ids", "positions",
-            "constant_prefix")  # fmt: skip
-    tensors = save({k: getattr(snmf, f"{k}_").contiguous() for k in keys})
-    assert (tmp_path / "s" / "npeff_snmf.safetensors").read_bytes() == tensors
+    keys = (
+        "features",
+        "coefficients",
+        "token_coefficients",
+        "example_index",
+        "token_ids",
+        "positions",
+        "constant_prefix",
+    )
+    tensors = {k: getattr(snmf, f"{k}_").contiguous() for k in keys}
+    expected = save(tensors, metadata={"crc32": str(checksum(tensors))})
+    assert (tmp_path / "s" / "npeff_snmf.safetensors").read_bytes() == expected
     meta = json.loads((tmp_path / "s" / "npeff_snmf.json").read_text())
-    assert list(meta) == ["format", "format_version", "params", "model_name", "d_in", "n_examples",
-                          "reconstruction_err", "errors", "fit_seconds", "timings"]  # fmt: skip
+    assert list(meta) == [
+        "format",
+        "format_version",
+        "params",
+        "model_name",
+        "d_in",
+        "n_examples",
+        "reconstruction_err",
+        "errors",
+        "fit_seconds",
+        "timings",
+    ]
     assert (meta["format"], meta["format_version"]) == ("npeff_lens.SNMFBaseline", 1)
     back = SNMFBaseline.load(tmp_path / "s")
     for k in keys:
@@ -271,10 +301,24 @@ def test_saved_layout_is_unchanged_and_a_foreign_folder_is_one_line(tmp_path):
     assert back.errors_ == snmf.errors_ and torch.equal(back.dead_latents_, snmf.dead_latents_)
 
     (tmp_path / "s" / "npeff_snmf.json").write_text(json.dumps({**meta, "format": "npeff_lens.TopKSAEBaseline"}))
-    with pytest.raises(ValueError, match="not a npeff_lens.SNMFBaseline") as e:
+    with pytest.raises(ValueError, match="does not hold a saved npeff_lens.SNMFBaseline") as e:
         SNMFBaseline.load(tmp_path / "s")
     assert "\n" not in str(e.value)
     with pytest.raises(FileNotFoundError, match="holds no npeff_snmf.json"):
+        SNMFBaseline.load(tmp_path)
+
+
+def test_a_damaged_saved_snmf_is_a_corrupt_file_error_and_an_unfitted_one_says_so(tmp_path):
+    _, _, acts = planted(n=200)
+    snmf = SNMFBaseline(4, n_iter=5, n_init=1, show_progress=False)
+    with pytest.raises(NotFittedError, match="not fitted"):
+        snmf.token_activations(0)
+    snmf.fit_activations(acts, torch.arange(200) // 4).save(tmp_path)
+    path = tmp_path / "npeff_snmf.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=r"npeff_snmf\.safetensors is damaged"):
         SNMFBaseline.load(tmp_path)
 
 

@@ -3,6 +3,7 @@ consistency of the patching (everything restored gives the clean run back, no no
 through every backend, determinism, subject positions, errors, the geo-facts subjects and ``npeff trace``."""
 
 import json
+import shlex
 import types
 
 import pytest
@@ -41,9 +42,17 @@ def planted_adapter():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=4,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, pad_token_id=1)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(0)
@@ -116,8 +125,7 @@ def test_the_planted_mlp_is_where_the_trace_puts_the_effect(planted):
 
 
 def test_every_position_finds_the_attention_that_moves_it(planted):
-    trace = causal_trace(planted, [PROMPT], [SUBJECT], [ANSWER], kinds=("mlp", "attn"), positions="all",
-                         n_samples=8)  # fmt: skip
+    trace = causal_trace(planted, [PROMPT], [SUBJECT], [ANSWER], kinds=("mlp", "attn"), positions="all", n_samples=8)
     total = float(trace.total_effects[0])
     effect = trace.indirect_effects[0]  # [kind, layer, position]
     assert effect.shape == (2, 4, LAST + 1)
@@ -143,8 +151,7 @@ def test_a_window_restores_the_layers_around_each_layer(planted):
 
 def test_restored_probability_is_the_trace_of_one_restoration(planted):
     trace = causal_trace(planted, [PROMPT], [SUBJECT], [ANSWER], kinds=("mlp", "attn"), n_samples=6, batch_size=5)
-    one = restored_probability(planted, PROMPT, SUBJECT, ANSWER, [("mlp", MLP_LAYER, [SUBJECT_POSITION])],
-                               n_samples=6)  # fmt: skip
+    one = restored_probability(planted, PROMPT, SUBJECT, ANSWER, [("mlp", MLP_LAYER, [SUBJECT_POSITION])], n_samples=6)
     assert one["p_clean"] == pytest.approx(float(trace.p_clean[0]), rel=1e-6)
     assert one["p_corrupted"] == pytest.approx(float(trace.p_corrupted[0]), rel=1e-6)
     assert one["p_restored"] == pytest.approx(float(trace.p_restored[0][0, MLP_LAYER]), rel=1e-6)
@@ -176,8 +183,16 @@ def test_deterministic_under_the_seed_and_the_same_through_every_backend(models)
     assert torch.allclose(torch.stack(rebatched.p_restored), torch.stack(hf.p_restored), rtol=1e-5, atol=0)
     assert not torch.allclose(other.p_corrupted, hf.p_corrupted, rtol=1e-6, atol=0)
     # a fact's noise depends on (seed, its index) alone: tracing it alone, at the same scale, gives the same numbers
-    first = causal_trace(models("tiny-llama"), [FACTS[0][0]], [FACTS[1][0]], [FACTS[2][0]], kinds=KINDS, n_samples=3,
-                         seed=7, embedding_std=hf.embedding_std)  # fmt: skip
+    first = causal_trace(
+        models("tiny-llama"),
+        [FACTS[0][0]],
+        [FACTS[1][0]],
+        [FACTS[2][0]],
+        kinds=KINDS,
+        n_samples=3,
+        seed=7,
+        embedding_std=hf.embedding_std,
+    )
     assert torch.allclose(first.p_restored[0], hf.p_restored[0], rtol=1e-5, atol=0)
     for backend in ("nnsight", "hooked", "bridge"):
         through = trace(backend)
@@ -278,8 +293,10 @@ def test_trace_help_lists_every_flag_with_help(capsys):
         flag = "--" + f.name.replace("_", "-")
         assert flag in out, flag
         assert f.metadata["help"] and " ".join(f.metadata["help"].split()).replace("%%", "%")[:40] in out, flag
-    for flag in ("--model", "--dataset", "--n", "--split", "--data-seed", "--noise", "--samples", "--positions",
-                 "--seed", "--out", "--batch-size", "--device", "--no-progress"):  # fmt: skip
+    for flag in (
+        "--model --dataset --n --split --data-seed --noise --samples --positions --seed --out --batch-size --device"
+        " --no-progress"
+    ).split():
         assert flag in out
 
 
@@ -288,8 +305,8 @@ def test_trace_command_writes_trace_json(tmp_path, capsys):
     rows = [{"text": p, "subject": s, "target": a.strip()} for p, s, a in zip(*FACTS)]
     facts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "trace"
-    argv = ["trace", "--model", "tiny-gpt2", "--dataset", str(facts), "--split", "none", "--n", "2", "--samples", "3",
-            "--kinds", "mlp", "attn", "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = shlex.split("trace --model tiny-gpt2 --split none --n 2 --samples 3 --kinds mlp attn")
+    argv += ["--dataset", str(facts), "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "layer" in printed and "mlp" in printed and "attn" in printed and "trace.json" in printed

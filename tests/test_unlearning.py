@@ -174,10 +174,21 @@ def test_experiment_sets_partition(prompts):
 def report(adapter, task, prompts):
     before = _state(adapter)
     out = unlearning_experiment(
-        adapter, task, prompts, _planted_coefficients(), [0, 2, 1],
-        k_eval=3, k_mitigation=3, n_random=10, kl_threshold=0.01, seed=0, keep_batches=True, progress=False,
-        n_batches=4, **FAST,
-    )  # fmt: skip
+        adapter,
+        task,
+        prompts,
+        _planted_coefficients(),
+        [0, 2, 1],
+        k_eval=3,
+        k_mitigation=3,
+        n_random=10,
+        kl_threshold=0.01,
+        seed=0,
+        keep_batches=True,
+        progress=False,
+        n_batches=4,
+        **FAST,
+    )
     _assert_same_state(adapter, before)
     return out
 

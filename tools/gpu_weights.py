@@ -618,7 +618,7 @@ def convert(args) -> Path:
     from npeff_lens import assets
 
     try:
-        assets._convert_gguf(src.parent.resolve(), src.name, out.resolve())
+        assets.convert_gguf(src.parent.resolve(), src.name, out.resolve())
     except assets.MissingAssetError as e:
         raise Failure(f"{e} (or put the copy in {site} on the path: split puts it there)") from None
     config = json.loads((out / "config.json").read_text())

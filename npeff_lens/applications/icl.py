@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..analysis import tunings
+from ..errors import NotFittedError
 from ..io import progress as progress_bar
 from ..io import to_jsonable
 from ..perturb import task_log_probs
@@ -56,14 +57,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 
-def _not_fitted(what: str) -> Exception:
-    try:
-        from sklearn.exceptions import NotFittedError
-    except ImportError:  # scikit-learn is optional: the same bases as its NotFittedError
-
-        class NotFittedError(ValueError, AttributeError):
-            pass
-
+def _not_fitted(what: str) -> NotFittedError:
     return NotFittedError(f"this TuningClassifier is not fitted yet; call fit before {what}")
 
 
@@ -360,8 +354,9 @@ def best_of_n_icl(
     accuracies = []
     for demos in progress_bar(draws, desc="icl prompts", unit="prompt", enabled=progress):
         prefix = icl_prefix(task, [train_texts[i] for i in demos], [y[i] for i in demos], words, separator=separator)
-        prompts, _ = task.fitted_prompts(adapter.tokenizer, [train_texts[i] for i in selection], max_length,
-                                         prefix=prefix)  # fmt: skip
+        prompts, _ = task.fitted_prompts(
+            adapter.tokenizer, [train_texts[i] for i in selection], max_length, prefix=prefix
+        )
         lp = task_log_probs(adapter, task, prompts, batch_size=batch_size)
         accuracies.append(_accuracy(lp, [y[i] for i in selection]))
     best = int(np.argmax(accuracies))  # the first maximum
@@ -427,13 +422,25 @@ def icl_experiment(
         raise ValueError(f"{len(eval_texts)} evaluation texts but {ec.shape[0]} rows of eval_coefficients")
     pred = {"classifier": clf.predict(ec).tolist()}
     n_unscored = clf.n_unscored_
-    pred["zero_shot"] = zero_shot_predictions(adapter, task, eval_texts, batch_size=batch_size,
-                                              max_length=max_length).tolist()  # fmt: skip
+    pred["zero_shot"] = zero_shot_predictions(
+        adapter, task, eval_texts, batch_size=batch_size, max_length=max_length
+    ).tolist()
     icl = best_of_n_icl(
-        adapter, task, train_texts, train_labels, label_words, eval_texts, ey,
-        shots=shots, n_prompts=n_prompts, n_select=n_select, seed=seed, batch_size=batch_size, progress=progress,
+        adapter,
+        task,
+        train_texts,
+        train_labels,
+        label_words,
+        eval_texts,
+        ey,
+        shots=shots,
+        n_prompts=n_prompts,
+        n_select=n_select,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
         max_length=icl_max_length,
-    )  # fmt: skip
+    )
     pred["icl"] = icl.predictions.tolist()
     icl_info = icl.as_dict()
     icl_info.pop("predictions")

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ..analysis import ACTIVE_DEFINITION, active, top_examples
+from ..formatting import fmt
 from ..io import progress as progress_bar
 from ..io import to_jsonable
 from ..perturb import kl_divergence, task_log_probs
@@ -498,14 +499,6 @@ def _record(j: int, sets: Mapping[str, Any], runs: Mapping[str, Any]) -> dict[st
     }
 
 
-def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
-
-
 def format_table(report: Mapping[str, Any]) -> str:
     """Per-component KLs of both set-ups and the Table 6 means, as printed by the benchmark and the CLI."""
     cols = ("component", "setup", "kl_forget", "kl_top_median", "kl_random_median", "above")
@@ -516,7 +509,7 @@ def format_table(report: Mapping[str, Any]) -> str:
             continue
         for s in ("mitigation", "control"):
             run = r["runs"][s]
-            rows.append([str(r["component"]), s] + [_fmt(run[k]) for k in RUN_KEYS])
+            rows.append([str(r["component"]), s] + [fmt(run[k], 4, missing="") for k in RUN_KEYS])
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
@@ -525,8 +518,9 @@ def format_table(report: Mapping[str, Any]) -> str:
         for setup in ("mitigation", "control"):
             b = block[setup]
             lines.append(
-                f"{name:>10} {setup:>10}: forget {_fmt(b['kl_forget_mean'])}  top examples "
-                f"{_fmt(b['kl_top_median_mean'])}  random {_fmt(b['kl_random_median_mean'])}  "
+                f"{name:>10} {setup:>10}: forget {fmt(b['kl_forget_mean'], 4, missing='')}  top examples "
+                f"{fmt(b['kl_top_median_mean'], 4, missing='')}  random "
+                f"{fmt(b['kl_random_median_mean'], 4, missing='')}  "
                 f"({b['n_forget_above_threshold']}/{b['n_runs']} runs with forget KL > {s['kl_threshold']:g})"
             )
     return "\n".join(lines)

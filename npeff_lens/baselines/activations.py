@@ -15,9 +15,8 @@
   the estimators do so by default (``constant_tokens="drop"``), recording the prefix at fit so that new prompts
   lose the same positions. Only for causal models (:func:`is_causal`); a bidirectional encoder keeps every token.
 - :class:`ActivationEstimator`: what the estimators share once fitted: coefficients of new prompts, each example's
-  token range, and which components are alive.
-- :class:`SavedFormat`: a fitted estimator's tensors (safetensors) and its ``*.json`` (parameters and fitted
-  scalars, written last), each written atomically; loading checks the format's name and version.
+  token range, which components are alive, and what they save beside their own tensors (through
+  :class:`npeff_lens.saving.SavedFormat`: checksummed tensors, a JSON file written last).
 
 transformer-lens is never imported here: the TL backends' adapters hold the model.
 """
@@ -28,20 +27,20 @@ import difflib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from ..analysis import active
-from ..io import atomic_write, progress, read_json, write_json
+from ..errors import NotFittedError
+from ..io import progress
+from ..models.adapter import HFAdapter
 
 __all__ = [
     "CONSTANT_TOKENS",
     "INPUT_SUFFIX",
     "Activations",
     "ActivationEstimator",
-    "SavedFormat",
     "activations",
     "as_activations",
     "attention_output_hook",
@@ -234,8 +233,10 @@ def attention_output_hook(adapter, layer: int) -> str:
         else:
             out = _projection_in(children[attn], _ATTN_OUT_NAMES)
     if out is None:
-        raise ValueError(f"layer {layer} ({base}) has no attention block with a linear output projection "
-                         f"(its parts: {', '.join(children) or 'none'}): pass the hook explicitly")  # fmt: skip
+        raise ValueError(
+            f"layer {layer} ({base}) has no attention block with a linear output projection "
+            f"(its parts: {', '.join(children) or 'none'}): pass the hook explicitly"
+        )
     return f"{base}.{attn}.{out}{INPUT_SUFFIX}"
 
 
@@ -252,8 +253,6 @@ def _forward(adapter, enc: dict[str, torch.Tensor]) -> None:
     if getattr(adapter, "backend", None) in ("hf", "nnsight"):
         # A plain forward of the wrapped HF module (for nnsight: without a trace); HFAdapter's
         # forward adds the position ids the adapter always uses.
-        from ..models.adapter import HFAdapter
-
         HFAdapter.forward_logits(adapter, enc["input_ids"], enc["attention_mask"])
     else:
         adapter.forward_logits(enc["input_ids"], enc["attention_mask"])
@@ -409,8 +408,9 @@ def without_constant_prefix(data: Activations, prefix: torch.Tensor) -> Activati
     keep = rank >= cut[ex]
     if bool(keep.all()):
         return data
-    return Activations(data.acts[keep], ex[keep], ids[keep], data.positions[keep], data.hook, data.n_examples,
-                       data.causal)  # fmt: skip
+    return Activations(
+        data.acts[keep], ex[keep], ids[keep], data.positions[keep], data.hook, data.n_examples, data.causal
+    )
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> None:
@@ -469,7 +469,7 @@ class ActivationEstimator:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, self._fitted_attribute):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(...) or load(...) first")
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(...) or load(...) first")
 
     def _new_activations(self, acts, example_index, n_examples) -> Activations:
         """:func:`as_activations` of new data, checked against the fitted width."""
@@ -493,8 +493,13 @@ class ActivationEstimator:
 
     def _saved(self, tensors: dict, meta: dict) -> tuple[dict, dict]:
         """``(tensors, meta)`` to save: these plus the token bookkeeping, the parameters and the fit's record."""
-        tensors = {**tensors, "example_index": self.example_index_, "token_ids": self.token_ids_,
-                   "positions": self.positions_, "constant_prefix": self.constant_prefix_}  # fmt: skip
+        tensors = {
+            **tensors,
+            "example_index": self.example_index_,
+            "token_ids": self.token_ids_,
+            "positions": self.positions_,
+            "constant_prefix": self.constant_prefix_,
+        }
         fit = {"fit_seconds": getattr(self, "fit_seconds_", None), "timings": getattr(self, "timings_", {})}
         meta = {"params": self.get_params(), "model_name": self.model_name_, "d_in": self.d_in_, **meta, **fit}
         return tensors, meta
@@ -506,51 +511,10 @@ class ActivationEstimator:
         self.fit_seconds_, self.timings_ = meta.get("fit_seconds"), meta.get("timings", {})
         self.constant_prefix_ = tensors.get("constant_prefix", torch.zeros(0, dtype=torch.long)).long()
 
-    def _token_range(self, example: int) -> tuple[int, int]:
+    def token_range(self, example: int) -> tuple[int, int]:
         """``(start, end)`` of one example's rows among the fitted tokens."""
         self._check_fitted()
         m, e = self.coefficients_.shape[0], int(example)
         if not 0 <= e < m:
             raise IndexError(f"example index {e} out of range for {m} examples")
         return int(self._starts[e]), int(self._ends[e])
-
-
-# --------------------------------------------------------------------------------------------------
-# Saving and loading a fitted estimator
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SavedFormat:
-    """How a fitted activation-space estimator is saved: its tensors in ``tensors_file`` (safetensors) and
-    ``meta_file``, JSON that starts ``{"format": name, "format_version": version, ...}`` and is written last,
-    so that a folder holding it holds a complete save. Every file is written atomically."""
-
-    name: str
-    version: int
-    tensors_file: str
-    meta_file: str
-
-    def save(self, directory, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-        from safetensors.torch import save
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / self.tensors_file, save({k: v.contiguous() for k, v in tensors.items()}))
-        write_json(directory / self.meta_file, {"format": self.name, "format_version": self.version, **meta})
-        return directory
-
-    def load(self, directory) -> tuple[dict, dict[str, torch.Tensor]]:
-        """``(meta, tensors)`` of a folder written by :meth:`save`; anything else is a one-line error."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        meta_path = directory / self.meta_file
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{directory} holds no {self.meta_file}: it is not a saved {self.name}")
-        meta = read_json(meta_path)
-        if meta.get("format") != self.name:
-            raise ValueError(f"{meta_path} holds a {meta.get('format')!r}, not a {self.name}")
-        if meta.get("format_version") != self.version:
-            raise ValueError(f"{meta_path}: unsupported format {meta.get('format_version')!r}")
-        return meta, load_file(directory / self.tensors_file)

@@ -24,7 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import atomic_write, read_json, write_json
+from .. import __version__
+from ..collect import collect_pefs
+from ..errors import NotFittedError
+from ..saving import SavedFormat
+from ..tasks import TASKS, task_from_config
 
 __all__ = [
     "GradientClustering",
@@ -37,6 +41,7 @@ __all__ = [
 MINIBATCH_ABOVE = 2**27  # algorithm="auto": MiniBatchKMeans once m x n_clusters exceeds this (65,536 x 2,048)
 _CHUNK = 4096  # examples per block when computing distances to centroids
 _TENSORS = ("cluster_centers_", "labels_", "distances_", "excluded_")
+SAVED = SavedFormat("GradientClustering", "gradient_clustering.safetensors", "config.json")
 
 
 def _is_int(v) -> bool:
@@ -63,8 +68,6 @@ def prediction_task(task):
     expectation-projection settings are the same; a task class outside ``npeff_lens.tasks.TASKS`` is
     shallow-copied instead.
     """
-    from ..tasks import TASKS, task_from_config
-
     if TASKS.get(task.kind) is type(task):
         return task_from_config({**task.config(), "rows": "prediction"})
     out = copy.copy(task)
@@ -82,8 +85,6 @@ def collect_prediction_gradients(model, data, task, out, **options):
     (``p(y'|x) = 1``) has a zero gradient and is flagged ``zero_pef``; :class:`GradientClustering` leaves it
     out.
     """
-    from ..collect import collect_pefs
-
     return collect_pefs(model, data, prediction_task(task), out, **options)
 
 
@@ -288,7 +289,7 @@ class GradientClustering:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "cluster_centers_"):
-            raise AttributeError("this GradientClustering is not fitted yet: call fit first")
+            raise NotFittedError("this GradientClustering is not fitted yet: call fit first")
 
     @property
     def coefficients_(self) -> torch.Tensor:
@@ -321,35 +322,20 @@ class GradientClustering:
         return cluster_coefficients(labels, distances, int(self.n_clusters))
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Writes ``gradient_clustering.safetensors`` (learned tensors) and ``config.json`` (hyper-parameters,
-        fitted scalars, the store's manifest); ``config.json`` is written last."""
-        from safetensors.torch import save
-
-        from npeff_lens import __version__
-
+        """Writes ``gradient_clustering.safetensors`` (learned tensors, with a checksum) and ``config.json``
+        (hyper-parameters, fitted scalars, the store's manifest); ``config.json`` is written last."""
         self._check_fitted()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: getattr(self, k).contiguous() for k in _TENSORS}
-        atomic_write(directory / "gradient_clustering.safetensors", save(tensors))
+        tensors = {k: getattr(self, k) for k in _TENSORS}
         fitted = {k: getattr(self, k) for k in ("inertia_", "n_iter_", "algorithm_", "fit_seconds_", "n_features_in_")}
-        config = {"class": "GradientClustering", "npeff_lens_version": __version__, "params": self.get_params()}
-        write_json(directory / "config.json", {**config, "fitted": fitted, "manifest": self.manifest_})
-        return directory
+        config = {"npeff_lens_version": __version__, "params": self.get_params()}
+        return SAVED.save(directory, tensors, {**config, "fitted": fitted, "manifest": self.manifest_})
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> GradientClustering:
-        """The estimator written by :meth:`save`."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        config = read_json(directory / "config.json")
-        if config.get("class") != "GradientClustering":
-            raise ValueError(
-                f"{directory} does not hold a GradientClustering (config.json class {config.get('class')!r})"
-            )
+        """The estimator written by :meth:`save`; a damaged tensors file is a ``CorruptFileError``."""
+        config, tensors = SAVED.load(directory)
         est = cls(**config["params"])
-        for k, v in load_file(str(directory / "gradient_clustering.safetensors")).items():
+        for k, v in tensors.items():
             setattr(est, k, v)
         for k, v in config["fitted"].items():
             setattr(est, k, v)

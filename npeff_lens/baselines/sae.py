@@ -35,14 +35,17 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from unittest import mock
 
 import torch
 
+from .. import analysis
+from ..errors import SettingError
 from ..io import progress
+from ..saving import SavedFormat
 from .activations import (
     ActivationEstimator,
     Activations,
-    SavedFormat,
     activations,
     as_activations,
     check_positive_int,
@@ -53,8 +56,14 @@ __all__ = ["SAE_LENS_INSTALL", "TopKSAEBaseline", "unit_normalise"]
 
 SAE_LENS_INSTALL = "pip install 'sae-lens>=6.54,<7'"
 # Beside sae-lens's cfg.json and sae_weights.safetensors: the fit's parameters, and its coefficients and codes.
-SAVED = SavedFormat("npeff_lens.TopKSAEBaseline", 1, tensors_file="npeff_sae_codes.safetensors",
-                    meta_file="npeff_sae.json")  # fmt: skip
+SAVED = SavedFormat(
+    "npeff_lens.TopKSAEBaseline",
+    "npeff_sae_codes.safetensors",
+    "npeff_sae.json",
+    version=1,
+    key="format",
+    what="a saved npeff_lens.TopKSAEBaseline",
+)
 NORMALISATION = "unit_l2_per_token"
 
 
@@ -98,8 +107,6 @@ def _quiet_trainer(quiet: bool):
     ``TQDM_DISABLE`` once, at import. So the trainer module's ``tqdm`` is patched for the duration of the fit."""
     if not quiet:
         return contextlib.nullcontext()
-    from unittest import mock
-
     from sae_lens.training import sae_trainer
 
     return mock.patch.object(sae_trainer, "tqdm", functools.partial(sae_trainer.tqdm, disable=True))
@@ -218,9 +225,19 @@ class TopKSAEBaseline(ActivationEstimator):
         return self._fit_prompts(adapter, prompts)
 
     @classmethod
-    def from_sae_lens(cls, directory, *, hook: str | None = None, k: int | None = None, device: str = "cpu",
-                      k_top: int = 16, activation_batch_size: int = 8, max_length: int | None = 256,
-                      show_progress: bool = True, constant_tokens: str = "drop") -> TopKSAEBaseline:  # fmt: skip
+    def from_sae_lens(
+        cls,
+        directory,
+        *,
+        hook: str | None = None,
+        k: int | None = None,
+        device: str = "cpu",
+        k_top: int = 16,
+        activation_batch_size: int = 8,
+        max_length: int | None = 256,
+        show_progress: bool = True,
+        constant_tokens: str = "drop",
+    ) -> TopKSAEBaseline:
         """An SAE the user already has, in sae-lens's saved format (``SAE.load_from_disk``: ``cfg.json`` +
         ``sae_weights.safetensors``; any architecture), to be read like a trained one: :meth:`fit` then only
         reads the activations at its hook (``hook``, else the one it records) and encodes them, without training.
@@ -234,11 +251,20 @@ class TopKSAEBaseline(ActivationEstimator):
         sae = sae_lens.SAE.load_from_disk(directory, device=device).eval()
         hook = hook or getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
         if not hook:
-            raise ValueError(f"the SAE in {directory} records no hook name: pass --sae-hook")
+            where = str(directory).replace("{", "{{").replace("}", "}}")  # the template's braces are its settings
+            raise SettingError(f"the SAE in {where} records no hook name: pass {{sae_hook}}", sae_hook="hook=...")
         d_sae = int(sae.cfg.d_sae)
-        self = cls(d_sae, min(d_sae, int(k or getattr(sae.cfg, "k", None) or 64)), hook=hook, device=device,
-                   k_top=k_top, activation_batch_size=activation_batch_size, max_length=max_length,
-                   show_progress=show_progress, constant_tokens=constant_tokens)  # fmt: skip
+        self = cls(
+            d_sae,
+            min(d_sae, int(k or getattr(sae.cfg, "k", None) or 64)),
+            hook=hook,
+            device=device,
+            k_top=k_top,
+            activation_batch_size=activation_batch_size,
+            max_length=max_length,
+            show_progress=show_progress,
+            constant_tokens=constant_tokens,
+        )
         self.sae_, self.pretrained_ = sae, str(directory.resolve())
         return self
 
@@ -281,8 +307,10 @@ class TopKSAEBaseline(ActivationEstimator):
         d_in = int(self.sae_.cfg.d_in)
         if int(d) != d_in:
             where = f"the SAE in {self.pretrained_}" if self.pretrained_ else "this SAE"
-            raise ValueError(f"{where} reads activations of width {d_in}, but hook {self.hook!r} gives width {d}: "
-                             "choose the hook the SAE was trained at")  # fmt: skip
+            raise ValueError(
+                f"{where} reads activations of width {d_in}, but hook {self.hook!r} gives width {d}: "
+                "choose the hook the SAE was trained at"
+            )
 
     def _training_schedule(self, n_tokens: int) -> tuple[int, int, int]:
         batch = min(self.batch_size, n_tokens)
@@ -369,7 +397,7 @@ class TopKSAEBaseline(ActivationEstimator):
 
     def token_activations(self, example: int) -> torch.Tensor:
         """Latent activations ``[T, n_latents]`` on the tokens of one example (dense; ≤ k non-zeros a row)."""
-        s, t = self._token_range(example)
+        s, t = self.token_range(example)
         out = torch.zeros(t - s, self.n_latents)
         out.scatter_(1, self.code_latents_[s:t].long(), self.code_values_[s:t])
         return out
@@ -381,17 +409,15 @@ class TopKSAEBaseline(ActivationEstimator):
             raise IndexError(f"latent {latent} out of range for {self.n_latents} latents")
         out = []
         for example in torch.as_tensor(example_indices).reshape(-1).tolist():
-            s, t = self._token_range(example)
+            s, t = self.token_range(example)
             on = ((self.code_latents_[s:t] == int(latent)) & (self.code_values_[s:t] > 0)).any(-1)
             out.append(frozenset(self.token_ids_[s:t][on].tolist()))
         return out
 
     def top_examples(self, k: int | None = None) -> torch.Tensor:
         """``[n_latents, k]`` example indices by decreasing coefficient (``analysis.top_examples``)."""
-        from ..analysis import top_examples
-
         self._check_fitted()
-        return top_examples(self.coefficients_, k or self.k_top)
+        return analysis.top_examples(self.coefficients_, k or self.k_top)
 
     def summary(self) -> dict:
         self._check_fitted()
@@ -418,10 +444,17 @@ class TopKSAEBaseline(ActivationEstimator):
         with tempfile.TemporaryDirectory(prefix=".npeff_sae_", dir=directory) as tmp:
             for path in self.sae_.save_model(tmp):
                 os.replace(path, directory / Path(path).name)  # same file system: atomic
-        tensors = {"coefficients": self.coefficients_, "code_latents": self.code_latents_,
-                   "code_values": self.code_values_}  # fmt: skip
-        meta = {"normalisation": "none" if self.pretrained_ else NORMALISATION, "pretrained": self.pretrained_,
-                "n_tokens": self.n_tokens_, "dead_latents": self.dead_latents_}  # fmt: skip
+        tensors = {
+            "coefficients": self.coefficients_,
+            "code_latents": self.code_latents_,
+            "code_values": self.code_values_,
+        }
+        meta = {
+            "normalisation": "none" if self.pretrained_ else NORMALISATION,
+            "pretrained": self.pretrained_,
+            "n_tokens": self.n_tokens_,
+            "dead_latents": self.dead_latents_,
+        }
         return SAVED.save(directory, *self._saved(tensors, meta))
 
     @classmethod

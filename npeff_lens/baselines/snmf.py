@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 from ..io import progress
+from ..saving import SavedFormat
 from .activations import (
     ActivationEstimator,
     Activations,
-    SavedFormat,
     activations,
     as_activations,
     check_positive_int,
@@ -49,7 +49,14 @@ from .activations import (
 
 __all__ = ["SNMFBaseline", "semi_nmf", "encode", "winner_take_all", "default_layer"]
 
-SAVED = SavedFormat("npeff_lens.SNMFBaseline", 1, tensors_file="npeff_snmf.safetensors", meta_file="npeff_snmf.json")
+SAVED = SavedFormat(
+    "npeff_lens.SNMFBaseline",
+    "npeff_snmf.safetensors",
+    "npeff_snmf.json",
+    version=1,
+    key="format",
+    what="a saved npeff_lens.SNMFBaseline",
+)
 
 
 def _pos(x: torch.Tensor) -> torch.Tensor:
@@ -155,8 +162,9 @@ def encode(acts: torch.Tensor, features: torch.Tensor, *, n_iter: int = 100, eps
     refined by ``n_iter`` multiplicative updates."""
     x, f = torch.as_tensor(acts).float(), features.float().T  # F [d, k]
     ftf = (f.T @ f).double()
-    ls = torch.linalg.solve(ftf + 1e-9 * float(ftf.diagonal().mean()) * torch.eye(ftf.shape[0], dtype=ftf.dtype),
-                            (x @ f).double().T).T.float()  # fmt: skip
+    ls = torch.linalg.solve(
+        ftf + 1e-9 * float(ftf.diagonal().mean()) * torch.eye(ftf.shape[0], dtype=ftf.dtype), (x @ f).double().T
+    ).T.float()
     g = ls.clamp_min(0) + 1e-3 * ls.abs().mean().clamp_min(1e-12)
     for _ in range(n_iter):
         g = _update_coefficients(x, f, g, eps)
@@ -209,8 +217,13 @@ class SNMFBaseline(ActivationEstimator):
         constant_tokens: str = "drop",
     ):
         self._check_constant_tokens(constant_tokens)
-        for name, value in (("n_features", n_features), ("n_iter", n_iter), ("n_init", n_init), ("k_top", k_top),
-                            ("activation_batch_size", activation_batch_size)):  # fmt: skip
+        for name, value in (
+            ("n_features", n_features),
+            ("n_iter", n_iter),
+            ("n_init", n_init),
+            ("k_top", k_top),
+            ("activation_batch_size", activation_batch_size),
+        ):
             check_positive_int(name, value)
         check_positive_int("encode_iter", encode_iter, minimum=0)
         if max_tokens is not None:
@@ -227,8 +240,21 @@ class SNMFBaseline(ActivationEstimator):
         self.model_name_: str | None = None
 
     def get_params(self) -> dict:
-        names = ("n_features", "layer", "hook", "sparsity", "n_iter", "n_init", "encode_iter", "max_tokens", "seed",
-                 "k_top", "activation_batch_size", "max_length", "constant_tokens")  # fmt: skip
+        names = (
+            "n_features",
+            "layer",
+            "hook",
+            "sparsity",
+            "n_iter",
+            "n_init",
+            "encode_iter",
+            "max_tokens",
+            "seed",
+            "k_top",
+            "activation_batch_size",
+            "max_length",
+            "constant_tokens",
+        )
         return {k: getattr(self, k) for k in names}
 
     def __repr__(self):
@@ -244,8 +270,14 @@ class SNMFBaseline(ActivationEstimator):
         return self.hook
 
     def read_activations(self, adapter, prompts: Sequence[str]) -> Activations:
-        return activations(adapter, prompts, self.resolve_hook(adapter), batch_size=self.activation_batch_size,
-                           max_length=self.max_length, show_progress=self.show_progress)  # fmt: skip
+        return activations(
+            adapter,
+            prompts,
+            self.resolve_hook(adapter),
+            batch_size=self.activation_batch_size,
+            max_length=self.max_length,
+            show_progress=self.show_progress,
+        )
 
     def fit(self, adapter, prompts: Sequence[str]) -> SNMFBaseline:
         """Read the MLP activations of ``prompts`` through ``adapter`` and factorise them."""
@@ -267,8 +299,15 @@ class SNMFBaseline(ActivationEstimator):
             gen = torch.Generator().manual_seed(int(self.seed) + 1)
             subset = torch.randperm(n, generator=gen)[: self.max_tokens].sort().values
         fit_acts = data.acts if subset is None else data.acts[subset]
-        g, f, errors = semi_nmf(fit_acts, self.n_features, n_iter=self.n_iter, sparsity=self.sparsity,
-                                seed=self.seed, n_init=self.n_init, show_progress=self.show_progress)  # fmt: skip
+        g, f, errors = semi_nmf(
+            fit_acts,
+            self.n_features,
+            n_iter=self.n_iter,
+            sparsity=self.sparsity,
+            seed=self.seed,
+            n_init=self.n_init,
+            show_progress=self.show_progress,
+        )
         t1 = time.perf_counter()
         norms = f.norm(dim=0).clamp_min(1e-12)  # unit features; coefficients carry the scale
         self.features_ = (f / norms).T.contiguous()
@@ -285,8 +324,9 @@ class SNMFBaseline(ActivationEstimator):
         return self
 
     def _encode_chunks(self, acts: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-        parts = [encode(acts[i : i + chunk], self.features_, n_iter=self.encode_iter)
-                 for i in range(0, acts.shape[0], chunk)]  # fmt: skip
+        parts = [
+            encode(acts[i : i + chunk], self.features_, n_iter=self.encode_iter) for i in range(0, acts.shape[0], chunk)
+        ]
         return torch.cat(parts) if parts else torch.zeros(0, self.n_features)
 
     def transform_activations(self, acts, example_index=None, *, n_examples=None) -> torch.Tensor:
@@ -301,7 +341,7 @@ class SNMFBaseline(ActivationEstimator):
 
     def token_activations(self, example: int) -> torch.Tensor:
         """Per-token coefficients ``[T, n_features]`` of one example (the report's token highlighting)."""
-        s, t = self._token_range(example)
+        s, t = self.token_range(example)
         return self.token_coefficients_[s:t].float()
 
     def summary(self) -> dict:
@@ -323,8 +363,11 @@ class SNMFBaseline(ActivationEstimator):
         """``npeff_snmf.safetensors`` (features, coefficients, per-token coefficients, token bookkeeping) and
         ``npeff_snmf.json`` (parameters and fitted scalars; written last)."""
         self._check_fitted()
-        tensors = {"features": self.features_, "coefficients": self.coefficients_,
-                   "token_coefficients": self.token_coefficients_}  # fmt: skip
+        tensors = {
+            "features": self.features_,
+            "coefficients": self.coefficients_,
+            "token_coefficients": self.token_coefficients_,
+        }
         meta = {"n_examples": self.n_examples_, "reconstruction_err": self.reconstruction_err_, "errors": self.errors_}
         return SAVED.save(directory, *self._saved(tensors, meta))
 
@@ -334,8 +377,11 @@ class SNMFBaseline(ActivationEstimator):
         self = cls(**cls._saved_params(meta))
         self._restore(t, meta)
         self.features_, self.token_coefficients_ = t["features"], t["token_coefficients"].float()
-        self.n_examples_, self.reconstruction_err_, self.errors_ = (meta["n_examples"], meta["reconstruction_err"],
-                                                                    meta.get("errors", []))  # fmt: skip
+        self.n_examples_, self.reconstruction_err_, self.errors_ = (
+            meta["n_examples"],
+            meta["reconstruction_err"],
+            meta.get("errors", []),
+        )
         self._set_statistics(t["coefficients"])
         return self
 

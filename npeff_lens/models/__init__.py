@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +19,6 @@ from .adapter import (
     ModelAdapter,
     NNsightAdapter,
     last_token_positions,
-    parameter_layout,
 )
 from .tiny import TINY_MODELS, tiny_config, tiny_model, tiny_tokenizer
 
@@ -169,8 +169,6 @@ _TL_CONVERTERS = {
 def _hooked_from_hf(model, tok, name):
     """HookedTransformer built offline from the HF config + TransformerLens's weight converter
     (``HookedTransformer.from_pretrained`` insists on the hub for unofficial names)."""
-    import warnings
-
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.loading_from_pretrained import convert_hf_model_config
     from transformer_lens.pretrained import weight_conversions
@@ -251,7 +249,6 @@ __all__ = [
     "adapt",
     "head_counts",
     "load_model",
-    "parameter_layout",
     "last_token_positions",
     "tiny_model",
     "tiny_tokenizer",

@@ -23,7 +23,9 @@ none are left out of the default selection.
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
+import inspect
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -186,9 +188,6 @@ class ModelAdapter:
                 f"some names: {[n for n, _ in params[:6]]}"
             )
         if include and unmatched:  # a typo beside a pattern that matches would otherwise go unnoticed
-            import difflib
-            import warnings
-
             close = difflib.get_close_matches(unmatched[0], [n for n, _ in params], n=2, cutoff=0.6)
             warnings.warn(
                 f"the parameter pattern(s) {unmatched} match no parameter of the model, so only the others select "
@@ -200,15 +199,6 @@ class ModelAdapter:
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, backend={self.backend!r}, device={self.device})"
-
-
-def parameter_layout(named_params: Sequence[tuple[str, torch.Tensor]]) -> list[dict]:
-    """Names, shapes and flat offsets of the selected parameters (what every manifest records)."""
-    layout, offset = [], 0
-    for name, p in named_params:
-        layout.append({"name": name, "shape": list(p.shape), "offset": offset, "numel": p.numel()})
-        offset += p.numel()
-    return layout
 
 
 def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -255,8 +245,6 @@ class HFAdapter(ModelAdapter):
 
 
 def _accepts(module, arg: str) -> bool:
-    import inspect
-
     try:
         return arg in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):

@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from ..assets import cache_dir
+
 CORPUS = (
     "Review: a great and moving film . Sentiment: positive\n"
     "Review: a dull , lifeless and boring movie . Sentiment: negative\n"
@@ -43,8 +45,6 @@ def tiny_tokenizer():
     ``name_or_path`` (TransformerLens reloads tokenizers by that name)."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from ..assets import cache_dir
 
     d = cache_dir() / "models" / "tiny-tokenizer"
     if not (d / "tokenizer.json").exists():

@@ -84,7 +84,8 @@ Field names follow SAEDashboard's Neuronpedia export where a counterpart exists 
         qualifying_token_index   the token with the largest share
     attribution_note
 
-Public functions: :func:`build` (the site) and :func:`report_data` (the records, without writing anything).
+Public functions: :func:`build` (the site), :func:`report_data` (the records, without writing anything) and
+:func:`methods_data` (the records of the baselines ``npeff compare`` fitted beside the decomposition).
 """
 
 from __future__ import annotations
@@ -96,20 +97,20 @@ from pathlib import Path
 
 import torch
 
+from ..attribution import TokenAttributor, stored_loadings
 from ..baselines import REGISTRY
 from ..config import ReportConfig
-from ..io import atomic_write, write_json
+from ..io import atomic_write, to_jsonable, write_json
+from ..models import load_model
 from ..rundir import resolve_config
 from . import data as _data
 from . import render as _render
 
-__all__ = ["build", "report_data"]
+__all__ = ["build", "methods_data", "report_data"]
 
 
 def _stored_loadings(view, stats, k: int) -> dict[tuple[int, int], float]:
     """``{(component, example): Σ_rows ((G_row A)·h_j)²}`` of each component's top examples, from the store."""
-    from ..attribution import stored_loadings
-
     C = view.coeffs.shape[1]
     wanted = {j: _data.top_indices(view, stats, j, k) for j in range(C)}
     examples = sorted({i for idx in wanted.values() for i in idx})
@@ -129,8 +130,6 @@ def _stored_loadings(view, stats, k: int) -> dict[tuple[int, int], float]:
 def _attributions(view, stats, n_attributed: int, adapter, enabled: bool, show_progress: bool):
     """``({(component, example): TokenAttribution}, note, attributor or None)``: the top ``n_attributed`` of
     each live component."""
-    from ..attribution import TokenAttributor
-
     if not enabled or n_attributed <= 0:
         return {}, "Token attributions were not computed (attribute=False)." if not enabled else None, None
     try:
@@ -180,17 +179,32 @@ def _report(decomposition_dir, cfg: ReportConfig, *, store, adapter):
             _data.example_record(view, j, i, rank, stored.get((j, i)), attributions.get((j, i)))
             for rank, i in enumerate(_data.top_indices(view, stats, j, k))
         ]
-        rec = _data.component_record(view, stats, j, perturbation=records.get(j), examples=examples, note=note,
-                                     location=where.get(j), location_key=key, n_attributed=shown)  # fmt: skip
-        components.append(_data.clean(rec))
+        rec = _data.component_record(
+            view,
+            stats,
+            j,
+            perturbation=records.get(j),
+            examples=examples,
+            note=note,
+            location=where.get(j),
+            location_key=key,
+            n_attributed=shown,
+        )
+        components.append(to_jsonable(rec, f"the record of component {j}"))
     alive = [j for j in range(C) if j not in stats.dead]
     how = _data.how_to_locate(decomposition_dir, (view.manifest.get("model") or {}).get("name"))
     kind = (view.manifest.get("projection") or {}).get("kind")
     index = _data.index_record(
-        view, stats, rows, perturbation=summary, compare=_data.read_compare(decomposition_dir), note=note,
-        locations=_data.locations_summary(located, alive, location_note, how, kind), n_attributed=shown,
-    )  # fmt: skip
-    return view, _data.clean(index), components, attributor
+        view,
+        stats,
+        rows,
+        perturbation=summary,
+        compare=_data.read_compare(decomposition_dir),
+        note=note,
+        locations=_data.locations_summary(located, alive, location_note, how, kind),
+        n_attributed=shown,
+    )
+    return view, to_jsonable(index, "the report's index"), components, attributor
 
 
 def report_data(
@@ -214,8 +228,6 @@ def report_data(
 def _decoder(view, adapter):
     """``token id -> str`` with the run's tokenizer (``adapter``'s, else the model the manifest names)."""
     if adapter is None:
-        from ..models import load_model
-
         model = view.manifest.get("model") or {}
         try:
             adapter = load_model(model["name"], backend=model.get("backend") or "hf")
@@ -246,10 +258,13 @@ def methods_data(view, npeff_index: dict, k: int = 16, adapter=None) -> dict[str
             provider, note = _data.SAETokenValues(fitted, _decoder(view, adapter)), None
         rows = [_data.summary_row(mview, stats, j, None) for j in range(mview.coeffs.shape[1])]
         comps = [
-            _data.clean(_data.component_record(mview, stats, j, note=note, token_values=provider))
+            to_jsonable(
+                _data.component_record(mview, stats, j, note=note, token_values=provider), f"the record of {method} {j}"
+            )
             for j in range(mview.coeffs.shape[1])
         ]
-        out[method] = (_data.clean(_data.method_index_record(npeff_index, mview, stats, rows, note)), comps)
+        m_index = _data.method_index_record(npeff_index, mview, stats, rows, note)
+        out[method] = (to_jsonable(m_index, f"the {method} index"), comps)
     return out
 
 

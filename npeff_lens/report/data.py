@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -13,35 +12,51 @@ from typing import Any
 
 import torch
 
-from ..analysis import active, active_threshold
+from .. import __version__
+from ..analysis import active, active_threshold, top_examples, tunings
 from ..baselines import REGISTRY
 from ..io import read_json
 from ..locations import at_chance, chance_caution, location_words, share_distance, top_groups
+from ..rundir import load_run
+
+__all__ = [
+    "LOCATIONS_FILE",
+    "N_BINS",
+    "RunView",
+    "SAETokenValues",
+    "Stats",
+    "component_name",
+    "component_record",
+    "example_record",
+    "find_methods",
+    "find_perturbation",
+    "histogram",
+    "how_to_locate",
+    "index_record",
+    "input_token_mask",
+    "load_method",
+    "load_view",
+    "located_k",
+    "locations_summary",
+    "method_index_record",
+    "method_view",
+    "read_compare",
+    "read_locations",
+    "read_perturbation",
+    "statistics",
+    "summary_row",
+    "top_indices",
+]
 
 FORMAT = "npeff_lens.report"
 FORMAT_VERSION = 1
-N_BINS = 40
+N_BINS = 40  # histogram bins of a component's active coefficients
 N_NEAREST = 5
 
 
 def component_name(j: int) -> str:
     """``component_00003``: the stem of a component's page and JSON file."""
     return f"component_{j:05d}"
-
-
-def clean(obj: Any) -> Any:
-    """A strict-JSON copy: tensors to lists, NaN / inf to ``None`` (JSON has no NaN; browsers refuse it)."""
-    if isinstance(obj, torch.Tensor):
-        obj = obj.tolist()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # numpy scalars
-        return clean(obj.item())
-    return obj
 
 
 @dataclass
@@ -65,8 +80,8 @@ class RunView:
 
 
 def load_view(decomposition_dir, store=None) -> RunView:
-    from ..rundir import load_run
-
+    """The decomposition in ``decomposition_dir``, its store (default: the one its run names) and the store's
+    example metadata, loaded once."""
     est, store = load_run(decomposition_dir, store)
     meta = store.read_metadata()
     labels, preds = store.example_labels(meta), store.example_predictions(meta)
@@ -371,7 +386,7 @@ def method_view(view: RunView, method: str, fitted) -> tuple[RunView, set]:
 
 
 class SAETokenValues:
-    """Per-example token values of SAE latents (or SNMF features: the same ``token_activations``, ``_starts``,
+    """Per-example token values of SAE latents (or SNMF features: the same ``token_activations``, ``token_range``,
     ``token_ids_``): ``provider(latent, example)`` -> the ``example_record`` fields.
 
     ``shares``: the latent's activation on each of the example's tokens (``token_activations``);
@@ -387,7 +402,7 @@ class SAETokenValues:
         if i not in self._acts:
             self._acts[i] = self.sae.token_activations(i).double()
         col = self._acts[i][:, j]
-        s, t = int(self.sae._starts[i]), int(self.sae._ends[i])
+        s, t = self.sae.token_range(i)
         ids = [int(x) for x in self.sae.token_ids_[s:t].tolist()]
         top = float(col.max()) if col.numel() else 0.0
         values = (col / top if top > 0 else torch.zeros_like(col)).tolist()
@@ -423,8 +438,8 @@ class Stats:
 
 
 def statistics(view: RunView, k: int, dead: set | None = None) -> Stats:
-    from ..analysis import top_examples, tunings
-
+    """The :class:`Stats` of every component over its top ``k`` examples (``dead``: components known dead, e.g. a
+    SAE's ``dead_latents_``; a component with no active example is dead as well)."""
     c = view.coeffs
     C = c.shape[1]
     tuned_label = tunings(c, view.labels, k=k) if view.labels is not None else [None] * C
@@ -724,8 +739,6 @@ def index_record(
     view: RunView, stats: Stats, rows: list[dict], *, perturbation, compare, note, locations=None, n_attributed=None
 ) -> dict:
     """The index JSON (the package docstring's ``index`` schema)."""
-    from .. import __version__
-
     man = view.manifest
     est = view.est
     C = view.coeffs.shape[1]

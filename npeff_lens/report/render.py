@@ -11,31 +11,29 @@ import math
 from html import escape
 
 from ..analysis import ACTIVE_DEFINITION
-from ..baselines import REGISTRY
+from ..baselines import DECOMPOSITION, REGISTRY
+from ..formatting import MISSING, fmt, pct
 from .data import N_BINS, component_name
 
-_COMPARE_COLUMNS = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared",
-                    "coverage", "selectivity", "fit_seconds")  # fmt: skip
+__all__ = ["name", "render_component", "render_index", "tokens_html"]
 
-
-def fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
-def pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.1f}%"
+_COMPARE_COLUMNS = (
+    "n_components",
+    "alive",
+    "tuned_label",
+    "tuned_prediction",
+    "tuned_tokens",
+    "argmax_shared",
+    "coverage",
+    "selectivity",
+    "fit_seconds",
+)
 
 
 def name(v) -> str:
     """A label / prediction for display (``" positive"`` -> ``positive``)."""
     if v is None:
-        return "–"
+        return MISSING
     s = str(v).strip()
     return s if s else repr(str(v))
 
@@ -98,9 +96,11 @@ def _grid_table(grid: dict, table_id: str, what: str) -> str:
             f = fr[n][k]
             e = en[n][k] if en is not None else None
             title = f"{_layer_name(layer)} {mod}: " + (
-                "no such parameters" if f is None else f"{pct(f)} of {what}"
+                "no such parameters"
+                if f is None
+                else f"{pct(f)} of {what}"
                 + (f" ({_enrichment(e)} its share of the parameters)" if en is not None else "")
-            )  # fmt: skip
+            )
             attrs = f'data-layer="{"" if layer is None else layer}" data-module="{escape(mod)}"'
             if e is not None:
                 attrs += f' data-enrichment="{e!r}"'
@@ -244,8 +244,9 @@ def _components_by_layer(loc: dict, rows: list[dict]) -> str:
     located holds its note."""
     layers = loc["layers"]
     vmax = max((v for r in loc["by_layer"] for v in r["fraction"] if v is not None), default=0.0)
-    head = "".join(f'<th class="num" title="{escape(_layer_name(ly))}">{"–" if ly is None else ly}</th>'
-                   for ly in layers)  # fmt: skip
+    head = "".join(
+        f'<th class="num" title="{escape(_layer_name(ly))}">{"–" if ly is None else ly}</th>' for ly in layers
+    )
     out = []
     for r in loc["by_layer"]:
         j = r["component"]
@@ -257,8 +258,10 @@ def _components_by_layer(loc: dict, rows: list[dict]) -> str:
             continue
         cells = []
         for ly, f, e, m in zip(layers, r["fraction"], r["enrichment"], r["module"]):
-            title = (f"component {j}, {_layer_name(ly)}: {pct(f)} of its energy ({_enrichment(e)} the layer's "
-                     f"share of the parameters)" + (f"; most in {m}" if m else ""))  # fmt: skip
+            title = (
+                f"component {j}, {_layer_name(ly)}: {pct(f)} of its energy ({_enrichment(e)} the layer's "
+                f"share of the parameters)" + (f"; most in {m}" if m else "")
+            )
             attrs = f'data-component="{j}" data-layer="{"" if ly is None else ly}"'
             if e is not None:
                 attrs += f' data-enrichment="{e!r}"'
@@ -328,8 +331,12 @@ def _where_index(index: dict) -> str:
         )
     else:
         grid = {"layers": loc["layers"], "modules": loc["modules"], "fraction": loc["mean_fraction"]}
-        flat = [(v, ly, m) for ly, row in zip(loc["layers"], loc["mean_fraction"])
-                for v, m in zip(row, loc["modules"]) if v is not None]  # fmt: skip
+        flat = [
+            (v, ly, m)
+            for ly, row in zip(loc["layers"], loc["mean_fraction"])
+            for v, m in zip(row, loc["modules"])
+            if v is not None
+        ]
         hottest = ""
         if flat:
             v, ly, m = max(flat, key=lambda t: t[0])
@@ -387,7 +394,7 @@ def _stat_cards(index: dict) -> str:
 
 def _method_title(method: str | None) -> tuple[str, str]:
     """``(title, what one component is called)``: ``("NPEFF components", "component")`` for NPEFF."""
-    m = REGISTRY[method or "npeff"]
+    m = REGISTRY[method or DECOMPOSITION]
     return m.title, m.unit
 
 
@@ -399,9 +406,9 @@ def _prefix(method: str | None) -> str:
 def _method_cell(meth: str, compare: dict, here: str | None) -> str:
     pages = compare.get("pages") or {}
     prefix = _prefix(here)
-    if meth == (here or "npeff"):
+    if meth == (here or DECOMPOSITION):
         return f"<td><b>{escape(meth)}</b> (this page)</td>"
-    if meth == "npeff" and here is not None:
+    if meth == DECOMPOSITION and here is not None:
         return f'<td><a href="{prefix}index.html">{escape(meth)}</a></td>'
     if meth in pages:
         return f'<td><a href="{prefix}{escape(pages[meth])}">{escape(meth)}</a></td>'
@@ -474,10 +481,17 @@ def render_index(index: dict) -> str:
     )
     where = (index.get("locations") or {}).get("layers") is not None
     columns = [
-        (what, "num"), ("status", "num"), ("tuned label", "str"), ("tuned prediction", "str"),
-        (f"labels of top {k}", "str"), (f"predictions of top {k}", "str"), ("coefficient mass", "num"),
-        ("active", "num"), ("KL ratio", "num"), ("PEF-norm ratio", "num"),
-    ] + ([("top 5% of groups", "num"), ("most energy", "str")] if where else [])  # fmt: skip
+        (what, "num"),
+        ("status", "num"),
+        ("tuned label", "str"),
+        ("tuned prediction", "str"),
+        (f"labels of top {k}", "str"),
+        (f"predictions of top {k}", "str"),
+        ("coefficient mass", "num"),
+        ("active", "num"),
+        ("KL ratio", "num"),
+        ("PEF-norm ratio", "num"),
+    ] + ([("top 5% of groups", "num"), ("most energy", "str")] if where else [])
     head = "".join(f'<th data-sort="{t}"{" class=num" if t == "num" else ""}>{escape(h)}</th>' for h, t in columns)
     rows = "\n".join(_index_row(r, where) for r in index["components"])
     note = index.get("attribution_note")
@@ -674,7 +688,7 @@ def _component_header(c: dict, n_components: int) -> str:
 
 
 def _legend(method: str | None) -> str:
-    m = REGISTRY[method or "npeff"]
+    m = REGISTRY[method or DECOMPOSITION]
     if m.token_values is None:
         return f"No token highlighting: a {m.unit} has no per-token values (one vector per example)."
     template = (
@@ -689,8 +703,7 @@ def _legend(method: str | None) -> str:
             f"{template}"
         )
     return (
-        "Token highlighting: each token's exact share of the example's loading "
-        "Σ<sub>rows</sub>((G<sub>row</sub>A)·h)² on this component "
+        f"Token highlighting: {m.token_values} "
         '(<span class="tok" style="background-color: rgba(230,110,20,0.6)">adds</span> '
         '<span class="tok" style="background-color: rgba(40,110,220,0.6)">subtracts</span>; hover for the %). '
         f"{template} Template: the template tokens' total share of the loading; input: the input's tokens'; "

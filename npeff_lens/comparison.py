@@ -1,6 +1,7 @@
 """NPEFF beside the baselines (§5): gradient clusters (§5.1), TopK-SAE latents (§5.2) and SNMF features fitted
 on the same examples and scored by one set of metrics (and, with ``selectivity``, by one causal test), each
-method resumable on its own under ``DECOMPOSITION_DIR/compare/``."""
+method resumable on its own under ``DECOMPOSITION_DIR/compare/``. Each method is what its entry of
+:data:`npeff_lens.baselines.REGISTRY` says: its checks, key, fit, load, timing and directions."""
 
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ import torch
 from . import selectivity as sel
 from .analysis import active, active_threshold, degeneracy, method_summary, top_examples
 from .baselines import REGISTRY, FitInputs, method
-from .baselines.activations import default_hook, hook_module, resolve_hook
-from .baselines.sae import TopKSAEBaseline
-from .baselines.snmf import default_layer
 from .config import CompareConfig, check_same
+from .formatting import fmt
 from .io import progress, read_json, to_jsonable, write_json
+from .layout import unflatten
 from .models import load_model
 from .perturb import Reference, check_adapter
-from .recovery import estimate_lambda_max, projection_from_config, recover_direction, unflatten
+from .projection import projection_from_config
+from .recovery import recover_direction
 from .rundir import RUN_FILE, begin, finish, label_columns, load_run, resolve_config, run_prompts, space_options
 from .selectivity import ActivationDirection, ParameterDirection
+from .sensing import estimate_lambda_max
 from .tasks import task_from_config
 
 __all__ = ["compare", "format_compare"]
@@ -44,36 +46,21 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
     root = d / "compare"
     results = {"config": cfg.key(), "methods": {}}  # exactly this call's methods; each resumes from its folder
     context = _CompareContext(d, est, store, cfg, adapter)
-    user_sae = None
-    if "sae" in cfg.methods and cfg.sae_path is not None:  # the user's SAE and its hook, checked before writing
-        options = dict(hook=cfg.sae_hook, k=cfg.sae_k, k_top=cfg.k, activation_batch_size=cfg.batch_size,
-                       show_progress=cfg.progress, constant_tokens=cfg.constant_tokens)  # fmt: skip
-        user_sae = TopKSAEBaseline.from_sae_lens(cfg.sae_path, **options)
-        user_sae.hook = resolve_hook(context.adapter, user_sae.hook)
-        hook_module(context.adapter, user_sae.hook)
-        user_sae.check_width(user_sae.read_activations(context.adapter, context.prompts[:1]).d)
-        context.user_sae = user_sae
-    elif "sae" in cfg.methods and cfg.sae_hook is not None:  # a wrong hook stops here, before anything is written
-        hook_module(context.adapter, resolve_hook(context.adapter, cfg.sae_hook))
+    # each method's checks (a wrong hook, the user's SAE) stop the comparison before anything is written
+    given = {name: method(name).prepare(context) for name in cfg.methods if method(name).prepare is not None}
     for name in cfg.methods:
-        mdir = root / name
-        key = method_key(cfg, name)
-        if "components" in key:  # resolved: "the decomposition's number" and that number are one configuration
-            key["components"] = context.components
-        if "sae_hook" in key and key["sae_hook"] is None:  # likewise the default hook and layer
-            key["sae_hook"] = user_sae.hook if user_sae is not None else default_hook(context.adapter)
-        if "snmf_layer" in key and key["snmf_layer"] is None:
-            key["snmf_layer"] = default_layer(context.adapter)
-        rec = begin(mdir, f"compare-{name}", _MethodKey(key, resolved=("components", "sae_hook", "snmf_layer"),
-                                                        older=_OLDER_KEYS), context.identity(), d)  # fmt: skip
+        m, mdir = method(name), root / name
+        key = m.resume_key(context, given.get(name))
+        rec = begin(
+            mdir, f"compare-{name}", _MethodKey(key, resolved=m.resolved, older=m.older_key), context.identity(), d
+        )
         if rec["status"] == "done":  # fitted before: read back; the metrics are recomputed (k may differ)
-            fitted = context.load(name, mdir)
+            fitted = m.restore(context, mdir)
         else:
             _reset_peak_rss()
             t0 = time.time()
-            fitted = context.fit(name, mdir)
-            seconds = _npeff_seconds(d) if name == "npeff" else time.time() - t0
-            rec.update(fit_seconds=seconds, peak_rss_mib=_peak_rss_mib())
+            fitted = m.fitted(context, mdir, given.get(name))
+            rec.update(fit_seconds=m.seconds(context, time.time() - t0), peak_rss_mib=_peak_rss_mib())
             finish(mdir, rec)
         summary = context.summarize(name, fitted)
         summary.update(fit_seconds=rec.get("fit_seconds"), peak_rss_mib=rec.get("peak_rss_mib"))
@@ -82,19 +69,6 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
         results["methods"][name] = to_jsonable({**summary, "config": key})
         write_json(root / "compare.json", results)
     return results
-
-
-def method_key(cfg: CompareConfig, name: str) -> dict:
-    """The fields that change one method's result (a method resumes on its own key): the registry's
-    ``key_fields``; an SAE the user brought (``--sae-path``) is keyed by its folder and where it reads."""
-    if name == "sae" and cfg.sae_path is not None:
-        return {"sae_path": cfg.sae_path, "sae_hook": cfg.sae_hook, "sae_k": cfg.sae_k,
-                "keep_constant_tokens": cfg.keep_constant_tokens}  # fmt: skip
-    return {k: getattr(cfg, k) for k in method(name).key_fields}
-
-
-# Key fields that runs made before they existed did not store, with the value those runs used.
-_OLDER_KEYS = {"keep_constant_tokens": True}
 
 
 def selectivity_key(cfg: CompareConfig, name: str) -> dict:
@@ -121,17 +95,20 @@ class _MethodKey:
 
     def check_resume(self, stored: dict, where: str) -> None:
         stored = {**{k: v for k, v in self.older.items() if k in self.fields}, **stored}
-        stored = {k: self.fields[k] if v is None and k in self.resolved else v
-                  for k, v in stored.items() if k not in self.ignored}  # fmt: skip
+        stored = {
+            k: self.fields[k] if v is None and k in self.resolved else v
+            for k, v in stored.items()
+            if k not in self.ignored
+        }
         check_same(stored, self.key(), where, hint="rerun with the stored values, or delete that method's folder")
 
 
 class _CompareContext:
-    """The run's model, task, examples and metadata, loaded once and shared by the methods."""
+    """The run's model, task, examples and metadata, loaded once and shared by the methods (the
+    :class:`~npeff_lens.baselines.CompareRun` their hooks read)."""
 
     def __init__(self, d: Path, est, store, cfg: CompareConfig, adapter):
-        self.d, self.est, self.store, self.cfg, self._adapter = d, est, store, cfg, adapter
-        self.user_sae = None  # an SAE the user gave (--sae-path), set by compare() once checked
+        self.d, self.decomposition, self.store, self.config, self._adapter = d, est, store, cfg, adapter
         self._reference, self._prompts, self._task = None, None, None  # _reference: unintervened log-probs
         self.meta = store.metadata
         self.manifest = store.manifest
@@ -143,7 +120,12 @@ class _CompareContext:
                 raise ValueError(f"{flag} {value} exceeds the {len(store)} examples of the run")
 
     def identity(self) -> dict:
-        return {"n_examples": len(self.store), "decomposition_loss": self.est.reconstruction_err_}
+        return {"n_examples": len(self.store), "decomposition_loss": self.decomposition.reconstruction_err_}
+
+    @property
+    def decomposition_run(self) -> dict:
+        """The decomposition's run.json (``{}`` without one)."""
+        return read_json(self.d / RUN_FILE) if (self.d / RUN_FILE).exists() else {}
 
     @property
     def adapter(self):
@@ -151,7 +133,7 @@ class _CompareContext:
             model = self.manifest.get("model") or {}
             if not model.get("name"):
                 raise ValueError("the store's manifest records no model: pass adapter=")
-            self._adapter = load_model(model["name"], backend=model.get("backend") or "hf", device=self.cfg.device)
+            self._adapter = load_model(model["name"], backend=model.get("backend") or "hf", device=self.config.device)
         return self._adapter
 
     @property
@@ -160,35 +142,44 @@ class _CompareContext:
             self._task = task_from_config(self.manifest["task"]).bind(self.adapter)
         return self._task
 
-    def load(self, name: str, mdir: Path):
-        """The estimator of a method fitted before (NPEFF: the decomposition)."""
-        return self.est if name == "npeff" else method(name).load(mdir / method(name).folder)
+    @property
+    def prompts(self) -> list[str]:
+        if self._prompts is None:
+            self._prompts = run_prompts(self.manifest, self.adapter, self.task, self.meta["text"])
+        return self._prompts
 
-    def fit(self, name: str, mdir: Path):
-        """The method fitted on the run's examples and saved into ``mdir`` (NPEFF: the decomposition)."""
-        m = method(name)
-        if m.fit is None:
-            return self.est
-        inputs = FitInputs(self.adapter, self.task, list(self.meta["text"]), self.components, self.cfg, mdir,
-                           space_options(self.manifest), given=self.user_sae if name == "sae" else None)  # fmt: skip
-        fitted = m.fit(inputs)
-        fitted.save(mdir / m.folder)
-        return fitted
+    def fit_inputs(self, out: Path, given=None) -> FitInputs:
+        """What a method is fitted on, saving into ``out`` (its folder); ``given``: what its ``prepare`` returned."""
+        return FitInputs(
+            self.adapter,
+            self.task,
+            list(self.meta["text"]),
+            self.components,
+            self.config,
+            out,
+            space_options(self.manifest),
+            given=given,
+            pefs=self.store,
+        )
 
     def summarize(self, name: str, fitted) -> dict:
-        cfg, m = self.cfg, method(name)
+        cfg, m = self.config, method(name)
         coeffs = torch.as_tensor(fitted.coefficients_)
         token_tuned = None
-        if hasattr(fitted, "active_token_sets"):  # tuned to tokens: the tokens a latent is active on
+        if m.token_sets is not None:  # tuned to tokens: the tokens a component is active on
             top, on = top_examples(coeffs, k=cfg.k), active(coeffs)
             token_tuned = [
-                fitted.active_token_sets(j, [int(i) for i in top[j].tolist() if on[i, j]])
-                for j in range(coeffs.shape[1])
+                m.token_sets(fitted, j, [int(i) for i in top[j].tolist() if on[i, j]]) for j in range(coeffs.shape[1])
             ]
         summary = method_summary(
-            coeffs, labels=self.labels, predictions=self.predictions, k=cfg.k, threshold=cfg.threshold,
-            alive_min_examples=cfg.k if m.space == "activations" else 1, token_sets=token_tuned,
-        )  # fmt: skip
+            coeffs,
+            labels=self.labels,
+            predictions=self.predictions,
+            k=cfg.k,
+            threshold=cfg.threshold,
+            alive_min_examples=cfg.k if m.space == "activations" else 1,
+            token_sets=token_tuned,
+        )
         return {**summary, **degeneracy(coeffs), **m.describe(fitted)}
 
     # --- selectivity (npeff_lens.selectivity) ------------------------------------------------------
@@ -196,7 +187,7 @@ class _CompareContext:
         """The method's selectivity fields of compare.json, resumed component by component from
         ``mdir/selectivity/selectivity.json`` (its run.json holds the selectivity key)."""
 
-        cfg, out = self.cfg, mdir / "selectivity"
+        cfg, out = self.config, mdir / "selectivity"
         key = _MethodKey(selectivity_key(cfg, name), ignored=("selectivity_components",))
         rec = begin(out, f"selectivity-{name}", key, self.identity(), self.d)
         done = {}
@@ -226,31 +217,37 @@ class _CompareContext:
             raise sel.UnreachableTargetError(f"{name}: {unreachable[0]['error']}")  # no component gets there
         finish(out, rec)
         per = [r.get("selectivity") for r in records]
-        return {**sel.summarize(records), "selectivity_per_component": per, "target_kl": cfg.target_kl,
-                "n_baseline": cfg.n_baseline}  # fmt: skip
+        return {
+            **sel.summarize(records),
+            "selectivity_per_component": per,
+            "target_kl": cfg.target_kl,
+            "n_baseline": cfg.n_baseline,
+        }
 
     def _component_selectivity(self, j: int, top: list[int], direction, start: float) -> dict:
         """One component's record: ``ok`` (the measurement), ``excluded`` (fewer than k top examples) or
         ``unreachable`` (no size brings the baseline to the target KL; the message names the largest KL)."""
 
-        cfg = self.cfg
+        cfg = self.config
         if len(top) < cfg.k:
             return {"component": j, "status": "excluded", "n_top": len(top)}
         try:
             r = sel.component_selectivity(
-                self.adapter, self.task, self.prompts, direction(j), top, target_kl=cfg.target_kl,
-                n_baseline=cfg.n_baseline, seed=cfg.seed, reference=self._reference, batch_size=cfg.batch_size,
+                self.adapter,
+                self.task,
+                self.prompts,
+                direction(j),
+                top,
+                target_kl=cfg.target_kl,
+                n_baseline=cfg.n_baseline,
+                seed=cfg.seed,
+                reference=self._reference,
+                batch_size=cfg.batch_size,
                 start=start,
-            )  # fmt: skip
+            )
         except sel.UnreachableTargetError as e:
-            return {"component": j, "status": "unreachable", "n_top": len(top), "error": str(e)}
+            return {"component": j, "status": "unreachable", "n_top": len(top), "error": e.what}
         return {"component": j, "status": "ok", **r}
-
-    @property
-    def prompts(self) -> list[str]:
-        if self._prompts is None:
-            self._prompts = run_prompts(self.manifest, self.adapter, self.task, self.meta["text"])
-        return self._prompts
 
     def _directions(self, name: str, fitted):
         """``j -> intervention``: a parameter direction (NPEFF components, cluster centroids, recovered like
@@ -259,32 +256,23 @@ class _CompareContext:
         vectors = torch.as_tensor(m.directions(fitted)).float()
         if m.space == "activations":
             return lambda j: ActivationDirection(self.adapter, fitted.hook, vectors[j])
-        own = None if name == "npeff" else getattr(fitted, "manifest_", None)  # a cluster's gradient space
-        return self._parameter_directions(vectors, own or self.manifest)
+        return self._parameter_directions(vectors, m.parameter_space(fitted) or self.manifest)
 
     def _parameter_directions(self, vectors: torch.Tensor, manifest: dict):
 
-        cfg, layout = self.cfg, manifest["layout"]
+        cfg, layout = self.config, manifest["layout"]
         check_adapter(self.adapter, layout)
         op = projection_from_config(manifest["projection"]) if manifest.get("projection") else None
         needs_lambda = op is not None and cfg.recovery not in ("adjoint", "minnorm")  # step sizes of the solvers
         lam = estimate_lambda_max(op) * 1.1 if needs_lambda else None
 
         def direction(j: int):
-            flat, _ = recover_direction(vectors, j, op, method=cfg.recovery, reject_threshold=cfg.reject_threshold,
-                                        lambda_max=lam)  # fmt: skip
+            flat, _ = recover_direction(
+                vectors, j, op, method=cfg.recovery, reject_threshold=cfg.reject_threshold, lambda_max=lam
+            )
             return ParameterDirection(self.adapter, unflatten(flat.float(), layout))
 
         return direction
-
-
-def _npeff_seconds(d: Path) -> float | None:
-    rec = read_json(d / RUN_FILE) if (d / RUN_FILE).exists() else {}
-    try:
-        t0 = time.mktime(time.strptime(rec["started"], "%Y-%m-%dT%H:%M:%S%z"))
-        return time.mktime(time.strptime(rec["finished"], "%Y-%m-%dT%H:%M:%S%z")) - t0
-    except (KeyError, ValueError):
-        return None
 
 
 def _reset_peak_rss() -> None:
@@ -301,34 +289,39 @@ def _peak_rss_mib() -> float | None:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import resource
+    import resource  # noqa: PLC0415 (Unix only; Linux reads /proc above)
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def format_compare(results: dict) -> str:
     """The comparison as a table, one row per method."""
-    cols = ("n_components", "alive", "tuned_label", "tuned_prediction", "tuned_tokens", "argmax_shared", "coverage",
-            "selectivity", "fit_seconds", "peak_rss_mib")  # fmt: skip
-    rows = [[m] + [_cell(r.get(c)) for c in cols] for m, r in results["methods"].items()]
+    cols = (
+        "n_components",
+        "alive",
+        "tuned_label",
+        "tuned_prediction",
+        "tuned_tokens",
+        "argmax_shared",
+        "coverage",
+        "selectivity",
+        "fit_seconds",
+        "peak_rss_mib",
+    )
+    rows = [[m] + [fmt(r.get(c), missing="-") for c in cols] for m, r in results["methods"].items()]
     head = ["method", *cols]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
-    lines += [f"{m}: selectivity -, {r['selectivity_note']}" for m, r in results["methods"].items()
-              if r.get("selectivity_note")]  # fmt: skip
-    lines += [f"{m}: warning: degenerate components: {r['degenerate']}; {_remedy(m)}"
-              for m, r in results["methods"].items() if r.get("degenerate")]  # fmt: skip
+    methods = results["methods"].items()
+    lines += [f"{m}: selectivity -, {r['selectivity_note']}" for m, r in methods if r.get("selectivity_note")]
+    lines += [
+        f"{m}: warning: degenerate components: {r['degenerate']}; {_remedy(m)}"
+        for m, r in methods
+        if r.get("degenerate")
+    ]
     return "\n".join(lines)
 
 
 def _remedy(name: str) -> str:
     return method(name).remedy if name in REGISTRY else "fit fewer components or on more examples"
-
-
-def _cell(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
