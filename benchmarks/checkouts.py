@@ -31,7 +31,7 @@ import time, torch
 from npeff_lens import SparseProjection
 P = SparseProjection(4_000_000, 8192, seed=0, density=32)
 x = torch.randn(8, 4_000_000, generator=torch.Generator().manual_seed(0))
-y = P.project(x)
+P.adjoint(P.project(x))  # warm-up (numba compiles each kernel on its first call)
 t = time.perf_counter()
 y = P.project(x)
 P.adjoint(y)
