@@ -9,10 +9,10 @@ STAMP := $(VENV)/.npeff-setup-done
 # Every other version is pinned in constraints.txt (`make lock` regenerates it).
 DEMO_ARGS ?=
 
-.PHONY: setup lock browser lint format test demo bench clean help
+.PHONY: setup lock browser lint format test demo bench docs clean help
 
 help:
-	@echo "make setup | make lock | make test | make lint | make format | make demo | make bench"
+	@echo "make setup | make lock | make test | make lint | make format | make demo | make bench | make docs"
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ bench: setup
 	$(PY) benchmarks/projection.py --quick
 	$(PY) benchmarks/decompose.py --quick
 	$(PY) benchmarks/collect.py --quick
+
+# The documentation site: the tutorial run into docs/tutorial.ipynb, then the site built into site/ (opens from disk).
+docs: setup
+	$(PY) tools/run_tutorial.py
+	$(PY) -m mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

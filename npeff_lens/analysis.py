@@ -1,5 +1,7 @@
-"""Reading a decomposition: top examples, tunings (§3.1), similarity between decompositions (§3), and the
-metrics that compare NPEFF with its baselines (§5).
+"""Reading a decomposition's coefficients: top examples, tunings, similarity between decompositions, and the
+metrics that compare NPEFF with its baselines.
+
+Tunings are §3.1 of the paper, the comparison with the baselines §5.
 
 All functions take non-negative coefficients "example component" ``[m, C]`` (torch or numpy) and need torch
 alone. One set of metrics serves every method: NPEFF's ``coefficients_`` (dense), gradient clusters'

@@ -1,4 +1,6 @@
-"""PEF collection (§2.1): a dataset's LRM-PEFs, computed batch by batch (:mod:`npeff_lens.pef`), into a store.
+"""Collecting a dataset's per-example Fishers (PEFs) into a store, batch by batch and resumably.
+
+The PEFs themselves are computed by :mod:`npeff_lens.pef`; this module drives the collection (§2.1 of the paper).
 
 :func:`collect_pefs` is the driver: it reads the data and matches its labels to the task's outcomes, records what
 the store holds (configuration, model, task, dataset digest, parameter layout, projection), plans the batches still
@@ -153,28 +155,38 @@ def make_projection(cfg: CollectConfig, layout: list[dict]) -> Projection | None
 
 
 def collect_pefs(model, dataset, task: Task, out, *, config: CollectConfig | None = None, tokenizer=None, **options):
-    """Collect the (projected, optionally rank-reduced) LRM-PEFs of ``n`` examples into a ``PEFStore``.
+    """Compute the per-example Fishers (PEFs) of a dataset's examples and write them into a ``PEFStore``.
 
-    model: an adapter or any model ``npeff_lens.adapt`` accepts (``tokenizer`` for a bare HF model);
-    dataset: a ``datasets.Dataset`` with a ``text`` column, a built-in dataset name or a local file
-    (``split`` / ``data_seed`` apply), or a list of texts. ``options`` are the fields of
-    :class:`~npeff_lens.config.CollectConfig` (``proj_dim``, ``density``, ``params``, ``n``, ...), or pass
-    a ``config``. Rerunning the same call resumes where it stopped; another configuration into the same
-    ``out`` is a ``StoreMismatchError`` naming the differing fields. Per example, the store also records the
-    prediction, the probabilities (top-k for ``NextToken``), the PEF's Frobenius norm, a flag
-    (``zero_pef``, ``nonfinite_logits``, ``nonfinite_grad``) for examples whose PEF is stored as zeros, and
-    ``text_tokens_cut``: how many tokens were removed from the end of its text so that its prompt fits in
-    ``max_length`` tokens (:meth:`~npeff_lens.tasks.Task.fitted_prompts`: the template is never cut; 0 when none).
+    Args:
+        model: an adapter, or any model ``npeff_lens.adapt`` accepts (with ``tokenizer`` for a bare HF model).
+        dataset: a ``datasets.Dataset`` with a ``text`` column, a built-in dataset name or a local file
+            (``split`` / ``data_seed`` apply), or a list of texts.
+        task: what ``p(y|x)`` is and which outputs' gradients form the PEF (:mod:`npeff_lens.tasks`).
+        out: the store's directory.
+        config: a :class:`~npeff_lens.config.CollectConfig`, or its fields as keywords (``n``, ``proj_dim``, ...).
 
-    Inside a ``torch.distributed`` process group of several ranks (or with ``WORLD_SIZE`` > 1 set, as under
-    ``torchrun``: the group is then initialised here), every rank calls this with the same arguments; the ranks
-    share the examples and rank 0 writes the one store (:mod:`npeff_lens.distributed`). Rank 0 gets the
-    store, the other ranks a read-only view of it (None if they cannot see its directory).
+    Returns:
+        The :class:`~npeff_lens.store.PEFStore` (what ``NPEFF`` fits): each example's low-rank PEF ``G`` (the
+        gradients of the task's rows), projected to ``proj_dim`` columns. Per example it also records the
+        prediction, the probabilities (top-k for ``NextToken``), the PEF's Frobenius norm, a ``flag``
+        (``zero_pef``, ``nonfinite_logits``, ``nonfinite_grad``) where the PEF is stored as zeros, and
+        ``text_tokens_cut``, the tokens cut from the end of its text to fit ``max_length``
+        (:meth:`~npeff_lens.tasks.Task.fitted_prompts`; never the template).
 
-    SIGINT (Ctrl-C) or SIGTERM (``timeout``, a scheduler's preemption) stops a single-process collection after
-    committing every example computed before it: :class:`Interrupted` (a ``KeyboardInterrupt``) says how many the
-    store keeps, and rerunning the same call resumes after them. The store also commits by time (at least every
-    ``npeff_lens.store.COMMIT_SECONDS``, 60 s), so even a SIGKILL loses little work.
+    Rerunning the same call resumes where it stopped; another configuration into the same ``out`` is a
+    ``StoreMismatchError`` naming the differing fields. SIGINT or SIGTERM stops a single-process collection after
+    committing what it computed (:class:`Interrupted`, a ``KeyboardInterrupt``); the store also commits at least
+    every ``npeff_lens.store.COMMIT_SECONDS``, so even a SIGKILL loses little. Under ``torchrun`` (or inside a
+    process group) every rank calls this with the same arguments and rank 0 writes the one store
+    (:mod:`npeff_lens.distributed`); the other ranks get a read-only view (None if they cannot see it).
+
+    Example:
+        >>> import npeff_lens as nl; from npeff_lens.tasks import LabelTokens
+        >>> data = nl.load_dataset("movie-reviews", split="train")
+        >>> task = LabelTokens("Review: {text}\\nSentiment:", [" negative", " positive"])
+        >>> store = nl.collect_pefs(nl.load_model("smollm2-135m"), data, task, "runs/movie", n=640, density=8)
+
+    Notes: the LRM-PEF is §2.1 of the paper, the sparse projection App. A, the rank reduction App. C.
     """
     cfg = config or CollectConfig()
     if type(cfg) is not CollectConfig:  # a command: its inputs stay out of the store's resume key

@@ -1,7 +1,9 @@
-"""NPEFF beside the baselines (§5): gradient clusters (§5.1), TopK-SAE latents (§5.2) and SNMF features fitted
-on the same examples and scored by one set of metrics (and, with ``selectivity``, by one causal test), each
-method resumable on its own under ``DECOMPOSITION_DIR/compare/``. Each method is what its entry of
-:data:`npeff_lens.baselines.REGISTRY` says: its checks, key, fit, load, timing and directions."""
+"""Comparing NPEFF with its baselines on the same examples (``npeff compare``).
+
+:func:`compare` fits gradient clusters, TopK-SAE latents and SNMF features on a decomposition's examples and
+scores every method by one set of metrics (and, with ``selectivity``, by one causal test). Each method resumes on
+its own under ``DECOMPOSITION_DIR/compare/``. What a method does (its checks, resume key, fit, loading, timing and
+directions) is its entry of :data:`npeff_lens.baselines.REGISTRY`. The comparison is §5 of the paper."""
 
 from __future__ import annotations
 
@@ -32,14 +34,43 @@ __all__ = ["compare", "format_compare"]
 
 
 def compare(decomposition_dir, config: CompareConfig | None = None, *, store=None, adapter=None, **options) -> dict:
-    """NPEFF's components beside gradient clusters (§5.1), TopK-SAE latents (§5.2) and SNMF features on the same
-    examples, scored by one set of metrics. Writes ``decomposition_dir/compare/compare.json`` (per method:
-    ``n_components, alive, tuned_label, tuned_prediction, tuned_tokens, argmax_shared, coverage, fit_seconds,
-    peak_rss_mib``; with ``selectivity=True`` also ``selectivity`` (geometric mean), ``selectivity_per_component``,
-    ``target_kl``, ``n_baseline``: :mod:`npeff_lens.selectivity`) and returns it; it lists exactly the methods of
-    this call (a method compared earlier and not named now is left out). Each method resumes on its own:
-    a finished one is read back, a different configuration is a ``ConfigMismatchError``; so does each method's
-    selectivity (``compare/<method>/selectivity/``, resumed component by component)."""
+    """Fit the baselines on a decomposition's examples and score them beside NPEFF by one set of metrics
+    (``npeff compare``).
+
+    The baselines are gradient clusters, TopK sparse autoencoders on activations and SNMF features
+    (:mod:`npeff_lens.baselines`). Each method is fitted on the run's examples, then every method's components
+    are scored the same way (:mod:`npeff_lens.analysis`): how many are alive, how many are tuned to a label, a
+    prediction or a set of tokens, and how well they cover the examples. With ``selectivity=True`` each is also
+    put to one causal test (:mod:`npeff_lens.selectivity`).
+
+    Args:
+        decomposition_dir: the NPEFF decomposition's directory.
+        config: a :class:`~npeff_lens.config.CompareConfig`; or pass its fields as keyword ``options``
+            (``methods``, ``components``, ``k``, ``selectivity``, ``sae_hook``, ...).
+        store: the PEF store (default: the one the run records).
+        adapter: the run's model, already loaded (default: loaded when a method needs it).
+
+    Returns:
+        What it writes to ``decomposition_dir/compare/compare.json``: per method, ``n_components``, ``alive``,
+        ``tuned_label``, ``tuned_prediction``, ``tuned_tokens``, ``argmax_shared``, ``coverage``,
+        ``fit_seconds`` and ``peak_rss_mib`` (the process's peak resident memory during the fit; None for NPEFF,
+        whose fit is the run's own); with ``selectivity=True`` also ``selectivity`` (the geometric
+        mean), ``selectivity_per_component``, ``target_kl`` and ``n_baseline``. It lists exactly the methods of
+        this call (a method compared earlier and not named now is left out).
+
+    Each method resumes on its own: a finished one is read back, and a different configuration is a
+    ``ConfigMismatchError``. Each method's selectivity (``compare/<method>/selectivity/``) resumes the same
+    way, component by component.
+
+    Example:
+        >>> import npeff_lens as nl
+        >>> from npeff_lens.runs import format_compare
+        >>> result = nl.compare("runs/movie/npeff", methods=("npeff", "grad-cluster"), selectivity=True)
+        >>> print(format_compare(result))
+
+    Notes:
+        The baselines and their metrics are §5 of the paper (gradient clustering §5.1, SAEs §5.2).
+    """
     cfg = resolve_config(CompareConfig, config, options)
     d = Path(decomposition_dir)
     est, store = load_run(d, store)
@@ -60,7 +91,9 @@ def compare(decomposition_dir, config: CompareConfig | None = None, *, store=Non
             _reset_peak_rss()
             t0 = time.time()
             fitted = m.fitted(context, mdir, given.get(name))
-            rec.update(fit_seconds=m.seconds(context, time.time() - t0), peak_rss_mib=_peak_rss_mib())
+            # the run's own decomposition is read, not fitted: its memory was not measured here
+            rss = _peak_rss_mib() if m.fit is not None else None
+            rec.update(fit_seconds=m.seconds(context, time.time() - t0), peak_rss_mib=rss)
             finish(mdir, rec)
         summary = context.summarize(name, fitted)
         summary.update(fit_seconds=rec.get("fit_seconds"), peak_rss_mib=rec.get("peak_rss_mib"))

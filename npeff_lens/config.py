@@ -1,8 +1,10 @@
-"""One frozen dataclass per step: the step's knobs, the JSON written into its run directory, and its resume key.
+"""The settings of each step (collect, decompose, perturb, ...) as one frozen dataclass per step.
 
-``CollectConfig``, ``DecomposeConfig``, ``PerturbConfig``, ``CompareConfig``, ``UnlearnConfig``, ``IclConfig``,
-``ReportConfig``, ``ExplainConfig``: the knobs of a step, what the Python API takes as a ``config`` or as keyword
-arguments (``collect_pefs(model, data, task, out, n=..., ...)`` builds a ``CollectConfig``). Every field is
+A config holds a step's knobs; it is written as JSON into the step's run directory, and its resume key decides
+whether a rerun may resume. The configs are ``CollectConfig``, ``DecomposeConfig``, ``PerturbConfig``,
+``CompareConfig``, ``UnlearnConfig``, ``IclConfig``, ``ReportConfig`` and ``ExplainConfig``. The Python API takes
+one as ``config``, or its fields as keyword arguments (``collect_pefs(model, data, task, out, n=..., ...)`` builds
+a ``CollectConfig``). Every field is
 documented (:func:`option`) and validated in ``__post_init__``; an error is a :class:`ConfigError` whose ``field``
 names the field. The command line of each step (its config plus its inputs) is in :mod:`npeff_lens.commands`: a
 command extends its step's config, so the CLI hands a step its command as the config, checked once. NPEFF's own

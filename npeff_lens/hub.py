@@ -1,5 +1,7 @@
-"""Hub-ready artefacts of a run: a decomposition, decomposition directory or run directory as a folder the
-Hugging Face Hub understands (the format: :mod:`npeff_lens.pretrained`).
+"""Sharing a run's decomposition on the Hugging Face Hub, or as a folder the Hub understands.
+
+It saves a decomposition, a decomposition directory or a run directory in the format of
+:mod:`npeff_lens.pretrained`, loads one back, and pushes it to the Hub.
 
 >>> from npeff_lens.hub import save_pretrained, from_pretrained, push_to_hub
 >>> save_pretrained("runs/movie/npeff", "hub/movie-npeff")     # config.json, npeff.safetensors, README.md, ...
@@ -27,9 +29,22 @@ __all__ = ["save_pretrained", "from_pretrained", "push_to_hub", "load_decomposit
 
 
 def load_decomposition(path) -> NPEFF:
-    """The NPEFF in ``path``: a decomposition directory (``npeff decompose``), a ``save_pretrained`` folder, or a
-    run directory holding one decomposition (``npeff/``, else the one subdirectory whose run.json says
-    ``decompose``)."""
+    """Load the fitted NPEFF estimator saved in a directory.
+
+    Args:
+        path: a decomposition directory (``npeff decompose``'s ``--out``), a ``save_pretrained`` folder, or a run
+            directory holding one decomposition (its ``npeff/``, else the one subdirectory whose ``run.json``
+            says ``decompose``).
+
+    Returns:
+        The :class:`~npeff_lens.decomposition.NPEFF` estimator, with its components, coefficients and the
+        manifest of the store it was fitted on.
+
+    Example:
+        >>> import npeff_lens as nl
+        >>> npeff = nl.load_decomposition("runs/movie")        # finds runs/movie/npeff
+        >>> npeff.components_.shape
+    """
     return NPEFF.load(decomposition_dir(Path(path)))
 
 

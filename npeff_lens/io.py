@@ -1,4 +1,4 @@
-"""Small helpers used everywhere: atomic writes, JSON, the one progress-bar factory, and lazy package exports.
+"""Small helpers used by every module: atomic writes, JSON, the progress bar, and lazy package exports.
 
 Every file npeff_lens writes goes through :func:`atomic_write` (temp file beside the target, fsync,
 ``os.replace``, fsync of the directory): a reader sees the old file or the new one, never a torn one,

@@ -1,4 +1,4 @@
-"""The parameter layout: which parameters a flat vector covers, in what order, at which flat offsets.
+"""The parameter layout, which says which parameters a flat vector covers, in what order and at which offsets.
 
 A layout is a list of ``{name, shape, offset, numel}`` entries, offsets contiguous from 0, names as the model
 names its parameters. Collection records one in every store manifest (:func:`parameter_layout`); recovery,

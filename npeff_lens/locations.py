@@ -1,4 +1,5 @@
-"""Where a component lives: the energy (squared L2 norm) of its parameter-space direction per parameter group.
+"""Locating a component in the model: how the energy (squared L2 norm) of its parameter-space direction splits
+over layers, modules, attention heads and MLP neurons.
 
 A component is a direction ``h`` in (projected) parameter space; recovered in parameter space (App. F;
 :func:`npeff_lens.recovery.recover_direction`) it says how much of it sits in each layer and module. This module

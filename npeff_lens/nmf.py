@@ -1,5 +1,8 @@
-"""The NPEFF solver (§2.2, App. D): its steps and :func:`npeff_factorization`, the functional form of
-:class:`~npeff_lens.decomposition.NPEFF` (as scikit-learn's ``non_negative_factorization`` is of ``NMF``).
+"""The NPEFF solver as functions, for callers that want arrays rather than an estimator.
+
+:func:`npeff_factorization` is the functional form of :class:`~npeff_lens.decomposition.NPEFF`, as
+scikit-learn's ``non_negative_factorization`` is of ``NMF``; the module also exposes the solver's single steps.
+The solver is §2.2 and App. D of the paper.
 
 Minimises, over coefficients ``W >= 0`` ("example component") and pseudo-Fisher vectors
 ``H`` ("component dim")::
@@ -270,16 +273,41 @@ def npeff_factorization(
     callback: Callable[[int, float], Any] | None = None,
     progress: bool = True,
 ) -> Factorization:
-    """NPEFF of ``pefs`` (a tensor "example rank dim" or "example dim", or a :class:`~npeff_lens.sources.PEFSource`
-    such as a ``PEFStore``): ``W, H, n_iter = npeff_factorization(pefs, C)``.
+    """Factorise PEFs with NPEFF and return the coefficients and the components: the function behind ``NPEFF``.
 
-    The keyword arguments are :class:`~npeff_lens.decomposition.NPEFF`'s hyper-parameters, with its defaults and
-    meaning (checked by :func:`~npeff_lens.constraints.validate_params`); the estimator's ``fit`` and ``transform``
-    are this function. ``init``: ``"random"`` (W ~ U[0, 1], H ~ N(0, 2 / (C d)) from ``seed``) or ``"custom"``
-    (the given ``W`` [m, C] and / or ``H`` [C, d]; a missing one is drawn); None: ``"custom"`` when W or H is
-    given. ``update_H=False`` fits the coefficients of fixed components ``H`` (required; ``n_components``
-    defaults to its rows): ``n_steps`` multiplicative W updates from W (or from U[0, 1] drawn from ``seed``), no
-    warm-up, no checkpoints. Under ``torch.distributed`` every rank calls it and gets the whole result.
+    It minimises ``mean_i ‖F_i − Σ_j W_ij h_j h_jᵀ‖_F²`` over non-negative coefficients ``W`` and components
+    ``H``, where ``F_i`` is example ``i``'s PEF at unit Frobenius norm. :class:`~npeff_lens.decomposition.NPEFF`'s
+    ``fit`` and ``transform`` call it; call it directly for the arrays without an estimator (as scikit-learn's
+    ``non_negative_factorization`` is to ``NMF``).
+
+    Args:
+        pefs: a tensor "example rank dim" (or "example dim", one row per example), or a
+            :class:`~npeff_lens.sources.PEFSource` such as a ``PEFStore``.
+        n_components: the number ``C`` of components (default with ``update_H=False``: the rows of ``H``).
+        W: initial coefficients ``[m, C]``.
+        H: initial components ``[C, d]``; required with ``update_H=False``.
+        update_H: ``False`` fits only the coefficients of the fixed components ``H``: ``n_steps``
+            multiplicative W updates from ``W`` (or from U[0, 1] drawn from ``seed``), with no warm-up and no
+            checkpoints.
+        init: ``"random"`` (W ~ U[0, 1], H ~ N(0, 2 / (C d)) from ``seed``) or ``"custom"`` (the given ``W``
+            and / or ``H``; a missing one is drawn). ``None`` means ``"custom"`` when ``W`` or ``H`` is given,
+            else ``"random"``.
+
+    Every other keyword argument is one of :class:`~npeff_lens.decomposition.NPEFF`'s hyper-parameters, with its
+    default and meaning (checked by :func:`~npeff_lens.constraints.validate_params`).
+
+    Returns:
+        A :class:`Factorization`, which unpacks as ``W, H, n_iter``. Under ``torch.distributed`` every rank calls
+        the function and gets the whole result.
+
+    Example:
+        >>> from npeff_lens import npeff_factorization
+        >>> W, H, n_iter = npeff_factorization(pefs, 16, n_steps=300)    # pefs: [m, r, d]
+        >>> W_new, _, _ = npeff_factorization(new_pefs, H=H, update_H=False)
+
+    Notes:
+        The objective is §2.2 of the paper; the W update, the H step and the initialisation are App. D.1, D.2
+        and D.4.
     """
     params = dict(locals())  # NPEFF's hyper-parameters: the arguments but the data, W, H and update_H
     for name in ("pefs", "W", "H", "update_H"):

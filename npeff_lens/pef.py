@@ -1,4 +1,6 @@
-"""Per-example gradients → LRM-PEFs (§2.1), projected block by block as they are produced.
+"""Computing each example's low-rank PEF from per-example gradients, projected block by block as they are produced.
+
+The LRM-PEF is §2.1 of the paper.
 
 For each batch the task gives ``rows`` ``[batch, r]`` (``stop_grad(sqrt p_i) log p_i``, or the r'
 expectation-projection rows, or any per-example scalars). Row j's per-example gradient is the LRM-PEF

@@ -1,5 +1,7 @@
-"""Perturbation experiments (§3.3, App. F): does moving θ along a component's pseudo-Fisher vector
-selectively change the predictions of that component's top examples?
+"""The building blocks of the perturbation experiment, which asks whether moving the parameters θ along a
+component's pseudo-Fisher vector changes the predictions of that component's top examples more than others'.
+
+The experiment is §3.3 of the paper; the recovery of the vector is App. F.
 
 For a component ``j`` (§3.3):
 

@@ -1,4 +1,5 @@
-"""The sparse random projection of App. A (§2.1.1), defined by (n_in, n_out, seed, density), never materialised.
+"""The random projections that shrink per-example gradients from the model's parameter count to ``d`` dimensions:
+:class:`SparseProjection` (the paper's, App. A, §2.1.1) and :class:`KroneckerProjection` (a sketch, then it).
 
 Definition (identical on every backend: Triton on CUDA, the Triton interpreter, numba and torch on CPU)
 ----------------------------------------------------------------------------------------------------
@@ -293,7 +294,11 @@ def project_entries(
 
 
 class SparseProjection(Projection):
-    """n_in x n_out sparse random projection (App. A); see the module docstring for the exact definition.
+    """A sparse random projection from ``n_in`` inputs (the selected parameters) to ``n_out`` dimensions, never stored.
+
+    It maps a flat vector ``x`` to ``x A`` with ``E ‖x A‖² = ‖x‖²``; ``A`` has about ``density`` non-zeros per input
+    (``None``: dense ±1), placed by a hash of ``seed``. Both products take any block of the flat input (``offset``),
+    so parameters are projected block by block and summed. Definition (App. A of the paper): the module docstring.
 
     >>> P = SparseProjection(1_000_003, 8192, seed=3)
     >>> y = P.project(grad_block, offset=o)     # "... L" -> "... n_out", fp32
@@ -559,8 +564,11 @@ def _factor_seed(seed: int, index: int, side: int) -> int:
 
 
 class KroneckerProjection(Projection):
-    """A two-stage projection for per-example gradients that never forms a weight gradient (LoGra's factored
-    first stage, FactGraSS's global second stage; ``../notes/projection-at-scale.md``).
+    """A two-stage random projection of per-example gradients that never forms a weight gradient (LoGra's factored
+    first stage, FactGraSS's global second stage); collection uses it with ``projection="kron"``.
+
+    >>> P = KroneckerProjection([p.shape for _, p in model.named_parameters()], 8192, seed=0, k=16)
+    >>> y = P.project(flat_gradient)                                # "... n_in" -> "... 8192"
 
     Definition. The input is the flat vector of the selected parameters, ``shapes`` in layout order. Each
     parameter of shape ``(R, C, ...)`` with two or more axes is read as the matrix ``X`` (``R`` rows, the other
@@ -576,10 +584,9 @@ class KroneckerProjection(Projection):
     back-projection) sees each direction through all ``n_out`` measurements, as with ``SparseProjection``;
     disjoint per-layer output slices would give a component spread over many layers only a slice per layer.
 
-    Cost: a per-example gradient ``Σ_t δ_t a_tᵀ`` sketches as ``Σ_t (P_R δ_t)(P_C a_t)ᵀ`` in
-    ``T·(R·k_R + C·k_C + k_R·k_C)`` multiply-adds (:meth:`sketch_outer`), instead of ``T·R·C`` to form it.
-    ``project``/``adjoint`` take any flat range, like ``SparseProjection``'s, so the store, ``NPEFF``, recovery
-    and perturbation use it unchanged.
+    Cost: a linear layer's per-example gradient ``Σ_t δ_t a_tᵀ`` sketches as ``Σ_t (P_R δ_t)(P_C a_t)ᵀ`` in
+    ``T·(R·k_R + C·k_C + k_R·k_C)`` multiply-adds (:meth:`sketch_outer`), instead of ``T·R·C`` to form it: several
+    times faster over many parameters. ``project``/``adjoint`` take any flat range, like ``SparseProjection``'s.
     """
 
     kind = "kron"

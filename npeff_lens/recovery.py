@@ -1,20 +1,19 @@
-"""Recovery of parameter-space pseudo-Fisher vectors from their projections (§2.2.1, §3.3, App. F).
+"""Recovering a decomposition's components as directions over the model's parameters, from their projections.
 
 A decomposition's pseudo-Fisher vectors ``h_j`` live in the projected space (``d`` dims). When a vector
 is sparse in parameter space it can be recovered from its projection by compressed sensing
 (:mod:`npeff_lens.sensing`: FPC, SpaRSA / FISTA, the least-norm fit); the back-projection ``A h_j`` is the
 cheap, dense alternative.
 
-Pieces:
+:func:`recover` is the entry point: it takes a decomposition (and its store's manifest) and returns each
+component's pseudo-Fisher vector as named tensors, one per parameter. The pieces it is built from are public too.
+:func:`reject` removes the other components' part from one component, on the projected vectors, before
+recovery. :func:`recover_direction` recovers one component's flat direction: rejection, then the chosen method
+(:data:`RECOVERY_METHODS`). :func:`projection_config` and :func:`layout_from` read a store manifest's projection
+and parameter layout from a decomposition or a manifest-shaped dict. :func:`save_pseudo_fisher` writes named
+pseudo-Fisher tensors as safetensors keyed by parameter name.
 
-- :func:`reject` — orthogonal rejection of one component from the other components (§3.3), done on the
-  projected vectors before recovery.
-- :func:`recover_direction` — one component's flat direction: rejection, then the chosen method
-  (:data:`RECOVERY_METHODS`).
-- :func:`projection_config` / :func:`layout_from` — a store manifest's projection and parameter layout, read
-  from a decomposition or a manifest-shaped dict.
-- :func:`save_pseudo_fisher` — named pseudo-Fisher tensors as safetensors keyed by parameter name.
-- :func:`recover` — the entry point: decomposition (+ its store manifest) → named pseudo-Fisher vectors.
+The paper: recovery is §2.2.1 and App. F, rejection §3.3.
 """
 
 from __future__ import annotations
@@ -298,11 +297,11 @@ def recover(
     progress: bool = False,
     **fpc_kwargs,
 ) -> dict[int, dict[str, torch.Tensor] | torch.Tensor]:
-    """Recover parameter-space pseudo-Fisher vectors of a decomposition's components (§2.2.1, §3.3, App. F).
+    """Turn a decomposition's components back into directions over the model's parameters.
 
-    For each requested component ``j``: reject ``h_j`` from the dissimilar components (:func:`reject`,
-    ``|cos| < reject_threshold``; ``None`` skips rejection), solve FPC (:func:`~npeff_lens.sensing.fpc`,
-    ``μ = mu``) against the projection, and split the flat result by the parameter layout.
+    A component ``h_j`` lives in the projected space (``d`` dims). Each requested one is first rejected from the
+    dissimilar components (:func:`reject`), then the parameter-space vector whose projection it is is solved for
+    (by FPC, :func:`~npeff_lens.sensing.fpc`, unless ``method`` says otherwise) and split into named tensors.
 
     Args:
         decomposition: anything with ``components_`` ``[C, d]`` (an ``NPEFF`` estimator, a dict with
@@ -313,6 +312,9 @@ def recover(
         projection: an operator, or a manifest ``projection`` dict (``{"kind": "sparse", "n_in", "n_out",
             "seed", "density"}``).
         layout: the manifest ``layout``; without one (or with ``flat=True``) flat ``[n_in]`` vectors are returned.
+        mu: FPC's ``μ``, which weighs the data term against the L1 norm (App. F).
+        reject_threshold: the components with ``|cos| <`` this are rejected from ``h_j``; ``None``: none are.
+        flat: return flat ``[n_in]`` vectors instead of one tensor per parameter.
         out_dir: if given, writes ``component_{j:05d}.safetensors`` there (keyed by parameter name, or
             ``"pseudo_fisher"`` for a flat vector) with the solver statistics as metadata.
         lambda_max: ``λ_max(ΦᵀΦ)`` if known; otherwise estimated once and shared by all components.
@@ -323,7 +325,15 @@ def recover(
             The default ``inner_iterations=1`` is App. F's perturbation setting (a coarse, dense
             reconstruction); ``inner_iterations=None`` runs FPC to its stopping rule (sparse recovery).
 
-    Returns: ``{j: {name: tensor}}`` (or ``{j: flat tensor}``), on ``device`` (default: that of ``components_``).
+    Returns:
+        ``{j: {name: tensor}}`` (or ``{j: flat tensor}``), on ``device`` (default: that of ``components_``).
+
+    Example:
+        >>> npeff = nl.load_decomposition("runs/movie/npeff")
+        >>> vectors = nl.recover(npeff, [0, 3], method="adjoint")           # the cheap back-projection
+        >>> nl.recover(npeff, 0, out_dir="runs/movie/pseudo-fisher")        # also writes safetensors files
+
+    Notes: recovery by compressed sensing is §2.2.1 and App. F of the paper; the rejection step is §3.3.
     """
     comps, indices, projection, proj_cfg, layout = _recovery_inputs(decomposition, components, projection, layout, flat)
     device = torch.device(device) if device is not None else comps.device

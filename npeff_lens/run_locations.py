@@ -1,6 +1,9 @@
-"""Where each component of a run lives, kept in the run: :func:`locate` writes ``DECOMPOSITION_DIR/locations.json``
-(:mod:`npeff_lens.locations` computes each location), :func:`location_lines` prints one as ``npeff top --where``
-does."""
+"""Locating a run's components in the model (``npeff top --where``), with the answer kept in the run directory.
+
+:func:`locate` computes where each component of a decomposition lives (with :mod:`npeff_lens.locations`) and
+writes it to ``DECOMPOSITION_DIR/locations.json``. :func:`location_lines` formats one component's location as
+``npeff top --where`` prints it.
+"""
 
 from __future__ import annotations
 
@@ -47,27 +50,41 @@ def locate(
     progress_bar: bool = True,
     **solver_options,
 ) -> dict:
-    """Where each component lives (:mod:`npeff_lens.locations`): its energy per (layer, module) group, per attention
-    head and per MLP neuron, written to ``DECOMPOSITION_DIR/locations.json`` and read back by a rerun with the same
-    settings on the same fit.
+    """Find where each component of a decomposition lives in the model, and keep the answer in the run.
 
-    ``method="span"`` (the default): the component's direction rebuilt from the exact gradients of its top ``k``
-    examples (:class:`~npeff_lens.locations.GradientSpan`: the model runs again on them, a few backward passes per
-    component; each component's ``fit`` says how much of it their span reproduces). ``method="recovered"``: the
-    direction recovered from the component's projected numbers alone, as ``npeff perturb`` recovers it
-    (``recovery``, rejection of dissimilar components at ``reject_threshold``); under the sparse projection that
-    direction spreads over the parameters by their size, and its location is at chance
-    (``benchmarks/README.md``: locations against the exact answer). Head counts come from ``adapter``'s config or
-    else from the configuration of the model the store names. ``adapter``: the model, already loaded (``span``
-    loads the manifest's model otherwise).
+    A component's location is how its parameter-space direction's energy splits over (layer, module) groups,
+    attention heads and MLP neurons (:mod:`npeff_lens.locations`). It is written to
+    ``DECOMPOSITION_DIR/locations.json``, which a rerun with the same settings on the same fit reads back.
 
-    ``causal=True`` also measures whether each location is causal
-    (:func:`~npeff_lens.locations.located_selectivity`): a direction of the component perturbed whole, on its top
-    5 % of groups only, and on random groups of the same parameter count, each sized to move ``n_baseline`` random
-    examples by ``target_kl``, with the selectivity measured on the component's next ``k`` examples (ranks k+1 to
-    2k, not those that located it); stored as each component's ``causal``. ``causal_direction``: ``"recovered"``
-    (its direction recovered from its projected numbers, ``recovery``, as ``npeff perturb`` perturbs it) or
-    ``"span"`` (the direction rebuilt from its top ``k`` examples' gradients, the one ``method="span"`` locates)."""
+    Args:
+        decomposition_dir: the decomposition's directory.
+        method: ``"span"`` (the default) rebuilds the direction from the exact gradients of the component's top
+            ``k`` examples (:class:`~npeff_lens.locations.GradientSpan`: a few backward passes per component;
+            its ``fit`` says how much of the component their span reproduces). ``"recovered"`` recovers it from
+            the projected numbers alone, as ``npeff perturb`` does (``recovery``, rejection at
+            ``reject_threshold``); under the sparse projection that direction spreads over the parameters by
+            their size, so its location is at chance (``benchmarks/README.md``).
+        recovery: the recovery method of recovered directions (:data:`~npeff_lens.recovery.RECOVERY_METHODS`).
+        causal: also test whether each location is causal (:func:`~npeff_lens.locations.located_selectivity`):
+            the direction perturbed whole, on its top 5 % of groups only, and on random groups of the same
+            parameter count, each sized to move ``n_baseline`` random examples by ``target_kl`` nats, measured
+            on the component's next ``k`` examples (ranks k+1 to 2k). Stored as each component's ``causal``.
+        causal_direction: what the causal test perturbs: ``"recovered"`` (as ``npeff perturb`` does) or
+            ``"span"`` (the direction ``method="span"`` locates).
+        seed: seeds the causal test's random choices.
+        adapter: the run's model, already loaded (default: the model the store's manifest names, when needed);
+            head counts come from its config.
+        store: the PEF store (default: the one the run records).
+
+    Returns:
+        ``{"key": ..., "components": [...]}``: the settings' key and one record per component (its status and,
+        when located, its groups and heads sorted by energy, its top MLP neurons and its causal test).
+
+    Example:
+        >>> from npeff_lens.runs import locate
+        >>> where = locate("runs/movie/npeff", k=16)
+        >>> where["components"][0]["groups"][:3]    # the (layer, module) groups with most of its energy
+    """
     if causal_direction not in ("recovered", "span") or (causal_direction == "span" and method != "span"):
         raise ValueError(
             f"causal_direction must be 'recovered' or (with method='span') 'span', got {causal_direction!r}"

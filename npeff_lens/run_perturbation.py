@@ -1,6 +1,11 @@
-"""``npeff perturb`` (§3.3): each component's direction recovered from its projected PEF (App. F) and the model
-perturbed along it, as :func:`run_perturbation`; every component is written as it finishes, so an interrupted run
-resumes where it stopped (``perturb/perturbation.json`` and ``perturbation.csv``)."""
+"""The perturbation experiment on a saved decomposition (``npeff perturb``): does moving the model along a
+component change its own top examples' predictions more than random ones?
+
+:func:`run_perturbation` recovers each component's direction in parameter space from its projected vector and
+perturbs the model along it, using the building blocks of :mod:`npeff_lens.perturb`. It writes every component to
+``perturbation.json`` and ``perturbation.csv`` as it finishes, so an interrupted run resumes where it stopped.
+The experiment is §3.3 of the paper; the recovery is App. F.
+"""
 
 from __future__ import annotations
 
@@ -113,13 +118,40 @@ def run_perturbation(
     fpc_options: dict | None = None,
     **options,
 ) -> dict:
-    """The perturbation experiment of §3.3 on a saved decomposition: the summary, with ``records``.
+    """Perturb the model along each component's direction and measure how selectively it changes the component's
+    own top examples (``npeff perturb``).
 
-    ``components`` / ``options``: :class:`~npeff_lens.config.PerturbConfig` fields (or pass ``config``).
-    ``out``: where ``perturbation.json`` / ``.csv`` are rewritten after each component; a rerun with the same
-    config resumes after the components already there. ``store``: the PEF store (default: the fitted one);
-    ``adapter``: the manifest's model, already loaded; ``fpc_options``: more :func:`~npeff_lens.recovery.fpc`
-    arguments (``inner_iterations``, ``max_iter``, ...).
+    For each component, its direction in parameter space is recovered from its projected vector, the model's
+    parameters are moved by ``magnitude`` along it (both signs), and the KL divergence of the predictions is
+    compared on the component's top examples and on random ones. A KL ratio well above 1 means the direction
+    matters to the component's own examples. The model's parameters are restored bit for bit afterwards.
+
+    Args:
+        decomposition_dir: the decomposition's directory.
+        components: the components to perturb: a number N (the first N) or indices such as ``"0,3,7-9"``
+            (default: the first 32).
+        config: a :class:`~npeff_lens.config.PerturbConfig`; or pass its fields as keyword ``options``
+            (``magnitude``, ``top_k``, ``n_baseline``, ``recovery``, ...).
+        out: a directory where ``perturbation.json`` and ``perturbation.csv`` are rewritten after each component;
+            a rerun with the same config resumes after the components already there.
+        store: the PEF store (default: the one the decomposition was fitted on).
+        adapter: the model the store's manifest names, already loaded (default: loaded here).
+        fpc_options: more arguments of the recovery solver (:func:`~npeff_lens.recovery.recover_direction`:
+            ``inner_iterations``, ``max_iter``, ...).
+
+    Returns:
+        The summary (:func:`npeff_lens.perturb.summarize`: the geometric means of the KL ratio and of the
+        PEF-norm ratio over the components, with ``magnitude``, ``top_k``, ``n_baseline`` and ``notes``), and
+        under ``records`` one record per component (its KLs on top and baseline examples for each sign, its KL
+        ratio and PEF-norm ratio).
+
+    Example:
+        >>> from npeff_lens.runs import run_perturbation
+        >>> result = run_perturbation("runs/movie/npeff", "16", magnitude=6, out="runs/movie/perturb")
+        >>> result["kl_ratio_geomean"], result["records"][0]["kl_ratio"]
+
+    Notes:
+        The experiment is §3.3 of the paper (Table 3); the recovery of each direction is App. F.
     """
 
     cfg = resolve_config(

@@ -1,7 +1,9 @@
-"""Run directories: ``run.json`` (begin, resume, finish a step), where a run's inputs lie, and loading a
-decomposition with its store and model. The steps that own run directories (:mod:`npeff_lens.runs`,
-:mod:`npeff_lens.comparison`) and the readers of finished runs (:mod:`npeff_lens.hub`,
-:mod:`npeff_lens.attribution`, :mod:`npeff_lens.report`) build on this module.
+"""Run directories: the ``run.json`` record that lets a step begin, resume and finish, and loading a finished
+decomposition with its store and model.
+
+The steps that write run directories (:mod:`npeff_lens.runs`, :mod:`npeff_lens.comparison`) and the readers of
+finished runs (:mod:`npeff_lens.hub`, :mod:`npeff_lens.attribution`, :mod:`npeff_lens.report`) build on this
+module.
 
 ``run.json`` records the step, its config's resume key (:meth:`~npeff_lens.config.BaseConfig.key`), the identity
 of its inputs, where its input lies (relative to the run, so a moved tree keeps working) and its status. A

@@ -1,7 +1,10 @@
-"""The steps that own run directories: collect, decompose, top, perturb, unlearn, icl, the demo, one import
-away. Perturbation's step lives in :mod:`npeff_lens.run_perturbation`, locating components in
-:mod:`npeff_lens.run_locations` and the comparison with the baselines in :mod:`npeff_lens.comparison`; ``run.json``
-handling and loading a finished run are :mod:`npeff_lens.rundir`'s.
+"""The steps of a run as Python functions, each reading and writing a run directory as the ``npeff`` command does.
+
+This module gathers them in one import: collect, decompose (:func:`decompose_store`), top (:func:`top_report`),
+locate, perturb (:func:`run_perturbation`), compare, unlearn, icl and the demo. Some live in their own modules:
+perturbation in :mod:`npeff_lens.run_perturbation`, locating components in :mod:`npeff_lens.run_locations` and the
+comparison with the baselines in :mod:`npeff_lens.comparison`. The ``run.json`` handling and loading a finished
+run are in :mod:`npeff_lens.rundir`.
 
 Library modules (``collect``, ``decomposition``, ``recovery``, ``perturb``) take tensors and objects; the steps
 take configs and directories::
@@ -94,8 +97,25 @@ def _store_identity(store) -> dict:
 
 
 def decompose_store(store, out, config: DecomposeConfig | None = None, **options):
-    """Fit NPEFF on a PEF store into ``out`` (``config`` or :class:`~npeff_lens.config.DecomposeConfig` fields).
-    Checkpoints go to ``out/checkpoints``: an interrupted fit resumes; a finished one is loaded."""
+    """Fit NPEFF on a PEF store and save the decomposition into a run directory (``npeff decompose``).
+
+    Args:
+        store: a :class:`~npeff_lens.store.PEFStore` or its path.
+        out: the decomposition directory; it gets ``run.json``, ``config.json`` and ``npeff.safetensors``.
+        config: a :class:`~npeff_lens.config.DecomposeConfig`; or pass its fields as keyword ``options``
+            (``n_components``, ``n_steps``, ``seed``, ...).
+
+    Returns:
+        The fitted :class:`~npeff_lens.decomposition.NPEFF`.
+
+    The fit saves checkpoints in ``out/checkpoints``, so an interrupted fit resumes where it stopped, and a
+    finished one is loaded rather than fitted again. Another configuration in the same ``out`` is a
+    ``ConfigMismatchError`` naming each differing field.
+
+    Example:
+        >>> from npeff_lens.runs import decompose_store
+        >>> npeff = decompose_store("runs/movie", "runs/movie/npeff", n_components=32)
+    """
 
     cfg = resolve_config(DecomposeConfig, config, options)
     store = store if isinstance(store, PEFStore) else PEFStore(store)
@@ -114,8 +134,10 @@ def decompose_store(store, out, config: DecomposeConfig | None = None, **options
             return NPEFF.load(out)
         except CorruptFileError as e:  # refit: it resumes from the last intact checkpoint
             warnings.warn(f"{e}; fitting again from the last intact checkpoint", RuntimeWarning, stacklevel=2)
+    t0 = time.perf_counter()
     est = NPEFF.from_config(cfg, checkpoint_dir=out / "checkpoints").fit(store)
     est.save(out)
+    rec["fit_seconds"] = time.perf_counter() - t0  # this call's fit (a resumed fit: since it resumed)
     finish(out, rec)
     return est
 
@@ -132,9 +154,37 @@ def top_report(
     where_k: int = 16,
     adapter=None,
 ) -> dict:
-    """Top examples per component (label, prediction, coefficient) and the tuning summary (§3.1); with ``where``,
-    also where each component lives (:func:`locate` with ``method=where_method``, ``k=where_k``): its top
-    (layer, module) groups, attention heads and MLP neurons."""
+    """Each component's top examples and how many components are tuned to a label or a prediction (``npeff top``).
+
+    A component is *tuned* to a label (or a prediction) when at least 95% of its top ``k`` examples share it.
+
+    Args:
+        decomposition_dir: the decomposition's directory (``npeff decompose``'s ``--out``).
+        k: the top examples a tuning is read from.
+        show: the top examples listed per component.
+        components: the components to list (default: all).
+        width: the characters of each example's text shown.
+        store: the PEF store (default: the one the run records).
+        where: also say where each component lives (:func:`locate` with ``method=where_method`` and
+            ``k=where_k``): its top (layer, module) groups, attention heads and MLP neurons.
+        where_method: ``locate``'s ``method``.
+        where_k: ``locate``'s ``k``.
+        adapter: the run's model, already loaded (only ``where`` may need it).
+
+    Returns:
+        A dict: ``lines`` (the text ``npeff top`` prints: per component its tunings and top examples, with
+        coefficient, label and prediction), ``summary`` (the share of components tuned to a label and to a
+        prediction) and ``summary_line`` (that summary in one sentence).
+
+    Example:
+        >>> from npeff_lens.runs import top_report
+        >>> report = top_report("runs/movie/npeff", show=3)
+        >>> print("\\n".join(report["lines"]))
+        >>> print(report["summary_line"])
+
+    Notes:
+        Tunings are §3.1 of the paper.
+    """
 
     est, store = load_run(decomposition_dir, store)
     meta, coeffs = store.metadata, est.coefficients_

@@ -1,13 +1,14 @@
-"""How fitted estimators and checkpoints are saved: tensors in safetensors files that carry a checksum, and a
-JSON config beside them.
+"""Saving fitted estimators and checkpoints: tensors in safetensors files that carry a checksum, and a JSON config
+beside them.
 
-- :func:`save_tensors` / :func:`load_tensors`: a safetensors file whose metadata holds the CRC-32 of its tensors'
-  bytes; loading a damaged file (unreadable, truncated, or tensors that differ from the checksum) is a
-  :class:`~npeff_lens.errors.CorruptFileError` naming it. A file without a checksum (written before files had
-  one) is trusted.
-- :class:`SavedFormat`: a fitted estimator's folder: its tensors (through :func:`save_tensors`) and its JSON
-  config, which starts with the format's name and is written last, so that a folder holding it holds a complete
-  save. Every file is written atomically (:mod:`npeff_lens.io`). ``NPEFF``, ``GradientClustering`` and the
+:func:`save_tensors` writes a safetensors file whose metadata holds the CRC-32 of its tensors' bytes, and
+:func:`load_tensors` reads it back. Loading a damaged file (unreadable, truncated, or with tensors that differ
+from the checksum) raises a :class:`~npeff_lens.errors.CorruptFileError` naming it. A file without a checksum
+(written before files had one) is trusted.
+
+:class:`SavedFormat` describes a fitted estimator's folder: its tensors (written through :func:`save_tensors`)
+and its JSON config, which starts with the format's name and is written last, so that a folder holding it holds
+a complete save. Every file is written atomically (:mod:`npeff_lens.io`). ``NPEFF``, ``GradientClustering`` and the
   activation-space baselines save through it.
 """
 

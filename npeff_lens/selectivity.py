@@ -1,4 +1,4 @@
-"""Selectivity: one causal test for every method's components, in parameter space and in activation space.
+"""Selectivity, one causal test for the components of every method, in parameter space and in activation space.
 
 For a component ``j`` with top examples ``T_j`` (its ``k`` largest coefficients, all active), one intervention
 is applied identically to every example:

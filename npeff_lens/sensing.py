@@ -1,4 +1,7 @@
-"""Sparse recovery from a projection's two operator products (App. F): the solvers and their operator maths.
+"""The solvers that recover a sparse parameter-space vector from its projection, using only the projection's two
+operator products.
+
+They are the compressed-sensing solvers of App. F of the paper.
 
 With the projection convention of :mod:`npeff_lens.projection` (``x ↦ x A``, ``A`` is ``n_in × n_out``), the
 sensing matrix is ``Φ = Aᵀ`` (``n_out × n_in``), so ``Φ x = project(x)`` and ``Φᵀ y = adjoint(y)``. The

@@ -1,12 +1,14 @@
-"""What the NPEFF solver reads: a source of PEFs, and the examples of it that one rank owns.
+"""The inputs of the NPEFF solver: a source of PEFs, and the part of it that one process owns.
 
-- :class:`PEFSource`: the declared interface of an input ("example rank dim" PEFs ``G``). A
-  :class:`~npeff_lens.store.PEFStore` is one; :func:`as_source` also adapts a resident tensor.
-- :class:`Shard`: the examples ``[lo, hi)`` of a source owned by this rank (all of them outside
-  ``torch.distributed``), held on the device when they fit ``memory_budget``, else streamed from the source
-  every pass, with the normalisation of App. D.4 (unit-Frobenius PEFs) and the examples left out of the fit.
-  :func:`open_shard` opens this rank's shard.
-- The collectives over shards: :func:`rank_and_world`, :func:`all_reduce`, :func:`gather_rows`.
+:class:`PEFSource` is the interface every input implements: PEFs ``G`` "example rank dim", read in batches. A
+:class:`~npeff_lens.store.PEFStore` is one, and :func:`as_source` adapts a tensor in memory.
+
+A :class:`Shard` holds the examples ``[lo, hi)`` of a source that this rank owns (all of them outside
+``torch.distributed``). It keeps them on the device when they fit ``memory_budget`` and streams them from the
+source on every pass otherwise. It also normalises each PEF to unit Frobenius norm (App. D.4) and records the
+examples left out of the fit. :func:`open_shard` opens this rank's shard.
+
+:func:`rank_and_world`, :func:`all_reduce` and :func:`gather_rows` are the collectives over shards.
 """
 
 from __future__ import annotations

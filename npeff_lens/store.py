@@ -1,4 +1,5 @@
-"""The on-disk PEF store: per-example low-rank Fishers ``G_i`` ("example rank dim"), in shards.
+"""The on-disk store of a collection's PEFs: one low-rank Fisher ``G_i`` ("example rank dim") per example, in
+shards that survive an interrupted run.
 
 Written in example order by the collector (``append`` / ``flush``), read memory-mapped by the estimator
 (``iter_batches`` / ``load_pefs``: the :class:`~npeff_lens.sources.PEFSource` protocol). It knows which examples
@@ -196,9 +197,27 @@ def _read_index(path: Path) -> tuple[list[dict], int, bool]:
 
 
 class PEFStore:
-    """Sharded on-disk PEFs ``G_i`` ("example rank dim") with per-example metadata and a manifest.
+    """The PEFs of a collection on disk: one low-rank Fisher ``G_i`` ("example rank dim") per example, in shards,
+    with per-example metadata and a manifest.
 
-    Write (the collector)::
+    Open an existing store with ``PEFStore(path)``; :func:`~npeff_lens.collect.collect_pefs` creates and fills
+    one. A store is what :class:`~npeff_lens.decomposition.NPEFF` fits: it reads the PEFs memory-mapped, in
+    batches, so a store larger than memory streams. ``store.metadata`` holds each example's text, label,
+    prediction, probabilities and PEF norm; ``store.manifest`` the configuration that made it (model, task,
+    parameter layout, projection).
+
+    Example:
+        >>> from npeff_lens import PEFStore
+        >>> store = PEFStore("runs/movie")
+        >>> len(store), store.rows, store.dim                     # examples, rows per PEF, projected dims
+        >>> G = store.load_pefs()                                 # [m, rows, dim] float32
+        >>> store.metadata["label_name"][:5]
+
+    Read in batches::
+
+        for start, G in store.iter_batches(): ...                 # G: [b, rows, dim], stored dtype
+
+    Write (what the collector does)::
 
         store = PEFStore.create(path, manifest, rows=r, dim=d)    # new, or resume an identical config
         for start in range(len(store), n, b):                     # len(store): examples already done
@@ -207,16 +226,11 @@ class PEFStore:
             store.flush()                                         # now and then: durable up to here
         store.flush()
 
-    Read::
-
-        store = PEFStore(path)
-        for start, G in store.iter_batches(): ...                 # G: [b, rows, dim], stored dtype
-        G = store.load_pefs()                                     # [m, rows, dim] float32
-        store.metadata                                            # datasets.Dataset, one row per example
-
     ``len(store)`` counts the examples handed to ``append`` (committed shards plus the ones still
     buffered in memory, which reads also see); ``store.committed`` counts the durable ones. A fresh
-    open has no buffer, so after ``kill -9`` the rerun resumes at exactly the committed examples.
+    open has no buffer, so after ``kill -9`` the rerun resumes at exactly the committed examples. A damaged
+    shard is a :class:`CorruptStoreError` naming it; :meth:`repair` removes it, and rerunning the collection
+    recollects its examples.
     """
 
     def __init__(self, path: str | os.PathLike):

@@ -1,4 +1,7 @@
-"""Tasks: what p(y|x) is for a prompt (App. E), and which outputs' gradients form the LRM-PEF.
+"""Tasks say what a model's output distribution p(y|x) is for a prompt, and which outputs' gradients form each
+example's PEF.
+
+The paper's tasks are in App. E; the PEF's rows are §2.1.
 
 A task turns an example's text into a prompt, gives the log-probabilities of its outcome set
 (``log_probs``: a differentiable ``[batch, outcomes]``), and the ``pef_rows``: the scalars per example

@@ -1,5 +1,7 @@
-"""Causal tracing (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", §2.1): where a model's
-hidden states carry a fact, measured by corrupting the subject and restoring one module's clean output.
+"""Causal tracing, which finds where a model's hidden states carry a fact by corrupting the subject and restoring
+one module's clean output.
+
+It follows Meng et al. 2022, "Locating and Editing Factual Associations in GPT", §2.1.
 
 For a factual prompt (``"Lyon is a city in the country of"``), its subject (``"Lyon"``) and its answer
 (``" France"``, of which the first token is measured), three kinds of run are compared:

@@ -111,6 +111,11 @@ def test_a_method_registered_alone_is_compared_resumed_and_reported(run, tmp_pat
     row = table["methods"]["toy"]
     assert row["config"] == {"components": N_COMPONENTS, "seed": 0} and row["toy_seed"] == 0
     assert row["fit_seconds"] is not None and RandomLoadings.fits == 1
+    # NPEFF's time is its decomposition's own, as that fit recorded it (not whole seconds of two timestamps)
+    fitted = json.loads((d / "run.json").read_text())["fit_seconds"]
+    assert 0 < fitted == table["methods"]["npeff"]["fit_seconds"]
+    assert table["methods"]["npeff"]["peak_rss_mib"] is None  # not measured: the fit was not in this process
+    assert row["peak_rss_mib"] > 0
     # the saved fit is the toy's loadings, brute force over the examples and rows
     saved = RandomLoadings.load(d / "compare" / "toy" / "toy")
     pefs = store.load_pefs()

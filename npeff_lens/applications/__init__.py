@@ -1,5 +1,7 @@
-"""Applications of NPEFF (§6): unlearning with NPEFF-guided mitigation (:mod:`.unlearning`, §6.1, App. I) and
-the component-tuning classifier that compares zero-shot processing with in-context learning (:mod:`.icl`, §6.2).
+"""The paper's two applications of NPEFF: guided unlearning and a comparison of zero-shot with in-context learning.
+
+:mod:`.unlearning` unlearns an example with NPEFF-guided mitigation (§6.1, App. I); :mod:`.icl` builds a
+classifier from component tunings and compares zero-shot processing with in-context learning (§6.2).
 
 Both take adapters, tasks, coefficient tensors and lists of prompts, and return JSON-able results; the run layer
 (``npeff unlearn`` / ``npeff icl``) owns directories.

@@ -1,4 +1,7 @@
-"""In-context learning vs zero-shot processing strategies (§6.2).
+"""Comparing the processing strategies of zero-shot prediction with in-context learning, through a classifier
+built from component tunings.
+
+This is the paper's application of §6.2.
 
 **The tuning classifier.** On a zero-shot decomposition, find the components whose top ``k`` examples share a
 ground-truth label at least ``threshold`` of the time (§6.2: 75% of the top 16), build the ``n_classes ×

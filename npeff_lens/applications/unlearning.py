@@ -1,4 +1,7 @@
-"""Unlearning with NPEFF-guided mitigation (§6.1, App. I).
+"""Unlearning one example while the other top examples of its NPEFF component guard related behaviour from collateral
+change.
+
+This is the paper's application of §6.1 and App. I.
 
 **Method** (App. I.1, a variant of gradient ascent, Yao et al. 2023). The examples to forget form the forget set
 ``D_f``, the others the retain set ``D_r``; Adam minimises ``L = ε_f·(−L_f) + ε_r·L_r`` with

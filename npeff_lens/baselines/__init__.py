@@ -1,13 +1,15 @@
-"""Baselines that NPEFF is compared with (§5), each scored by the same metrics (``npeff_lens.analysis``):
+"""The methods NPEFF is compared with, each scored by the same metrics (:mod:`npeff_lens.analysis`).
 
-- ``gradient_clustering``: gradient clustering (§5.1): the gradient of ``log p(argmax | x)`` per example,
-  collected by the same engine as the PEFs, unit-normalised and clustered with k-means
-  (:class:`~npeff_lens.baselines.gradient_clustering.GradientClustering`).
-- ``sae``: TopK sparse autoencoders on activations (§5.2).
-- ``activations``: reading a model's activations at a hook (TransformerLens names, module paths, ``attn:L``,
-  ``mlp:L``) through any adapter, for the activation-space methods and their steering.
-- ``snmf``: semi-non-negative matrix factorisation of MLP hidden activations (Shafran, Geiger and Geva, 2025)
-  (:class:`~npeff_lens.baselines.snmf.SNMFBaseline`).
+- :mod:`~npeff_lens.baselines.gradient_clustering` clusters per-example gradients with k-means
+  (:class:`~npeff_lens.baselines.gradient_clustering.GradientClustering`). Each example's gradient of
+  ``log p(argmax | x)`` is collected by the same engine as the PEFs and normalised to unit length.
+- :mod:`~npeff_lens.baselines.sae` trains TopK sparse autoencoders on activations.
+- :mod:`~npeff_lens.baselines.snmf` factorises MLP hidden activations by semi-non-negative matrix
+  factorisation (Shafran, Geiger and Geva, 2025; :class:`~npeff_lens.baselines.snmf.SNMFBaseline`).
+- :mod:`~npeff_lens.baselines.activations` reads a model's activations at a hook (TransformerLens names,
+  module paths, ``attn:L``, ``mlp:L``) through any adapter, for the activation-space methods and their steering.
+
+The paper compares with gradient clustering in §5.1 and with SAEs in §5.2.
 
 :data:`REGISTRY` is the one description of every method ``npeff compare`` and the report know, NPEFF included:
 what it checks before anything is written, its resume key, how it is fitted on a run's examples, saved and
@@ -173,8 +175,11 @@ class Method:
 
 
 def _decomposition_seconds(run: CompareRun, seconds: float) -> float | None:
-    """The decomposition's own time, from its run.json (``started`` to ``finished``); None if not recorded."""
+    """The decomposition's own time from its run.json: the fit's ``fit_seconds``, or for a run written before
+    those were recorded ``started`` to ``finished`` (whole seconds); None if neither is there."""
     rec = run.decomposition_run
+    if rec.get("fit_seconds") is not None:
+        return float(rec["fit_seconds"])
     try:
         t0 = time.mktime(time.strptime(rec["started"], "%Y-%m-%dT%H:%M:%S%z"))
         return time.mktime(time.strptime(rec["finished"], "%Y-%m-%dT%H:%M:%S%z")) - t0

@@ -1,5 +1,7 @@
-"""Per-token activations at one hook of a model, and what the activation-space baselines (the TopK SAE of
-:mod:`.sae`, the SNMF of :mod:`.snmf`) and activation steering (:func:`npeff_lens.selectivity.steered`) share.
+"""Reading a model's per-token activations at one hook, and the code that the activation-space baselines share.
+
+The TopK SAE of :mod:`.sae`, the SNMF of :mod:`.snmf` and activation steering
+(:func:`npeff_lens.selectivity.steered`) all build on it.
 
 - Hook points: TransformerLens hook names (``blocks.5.hook_resid_pre``, ``blocks.5.mlp.hook_post``,
   ``blocks.5.attn.hook_z``) for the ``hooked`` and ``bridge`` backends, module paths (``model.layers.5``: the

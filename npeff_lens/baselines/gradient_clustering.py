@@ -1,4 +1,6 @@
-"""Gradient clustering (§5.1; Michaud et al., 2024; Marks et al., 2024): the baseline NPEFF is compared with.
+"""Gradient clustering, the parameter-space baseline NPEFF is compared with: k-means on per-example gradients.
+
+The method is Michaud et al., 2024 and Marks et al., 2024; the paper compares with it in §5.1.
 
 Per example, the gradient ``∇θ log p(y' | x)`` of the log-probability of the model's own prediction
 ``y' = argmax p(y|x)`` (the paper's label-free variant), randomly projected like the PEFs, is normalised to

@@ -1,4 +1,6 @@
-"""TopK sparse autoencoders on activations: the activation-SAE baseline of §5.2 and Appendix H.
+"""TopK sparse autoencoders on activations, the activation-space baseline NPEFF is compared with.
+
+The paper's set-up is §5.2 and App. H.
 
 Where NPEFF decomposes per-example Fisher information in parameter space, an activation SAE learns a
 sparse dictionary over per-token activations at one hook point of the model: each token's activation

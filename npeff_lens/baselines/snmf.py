@@ -1,5 +1,7 @@
-"""Semi-non-negative matrix factorisation of MLP activations (SNMF; Shafran, Geiger and Geva, 2025,
-arXiv 2506.10920): the activation-space cousin of NPEFF, with non-negative coefficients and additive parts.
+"""Semi-non-negative matrix factorisation (SNMF) of MLP activations, the activation-space cousin of NPEFF with
+non-negative coefficients and additive parts.
+
+The method is Shafran, Geiger and Geva, 2025 (arXiv 2506.10920).
 
 The hidden activations of one MLP (the input of its down/out projection), one column per token,
 ``A [d_mlp, tokens]``, are factorised as ``A ≈ Z Y`` with mixed-sign features ``Z [d_mlp, k]`` (each a

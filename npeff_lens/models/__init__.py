@@ -1,5 +1,10 @@
-"""Models: ``load_model`` (built-in offline zoo, HF repo ids, local directories) and ``adapt``
-(wrap a model object the user already has). Both return a :class:`ModelAdapter`."""
+"""Loading a model, or wrapping one you already have, so that the rest of npeff_lens can use it.
+
+:func:`load_model` loads a model by name: one of the built-in offline models (``npeff models`` lists them), a local
+directory holding a Hugging Face checkpoint, or a Hugging Face repo id. :func:`adapt` wraps a model object you
+already have (transformers, TransformerLens or nnsight). Both return a :class:`ModelAdapter`, the one interface the
+library uses to tokenise prompts, read logits and list the parameters it differentiates.
+"""
 
 from __future__ import annotations
 
@@ -47,11 +52,29 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> ModelAdapter:
-    """Load a model and wrap it in an adapter.
+    """Load a model by name and wrap it in an adapter.
 
-    ``name_or_path``: a built-in name (``npeff models`` lists them), a local directory holding a
-    HuggingFace checkpoint, or a HuggingFace repo id (needs a reachable hub or a populated cache).
-    ``backend``: ``hf``, ``bridge`` (TransformerBridge), ``hooked`` (HookedTransformer) or ``nnsight``.
+    Args:
+        name_or_path: a built-in name (``npeff models`` lists them, e.g. ``"smollm2-135m"``), a local
+            directory holding a Hugging Face checkpoint, or a Hugging Face repo id (which needs a reachable
+            hub or a populated cache).
+        backend: how the model is held: ``"hf"`` (a transformers model), ``"bridge"`` (TransformerLens's
+            ``TransformerBridge``), ``"hooked"`` (TransformerLens's ``HookedTransformer``) or ``"nnsight"``.
+            Every backend gives the same probabilities for the same weights.
+        device: where the model's parameters live.
+        dtype: the parameters' precision.
+        seed: seeds the random weights of the tiny test models (``tiny-*``); ignored otherwise.
+
+    Returns:
+        A :class:`ModelAdapter` around the loaded model.
+
+    Raises:
+        ModelNotFoundError: the name is neither a built-in, a directory nor a reachable repo id.
+
+    Example:
+        >>> import npeff_lens as nl
+        >>> model = nl.load_model("smollm2-135m")                    # the offline SmolLM2-135M
+        >>> hooked = nl.load_model("smollm2-135m", backend="hooked")  # the same weights in TransformerLens
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -214,12 +237,28 @@ def _hooked_from_hf(model, tok, name):
 
 
 def adapt(model, tokenizer=None, name: str | None = None) -> ModelAdapter:
-    """Wrap a model object the user already has: a transformers model (causal LM or sequence
-    classifier), a TransformerLens ``HookedTransformer`` or ``TransformerBridge``, or an nnsight
-    wrapper. ``tokenizer`` defaults to the model's own when it carries one; for TransformerLens models,
-    to the tokenizer that one was made from, as saved (TransformerLens's copy always prepends BOS), so
-    that the model gives the probabilities it gives through every other backend. Pass
-    ``model.tokenizer`` to tokenise as TransformerLens does."""
+    """Wrap a model object you already have in an adapter.
+
+    Accepted models: a transformers model (a causal LM or a sequence classifier), a TransformerLens
+    ``HookedTransformer`` or ``TransformerBridge``, or an nnsight wrapper. An adapter is returned unchanged.
+
+    Args:
+        model: the model object.
+        tokenizer: its tokenizer. By default the model's own, when it carries one. For TransformerLens models
+            the default is the tokenizer the model was made from, as saved, so that the model gives the same
+            probabilities as through every other backend (TransformerLens's own copy always prepends BOS); pass
+            ``model.tokenizer`` to tokenise as TransformerLens does.
+        name: the name recorded in stores and reports (default: the model's own, where it has one).
+
+    Returns:
+        A :class:`ModelAdapter` around ``model``.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+        >>> hf_model = AutoModelForCausalLM.from_pretrained("path/to/checkpoint")
+        >>> model = npeff_lens.adapt(hf_model, AutoTokenizer.from_pretrained("path/to/checkpoint"))
+        >>> model = npeff_lens.adapt(hooked_transformer)   # a TransformerLens model
+    """
     if isinstance(model, ModelAdapter):
         return model
     mro = [f"{c.__module__}.{c.__name__}" for c in type(model).__mro__]

@@ -1,4 +1,5 @@
-"""The component dashboard: a static site (``index.html`` + one page per component) over a fitted NPEFF run.
+"""The component dashboard (``npeff report``): a static site with an index and one page per component of a fitted
+NPEFF run.
 
 >>> from npeff_lens.report import build
 >>> build("runs/movie/npeff")            # -> runs/movie/npeff/report/index.html, opens from disk
@@ -308,9 +309,31 @@ def _write_pages(pages: Path, data: Path, index: dict, components: list[dict]) -
 def build(
     decomposition_dir, out=None, config: ReportConfig | None = None, *, store=None, adapter=None, **options
 ) -> Path:
-    """Write the static report of a decomposition into ``out`` (default ``decomposition_dir/report``) and return
-    the path of its ``index.html``; with ``npeff compare``'s fitted baselines, their pages under ``methods/``
-    (:func:`methods_data`). Arguments: :func:`report_data`."""
+    """Write the static component dashboard of a decomposition (``npeff report``) and return its ``index.html``.
+
+    The site has an index of the components (tunings, top labels and predictions, coefficient mass, KL ratio)
+    and one page per component with its top examples, whose tokens are highlighted by their share of the
+    example's loading. It needs no server: open ``index.html`` from disk. Where ``npeff compare`` fitted
+    baselines beside the decomposition, their pages go under ``methods/`` (:func:`methods_data`).
+
+    Args:
+        decomposition_dir: the decomposition's directory.
+        out: the report's directory (default: ``decomposition_dir/report``).
+        config: a :class:`~npeff_lens.config.ReportConfig`; or pass its fields as keyword ``options``
+            (``k``, ``n_attributed``, ``perturbation``, ``attributions``, ``progress``; see
+            :func:`report_data`).
+        store: the PEF store (default: the one the decomposition's ``run.json`` names).
+        adapter: the model, already loaded (default: loaded by the name the store's manifest records, when
+            token attributions need it).
+
+    Returns:
+        The path of the report's ``index.html``.
+
+    Example:
+        >>> from npeff_lens.report import build
+        >>> build("runs/movie/npeff")                          # runs/movie/npeff/report/index.html
+        >>> build("runs/movie/npeff", "site", attributions=False)   # no model needed
+    """
     out = Path(decomposition_dir) / "report" if out is None else Path(out)
     cfg = _report_config(config, options)
     view, index, components, attributor = _report(decomposition_dir, cfg, store=store, adapter=adapter)
