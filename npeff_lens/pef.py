@@ -32,6 +32,7 @@ report's attributions), the PEFs' Frobenius norms and App. C's rank reduction.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from .projection import KroneckerProjection, SparseProjection
 from .tasks import Task
 
 __all__ = ["CHUNK_ELEMS", "PEFComputer", "ParameterSlot", "pef_frobenius_norms", "reduce_rank"]
+
+logger = logging.getLogger(__name__)
 
 CHUNK_ELEMS = 1 << 25  # per-example-gradient floats materialised at once (128 MiB in fp32)
 
@@ -146,6 +149,19 @@ class PEFComputer:
                 for mod, _ in mods if slot.module is None else [(slot.module, slot.pname)]:
                     self.hooked_modules.setdefault(mod, []).append(slot)
         self.fallback = [s for s in slots.values() if s.kind == "fallback"]
+        if engine == "hooks" and self.fallback:
+            names = [s.name for s in self.fallback]
+            hint = (
+                " (a HookedTransformer applies its weights in einsums; the same weights through backend 'hf' or "
+                "'bridge' are hooked throughout)"
+                if type(adapter.module).__name__ == "HookedTransformer"
+                else ""
+            )
+            logger.info(
+                f"{len(names)} selected parameter(s) are applied outside the modules whose per-example gradients "
+                f"hooks give (Linear, Conv1D, Embedding, normalisation; e.g. {', '.join(names[:3])}): they take the "
+                f"exact per-example autograd fallback, one backward pass per example and row{hint}"
+            )
         self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self.checked = False
         self.demoted: list[str] = []

@@ -518,6 +518,23 @@ def test_norm_parameters_hooked_and_exact(arch, backend):
         assert_exact(G[i], brute_rows(adapter, task, named, task.format(text)), what=(arch, backend, i))
 
 
+def test_parameters_outside_hookable_modules_are_named_once_in_the_log(caplog):
+    """A HookedTransformer's einsum weights take the exact fallback, and the log says which and what to do; a model
+    hooked throughout logs nothing."""
+    hooked = model("tiny-llama", "hooked")
+    task = LabelTokens(TEMPLATE, LABELS).bind(hooked)
+    with caplog.at_level(logging.INFO, logger="npeff_lens"):
+        computer = PEFComputer(hooked, task, hooked.named_parameters(include=["blocks.1.attn.*W_*"]), None)
+    assert computer.fallback and not computer.hooked_modules
+    (record,) = [r for r in caplog.records if "fallback" in r.getMessage()]
+    assert "blocks.1.attn.W_Q" in record.getMessage() and "backend 'hf' or 'bridge'" in record.getMessage()
+    caplog.clear()
+    hf = model("tiny-llama", "hf")
+    with caplog.at_level(logging.INFO, logger="npeff_lens"):
+        PEFComputer(hf, task, hf.named_parameters(include=["model.layers.1.self_attn.*"]), None)
+    assert not [r for r in caplog.records if "fallback" in r.getMessage()]
+
+
 def test_norm_parameters_of_a_bert_classifier():
     adapter = classifier()
     task = ClassifierHead().bind(adapter)
