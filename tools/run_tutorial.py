@@ -140,6 +140,12 @@ def run(source: Path, out: Path, timeout: int, workdir: Path | None = None, quie
         print(f"[tutorial] {n_code} code cells ran in {time.time() - t0:.0f} s; wrote {out}", file=sys.stderr)
 
 
+def _missing(error: ImportError) -> int:
+    hint = "install the docs extra (pip install -e '.[docs]', or make setup)"
+    print(f"run_tutorial.py: {error}; {hint}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if not args.source.is_file():
@@ -151,17 +157,11 @@ def main(argv=None) -> int:
     try:
         from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     except ImportError as e:
-        print(
-            f"run_tutorial.py: {e}; install the docs extra (pip install -e '.[docs]', or make setup)", file=sys.stderr
-        )
-        return 2
+        return _missing(e)
     try:
         run(args.source, args.out, args.timeout, args.workdir, args.quiet)
     except ImportError as e:
-        print(
-            f"run_tutorial.py: {e}; install the docs extra (pip install -e '.[docs]', or make setup)", file=sys.stderr
-        )
-        return 2
+        return _missing(e)
     except CellExecutionError as e:
         print(f"run_tutorial.py: a cell of {args.source} failed:\n{e}", file=sys.stderr)
         return 1
